@@ -1,0 +1,157 @@
+"""Model-family registry: the one place that knows each family.
+
+A :class:`FamilySpec` holds everything the rest of the system needs to know about a denoiser family:
+where its weights live (hub id / local directory), how to build it tiny (tests) or full size on the
+meta device (structure checks), the generation protocol (resolution, steps, scheduler, guidance,
+prompt source) and the layer rules (which weights are excluded, split or tied).
+
+Register your own denoiser::
+
+    from multiquant.families import FamilySpec, register_family
+    register_family(FamilySpec(name="my_unet", factory=lambda size: MyUNet(...), fp_prec=16, ...))
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, "FamilySpec"] = {}
+
+DTYPES = {16: torch.float16, 32: torch.float32}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Declarative description of one denoiser family."""
+
+    name: str
+    # --- where the model comes from -------------------------------------------------------------
+    model_class: str | None = None  # diffusers class of the denoiser, e.g. "PixArtTransformer2DModel"
+    hub_id: str | None = None  # hub repo id of the full pipeline
+    subfolder: str | None = None  # "transformer" / "unet" inside the pipeline repo
+    revision: str | None = None
+    variant: str | None = None
+    pipeline_class: str | None = None  # diffusers pipeline used for generation
+    full_config: dict = field(default_factory=dict)  # constructor kwargs of the full-size denoiser
+    tiny_config: dict = field(default_factory=dict)  # constructor kwargs of a tiny random denoiser
+    factory: Callable[[str], nn.Module] | None = None  # custom denoisers: size ("tiny"|"full") -> module
+    default_pretrained: Path | None = None  # shipped weights (embedded models)
+    # --- numerics ---------------------------------------------------------------------------------
+    fp_prec: int = 16  # precision the reference sizes are costed at (FP_PREC)
+    reference_fp_bytes: int | None = None  # FP_SIZE of the reference scripts, for checks
+    architecture: str | None = None  # the reference's `architecture` label in quant_cache.pkl
+    # --- generation protocol ----------------------------------------------------------------------
+    conditioning: str = "text"  # "text" (prompts) or "class" (class labels)
+    prompt_source: str = "coco"  # "coco" | "imagenet_classes" | "mnist_classes"
+    num_images: int = 1000
+    resolution: int = 512
+    steps: int = 20
+    guidance: float = 4.5
+    scheduler: str | None = None  # diffusers scheduler class; None keeps the pipeline's own
+    scheduler_kwargs: dict = field(default_factory=dict)
+    pipeline_kwargs: dict = field(default_factory=dict)  # extra fixed kwargs of the pipeline call
+    num_classes: int | None = None  # class-conditional families
+    # --- layer rules ------------------------------------------------------------------------------
+    exclude: tuple[str, ...] = ()  # fnmatch patterns on module paths: layers that stay FP
+    ties: tuple[tuple[str, str], ...] = ()  # (regex, replacement): path -> canonical path it copies
+    split_rule: Callable[[nn.Module], dict[str, int]] | None = None  # path -> input-channel split
+    notes: str = ""
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES.get(self.fp_prec, torch.float32)
+
+    def is_excluded(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.exclude)
+
+    def canonical_path(self, path: str) -> str | None:
+        """Module path this layer is a copy of (tied weights), or None."""
+        for pattern, repl in self.ties:
+            if re.fullmatch(pattern, path):
+                canonical = re.sub(pattern, repl, path)
+                return canonical if canonical != path else None
+        return None
+
+    def splits(self, model: nn.Module) -> dict[str, int]:
+        return self.split_rule(model) if self.split_rule else {}
+
+    def model_cls(self):
+        import diffusers
+
+        if self.model_class is None:
+            raise ValueError(f"family {self.name!r} has no diffusers model_class; give it a factory")
+        return getattr(diffusers, self.model_class)
+
+    def build(self, size: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+              seed: int = 0) -> nn.Module:
+        """Build the denoiser with random weights: ``size="tiny"`` for tests, ``"full"`` for structure
+        checks (use ``device="meta"`` so that no memory is allocated)."""
+        if size not in ("tiny", "full"):
+            raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+        torch.manual_seed(seed)
+        with torch.device(device):
+            if self.factory is not None:
+                model = self.factory(size)
+            else:
+                model = self.model_cls()(**(self.tiny_config if size == "tiny" else self.full_config))
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+    def load(self, pretrained: str | Path | None = None, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> nn.Module:
+        """Load the trained denoiser from a local directory or the hub (``from_pretrained``).
+
+        ``pretrained`` may be a pipeline directory / hub id (the family's subfolder is used) or a
+        directory holding the denoiser itself."""
+        source = pretrained or self.default_pretrained or self.hub_id
+        if source is None:
+            raise ValueError(f"family {self.name!r} has no default weights: pass --pretrained DIR")
+        cls = self.model_cls()
+        kwargs = {"torch_dtype": dtype or self.dtype}
+        if self.revision and not Path(str(source)).exists():
+            kwargs["revision"] = self.revision
+        if self.variant:
+            kwargs["variant"] = self.variant
+        local = Path(str(source))
+        subfolder = self.subfolder
+        if local.exists() and (local / "config.json").exists():
+            subfolder = None  # the directory is the denoiser itself
+        try:
+            model = cls.from_pretrained(str(source), subfolder=subfolder, **kwargs)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(
+                f"could not load the {self.name} denoiser from {source!r}: {err}\n"
+                f"Fix: download the pipeline (hub id {self.hub_id!r}) and pass its local directory "
+                f"with --pretrained DIR, or set HF_HOME to a cache that holds it.") from err
+        return model.to(device).eval()
+
+
+def register_family(spec: FamilySpec, overwrite: bool = False) -> FamilySpec:
+    """Add a family to the registry (your own denoiser: give ``factory``)."""
+    if spec.name in _REGISTRY and not overwrite:
+        raise ValueError(f"family {spec.name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_family(name: str) -> FamilySpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(list_families())}") from None
+
+
+def list_families() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# Built-in families register themselves on import.
+from . import pixart, hunyuan, unet, dit  # noqa: E402,F401

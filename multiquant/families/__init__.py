@@ -61,6 +61,7 @@ class FamilySpec:
     exclude: tuple[str, ...] = ()  # fnmatch patterns on module paths: layers that stay FP
     ties: tuple[tuple[str, str], ...] = ()  # (regex, replacement): path -> canonical path it copies
     split_rule: Callable[[nn.Module], dict[str, int]] | None = None  # path -> input-channel split
+    example_inputs: Callable[[nn.Module, int], dict] | None = None  # custom denoisers: forward kwargs
     notes: str = ""
 
     # ----------------------------------------------------------------------------------------------
@@ -155,3 +156,8 @@ def list_families() -> list[str]:
 
 # Built-in families register themselves on import.
 from . import pixart, hunyuan, unet, dit  # noqa: E402,F401
+
+try:  # the embedded MNIST family ships its own weights
+    from . import mnist_dit  # noqa: E402,F401
+except ImportError:  # pragma: no cover - only while it is being written
+    pass

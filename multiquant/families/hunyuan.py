@@ -20,7 +20,7 @@ register_family(FamilySpec(
                      cross_attention_dim_t5=2048, pooled_projection_dim=1024, text_len=77, text_len_t5=256,
                      use_style_cond_and_image_meta_size=True),
     tiny_config=dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
-                     activation_fn="gelu-approximate", sample_size=8, hidden_size=16, num_layers=5, mlp_ratio=2.0,
+                     activation_fn="gelu-approximate", sample_size=8, hidden_size=16, num_layers=6, mlp_ratio=2.0,
                      learn_sigma=True, cross_attention_dim=16, norm_type="layer_norm", cross_attention_dim_t5=32,
                      pooled_projection_dim=16, text_len=8, text_len_t5=8, use_style_cond_and_image_meta_size=True),
     # The attention pooler calls F.multi_head_attention_forward on raw weights: never a Linear forward,

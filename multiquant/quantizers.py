@@ -1,0 +1,210 @@
+"""Weight quantizers as pure tensor functions, batched over all output channels at once.
+
+Every function takes a weight reshaped to 2-D ``[C, K]`` (C output channels, K = in*kh*kw) and returns
+integer codes plus the parameters needed to dequantize them:
+
+- UAQ (``mse``): per-channel asymmetric uniform grid; the clipping range is chosen per channel among 10
+  shrink ratios (1.0, 0.9, ..., 0.1) by the Lp (p=2.4) error, as in the reference.
+- K-Means-C (``kmeans``): one 1-D codebook of 2^b centroids per output channel.
+- K-Means-A (``kmeans_all``): one 1-D codebook of 2^b centroids for the whole tensor.
+
+1-D K-Means is exact Lloyd on sorted data: clusters are contiguous runs of the sorted values, so one
+iteration is a searchsorted over the centroid midpoints plus prefix sums. That makes it deterministic
+(no atomics), memory-light and fast on the GPU. Several seeded starts (greedy k-means++ as in scikit-learn, plus
+quantiles) run side by side and each channel keeps the best.
+
+Error (one definition for every method, in float64): ``E = sum(|w - w_hat|^2.4) / K``, i.e. the sum over
+channels of the per-channel mean Lp error. That equals the reference's UAQ and K-Means-C error, and fixes
+its K-Means-A normalisation (which divided by C*kh*kw instead of K).
+"""
+from __future__ import annotations
+
+import torch
+
+METHODS = ("mse", "kmeans", "kmeans_all")
+METHOD_NAMES = {"mse": "UAQ", "kmeans": "K-Means-C", "kmeans_all": "K-Means-A"}
+LP_NORM = 2.4
+UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider range first wins ties)
+FP_OPTION = "fp16"
+_CHUNK_ELEMENTS = 1 << 25  # bound temporaries of the batched grid search
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    return bits
+
+
+# ---------------------------------------------------------------------------------------------- UAQ
+def uaq_params(w: torch.Tensor, bits: int, shrinks=UAQ_SHRINKS, p: float = LP_NORM):
+    """Per-channel (scale, zero_point) of the asymmetric uniform quantizer with the Lp-best clipping."""
+    check_bits(bits)
+    w = w.float()
+    levels = 2 ** bits - 1
+    alphas = torch.tensor(shrinks, device=w.device, dtype=w.dtype).view(-1, 1, 1)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1] * len(shrinks)))
+    scales, zeros = [], []
+    for chunk in w.split(rows):
+        lo = chunk.amin(dim=1, keepdim=True) * alphas  # [A, c, 1]
+        hi = chunk.amax(dim=1, keepdim=True) * alphas
+        scale = ((hi - lo) / levels).clamp_min(torch.finfo(torch.float32).tiny)  # constant channel: no NaN
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(chunk / scale) + zero, 0, levels)
+        score = ((q - zero) * scale - chunk).abs().pow(p).mean(dim=2)  # [A, c]
+        best = score.argmin(dim=0)  # first minimum = widest range on ties
+        pick = best.view(1, -1, 1)
+        scales.append(scale.gather(0, pick).view(-1))
+        zeros.append(zero.gather(0, pick).view(-1))
+    return torch.cat(scales), torch.cat(zeros)
+
+
+def uaq_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    q = torch.round(w.float() / scale[:, None]) + zero[:, None]
+    return torch.clamp(q, 0, 2 ** bits - 1).to(torch.uint8)
+
+
+def uaq_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes.float() - zero.float()[:, None]) * scale.float()[:, None]
+
+
+# ------------------------------------------------------------------------------------------ K-Means
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: int = 0,
+              tol: float = 1e-7) -> torch.Tensor:
+    """Row-wise 1-D K-Means. ``x``: [R, N]; returns sorted centroids [R, k] (float32).
+
+    Runs ``n_init`` seeded greedy k-means++ starts plus a quantile start side by side (as extra rows)
+    and keeps, per row, the run with the lowest SSE."""
+    R, N = x.shape
+    xs, _ = torch.sort(x.float(), dim=1)
+    k_eff = min(k, N)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    qpos = ((torch.arange(k_eff, device=x.device, dtype=torch.float64) + 0.5) / k_eff * N).long().clamp_max(N - 1)
+    starts = [xs[:, qpos]] + [_kmeans_pp(xs, k_eff, gen) for _ in range(n_init)]
+    runs = len(starts)
+    cents = torch.cat(starts).double()  # [runs*R, k]
+    xs_r = xs.repeat(runs, 1)
+    cums = torch.nn.functional.pad(xs_r.double().cumsum(dim=1), (1, 0))  # prefix sums: cluster sums in O(k)
+    sq_cums = torch.nn.functional.pad(xs_r.double().square().cumsum(dim=1), (1, 0))
+    scale = float(xs.abs().max()) + 1e-30
+    for _ in range(iters):
+        cents, _ = torch.sort(cents, dim=1)
+        bounds = _run_bounds(xs_r, cents)
+        sums = cums.gather(1, bounds[:, 1:]) - cums.gather(1, bounds[:, :-1])
+        counts = (bounds[:, 1:] - bounds[:, :-1]).double()
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # an empty cluster keeps its centroid
+        shift = float((new - cents).abs().max())
+        cents = new
+        if shift <= tol * scale:
+            break
+    cents, _ = torch.sort(cents, dim=1)
+    sse = _sorted_sse(xs_r, cums, sq_cums, cents).view(runs, R)
+    best = sse.argmin(dim=0)  # first run (quantile start) wins ties: deterministic
+    chosen = cents.view(runs, R, k_eff)[best, torch.arange(R, device=x.device)].float()
+    if k_eff < k:  # fewer values than centroids: repeat the last centroid (codes never use it)
+        chosen = torch.cat([chosen, chosen[:, -1:].expand(-1, k - k_eff)], dim=1)
+    return chosen
+
+
+def _kmeans_pp(xs: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (2 + log k local trials per centre, as scikit-learn), batched over rows."""
+    R, N = xs.shape
+    trials = 2 + int(torch.tensor(float(k)).log())
+    rows = torch.arange(R, device=xs.device)
+    first = torch.randint(N, (R,), device=xs.device, generator=gen)
+    centres = [xs[rows, first]]
+    d2 = (xs - centres[0][:, None]).square()  # [R, N]
+    for _ in range(1, k):
+        cdf = d2.double().cumsum(dim=1)
+        total = cdf[:, -1:].clamp_min(1e-300)
+        u = torch.rand(R, trials, device=xs.device, generator=gen, dtype=torch.float64) * total
+        idx = torch.searchsorted(cdf, u).clamp_max(N - 1)  # [R, trials]
+        cand = xs.gather(1, idx)
+        cand_d2 = torch.minimum(d2[:, None, :], (xs[:, None, :] - cand[:, :, None]).square())  # [R, T, N]
+        pick = cand_d2.sum(dim=2).argmin(dim=1)
+        centres.append(cand[rows, pick])
+        d2 = cand_d2[rows, pick]
+    return torch.stack(centres, dim=1)
+
+
+def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
+    """Cluster i is the run xs[:, b[i]:b[i+1]] of the sorted values (nearest sorted centroid)."""
+    N = xs.shape[1]
+    mids = ((cents[:, 1:] + cents[:, :-1]) / 2).to(xs.dtype).contiguous()
+    edges = torch.searchsorted(xs, mids)
+    return torch.cat([torch.zeros_like(edges[:, :1]), edges, torch.full_like(edges[:, :1], N)], dim=1)
+
+
+def _sorted_sse(xs, cums, sq_cums, cents):
+    bounds = _run_bounds(xs, cents)
+    s1 = cums.gather(1, bounds[:, 1:]) - cums.gather(1, bounds[:, :-1])
+    s2 = sq_cums.gather(1, bounds[:, 1:]) - sq_cums.gather(1, bounds[:, :-1])
+    n = (bounds[:, 1:] - bounds[:, :-1]).double()
+    return (s2 - 2 * cents * s1 + n * cents.square()).sum(dim=1)
+
+
+def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid. ``x``: [R, N], ``codebook``: sorted [R, k] (or [1, k])."""
+    mids = ((codebook[:, 1:] + codebook[:, :-1]) / 2).contiguous()
+    if mids.shape[0] == 1 and x.shape[0] > 1:
+        return torch.bucketize(x.float().contiguous(), mids[0]).to(torch.uint8)
+    return torch.searchsorted(mids, x.float().contiguous()).to(torch.uint8)
+
+
+def kmeans_params(w: torch.Tensor, bits: int, per_channel: bool, iters: int = 100, seed: int = 0) -> torch.Tensor:
+    """Codebook [C, 2^b] (K-Means-C) or [1, 2^b] (K-Means-A)."""
+    check_bits(bits)
+    rows = w.float() if per_channel else w.float().reshape(1, -1)
+    return kmeans_1d(rows, 2 ** bits, iters=iters, seed=seed)
+
+
+def codebook_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    if codebook.shape[0] == 1:
+        return codebook[0][codes.long()]
+    return codebook.gather(1, codes.long())
+
+
+# ------------------------------------------------------------------------------------- one entry point
+def quantize(w2d: torch.Tensor, method: str, bits: int, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Quantize a [C, K] weight: returns (uint8 codes [C, K], params) with params
+    ``{"scale", "zero"}`` for UAQ or ``{"codebook"}`` for the K-Means methods."""
+    if method == "mse":
+        scale, zero = uaq_params(w2d, bits)
+        return uaq_codes(w2d, scale, zero, bits), {"scale": scale, "zero": zero}
+    if method in ("kmeans", "kmeans_all"):
+        codebook = kmeans_params(w2d, bits, per_channel=method == "kmeans", iters=iters, seed=seed)
+        return nearest_codes(w2d, codebook), {"codebook": codebook}
+    raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+
+
+def dequantize(method: str, codes: torch.Tensor, params: dict) -> torch.Tensor:
+    """Float32 [C, K] weight from codes and params (inverse of :func:`quantize`)."""
+    if method == "mse":
+        return uaq_dequantize(codes, params["scale"], params["zero"])
+    return codebook_dequantize(codes, params["codebook"])
+
+
+def lp_error(w: torch.Tensor, w_hat: torch.Tensor, p: float = LP_NORM) -> float:
+    """The single error definition: sum(|w - w_hat|^p) / K for a [C, K] weight, in float64."""
+    err = (w.double() - w_hat.double()).abs().pow(p).sum() / w.shape[1]
+    return float(err)
+
+
+def option_bytes(method: str, bits: int, numel: int, channels: int, fp_prec: int) -> int:
+    """Quantized bytes of one layer by the reference's formulas: codes plus overhead.
+
+    UAQ: scale and zero-point per channel at FP precision; K-Means-C: a 2^b codebook per channel;
+    K-Means-A: one 2^b codebook."""
+    overhead = {"mse": 2 * channels * fp_prec, "kmeans": 2 ** bits * fp_prec * channels,
+                "kmeans_all": 2 ** bits * fp_prec}[method]
+    return int(numel * bits / 8) + overhead // 8
+
+
+def parse_option(option: str) -> tuple[str, int | None]:
+    """"kmeans_all-3" -> ("kmeans_all", 3); "fp16" -> ("fp16", None)."""
+    if option == FP_OPTION:
+        return FP_OPTION, None
+    method, sep, bits = str(option).rpartition("-")
+    if not sep or method not in METHODS or not bits.isdigit():
+        raise ValueError(f"malformed option {option!r}: expected 'method-bits' with method in {METHODS} "
+                         f"(e.g. 'mse-4', 'kmeans_all-3') or {FP_OPTION!r}")
+    return method, check_bits(int(bits))

@@ -104,6 +104,94 @@ def cmd_export_table(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- evaluation
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--outdir", required=True, help="run directory: quant_cache.pkl, records/, run_meta.json")
+    p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's 1000)")
+    p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise (same for every config)")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--mq", default=None, help="multiquantizer checkpoint (default multiquantizers/<model>_mq.safetensors)")
+    p.add_argument("--coco_path", default=None, help="captions_val2017.json (default: constants / QUA2SEDIMO_COCO_CAPTIONS)")
+    p.add_argument("--reference_dir", default=None, help="FID reference image folder (COCO val2017 / ImageNet val)")
+    p.add_argument("--inception", default=None, help="clean-fid Inception torchscript file (or QUA2SEDIMO_INCEPTION)")
+    p.add_argument("--random_features", action="store_true", help="random-weight Inception: timing runs only")
+    p.add_argument("--save_images", action="store_true", help="also write PNGs of every configuration")
+    p.add_argument("--no_proxies", action="store_true", help="skip FID-FP / PSNR / SSIM against the FP images")
+
+
+def _scorer_from_args(args):
+    from .evaluate import setup_scorer
+    from .families import get_family
+
+    family = get_family(args.model)
+    return setup_scorer(family, pretrained=args.pretrained, tiny=args.tiny, device=args.device, mq_path=args.mq,
+                        num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
+                        coco_path=args.coco_path, reference_dir=args.reference_dir, inception=args.inception,
+                        random_features=args.random_features, proxies=not args.no_proxies,
+                        save_images=Path(args.outdir) / "images" if args.save_images else None)
+
+
+def _open_store(outdir, meta):
+    from . import distributed as dist
+    from .store import RecordStore
+
+    store = RecordStore(outdir, meta) if dist.is_main() else None
+    dist.barrier()
+    return store if store is not None else RecordStore(outdir, meta)
+
+
+def cmd_eval_random(args) -> int:
+    """Sample --num_archs random configurations and score each into OUTDIR/quant_cache.pkl (resumable)."""
+    from . import distributed as dist
+    from .evaluate import random_configs, score_into_store
+
+    dist.init_from_env()
+    scorer, settings = _scorer_from_args(args)
+    meta = dict(settings, kind="random", seed=args.seed, a_l=args.a_l, a_u=args.a_u, num_archs=args.num_archs)
+    store = _open_store(args.outdir, meta)
+    extra = {"seed": args.seed, "a_l": args.a_l, "a_u": args.a_u}
+    score_into_store(scorer, store, random_configs(scorer.mq.layers, args.seed, args.num_archs, args.a_l, args.a_u),
+                     extra_of=lambda i: extra)
+    if dist.is_main():
+        print(f"wrote {store.cache_path} ({len(store)} configurations)")
+    dist.cleanup()
+    return 0
+
+
+def named_configs(args, layers) -> list[tuple[str, dict]]:
+    """Configurations named on the command line: files, uniform options, FP16."""
+    from .config import load_config, uniform_config
+
+    items = [(Path(p).stem, load_config(p)) for p in args.configs or []]
+    for option in filter(None, (args.uniform or "").split(",")):
+        items.append((f"uniform_{option}", uniform_config(layers, option.strip())))
+    if args.fp16:
+        items.append(("fp16", uniform_config(layers, "fp16")))
+    if not items:
+        raise ValueError("no configurations given: pass --configs FILE..., --uniform mse-4,kmeans-4,... or --fp16")
+    return items
+
+
+def cmd_eval_configs(args) -> int:
+    """Score given configurations (files, uniform baselines) with exactly the eval-random protocol."""
+    from . import distributed as dist
+    from .evaluate import score_into_store
+
+    dist.init_from_env()
+    scorer, settings = _scorer_from_args(args)
+    items = named_configs(args, scorer.mq.layers)
+    store = _open_store(args.outdir, dict(settings, kind="given", names=[n for n, _ in items]))
+    score_into_store(scorer, store, [(i, c) for i, (_, c) in enumerate(items)], extra_of=lambda i: {"name": items[i][0]})
+    if dist.is_main():
+        for rec in store.records():
+            print(f"{rec.get('name', ''):>28}  avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}")
+        print(f"wrote {store.cache_path}")
+    dist.cleanup()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qua2sedimo", description=__doc__.splitlines()[0])
@@ -133,12 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_table)
 
-    for register in _EXTENSIONS:
-        register(sub)
+    p = sub.add_parser("eval-random", help="score random configurations into quant_cache.pkl (resumable, torchrun-able)")
+    _add_eval_args(p)
+    p.add_argument("--num_archs", type=int, default=500)
+    p.add_argument("--seed", type=int, default=42, help="configuration seed: config i is a function of (seed, i)")
+    p.add_argument("--a_l", type=float, default=0.0, help="lower bound of the per-config 3-bit probability")
+    p.add_argument("--a_u", type=float, default=1.0, help="upper bound of the per-config 3-bit probability")
+    p.set_defaults(func=cmd_eval_random)
+
+    p = sub.add_parser("eval-configs", help="score given configurations with the same protocol")
+    _add_eval_args(p)
+    p.add_argument("--configs", nargs="*", help="quant_configs/*.pkl or .json files")
+    p.add_argument("--uniform", default=None, help="comma list of uniform options, e.g. mse-4,kmeans-4,kmeans_all-4")
+    p.add_argument("--fp16", action="store_true", help="also score the unquantized model")
+    p.set_defaults(func=cmd_eval_configs)
+
     return parser
-
-
-_EXTENSIONS: list = []  # subcommands registered by other modules (see below)
 
 
 def main(argv=None) -> int:

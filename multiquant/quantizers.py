@@ -27,6 +27,7 @@ LP_NORM = 2.4
 UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider range first wins ties)
 FP_OPTION = "fp16"
 _CHUNK_ELEMENTS = 1 << 25  # bound temporaries of the batched grid search
+_SEED_SAMPLE = 1 << 14  # values per row used for k-means++ seeding
 
 
 def check_bits(bits: int) -> int:
@@ -79,7 +80,10 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
     k_eff = min(k, N)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     qpos = ((torch.arange(k_eff, device=x.device, dtype=torch.float64) + 0.5) / k_eff * N).long().clamp_max(N - 1)
-    starts = [xs[:, qpos]] + [_kmeans_pp(xs, k_eff, gen) for _ in range(n_init)]
+    # Seeding only needs the shape of the distribution: seed on an evenly strided subsample of the sorted
+    # values (at most _SEED_SAMPLE per row), then run Lloyd on all of them.
+    seed_rows = xs[:, :: max(1, -(-N // _SEED_SAMPLE))]
+    starts = [xs[:, qpos]] + [_kmeans_pp(seed_rows, k_eff, gen) for _ in range(n_init)]
     runs = len(starts)
     cents = torch.cat(starts).double()  # [runs*R, k]
     xs_r = xs.repeat(runs, 1)
@@ -153,8 +157,10 @@ def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 def kmeans_params(w: torch.Tensor, bits: int, per_channel: bool, iters: int = 100, seed: int = 0) -> torch.Tensor:
     """Codebook [C, 2^b] (K-Means-C) or [1, 2^b] (K-Means-A)."""
     check_bits(bits)
-    rows = w.float() if per_channel else w.float().reshape(1, -1)
-    return kmeans_1d(rows, 2 ** bits, iters=iters, seed=seed)
+    if per_channel:
+        return kmeans_1d(w.float(), 2 ** bits, iters=iters, seed=seed)
+    # one row only: afford as many starts as scikit-learn's classic n_init=10
+    return kmeans_1d(w.float().reshape(1, -1), 2 ** bits, iters=iters, seed=seed, n_init=10)
 
 
 def codebook_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

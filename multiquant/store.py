@@ -246,7 +246,8 @@ class RecordStore:
             stored = json.loads(meta_path.read_text())
         except (OSError, ValueError) as err:
             raise StoreError(f"cannot read run metadata {meta_path}: {err}") from err
-        differing = sorted(k for k in set(stored) | set(self.run_meta) if stored.get(k, _MISSING) != self.run_meta.get(k, _MISSING))
+        differing = sorted(k for k in set(stored) | set(self.run_meta)
+                           if stored.get(k, _MISSING) != self.run_meta.get(k, _MISSING))
         if differing:
             lines = [f"  {k}: stored {stored.get(k, '<absent>')!r}, given {self.run_meta.get(k, '<absent>')!r}"
                      for k in differing]
@@ -319,7 +320,8 @@ class RecordStore:
         if missing:
             raise ValueError(f"record {index} lacks required keys {missing}")
         for key in ("quantized_error", "avg_bits", "bops", "FID-GT-1k"):
-            if key in record and isinstance(record[key], (int, float, np.number)) and not math.isfinite(float(record[key])):
+            value = record.get(key)
+            if isinstance(value, (int, float, np.number)) and not math.isfinite(float(value)):
                 # Stored as-is (a diverged config is data), but say so early.
                 warnings.warn(f"record {index}: {key} is {record[key]}", RuntimeWarning, stacklevel=2)
         record = to_reference_record(record, index)

@@ -187,7 +187,8 @@ def _load_inception_torchscript(path: Path, device: torch.device) -> nn.Module:
     try:
         model = InceptionV3W(str(path.parent), download=False, resize_inside=False)
     except (RuntimeError, ValueError) as err:
-        raise InceptionWeightsMissing(f"{path} is not a loadable Inception torchscript ({err}). " + _HOW_TO_PROVIDE) from err
+        raise InceptionWeightsMissing(
+            f"{path} is not a loadable Inception torchscript ({err}). " + _HOW_TO_PROVIDE) from err
     return model.to(device).eval()
 
 

@@ -84,7 +84,8 @@ def reference_stats(ref_id: str, feature_net, images_fn: Callable[[], object],
     return mu, sigma
 
 
-def iter_image_folder(folder: str | os.PathLike, batch_size: int = 64, limit: int | None = None) -> Iterator[list[torch.Tensor]]:
+def iter_image_folder(folder: str | os.PathLike, batch_size: int = 64,
+                      limit: int | None = None) -> Iterator[list[torch.Tensor]]:
     """Images of a folder (recursive, sorted paths, as clean-fid lists them) as batches of uint8 RGB
     ``[3, H, W]`` tensors of their original sizes."""
     from PIL import Image

@@ -57,7 +57,7 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 def load_mnist_test(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All 10,000 test digits: uint8 images ``[N, 28, 28]`` and int64 labels ``[N]``."""
     folder = mnist_dir(path)
-    images = _read_idx(folder / IMAGE_FILE, 16).reshape(-1, 28, 28)
+    images = _read_idx(folder / IMAGE_FILE, 16).reshape(-1, 28, 28).copy()  # writable, torch-friendly
     labels = _read_idx(folder / LABEL_FILE, 8).astype(np.int64)
     if len(images) != NUM_DIGITS or len(labels) != NUM_DIGITS:
         raise ValueError(f"{folder} holds {len(images)} images / {len(labels)} labels; the MNIST test set has "

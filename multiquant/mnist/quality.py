@@ -29,3 +29,25 @@ def score_digits(images, labels=None, classifier: MNISTClassifier | None = None,
     fid = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
     accuracy = None if labels is None else float(np.mean(preds == np.asarray(labels)))
     return {"fid": fid, "accuracy": accuracy, "n": int(len(feats))}
+
+
+def generate_plan(pipe, num_images: int = 1000, steps: int = 20, guidance: float = 1.5, seed: int = 0,
+                  batch_size: int = 250) -> tuple[np.ndarray, np.ndarray, float]:
+    """uint8 digits ``[N, 1, 28, 28]`` of the fixed evaluation plan, their labels, and images/s."""
+    import time
+
+    labels, seeds = evaluation_plan(num_images, seed)
+    t0 = time.perf_counter()
+    images = pipe(labels, seeds, num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size)
+    return images.numpy(), labels, num_images / (time.perf_counter() - t0)
+
+
+def evaluate_pipeline(pipe, num_images: int = 1000, steps: int = 20, guidance: float = 1.5, seed: int = 0,
+                      batch_size: int = 250, classifier: MNISTClassifier | None = None,
+                      ref_stats: dict | None = None) -> dict:
+    """Generate the evaluation plan and score it: ``{"fid", "accuracy", "n", "steps", "guidance", "images_per_s"}``."""
+    images, labels, speed = generate_plan(pipe, num_images, steps, guidance, seed, batch_size)
+    if classifier is not None:
+        classifier = classifier.to(pipe.device)
+    scores = score_digits(images, labels, classifier, ref_stats)
+    return dict(scores, steps=steps, guidance=guidance, images_per_s=round(speed, 2))

@@ -1,0 +1,285 @@
+"""Matplotlib renders of a denoiser DAG (no graphviz needed).
+
+Small graphs are drawn whole. Big ones (full-size denoisers) get a block-collapsed overview (one box per
+block with its layer count, global layers drawn individually) next to detail panels of representative
+blocks: one per distinct block structure, largest first, with their inputs from outside the block drawn
+as dashed context nodes. Layout: layers by longest path, then every node pushed down to right above its first consumer,
+order within a layer by a few barycenter sweeps.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+__all__ = ["render_dag", "layered_layout"]
+
+_COLORS = {
+    "SA": "#6baed6", "CA": "#b4a7d6", "FF": "#74c476", "t-Embed": "#fdae6b", "c-Embed": "#fdd0a2",
+    "Patchify": "#f16913", "AdaLN": "#fa9fb5", "Res": "#c7e9c0", "Skip": "#e6ab02", "Proj": "#9ecae1",
+    "Out": "#fb6a4a", "Conv": "#fb6a4a", "Down": "#bcbddc", "Up": "#bcbddc", "combine": "#eeeeee",
+    "block": "#dadaeb", "other": "#d9d9d9",
+}
+_LEGEND = (("SA", "self-attention"), ("CA", "cross-attention"), ("FF", "feed-forward"), ("AdaLN", "AdaLN linear"),
+           ("t-Embed", "time embedding"), ("c-Embed", "condition embedding"), ("Patchify", "patchify"),
+           ("Res", "resblock"), ("Proj", "proj in/out"), ("Skip", "skip"), ("Down", "down/upsample"),
+           ("Out", "in/out conv, output"), ("combine", "combine op"), ("block", "collapsed block"))
+
+
+def _color(attrs: dict) -> str:
+    if attrs.get("kind") == "combine":
+        return _COLORS["combine"]
+    if attrs.get("kind") == "block":
+        return _COLORS["block"]
+    op = attrs.get("op", "")
+    for key in ("t-Embed", "c-Embed", "Patchify", "AdaLN", "Skip", "Down", "Up", "Out"):
+        if op == key:
+            return _COLORS[key]
+    prefix = op.split("-")[0]
+    if prefix in _COLORS:
+        return _COLORS[prefix]
+    if op.startswith("FF"):
+        return _COLORS["FF"]
+    return _COLORS["other"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------------------
+def layered_layout(graph: nx.DiGraph, sweeps: int = 6) -> dict:
+    """node -> (x, layer) for a DAG; layer 0 at the top."""
+    order = list(graph.nodes)
+    layer = {}
+    for n in nx.topological_sort(graph):
+        preds = list(graph.predecessors(n))
+        layer[n] = 1 + max(layer[p] for p in preds) if preds else 0
+    for n in reversed(list(nx.topological_sort(graph))):  # push nodes down to right above their first consumer
+        succ = list(graph.successors(n))
+        if succ:
+            layer[n] = max(layer[n], min(layer[s] for s in succ) - 1)
+    rows = defaultdict(list)
+    for n in order:
+        rows[layer[n]].append(n)
+    pos = {n: float(i) for r in rows.values() for i, n in enumerate(r)}
+    depth = max(rows) if rows else 0
+    for sweep in range(sweeps):
+        down = sweep % 2 == 0
+        for r in (range(1, depth + 1) if down else range(depth - 1, -1, -1)):
+            nbrs = graph.predecessors if down else graph.successors
+
+            def bary(n):
+                xs = [pos[m] for m in nbrs(n)]
+                return sum(xs) / len(xs) if xs else pos[n]
+
+            rows[r].sort(key=bary)
+            for i, n in enumerate(rows[r]):
+                pos[n] = float(i)
+    width = max(len(r) for r in rows.values()) if rows else 1
+    return {n: (pos[n] - (len(rows[layer[n]]) - 1) / 2 + (width - 1) / 2, layer[n]) for n in order}
+
+
+_ROW_IN = 0.42  # inches per layer
+_CHAR_IN = 0.062  # inches per label character at the default font size
+
+
+def _panel_size(graph: nx.DiGraph, labels: dict) -> tuple[float, float]:
+    """(width, height) in inches that fit the panel's layout without overlapping labels."""
+    layout = layered_layout(graph)
+    if not layout:
+        return 2.0, 1.0
+    chars = max(max(len(line) for line in labels[n].split("\n")) for n in graph.nodes)
+    unit = _CHAR_IN * chars + 0.3
+    xs = [x for x, _ in layout.values()]
+    ys = [y for _, y in layout.values()]
+    return max(2.5, unit * (max(xs) - min(xs) + 1.4)), _ROW_IN * (max(ys) + 1.6)
+
+
+def _draw(ax, graph: nx.DiGraph, labels: dict, title: str, context: set = frozenset(), fontsize: float = 7.0):
+    layout = layered_layout(graph)
+    xs = [x for x, _ in layout.values()] or [0]
+    ys = [y for _, y in layout.values()] or [0]
+    for u, v in graph.edges:
+        (x0, y0), (x1, y1) = layout[u], layout[v]
+        span = abs(y1 - y0)
+        style = "arc3,rad=0.0" if span <= 1 else f"arc3,rad={0.2 if x1 >= x0 else -0.2}"
+        ax.annotate("", xy=(x1, -y1), xytext=(x0, -y0),
+                    arrowprops=dict(arrowstyle="-|>", lw=0.6, color="#666666", shrinkA=8, shrinkB=8,
+                                    mutation_scale=7, connectionstyle=style))
+    for n, (x, y) in layout.items():
+        attrs = graph.nodes[n]
+        dashed = n in context
+        is_combine = attrs.get("kind") == "combine"
+        ax.text(x, -y, labels[n], ha="center", va="center", fontsize=fontsize * (0.85 if is_combine else 1.0),
+                zorder=3, bbox=dict(boxstyle="round,pad=0.25" if not is_combine else "round4,pad=0.2",
+                                    fc="white" if dashed else _color(attrs), ec="#999999" if dashed else "#333333",
+                                    lw=0.6, ls="--" if dashed else "-"))
+    ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
+    ax.set_ylim(-max(ys) - 0.8, 0.8)
+    ax.set_title(title, fontsize=fontsize + 2)
+    ax.axis("off")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------------------
+def _short(graph: nx.DiGraph, n) -> str:
+    attrs = graph.nodes[n]
+    if attrs.get("kind") == "combine":
+        return attrs["op"]
+    half = attrs.get("half", -1)
+    return attrs.get("op", "") + (f" ({half + 1}/2)" if half >= 0 else "")
+
+
+def _global_label(graph: nx.DiGraph, n) -> str:
+    attrs = graph.nodes[n]
+    if attrs.get("kind") == "combine":
+        return attrs["op"]
+    path = attrs.get("path", "")
+    tail = ".".join(path.split(".")[-2:])
+    if len(tail) > 28:
+        tail = "…" + tail[-27:]
+    return f"{attrs.get('op', '')}\n{tail}"
+
+
+def _block_name(graph: nx.DiGraph, nodes: list) -> str:
+    paths = [graph.nodes[n].get("path", "") for n in nodes]
+    first = paths[0].split(".")
+    prefix = ".".join(first[:2]) if len(first) > 1 and first[1].isdigit() else first[0]
+    return prefix
+
+
+def _overview(graph: nx.DiGraph):
+    """Blocks collapsed to one node each; global nodes kept."""
+    members = defaultdict(list)
+    for n, attrs in graph.nodes(data=True):
+        b = attrs.get("block", -1)
+        members[("block", b) if b >= 0 else n].append(n)
+    view = nx.DiGraph()
+    labels = {}
+    for key, nodes in members.items():
+        if isinstance(key, tuple):
+            layers = sum(graph.nodes[n]["kind"] == "layer" for n in nodes)
+            name = _block_name(graph, nodes)
+            view.add_node(key, kind="block")
+            labels[key] = f"{name}\n{layers} layers, {len(nodes) - layers} comb."
+        else:
+            view.add_node(key, **graph.nodes[key])
+            labels[key] = _global_label(graph, key)
+    owner = {n: key for key, nodes in members.items() for n in nodes}
+    targets = defaultdict(list)
+    for u, v in graph.edges:
+        a, b = owner[u], owner[v]
+        if a != b and b not in targets[a]:
+            targets[a].append(b)
+    for a, bs in targets.items():
+        blocks = [b for b in bs if isinstance(b, tuple)]
+        if not isinstance(a, tuple) and len(blocks) > 3:
+            # a global feeding every block: one edge to the first, the count in the label
+            bs = [b for b in bs if not isinstance(b, tuple)] + blocks[:1]
+            labels[a] += f"\n(→ {len(blocks)} blocks)"
+        view.add_edges_from((a, b) for b in bs)
+    return view, labels
+
+
+def _signature(graph: nx.DiGraph, nodes: list) -> str:
+    inner = set(nodes)
+    ops = [graph.nodes[n]["op"] for n in nodes]
+    edges = sorted((graph.nodes[u]["op"], graph.nodes[v]["op"]) for u, v in graph.edges(nodes) if v in inner)
+    return repr((sorted(ops), edges))
+
+
+def _representative_scopes(graph: nx.DiGraph, max_panels: int) -> list:
+    scopes = defaultdict(list)
+    for n, attrs in graph.nodes(data=True):
+        if attrs.get("block", -1) >= 0:
+            scopes[attrs.get("scope", "")].append(n)
+    seen, picks = set(), []
+    for scope, nodes in scopes.items():
+        sig = _signature(graph, nodes)
+        if sig not in seen:
+            seen.add(sig)
+            picks.append((scope, nodes))
+    picks.sort(key=lambda item: -len(item[1]))  # stable: first occurrence wins among equals
+    return picks[:max_panels]
+
+
+def _wrap(text: str, width: int = 34) -> str:
+    lines, line = [], ""
+    for part in text.split("."):
+        piece = part if not line else "." + part
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line += piece
+    return "\n".join(lines + [line])
+
+
+def _detail(graph: nx.DiGraph, nodes: list):
+    inner = set(nodes)
+    context = {p for n in nodes for p in graph.predecessors(n) if p not in inner}
+    view = nx.DiGraph()
+    for n in [m for m in graph.nodes if m in inner or m in context]:
+        view.add_node(n, **graph.nodes[n])
+    for u, v in graph.edges:
+        if v in inner and (u in inner or u in context):
+            view.add_edge(u, v)
+    labels = {}
+    for n in view.nodes:
+        if n in context:
+            attrs = graph.nodes[n]
+            where = (f"blk {attrs['block']}" if attrs.get("block", -1) >= 0
+                     else attrs.get("scope", "").split(".")[-1] or attrs.get("path", "").split(".")[0])
+            labels[n] = f"{_short(graph, n)}\n({where or 'model'})"
+        else:
+            labels[n] = _short(graph, n)
+    return view, labels, context
+
+
+def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | Path | None = None,
+               collapse_blocks: bool | None = None, max_panels: int = 3, max_full_nodes: int = 60):
+    """Draw ``graph`` to PNG and/or SVG. ``collapse_blocks``: None = collapse when the graph has more than
+    ``max_full_nodes`` nodes. Returns the matplotlib figure (closed)."""
+    family = graph.graph.get("family", "")
+    n_layers = sum(1 for _, a in graph.nodes(data=True) if a.get("kind") == "layer")
+    header = (f"{family}: {graph.number_of_nodes()} nodes ({n_layers} layers, "
+              f"{graph.number_of_nodes() - n_layers} combine)")
+    collapse = graph.number_of_nodes() > max_full_nodes if collapse_blocks is None else collapse_blocks
+    if not collapse:
+        labels = {n: _global_label(graph, n) if graph.nodes[n].get("block", -1) < 0 else _short(graph, n)
+                  for n in graph.nodes}
+        panels = [(header, graph, labels, set())]
+    else:
+        view, labels = _overview(graph)
+        panels = [("overview: one box per block", view, labels, set())]
+        for scope, nodes in _representative_scopes(graph, max_panels):
+            view, labels, context = _detail(graph, nodes)
+            panels.append((_wrap(f"detail: {scope}"), view, labels, context))
+    sizes = [_panel_size(view, labels) for _, view, labels, _ in panels]
+    widths = [w for w, _ in sizes]
+    height = max(h for _, h in sizes) + 1.2
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(sum(widths), 6.0), max(height, 4.0)),
+                             gridspec_kw=dict(width_ratios=widths))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (title, view, labels, context) in zip(axes, panels):
+        _draw(ax, view, labels, title, context)
+    if collapse:
+        fig.suptitle(header, fontsize=12)
+    handles = [Patch(fc=_COLORS[k], ec="#333333", label=text) for k, text in _LEGEND
+               if collapse or k != "block"]
+    ncol = max(2, min(len(handles), 7, int(fig.get_figwidth() / 1.45)))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    legend_in = 0.2 * (-(-len(handles) // ncol)) + 0.2
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 0.97))
+    for path in (path_png, path_svg):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110 if str(path).endswith(".png") else None)
+    plt.close(fig)
+    return fig

@@ -1,0 +1,552 @@
+"""K-fold training of the sensitivity GNN, baselines on the same folds, and the saved fold ensemble.
+
+Protocol (fixes of autobuild.md §5-§6): one seeded permutation of the valid records, folds = its
+contiguous chunks (recorded); per fold a validation split carved from the training part drives early
+stopping (the test fold is never looked at before the final evaluation); AdamW + cosine schedule,
+gradient clipping, one backward per step with ``zero_grad`` before it; ranking losses are returned
+tensors applied to the prediction and to every hop score; metrics use a real NDCG@10.
+
+Files written to ``out_dir`` (atomically): ``ensemble.safetensors`` (all fold weights, keys
+``fold{f}.<param>``), ``ensemble.json`` (model config, graph template, target, per-fold moments and
+metrics) and ``metrics.json``. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import ConfigDataset, GraphTemplate, cache_to_dataset, option_features
+from .gnn import SensitivityGNN
+from .losses import ndcg_at_k, ranking_loss, srcc
+from .target import Target, parse_target
+
+__all__ = ["TrainOptions", "train_predictor", "make_folds", "baseline_scores", "Ensemble", "load_ensemble",
+           "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
+
+ENSEMBLE_WEIGHTS = "ensemble.safetensors"
+ENSEMBLE_CONFIG = "ensemble.json"
+METRICS_FILE = "metrics.json"
+FORMAT = "qua2sedimo-predictor-ensemble"
+_BASE_KEYS = {"config", "architecture", "seed", "index", "avg_bits", "bops", "quantized_size", "quantized_error",
+              "FID-GT-1k"}
+
+
+@dataclass
+class TrainOptions:
+    """Model and optimisation settings (defaults: the reference's, minus its 10k fixed epochs)."""
+
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 1
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    grad_clip: float = 5.0
+    val_fraction: float = 0.15  # of each fold's training part, for early stopping
+    patience: int = 40  # epochs without a better validation score
+    min_epochs: int = 0
+    mse_weight: float = 1.0  # regression of the standardised target by the head
+    hop_weight: float = 1.0  # ranking loss on the hop scores (averaged over hops)
+    tau: float = 0.1  # soft-rank temperature, in batch standard deviations
+    k: int = 10  # NDCG cut-off (loss and metric)
+    eval_batch: int = 512
+    missing: str = "error"  # absent layer entries: "error" or "fp16"
+    threads: int | None = 1  # torch CPU threads per fold: these small graphs run fastest on one
+    workers: int = 1  # folds trained in parallel processes (e.g. 2 on a 2-core machine)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _finite_or_none(obj):
+    """NaN/inf -> None, so the files are strict JSON (a metric is NaN when e.g. a score is constant)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def _write_json(path: Path, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_finite_or_none(json.loads(json.dumps(obj, default=_json_default))), f, indent=1,
+                      allow_nan=False)
+
+    _atomic_write_bytes(path, write)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _as_target(target, records: Sequence[Mapping]) -> Callable[[Mapping], float]:
+    if isinstance(target, str):
+        keys = {k for r in records for k in r if isinstance(k, str)}
+        return parse_target(target, keys)
+    if callable(target):
+        return target
+    raise TypeError("target must be an expression string or a callable on a record")
+
+
+def _target_ok(target, record: Mapping) -> bool:
+    if "config" not in record:
+        return False
+    if isinstance(target, Target):
+        return target.available(record)
+    try:
+        return math.isfinite(float(target(record)))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return False
+
+
+def make_folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """One seeded permutation of ``range(n)``; fold f = its f-th contiguous chunk (~n/folds)."""
+    if folds < 2 or folds > n:
+        raise ValueError(f"need 2 <= folds <= number of records ({n}), got {folds}")
+    return [np.sort(c) for c in np.array_split(np.random.default_rng(seed).permutation(n), folds)]
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+def _proxy_keys(records: Sequence[Mapping], exclude: set[str]) -> list[str]:
+    """Numeric FP-reference proxy keys recorded on every record (``proxy_*``, ``*_fp``, ``psnr*``, ...)."""
+    def is_proxy(key: str) -> bool:
+        low = key.lower()
+        return (low.startswith("proxy_") or low.endswith("_fp") or low.startswith(("psnr", "ssim", "lpips"))
+                or key == "FID-FP-1k")
+
+    keys = sorted({k for r in records for k in r if isinstance(k, str) and is_proxy(k) and k not in exclude})
+    out = []
+    for key in keys:
+        try:
+            values = [float(r[key]) for r in records]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if all(math.isfinite(v) for v in values):
+            out.append(key)
+    return out
+
+
+def baseline_scores(records: Sequence[Mapping], exclude: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Training-free baseline scores per record, in their natural "higher = better" sign:
+    ``avg_bits`` -> -avg_bits, ``quantized_error`` -> -(summed layer error), ``bops`` -> -bops, and every
+    recorded FP-reference proxy key as is. Each fold re-orients them by the sign of their Spearman
+    correlation with the target on its training part (so e.g. ``avg_bits`` predicts a target that rewards
+    bits as well as one that penalises them). Proxy keys in ``exclude`` (those the target reads) and
+    constant scores are left out."""
+    exclude = set(exclude)
+    out: dict[str, np.ndarray] = {}
+    if all("avg_bits" in r for r in records):
+        out["avg_bits"] = -np.array([float(r["avg_bits"]) for r in records])
+    out["quantized_error"] = -np.array([float(r["quantized_error"]) if "quantized_error" in r else
+                                        sum(float(e[3]) for e in r["config"].values()) for r in records])
+    if all("bops" in r for r in records):
+        out["bops"] = -np.array([float(r["bops"]) for r in records])
+    for key in _proxy_keys(records, exclude):
+        out[key] = np.array([float(r[key]) for r in records])
+    return {name: score for name, score in out.items() if np.ptp(score) > 0}
+
+
+def _ridge_predictions(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    from sklearn.linear_model import RidgeCV
+
+    model = RidgeCV(alphas=np.logspace(-3, 3, 13))
+    model.fit(features[train], y[train])
+    return model.predict(features[test])
+
+
+def _fold_metrics(score: np.ndarray, y: np.ndarray, k: int) -> dict:
+    return {"srcc": srcc(torch.as_tensor(score), torch.as_tensor(y)),
+            "ndcg10": ndcg_at_k(torch.as_tensor(score), torch.as_tensor(y), k)}
+
+
+# ----------------------------------------------------------------------------------------------- training
+@torch.no_grad()
+def _predict(model: SensitivityGNN, dataset: ConfigDataset, index: np.ndarray, device, chunk: int) -> dict:
+    model.eval()
+    preds, hops = [], []
+    for start in range(0, len(index), chunk):
+        out = model(dataset.collate(index[start:start + chunk]).to(device))
+        preds.append(out["pred"].cpu())
+        hops.append(out["hop_scores"].cpu())
+    return {"pred": torch.cat(preds), "hop_scores": torch.cat(hops)}
+
+
+@torch.no_grad()
+def _moments(model: SensitivityGNN, dataset: ConfigDataset, index: np.ndarray, device, chunk: int) -> dict:
+    """Training-set moments used to z-score scores at inference: graph-level hop scores, and per-node L1
+    norms over each hop's read-out nodes (unit scoring)."""
+    model.eval()
+    hop_scores, node_sum, node_sq, node_count = [], 0.0, 0.0, 0.0
+    for start in range(0, len(index), chunk):
+        batch = dataset.collate(index[start:start + chunk]).to(device)
+        hop_scores.append(model(batch)["hop_scores"].cpu())
+        norms = model.node_hop_norms(batch).cpu().double()
+        mask = batch.hop_mask.cpu().double()
+        node_sum = node_sum + (norms * mask).sum(0)
+        node_sq = node_sq + (norms ** 2 * mask).sum(0)
+        node_count = node_count + mask.sum(0)
+    s = torch.cat(hop_scores).double()
+    node_mean = node_sum / node_count.clamp_min(1)
+    node_std = (node_sq / node_count.clamp_min(1) - node_mean ** 2).clamp_min(0).sqrt()
+    return {"hop_score_mean": s.mean(0).tolist(), "hop_score_std": s.std(0, unbiased=False).clamp_min(1e-8).tolist(),
+            "node_norm_mean": node_mean.tolist(), "node_norm_std": node_std.clamp_min(1e-8).tolist()}
+
+
+def _selection_score(loss: str, pred: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    s = srcc(pred, y)
+    s = -1.0 if math.isnan(s) else s
+    if loss == "srcc":
+        return s
+    n = ndcg_at_k(pred, y, k)
+    return 0.5 * (s + (0.0 if math.isnan(n) else n))
+
+
+def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarray, loss: str, epochs: int,
+                batch_size: int, seed: int, device, opts: TrainOptions, log: Callable[[str], None] | None):
+    torch.manual_seed(seed)
+    template = dataset.template
+    model = SensitivityGNN(template.num_ops, template.num_blocks, opts.hidden, opts.layers, opts.heads,
+                           opts.dropout).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    y_train = dataset.y[train_idx]
+    y_mean, y_std = float(y_train.mean()), float(y_train.std(unbiased=False).clamp_min(1e-8))
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = batch_size if batch_size > 0 else len(train_idx)
+    best = (-math.inf, copy.deepcopy(model.state_dict()), 0)
+    stale, epoch = 0, 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=generator)]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            if len(chunk) < 2:  # BatchNorm and ranking both need at least two graphs
+                continue
+            batch = dataset.collate(chunk).to(device)
+            out = model(batch)
+            y = batch.y
+            objective = ranking_loss(loss, out["pred"], y, opts.k, opts.tau)
+            if opts.mse_weight:
+                objective = objective + opts.mse_weight * F.mse_loss(out["pred"], (y - y_mean) / y_std)
+            if opts.hop_weight:
+                hop_losses = [ranking_loss(loss, out["hop_scores"][:, h], y, opts.k, opts.tau)
+                              for h in range(out["hop_scores"].shape[1])]
+                objective = objective + opts.hop_weight * torch.stack(hop_losses).mean()
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+            optimizer.step()
+        scheduler.step()
+        if len(val_idx) >= 2:
+            val = _predict(model, dataset, val_idx, device, opts.eval_batch)
+            score = _selection_score(loss, val["pred"], dataset.y[val_idx], opts.k)
+        else:  # no validation split: keep the last epoch
+            score = float(epoch)
+        if score > best[0]:
+            best, stale = (score, copy.deepcopy(model.state_dict()), epoch), 0
+        else:
+            stale += 1
+        if log and (epoch == 1 or epoch % 25 == 0):
+            log(f"  epoch {epoch}: objective {float(objective):.4f}, validation {score:.4f}")
+        if stale >= opts.patience and epoch >= opts.min_epochs:
+            break
+    model.load_state_dict(best[1])
+    model.eval()
+    return model, {"target_mean": y_mean, "target_std": y_std, "best_epoch": best[2], "epochs_run": epoch,
+                   "val_selection": best[0]}
+
+
+def _run_fold(dataset: ConfigDataset, f: int, train_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
+              loss: str, epochs: int, batch_size: int, seed: int, device: str, opts: TrainOptions,
+              log: Callable[[str], None] | None = None):
+    """Train one fold and evaluate it on its test chunk: (result, CPU state dict, ensemble info)."""
+    previous_threads = torch.get_num_threads()
+    if opts.threads and torch.device(device).type == "cpu":
+        torch.set_num_threads(opts.threads)
+    try:
+        started = time.perf_counter()
+        model, info = _train_fold(dataset, train_idx, val_idx, loss, epochs, batch_size, seed, device, opts, log)
+        test = _predict(model, dataset, test_idx, device, opts.eval_batch)
+        y_test = dataset.y[test_idx]
+        pred_units = test["pred"] * info["target_std"] + info["target_mean"]
+        hops = test["hop_scores"]
+        result = {"fold": f, "n_train": len(train_idx), "n_val": len(val_idx), "n_test": len(test_idx),
+                  "srcc": srcc(test["pred"], y_test), "ndcg10": ndcg_at_k(test["pred"], y_test, opts.k),
+                  "mae": float((pred_units - y_test).abs().mean()),
+                  "hop_srcc": [srcc(hops[:, h], y_test) for h in range(hops.shape[1])],
+                  "hop_ndcg10": [ndcg_at_k(hops[:, h], y_test, opts.k) for h in range(hops.shape[1])],
+                  "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"]}
+        moments = _moments(model, dataset, train_idx, device, opts.eval_batch)
+        result["seconds"] = time.perf_counter() - started
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        info = {**info, **moments, "hop_srcc": result["hop_srcc"], "test_srcc": result["srcc"],
+                "test_ndcg10": result["ndcg10"]}
+        return result, state, info
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_fold_job(job: tuple):
+    return _run_fold(*job)
+
+
+def _log_fold(log: Callable[[str], None] | None, result: Mapping) -> None:
+    if log:
+        log(f"fold {result['fold'] + 1}: test SRCC {result['srcc']:.4f}, NDCG@10 {result['ndcg10']:.4f}, "
+            f"hop SRCC {[round(v, 3) for v in result['hop_srcc']]}, {result['seconds']:.1f}s "
+            f"(best epoch {result['best_epoch']}/{result['epochs_run']})")
+
+
+def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplate, target: str | Callable,
+                    loss: str = "srcc", folds: int = 5, epochs: int = 300, batch_size: int = 128, seed: int = 12345,
+                    device: str = "cpu", out_dir: str | Path | None = None, units: Iterable | None = None,
+                    options: TrainOptions | None = None, log: Callable[[str], None] | None = print) -> dict:
+    """Seeded K-fold CV of :class:`SensitivityGNN` on scored configurations; returns the metrics dict
+    (also written to ``out_dir/metrics.json`` with the fold ensemble when ``out_dir`` is given).
+
+    ``target``: expression over record keys (higher = better), e.g. ``"-1*FID-GT-1k - avg_bits*150"``.
+    ``units``: unit definitions (``.output``, ``.hops``) whose outputs form the hop read-out sets."""
+    if loss not in ("srcc", "ndcg", "hybrid"):
+        raise ValueError(f"loss must be srcc, ndcg or hybrid, got {loss!r}")
+    opts = options or TrainOptions()
+    device = torch.device(device)
+    target_fn = _as_target(target, records)
+    target_expr = target if isinstance(target, str) else getattr(target, "expr", getattr(target, "__name__", "custom"))
+    valid = [i for i, r in enumerate(records) if _target_ok(target_fn, r)]
+    if len(valid) < max(folds, 2) * 2:
+        raise ValueError(f"only {len(valid)} of {len(records)} records have a finite target {target_expr!r}")
+    kept = [records[i] for i in valid]
+    template = graph if isinstance(graph, GraphTemplate) else GraphTemplate.from_graph(graph, units, opts.layers)
+    if template.num_hops != opts.layers:
+        raise ValueError(f"graph template has {template.num_hops} hop levels, the model {opts.layers} layers")
+    dataset = cache_to_dataset(kept, template, target_fn, missing=opts.missing)
+    y = dataset.y.numpy().astype(np.float64)
+    fold_index = make_folds(len(kept), folds, seed)
+
+    exclude = set(getattr(target_fn, "names", ()))
+    fixed_baselines = baseline_scores(kept, exclude)
+    ridge_features, _ = option_features(kept, [k for k in template.keys if k])
+    baseline_folds: dict[str, list[dict]] = {name: [] for name in [*fixed_baselines, "ridge_options"]}
+
+    splits = []
+    for f, test_idx in enumerate(fold_index):
+        rest = np.setdiff1d(np.arange(len(kept)), test_idx)  # sorted
+        n_val = int(round(opts.val_fraction * len(rest))) if opts.val_fraction > 0 else 0
+        n_val = n_val if n_val >= 2 and len(rest) - n_val >= 2 else 0
+        shuffled = np.random.default_rng(seed + 1000 + f).permutation(rest)
+        splits.append((f, np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val]), test_idx))
+
+    started_all = time.perf_counter()
+    jobs = [(dataset, f, train_idx, val_idx, test_idx, loss, epochs, batch_size, seed + f, str(device), opts)
+            for f, train_idx, val_idx, test_idx in splits]
+    workers = max(1, min(int(opts.workers), folds))
+    if workers == 1:
+        outcomes = []
+        for job in jobs:
+            if log:
+                log(f"fold {job[1] + 1}/{folds}: train {len(job[2])}, validation {len(job[3])}, test {len(job[4])}")
+            outcomes.append(_run_fold(*job, log=log))
+            _log_fold(log, outcomes[-1][0])
+    else:  # folds in parallel processes, one torch thread each (CPU)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if log:
+            log(f"training {folds} folds in {workers} processes")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            outcomes = list(pool.map(_run_fold_job, jobs))
+        for outcome in outcomes:
+            _log_fold(log, outcome[0])
+    wall = time.perf_counter() - started_all
+    fold_results = [o[0] for o in outcomes]
+    fold_states = [o[1] for o in outcomes]
+    fold_infos = [o[2] for o in outcomes]
+
+    # baselines on the same folds and target; orientation / fit only on each fold's training part
+    for f, train_idx, val_idx, test_idx in splits:
+        rest = np.sort(np.concatenate([train_idx, val_idx]))
+        for name, score in fixed_baselines.items():
+            rho = srcc(torch.as_tensor(score[rest]), torch.as_tensor(y[rest]))
+            sign = -1.0 if (not math.isnan(rho) and rho < 0) else 1.0
+            baseline_folds[name].append({**_fold_metrics(sign * score[test_idx], y[test_idx], opts.k), "sign": sign})
+        baseline_folds["ridge_options"].append(
+            _fold_metrics(_ridge_predictions(ridge_features, y, rest, test_idx), y[test_idx], opts.k))
+
+    metrics = {
+        "target": target_expr, "loss": loss, "folds_k": folds, "seed": seed, "device": str(device),
+        "n_records": len(records), "n_valid": len(kept), "dropped_records": [i for i in range(len(records)) if i not in set(valid)],
+        "srcc_mean": _nanmean(r["srcc"] for r in fold_results),
+        "ndcg10_mean": _nanmean(r["ndcg10"] for r in fold_results),
+        "hop_srcc_mean": [_nanmean(r["hop_srcc"][h] for r in fold_results) for h in range(opts.layers + 1)],
+        "hop_ndcg10_mean": [_nanmean(r["hop_ndcg10"][h] for r in fold_results) for h in range(opts.layers + 1)],
+        "folds": fold_results,
+        # record positions (in the input list) of each test fold, and the records' own "index" when present
+        "fold_members": [[valid[i] for i in idx] for idx in fold_index],
+        "fold_record_index": [[kept[i].get("index") for i in idx] for idx in fold_index],
+        "baselines": {name: {"srcc_mean": _nanmean(m["srcc"] for m in ms),
+                             "ndcg10_mean": _nanmean(m["ndcg10"] for m in ms),
+                             "srcc": [m["srcc"] for m in ms], "ndcg10": [m["ndcg10"] for m in ms],
+                             "sign": [m.get("sign", 1.0) for m in ms]}
+                      for name, ms in baseline_folds.items()},
+        "timings": {"seconds_per_fold": [r["seconds"] for r in fold_results],
+                    "seconds_total": float(sum(r["seconds"] for r in fold_results)), "wall_seconds": wall,
+                    "device": str(device), "torch_threads": opts.threads or torch.get_num_threads(),
+                    "workers": workers},
+        "options": {**asdict(opts), "epochs": epochs, "batch_size": batch_size},
+        "graph": {"nodes": template.num_nodes, "layers": len(template.layer_index),
+                  "edges": int(template.edge_index.shape[1]), "family": template.family},
+    }
+    if out_dir is not None:
+        save_ensemble(out_dir, fold_states, fold_infos, template, metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- ensemble
+def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tensor]], infos: Sequence[Mapping],
+                  template: GraphTemplate, metrics: Mapping) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"fold{f}.{name}": t for f, state in enumerate(states) for name, t in state.items()}
+    _atomic_write_bytes(out / ENSEMBLE_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    options = metrics["options"]
+    config = {"format": FORMAT, "version": 1,
+              "model": {"num_ops": template.num_ops, "num_blocks": template.num_blocks, "hidden": options["hidden"],
+                        "layers": options["layers"], "heads": options["heads"], "dropout": options["dropout"]},
+              "target": metrics["target"], "loss": metrics["loss"], "seed": metrics["seed"],
+              "folds": [dict(info) for info in infos], "template": template.to_json()}
+    _write_json(out / ENSEMBLE_CONFIG, config)
+    _write_json(out / METRICS_FILE, metrics)
+    return out
+
+
+class Ensemble:
+    """The K fold models of one training run.
+
+    ``predict`` gives ``pred`` (fold-mean prediction, target units) and ``score`` (autobuild.md §7 style:
+    the sum over folds and hops of the training-z-scored hop score times that fold's test SRCC of the hop)."""
+
+    def __init__(self, models: Sequence[SensitivityGNN], folds: Sequence[Mapping], template: GraphTemplate,
+                 config: Mapping, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.models = list(models)
+        self.folds = list(folds)
+        self.template = template
+        self.config = dict(config)
+
+    @property
+    def num_hops(self) -> int:
+        return self.models[0].num_hops
+
+    def _weights(self, f: int) -> torch.Tensor:
+        return torch.tensor([0.0 if (v is None or math.isnan(v)) else v for v in self.folds[f]["hop_srcc"]])
+
+    def _batches(self, items, batch_size: int):
+        from torch_geometric.data import Batch, Data
+
+        if isinstance(items, ConfigDataset):
+            for start in range(0, len(items), batch_size):
+                yield items.collate(torch.arange(start, min(start + batch_size, len(items))))
+        elif isinstance(items, Data) or hasattr(items, "num_graphs") and not isinstance(items, (list, tuple)):
+            yield items
+        else:
+            items = list(items)
+            if items and isinstance(items[0], Mapping):
+                yield from self._batches(cache_to_dataset(items, self.template), batch_size)
+            else:
+                for start in range(0, len(items), batch_size):
+                    yield Batch.from_data_list(items[start:start + batch_size])
+
+    @torch.no_grad()
+    def predict(self, records_or_datas, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """``records_or_datas``: scored-config records (encoded with the saved graph template), a list
+        of ``Data``, a ``Batch`` or a :class:`ConfigDataset`. Returns numpy arrays ``pred`` [n],
+        ``score`` [n], ``hop_scores`` [n, L+1] (weighted z-scores summed over folds), ``fold_pred`` [K, n]."""
+        fold_pred, hop_z = [], []
+        batches = list(self._batches(records_or_datas, batch_size))
+        for f, model in enumerate(self.models):
+            info = self.folds[f]
+            mean, std = torch.tensor(info["hop_score_mean"]), torch.tensor(info["hop_score_std"])
+            preds, zs = [], []
+            for batch in batches:
+                out = {k: v.cpu() for k, v in model(batch.to(self.device)).items()}
+                preds.append(out["pred"] * info["target_std"] + info["target_mean"])
+                zs.append((out["hop_scores"] - mean) / std * self._weights(f))
+            fold_pred.append(torch.cat(preds))
+            hop_z.append(torch.cat(zs))
+        fold_pred_t = torch.stack(fold_pred)
+        hop_scores = torch.stack(hop_z).sum(0)
+        return {"pred": fold_pred_t.mean(0).numpy(), "score": hop_scores.sum(1).numpy(),
+                "hop_scores": hop_scores.numpy(), "fold_pred": fold_pred_t.numpy()}
+
+    @torch.no_grad()
+    def score_nodes(self, batch, node_index: torch.Tensor, hops: int | torch.Tensor) -> np.ndarray:
+        """Unit scores (autobuild.md §7): for each given node (e.g. each unit variant's output node, by
+        global index into ``batch``), sum over folds of ``(||h_hop(v)||_1 - mu_f) / sigma_f * srcc_f[hop]``."""
+        node_index = torch.as_tensor(node_index, dtype=torch.long)
+        hops = torch.as_tensor(hops, dtype=torch.long).expand_as(node_index)
+        total = torch.zeros(len(node_index), dtype=torch.float64)
+        for f, model in enumerate(self.models):
+            info = self.folds[f]
+            norms = model.node_hop_norms(batch.to(self.device)).cpu()[node_index, hops].double()
+            mean = torch.tensor(info["node_norm_mean"], dtype=torch.float64)[hops]
+            std = torch.tensor(info["node_norm_std"], dtype=torch.float64)[hops]
+            total += (norms - mean) / std * self._weights(f).double()[hops]
+        return total.numpy()
+
+
+def load_ensemble(directory: str | Path, device: str = "cpu") -> Ensemble:
+    """Load the fold ensemble written by :func:`train_predictor` (safetensors + JSON, no pickle)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    with open(directory / ENSEMBLE_CONFIG) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{directory / ENSEMBLE_CONFIG} is not a predictor ensemble (format {config.get('format')!r})")
+    tensors = load_file(str(directory / ENSEMBLE_WEIGHTS), device=str(device))
+    models = []
+    for f in range(len(config["folds"])):
+        prefix = f"fold{f}."
+        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        model = SensitivityGNN(**config["model"]).to(device)
+        model.load_state_dict(state, strict=True)  # strict: a mismatch is an error, not a silent skip
+        models.append(model.eval())
+    return Ensemble(models, config["folds"], GraphTemplate.from_json(config["template"]), config, device)

@@ -1,0 +1,108 @@
+"""Train the GNN predictor on a scored-configuration cache (K-fold CV + fold ensemble).
+
+    python -m autobuild.train_predictor --cache quant_cache.pkl --model mnist_dit \\
+        --target "-1*FID-GT-1k - avg_bits*150" --loss srcc --out runs/predictor
+
+``main(argv)`` is the entry the ``qua2sedimo train-predictor`` sub-command wires to.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["build_parser", "main", "load_records", "family_graph"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train-predictor", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cache", required=True, type=Path, help="quant_cache.pkl (list of scored-config records)")
+    p.add_argument("--model", required=True, help="model family of the cache, e.g. mnist_dit, dit, pixart_alpha")
+    p.add_argument("--target", default="-1*FID-GT-1k - avg_bits*150",
+                   help="expression over record keys; higher = better configuration")
+    p.add_argument("--loss", choices=("srcc", "ndcg", "hybrid"), default="srcc")
+    p.add_argument("--out", required=True, type=Path, help="output directory (ensemble + metrics.json)")
+    p.add_argument("--epochs", type=int, default=300, help="maximum epochs per fold (early stopping on validation)")
+    p.add_argument("--patience", type=int, default=40)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=128, help="graphs per step (0 = the whole training part)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4, help="GATv2 layers = hop levels - 1")
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="folds trained in parallel processes (CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per fold")
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="denoiser size whose structure the DAG is traced from (full: on the meta device)")
+    p.add_argument("--unit-level", default=None,
+                   help="if set, hop read-outs use the outputs of autobuild.dag units(graph, LEVEL)")
+    p.add_argument("--missing", choices=("error", "fp16"), default="error",
+                   help="a layer absent from a record's config: fail, or treat it as unquantized")
+    return p
+
+
+def load_records(path: Path) -> list[dict]:
+    """Read a quant_cache.pkl through the restricted unpickler (no arbitrary code on load)."""
+    from multiquant.safe_pickle import safe_load
+
+    records = safe_load(path)
+    if isinstance(records, dict) and "records" in records:
+        records = records["records"]
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "config" in r for r in records):
+        raise ValueError(f"{path} is not a list of scored-configuration records with a 'config' each")
+    return records
+
+
+def family_graph(model: str, size: str = "full"):
+    """The family's DAG (``autobuild.dag.build_dag``): traced from the full-size denoiser on the meta
+    device, or the tiny one on the CPU."""
+    from multiquant.families import get_family
+
+    try:
+        from autobuild.dag import build_dag
+    except ImportError as err:  # hook: the DAG builder is a separate module
+        raise RuntimeError("autobuild.dag.build_dag is not available; build the graph yourself and call "
+                           "autobuild.train.train_predictor(records, graph, ...) directly") from err
+    family = get_family(model)
+    denoiser = family.build(size, device="meta" if size == "full" else "cpu")
+    return build_dag(denoiser, family)
+
+
+def _units(graph, level: str | None):
+    if level is None:
+        return None
+    from autobuild import dag
+
+    if not hasattr(dag, "units"):
+        raise RuntimeError("autobuild.dag.units is not available yet; drop --unit-level")
+    return dag.units(graph, level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from autobuild.train import TrainOptions, train_predictor
+
+    records = load_records(args.cache)
+    graph = family_graph(args.model, args.size)
+    options = TrainOptions(hidden=args.hidden, layers=args.layers, heads=args.heads, patience=args.patience,
+                           workers=args.workers, threads=args.threads, missing=args.missing)
+    print(f"{len(records)} records, graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges")
+    metrics = train_predictor(records, graph, args.target, loss=args.loss, folds=args.folds, epochs=args.epochs,
+                              batch_size=args.batch_size, seed=args.seed, device=args.device, out_dir=args.out,
+                              units=_units(graph, args.unit_level), options=options)
+    print(f"held-out SRCC {metrics['srcc_mean']:.4f}, NDCG@10 {metrics['ndcg10_mean']:.4f} "
+          f"({metrics['timings']['wall_seconds']:.0f}s)")
+    for name, b in metrics["baselines"].items():
+        srcc = b["srcc_mean"]
+        print(f"  baseline {name:>20}: SRCC {srcc:.4f}" if not math.isnan(srcc) else f"  baseline {name}: n/a",
+              f"NDCG@10 {b['ndcg10_mean']:.4f}")
+    print(f"ensemble and metrics.json written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Model cards (``README.md``) of the shipped MNIST assets, rendered from their JSON records."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+SPLIT_TEXT = """The official MNIST **test** set (10,000 digits, `t10k-*-idx*-ubyte.gz`) split by index `i % 10`
+(`multiquant/mnist/data.py`):
+
+| split | `i % 10` | digits | used for |
+|---|---|---|---|
+| train | 0-6 | 7,000 | training the denoiser and the classifier |
+| reference | 7, 8 | 2,000 | MNIST-FID reference statistics (`mnist_classifier/ref_stats.npz`) |
+| eval | 9 | 1,000 | FID floor (1,000 real digits vs the reference statistics) |
+
+reference + eval (3,000 digits) are held out of both networks' training data."""
+
+
+def classifier_card(info: dict) -> str:
+    acc = info["accuracy"]
+    return f"""# MNIST classifier (MNIST-FID feature network)
+
+LeNet-style CNN (`multiquant/mnist/classifier.py`): conv5x5(32) - pool - conv5x5(64) - pool -
+fc({info['feature_dim']}) - ReLU - dropout - fc(10). **MNIST-FID** uses the {info['feature_dim']}-d output
+of the hidden fc layer before its ReLU (`MNISTClassifier.features`); FID itself is
+`multiquant.metrics.fid.frechet_distance` (clean-fid formula, float64).
+
+## Data
+{SPLIT_TEXT}
+
+## Training
+`python -m multiquant.mnist.train_classifier --epochs {info['epochs']} --batch-size {info['batch_size']} --lr {info['lr']} --seed {info['seed']} --device {info['device']}`
+
+- {info['train_digits']:,} train digits, {info['augmentation']}; AdamW, one-cycle LR.
+- Device: {info['device']} ({info['cpu']}, {info['threads']} threads), torch {info['torch']}; wall time {info['wall_time_s']} s.
+
+## Quality
+| figure | value |
+|---|---|
+| accuracy, 3,000 held-out digits (reference + eval) | {acc['heldout']:.2%} |
+| accuracy, 2,000 reference digits | {acc['reference']:.2%} |
+| accuracy, 1,000 eval digits | {acc['eval']:.2%} |
+| accuracy, 7,000 train digits | {acc['train']:.2%} |
+| **FID floor**: 1,000 real eval digits vs reference stats | {info['fid_floor_eval_1000']:.3f} |
+| 1,000 real train digits vs reference stats | {info['fid_train_1000']:.3f} |
+
+## Files
+`config.json`, `model.safetensors` (fp32), `ref_stats.npz` (`mu`, `sigma` float64, `n`, `indices` into the
+test set, `split`), `training.json` (this card's numbers).
+Load with `multiquant.mnist.classifier.load_classifier()` / `load_reference_stats()`.
+Data licence: MNIST, CC BY-SA 3.0 (Y. LeCun, C. Cortes, C. Burges).
+"""
+
+
+def _fmt(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def dit_card(training: dict, quality: dict | None) -> str:
+    cfg = training["config"]
+    lines = [f"""# mnist_dit: class-conditional pixel-space DiT on MNIST
+
+The embedded default family of qua2sedimo (`multiquant/families/mnist_dit.py`): a diffusers
+`DiTTransformer2DModel` on raw 28x28 digits (in/out channels 1, {cfg['patch_size']}x{cfg['patch_size']} patches ->
+{(cfg['sample_size'] // cfg['patch_size']) ** 2} tokens, {cfg['num_layers']} blocks, width
+{cfg['num_attention_heads'] * cfg['attention_head_dim']}, {cfg['num_attention_heads']} heads), {training['parameters']:,}
+parameters, weights stored in fp16. Class-conditional on the 10 digits; label index 10 is the null class of
+classifier-free guidance. The 6 per-block timestep/label embedders are identical copies (trained as one
+shared module, like the original DiT), which the family's tie rule (`DIT_TIES`) exploits.
+
+Sample with `multiquant.pipelines.MNISTDiTPipeline.from_family()` (DPM-Solver++ 2M, `scheduler_config.json`).
+
+## Data
+{SPLIT_TEXT}
+
+## Training
+`python -m multiquant.mnist.train_dit --steps {training['steps']} --batch-size {training['batch_size']} --lr {training['lr']} --seed {training['seed']}`
+
+- DDPM objective, {training['noise_schedule']['num_train_timesteps']} steps, `{training['noise_schedule']['beta_schedule']}` betas,
+  {training['noise_schedule']['prediction_type']}; labels dropped to the null class with p={training['p_uncond']};
+  AdamW, lr {training['lr']} ({training['warmup']} warm-up steps), grad-norm clip 1; EMA {training['ema']} (saved).
+- {training['steps']:,} steps x batch {training['batch_size']} on {training['device']} (torch {training['torch']}),
+  wall time {training['wall_time_s']} s; final loss {training['loss_history'][-1][1] if training['loss_history'] else 'n/a'}.
+"""]
+    if quality:
+        p = quality["protocol"]
+        fp = quality["fp"]
+        lines.append(f"""## Quality (measured with `python -m multiquant.mnist.evaluate --write-card`)
+Protocol: {p['num_images']:,} images, class `i % 10` and seed `i` for image `i` ({p['num_images'] // 10} per digit),
+{p['steps']} DPM-Solver++ steps, guidance {p['guidance']}, {quality['device']} ({p['dtype']}).
+MNIST-FID = Frechet distance of the shipped classifier's features to the 2,000 held-out reference digits.
+
+| model | MNIST-FID (1,000) | classified as requested digit |
+|---|---|---|
+| real held-out digits (FID floor, 1,000 eval digits) | {_fmt(quality['fid_floor'])} | {_fmt(quality.get('floor_accuracy'), '.1%')} |
+| FP16 weights | {_fmt(fp['fid'])} | {_fmt(fp['accuracy'], '.1%')} |
+""")
+        for option, r in quality.get("uniform", {}).items():
+            lines[-1] += f"| uniform {option} ({r['method_name']}, {r['avg_bits']:.2f} avg bits) | {_fmt(r['fid'])} | {_fmt(r['accuracy'], '.1%')} |\n"
+        lines.append(f"\nSampling speed: {fp['images_per_s']} images/s ({quality['device']}, batch {p['batch_size']}, "
+                     f"{quality.get('threads', '?')} threads, CFG doubles the batch).\n")
+    lines.append("""
+## Files
+`config.json` + `diffusion_pytorch_model.safetensors` (fp16, `DiTTransformer2DModel.from_pretrained`),
+`scheduler_config.json` (sampler), `training.json` (training record and loss curve), `quality.json`.
+Data licence: MNIST, CC BY-SA 3.0 (Y. LeCun, C. Cortes, C. Burges).
+""")
+    return "".join(lines)

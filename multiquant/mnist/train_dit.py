@@ -1,0 +1,201 @@
+"""Train the embedded MNIST DiT (pixel space, class-conditional, classifier-free guidance).
+
+    python -m multiquant.mnist.train_dit --device cuda --steps 40000 --time-budget-s 420
+
+DDPM training with cosine betas and v-prediction on the 7,000 ``train`` digits; labels are dropped to the
+null class with probability ``--p-uncond`` (once per sample, for all blocks alike). As in the original
+DiT, all blocks share one timestep/label embedder during training (diffusers stores per-block copies:
+they are written out as identical copies, which the family's DIT_TIES rule ties). The EMA weights are
+saved in fp16 with ``save_pretrained`` together with the sampler's ``scheduler_config.json``,
+``training.json`` and the model card.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.models.embeddings import LabelEmbedding
+from torch.nn import functional as F
+
+from ..families import get_family
+from ..families.mnist_dit import ASSET_DIR, NOISE_SCHEDULE, SAMPLER_KWARGS
+from . import cards
+from .data import load_split, to_model_range
+
+
+# --- model surgery ---------------------------------------------------------------------------------
+def init_dit_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """adaLN-Zero init (DiT): modulation and output layers start at zero, so every block starts as identity."""
+    for block in model.transformer_blocks:
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    return model
+
+
+def tie_block_embedders(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every block use block 0's timestep/label embedder (one shared module, as in the original DiT)."""
+    shared = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = shared
+    return model
+
+
+def untie_block_embedders(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every block its own (identical) copy again, the layout diffusers saves and loads."""
+    shared = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = copy.deepcopy(shared)
+    return model
+
+
+def disable_builtin_label_dropout(model: torch.nn.Module) -> None:
+    """diffusers' LabelEmbedding drops labels on its own in train mode, independently in every call (block);
+    we drop them once per sample instead (see :func:`diffusion_loss`)."""
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+
+
+# --- training objective -----------------------------------------------------------------------------
+def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   gen: torch.Generator, p_uncond: float, null_class: int) -> torch.Tensor:
+    """v-prediction MSE at uniformly drawn timesteps, labels dropped to ``null_class`` with ``p_uncond``."""
+    n, device = x0.shape[0], x0.device
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen, device=device)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    drop = torch.rand(n, generator=gen, device=device) < p_uncond
+    labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    v = a * noise - s * x0
+    pred = model(x_t, timestep=t, class_labels=labels, return_dict=False)[0]
+    return F.mse_loss(pred.float(), v)
+
+
+@torch.no_grad()
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def train(args, log=print) -> tuple[torch.nn.Module, dict]:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    spec = get_family("mnist_dit")
+    images, labels = load_split("train", args.mnist_dir)
+    x_all = to_model_range(images).to(device)
+    y_all = torch.from_numpy(labels).to(device)
+
+    model = spec.build(args.size, device=device, seed=args.seed)
+    init_dit_weights(model)
+    tie_block_embedders(model)
+    disable_builtin_label_dropout(model)
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    alphas_cumprod = DDPMScheduler(**NOISE_SCHEDULE).alphas_cumprod.to(device)
+    null_class = model.config.num_embeds_ada_norm
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    history, window, t0, step = [], [], time.time(), 0
+    while step < args.steps:
+        if args.time_budget_s and time.time() - t0 > args.time_budget_s:
+            log(f"time budget of {args.time_budget_s}s reached at step {step}")
+            break
+        for group in opt.param_groups:  # linear warm-up, then constant (EMA does the averaging)
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen, device=device)
+        loss = diffusion_loss(model, x_all[idx], y_all[idx], alphas_cumprod, gen, args.p_uncond, null_class)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_params, params, min(args.ema, (1 + step) / (10 + step)))
+        window.append(loss.detach())
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            mean = torch.stack(window).mean().item()
+            window = []
+            history.append([step, round(mean, 5), round(time.time() - t0, 1)])
+            log(f"step {step}  loss {mean:.4f}  {time.time() - t0:.0f}s")
+    wall = time.time() - t0
+    info = {
+        "data": "MNIST t10k test set, train split (i % 10 in 0..6): 7,000 digits",
+        "size": args.size, "config": dict(model.config), "parameters": sum(p.numel() for p in params),
+        "steps": step, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
+        "p_uncond": args.p_uncond, "seed": args.seed, "noise_schedule": NOISE_SCHEDULE,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__, "wall_time_s": round(wall, 1), "loss_history": history,
+    }
+    return ema, info
+
+
+def save_denoiser(ema: torch.nn.Module, outdir: Path) -> None:
+    # plain nn.Module.to: diffusers' override only adds a warning about fp32-kept modules (DiT has none)
+    model = torch.nn.Module.to(untie_block_embedders(copy.deepcopy(ema)), torch.float16)
+    model.save_pretrained(str(outdir), safe_serialization=True)
+    DPMSolverMultistepScheduler(**SAMPLER_KWARGS).save_pretrained(str(outdir))
+
+
+def quick_quality(outdir: Path, device: str, grid: list[tuple[int, float]], num_images: int) -> list[dict]:
+    """Score the saved weights on the evaluation plan for each (steps, guidance) in ``grid``."""
+    from ..pipelines import MNISTDiTPipeline
+    from .classifier import load_classifier
+    from .quality import evaluate_pipeline
+
+    pipe = MNISTDiTPipeline.from_family(outdir, device=device)
+    clf = load_classifier(device=device)
+    results = []
+    for steps, guidance in grid:
+        r = evaluate_pipeline(pipe, num_images, steps, guidance, batch_size=num_images, classifier=clf)
+        print(f"steps {steps} guidance {guidance}: FID {r['fid']:.3f}  accuracy {r['accuracy']:.3f}")
+        results.append(dict(r, dtype=str(pipe.transformer.dtype), device=str(device)))
+    return results
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mnist-dir", default=None, help="folder of the MNIST t10k idx files (default: QUA2SEDIMO_MNIST)")
+    p.add_argument("--outdir", default=str(ASSET_DIR))
+    p.add_argument("--size", default="full", choices=["full", "tiny"])
+    p.add_argument("--steps", type=int, default=40_000)
+    p.add_argument("--time-budget-s", type=float, default=0, help="stop early after this many seconds (0: none)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--ema", type=float, default=0.9995)
+    p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log-every", type=int, default=500)
+    p.add_argument("--eval-grid", default="", help="quality after training, e.g. '20:1.0,20:1.5,10:1.5' (steps:guidance)")
+    p.add_argument("--eval-images", type=int, default=1000)
+    args = p.parse_args(argv)
+
+    ema, info = train(args)
+    outdir = Path(args.outdir)
+    save_denoiser(ema, outdir)
+    if args.eval_grid:
+        grid = [(int(s), float(g)) for s, g in (item.split(":") for item in args.eval_grid.split(","))]
+        info["quick_quality"] = quick_quality(outdir, args.device, grid, args.eval_images)
+    cards.write_json(outdir / "training.json", info)
+    cards.write_text(outdir / "README.md", cards.dit_card(info, cards.read_json(outdir / "quality.json")))
+    return info
+
+
+if __name__ == "__main__":
+    main()

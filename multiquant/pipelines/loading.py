@@ -1,0 +1,234 @@
+"""Load a family's generation pipeline (full size, from the hub or a local directory) or assemble a tiny random one.
+
+The full pipelines are the stock diffusers classes loaded with ``from_pretrained``; the sampler uses them for
+their components (denoiser, VAE, scheduler) and for ``encode_prompt``. The text-to-image classes need
+``transformers``; where it is missing (tests), :func:`tiny_pipeline` returns a :class:`PipelineParts` holding
+the same components, with no text encoders, and the sampler is fed prompt embeddings directly.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..families import FamilySpec, get_family
+
+TINY_LATENT_SIZE = 8
+HUB_EXTRA_FIX = "Fix: pip install 'qua2sedimo[hub]' (transformers, accelerate, sentencepiece, ftfy, beautifulsoup4)."
+
+# Which denoising loop serves which pipeline class (see loops.py).
+KIND_OF_PIPELINE = {
+    "PixArtAlphaPipeline": "pixart",
+    "PixArtSigmaPipeline": "pixart",
+    "HunyuanDiTPipeline": "hunyuan",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd",
+    "DiTPipeline": "dit",
+    "MNISTDiTPipeline": "mnist",
+}
+
+# Noise schedules of the hub repos' scheduler configs, for tiny pipelines (full ones read the repo's own).
+_TINY_SCHEDULE = {
+    "pixart": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    "dit": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    "sd": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "sdxl": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    # Hunyuan keeps its repo's DDPM scheduler: v-prediction, ancestral (it draws noise at every step).
+    "hunyuan": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03,
+                    prediction_type="v_prediction", clip_sample=False, steps_offset=1),
+}
+
+
+def family_spec(family: str | FamilySpec) -> FamilySpec:
+    return family if isinstance(family, FamilySpec) else get_family(family)
+
+
+def pipeline_kind(family: str | FamilySpec) -> str:
+    """``"pixart" | "hunyuan" | "sdxl" | "sd" | "dit" | "mnist"``: which sampling loop the family uses."""
+    spec = family_spec(family)
+    try:
+        return KIND_OF_PIPELINE[spec.pipeline_class]
+    except KeyError:
+        raise ValueError(f"family {spec.name!r} uses pipeline {spec.pipeline_class!r}, which the sampler does not "
+                         f"know; known: {', '.join(sorted(KIND_OF_PIPELINE))}") from None
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The pipeline's denoiser: ``transformer`` or ``unet``."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+
+
+class PipelineParts:
+    """The components of a diffusers pipeline without its text encoders (where ``transformers`` is absent).
+
+    Carries the same attribute names as the stock pipeline (``transformer``/``unet``, ``vae``, ``scheduler``,
+    ``text_encoder=None``, ...), which is all the sampler reads; ``pipeline_class`` names the class it stands for.
+    """
+
+    def __init__(self, pipeline_class: str, **components):
+        self.pipeline_class = pipeline_class
+        self.text_encoder = self.text_encoder_2 = self.tokenizer = self.tokenizer_2 = None
+        for name, value in components.items():
+            setattr(self, name, value)
+        self._component_names = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", *components]
+
+    @property
+    def components(self) -> dict:
+        return {name: getattr(self, name) for name in self._component_names}
+
+    def to(self, device=None, dtype=None):
+        for value in self.components.values():
+            if isinstance(value, nn.Module):
+                value.to(device=device, dtype=dtype)
+        return self
+
+    def encode_prompt(self, *args, **kwargs):
+        raise RuntimeError(f"this {self.pipeline_class} has no text encoder (tiny test pipeline): pass prompt "
+                           f"embeddings to make_sampler(prompt_embeds=...), e.g. from random_prompt_embeds()")
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __repr__(self):
+        return f"PipelineParts({self.pipeline_class}: {', '.join(k for k, v in self.components.items() if v is not None)})"
+
+
+def stock_pipeline_class(spec: FamilySpec, required: bool = True):
+    """The diffusers pipeline class, or None when it is a placeholder because ``transformers`` is missing."""
+    import diffusers
+
+    cls = getattr(diffusers, spec.pipeline_class, None)
+    if cls is None or cls.__module__.startswith("diffusers.utils.dummy"):
+        if required:
+            raise RuntimeError(f"{spec.pipeline_class} (family {spec.name!r}) needs transformers for its text "
+                               f"encoders, which is not installed. {HUB_EXTRA_FIX}")
+        return None
+    return cls
+
+
+def _mnist_pipeline_class():
+    from .mnist_dit import MNISTDiTPipeline  # lazy: only MNIST runs need it
+
+    return MNISTDiTPipeline
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def swap_scheduler(spec: FamilySpec, pipe) -> None:
+    """Replace the pipeline's scheduler by the family's, built from the pipeline's own scheduler config (so the
+    noise schedule of the checkpoint is kept: e.g. DPM-Solver++ from DiT's config, as the reference did)."""
+    if spec.scheduler is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, spec.scheduler)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **spec.scheduler_kwargs)
+
+
+def load_pipeline(family: str | FamilySpec, pretrained: str | Path | None = None, device=None,
+                  dtype: torch.dtype | None = None):
+    """The family's stock diffusers pipeline, loaded with ``from_pretrained`` from a hub id or a local directory.
+
+    ``pretrained`` may be a pipeline directory / hub id, or a directory holding only the denoiser (then the
+    rest of the pipeline comes from the family's hub id). The family's scheduler is swapped in, the safety
+    checker is left out (it would black out images and bias FID), progress bars are off. ``dtype`` defaults to
+    the family's precision on CUDA (fp16; fp32 for SD1.x, as the reference ran it) and fp32 on the CPU."""
+    spec = family_spec(family)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = spec.dtype if device.type == "cuda" else torch.float32
+    if pipeline_kind(spec) == "mnist":
+        return _mnist_pipeline_class().from_family(pretrained, device=device, dtype=dtype, family=spec.name)
+
+    cls = stock_pipeline_class(spec)
+    source = pretrained or spec.hub_id
+    if source is None:
+        raise ValueError(f"family {spec.name!r} has no hub id: pass pretrained=DIR (--pretrained)")
+    kwargs: dict = {"torch_dtype": dtype}
+    local = Path(str(source)).expanduser()
+    if local.is_dir() and (local / "config.json").is_file() and not (local / "model_index.json").is_file():
+        # A denoiser-only directory: take the rest from the hub, this denoiser in place of the stock one.
+        denoiser_name = "unet" if spec.subfolder == "unet" else "transformer"
+        kwargs[denoiser_name] = spec.load(local, dtype=dtype)
+        source = spec.hub_id
+    if spec.revision and not local.exists():
+        kwargs["revision"] = spec.revision
+    if spec.variant and dtype == torch.float16:
+        kwargs["variant"] = spec.variant
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"could not load the {spec.name} pipeline from {str(source)!r}: {err}\n"
+            f"Fix: download the pipeline (hub id {spec.hub_id!r}) and pass its local directory with "
+            f"--pretrained DIR, or set HF_HOME to a cache that holds it.") from err
+    swap_scheduler(spec, pipe)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_vae(seed: int = 0) -> nn.Module:
+    """A random 4-level AutoencoderKL: 8x downsampling and 4 latent channels like the real ones, few weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=64).eval()
+
+
+def tiny_scheduler(family: str | FamilySpec):
+    """The family's scheduler with the noise schedule of its hub config (Hunyuan: its repo's DDPM)."""
+    import diffusers
+
+    spec = family_spec(family)
+    kind = pipeline_kind(spec)
+    name = spec.scheduler or ("DDPMScheduler" if kind == "hunyuan" else "DDIMScheduler")
+    return getattr(diffusers, name)(**_TINY_SCHEDULE.get(kind, {}), **spec.scheduler_kwargs)
+
+
+def tiny_pipeline(family: str | FamilySpec, seed: int = 0):
+    """The family's pipeline assembled from the registry's tiny denoiser, a tiny random VAE and the family's
+    scheduler; no text encoders or tokenizers (feed prompt embeddings). The stock class where it can be built
+    without ``transformers`` (always for DiT), else :class:`PipelineParts` with the same components.
+
+    ``pipe.default_resolution`` (64 px) is the image size the sampler uses by default for it."""
+    spec = family_spec(family)
+    kind = pipeline_kind(spec)
+    if kind == "mnist":
+        from .mnist_dit import build_scheduler
+
+        return _mnist_pipeline_class()(transformer=spec.build("tiny", seed=seed), scheduler=build_scheduler(spec))
+    denoiser = spec.build("tiny", seed=seed)
+    denoiser_name = "unet" if spec.subfolder == "unet" else "transformer"
+    components = {denoiser_name: denoiser, "vae": tiny_vae(seed), "scheduler": tiny_scheduler(spec)}
+    cls = stock_pipeline_class(spec, required=False)
+    if cls is None:
+        pipe = PipelineParts(spec.pipeline_class, **components)
+    else:
+        accepted = inspect.signature(cls.__init__).parameters
+        optional = {name: None for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                            "safety_checker", "feature_extractor", "image_encoder")
+                    if name in accepted}
+        if "requires_safety_checker" in accepted:
+            optional["requires_safety_checker"] = False
+        pipe = cls(**components, **optional)
+        pipe.set_progress_bar_config(disable=True)
+    # An 8x8 latent: the smallest grid every tiny denoiser takes (keeps CPU tests fast).
+    pipe.default_resolution = TINY_LATENT_SIZE * vae_scale_factor(pipe.vae)
+    return pipe
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,0 +1,318 @@
+"""GNN predictor: target parser, data encoding, ranking losses, model, K-fold training and ensemble."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pickle
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from autobuild.data import (BIT_CODES, QUANT_CODES, GraphTemplate, cache_to_dataset, option_features, parse_option,
+                            record_to_data, sequential_graph)
+from autobuild.gnn import SensitivityGNN
+from autobuild.losses import (exact_rank, hybrid_loss, lambda_rank_loss, ndcg_at_k, soft_rank, spearman_loss, srcc)
+from autobuild.target import TargetError, parse_target
+from autobuild.train import TrainOptions, load_ensemble, make_folds, train_predictor
+
+METHODS = ("mse", "kmeans", "kmeans_all")
+
+
+# ------------------------------------------------------------------------------------------------ target
+def test_target_expression_with_dashed_keys():
+    record = {"FID-GT-1k": 12.5, "avg_bits": 3.5, "FID": 99.0}
+    t = parse_target("-1*FID-GT-1k - avg_bits*150", keys=record)
+    assert t.names == ("FID-GT-1k", "avg_bits")
+    assert t(record) == pytest.approx(-12.5 - 525.0)
+    # longest key first: "FID-GT-1k" is not read as FID - GT - 1k even though FID is a key
+    assert parse_target("FID-GT-1k-FID", keys=record)(record) == pytest.approx(12.5 - 99.0)
+    assert parse_target("-(avg_bits - 3) / 2 + +1e1", keys=record)(record) == pytest.approx(-0.25 + 10)
+    assert record == {"FID-GT-1k": 12.5, "avg_bits": 3.5, "FID": 99.0}
+
+
+@pytest.mark.parametrize("hostile", ["__import__('os')", "__import__", "avg_bits.__class__", "[avg_bits]",
+                                     "lambda: 1", "avg_bits ** 2", "avg_bits if 1 else 2", "open", "1; 2", "",
+                                     "avg_bits2", "avg_bits(1)"])
+def test_target_rejects_unsafe_or_unknown(hostile):
+    with pytest.raises(TargetError):
+        parse_target(hostile)
+
+
+def test_target_unknown_name_lists_keys_and_missing_key_is_clear():
+    with pytest.raises(TargetError, match="available record keys:.*avg_bits"):
+        parse_target("-psnr_xyz", keys=["my-key"])
+    t = parse_target("-my-key*2", keys=["my-key"])
+    assert t({"my-key": 2.0}) == -4.0
+    with pytest.raises(KeyError, match="my-key"):
+        t({"avg_bits": 3})
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _hand_graph() -> nx.DiGraph:
+    """in -> (q, k) -> matmul -> out -> add(in, out); `k` has a tied alias."""
+    g = nx.DiGraph(family="toy")
+    g.add_node("in", kind="layer", key="model.in.weight_quantizer", op="Patchify", block=-1, aliases=[])
+    g.add_node("q", kind="layer", key="model.b.0.q.weight_quantizer", op="SA-Q", block=0, aliases=[])
+    g.add_node("k", kind="layer", key="model.b.0.k.weight_quantizer", op="SA-K", block=0,
+               aliases=["model.b.1.k.weight_quantizer"])
+    g.add_node("mm", kind="combine", op="matmul", block=0)
+    g.add_node("out", kind="layer", key="model.b.0.out.weight_quantizer", op="SA-Out", block=0, aliases=[])
+    g.add_node("add", kind="combine", op="add", block=0)
+    g.add_edges_from([("in", "q"), ("in", "k"), ("q", "mm"), ("k", "mm"), ("mm", "out"), ("out", "add"), ("in", "add")])
+    return g
+
+
+def _hand_record(options: dict[str, str], rng=None) -> dict:
+    rng = rng or np.random.default_rng(0)
+    config = {}
+    for key, option in options.items():
+        bits = 16 if option == "fp16" else int(option.rsplit("-", 1)[1])
+        config[key] = [option, 2000, 2000 * bits // 16 + (0 if bits == 16 else 10), 0.0 if option == "fp16" else float(rng.uniform(0.001, 0.1))]
+    return {"config": config, "FID-GT-1k": 10.0, "avg_bits": 3.7}
+
+
+def test_option_codes():
+    assert parse_option("mse-4") == (1, 1) and parse_option("kmeans-3") == (2, 2)
+    assert parse_option("kmeans_all-3") == (3, 2) and parse_option("fp16") == (4, 0)
+    assert parse_option("mse-8") == (1, BIT_CODES[8]) and parse_option("mse-2") == (1, BIT_CODES[2])
+    for bad in ("mse-9", "foo-4", "combine-16", "mse"):
+        with pytest.raises(ValueError):
+            parse_option(bad)
+    assert QUANT_CODES["combine"] == 0 and BIT_CODES[16] == 0
+
+
+def test_record_to_data_features_aliases_and_no_mutation():
+    g = _hand_graph()
+    record = _hand_record({"model.in.weight_quantizer": "mse-4", "model.b.0.q.weight_quantizer": "kmeans-3",
+                           "model.b.0.k.weight_quantizer": "kmeans_all-3", "model.b.1.k.weight_quantizer": "mse-4",
+                           "model.b.0.out.weight_quantizer": "fp16"})
+    snapshot = copy.deepcopy(record)
+    data = record_to_data(record, g, target=lambda r: -r["FID-GT-1k"])
+    assert record == snapshot  # the reference deleted keys from the record in place
+    assert data.num_nodes == 6 and data.edge_index.shape == (2, 7)
+    quant, bits, op, block = data.x_cat.t().tolist()
+    assert quant == [1, 2, 3, 0, 4, 0] and bits == [1, 2, 2, 0, 0, 0]
+    vocab = sorted({"Patchify", "SA-Q", "SA-K", "matmul", "SA-Out", "add"})
+    assert op == [vocab.index(o) + 1 for o in ("Patchify", "SA-Q", "SA-K", "matmul", "SA-Out", "add")]
+    assert block == [0, 1, 1, 1, 1, 1]
+    entry = record["config"]["model.b.0.k.weight_quantizer"]  # canonical key wins over the alias entry
+    assert data.x_num[2, 0].item() == pytest.approx(entry[1] / entry[2])
+    assert data.x_num[2, 1].item() == pytest.approx(math.log1p(100 * entry[3]))
+    assert data.x_num[3].abs().sum() == 0 and data.x_num[4, 0].item() == pytest.approx(1.0)
+    assert data.y.item() == -10.0
+    # hop 0 reads layer nodes; hops without unit outputs read every node
+    assert data.hop_mask[:, 0].tolist() == [True, True, True, False, True, False] and data.hop_mask[:, 1:].all()
+    # an alias alone stands in for its canonical key; a missing layer is an error unless treated as fp16
+    alias_only = copy.deepcopy(record)
+    del alias_only["config"]["model.b.0.k.weight_quantizer"]
+    assert record_to_data(alias_only, g).x_cat[2, :2].tolist() == [1, 1]
+    del alias_only["config"]["model.b.1.k.weight_quantizer"]
+    with pytest.raises(KeyError, match="model.b.0.k"):
+        record_to_data(alias_only, g)
+    assert record_to_data(alias_only, g, missing="fp16").x_cat[2, :2].tolist() == [4, 0]
+
+
+def test_units_set_hop_readouts_and_template_roundtrip():
+    from collections import namedtuple
+
+    Unit = namedtuple("Unit", "name nodes output hops")
+    g = _hand_graph()
+    template = GraphTemplate.from_graph(g, units=[Unit("attn", ["q", "k", "mm", "out"], "out", 2),
+                                                  Unit("res", ["out", "add"], "add", 1)])
+    assert template.hop_mask[:, 2].tolist() == [False, False, False, False, True, False]
+    assert template.hop_mask[:, 1].tolist() == [False, False, False, False, False, True]
+    assert template.hop_mask[:, 3].all()
+    again = GraphTemplate.from_json(json.loads(json.dumps(template.to_json())))
+    assert torch.equal(again.edge_index, template.edge_index) and torch.equal(again.hop_mask, template.hop_mask)
+    assert again.static_codes().tolist() == template.static_codes().tolist()
+
+
+def test_fast_collate_matches_pyg_batch():
+    g = _hand_graph()
+    rng = np.random.default_rng(1)
+    keys = [g.nodes[n]["key"] for n in g if g.nodes[n]["kind"] == "layer"]
+    records = [_hand_record({k: f"{METHODS[rng.integers(3)]}-{3 + rng.integers(2)}" for k in keys}, rng)
+               for _ in range(5)]
+    ds = cache_to_dataset(records, g, target=lambda r: -r["FID-GT-1k"])
+    fast = ds.collate([3, 0, 4])
+    slow = Batch.from_data_list([ds[3], ds[0], ds[4]])
+    for name in ("x_cat", "x_num", "edge_index", "hop_mask", "batch", "ptr", "y"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    features, columns = option_features(records, keys)
+    assert features.shape == (5, len(columns)) and (features.sum(1) == len(keys)).all()
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_soft_rank_tends_to_exact_rank():
+    x = torch.tensor([0.3, -1.2, 2.0, 0.3, 5.0, -0.7])
+    exact = exact_rank(x)
+    assert exact.tolist() == [3.5, 1.0, 5.0, 3.5, 6.0, 2.0]
+    errors = [(soft_rank(x, tau) - exact).abs().max().item() for tau in (1.0, 0.1, 0.01, 0.001)]
+    assert errors[-1] < 1e-3 and all(a >= b for a, b in zip(errors, errors[1:]))
+    from scipy.stats import rankdata
+    y = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(soft_rank(y, 1e-4).numpy(), rankdata(y.numpy()), atol=1e-3)
+
+
+def test_spearman_loss_and_metrics():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(64, generator=gen)
+    assert spearman_loss(target * 3 + 1, target, tau=0.01).item() < 1e-3
+    assert spearman_loss(-target, target, tau=0.01).item() > 1.99
+    pred = torch.randn(64, generator=gen, requires_grad=True)
+    loss = spearman_loss(pred, target)
+    loss.backward()
+    assert pred.grad.abs().sum() > 0
+    from scipy.stats import spearmanr
+    assert srcc(pred.detach(), target) == pytest.approx(spearmanr(pred.detach().numpy(), target.numpy())[0], abs=1e-9)
+    from sklearn.metrics import ndcg_score
+    gains = (target - target.min()) / (target.max() - target.min())
+    expected = ndcg_score(gains.numpy()[None], pred.detach().numpy()[None], k=10)
+    assert ndcg_at_k(pred.detach(), target, k=10) == pytest.approx(expected, abs=1e-6)
+    assert ndcg_at_k(target, target, k=10) == pytest.approx(1.0)
+
+
+def test_lambda_rank_trains_a_linear_scorer():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    true_w = torch.tensor([2.0, -1.0, 0.5, 0.0, 0.0, 1.5, 0.0, -0.5])
+    target = x @ true_w + 0.1 * torch.randn(256, generator=gen)
+    scorer = torch.nn.Linear(8, 1)
+    torch.nn.init.normal_(scorer.weight, generator=gen)
+    before = ndcg_at_k(scorer(x).squeeze(-1).detach(), target)
+    loss = lambda_rank_loss(scorer(x).squeeze(-1), target, k=10)
+    loss.backward()
+    assert loss.requires_grad and scorer.weight.grad.abs().sum() > 0
+    opt = torch.optim.Adam(scorer.parameters(), lr=0.05)
+    first = None
+    for step in range(150):
+        batch = torch.randint(0, 256, (64,), generator=gen)
+        loss = lambda_rank_loss(scorer(x[batch]).squeeze(-1), target[batch], k=10)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = ndcg_at_k(scorer(x).squeeze(-1).detach(), target)
+    assert after > before + 0.1 and after > 0.9
+    # the hybrid loss is differentiable too
+    pred = torch.randn(32, requires_grad=True)
+    hybrid_loss(pred, torch.randn(32)).backward()
+    assert pred.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ model
+def test_gnn_forward_hop_scores_are_masked_means():
+    g = _hand_graph()
+    rng = np.random.default_rng(2)
+    keys = [g.nodes[n]["key"] for n in g if g.nodes[n]["kind"] == "layer"]
+    records = [_hand_record({k: f"{METHODS[rng.integers(3)]}-{3 + rng.integers(2)}" for k in keys}, rng)
+               for _ in range(4)]
+    ds = cache_to_dataset(records, g)
+    torch.manual_seed(0)
+    model = SensitivityGNN(ds.template.num_ops, ds.template.num_blocks, hidden=16, layers=4, heads=2)
+    batch = ds.collate()
+    out = model(batch)
+    assert out["pred"].shape == (4,) and out["hop_scores"].shape == (4, 5)
+    hs = model.node_embeddings(batch)
+    assert hs.shape == (24, 5, 16) and (hs >= 0).all()
+    mask0 = batch.hop_mask[:, 0].view(4, 6)
+    expected = torch.stack([hs[:, 0].view(4, 6, 16)[i][mask0[i]].mean(0).abs().sum() for i in range(4)])
+    assert torch.allclose(out["hop_scores"][:, 0], expected, atol=1e-5)
+    assert torch.allclose(model.node_hop_norms(batch), hs.abs().sum(-1))
+    out["pred"].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.convs.parameters())
+    model.eval()  # a single unit graph goes through in eval mode (BatchNorm running stats)
+    single = model(ds[0])
+    assert single["hop_scores"].shape == (1, 5)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _synthetic_cache(n: int, seed: int = 0):
+    """Configs of the tiny DiT's layers; FID = sum of per-layer penalties, dominated by a few sensitive
+    layers; 3 bits cost more than 4; K-Means-C < K-Means-A < UAQ. Known structure, avg_bits only weakly
+    informative."""
+    from multiquant.families import get_family
+    from multiquant.layers import quantizable_layers
+
+    family = get_family("dit")
+    model = family.build("tiny")
+    layers = quantizable_layers(model, family)
+    canonical = [ref for ref in layers if not ref.tied_to]
+    rng = np.random.default_rng(seed)
+    sensitivity = {ref.key: 0.05 for ref in canonical}
+    for ref in rng.choice(canonical, 3, replace=False):
+        sensitivity[ref.key] = 3.0
+    method_penalty = {"mse": 1.0, "kmeans": 0.3, "kmeans_all": 0.6}
+    fp_total = sum(ref.numel * 2 for ref in layers)
+    records = []
+    for i in range(n):
+        p = rng.uniform()
+        config, penalty = {}, 0.0
+        for ref in canonical:
+            bits = 3 if rng.uniform() < p else 4
+            method = METHODS[rng.integers(3)]
+            quant_bytes = int(ref.numel * bits / 8 + ref.channels * 4)
+            error = 0.01 * method_penalty[method] * (2.5 if bits == 3 else 1.0)
+            config[ref.key] = [f"{method}-{bits}", ref.numel * 2, quant_bytes, error]
+            penalty += sensitivity[ref.key] * method_penalty[method] * (3.0 if bits == 3 else 1.0)
+        for ref in layers:
+            if ref.tied_to:
+                config[ref.key] = list(config[ref.tied_to])
+        avg_bits = 16 * sum(e[2] for e in config.values()) / fp_total
+        records.append({"config": config, "FID-GT-1k": 10 + penalty + rng.normal(0, 0.2), "avg_bits": avg_bits,
+                        "quantized_size": sum(e[2] for e in config.values()), "psnr_fp": 30 - penalty,
+                        "quantized_error": sum(e[3] for e in config.values()), "index": i, "seed": seed})
+    return model, family, records
+
+
+def test_cross_validated_gnn_beats_avg_bits(tmp_path):
+    model, family, records = _synthetic_cache(150)
+    snapshot = copy.deepcopy(records)
+    graph = sequential_graph(model, family)
+    opts = TrainOptions(hidden=32, patience=15)
+    metrics = train_predictor(records, graph, "-1*FID-GT-1k - avg_bits*2", loss="hybrid", folds=3, epochs=25,
+                              batch_size=50, seed=0, out_dir=tmp_path, options=opts, log=None)
+    assert records == snapshot
+    baselines = metrics["baselines"]
+    assert {"avg_bits", "quantized_error", "psnr_fp", "ridge_options"} <= set(baselines)
+    assert metrics["srcc_mean"] > 0.8
+    assert metrics["srcc_mean"] > baselines["avg_bits"]["srcc_mean"] + 0.2
+    assert len(metrics["folds"]) == 3 and all(len(f["hop_srcc"]) == 5 for f in metrics["folds"])
+    members = sorted(i for fold in metrics["fold_members"] for i in fold)
+    assert members == list(range(150))  # the folds partition the records
+    assert [sorted(m) for m in metrics["fold_members"]] == [f.tolist() for f in make_folds(150, 3, 0)]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["srcc_mean"] == pytest.approx(metrics["srcc_mean"])
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.pt"))
+
+    ensemble = load_ensemble(tmp_path)
+    out = ensemble.predict(records[:40])
+    target = np.array([-r["FID-GT-1k"] - 2 * r["avg_bits"] for r in records[:40]])
+    assert out["pred"].shape == (40,) and out["fold_pred"].shape == (3, 40) and out["hop_scores"].shape == (40, 5)
+    assert srcc(torch.tensor(out["pred"]), torch.tensor(target)) > 0.8
+    datas = [ensemble.template.to_data(r["config"]) for r in records[:5]]
+    assert np.allclose(ensemble.predict(datas)["pred"], out["pred"][:5], atol=1e-4)
+    # unit scoring reads node norms: the score of the last node of each graph
+    batch = Batch.from_data_list(datas)
+    scores = ensemble.score_nodes(batch, batch.ptr[1:] - 1, 0)
+    assert scores.shape == (5,) and np.isfinite(scores).all()
+
+
+def test_train_predictor_script(tmp_path):
+    pytest.importorskip("autobuild.dag")
+    from autobuild.train_predictor import main
+
+    _, _, records = _synthetic_cache(40, seed=1)
+    cache = tmp_path / "quant_cache.pkl"
+    cache.write_bytes(pickle.dumps(records))
+    out = tmp_path / "run"
+    assert main(["--cache", str(cache), "--model", "dit", "--size", "tiny", "--target", "-1*FID-GT-1k",
+                 "--loss", "srcc", "--out", str(out), "--epochs", "2", "--folds", "2", "--hidden", "16",
+                 "--seed", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["folds_k"] == 2 and "avg_bits" in metrics["baselines"] and "srcc_mean" in metrics
+    assert load_ensemble(out).predict(records[:3])["pred"].shape == (3,)

@@ -1,0 +1,331 @@
+"""The sampling front: prompts, per-image seeding, batch invariance, weight sensitivity, embedding cache, and
+parity with the stock diffusers pipelines (tiny random models, 2 steps, 64 px)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import constants
+from multiquant.families import get_family
+from multiquant.pipelines import embeddings as emb_mod
+from multiquant.pipelines.embeddings import random_prompt_embeds
+from multiquant.pipelines.loading import denoiser_of, stock_pipeline_class, tiny_pipeline
+from multiquant.pipelines.loops import to_uint8
+from multiquant.pipelines.prompts import class_labels, coco_prompts, conditions_for, parti_prompts
+from multiquant.pipelines.sampling import image_generators, make_sampler, seed_for
+
+TEXT_FAMILIES = ["pixart_alpha", "pixart_sigma", "hunyuan", "sdxl", "sdv15"]
+ALL_FAMILIES = TEXT_FAMILIES + ["dit", "mnist_dit"]
+N = 4
+STEPS = 2
+COCO_FILE = Path(constants.COCO_2017_PROMPTS) if constants.COCO_2017_PROMPTS else None
+PARTI_FILE = Path(constants.PARTI_PROMPTS) if constants.PARTI_PROMPTS else None
+
+
+def transformers_available() -> bool:
+    return stock_pipeline_class(get_family("sdv15"), required=False) is not None
+
+
+needs_transformers = pytest.mark.skipif(not transformers_available(),
+                                        reason="stock text-to-image pipelines need transformers (pip install '.[hub]')")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait
+    # each other into 10-50x slower kernels.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# -- prompts --------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(COCO_FILE is None or not COCO_FILE.is_file(),
+                    reason="COCO captions_val2017.json not found (../shared/data absent; set QUA2SEDIMO_COCO_CAPTIONS)")
+def test_coco_prompts_are_the_first_annotations_in_file_order():
+    prompts = coco_prompts()
+    annotations = json.loads(COCO_FILE.read_text())["annotations"]
+    assert len(prompts) == 1000
+    assert prompts == [a["caption"] for a in annotations[:1000]]
+    assert prompts[0] == "A black Honda motorcycle parked in front of a garage."
+    assert len({a["image_id"] for a in annotations[:1000]}) < 1000  # captions, not distinct images
+    assert conditions_for("pixart_alpha", 7) == prompts[:7]
+
+
+def test_coco_prompts_keep_file_order_and_name_the_fix(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"annotations": [{"image_id": 9, "caption": "b  "}, {"image_id": 1, "caption": "a"}]}))
+    assert coco_prompts(2, path) == ["b  ", "a"]
+    with pytest.raises(ValueError, match="holds only 2"):
+        coco_prompts(3, path)
+    with pytest.raises(FileNotFoundError, match="QUA2SEDIMO_COCO_CAPTIONS.*--coco_path"):
+        coco_prompts(2, tmp_path / "missing.json")
+
+
+@pytest.mark.skipif(PARTI_FILE is None or not PARTI_FILE.is_file(), reason="PartiPrompts.tsv not found (../shared/data absent)")
+def test_parti_prompts():
+    prompts = parti_prompts()
+    assert len(prompts) == 1632 and prompts[0] == "bond"
+    assert len(parti_prompts(3, category="Animals")) == 3
+
+
+def test_class_labels_cycle_through_classes():
+    assert class_labels("dit", 1000) == list(range(1000))
+    mnist = class_labels("mnist_dit", 1000)
+    assert mnist[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert all(mnist.count(d) == 100 for d in range(10))
+    assert conditions_for("dit", 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="conditioned on 'text'"):
+        class_labels("sdxl", 4)
+
+
+def test_seed_for_is_deterministic_distinct_and_in_range():
+    seeds = [seed_for(42, i) for i in range(1000)]
+    assert seeds == [seed_for(42, i) for i in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert seed_for(43, 0) != seed_for(42, 0)
+
+
+# -- the sampler on every family ------------------------------------------------------------------------------
+
+def _sampler(family: str, pipe, **kwargs):
+    if family in TEXT_FAMILIES:
+        kwargs.setdefault("prompt_embeds", random_prompt_embeds(family, pipe, N, seed=1))
+        kwargs.setdefault("conditions", [f"prompt {i}" for i in range(N)])
+    return make_sampler(family, pipe, num_images=N, batch_size=N, steps=STEPS, **kwargs)
+
+
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def rendered(request):
+    family = request.param
+    pipe = tiny_pipeline(family, seed=0)
+    sampler = _sampler(family, pipe)
+    return family, pipe, sampler, sampler.generate(range(N))
+
+
+def test_images_have_the_protocol_shape_and_are_not_blank(rendered):
+    family, pipe, sampler, images = rendered
+    channels, size = (1, 28) if family == "mnist_dit" else (3, 64)
+    assert images.dtype == torch.uint8 and images.device.type == "cpu"
+    assert images.shape == (N, channels, size, size)
+    assert images.float().std() > 5  # not a constant image
+    assert not torch.equal(images[0], images[1])  # different noise / conditions per image
+
+
+def test_generation_is_deterministic(rendered):
+    family, pipe, sampler, images = rendered
+    assert torch.equal(sampler.generate(range(N)), images)
+
+
+def test_an_image_does_not_depend_on_its_batch(rendered):
+    family, pipe, sampler, images = rendered
+    one_by_one = torch.cat([sampler.generate([i]) for i in range(N)])
+    diff = (one_by_one.int() - images.int()).abs()
+    # fp32 matmuls of different batch sizes round differently: at most a level or two on a few pixels.
+    assert diff.max() <= 2 and (diff > 0).float().mean() < 0.01
+    reordered = sampler.generate([3, 1])
+    assert (reordered.int() - images[[3, 1]].int()).abs().max() <= 2
+
+
+def test_new_denoiser_weights_change_the_images_and_restoring_them_restores_the_images(rendered):
+    family, pipe, sampler, images = rendered
+    denoiser = denoiser_of(pipe)
+    saved = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in denoiser.parameters():  # in-place, as a quantization configuration is applied
+            p.add_(torch.randn(p.shape, generator=g) * 0.05 * (p.abs().mean() + 1e-3))
+    changed = sampler.generate(range(N))
+    denoiser.load_state_dict(saved)
+    assert (changed.float() - images.float()).abs().mean() > 0.5
+    assert torch.equal(sampler.generate(range(N)), images)
+
+
+def test_settings_are_recorded(rendered):
+    family, pipe, sampler, images = rendered
+    settings = json.loads(json.dumps(sampler.settings))
+    spec = get_family(family)
+    assert settings["family"] == family and settings["steps"] == STEPS and settings["guidance"] == spec.guidance
+    assert settings["seed"] == 42 and settings["batch_size"] == N and settings["num_images"] == N
+    assert settings["scheduler"] == type(pipe.scheduler).__name__
+    if spec.scheduler:
+        assert settings["scheduler"] == spec.scheduler
+    assert sampler.conditions == (class_labels(family, N) if spec.conditioning == "class"
+                                  else [f"prompt {i}" for i in range(N)])
+
+
+def test_mnist_channels_flag():
+    pipe = tiny_pipeline("mnist_dit")
+    native = _sampler("mnist_dit", pipe).generate([0, 1])
+    rgb = _sampler("mnist_dit", pipe, channels=3).generate([0, 1])
+    assert rgb.shape == (2, 3, 28, 28) and torch.equal(rgb[:, 1:2], native)
+    with pytest.raises(ValueError, match="channels"):
+        _sampler("mnist_dit", pipe, channels="rgb")
+
+
+def test_seed_changes_the_noise():
+    pipe = tiny_pipeline("dit")
+    a = _sampler("dit", pipe).generate([0])
+    b = _sampler("dit", pipe, seed=7).generate([0])
+    assert not torch.equal(a, b)
+
+
+def test_clear_errors():
+    pipe = tiny_pipeline("sdv15")
+    embeds = random_prompt_embeds("sdv15", pipe, N)
+    del embeds["negative_prompt_embeds"]
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        _sampler("sdv15", pipe, prompt_embeds=embeds)
+    with pytest.raises(ValueError, match="rows"):
+        _sampler("sdv15", pipe, prompt_embeds=random_prompt_embeds("sdv15", pipe, N - 1))
+    with pytest.raises(RuntimeError, match="prompt_embeds"):
+        make_sampler("sdv15", pipe, conditions=["a", "b"])  # no text encoder, no embeddings
+    with pytest.raises(IndexError, match="outside"):
+        _sampler("sdv15", pipe).generate([N])
+    with pytest.raises(ValueError, match="refiner"):
+        _sampler("dit", tiny_pipeline("dit"), refiner=object())
+
+
+# -- prompt embeddings: encoded once, cached ------------------------------------------------------------------
+
+class _FakeSDEncoder:
+    """Stands in for StableDiffusionPipeline.encode_prompt: embeddings derived from the prompt text."""
+
+    def __init__(self, dim: int):
+        self.dim, self.calls = dim, 0
+
+    def embed(self, prompt: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sum(map(ord, prompt)) * 31 + len(prompt))
+        return torch.randn(1, 8, self.dim, generator=g)
+
+    def __call__(self, prompts, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None):
+        self.calls += 1
+        embeds = torch.cat([self.embed(p) for p in prompts])
+        negative = torch.cat([self.embed("") for _ in prompts]) if do_classifier_free_guidance else None
+        return embeds, negative
+
+
+def _pipe_with_fake_encoder():
+    pipe = tiny_pipeline("sdv15")
+    fake = _FakeSDEncoder(denoiser_of(pipe).config.cross_attention_dim)
+    pipe.encode_prompt = fake
+    pipe.text_encoder = nn.Linear(1, 1)  # present, on the CPU already
+    return pipe, fake
+
+
+def test_prompt_embeddings_are_encoded_once_and_cached(tmp_path):
+    prompts = [f"a photo of thing {i}" for i in range(N)]
+    pipe, fake = _pipe_with_fake_encoder()
+    first = make_sampler("sdv15", pipe, conditions=prompts, embed_cache_dir=tmp_path, steps=STEPS, batch_size=N)
+    assert fake.calls == 2  # one chunk of prompts + the negative once
+    assert first.prompt_embeds["prompt_embeds"].shape[0] == N
+    assert first.prompt_embeds["negative_prompt_embeds"].shape[0] == 1
+    assert torch.equal(first.prompt_embeds["prompt_embeds"][2], fake.embed(prompts[2])[0])
+    assert len(list(tmp_path.glob("sdv15-*.safetensors"))) == 1
+
+    images = first.generate(range(N))
+    assert fake.calls == 2  # generating does not re-encode
+
+    pipe2, fake2 = _pipe_with_fake_encoder()
+    second = make_sampler("sdv15", pipe2, conditions=prompts, embed_cache_dir=tmp_path, steps=STEPS, batch_size=N)
+    assert fake2.calls == 0  # served from the cache
+    assert torch.equal(second.generate(range(N)), images)
+
+    other = make_sampler("sdv15", pipe2, conditions=prompts[::-1], embed_cache_dir=tmp_path, steps=STEPS)
+    assert fake2.calls == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2  # other prompts, other key
+    assert torch.equal(other.prompt_embeds["prompt_embeds"][0], first.prompt_embeds["prompt_embeds"][N - 1])
+
+
+def test_encoding_chunks_prompts(monkeypatch):
+    pipe, fake = _pipe_with_fake_encoder()
+    prompts = [f"p{i}" for i in range(5)]
+    out = emb_mod.encode_prompts("sdv15", pipe, prompts, chunk_size=2)
+    assert fake.calls == 3 + 1 and out["prompt_embeds"].shape[0] == 5
+    assert torch.equal(out["prompt_embeds"][4], fake.embed("p4")[0])
+
+
+# -- parity with the stock diffusers pipelines ----------------------------------------------------------------
+
+def _stock_images(family: str, pipe, sampler, n: int) -> torch.Tensor:
+    generators = image_generators(sampler.seed, range(n))
+    if family == "dit":
+        out = pipe(class_labels=sampler.conditions[:n], guidance_scale=sampler.guidance, generator=generators,
+                   num_inference_steps=STEPS, output_type="pt").images
+        return to_uint8(out)
+    kwargs = {k: (v.expand(n, *v.shape[1:]) if k.startswith("negative_") else v[:n])
+              for k, v in sampler.prompt_embeds.items()}
+    if family.startswith("pixart"):
+        kwargs["negative_prompt"] = None
+    if family.startswith("pixart") or family == "hunyuan":
+        kwargs["use_resolution_binning"] = False  # 64 px is no bin; the protocol's square sizes bin to themselves
+    out = pipe(**kwargs, num_inference_steps=STEPS, guidance_scale=sampler.guidance, height=64, width=64,
+               generator=generators, output_type="pt").images
+    return to_uint8(out)
+
+
+def test_dit_matches_the_stock_pipeline():
+    pipe = tiny_pipeline("dit")
+    # DiTPipeline hard-codes the ImageNet null class 1000: give the tiny denoiser 1000 classes.
+    torch.manual_seed(0)
+    config = dict(get_family("dit").tiny_config, num_embeds_ada_norm=1000)
+    pipe.transformer = type(pipe.transformer)(**config).eval()
+    sampler = _sampler("dit", pipe)
+    assert torch.equal(sampler.generate(range(3)), _stock_images("dit", pipe, sampler, 3))
+
+
+@needs_transformers
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_text_families_match_the_stock_pipeline(family):
+    pipe = tiny_pipeline(family)
+    sampler = _sampler(family, pipe)
+    assert torch.equal(sampler.generate(range(3)), _stock_images(family, pipe, sampler, 3))
+
+
+def _tiny_tokenizer(max_length: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<pad> <unk> <s> </s> a photo of cat dog red blue on the table".split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="</s>", model_max_length=max_length)
+
+
+def _add_tiny_text_encoders(family: str, pipe):
+    import transformers as tf
+
+    torch.manual_seed(5)
+    if family == "sdv15":
+        dim = pipe.unet.config.cross_attention_dim
+        pipe.text_encoder = tf.CLIPTextModel(tf.CLIPTextConfig(
+            vocab_size=16, hidden_size=dim, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77)).eval()
+        pipe.tokenizer = _tiny_tokenizer(77)
+    elif family == "pixart_alpha":
+        pipe.text_encoder = tf.T5EncoderModel(tf.T5Config(
+            vocab_size=16, d_model=pipe.transformer.config.caption_channels, d_kv=8, d_ff=37, num_layers=2,
+            num_heads=4)).eval()
+        pipe.tokenizer = _tiny_tokenizer(120)
+    return pipe
+
+
+@needs_transformers
+@pytest.mark.parametrize("family", ["sdv15", "pixart_alpha"])
+def test_encoding_prompts_matches_the_stock_pipeline(family, tmp_path):
+    pipe = _add_tiny_text_encoders(family, tiny_pipeline(family))
+    prompts = ["a photo of a cat", "a red dog on the table", "blue"]
+    sampler = make_sampler(family, pipe, conditions=prompts, embed_cache_dir=tmp_path, steps=STEPS, batch_size=2)
+    kwargs = {"clean_caption": False, "use_resolution_binning": False} if family.startswith("pixart") else {}
+    stock = pipe(prompt=prompts, num_inference_steps=STEPS, guidance_scale=sampler.guidance, height=64, width=64,
+                 generator=image_generators(sampler.seed, range(3)), output_type="pt", **kwargs).images
+    ours = sampler.generate(range(3))
+    diff = (ours.int() - to_uint8(stock).int()).abs()
+    assert diff.max() <= 2 and (diff > 0).float().mean() < 0.01  # embeddings encoded in a batch of 3 vs 1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1

@@ -14,7 +14,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 __all__ = ["DEFAULT_RECORD_KEYS", "Target", "TargetError", "parse_target", "target_tag"]
 

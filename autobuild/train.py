@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -250,7 +250,7 @@ def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarr
     generator = torch.Generator().manual_seed(seed)
     batch_size = batch_size if batch_size > 0 else len(train_idx)
     best = (-math.inf, copy.deepcopy(model.state_dict()), 0)
-    stale, epoch = 0, 0
+    stale, epoch, last_objective = 0, 0, float("nan")
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=generator)]
@@ -272,6 +272,7 @@ def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarr
             objective.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             optimizer.step()
+            last_objective = float(objective.detach())
         scheduler.step()
         if len(val_idx) >= 2:
             val = _predict(model, dataset, val_idx, device, opts.eval_batch)
@@ -283,7 +284,7 @@ def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarr
         else:
             stale += 1
         if log and (epoch == 1 or epoch % 25 == 0):
-            log(f"  epoch {epoch}: objective {float(objective):.4f}, validation {score:.4f}")
+            log(f"  epoch {epoch}: objective {last_objective:.4f}, validation {score:.4f}")
         if stale >= opts.patience and epoch >= opts.min_epochs:
             break
     model.load_state_dict(best[1])
@@ -410,7 +411,7 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
 
     metrics = {
         "target": target_expr, "loss": loss, "folds_k": folds, "seed": seed, "device": str(device),
-        "n_records": len(records), "n_valid": len(kept), "dropped_records": [i for i in range(len(records)) if i not in set(valid)],
+        "n_records": len(records), "n_valid": len(kept), "dropped_records": sorted(set(range(len(records))) - set(valid)),
         "srcc_mean": _nanmean(r["srcc"] for r in fold_results),
         "ndcg10_mean": _nanmean(r["ndcg10"] for r in fold_results),
         "hop_srcc_mean": [_nanmean(r["hop_srcc"][h] for r in fold_results) for h in range(opts.layers + 1)],
@@ -474,6 +475,11 @@ class Ensemble:
     @property
     def num_hops(self) -> int:
         return self.models[0].num_hops
+
+    def template_for(self, graph: nx.DiGraph, units: Iterable | None = None) -> GraphTemplate:
+        """Template of another graph over the same denoiser (e.g. a unit subgraph), encoded with the
+        training op vocabulary so that op codes mean the same thing."""
+        return GraphTemplate.from_graph(graph, units, self.num_hops, op_vocab=self.template.op_vocab)
 
     def _weights(self, f: int) -> torch.Tensor:
         return torch.tensor([0.0 if (v is None or math.isnan(v)) else v for v in self.folds[f]["hop_srcc"]])

@@ -82,8 +82,23 @@ def _units(graph, level: str | None):
     return dag.units(graph, level)
 
 
+def _join_dash_values(argv: Sequence[str]) -> list[str]:
+    """``--target "-1*FID-GT-1k"`` -> ``--target=-1*FID-GT-1k``: argparse would take a value that starts
+    with '-' for an option."""
+    out, argv = [], list(argv)
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--target" and i + 1 < len(argv):
+            out.append(f"--target={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_dash_values(sys.argv[1:] if argv is None else argv))
     from autobuild.train import TrainOptions, train_predictor
 
     records = load_records(args.cache)

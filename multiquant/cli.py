@@ -191,6 +191,59 @@ def cmd_eval_configs(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ infer
+def cmd_infer(args) -> int:
+    """Generate images with a configuration (FP16 when --q_config is omitted)."""
+    import torch
+
+    from .config import load_config, quantize_, validate_config
+    from .evaluate import load_or_build_multiquantizer, save_png_grid_dir
+    from .families import get_family
+    from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
+    from .reporting import save_image_grid
+
+    family = get_family(args.model)
+    device = torch.device(_device(args.device))
+    pipe = tiny_pipeline(family).to(device) if args.tiny else load_pipeline(family, args.pretrained, device=device)
+    denoiser = denoiser_of(pipe)
+    tag = "fp16"
+    if args.q_config:
+        mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
+        config = validate_config(load_config(args.q_config), mq.layers, options=mq.options, fill=args.fill)
+        quantize_(denoiser, config, mq)
+        tag = Path(args.q_config).stem
+    if args.quant_act:
+        from .activations import enable_activation_quant
+
+        enable_activation_quant(denoiser, bits=args.act_bit)
+        tag += f"_a{args.act_bit}"
+    if family.conditioning == "class":
+        conditions = [args.cls_id if args.cls_id is not None else 0] * args.n_imgs
+    else:
+        conditions = [args.prompt] * args.n_imgs
+    kwargs = {}
+    if args.tiny and family.conditioning == "text":
+        from .pipelines.embeddings import random_prompt_embeds
+
+        kwargs["prompt_embeds"] = random_prompt_embeds(family, pipe, args.n_imgs, seed=args.seed)
+    sampler = make_sampler(family, pipe, seed=args.seed, conditions=conditions, steps=args.steps,
+                           guidance=args.guidance, resolution=args.res, **kwargs)
+    images = sampler.generate(list(range(args.n_imgs)))
+    out = Path(args.outdir) / tag
+    save_png_grid_dir(images, list(range(args.n_imgs)), out)
+    grid = save_image_grid(images, out / "grid.png")
+    print(f"wrote {args.n_imgs} images and {grid}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(outdir=Path(args.outdir), quick=args.quick, device=args.device)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
 # ------------------------------------------------------------------------------------------- parser
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform", default=None, help="comma list of uniform options, e.g. mse-4,kmeans-4,kmeans_all-4")
     p.add_argument("--fp16", action="store_true", help="also score the unquantized model")
     p.set_defaults(func=cmd_eval_configs)
+
+    p = sub.add_parser("infer", help="generate images with a quantization configuration")
+    _add_model_args(p)
+    p.add_argument("--q_config", default=None, help="quant_configs/<model>_<bits>.pkl or .json (default: FP16)")
+    p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
+    p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
+    p.add_argument("--prompt", default="a lion riding a bike in Paris")
+    p.add_argument("--cls_id", type=int, default=None, help="class label (DiT: ImageNet id; mnist_dit: digit)")
+    p.add_argument("--n_imgs", type=int, default=4)
+    p.add_argument("--outdir", default="samples")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--res", type=int, default=None, help="resolution (default: the family's)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--quant_act", action="store_true", help="online token-wise activation quantization")
+    p.add_argument("--act_bit", type=int, default=8, choices=[8, 6, 4])
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST DiT, on a CPU")
+    p.add_argument("--outdir", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
 
     return parser
 

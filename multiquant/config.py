@@ -65,7 +65,8 @@ def validate_config(config: dict, layers: list[LayerRef], options=None, allow_mi
                           f"check the model family (qua2sedimo inspect --model ... lists the layers)")
     out = OrderedDict()
     for ref in layers:
-        option = config.get(ref.key, fill)
+        # a tied copy missing from the file follows its canonical layer (AutoBuild writes only block 0's)
+        option = config.get(ref.key, config.get(ref.tied_to) if ref.tied_to else None) or fill
         if option is None:
             if allow_missing:
                 continue

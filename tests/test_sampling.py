@@ -68,7 +68,8 @@ def test_coco_prompts_keep_file_order_and_name_the_fix(tmp_path):
         coco_prompts(2, tmp_path / "missing.json")
 
 
-@pytest.mark.skipif(PARTI_FILE is None or not PARTI_FILE.is_file(), reason="PartiPrompts.tsv not found (../shared/data absent)")
+@pytest.mark.skipif(PARTI_FILE is None or not PARTI_FILE.is_file(),
+                    reason="PartiPrompts.tsv not found (../shared/data absent)")
 def test_parti_prompts():
     prompts = parti_prompts()
     assert len(prompts) == 1632 and prompts[0] == "bond"
@@ -98,7 +99,8 @@ def _sampler(family: str, pipe, **kwargs):
     if family in TEXT_FAMILIES:
         kwargs.setdefault("prompt_embeds", random_prompt_embeds(family, pipe, N, seed=1))
         kwargs.setdefault("conditions", [f"prompt {i}" for i in range(N)])
-    return make_sampler(family, pipe, num_images=N, batch_size=N, steps=STEPS, **kwargs)
+    kwargs.setdefault("steps", STEPS)
+    return make_sampler(family, pipe, num_images=N, batch_size=N, **kwargs)
 
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
@@ -329,3 +331,62 @@ def test_encoding_prompts_matches_the_stock_pipeline(family, tmp_path):
     diff = (ours.int() - to_uint8(stock).int()).abs()
     assert diff.max() <= 2 and (diff > 0).float().mean() < 0.01  # embeddings encoded in a batch of 3 vs 1
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+
+def test_load_pipeline_from_a_local_directory_swaps_in_the_family_scheduler(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from multiquant.pipelines.loading import load_pipeline
+
+    pipe = tiny_pipeline("dit")
+    pipe.scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0002, beta_end=0.03)
+    pipe.save_pretrained(tmp_path / "dit")
+    loaded = load_pipeline("dit", tmp_path / "dit", device="cpu")
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert loaded.scheduler.config.beta_end == 0.03  # the checkpoint's noise schedule is kept
+    assert loaded.transformer.dtype == torch.float32
+    assert torch.equal(loaded.transformer.pos_embed.proj.weight, pipe.transformer.pos_embed.proj.weight)
+    with pytest.raises(RuntimeError, match="--pretrained DIR"):
+        load_pipeline("dit", tmp_path / "nowhere", device="cpu")
+
+
+@pytest.mark.skipif(transformers_available(), reason="checks the message shown when transformers is missing")
+def test_load_pipeline_without_transformers_names_the_fix():
+    from multiquant.pipelines.loading import load_pipeline
+
+    with pytest.raises(RuntimeError, match=r"qua2sedimo\[hub\]"):
+        load_pipeline("pixart_alpha", device="cpu")
+
+
+@needs_transformers
+def test_sdxl_refiner_finishes_the_schedule_like_the_stock_pipelines():
+    import diffusers
+
+    from multiquant.pipelines.loading import tiny_scheduler, tiny_vae
+
+    base = tiny_pipeline("sdxl")
+    torch.manual_seed(1)  # refiner U-Net: 5 micro-conditioning ids (aesthetic score) + pooled 32
+    unet = diffusers.UNet2DConditionModel(**dict(get_family("sdxl").tiny_config,
+                                                 projection_class_embeddings_input_dim=72)).eval()
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=tiny_vae(1), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=tiny_scheduler("sdxl"), requires_aesthetics_score=True)
+    refiner.set_progress_bar_config(disable=True)
+    embeds = random_prompt_embeds("sdxl", base, N)
+    embeds.update({"refiner_" + k: v for k, v in random_prompt_embeds("sdxl", refiner, N, seed=1).items()})
+    sampler = _sampler("sdxl", base, prompt_embeds=embeds, refiner=refiner, steps=5)
+    ours = sampler.generate(range(2))
+    assert sampler.settings["refiner"] and sampler.settings["denoising_split"] == 0.8
+
+    def expand(prefix):
+        return {k[len(prefix):]: (v.expand(2, *v.shape[1:]) if "negative_" in k else v[:2])
+                for k, v in embeds.items() if k.startswith(prefix) and (prefix or not k.startswith("refiner_"))}
+
+    generators = image_generators(sampler.seed, range(2))
+    latents = base(**expand(""), num_inference_steps=5, denoising_end=0.8, guidance_scale=sampler.guidance,
+                   height=64, width=64, generator=generators, output_type="latent").images
+    stock = refiner(image=latents, **expand("refiner_"), num_inference_steps=5, denoising_start=0.8,
+                    guidance_scale=sampler.guidance, generator=generators, output_type="pt").images
+    assert torch.equal(ours, to_uint8(stock))

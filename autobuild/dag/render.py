@@ -3,20 +3,18 @@
 Small graphs are drawn whole. Big ones (full-size denoisers) get a block-collapsed overview (one box per
 block with its layer count, global layers drawn individually) next to detail panels of representative
 blocks: one per distinct block structure, largest first, with their inputs from outside the block drawn
-as dashed context nodes. Layout: layers by longest path, then every node pushed down to right above its first consumer,
-order within a layer by a few barycenter sweeps.
+as dashed context nodes. Layout: layers by longest path, every node then pushed down to right above
+its first consumer; long edges routed through one virtual node per layer; order within a layer and
+positions by barycenter sweeps.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import networkx as nx  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import networkx as nx
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+from matplotlib.patches import Patch
 
 __all__ = ["render_dag", "layered_layout"]
 
@@ -50,77 +48,116 @@ def _color(attrs: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Layout
+# Layout: layered (Sugiyama-style) with long edges routed through virtual nodes
 # ---------------------------------------------------------------------------------------------------------
-def layered_layout(graph: nx.DiGraph, sweeps: int = 6) -> dict:
-    """node -> (x, layer) for a DAG; layer 0 at the top."""
-    order = list(graph.nodes)
+_ROW_IN = 0.42  # inches per layer
+_CHAR_IN = 0.062  # inches per label character at the default font size
+_GAP_IN = 0.25  # between neighbouring boxes
+_LANE_IN = 0.18  # width of a routed edge passing through a layer
+
+
+def _layers(graph: nx.DiGraph) -> dict:
     layer = {}
-    for n in nx.topological_sort(graph):
+    order = list(nx.topological_sort(graph))
+    for n in order:
         preds = list(graph.predecessors(n))
         layer[n] = 1 + max(layer[p] for p in preds) if preds else 0
-    for n in reversed(list(nx.topological_sort(graph))):  # push nodes down to right above their first consumer
+    for n in reversed(order):  # push nodes down to right above their first consumer
         succ = list(graph.successors(n))
         if succ:
             layer[n] = max(layer[n], min(layer[s] for s in succ) - 1)
+    return layer
+
+
+def layered_layout(graph: nx.DiGraph, widths: dict | None = None, sweeps: int = 9) -> tuple[dict, dict]:
+    """Layout of a DAG: (node -> (x inches, layer), edge -> route [(x, layer), ...]); layer 0 at the top.
+
+    Edges spanning several layers pass through virtual nodes, one per layer, which take part in the
+    ordering (barycenter sweeps) and take a narrow lane in each row, so they run beside the boxes, not
+    through them. Rows are packed in that order and centred."""
+    widths = widths or {}
+    layer = _layers(graph)
+    aug = nx.DiGraph()
+    aug.add_nodes_from(graph.nodes)
+    chains = {}
+    for u, v in graph.edges:
+        chain = [u] + [("virtual", u, v, k) for k in range(layer[u] + 1, layer[v])] + [v]
+        for k, node in enumerate(chain[1:-1], start=layer[u] + 1):
+            layer[node] = k
+        nx.add_path(aug, chain)
+        chains[(u, v)] = chain
     rows = defaultdict(list)
-    for n in order:
+    for n in aug.nodes:
         rows[layer[n]].append(n)
-    pos = {n: float(i) for r in rows.values() for i, n in enumerate(r)}
     depth = max(rows) if rows else 0
-    for sweep in range(sweeps):
+    rank = {n: float(i) for r in rows.values() for i, n in enumerate(r)}
+    for sweep in range(sweeps):  # ordering: barycenters of the previous (next) layer
         down = sweep % 2 == 0
+        nbrs = aug.predecessors if down else aug.successors
         for r in (range(1, depth + 1) if down else range(depth - 1, -1, -1)):
-            nbrs = graph.predecessors if down else graph.successors
+            bary = {n: (sum(rank[m] for m in nbrs(n)) / len(list(nbrs(n)))) if list(nbrs(n)) else rank[n]
+                    for n in rows[r]}
+            rows[r].sort(key=bary.__getitem__)
+            rank.update({n: float(i) for i, n in enumerate(rows[r])})
 
-            def bary(n):
-                xs = [pos[m] for m in nbrs(n)]
-                return sum(xs) / len(xs) if xs else pos[n]
+    def width(n):
+        return _LANE_IN if isinstance(n, tuple) and n[:1] == ("virtual",) else widths.get(n, 1.0)
 
-            rows[r].sort(key=bary)
-            for i, n in enumerate(rows[r]):
-                pos[n] = float(i)
-    width = max(len(r) for r in rows.values()) if rows else 1
-    return {n: (pos[n] - (len(rows[layer[n]]) - 1) / 2 + (width - 1) / 2, layer[n]) for n in order}
+    x = {}
+    for r in range(depth + 1):  # placement: packed rows, centred
+        cursor = 0.0
+        for n in rows[r]:
+            x[n] = cursor + width(n) / 2
+            cursor += width(n) + _GAP_IN
+        shift = cursor / 2
+        for n in rows[r]:
+            x[n] -= shift
+    pos = {n: (x[n], layer[n]) for n in graph.nodes}
+    routes = {e: [(x[n], layer[n]) for n in chain] for e, chain in chains.items()}
+    return pos, routes
 
 
-_ROW_IN = 0.42  # inches per layer
-_CHAR_IN = 0.062  # inches per label character at the default font size
+def _label_widths(labels: dict) -> dict:
+    return {n: _CHAR_IN * max(len(line) for line in text.split("\n")) + 0.2 for n, text in labels.items()}
 
 
 def _panel_size(graph: nx.DiGraph, labels: dict) -> tuple[float, float]:
-    """(width, height) in inches that fit the panel's layout without overlapping labels."""
-    layout = layered_layout(graph)
-    if not layout:
+    """(width, height) in inches that fit the panel's layout."""
+    widths = _label_widths(labels)
+    pos, routes = layered_layout(graph, widths)
+    if not pos:
         return 2.0, 1.0
-    chars = max(max(len(line) for line in labels[n].split("\n")) for n in graph.nodes)
-    unit = _CHAR_IN * chars + 0.3
-    xs = [x for x, _ in layout.values()]
-    ys = [y for _, y in layout.values()]
-    return max(2.5, unit * (max(xs) - min(xs) + 1.4)), _ROW_IN * (max(ys) + 1.6)
+    left = min(min(x - widths[n] / 2 for n, (x, _) in pos.items()),
+               min((x for r in routes.values() for x, _ in r), default=0))
+    right = max(max(x + widths[n] / 2 for n, (x, _) in pos.items()),
+                max((x for r in routes.values() for x, _ in r), default=0))
+    depth = max(y for _, y in pos.values())
+    return max(2.5, right - left + 0.6), _ROW_IN * (depth + 1.6)
 
 
 def _draw(ax, graph: nx.DiGraph, labels: dict, title: str, context: set = frozenset(), fontsize: float = 7.0):
-    layout = layered_layout(graph)
-    xs = [x for x, _ in layout.values()] or [0]
-    ys = [y for _, y in layout.values()] or [0]
-    for u, v in graph.edges:
-        (x0, y0), (x1, y1) = layout[u], layout[v]
-        span = abs(y1 - y0)
-        style = "arc3,rad=0.0" if span <= 1 else f"arc3,rad={0.2 if x1 >= x0 else -0.2}"
-        ax.annotate("", xy=(x1, -y1), xytext=(x0, -y0),
-                    arrowprops=dict(arrowstyle="-|>", lw=0.6, color="#666666", shrinkA=8, shrinkB=8,
-                                    mutation_scale=7, connectionstyle=style))
-    for n, (x, y) in layout.items():
+    widths = _label_widths(labels)
+    pos, routes = layered_layout(graph, widths)
+    arrow = dict(arrowstyle="-|>", lw=0.6, color="#666666", mutation_scale=7, shrinkB=8)
+    for (u, v), route in routes.items():
+        pts = [(px, -py * _ROW_IN) for px, py in route]
+        if len(pts) > 2:
+            ax.plot([p[0] for p in pts[:-1]], [p[1] for p in pts[:-1]], lw=0.6, color="#666666", zorder=1)
+        ax.annotate("", xy=pts[-1], xytext=pts[-2], arrowprops=dict(arrow, shrinkA=8 if len(pts) == 2 else 0))
+    for n, (px, py) in pos.items():
         attrs = graph.nodes[n]
         dashed = n in context
         is_combine = attrs.get("kind") == "combine"
-        ax.text(x, -y, labels[n], ha="center", va="center", fontsize=fontsize * (0.85 if is_combine else 1.0),
-                zorder=3, bbox=dict(boxstyle="round,pad=0.25" if not is_combine else "round4,pad=0.2",
-                                    fc="white" if dashed else _color(attrs), ec="#999999" if dashed else "#333333",
-                                    lw=0.6, ls="--" if dashed else "-"))
-    ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
-    ax.set_ylim(-max(ys) - 0.8, 0.8)
+        ax.text(px, -py * _ROW_IN, labels[n], ha="center", va="center",
+                fontsize=fontsize * (0.85 if is_combine else 1.0), zorder=3,
+                bbox=dict(boxstyle="round,pad=0.25" if not is_combine else "round4,pad=0.2",
+                          fc="white" if dashed else _color(attrs), ec="#999999" if dashed else "#333333",
+                          lw=0.6, ls="--" if dashed else "-"))
+    xs = [px for r in routes.values() for px, _ in r] + [px + s * widths[n] / 2 for n, (px, _) in pos.items()
+                                                          for s in (-1, 1)]
+    depth = max((py for _, py in pos.values()), default=0)
+    ax.set_xlim(min(xs, default=0) - 0.3, max(xs, default=0) + 0.3)
+    ax.set_ylim(-(depth + 0.8) * _ROW_IN, 0.8 * _ROW_IN)
     ax.set_title(title, fontsize=fontsize + 2)
     ax.axis("off")
 
@@ -245,7 +282,7 @@ def _detail(graph: nx.DiGraph, nodes: list):
 def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | Path | None = None,
                collapse_blocks: bool | None = None, max_panels: int = 3, max_full_nodes: int = 60):
     """Draw ``graph`` to PNG and/or SVG. ``collapse_blocks``: None = collapse when the graph has more than
-    ``max_full_nodes`` nodes. Returns the matplotlib figure (closed)."""
+    ``max_full_nodes`` nodes. Returns the matplotlib figure."""
     family = graph.graph.get("family", "")
     n_layers = sum(1 for _, a in graph.nodes(data=True) if a.get("kind") == "layer")
     header = (f"{family}: {graph.number_of_nodes()} nodes ({n_layers} layers, "
@@ -264,15 +301,14 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
     sizes = [_panel_size(view, labels) for _, view, labels, _ in panels]
     widths = [w for w, _ in sizes]
     height = max(h for _, h in sizes) + 1.2
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(sum(widths), 6.0), max(height, 4.0)),
-                             gridspec_kw=dict(width_ratios=widths))
-    axes = [axes] if len(panels) == 1 else list(axes)
+    fig = Figure(figsize=(max(sum(widths), 6.0), max(height, 4.0)))
+    axes = fig.subplots(1, len(panels), gridspec_kw=dict(width_ratios=widths), squeeze=False)[0]
     for ax, (title, view, labels, context) in zip(axes, panels):
         _draw(ax, view, labels, title, context)
     if collapse:
         fig.suptitle(header, fontsize=12)
-    handles = [Patch(fc=_COLORS[k], ec="#333333", label=text) for k, text in _LEGEND
-               if collapse or k != "block"]
+    used = {"white"} | {_color(view.nodes[n]) for _, view, _, context in panels for n in view.nodes if n not in context}
+    handles = [Patch(fc=_COLORS[k], ec="#333333", label=text) for k, text in _LEGEND if _COLORS[k] in used]
     ncol = max(2, min(len(handles), 7, int(fig.get_figwidth() / 1.45)))
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     legend_in = 0.2 * (-(-len(handles) // ncol)) + 0.2
@@ -281,5 +317,4 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=110 if str(path).endswith(".png") else None)
-    plt.close(fig)
     return fig

@@ -15,13 +15,18 @@ other torch call:
   per-sample vectors, or such a vector broadcast onto features, like a U-Net's time-embedding add),
   ``add`` (residual joins of two full-size tensors), ``mul`` (a product of two full-size tensors).
 
-Afterwards chains of elementwise combine ops are fused into one node when a link has a single
-consumer (``x + gate*attn`` is one gated residual ``add``; ``norm(x)*(1+s)+b`` is one ``norm``).
+Afterwards chains of elementwise combine ops are fused into one node where a link feeds its single
+consumer directly (``x + gate*attn`` is one gated residual ``add``; ``norm(x)*(1+s)+b`` is one ``norm``).
 Tensors from the inputs, parameters and buffers have an empty provenance, so text/class conditions
 and positional tables never create nodes; layers fed only by them are source nodes.
 
 The result depends only on the module structure and the forward code, so a registered denoiser gets
 a graph with no new code. Nothing is hand-wired.
+
+Limits: data flow outside torch calls (numpy, Python scalars taken with ``.item()``) is invisible, and a
+quantizable weight used without calling its module (e.g. ``F.linear(x, layer.weight)``) is not seen as
+that layer: it shows up as an isolated node with a warning. Hunyuan's attention pooler is such a case;
+the family excludes it from quantization, and its output carries no provenance.
 """
 from __future__ import annotations
 
@@ -94,6 +99,7 @@ class _Recorder:
         for ref in refs:
             self.refs_by_path[ref.path].append(ref)
         self.refs = refs
+        self.by_key = {ref.key: ref for ref in refs}
         self.nodes: list[_Node] = []
         self.layer_ids: dict[str, int] = {}  # canonical key -> node id
         self.prov = WeakTensorKeyDictionary()
@@ -111,7 +117,7 @@ class _Recorder:
     def layer_node(self, ref: LayerRef) -> int:
         key = ref.tied_to or ref.key
         if key not in self.layer_ids:
-            canonical = next((r for r in self.refs if r.key == key), ref)
+            canonical = self.by_key.get(key, ref)
             self.layer_ids[key] = self.new_node("layer", "", canonical.path, ref=canonical)
         return self.layer_ids[key]
 
@@ -283,8 +289,8 @@ class _TraceMode(TorchFunctionMode):
 # ---------------------------------------------------------------------------------------------------------
 def _fuse_elementwise(nodes: list[_Node]) -> None:
     """Fuse a chain of elementwise combine nodes when a link's output goes straight (no op between) into
-    its only consumer: the chain is one operation (e.g. ``x + gate * attn``). A fused chain is ``norm`` if any link was, else takes the
-    label of its last link."""
+    its only consumer: the chain is one operation (e.g. ``x + gate * attn``). A fused chain is ``norm`` if
+    any link was, else takes the label of its last link."""
     succ: dict[int, set] = defaultdict(set)
     for i, node in enumerate(nodes):
         for p in node.preds:
@@ -320,6 +326,7 @@ def _to_graph(rec: _Recorder, family: str, model: nn.Module) -> nx.DiGraph:
             warnings.warn(f"layer {ref.path} was not called in the traced forward; it is an isolated node")
             rec.layer_node(ref)
 
+    paths = {ref.key: ref.path for ref in rec.refs}
     graph = nx.DiGraph(family=family, model_class=type(model).__name__)
     names: dict[int, str] = {}
     counters: dict[tuple, int] = defaultdict(int)
@@ -331,7 +338,7 @@ def _to_graph(rec: _Recorder, family: str, model: nn.Module) -> nx.DiGraph:
             name = ref.key
             alias = sorted(aliases.get(ref.key, []))
             scope, block = scope_of(ref.path, lists), block_of(ref.path, lists, n_down)
-            if any(scope_of(rec_path(a, rec), lists) != scope for a in alias):  # shared by several blocks
+            if any(scope_of(paths[a], lists) != scope for a in alias):  # shared by several blocks
                 scope, block = ref.path.rpartition(".")[0], -1
             half = -1 if ref.cols is None else int(ref.key.endswith("_0"))
             attrs = dict(kind="layer", op=layer_op(ref.path, rec.model.get_submodule(ref.path)), block=block,
@@ -349,10 +356,6 @@ def _to_graph(rec: _Recorder, family: str, model: nn.Module) -> nx.DiGraph:
             for p in node.preds:
                 graph.add_edge(names[p], names[i])
     return graph
-
-
-def rec_path(key: str, rec: _Recorder) -> str:
-    return next(r.path for r in rec.refs if r.key == key)
 
 
 # ---------------------------------------------------------------------------------------------------------

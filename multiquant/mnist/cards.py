@@ -85,7 +85,7 @@ The embedded default family of qua2sedimo (`multiquant/families/mnist_dit.py`): 
 {(cfg['sample_size'] // cfg['patch_size']) ** 2} tokens, {cfg['num_layers']} blocks, width
 {cfg['num_attention_heads'] * cfg['attention_head_dim']}, {cfg['num_attention_heads']} heads), {training['parameters']:,}
 parameters, weights stored in fp16. Class-conditional on the 10 digits; label index 10 is the null class of
-classifier-free guidance. The 6 per-block timestep/label embedders are identical copies (trained as one
+classifier-free guidance. The {cfg['num_layers']} per-block timestep/label embedders are identical copies (trained as one
 shared module, like the original DiT), which the family's tie rule (`DIT_TIES`) exploits.
 
 Sample with `multiquant.pipelines.MNISTDiTPipeline.from_family()` (DPM-Solver++ 2M, `scheduler_config.json`).

@@ -151,17 +151,19 @@ def save_denoiser(ema: torch.nn.Module, outdir: Path) -> None:
     DPMSolverMultistepScheduler(**SAMPLER_KWARGS).save_pretrained(str(outdir))
 
 
-def quick_quality(outdir: Path, device: str, grid: list[tuple[int, float]], num_images: int) -> list[dict]:
+def quick_quality(outdir: Path, device: str, grid: list[tuple[int, float]], num_images: int,
+                  classifier_dir: str | None = None) -> list[dict]:
     """Score the saved weights on the evaluation plan for each (steps, guidance) in ``grid``."""
     from ..pipelines import MNISTDiTPipeline
-    from .classifier import load_classifier
+    from .classifier import REF_STATS_FILE, load_classifier, load_reference_stats
     from .quality import evaluate_pipeline
 
     pipe = MNISTDiTPipeline.from_family(outdir, device=device)
-    clf = load_classifier(device=device)
+    clf = load_classifier(classifier_dir, device=device)
+    ref = load_reference_stats(Path(classifier_dir) / REF_STATS_FILE if classifier_dir else None)
     results = []
     for steps, guidance in grid:
-        r = evaluate_pipeline(pipe, num_images, steps, guidance, batch_size=num_images, classifier=clf)
+        r = evaluate_pipeline(pipe, num_images, steps, guidance, batch_size=num_images, classifier=clf, ref_stats=ref)
         print(f"steps {steps} guidance {guidance}: FID {r['fid']:.3f}  accuracy {r['accuracy']:.3f}")
         results.append(dict(r, dtype=str(pipe.transformer.dtype), device=str(device)))
     return results
@@ -184,6 +186,7 @@ def main(argv=None) -> dict:
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--eval-grid", default="", help="quality after training, e.g. '20:1.0,20:1.5,10:1.5' (steps:guidance)")
     p.add_argument("--eval-images", type=int, default=1000)
+    p.add_argument("--classifier", default=None, help="classifier dir for --eval-grid (default: the shipped one)")
     args = p.parse_args(argv)
 
     ema, info = train(args)
@@ -191,7 +194,7 @@ def main(argv=None) -> dict:
     save_denoiser(ema, outdir)
     if args.eval_grid:
         grid = [(int(s), float(g)) for s, g in (item.split(":") for item in args.eval_grid.split(","))]
-        info["quick_quality"] = quick_quality(outdir, args.device, grid, args.eval_images)
+        info["quick_quality"] = quick_quality(outdir, args.device, grid, args.eval_images, args.classifier)
     cards.write_json(outdir / "training.json", info)
     cards.write_text(outdir / "README.md", cards.dit_card(info, cards.read_json(outdir / "quality.json")))
     return info

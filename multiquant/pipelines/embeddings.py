@@ -66,7 +66,8 @@ def _encode_chunk(kind: str, pipe, prompts: list[str], settings: dict, device, c
                 max_sequence_length=length, text_encoder_index=index)
             out.update({"prompt_embeds" + suffix: embeds, "prompt_attention_mask" + suffix: mask})
             if cfg:
-                out.update({"negative_prompt_embeds" + suffix: neg, "negative_prompt_attention_mask" + suffix: neg_mask})
+                out.update({"negative_prompt_embeds" + suffix: neg,
+                            "negative_prompt_attention_mask" + suffix: neg_mask})
         return out
     if kind == "sdxl":
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -82,7 +83,8 @@ def _encode_chunk(kind: str, pipe, prompts: list[str], settings: dict, device, c
 
 
 @torch.no_grad()
-def encode_prompts(family, pipe, prompts: list[str], chunk_size: int = 32, device=None, kind: str | None = None) -> dict:
+def encode_prompts(family, pipe, prompts: list[str], chunk_size: int = 32, device=None,
+                   kind: str | None = None) -> dict:
     """Encode every prompt with the pipeline's ``encode_prompt`` (in chunks), plus the negative embeddings once.
 
     Returns CPU tensors: per-prompt fields [N, ...] and ``negative_*`` fields [1, ...]."""

@@ -83,9 +83,10 @@ class PipelineParts:
         return {name: getattr(self, name) for name in self._component_names}
 
     def to(self, device=None, dtype=None):
+        args = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for value in self.components.values():
-            if isinstance(value, nn.Module):
-                value.to(device=device, dtype=dtype)
+            if isinstance(value, nn.Module) and args:
+                value.to(**args)
         return self
 
     def encode_prompt(self, *args, **kwargs):
@@ -96,7 +97,8 @@ class PipelineParts:
         pass
 
     def __repr__(self):
-        return f"PipelineParts({self.pipeline_class}: {', '.join(k for k, v in self.components.items() if v is not None)})"
+        present = ", ".join(name for name, value in self.components.items() if value is not None)
+        return f"PipelineParts({self.pipeline_class}: {present})"
 
 
 def stock_pipeline_class(spec: FamilySpec, required: bool = True):
@@ -161,8 +163,8 @@ def load_pipeline(family: str | FamilySpec, pretrained: str | Path | None = None
         source = spec.hub_id
     if spec.revision and not local.exists():
         kwargs["revision"] = spec.revision
-    if spec.variant and dtype == torch.float16:
-        kwargs["variant"] = spec.variant
+    if spec.variant and dtype == torch.float16 and _may_have_variant(local, spec.variant):
+        kwargs["variant"] = spec.variant  # e.g. SDXL's fp16 weight files: half the download
     if "safety_checker" in inspect.signature(cls.__init__).parameters:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -176,6 +178,11 @@ def load_pipeline(family: str | FamilySpec, pretrained: str | Path | None = None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _may_have_variant(local: Path, variant: str) -> bool:
+    """Hub repos: ask for the variant; local directories: only if they hold variant files."""
+    return not local.is_dir() or any(local.rglob(f"*.{variant}.*"))
 
 
 def tiny_vae(seed: int = 0) -> nn.Module:

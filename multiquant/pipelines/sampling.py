@@ -19,8 +19,7 @@ import torch
 
 from .embeddings import (REFINER_PREFIX, PROMPT_FIELDS, cached_prompt_embeds, embedding_fields,
                          offload_text_encoders)
-from .loading import (denoiser_of, family_spec, load_pipeline, pipeline_kind, tiny_pipeline,  # noqa: F401
-                      vae_scale_factor)
+from .loading import denoiser_of, family_spec, load_pipeline, pipeline_kind, tiny_pipeline  # noqa: F401
 from .loops import decode, denoise, to_uint8
 from .prompts import conditions_for
 
@@ -174,8 +173,8 @@ def make_sampler(family, pipe, num_images: int | None = None, seed: int = 42, ba
     - ``conditions``: prompts / class ids; default: the family's protocol (first ``num_images`` COCO captions
       from ``coco_path``, or cycling class ids).
     - ``prompt_embeds``: precomputed embeddings (see :func:`random_prompt_embeds` for the layout); default:
-      encoded once with the pipeline's ``encode_prompt``, cached in ``embed_cache_dir``; the text encoders are
-      then moved to the CPU.
+      encoded once with the pipeline's ``encode_prompt``, cached in ``embed_cache_dir``. Either way the text
+      encoders are then moved to the CPU.
     - ``steps``/``guidance``/``resolution``: the family's protocol unless given (a tiny pipeline's
       ``default_resolution`` wins over the family's resolution).
     - ``refiner``: SDXL only; a StableDiffusionXLImg2ImgPipeline that finishes the last 20% of the schedule
@@ -199,7 +198,7 @@ def make_sampler(family, pipe, num_images: int | None = None, seed: int = 42, ba
     if kind in ("pixart", "hunyuan", "sdxl", "sd"):
         if prompt_embeds is None:
             prompt_embeds = cached_prompt_embeds(spec, pipe, list(conditions), embed_cache_dir, refiner=refiner)
-            offload_text_encoders(pipe, refiner)
+        offload_text_encoders(pipe, refiner)  # never needed again in this run
         _check_prompt_embeds(kind, prompt_embeds, len(conditions))
         if refiner is not None:
             _check_prompt_embeds("sdxl", prompt_embeds, len(conditions), prefix=REFINER_PREFIX)

@@ -1,0 +1,32 @@
+"""Pictures people look at: sample grids (more plots live with the analyses that make them)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> one uint8 [C, H', W'] grid image (white padding)."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(round(n ** 0.5)))
+    rows = -(-n // nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    from PIL import Image
+
+    grid = image_grid(images, nrow)
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,5 @@
+"""`qua2sedimo multiquantizer --model pixart_alpha` as a script (all flags of the command work; --help lists them)."""
+from multiquant.scripts import run
+
+if __name__ == "__main__":
+    run("multiquantizer", "pixart_alpha")

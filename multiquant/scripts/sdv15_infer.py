@@ -1,0 +1,5 @@
+"""`qua2sedimo infer --model sdv15` as a script (all flags of the command work; --help lists them)."""
+from multiquant.scripts import run
+
+if __name__ == "__main__":
+    run("infer", "sdv15")

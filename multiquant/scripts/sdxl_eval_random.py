@@ -1,0 +1,5 @@
+"""`qua2sedimo eval-random --model sdxl` as a script (all flags of the command work; --help lists them)."""
+from multiquant.scripts import run
+
+if __name__ == "__main__":
+    run("eval_random", "sdxl")

@@ -42,10 +42,22 @@ def feature_net_for(family: FamilySpec, device, inception: str | None = None, ra
         from .mnist.classifier import load_classifier
 
         clf = load_classifier(device=device)
-        return ModuleFeatures(clf.features, name="mnist-lenet", device=device, batch_size=1000)
+        return ModuleFeatures(_Penultimate(clf), name="mnist-lenet", preprocess=lambda x: x[:, :1], device=device,
+                              batch_size=1000)
     if random_features:
         return RandomInceptionFeatures(device=device)
     return InceptionFeatures(device=device, weights=inception)
+
+
+class _Penultimate(torch.nn.Module):
+    """The classifier's penultimate features as a module (MNIST-FID's feature network)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x):
+        return self.classifier.features(x)
 
 
 def reference_stats_for(family: FamilySpec, feature_net, reference_dir: str | None = None) -> tuple[dict, str]:

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import networkx as nx
+from matplotlib import rc_context
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 from matplotlib.patches import Patch
 
@@ -316,5 +317,7 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
     for path in (path_png, path_svg):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=110 if str(path).endswith(".png") else None)
+            svg = str(path).endswith(".svg")
+            with rc_context({"svg.hashsalt": "qua2sedimo"}):  # reproducible files: fixed ids, no date
+                fig.savefig(path, dpi=None if svg else 110, metadata={"Date": None} if svg else None)
     return fig

@@ -236,6 +236,13 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_dag(args) -> int:
+    from autobuild.dag.cli import run_dag
+
+    run_dag(args.model, full_size=args.full_size, out=args.out, render=not args.no_render)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -306,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act_bit", type=int, default=8, choices=[8, 6, 4])
     p.set_defaults(func=cmd_infer)
 
+    from autobuild.dag.cli import add_dag_arguments
+
+    p = add_dag_arguments(sub.add_parser("dag", help="trace a denoiser into a DAG and render it (dag_plots/)"))
+    p.set_defaults(func=cmd_dag)
+
+    for name, (module, text) in PASSTHROUGH.items():  # these parse their own flags (see main)
+        sub.add_parser(name, help=text, add_help=False)
+
     p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST DiT, on a CPU")
     p.add_argument("--outdir", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
@@ -315,7 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands whose module owns its argument parser: `qua2sedimo NAME ...` runs `module.main(...)`.
+PASSTHROUGH = {
+    "train-predictor": ("autobuild.train_predictor", "train the GNN predictor (5-fold ensemble) on a quant_cache.pkl"),
+}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

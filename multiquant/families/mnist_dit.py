@@ -25,7 +25,7 @@ MNIST_DIT = register_family(FamilySpec(
     name="mnist_dit", model_class="DiTTransformer2DModel", pipeline_class="MNISTDiTPipeline",
     default_pretrained=ASSET_DIR, fp_prec=16, architecture="mnist_dit",
     conditioning="class", prompt_source="mnist_classes", num_classes=10, num_images=1000, resolution=28,
-    steps=20, guidance=1.5, scheduler="DPMSolverMultistepScheduler", scheduler_kwargs=SAMPLER_KWARGS,
+    steps=20, guidance=1.0, scheduler="DPMSolverMultistepScheduler", scheduler_kwargs=SAMPLER_KWARGS,
     full_config=FULL_CONFIG, tiny_config=TINY_CONFIG, ties=DIT_TIES,
     notes="Embedded default: pixel-space DiT on MNIST (multiquant.pipelines.MNISTDiTPipeline); 100 images per "
           "digit, image i gets class i % 10 and seed i; MNIST-FID vs held-out digits.",

@@ -1,0 +1,439 @@
+"""Quantization configurations under an explicit bit budget, from the predictor's unit scores.
+
+The reference has no budget: its configurations take every unit's top-1 variant and their bit width just
+happens (autobuild.md §8). Here a target average precision ``B`` is a constraint:
+
+    maximise  sum over units u of score(u, v_u)      (v_u: the variant chosen for unit u)
+    subject to  avg_bits = fp_prec * sum(quant_bytes) / fp_bytes <= B
+
+with ``quant_bytes`` of a variant = the bytes of its layers' chosen options, tied copies included (they
+follow their canonical layer, and ``avg_bits`` counts every copy, as everywhere else). At block level the
+choices are the units' variants, at node level the layers' options. This is a multiple-choice knapsack;
+it is solved exactly by ``scipy.optimize.milp`` (HiGHS, relative gap 0) after dropping dominated variants
+(another variant of the same unit is no larger and scores at least as well), which cannot change the
+optimum and leaves a few hundred choices per unit at most.
+
+``build_config`` writes ``quant_configs/<model>_<round(10*B)>.pkl`` (the reference form ``{layer:
+"method-bits"}``) and ``.json``; ``pareto_front`` sweeps budgets into a front (predicted score vs avg_bits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .scores import OptionTable, UnitScoreSet
+
+__all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsack_from_scores", "solve_knapsack",
+           "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config", "pareto_front", "plot_pareto", "config_name",
+           "build_parser", "add_build_config_arguments", "predictor_family", "run_build_config",
+           "default_table_source", "main", "DEFAULT_PARETO_BUDGETS"]
+
+DEFAULT_PARETO_BUDGETS = tuple(round(3.3 + 0.1 * i, 1) for i in range(10))  # 3.3 .. 4.2
+
+
+class BudgetError(ValueError):
+    """The bit budget cannot be met (below the smallest achievable average precision)."""
+
+
+# ------------------------------------------------------------------------------------------ the problem
+@dataclass
+class Knapsack:
+    """One group per unit: its variants' costs (bytes) and values (predicted scores)."""
+
+    costs: list[np.ndarray]  # int64 [M_u] bytes, tied copies included
+    values: list[np.ndarray]  # float64 [M_u]
+    fp_bytes: int
+    fp_prec: int
+
+    def capacity(self, avg_bits: float) -> int:
+        """Largest total size (bytes) with ``fp_prec * size / fp_bytes <= avg_bits``."""
+        return int(math.floor(avg_bits * self.fp_bytes / self.fp_prec + 1e-9))
+
+    def avg_bits(self, size: int) -> float:
+        return self.fp_prec * size / self.fp_bytes
+
+    @property
+    def min_bytes(self) -> int:
+        return int(sum(int(c.min()) for c in self.costs))
+
+    @property
+    def max_score_bytes(self) -> int:
+        """Size of the unconstrained optimum (every unit's top variant, the smallest on ties)."""
+        return int(sum(int(c[_best_index(c, v)]) for c, v in zip(self.costs, self.values)))
+
+
+@dataclass
+class KnapsackSolution:
+    choice: list[int]  # chosen variant row per unit
+    size: int  # bytes
+    avg_bits: float
+    score: float
+    budget: float
+    status: str
+
+
+def _best_index(costs: np.ndarray, values: np.ndarray) -> int:
+    top = np.flatnonzero(values == values.max())
+    return int(top[np.argmin(costs[top])])
+
+
+def pareto_prune(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Rows of the non-dominated variants (no other row is at most as large and scores at least as well;
+    of exact duplicates the first is kept), ordered by increasing cost."""
+    order = np.lexsort((-values, costs))  # by cost, then best value first
+    keep, best = [], -np.inf
+    for row in order:
+        if values[row] > best:
+            keep.append(row)
+            best = values[row]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def solve_knapsack(problem: Knapsack, avg_bits: float, time_limit: float | None = None) -> KnapsackSolution:
+    """Exact multiple-choice knapsack with ``scipy.optimize.milp`` (HiGHS). Raises :class:`BudgetError`
+    when ``avg_bits`` is below the all-minimum."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    capacity = problem.capacity(avg_bits)
+    if capacity < problem.min_bytes:
+        lowest = problem.avg_bits(problem.min_bytes)
+        raise BudgetError(f"a budget of {avg_bits:.4f} average bits is below the smallest achievable "
+                          f"{lowest:.4f} (every layer at its cheapest option, overhead included): "
+                          f"ask for at least {math.ceil(lowest * 1000) / 1000:.3f}")
+    if problem.max_score_bytes <= capacity:  # the budget does not bind: every unit's best variant
+        return _solution(problem, [_best_index(c, v) for c, v in zip(problem.costs, problem.values)], avg_bits,
+                         "unconstrained optimum")
+    kept = [pareto_prune(c, v) for c, v in zip(problem.costs, problem.values)]
+    sizes = [len(k) for k in kept]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    cost = np.concatenate([problem.costs[u][k] for u, k in enumerate(kept)]).astype(np.float64)
+    value = np.concatenate([problem.values[u][k] for u, k in enumerate(kept)]).astype(np.float64)
+    n, groups = int(offsets[-1]), len(kept)
+    one_per_unit = csr_matrix((np.ones(n), (np.repeat(np.arange(groups), sizes), np.arange(n))), shape=(groups, n))
+    scale = float(capacity)  # the size row in units of the capacity keeps HiGHS's tolerances meaningful
+    constraints = [LinearConstraint(one_per_unit, 1, 1),
+                   LinearConstraint(csr_matrix(cost[None, :] / scale), -np.inf, 1.0)]
+    options = {"mip_rel_gap": 0.0, "presolve": True}
+    if time_limit:
+        options["time_limit"] = float(time_limit)
+    for _ in range(5):  # re-solve with a tighter row if HiGHS's feasibility tolerance let a byte through
+        result = milp(-value, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
+        if result.x is None:
+            raise RuntimeError(f"the knapsack solver failed for {avg_bits} bits: {result.message}")
+        picks = [int(kept[u][int(np.argmax(result.x[offsets[u]:offsets[u + 1]]))]) for u in range(groups)]
+        solution = _solution(problem, picks, avg_bits, result.message)
+        if solution.size <= capacity:
+            return solution
+        excess = (solution.size - capacity) / scale
+        constraints[1] = LinearConstraint(csr_matrix(cost[None, :] / scale), -np.inf, 1.0 - 2 * excess)
+    raise RuntimeError(f"could not meet {avg_bits} bits exactly (solver tolerance); try a slightly larger budget")
+
+
+def _solution(problem: Knapsack, choice: list[int], budget: float, status: str) -> KnapsackSolution:
+    size = int(sum(int(c[i]) for c, i in zip(problem.costs, choice)))
+    score = float(sum(float(v[i]) for v, i in zip(problem.values, choice)))
+    return KnapsackSolution(choice=choice, size=size, avg_bits=problem.avg_bits(size), score=score, budget=budget,
+                            status=str(status))
+
+
+# ------------------------------------------------------------------------------------------ scores -> problem
+def _layer_cost_lookup(table: OptionTable, key: str, aliases: Sequence[str], options: Sequence[str]) -> np.ndarray:
+    """Bytes of each option for a layer and its tied copies (each copy is stored and counted)."""
+    return np.array([sum(table.quant_bytes(k, o) for k in (key, *aliases)) for o in options], dtype=np.int64)
+
+
+def _check_coverage(scores: UnitScoreSet, table: OptionTable) -> None:
+    covered = {k for u in scores.units for key, al in zip(u.keys, u.aliases) for k in (key, *al)}
+    missing = [k for k in table.keys if k not in covered]
+    extra = [k for k in covered if k not in table.table]
+    if missing or extra:
+        raise ValueError(f"unit scores and option table disagree: {len(missing)} table layer(s) in no unit "
+                         f"(e.g. {missing[:1]}), {len(extra)} unit layer(s) not in the table (e.g. {extra[:1]}): "
+                         f"score the units of this model's graph with this model's multiquantizer")
+
+
+def knapsack_from_scores(scores: UnitScoreSet, table) -> Knapsack:
+    """Costs and values of every variant of every unit (node or block level)."""
+    table = OptionTable.from_source(table)
+    _check_coverage(scores, table)
+    costs, values = [], []
+    for unit in scores.units:
+        per_layer = [_layer_cost_lookup(table, k, a, scores.options) for k, a in zip(unit.keys, unit.aliases)]
+        rows = unit.variants.astype(np.int64)
+        cost = np.zeros(len(rows), dtype=np.int64)
+        for column, lookup in enumerate(per_layer):
+            cost += lookup[rows[:, column]]
+        costs.append(cost)
+        values.append(unit.scores.astype(np.float64))
+    return Knapsack(costs, values, table.fp_bytes, table.fp_prec)
+
+
+def solution_config(scores: UnitScoreSet, table: OptionTable, choice: Sequence[int]) -> dict[str, str]:
+    """``{layer: "method-bits"}`` in the table's layer order; tied copies take their canonical layer's option."""
+    chosen = {}
+    for unit, row in zip(scores.units, choice):
+        for key, aliases, index in zip(unit.keys, unit.aliases, unit.variants[row]):
+            for k in (key, *aliases):
+                chosen[k] = scores.options[int(index)]
+    return {k: chosen[k] for k in table.keys}
+
+
+def score_config(scores: UnitScoreSet, config: Mapping[str, str]) -> float:
+    """Predicted score of any full configuration: the sum of its units' variant scores (every variant of
+    every unit is stored, in ``itertools.product`` order). ``config`` values: options or cache entries."""
+    index = {o: i for i, o in enumerate(scores.options)}
+    k = len(scores.options)
+    total = 0.0
+    for unit in scores.units:
+        row = 0
+        for key in unit.keys:
+            option = config[key][0] if isinstance(config[key], (list, tuple)) else config[key]
+            if option not in index:
+                raise ValueError(f"layer {key!r} uses {option!r}, which the unit scores do not cover")
+            row = row * k + index[option]
+        if len(unit.scores) != k ** len(unit.keys):
+            raise ValueError(f"unit {unit.name} does not store every variant; cannot score arbitrary configs")
+        total += float(unit.scores[row])
+    return total
+
+
+def config_for_budget(scores: UnitScoreSet, table, avg_bits: float) -> tuple[dict[str, str], KnapsackSolution]:
+    """The best-scoring configuration with average precision <= ``avg_bits`` (no files written)."""
+    table = OptionTable.from_source(table)
+    solution = solve_knapsack(knapsack_from_scores(scores, table), avg_bits)
+    config = solution_config(scores, table, solution.choice)
+    assert abs(table.avg_bits(config) - solution.avg_bits) < 1e-9, "knapsack sizes disagree with the table"
+    return config, solution
+
+
+# ------------------------------------------------------------------------------------------ files
+def config_name(model: str, avg_bits: float) -> str:
+    """``pixart_alpha_35`` for 3.5 bits (the released names: bits x 10, rounded)."""
+    return f"{model}_{int(round(avg_bits * 10))}"
+
+
+@dataclass
+class BuiltConfig:
+    config: dict  # {layer: "method-bits"}, tied copies included
+    budget: float
+    avg_bits: float
+    predicted_score: float
+    level: str
+    path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"budget": self.budget, "avg_bits": self.avg_bits, "predicted_score": self.predicted_score,
+                "level": self.level, "config_path": str(self.path) if self.path else None, **self.info}
+
+
+def _resolve_family(family, ensemble_template_family: str | None):
+    from multiquant.families import FamilySpec, get_family
+
+    if isinstance(family, FamilySpec):
+        return family
+    name = family or ensemble_template_family
+    if not name:
+        raise ValueError("the model family is unknown: pass --model")
+    return get_family(name)
+
+
+def predictor_family(predictor_dir: Path) -> str | None:
+    from .train import ENSEMBLE_CONFIG
+
+    path = predictor_dir / ENSEMBLE_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{predictor_dir} holds no trained predictor ({ENSEMBLE_CONFIG} missing): train "
+                                f"one with `qua2sedimo train-predictor --cache ... --out {predictor_dir}`")
+    return json.loads(path.read_text())["template"].get("family")
+
+
+def predictor_scores(predictor_dir, table, family=None, level: str = "block", size: str = "full",
+                     log: Callable[[str], None] | None = None) -> tuple[UnitScoreSet, OptionTable, object]:
+    """(unit scores, option table, family) of a trained predictor (scores cached beside it)."""
+    from .dag import family_dag
+    from .scores import unit_scores_for
+
+    predictor_dir = Path(predictor_dir)
+    spec = _resolve_family(family, predictor_family(predictor_dir))
+    table = OptionTable.from_source(table, fp_prec=spec.fp_prec)
+    graph = family_dag(spec, size=size, device="meta" if size == "full" else "cpu")
+    return unit_scores_for(predictor_dir, graph, table, level, log=log), table, spec
+
+
+def build_config(predictor_dir, table, family=None, avg_bits: float = 3.5, level: str = "block",
+                 out_dir: str | os.PathLike | None = None, name: str | None = None, size: str = "full",
+                 scores: UnitScoreSet | None = None, log: Callable[[str], None] | None = None) -> BuiltConfig:
+    """Build and write the best predicted configuration at ``avg_bits`` (overhead included).
+
+    ``table``: a ``MultiQuantizer``, its path, an exported option table, or the scored records.
+    Writes ``<out_dir>/<name>.pkl`` (reference form) and ``.json``; ``out_dir`` defaults to
+    ``constants.QUANT_CONFIG_DIR`` (``quant_configs/``), ``name`` to ``<model>_<round(10*avg_bits)>``."""
+    from multiquant.config import save_config
+
+    if scores is None:
+        scores, table, spec = predictor_scores(predictor_dir, table, family, level, size, log)
+    else:
+        spec = _resolve_family(family, scores.meta.get("family"))
+        table = OptionTable.from_source(table, fp_prec=spec.fp_prec)
+    config, solution = config_for_budget(scores, table, avg_bits)
+    path = Path(out_dir or _default_config_dir()) / f"{name or config_name(spec.name, avg_bits)}.pkl"
+    save_config(config, path)
+    if log:
+        log(f"{path}: {solution.avg_bits:.4f} avg bits (budget {avg_bits}), predicted score {solution.score:.3f}")
+    return BuiltConfig(config=config, budget=float(avg_bits), avg_bits=solution.avg_bits,
+                       predicted_score=solution.score, level=scores.level, path=path,
+                       info={"solver": solution.status, "model": spec.name})
+
+
+def _default_config_dir() -> Path:
+    import constants
+
+    return Path(getattr(constants, "QUANT_CONFIG_DIR", constants.REPO_ROOT / "quant_configs"))
+
+
+# ------------------------------------------------------------------------------------------ Pareto front
+def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT_PARETO_BUDGETS,
+                 model: str | None = None, out_dir: str | os.PathLike | None = None,
+                 log: Callable[[str], None] | None = None) -> list[dict]:
+    """Solve every budget; with ``out_dir`` and ``model`` also write each configuration. Budgets below the
+    all-minimum are skipped (logged). Returns ``[{budget, avg_bits, predicted_score, config_path}]``."""
+    from multiquant.config import save_config
+
+    table = OptionTable.from_source(table)
+    problem = knapsack_from_scores(scores, table)
+    front = []
+    for budget in sorted(float(b) for b in budgets):
+        try:
+            solution = solve_knapsack(problem, budget)
+        except BudgetError as err:
+            if log:
+                log(f"  skipped {budget}: {err}")
+            continue
+        path = None
+        if out_dir is not None and model:
+            config = solution_config(scores, table, solution.choice)
+            path = save_config(config, Path(out_dir) / f"{config_name(model, budget)}.pkl")
+        front.append({"budget": budget, "avg_bits": solution.avg_bits, "predicted_score": solution.score,
+                      "config_path": str(path) if path else None, "level": scores.level})
+        if log:
+            log(f"  budget {budget:.2f}: {solution.avg_bits:.4f} avg bits, predicted score {solution.score:.3f}")
+    return front
+
+
+def plot_pareto(front: Sequence[Mapping], path: str | os.PathLike, title: str = "Predicted Pareto front") -> Path:
+    """Predicted score vs avg_bits of a swept front (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    x = [p["avg_bits"] for p in front]
+    y = [p["predicted_score"] for p in front]
+    ax.plot(x, y, "o-", color="tab:blue", label="knapsack optimum")
+    for p in front:
+        ax.annotate(f"B={p['budget']:g}", (p["avg_bits"], p["predicted_score"]), textcoords="offset points",
+                    xytext=(-8, 7), ha="right", fontsize=8, color="0.35")
+    ax.set_xlabel("average bits (overhead included)")
+    ax.set_ylabel("predicted score (higher = better)")
+    ax.margins(x=0.08, y=0.12)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    from multiquant.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_build_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``build-config`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
+    p.add_argument("--predictor", required=True, help="trained predictor directory (train-predictor --out)")
+    p.add_argument("--mq", default=None, help="multiquantizer checkpoint or exported option table "
+                                              "(default multiquantizers/<model>_mq.safetensors)")
+    p.add_argument("--cache", default=None, help="quant_cache.pkl to take the option table from when there is "
+                                                 "no multiquantizer")
+    p.add_argument("--model", default=None, help="model family (default: the predictor's)")
+    p.add_argument("--avg_bits", type=float, default=None, help="budget: average bits incl. overhead, e.g. 3.5")
+    p.add_argument("--pareto", action="store_true", help="sweep --budgets into a front (JSON + PNG + configs)")
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS),
+                   help="comma list of budgets for --pareto")
+    p.add_argument("--level", choices=("block", "node"), default="block")
+    p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size the predictor's DAG "
+                                                                          "was traced from")
+    p.add_argument("--out", default=None, help="output directory (default quant_configs/)")
+    p.add_argument("--name", default=None, help="file stem (default <model>_<round(10*avg_bits)>)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_build_config_arguments(argparse.ArgumentParser(
+        prog="qua2sedimo build-config", description="Best predicted quantization configuration under an average-bit "
+                                                    "budget (exact multiple-choice knapsack over the predictor's unit "
+                                                    "scores)."))
+
+
+def default_table_source(model: str, mq: str | None, cache: str | None):
+    """--mq, else the family's multiquantizer, else the table collected from --cache."""
+    if mq:
+        return mq
+    import constants
+
+    path = Path(constants.MULTIQUANTIZER_DIR) / f"{model}_mq.safetensors"
+    if path.exists():
+        return path
+    if cache:
+        from multiquant.store import load_quant_cache
+
+        return load_quant_cache(cache)
+    raise FileNotFoundError(f"no option table: {path} does not exist. Pass --mq (the multiquantizer) or --cache "
+                            f"(a quant_cache.pkl whose records use every option of every layer)")
+
+
+def run_build_config(args) -> int:
+    if args.avg_bits is None and not args.pareto:
+        raise ValueError("give a budget (--avg_bits 3.5) or --pareto")
+    model = args.model or predictor_family(Path(args.predictor))
+    source = default_table_source(model, args.mq, args.cache)
+    scores, table, spec = predictor_scores(args.predictor, source, model, args.level, args.size, log=print)
+    out_dir = Path(args.out) if args.out else _default_config_dir()
+    if args.avg_bits is not None:
+        build_config(args.predictor, table, spec, args.avg_bits, args.level, out_dir, args.name, scores=scores,
+                     log=print)
+    if args.pareto:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+        front = pareto_front(scores, table, budgets, model=spec.name, out_dir=out_dir, log=print)
+        stem = out_dir / f"{spec.name}_pareto_{args.level}"
+        from multiquant.utils import atomic_path
+
+        with atomic_path(stem.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({"model": spec.name, "level": args.level, "predictor": str(args.predictor),
+                                       "front": front}, indent=1))
+        plot_pareto(front, stem.with_suffix(".png"), title=f"{spec.name}: predicted Pareto front ({args.level} level)")
+        print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_build_config(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Sensitivity insights from unit scores (autobuild.md §9, with explicit groupings and one definition).
+
+* **Box plots** of unit scores: per block (block-level units; every variant of every unit of the block,
+  global units by their type: t-Embed, c-Embed, Patchify, Out Proj...), per unit type (Self-Attn,
+  Cross-Attn, Feedforward...) and per layer operation (node-level scores: the six options of every layer
+  of that op: t-Embed, c-Embed, SA-Q/K/V/Out, CA-Q/K/V/Out, FF1/FF2, AdaLN, Out...). Wide boxes and low
+  whiskers mean the predictor cares which option the layer gets.
+* **Bar plots** of the method x bits mix per operation type in one configuration (fractions of that op's
+  layers, tied copies counted once).
+* **Ranked tables**. Sensitivity of a layer (node-level scores ``s(option)``)::
+
+      sensitivity = max over high-bit options of s  -  min over low-bit options of s
+
+  i.e. the drop from the layer's best 4-bit option to its worst 3-bit option in the 3/4-bit space (in
+  general: best at the highest bit width present minus worst at the lowest). ``spread`` = max - min over
+  all options. An operation type's sensitivity is the mean over its layers (also reported: median, max).
+
+Scores are §7 unit scores (sum over folds of SRCC-weighted z-scores), so units of different hop counts
+are on one scale; the absolute numbers mean nothing outside one predictor.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .scores import UnitScoreSet
+
+__all__ = ["OPTION_ORDER", "OPTION_COLORS", "option_label", "scores_by_block", "scores_by_unit_type",
+           "scores_by_op", "layer_sensitivity", "op_sensitivity", "config_mix_by_op", "box_plot", "mix_bar_plot",
+           "write_insights", "SENSITIVITY_DEFINITION"]
+
+SENSITIVITY_DEFINITION = ("sensitivity = node-level score of the layer's best option at the highest bit width "
+                          "(4-bit) minus that of its worst option at the lowest bit width (3-bit); higher = the "
+                          "predictor loses more when the layer drops to low bits. Op type: mean over its layers.")
+# Stacked-bar order and colours (the paper's: K-Means-C 4, K-Means-A 4, UAQ 4, then the 3-bit ones).
+OPTION_ORDER = ("kmeans-4", "kmeans_all-4", "mse-4", "kmeans-3", "kmeans_all-3", "mse-3")
+OPTION_COLORS = {"kmeans-4": "#1f5fa8", "kmeans_all-4": "#5b9bd5", "mse-4": "#a9cdee",
+                 "kmeans-3": "#b5451b", "kmeans_all-3": "#e8823a", "mse-3": "#f6c28b", "fp16": "#777777"}
+_METHOD_NAMES = {"mse": "UAQ", "kmeans": "K-Means-C", "kmeans_all": "K-Means-A"}
+# global (block -1) groups before the blocks, the rest after them
+_LEADING_GLOBALS = ("t-Embed", "c-Embed", "Patchify", "Conv In", "AdaLN")
+_OP_ORDER = ("t-Embed", "c-Embed", "Patchify", "AdaLN", "SA-Q", "SA-K", "SA-V", "SA-Out", "CA-Q", "CA-K", "CA-V",
+             "CA-Out", "FF1", "FF2", "Res-In", "Res-tEmb", "Res-Out", "Res-Skip", "Proj-In", "Proj-Out", "Skip",
+             "Down", "Up", "Conv-In", "Conv-Out", "Out", "Linear", "Conv")
+
+
+def option_label(option: str) -> str:
+    """``kmeans-3`` -> ``K-Means-C 3-bit``."""
+    method, _, bits = option.rpartition("-")
+    return f"{_METHOD_NAMES.get(method, method)} {bits}-bit" if method else option
+
+
+def _bits(option: str) -> int:
+    tail = option.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else 16
+
+
+# ------------------------------------------------------------------------------------------ groupings
+def scores_by_block(scores: UnitScoreSet) -> "OrderedDict[str, np.ndarray]":
+    """All variant scores pooled per block: leading global units by type, blocks 0..N-1, then the other
+    global units (e.g. Out Proj) by type."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for unit in scores.units:
+        label = f"block {unit.block}" if unit.block >= 0 else (unit.type or unit.ops[0])
+        groups.setdefault(label, []).append(unit.scores)
+    blocks = sorted((k for k in groups if k.startswith("block ")), key=lambda k: int(k.split()[1]))
+    leading = [k for k in _LEADING_GLOBALS if k in groups]
+    trailing = sorted(k for k in groups if k not in blocks and k not in leading)
+    return OrderedDict((k, np.concatenate(groups[k])) for k in [*leading, *blocks, *trailing])
+
+
+def scores_by_unit_type(scores: UnitScoreSet) -> "OrderedDict[str, np.ndarray]":
+    groups: dict[str, list[np.ndarray]] = {}
+    for unit in scores.units:
+        groups.setdefault(unit.type or "Other", []).append(unit.scores)
+    return OrderedDict((k, np.concatenate(v)) for k, v in sorted(groups.items()))
+
+
+def _op_rank(op: str) -> tuple:
+    return (_OP_ORDER.index(op), op) if op in _OP_ORDER else (len(_OP_ORDER), op)
+
+
+def scores_by_op(node_scores: UnitScoreSet) -> "OrderedDict[str, np.ndarray]":
+    """Node level: every option score of every layer, pooled per layer operation type."""
+    if node_scores.level != "node":
+        raise ValueError("scores_by_op needs node-level scores")
+    groups: dict[str, list[np.ndarray]] = {}
+    for unit in node_scores.units:
+        groups.setdefault(unit.ops[0], []).append(unit.scores)
+    return OrderedDict((k, np.concatenate(groups[k])) for k in sorted(groups, key=_op_rank))
+
+
+# ------------------------------------------------------------------------------------------ sensitivity
+def layer_sensitivity(node_scores: UnitScoreSet) -> list[dict]:
+    """Per layer (canonical key): best high-bit score, worst low-bit score, their difference (the
+    sensitivity, see module doc) and the spread; sorted most sensitive first."""
+    if node_scores.level != "node":
+        raise ValueError("layer_sensitivity needs node-level scores")
+    bits = np.array([_bits(o) for o in node_scores.options])
+    high, low = bits == bits.max(), bits == bits.min()
+    rows = []
+    for unit in node_scores.units:
+        per_option = np.full(len(node_scores.options), np.nan)
+        per_option[unit.variants[:, 0].astype(int)] = unit.scores
+        best_high, worst_low = float(np.nanmax(per_option[high])), float(np.nanmin(per_option[low]))
+        best_option = node_scores.options[int(np.nanargmax(per_option))]
+        rows.append({"key": unit.keys[0], "op": unit.ops[0], "block": unit.block, "best_high_bits": best_high,
+                     "worst_low_bits": worst_low, "sensitivity": best_high - worst_low,
+                     "spread": float(np.nanmax(per_option) - np.nanmin(per_option)), "best_option": best_option,
+                     "tied_copies": len(unit.aliases[0])})
+    return sorted(rows, key=lambda r: -r["sensitivity"])
+
+
+def op_sensitivity(layer_rows: Sequence[Mapping]) -> list[dict]:
+    """Per operation type: mean / median / max layer sensitivity and the number of layers; most sensitive
+    first (by mean)."""
+    groups: dict[str, list[float]] = {}
+    for row in layer_rows:
+        groups.setdefault(row["op"], []).append(row["sensitivity"])
+    out = [{"op": op, "mean": float(np.mean(v)), "median": float(np.median(v)), "max": float(np.max(v)),
+            "layers": len(v)} for op, v in groups.items()]
+    return sorted(out, key=lambda r: -r["mean"])
+
+
+def config_mix_by_op(config: Mapping[str, str], op_of_key: Mapping[str, str]) -> "OrderedDict[str, Counter]":
+    """Counts of each option per op type in ``config`` (layers in ``op_of_key`` only: tied copies, which
+    follow their canonical layer, are not counted again)."""
+    mix: dict[str, Counter] = {}
+    for key, op in op_of_key.items():
+        if key in config:
+            option = config[key][0] if isinstance(config[key], (list, tuple)) else config[key]
+            mix.setdefault(op, Counter())[option] += 1
+    return OrderedDict((op, mix[op]) for op in sorted(mix, key=_op_rank))
+
+
+def op_of_keys(scores: UnitScoreSet) -> dict[str, str]:
+    return {key: op for unit in scores.units for key, op in zip(unit.keys, unit.ops)}
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from multiquant.utils import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def box_plot(groups: Mapping[str, np.ndarray], path: str | os.PathLike, title: str, xlabel: str) -> Path:
+    """One box per group (whiskers 1.5 IQR, outliers as small dots), group sizes under the labels."""
+    plt = _pyplot()
+    labels = list(groups)
+    width = max(6.0, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=110)
+    ax.boxplot([np.asarray(groups[k], dtype=float) for k in labels], showfliers=True,
+               flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "tab:red"})
+    ax.set_xticks(range(1, len(labels) + 1))
+    ax.set_xticklabels([f"{k}\n(n={len(groups[k]):,})" if len(labels) <= 12 else k for k in labels],
+                       rotation=0 if len(labels) <= 8 else 45, ha="center" if len(labels) <= 8 else "right",
+                       fontsize=8)
+    ax.axhline(0, color="0.6", lw=0.8, ls=":")
+    ax.set_ylabel("unit score (higher = better)")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def mix_bar_plot(mix: Mapping[str, Counter], path: str | os.PathLike, title: str) -> Path:
+    """Stacked bars: fraction of each op type's layers per method x bits (paper colour order)."""
+    plt = _pyplot()
+    ops = list(mix)
+    present = [o for o in OPTION_ORDER if any(mix[op][o] for op in ops)]
+    present += sorted({o for op in ops for o in mix[op]} - set(present))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(ops) + 3), 3.4), dpi=110)
+    bottom = np.zeros(len(ops))
+    for option in present:
+        frac = np.array([mix[op][option] / max(1, sum(mix[op].values())) for op in ops])
+        ax.bar(range(len(ops)), frac, bottom=bottom, color=OPTION_COLORS.get(option, None),
+               label=option_label(option), edgecolor="white", linewidth=0.5)
+        bottom += frac
+    ax.set_xticks(range(len(ops)))
+    ax.set_xticklabels([f"{op}\n({sum(mix[op].values())})" for op in ops], fontsize=8,
+                       rotation=0 if len(ops) <= 10 else 45, ha="center" if len(ops) <= 10 else "right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of the op's layers")
+    ax.set_title(title)
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
+    return _save(fig, Path(path))
+
+
+# ------------------------------------------------------------------------------------------ all at once
+def write_insights(out_dir: str | os.PathLike, node_scores: UnitScoreSet | None = None,
+                   block_scores: UnitScoreSet | None = None, configs: Mapping[str, Mapping[str, str]] | None = None,
+                   model: str = "") -> dict:
+    """Write every plot and the ranked tables (``sensitivity.json``) into ``out_dir``. ``configs``: named
+    configurations to draw method x bits mixes of. Returns ``{"plots": {name: path}, "layers": rows,
+    "ops": rows}``."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = f"{model}: " if model else ""
+    plots: dict[str, Path] = {}
+    if block_scores is not None:
+        plots["box_block"] = box_plot(scores_by_block(block_scores), out / "box_block.png",
+                                      f"{prefix}block-level unit scores per block", "block (all variants of its units)")
+        plots["box_unit_type"] = box_plot(scores_by_unit_type(block_scores), out / "box_unit_type.png",
+                                          f"{prefix}block-level unit scores per unit type", "unit type")
+    result: dict = {"plots": plots, "layers": [], "ops": [], "definition": SENSITIVITY_DEFINITION}
+    if node_scores is not None:
+        plots["box_op"] = box_plot(scores_by_op(node_scores), out / "box_op.png",
+                                   f"{prefix}node-level scores per layer operation (all options)",
+                                   "layer operation")
+        result["layers"] = layer_sensitivity(node_scores)
+        result["ops"] = op_sensitivity(result["layers"])
+    reference = node_scores or block_scores
+    for name, config in (configs or {}).items():
+        if reference is None:
+            break
+        mix = config_mix_by_op(config, op_of_keys(reference))
+        plots[f"mix_{name}"] = mix_bar_plot(mix, out / f"mix_{name}.png", f"{prefix}method x bits per op type: {name}")
+    from multiquant.utils import atomic_path
+
+    with atomic_path(out / "sensitivity.json") as tmp:
+        tmp.write_text(json.dumps({"definition": SENSITIVITY_DEFINITION, "layers": result["layers"],
+                                   "ops": result["ops"]}, indent=1))
+    return result

@@ -1,0 +1,484 @@
+"""``qua2sedimo report``: one self-contained HTML page about a trained predictor and what it built.
+
+    qua2sedimo report --predictor runs/pred --cache runs/random/quant_cache.pkl \\
+        [--scored runs/baselines ...] [--samples 16] --out reports/mnist_dit
+
+Sections: predictor quality (held-out SRCC / NDCG@10 against the training-free baselines), the predicted
+Pareto front (exact knapsack per budget; the configurations are written to ``<out>/configs``), the measured
+front where ``eval-configs`` results exist (FID vs avg_bits: random configurations as a cloud, the built
+configurations, uniform 4-bit baselines, the greedy knapsack, FP16), sensitivity insights (box plots, method
+x bits mixes, ranked tables) and FP16 vs quantized sample grids (optional). Images are PNGs beside the page
+and embedded in it (base64), so ``index.html`` alone can be mailed around.
+
+Scored configurations are recognised by the ``name`` eval-configs gives them: ``fp16``, ``uniform_<option>``,
+names containing ``greedy`` (the greedy-knapsack baseline), anything else is a built configuration (its
+budget is read from a ``<model>_<bits x 10>`` name when it has one).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .configs import DEFAULT_PARETO_BUDGETS, plot_pareto, score_config
+
+__all__ = ["classify_scored", "load_scored", "plot_measured", "render_samples", "images_from_scored",
+           "build_report", "build_parser", "add_report_arguments", "run_report", "main"]
+
+GRID_BUDGETS = 2  # sample grids / mix bars for this many built configurations (lowest and highest budget)
+
+
+# ------------------------------------------------------------------------------------------ scored results
+def classify_scored(name: str, model: str) -> tuple[str, float | None]:
+    """(kind, budget): kind is ``fp16``, ``uniform``, ``greedy``, ``built`` or ``other``."""
+    low = (name or "").lower()
+    budget = _budget_in(low, model)
+    if low in ("fp16", "fp", "fp32"):
+        return "fp16", None
+    if low.startswith("uniform_"):
+        return "uniform", None
+    if "greedy" in low:
+        return "greedy", budget
+    if budget is not None:
+        return "built", budget
+    return "other", None
+
+
+def _budget_in(name: str, model: str) -> float | None:
+    match = re.search(r"(?:^|_)(\d{2,3})(?:$|_)", name.replace(model.lower(), "") if model else name)
+    return int(match.group(1)) / 10 if match else None
+
+
+def load_scored(dirs: Iterable[str | os.PathLike], model: str) -> list[dict]:
+    """Every scored configuration of the given eval-configs run directories (or quant_cache.pkl files):
+    ``{name, kind, budget, avg_bits, fid, config, source}``."""
+    from multiquant.store import load_quant_cache
+
+    rows = []
+    for source in dirs:
+        path = Path(source)
+        cache = path / "quant_cache.pkl" if path.is_dir() else path
+        if not cache.exists():
+            raise FileNotFoundError(f"{cache} does not exist: --scored takes eval-configs output directories")
+        for record in load_quant_cache(cache):
+            name = str(record.get("name", f"{path.name}_{record.get('index')}"))
+            kind, budget = classify_scored(name, model)
+            rows.append({"name": name, "kind": kind, "budget": budget, "avg_bits": float(record["avg_bits"]),
+                         "fid": float(record["FID-GT-1k"]), "config": record.get("config"), "source": str(cache)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best (lowest) FID achieved at or below each avg_bits: the random configurations' Pareto front."""
+    order = np.argsort(x)
+    best, xs, ys = np.inf, [], []
+    for i in order:
+        if y[i] < best:
+            best = y[i]
+            xs.append(x[i])
+            ys.append(y[i])
+    return np.array(xs), np.array(ys)
+
+
+def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], path: str | os.PathLike,
+                  title: str) -> Path:
+    """FID vs avg_bits: random cloud (and its lower envelope), built configurations, uniform, greedy, FP16."""
+    from .insights import option_label
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
+    if random_records:
+        x = np.array([float(r["avg_bits"]) for r in random_records])
+        y = np.array([float(r["FID-GT-1k"]) for r in random_records])
+        ax.scatter(x, y, s=9, color="0.65", alpha=0.6, label=f"random configurations ({len(x)})", zorder=1)
+        ex, ey = _lower_envelope(x, y)
+        ax.step(ex, ey, where="post", color="0.45", lw=1, ls="--", label="best random at <= bits", zorder=2)
+    built = sorted((r for r in scored if r["kind"] == "built"), key=lambda r: r["avg_bits"])
+    if built:
+        ax.plot([r["avg_bits"] for r in built], [r["fid"] for r in built], "*-", color="tab:blue", ms=12,
+                label="predictor + knapsack", zorder=5)
+    greedy = sorted((r for r in scored if r["kind"] == "greedy"), key=lambda r: r["avg_bits"])
+    if greedy:
+        ax.plot([r["avg_bits"] for r in greedy], [r["fid"] for r in greedy], "s--", color="tab:orange", ms=6,
+                label="greedy knapsack", zorder=4)
+    markers = iter(["^", "v", "D", "P", "X", "<", ">"])
+    for r in (r for r in scored if r["kind"] == "uniform"):
+        option = r["name"].split("_", 1)[1]
+        ax.scatter([r["avg_bits"]], [r["fid"]], marker=next(markers, "^"), s=55, zorder=6,
+                   label=f"uniform {option_label(option)}")
+    others = [r for r in scored if r["kind"] == "other"]
+    if others:
+        ax.scatter([r["avg_bits"] for r in others], [r["fid"] for r in others], marker="x", color="k", s=30,
+                   label="other given configurations", zorder=4)
+    for r in (r for r in scored if r["kind"] == "fp16"):
+        ax.axhline(r["fid"], color="tab:green", ls=":", lw=1.5, label=f"FP16 (FID {r['fid']:.2f})", zorder=3)
+    _clip_y(ax, random_records, scored)
+    ax.set_xlabel("average bits (overhead included)")
+    ax.set_ylabel("FID (lower = better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
+    return _save(fig, Path(path))
+
+
+def _clip_y(ax, random_records, scored) -> None:
+    """Keep the interesting range: a few catastrophic random configurations would flatten everything else."""
+    values = [float(r["FID-GT-1k"]) for r in random_records] + [r["fid"] for r in scored]
+    values = [v for v in values if math.isfinite(v)]
+    if len(values) < 5:
+        return
+    top = max(np.percentile(values, 95), max((r["fid"] for r in scored), default=0))
+    low = min(values)
+    ax.set_ylim(low - 0.05 * (top - low), top + 0.08 * (top - low))
+
+
+def _save(fig, path: Path) -> Path:
+    from multiquant.utils import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ sample grids
+def render_samples(family, configs: Mapping[str, Mapping[str, str]], out_dir: str | os.PathLike, num: int = 16,
+                   mq=None, pretrained=None, tiny: bool = False, device: str | None = None, seed: int = 42,
+                   log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """FP16 and each configuration's images of the same ``num`` conditions and seeds, one grid each
+    (``<out_dir>/<name>.png``). ``mq``: the multiquantizer (checked against the weights) or its path."""
+    import torch
+
+    from multiquant.checkpoint import MultiQuantizer
+    from multiquant.config import ConfigApplier
+    from multiquant.pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
+    from multiquant.reporting import save_image_grid
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = tiny_pipeline(family).to(device) if tiny else load_pipeline(family, pretrained, device=device)
+    denoiser = denoiser_of(pipe)
+    if mq is None or isinstance(mq, (str, os.PathLike)):
+        mq = MultiQuantizer.from_pretrained(mq or _default_mq_path(family.name), device=device)
+    mq.check_compatible(denoiser, family)
+    extra = {}
+    if tiny and family.conditioning == "text":  # no text encoders in a tiny pipeline: random embeddings
+        from multiquant.pipelines.embeddings import random_prompt_embeds
+
+        extra = {"prompt_embeds": random_prompt_embeds(family, pipe, num, seed=seed), "conditions": list(range(num))}
+    sampler = make_sampler(family, pipe, num_images=num, seed=seed, **extra)
+    applier = ConfigApplier(denoiser, mq)
+    out, grids = Path(out_dir), {}
+    nrow = int(math.ceil(math.sqrt(num)))
+    scale = max(1, 128 // max(1, getattr(pipe, "default_resolution", None) or family.resolution))
+    for name, config in {"fp16": None, **configs}.items():
+        if config is None:
+            applier.restore()
+        else:
+            applier.apply(config)
+        images = sampler.generate(list(range(num)))
+        grids[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow, scale=scale)
+        if log:
+            log(f"  samples: {grids[name]}")
+    applier.restore()
+    return grids
+
+
+def _default_mq_path(model: str) -> Path:
+    import constants
+
+    return Path(constants.MULTIQUANTIZER_DIR) / f"{model}_mq.safetensors"
+
+
+def images_from_scored(scored_dirs: Iterable[str | os.PathLike], names: Iterable[str], out_dir: str | os.PathLike,
+                       num: int = 16) -> dict[str, Path]:
+    """Grids of images eval-configs saved (``--save_images``: ``<dir>/images/<name>/*.png``)."""
+    import torch
+    from PIL import Image
+
+    from multiquant.reporting import save_image_grid
+
+    grids = {}
+    for name in names:
+        for directory in scored_dirs:
+            folder = Path(directory) / "images" / name
+            files = sorted(folder.glob("*.png"))[:num] if folder.is_dir() else []
+            if not files:
+                continue
+            arrays = [np.array(Image.open(f).convert("RGB")) for f in files]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            scale = max(1, 128 // images.shape[-1])
+            grids[name] = save_image_grid(images, Path(out_dir) / f"{name}.png",
+                                          nrow=int(math.ceil(math.sqrt(len(files)))), scale=scale)
+            break
+    return grids
+
+
+# ------------------------------------------------------------------------------------------ HTML
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;
+color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:0.2em} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
+.meta{color:#666;font-size:0.9em} img{max-width:100%;height:auto;border:1px solid #eee}
+table{border-collapse:collapse;font-size:0.85em;margin:8px 0 16px} th,td{border:1px solid #ddd;padding:3px 8px;
+text-align:right} th{background:#f4f4f4} th.l{text-align:left} td.l{text-align:left;font-family:monospace;
+font-size:0.95em}
+.grid{display:flex;flex-wrap:wrap;gap:14px} .grid figure{margin:0;text-align:center;font-size:0.85em}
+.grid img{width:230px;image-rendering:pixelated} .note{background:#f7f7f2;border-left:3px solid #cc9;
+padding:6px 10px;font-size:0.9em} .pair{display:flex;flex-wrap:wrap;gap:10px} .pair img{max-width:540px}
+"""
+
+
+def _img(path: Path, alt: str, embed: bool | Path = True) -> str:
+    """An embedded PNG (``embed=True``) or a link relative to the page's folder (``embed=<that folder>``)."""
+    if embed is True:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+    relative = os.path.relpath(Path(path), Path(embed)) if embed else Path(path).name
+    return f'<img src="{html.escape(Path(relative).as_posix())}" alt="{html.escape(alt)}">'
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str]], left: Iterable[str] = ()) -> str:
+    left = set(left)
+    head = "".join(f'<th class="{"l" if key in left else ""}">{html.escape(title)}</th>' for key, title in columns)
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if key in left else ""}">{_fmt(row.get(key))}</td>'
+                                    for key, _ in columns) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _predictor_section(metrics: Mapping) -> str:
+    rows = [{"name": "GNN predictor (this run)", "srcc": metrics.get("srcc_mean"),
+             "ndcg": metrics.get("ndcg10_mean")}]
+    rows += [{"name": f"baseline: {name}", "srcc": b.get("srcc_mean"), "ndcg": b.get("ndcg10_mean")}
+             for name, b in sorted(metrics.get("baselines", {}).items(), key=lambda kv: -(kv[1].get("srcc_mean") or -9))]
+    folds, n = metrics.get("folds_k"), metrics.get("n_valid")
+    return (f"<h2>Predictor</h2><p>Target <code>{html.escape(str(metrics.get('target')))}</code>, loss "
+            f"{html.escape(str(metrics.get('loss')))}, {folds}-fold cross-validation over {n} scored configurations. "
+            f"Held-out rank correlation with the target (higher = better):</p>"
+            + _table(rows, [("name", "ranker"), ("srcc", "SRCC"), ("ndcg", "NDCG@10")], left=["name"]))
+
+
+def _page(title: str, sections: Sequence[str], subtitle: str) -> str:
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='meta'>{subtitle}</p>"
+            + "".join(sections) + "</body></html>")
+
+
+# ------------------------------------------------------------------------------------------ the report
+def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike | None, out_dir: str | os.PathLike,
+                 scored_dirs: Sequence[str | os.PathLike] = (), table=None, model: str | None = None,
+                 size: str = "full", budgets: Sequence[float] = DEFAULT_PARETO_BUDGETS, samples: int = 0,
+                 pretrained=None, tiny: bool = False, device: str | None = None, embed: bool = True,
+                 mq=None, log: Callable[[str], None] | None = print) -> Path:
+    """Write ``<out_dir>/index.html`` (and its PNGs, configurations and ``report.json``); returns the page.
+
+    ``table``: the option table source (see ``OptionTable.from_source``; default: the family's
+    multiquantizer, else the table seen in ``cache_path``). ``samples``: render that many FP16 vs quantized
+    images per grid with ``mq`` (default: ``table`` when it is a multiquantizer or its path)."""
+    from multiquant.store import load_quant_cache
+
+    from .configs import predictor_family, default_table_source, pareto_front, predictor_scores
+    from .insights import SENSITIVITY_DEFINITION, write_insights
+
+    started = time.perf_counter()
+    predictor_dir, out = Path(predictor_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    embed = True if embed else out  # images: inline, or linked relative to the page
+    model = model or predictor_family(predictor_dir)
+    records = load_quant_cache(cache_path) if cache_path else []
+    source = table if table is not None else default_table_source(model, None, cache_path)
+    block, table, spec = predictor_scores(predictor_dir, source, model, "block", size, log=log)
+    node, _, _ = predictor_scores(predictor_dir, table, spec, "node", size, log=log)
+    metrics = json.loads((predictor_dir / "metrics.json").read_text())
+
+    if log:
+        log("predicted Pareto front")
+    front = pareto_front(block, table, budgets, model=spec.name, out_dir=out / "configs", log=log)
+    if not front:
+        raise ValueError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
+    front_png = plot_pareto(front, out / "pareto_predicted.png",
+                            title=f"{spec.name}: predicted Pareto front (block-level unit scores)")
+    scored = load_scored(scored_dirs, spec.name)
+    for row in scored:
+        if row["config"]:
+            try:
+                row["predicted_score"] = score_config(block, row["config"])
+            except (KeyError, ValueError):
+                row["predicted_score"] = None
+    measured_png = (plot_measured(records, scored, out / "pareto_measured.png",
+                                  f"{spec.name}: measured FID vs average bits") if records or scored else None)
+
+    from multiquant.config import load_config
+
+    chosen = [front[0], front[-1]] if len(front) > 1 else front[:1]
+    chosen_configs = {Path(p["config_path"]).stem: load_config(p["config_path"]) for p in chosen[:GRID_BUDGETS]}
+    insights = write_insights(out / "insights", node, block, chosen_configs, model=spec.name)
+
+    grids = images_from_scored(scored_dirs, ["fp16", *chosen_configs], out / "samples")
+    if samples and len(grids) < 1 + len(chosen_configs):
+        try:
+            grids = render_samples(spec, chosen_configs, out / "samples", num=samples, mq=mq or _mq_for_samples(source),
+                                   pretrained=pretrained, tiny=tiny, device=device, log=log)
+        except (FileNotFoundError, ValueError, OSError, RuntimeError) as err:  # optional part: say why, go on
+            if log:
+                log(f"  sample grids skipped: {err}")
+
+    sections = [_predictor_section(metrics)]
+    sections.append("<h2>Pareto front (predicted)</h2><p>For each budget B the configuration maximising the summed "
+                    "block-level unit scores subject to avg_bits &le; B (exact multiple-choice knapsack, "
+                    "<code>scipy.optimize.milp</code>). Configurations: <code>configs/</code>.</p>"
+                    + _img(front_png, "predicted front", embed)
+                    + _table(front, [("budget", "budget"), ("avg_bits", "avg bits"),
+                                     ("predicted_score", "predicted score"), ("config_path", "file")],
+                             left=["config_path"]))
+    if measured_png is not None:
+        table_rows = sorted(scored, key=lambda r: (r["kind"], r["avg_bits"]))
+        sections.append("<h2>Measured FID vs average bits</h2>"
+                        + ("" if scored else "<p class='note'>No eval-configs results given (--scored): only the "
+                                             "random configurations are shown. Score the configurations in "
+                                             "<code>configs/</code> with <code>qua2sedimo eval-configs</code>.</p>")
+                        + _img(measured_png, "measured front", embed)
+                        + (_table(table_rows, [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"),
+                                               ("fid", "FID"), ("predicted_score", "predicted score")],
+                                  left=["name", "kind"]) if scored else ""))
+    sections.append(_insights_section(insights, SENSITIVITY_DEFINITION, embed))
+    if grids:
+        figures = "".join(f"<figure>{_img(p, name, embed)}<figcaption>{html.escape(name)}</figcaption></figure>"
+                          for name, p in grids.items())
+        sections.append(f"<h2>Samples: FP16 vs quantized</h2><p>Same conditions and noise seeds for every "
+                        f"configuration.</p><div class='grid'>{figures}</div>")
+    subtitle = (f"model <b>{html.escape(spec.name)}</b> &middot; predictor <code>{html.escape(str(predictor_dir))}</code>"
+                f" &middot; {len(records)} random configurations &middot; generated "
+                f"{time.strftime('%Y-%m-%d %H:%M')}")
+    page = out / "index.html"
+    from multiquant.utils import atomic_path
+
+    with atomic_path(page) as tmp:
+        tmp.write_text(_page(f"Quantization sensitivity report: {spec.name}", sections, subtitle))
+    summary = {"model": spec.name, "predictor": {"srcc_mean": metrics.get("srcc_mean"),
+                                                 "ndcg10_mean": metrics.get("ndcg10_mean")},
+               "pareto": front, "scored": [{k: v for k, v in r.items() if k != "config"} for r in scored],
+               "top_layers": insights["layers"][:10], "ops": insights["ops"],
+               "seconds": time.perf_counter() - started}
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+    if log:
+        log(f"wrote {page}")
+    return page
+
+
+def _mq_for_samples(source):
+    """The table source when it is a multiquantizer (object, .safetensors file or its folder), else None."""
+    if hasattr(source, "check_compatible"):
+        return source
+    if isinstance(source, (str, os.PathLike)) and (Path(source).suffix == ".safetensors" or Path(source).is_dir()):
+        return source
+    return None
+
+
+def _insights_section(insights: Mapping, definition: str, embed: bool) -> str:
+    plots = insights["plots"]
+    parts = ["<h2>Sensitivity insights</h2>"]
+    boxes = [plots[k] for k in ("box_block", "box_unit_type") if k in plots]
+    if boxes:
+        parts.append("<p>Block-level unit scores, every variant of every unit pooled per block and per unit type. "
+                     "Wide boxes and low whiskers: the choice of options there matters.</p><div class='pair'>"
+                     + "".join(_img(p, p.stem, embed) for p in boxes) + "</div>")
+    if "box_op" in plots:
+        parts.append("<p>Node-level scores (each layer alone, all six options) per layer operation.</p>"
+                     + _img(plots["box_op"], "per op", embed))
+    mixes = [(k, p) for k, p in plots.items() if k.startswith("mix_")]
+    if mixes:
+        parts.append("<p>Method &times; bits chosen per layer operation in the built configurations "
+                     "(fractions of the op's layers; the count is under each label).</p>"
+                     + "".join(_img(p, k, embed) for k, p in mixes))
+    if insights["ops"]:
+        parts.append(f"<p class='note'>{html.escape(definition)}</p><h3>Operation types, most sensitive first</h3>"
+                     + _table(insights["ops"], [("op", "op"), ("mean", "mean"), ("median", "median"), ("max", "max"),
+                                                ("layers", "layers")], left=["op"]))
+        layers = [{**row, "block": row["block"] if row["block"] >= 0 else "global"} for row in insights["layers"][:15]]
+        parts.append("<h3>Most sensitive layers</h3>"
+                     + _table(layers, [("key", "layer"), ("op", "op"), ("block", "block"),
+                                                        ("sensitivity", "sensitivity"), ("spread", "spread"),
+                                                        ("best_option", "best option")], left=["key", "op",
+                                                                                               "best_option"]))
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``report`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
+    p.add_argument("--predictor", required=True, help="trained predictor directory")
+    p.add_argument("--cache", default=None, help="quant_cache.pkl of the random configurations (the cloud)")
+    p.add_argument("--scored", nargs="*", default=[], help="eval-configs output directories (built configurations, "
+                                                           "uniform baselines, greedy, FP16)")
+    p.add_argument("--out", required=True, help="report directory (index.html)")
+    p.add_argument("--mq", default=None, help="multiquantizer or option table (default multiquantizers/<model>_mq."
+                                              "safetensors, else the table seen in --cache)")
+    p.add_argument("--model", default=None, help="model family (default: the predictor's)")
+    p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size of the predictor's DAG")
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS))
+    p.add_argument("--samples", type=int, default=0, help="render this many FP16 vs quantized samples (0: only use "
+                                                          "images saved by eval-configs --save_images)")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--tiny", action="store_true", help="tiny random denoiser for the samples (smoke tests)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no_embed", action="store_true", help="link the PNGs instead of embedding them")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_report_arguments(argparse.ArgumentParser(
+        prog="qua2sedimo report", description="One HTML page: predictor quality, Pareto fronts (predicted and "
+                                              "measured), sensitivity insights, sample grids."))
+
+
+def run_report(args) -> int:
+    from .configs import default_table_source
+
+    model = args.model
+    if model is None:
+        from .configs import predictor_family
+
+        model = predictor_family(Path(args.predictor))
+    source = default_table_source(model, args.mq, args.cache)
+    build_report(args.predictor, args.cache, args.out, args.scored, table=source, model=model, size=args.size,
+                 budgets=[float(b) for b in args.budgets.split(",") if b.strip()], samples=args.samples,
+                 pretrained=args.pretrained, tiny=args.tiny, device=args.device, embed=not args.no_embed)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_report(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

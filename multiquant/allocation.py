@@ -1,0 +1,571 @@
+"""Budgeted mixed precision from per-layer sensitivities: a multiple-choice knapsack over bit widths.
+
+Every *search layer* (a canonical layer together with its tied copies, which must share one choice) is an
+item; its choices are bit widths. Picking ``b`` bits for layer ``l`` costs ``cost[l, b]`` and is worth
+``value[l, b]``; the total cost must stay within the budget.
+
+Value model (documented, used everywhere): a layer measured at sensitivity ``s`` in [0, 1] degrades the
+output in proportion to its quantization-noise amplitude, which halves with every extra bit (step size
+``~ 2^-b``). Relative to the lowest width ``b0`` on offer, the degradation *avoided* by ``b`` bits is
+
+    value(l, b) = s_l * (1 - 2^(b0 - b))           (0 at b0; -> s_l as b grows; fp16 counts as 16 bits)
+
+so maximising the total value minimises the predicted total degradation ``sum_l s_l * 2^(b0 - b_l)``.
+
+Costs (one unit per mode):
+
+* ``bops``: ``MACs x weight bits x activation bits (16)`` per layer (the weight GEMMs of one denoiser
+  forward); budget = X x (every layer at 16 bits).
+* ``bytes``: the quantized bytes of :func:`multiquant.quantizers.option_bytes` (codes + overhead; fp16 =
+  the FP bytes), reported as average bits ``fp_prec x bytes / fp_bytes``, the avg_bits the rest of the
+  system uses; budget = B average bits.
+
+Solvers: :func:`solve_greedy` (bang for buck: start at the lowest width everywhere, repeatedly take the
+upgrade with the largest value gained per unit of cost added that still fits, stop when none fits) and
+:func:`solve_exact` (the same problem as a MILP, scipy's HiGHS), the yardstick for the greedy one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .quantizers import FP_OPTION, option_bytes
+
+__all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "bops_cost_table", "bytes_cost_table",
+           "solve_greedy", "solve_exact", "LayerItem", "load_sensitivity_file", "load_flops_file",
+           "search_items", "optimize", "cmd_optimize_mixed_precision", "add_optimize_parser"]
+
+ACT_BITS = 16
+FP_BITS = 16  # "16 bits" means the unquantized fp16 weight
+VALUE_MODEL = "value(l, b) = s_l * (1 - 2^(b_min - b)): degradation avoided, noise amplitude ~ 2^-b"
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met (below the cheapest allocation) or is malformed."""
+
+
+# ------------------------------------------------------------------------------------------ problem
+@dataclass(frozen=True)
+class Knapsack:
+    """A multiple-choice knapsack: pick exactly one choice per item, total cost <= budget, max value.
+
+    ``value`` and ``cost`` are ``[items, choices]``; ``bits`` labels the choices (ascending)."""
+
+    names: tuple[str, ...]
+    bits: tuple[int, ...]
+    value: np.ndarray
+    cost: np.ndarray
+    budget: float
+
+    def __post_init__(self):
+        shape = (len(self.names), len(self.bits))
+        if np.shape(self.value) != shape or np.shape(self.cost) != shape:
+            raise ValueError(f"value {np.shape(self.value)} and cost {np.shape(self.cost)} must both be {shape}")
+        if list(self.bits) != sorted(set(self.bits)):
+            raise ValueError(f"bit widths must be distinct and ascending, got {self.bits}")
+        if not (np.isfinite(self.value).all() and np.isfinite(self.cost).all()):
+            raise ValueError("value and cost must be finite")
+
+    @property
+    def min_cost(self) -> float:
+        """Cheapest allocation (the lowest-cost choice of every item)."""
+        return float(self.cost.min(axis=1).sum())
+
+    @property
+    def lowest_cost(self) -> float:
+        """Cost of every item at its lowest bit width (the greedy start)."""
+        return float(self.cost[:, 0].sum())
+
+    @property
+    def max_cost(self) -> float:
+        """Cost of every item at its highest bit width."""
+        return float(self.cost[:, -1].sum())
+
+    def tolerance(self) -> float:
+        # Costs are integers up to ~1e15; a relative slack absorbs float rounding of the budget product.
+        return 1e-9 * max(abs(self.budget), 1.0)
+
+
+@dataclass
+class Allocation:
+    """A solution: ``choice[l]`` indexes ``problem.bits``."""
+
+    choice: np.ndarray
+    value: float
+    cost: float
+    solver: str
+    upgrades: list[dict] = field(default_factory=list)  # greedy trail, in order
+
+    def bits_of(self, problem: Knapsack) -> dict[str, int]:
+        return OrderedDict((name, problem.bits[k]) for name, k in zip(problem.names, self.choice))
+
+
+def value_table(sensitivity, bits) -> np.ndarray:
+    """``[items, choices]`` values ``s * (1 - 2^(b_min - b))`` (see the module doc)."""
+    s = np.asarray(sensitivity, dtype=np.float64)
+    if s.ndim != 1 or not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError("sensitivities must be a 1-D array of finite, non-negative numbers")
+    b = np.asarray(bits, dtype=np.float64)
+    return s[:, None] * (1.0 - np.exp2(b.min() - b))[None, :]
+
+
+def bops_cost_table(macs, bits, act_bits: int = ACT_BITS) -> np.ndarray:
+    """``[items, choices]`` BOPs: MACs x weight bits x activation bits."""
+    m = np.asarray(macs, dtype=np.float64)
+    return m[:, None] * np.asarray(bits, dtype=np.float64)[None, :] * act_bits
+
+
+def bytes_cost_table(items: list["LayerItem"], bits, method: str, fp_prec: int) -> np.ndarray:
+    """``[items, choices]`` quantized bytes (codes + overhead) summed over each item's copies; 16 = fp16."""
+    rows = []
+    for item in items:
+        rows.append([sum(_layer_bytes(method, b, numel, channels, fp_prec) for numel, channels in item.shapes)
+                     for b in bits])
+    return np.asarray(rows, dtype=np.float64).reshape(len(items), len(bits))
+
+
+def _layer_bytes(method: str, bits: int, numel: int, channels: int, fp_prec: int) -> int:
+    if bits == FP_BITS:
+        return int(numel * fp_prec / 8)  # config_record's size of an fp16 layer
+    return option_bytes(method, bits, numel, channels, fp_prec)
+
+
+# ------------------------------------------------------------------------------------------- solvers
+def _check_feasible(problem: Knapsack, start_cost: float, what: str) -> None:
+    if problem.budget < 0 or not math.isfinite(problem.budget):
+        raise BudgetError(f"budget must be a finite, non-negative number, got {problem.budget}")
+    if start_cost > problem.budget + problem.tolerance():
+        raise BudgetError(f"budget {problem.budget:.6g} is below {what} {start_cost:.6g}: no allocation fits. "
+                          f"Fix: raise the budget to at least {start_cost:.6g} (or offer a lower bit width)")
+
+
+def solve_greedy(problem: Knapsack) -> Allocation:
+    """Bang for buck: all items at the lowest width, then repeatedly the fitting upgrade (to any higher
+    width of any item) with the highest value gained per cost added; ties go to the larger gain, then to
+    the earlier item. An upgrade that adds no cost is taken first. Stops when no upgrade fits."""
+    n, k = problem.value.shape
+    _check_feasible(problem, problem.lowest_cost, "the cost with every layer at the lowest bit width")
+    choice = np.zeros(n, dtype=np.int64)
+    rows = np.arange(n)
+    spent = problem.lowest_cost
+    upgrades = []
+    tol = problem.tolerance()
+    while True:
+        gain = problem.value - problem.value[rows, choice][:, None]
+        added = problem.cost - problem.cost[rows, choice][:, None]
+        later = np.arange(k)[None, :] > choice[:, None]
+        fits = later & (added <= problem.budget - spent + tol) & (gain >= 0)
+        if not fits.any():
+            break
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(added > 0, gain / np.where(added > 0, added, 1.0), np.inf)
+        ratio = np.where(fits, ratio, -np.inf)
+        best_ratio = ratio.max()
+        tied = ratio == best_ratio
+        best_gain = np.where(tied, gain, -np.inf).max()
+        flat = int(np.flatnonzero((tied & (gain == best_gain)).ravel())[0])  # earliest item, lowest width
+        item, to = divmod(flat, k)
+        upgrades.append({"layer": problem.names[item], "from_bits": problem.bits[choice[item]],
+                         "to_bits": problem.bits[to], "value_gain": float(gain[item, to]),
+                         "cost_added": float(added[item, to]),
+                         "ratio": float(best_ratio) if math.isfinite(best_ratio) else None})
+        spent += float(added[item, to])
+        choice[item] = to
+    greedy = Allocation(choice, float(problem.value[rows, choice].sum()), float(problem.cost[rows, choice].sum()),
+                        "greedy", upgrades)
+    single = _best_single_upgrade(problem)
+    # The textbook knapsack safeguard: a few cheap upgrades can crowd out one valuable one; keeping the
+    # better of the two bounds the worst case (it only ever wins on small instances).
+    return single if single is not None and single.value > greedy.value + 1e-12 else greedy
+
+
+def _best_single_upgrade(problem: Knapsack) -> Allocation | None:
+    """Every item at its lowest width except one, upgraded to its best width that fits alone."""
+    n, _ = problem.value.shape
+    rows = np.arange(n)
+    base_cost = problem.lowest_cost
+    added = problem.cost - problem.cost[:, :1]
+    gain = problem.value - problem.value[:, :1]
+    fits = added <= problem.budget - base_cost + problem.tolerance()
+    gain = np.where(fits, gain, -np.inf)
+    flat = int(np.argmax(gain))
+    item, to = divmod(flat, problem.value.shape[1])
+    if not np.isfinite(gain[item, to]) or to == 0:
+        return None
+    choice = np.zeros(n, dtype=np.int64)
+    choice[item] = to
+    trail = [{"layer": problem.names[item], "from_bits": problem.bits[0], "to_bits": problem.bits[to],
+              "value_gain": float(gain[item, to]), "cost_added": float(added[item, to]),
+              "ratio": float(gain[item, to] / added[item, to]) if added[item, to] > 0 else None,
+              "note": "best single upgrade beat the greedy sequence"}]
+    return Allocation(choice, float(problem.value[rows, choice].sum()), float(problem.cost[rows, choice].sum()),
+                      "greedy (single-upgrade safeguard)", trail)
+
+
+def solve_exact(problem: Knapsack, time_limit: float | None = 60.0) -> Allocation:
+    """The optimum of the same knapsack, as a 0/1 MILP solved by scipy's HiGHS."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix, kron
+
+    n, k = problem.value.shape
+    _check_feasible(problem, problem.min_cost, "the cheapest allocation")
+    one_per_item = kron(csr_matrix(np.eye(n)), csr_matrix(np.ones((1, k))))  # sum_b x[l, b] = 1
+    constraints = [LinearConstraint(one_per_item, 1, 1),
+                   LinearConstraint(problem.cost.reshape(1, -1), -np.inf, problem.budget + problem.tolerance())]
+    options = {"time_limit": time_limit} if time_limit else {}
+    res = milp(-problem.value.ravel(), constraints=constraints, integrality=np.ones(n * k),
+               bounds=Bounds(0, 1), options=options)
+    if res.x is None:
+        raise RuntimeError(f"the exact solver found no allocation ({res.message}); try the greedy solver")
+    choice = res.x.reshape(n, k).argmax(axis=1)
+    rows = np.arange(n)
+    return Allocation(choice, float(problem.value[rows, choice].sum()), float(problem.cost[rows, choice].sum()),
+                      "exact" if res.status == 0 else f"exact (stopped: {res.message})")
+
+
+SOLVERS = {"greedy": solve_greedy, "exact": solve_exact}
+
+
+# ------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class LayerItem:
+    """One search layer: its key, the keys of its tied copies, and per copy (numel, channels) and MACs."""
+
+    key: str
+    copies: tuple[str, ...]  # every key sharing this choice, the canonical key first
+    shapes: tuple[tuple[int, int], ...]  # (numel, channels) per copy
+    macs: float  # summed over copies
+
+
+def _read_json(path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def load_sensitivity_file(path) -> dict:
+    """A ``sensitivity_analysis_*.json`` from ``qua2sedimo sensitivity``: settings and per-layer scores."""
+    data = _read_json(path, "sensitivity file")
+    if "settings" not in data or not isinstance(data.get("layers"), list):
+        raise ValueError(f"{path} is not a sensitivity file (needs 'settings' and 'layers'); "
+                         f"write one with `qua2sedimo sensitivity --model ...`")
+    for entry in data["layers"]:
+        if "key" not in entry or "sensitivity" not in entry:
+            raise ValueError(f"{path}: every layer needs 'key' and 'sensitivity' (got {sorted(entry)})")
+    return data
+
+
+def load_flops_file(path) -> dict:
+    """A ``flops_analysis_*.json`` from ``qua2sedimo flops``: per-layer shapes and MACs."""
+    data = _read_json(path, "FLOPs file")
+    if "model" not in data or not isinstance(data.get("layers"), list):
+        raise ValueError(f"{path} is not a FLOPs file (needs 'model' and 'layers'); "
+                         f"write one with `qua2sedimo flops --model ...`")
+    return data
+
+
+def check_same_model(sens: dict, flops: dict, sens_path, flops_path, model: str | None = None) -> None:
+    """Refuse a sensitivity file, FLOPs file and ``--model`` that describe different denoisers."""
+    s_model, s_tiny = sens["settings"].get("model"), bool(sens["settings"].get("tiny", False))
+    f_model, f_tiny = flops.get("model"), bool(flops.get("tiny", False))
+    if model is not None and model != s_model:
+        raise ValueError(f"the sensitivity file {sens_path} is for model {s_model!r}, not {model!r}. "
+                         f"Fix: pass that model's file (qua2sedimo sensitivity --model {model})")
+    if (s_model, s_tiny) != (f_model, f_tiny):
+        raise ValueError(f"the sensitivity file {sens_path} is for {s_model!r}{' (tiny)' if s_tiny else ''} but the "
+                         f"FLOPs file {flops_path} is for {f_model!r}{' (tiny)' if f_tiny else ''}. Fix: "
+                         f"`qua2sedimo flops --model {s_model}{' --tiny' if s_tiny else ''}` and pass its file")
+    flops_keys = {entry["key"] for entry in flops["layers"]}
+    unknown = [e["key"] for e in sens["layers"] if e["key"] not in flops_keys]
+    if unknown:
+        raise ValueError(f"{len(unknown)} layer(s) of the sensitivity file {sens_path} are not in the model of "
+                         f"{flops_path} (e.g. {unknown[0]!r}): the files come from different architectures. "
+                         f"Fix: regenerate one of them for the same model")
+
+
+def search_items(flops: dict) -> list[LayerItem]:
+    """Search layers (canonical + tied copies) in model order, from a FLOPs file's layer table."""
+    groups: dict[str, list[dict]] = OrderedDict()
+    for entry in flops["layers"]:
+        groups.setdefault(entry.get("tied_to") or entry["key"], []).append(entry)
+    items = []
+    for key, entries in groups.items():
+        entries.sort(key=lambda e: e["key"] != key)  # canonical first
+        items.append(LayerItem(key, tuple(e["key"] for e in entries),
+                               tuple((int(e["numel"]), int(e["channels"])) for e in entries),
+                               float(sum(e.get("macs", 0) for e in entries))))
+    return items
+
+
+# ---------------------------------------------------------------------------------------- optimise
+def parse_bits(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if not text:
+        return default
+    try:
+        bits = tuple(sorted({int(b) for b in str(text).split(",") if b.strip()}))
+    except ValueError:
+        raise ValueError(f"--bits must be a comma list of integers like 4,8,16, got {text!r}") from None
+    bad = [b for b in bits if not (2 <= b <= 8 or b == FP_BITS)]
+    if not bits or bad:
+        raise ValueError(f"--bits must list widths in 2..8 or 16 (fp16), got {text!r}")
+    return bits
+
+
+@dataclass
+class Problem:
+    """A knapsack together with how its numbers map to the report's unit."""
+
+    knapsack: Knapsack
+    items: list[LayerItem]
+    fixed: list[LayerItem]  # unmeasured layers held at a fixed width (outside the knapsack)
+    fixed_bits: int
+    fixed_cost: float
+    unit: str
+    scale: float  # cost / scale = number in ``unit``
+    reference_cost: float  # what the budget is relative to (every layer at 16 bits / the FP bytes)
+
+
+def _unit_for(total: float) -> tuple[str, float]:
+    for name, scale in (("TBOPs", 1e12), ("GBOPs", 1e9), ("MBOPs", 1e6), ("kBOPs", 1e3)):
+        if total >= 10 * scale:
+            return name, scale
+    return "BOPs", 1.0
+
+
+def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_multiplier: float | None = None,
+                  budget_bits: float | None = None, method: str | None = None, unmeasured: str = "highest",
+                  act_bits: int = ACT_BITS) -> Problem:
+    """The knapsack of ``sens`` x ``flops`` for a BOPs budget (``budget_multiplier``) or an average-bits one."""
+    if (budget_multiplier is None) == (budget_bits is None):
+        raise ValueError("give exactly one of --budget_multiplier X (BOPs) and --budget_bits B (average bits)")
+    scores = {e["key"]: float(e["sensitivity"]) for e in sens["layers"]}
+    all_items = search_items(flops)
+    items = [it for it in all_items if it.key in scores]
+    fixed = [it for it in all_items if it.key not in scores]
+    if not items:
+        raise ValueError("no layer of the sensitivity file is a search layer of the model (are they tied copies?)")
+    if unmeasured not in ("highest", "lowest"):
+        raise ValueError(f"unmeasured must be 'highest' or 'lowest', got {unmeasured!r}")
+    fixed_bits = bits[-1] if unmeasured == "highest" else bits[0]
+    values = value_table([scores[it.key] for it in items], bits)
+    if budget_multiplier is not None:
+        if budget_multiplier < 0 or not math.isfinite(budget_multiplier):
+            raise BudgetError(f"--budget_multiplier must be a finite number >= 0, got {budget_multiplier}")
+        costs = bops_cost_table([it.macs for it in items], bits, act_bits)
+        fixed_cost = float(sum(it.macs for it in fixed) * fixed_bits * act_bits)
+        reference = float(sum(it.macs for it in all_items) * FP_BITS * act_bits)
+        if reference <= 0:
+            raise ValueError("the FLOPs file has no MACs for these layers: re-run `qua2sedimo flops`")
+        budget = budget_multiplier * reference
+        unit, scale = _unit_for(reference)
+    else:
+        method = method or sens["settings"].get("method", "mse")
+        fp_prec = int(flops.get("fp_prec", 16))
+        costs = bytes_cost_table(items, bits, method, fp_prec)
+        fixed_cost = float(bytes_cost_table(fixed, (fixed_bits,), method, fp_prec).sum()) if fixed else 0.0
+        reference = float(sum(int(n * fp_prec / 8) for it in all_items for n, _ in it.shapes))  # the FP bytes
+        if not (budget_bits > 0 and math.isfinite(budget_bits)):
+            raise BudgetError(f"--budget_bits must be a positive number of average bits, got {budget_bits}")
+        budget = budget_bits * reference / fp_prec
+        unit, scale = "avg bits", reference / fp_prec  # bytes / scale = average bits
+    knapsack = Knapsack(tuple(it.key for it in items), bits, values, costs, budget - fixed_cost)
+    return Problem(knapsack, items, fixed, fixed_bits, fixed_cost, unit, scale, reference)
+
+
+def check_budget(problem: Problem, solver: str = "greedy") -> None:
+    """Refuse, in the report's unit, a budget below what the solver must start from."""
+    ks = problem.knapsack
+    floor = (ks.lowest_cost if solver == "greedy" else ks.min_cost) + problem.fixed_cost
+    budget = ks.budget + problem.fixed_cost
+    if floor > budget + ks.tolerance():
+        held = (f" ({len(problem.fixed)} unmeasured layer(s) held at {problem.fixed_bits} bits included; "
+                f"--unmeasured lowest lowers that)" if problem.fixed else "")
+        raise BudgetError(f"budget {budget / problem.scale:.6g} {problem.unit} is below the cost with every layer at "
+                          f"{ks.bits[0]} bits, {floor / problem.scale:.6g} {problem.unit}{held}: no allocation fits. "
+                          f"Fix: raise the budget to at least that, or offer a lower bit width (--bits)")
+
+
+def allocation_report(problem: Problem, alloc: Allocation, metadata: dict) -> dict:
+    """The JSON written for an allocation: inputs, ``bit_allocation`` {layer key: bits}, totals, trail."""
+    ks, scale = problem.knapsack, problem.scale
+    bits_by_key = OrderedDict()
+    for item, k in zip(problem.items, alloc.choice):
+        for key in item.copies:
+            bits_by_key[key] = int(ks.bits[k])
+    for item in problem.fixed:
+        for key in item.copies:
+            bits_by_key[key] = int(problem.fixed_bits)
+    final = alloc.cost + problem.fixed_cost
+    budget = ks.budget + problem.fixed_cost
+    distribution = Counter(int(ks.bits[k]) for k in alloc.choice)
+    distribution.update({int(problem.fixed_bits): len(problem.fixed)} if problem.fixed else {})
+    totals = {
+        "unit": problem.unit, "budget": budget / scale, "min_cost": (ks.lowest_cost + problem.fixed_cost) / scale,
+        "max_cost": (ks.max_cost + problem.fixed_cost) / scale, "final_cost": final / scale,
+        "reference_cost": problem.reference_cost / scale, "utilisation": final / budget if budget > 0 else None,
+        "value": alloc.value, "max_value": float(ks.value[:, -1].sum()),
+        "predicted_degradation": float(sum(ks.value[i, -1] - ks.value[i, k] for i, k in enumerate(alloc.choice))),
+        "upgrades_taken": len(alloc.upgrades), "search_layers": len(problem.items),
+        "unmeasured_layers": len(problem.fixed),
+        "bit_distribution": {str(b): distribution.get(b, 0) for b in ks.bits},
+        "raw_cost": {"budget": budget, "final_cost": final, "reference_cost": problem.reference_cost},
+    }
+    # the trail in the report's unit: cost added in `unit`, ratio = value gained per `unit`
+    upgrades = [dict(u, cost_added=u["cost_added"] / scale, ratio=None if u["ratio"] is None else u["ratio"] * scale)
+                for u in alloc.upgrades]
+    return {"metadata": metadata, "bit_allocation": bits_by_key, "totals": totals, "upgrades": upgrades}
+
+
+def reference_config(report: dict, method: str) -> dict[str, str]:
+    """``{layer: "method-bits"}`` (``"fp16"`` for 16 bits): the form eval-configs / infer read."""
+    return OrderedDict((key, FP_OPTION if b == FP_BITS else f"{method}-{b}")
+                       for key, b in report["bit_allocation"].items())
+
+
+def print_allocation(report: dict, log=print, max_upgrades: int = 20) -> None:
+    t, meta = report["totals"], report["metadata"]
+    u = t["unit"]
+    log(f"mixed precision for {meta['model']}{' (tiny)' if meta.get('tiny') else ''}: bits {meta['bits']}, "
+        f"cost = {meta['cost_model']}, solver {meta['solver']}")
+    log(f"  budget     {t['budget']:.6g} {u}   ({meta['budget']})")
+    log(f"  min cost   {t['min_cost']:.6g} {u}   (every layer at {meta['bits'][0]} bits)")
+    log(f"  max cost   {t['max_cost']:.6g} {u}   (every layer at {meta['bits'][-1]} bits)")
+    if t["unmeasured_layers"]:
+        log(f"  {t['unmeasured_layers']} layer(s) without a sensitivity held at {meta['unmeasured_bits']} bits")
+    ups = report["upgrades"]
+    if ups:
+        log(f"  upgrades taken: {len(ups)}" + (f" (first {max_upgrades})" if len(ups) > max_upgrades else ""))
+        for up in ups[:max_upgrades]:
+            ratio = "free" if up["ratio"] is None else f"{up['ratio']:.4g} per {u}"
+            log(f"    {up['from_bits']:>2} -> {up['to_bits']:>2}  +{up['cost_added']:.4g} {u}  "
+                f"gain {up['value_gain']:.4f}  ({ratio})  {up['layer']}" + (f"  [{up['note']}]" if "note" in up else ""))
+    elif meta["solver"].startswith("exact"):
+        log("  upgrades taken: n/a (exact MILP solution, no greedy sequence)")
+    else:
+        log("  upgrades taken: none")
+    util = "n/a" if t["utilisation"] is None else f"{100 * t['utilisation']:.1f}%"
+    log(f"  final cost {t['final_cost']:.6g} {u}   utilisation {util}   value {t['value']:.4f} of {t['max_value']:.4f}")
+    log("  bit widths (search layers): " + ", ".join(f"{b} bits x {n}" for b, n in t["bit_distribution"].items()))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _default_flops_path(sens: dict) -> Path:
+    import constants
+
+    from .flops import flops_path
+
+    return flops_path(Path(constants.RESULTS_DIR), sens["settings"]["model"], bool(sens["settings"].get("tiny")))
+
+
+def _flops_for(args, sens: dict) -> tuple[dict, str]:
+    if args.flops_file:
+        return load_flops_file(args.flops_file), str(args.flops_file)
+    default = _default_flops_path(sens)
+    if default.is_file():
+        return load_flops_file(default), str(default)
+    from .flops import flops_table
+
+    settings = sens["settings"]
+    print(f"no --flops_file and no {default}: measuring MACs of {settings['model']} now (meta device)")
+    return flops_table(settings["model"], tiny=bool(settings.get("tiny"))), "computed"
+
+
+def _tag(x: float) -> str:
+    return f"{x:g}"
+
+
+def optimize(args, log=print) -> dict:
+    """Solve the knapsack the flags describe, print it and write the configuration file(s)."""
+    from .config import save_config
+    from .utils import atomic_path
+
+    sens = load_sensitivity_file(args.sensitivity_file)
+    flops, flops_source = _flops_for(args, sens)
+    check_same_model(sens, flops, args.sensitivity_file, flops_source, getattr(args, "model", None))
+    by_bits = args.budget_bits is not None
+    bits = parse_bits(args.bits, (3, 4) if by_bits else (4, 8, 16))
+    method = args.method or sens["settings"].get("method", "mse")
+    problem = build_problem(sens, flops, bits, budget_multiplier=None if by_bits else args.budget_multiplier,
+                            budget_bits=args.budget_bits, method=method, unmeasured=args.unmeasured)
+    check_budget(problem, args.solver)
+    alloc = SOLVERS[args.solver](problem.knapsack)
+    metadata = {
+        "model": sens["settings"].get("model"), "tiny": bool(sens["settings"].get("tiny")),
+        "sensitivity_file": str(args.sensitivity_file), "flops_file": flops_source,
+        "sensitivity_settings": {k: sens["settings"].get(k) for k in ("bits", "method", "num_prompts", "prompt_seed")},
+        "bits": list(bits), "solver": alloc.solver, "value_model": VALUE_MODEL,
+        "cost_model": (f"average bits (option_bytes with {method}, overhead included; 16 = fp16)" if by_bits
+                       else f"BOPs = MACs x weight bits x {ACT_BITS}-bit activations"),
+        "budget": (f"{args.budget_bits} average bits" if by_bits
+                   else f"{args.budget_multiplier} x cost with every layer at 16 bits"),
+        "budget_multiplier": None if by_bits else args.budget_multiplier,
+        "budget_bits": args.budget_bits, "method": method if by_bits else None,
+        "unmeasured": args.unmeasured, "unmeasured_bits": problem.fixed_bits,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    report = allocation_report(problem, alloc, metadata)
+    print_allocation(report, log=log)
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    name = f"quantization_config_{_tag(args.budget_bits)}bits" if by_bits else f"quantization_config_{_tag(args.budget_multiplier)}"
+    name += "" if args.solver == "greedy" else f"_{args.solver}"  # both solvers' results can sit side by side
+    path = outdir / f"{name}.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    log(f"wrote {path}")
+    if by_bits:
+        ref_path = outdir / (f"{metadata['model']}{'_tiny' if metadata['tiny'] else ''}_{method}_{_tag(args.budget_bits)}bits"
+                             f"{'' if args.solver == 'greedy' else '_' + args.solver}.pkl")
+        save_config(reference_config(report, method), ref_path)
+        log(f"wrote {ref_path} and {ref_path.with_suffix('.json')} (reference form, for eval-configs / infer)")
+        report["reference_config"] = str(ref_path)
+    report["path"] = str(path)
+    return report
+
+
+def cmd_optimize_mixed_precision(args) -> int:
+    optimize(args)
+    return 0
+
+
+def add_optimize_parser(subparsers):
+    import constants
+
+    p = subparsers.add_parser(
+        "optimize-mixed-precision",
+        help="greedy bang-for-buck bit allocation under a BOPs or average-bits budget, from a sensitivity file")
+    p.add_argument("--sensitivity_file", required=True, help="results/sensitivity_analysis_<model>_<bits>bit.json")
+    p.add_argument("--flops_file", default=None,
+                   help="results/flops_analysis/flops_analysis_<model>.json (default: that file, else measured now)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget_multiplier", type=float, default=None,
+                        help="BOPs budget as a fraction of the cost with every layer at 16 bits (e.g. 0.4)")
+    budget.add_argument("--budget_bits", type=float, default=None,
+                        help="average weight bits incl. overhead (e.g. 3.5), the Qua2SeDiMo space; also writes "
+                             "the {layer: 'method-bits'} configuration (.pkl + .json)")
+    p.add_argument("--bits", default=None, help="bit widths on offer, comma list; 16 = fp16 "
+                                                "(default 4,8,16 for BOPs, 3,4 for --budget_bits)")
+    p.add_argument("--method", default=None, choices=["mse", "kmeans", "kmeans_all"],
+                   help="quantizer of the average-bits cost and of the written configuration "
+                        "(default: the sensitivity file's)")
+    p.add_argument("--solver", default="greedy", choices=sorted(SOLVERS),
+                   help="greedy bang-for-buck (default) or the exact MILP optimum (scipy HiGHS)")
+    p.add_argument("--unmeasured", default="highest", choices=["highest", "lowest"],
+                   help="bit width of layers the sensitivity file does not cover (e.g. after --max_layers)")
+    p.add_argument("--model", default=None, help="optional check: refuse a sensitivity file of another model")
+    p.add_argument("--outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"))
+    p.set_defaults(func=cmd_optimize_mixed_precision)
+    return p

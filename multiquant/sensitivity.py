@@ -1,0 +1,497 @@
+"""Per-layer quantization sensitivity: quantize ONE layer at a time (all others FP), measure the damage.
+
+Protocol (``qua2sedimo sensitivity``):
+
+* a fixed image set: ``--num_prompts`` conditions drawn reproducibly from the family's protocol set (the
+  first 1,000 COCO captions, or the class ids) by a permutation seeded with ``--prompt_seed``; image ``i``
+  starts from the noise of ``seed_for(image_seed, i)`` (the sampler of :mod:`multiquant.pipelines.sampling`),
+  so every layer is judged on exactly the same prompts and noise (common random numbers);
+* the FP images once, then for every search layer (a canonical layer with its tied copies, which share one
+  quantizer): write its fake-quantized weight (:func:`multiquant.quantizers.quantize` / ``dequantize``,
+  any width 2..8; 16 = FP16 rounding), render the set, restore the FP weight;
+* metrics per layer: FID of the quantized images against the FP images (``FID-FP``; with
+  ``--fid_against gt``: the increase of FID against the reference set), and CLIP score drop where local
+  CLIP weights exist (``--clip_dir`` / ``$QUA2SEDIMO_CLIP``), otherwise the FP-reference proxy
+  ``1-SSIM(FP)`` -- the output names which one was used;
+* each degradation is min-max normalised over the analysed layers and combined
+  ``0.6 x FID + 0.4 x CLIP-or-proxy`` into a sensitivity in [0, 1], banded low (< 0.2, safe at 4 bits),
+  medium (< 0.5, consider 8), high (< 0.8, keep 8 or 16), critical (>= 0.8, keep 16). Min-max makes the
+  score *relative*: the least damaging layer scores 0 and the most damaging about 1, whatever their
+  absolute effect (the raw metrics are kept for that).
+
+One layer = one record in a :class:`multiquant.store.RecordStore` (crash-safe, resumable); the report is
+rebuilt from the records, so a killed run continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .layers import LayerRef
+from .quantizers import METHODS, dequantize, lp_error, quantize
+
+__all__ = ["FID_WEIGHT", "BANDS", "PROXY_NAME", "band_of", "min_max_normalise", "combine_sensitivity",
+           "fake_quantize", "search_groups", "shuffled_subset", "ImageProtocol", "setup_protocol",
+           "score_layers", "build_report", "report_path", "run_sensitivity", "add_parsers"]
+
+FID_WEIGHT = 0.6  # the rest (0.4) goes to CLIP drop or the proxy
+FP16_BITS = 16
+PROXY_NAME = "1-SSIM(FP)"
+# (name, upper bound (exclusive), advice)
+BANDS = (("low", 0.2, "safe at 4 bits"), ("medium", 0.5, "consider 8 bits"),
+         ("high", 0.8, "keep 8 or 16 bits"), ("critical", float("inf"), "keep 16 bits"))
+RECORD_KEYS = ("key", "method", "bits", "fid_fp", "psnr_fp", "ssim_fp")
+
+
+# ------------------------------------------------------------------------------------ pure: scoring
+def band_of(score: float) -> str:
+    """Band of a sensitivity: [0, 0.2) low, [0.2, 0.5) medium, [0.5, 0.8) high, [0.8, 1] critical."""
+    if not np.isfinite(score):
+        raise ValueError(f"sensitivity must be finite, got {score}")
+    return next(name for name, upper, _ in BANDS if score < upper)
+
+
+def min_max_normalise(values) -> np.ndarray:
+    """Scale to [0, 1] over the layers: (v - min) / (max - min). All equal -> all 0 (no layer stands out)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError("need a non-empty 1-D list of degradations")
+    if not np.isfinite(v).all():
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise ValueError(f"degradation of layer #{bad} is {v[bad]}: a quantized layer broke the images "
+                         f"(NaN/inf); check that layer, or exclude it from the search space")
+    span = v.max() - v.min()
+    return np.zeros_like(v) if span <= 0 else (v - v.min()) / span
+
+
+def combine_sensitivity(fid_degradation, second_degradation, fid_weight: float = FID_WEIGHT) -> np.ndarray:
+    """``fid_weight x norm(FID) + (1 - fid_weight) x norm(CLIP drop or proxy)``, in [0, 1]."""
+    if not 0.0 <= fid_weight <= 1.0:
+        raise ValueError(f"fid_weight must be in [0, 1], got {fid_weight}")
+    return fid_weight * min_max_normalise(fid_degradation) + (1 - fid_weight) * min_max_normalise(second_degradation)
+
+
+def shuffled_subset(pool: list, n: int, seed: int) -> list:
+    """The first ``n`` items of a ``seed``-permuted ``pool`` (reproducible, without repetition)."""
+    if n < 2:
+        raise ValueError(f"need at least 2 prompts for FID statistics, got {n}")
+    if n > len(pool):
+        raise ValueError(f"asked for {n} prompts but the pool holds only {len(pool)}")
+    order = np.random.default_rng(seed).permutation(len(pool))[:n]
+    return [pool[i] for i in order]
+
+
+def search_groups(layers: list[LayerRef]) -> list[list[LayerRef]]:
+    """Search layers in model order: each canonical layer followed by its tied copies (one choice for all)."""
+    groups: dict[str, list[LayerRef]] = OrderedDict()
+    for ref in layers:
+        groups.setdefault(ref.tied_to or ref.key, []).append(ref)
+    return [sorted(g, key=lambda r: r.tied_to is not None) for g in groups.values()]
+
+
+@torch.no_grad()
+def fake_quantize(weight: torch.Tensor, method: str, bits: int, seed: int = 0, iters: int = 100
+                  ) -> tuple[torch.Tensor, float]:
+    """(dequantized weight in the weight's shape and dtype, Lp error). ``bits=16``: FP16 rounding."""
+    w2d = weight.detach().reshape(weight.shape[0], -1).float()
+    if bits == FP16_BITS:
+        w_hat = w2d.half().float()
+    else:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        codes, params = quantize(w2d, method, bits, iters=iters, seed=seed)
+        w_hat = dequantize(method, codes, params)
+    return w_hat.to(weight.dtype).reshape(weight.shape), lp_error(w2d, w_hat)
+
+
+@contextmanager
+def quantized_weights(model: torch.nn.Module, replacements: list[tuple[LayerRef, torch.Tensor]]):
+    """Write the replacement weights into ``model``; the FP weights come back on exit (also on errors)."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for ref, w_hat in replacements:
+                target = ref.weight(model)
+                saved.append((target, target.detach().clone()))
+                target.copy_(w_hat.to(target.device, target.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for target, original in reversed(saved):
+                target.copy_(original)
+
+
+# ------------------------------------------------------------------------------------- the protocol
+@dataclass
+class ImageProtocol:
+    """What stays fixed while layers are measured: model, image set, feature net, FP reference."""
+
+    family: object
+    denoiser: torch.nn.Module
+    layers: list[LayerRef]
+    sampler: object
+    feature_net: object
+    prompts: list | None = None  # text prompts (CLIP needs them); None for class / tiny families
+    ref_stats: dict | None = None  # FID-GT reference statistics (--fid_against gt)
+    clip: object | None = None  # a ClipScorer, or None: the proxy is used
+    quant_seed: int = 0
+    kmeans_iters: int = 100
+    weight_cache: dict | None = None  # (key, method, bits) -> (w_hat, error); None: no caching
+    fp: dict = field(default_factory=dict)
+
+    @property
+    def indices(self) -> list[int]:
+        return list(range(self.sampler.num_images))
+
+    @property
+    def second_metric(self) -> str:
+        return "clip_drop" if self.clip is not None else "one_minus_ssim"
+
+    @property
+    def second_metric_name(self) -> str:
+        return f"CLIP drop ({self.clip.name}, raw cosine)" if self.clip is not None else PROXY_NAME
+
+    def _metrics(self, images: torch.Tensor) -> dict:
+        from .evaluate import FID_METHOD
+        from .metrics.fid import feature_stats, frechet_distance
+
+        mu, sigma = feature_stats(self.feature_net(images))
+        out = {"mu": mu, "sigma": sigma}
+        if self.ref_stats is not None:
+            out["fid_gt"] = float(frechet_distance(mu, sigma, self.ref_stats["mu"], self.ref_stats["sigma"],
+                                                   method=FID_METHOD))
+        if self.clip is not None:
+            out["clip"] = float(np.mean(self.clip(images, self.prompts)))
+        return out
+
+    def fp_reference(self) -> dict:
+        if not self.fp:
+            images = self.sampler.generate(self.indices)
+            self.fp = dict(self._metrics(images), images=images)
+        return self.fp
+
+    def _replacement(self, ref: LayerRef, method: str, bits: int) -> tuple[torch.Tensor, float]:
+        key = (ref.tied_to or ref.key, method, bits)
+        if self.weight_cache is not None and key in self.weight_cache:
+            return self.weight_cache[key]
+        out = fake_quantize(ref.weight(self.denoiser), method, bits, seed=self.quant_seed, iters=self.kmeans_iters)
+        if self.weight_cache is not None:
+            self.weight_cache[key] = out
+        return out
+
+    def measure(self, assignment: dict[str, tuple[str, int]]) -> dict:
+        """Raw metrics with the layers of ``assignment`` ({key: (method, bits)}) quantized, all others FP.
+
+        A tied copy follows its canonical layer's entry; the canonical weight is quantized once."""
+        from .evaluate import FID_METHOD
+        from .metrics.fid import frechet_distance
+        from .metrics.proxy import psnr, ssim
+
+        fp = self.fp_reference()
+        t0 = time.perf_counter()
+        replacements, error = [], 0.0
+        for ref in self.layers:
+            choice = assignment.get(ref.key) or (assignment.get(ref.tied_to) if ref.tied_to else None)
+            if choice is None:
+                continue
+            w_hat, err = self._replacement(ref, *choice)
+            replacements.append((ref, w_hat))
+            error += err
+        with quantized_weights(self.denoiser, replacements):
+            images = self.sampler.generate(self.indices)
+        m = self._metrics(images)
+        ssim_fp = float(ssim(images, fp["images"]).mean())
+        out = {"fid_fp": float(frechet_distance(m["mu"], m["sigma"], fp["mu"], fp["sigma"], method=FID_METHOD)),
+               "psnr_fp": float(psnr(images, fp["images"]).clamp_max(100).mean()),
+               "ssim_fp": ssim_fp, "one_minus_ssim": 1.0 - ssim_fp, "weight_error": error}
+        if "fid_gt" in m:
+            out["fid_gt"] = m["fid_gt"]
+            out["fid_gt_increase"] = m["fid_gt"] - fp["fid_gt"]
+        if "clip" in m:
+            out["clip"] = m["clip"]
+            out["clip_drop"] = fp["clip"] - m["clip"]
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+class PixelFeatures:
+    """Average-pooled pixels as FID features: for smoke runs where no trained feature network exists.
+    Its ``name`` says what it is, so its numbers are never mistaken for Inception/classifier FIDs."""
+
+    def __init__(self, size: int = 7):
+        self.size = size
+        self.name = f"pixels-avgpool{size}x{size} (smoke runs only)"
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        x = torch.nn.functional.adaptive_avg_pool2d(images.double() / 255.0, self.size)
+        return x.flatten(1).numpy()
+
+
+def _conditions(family, tiny: bool, num_prompts: int, prompt_seed: int, coco_path) -> list:
+    """The shuffled condition list: a seeded subset of the family's protocol set (prompts or class ids)."""
+    from .pipelines.prompts import conditions_for
+
+    if tiny and family.conditioning == "text":  # tiny pipelines have no text encoder: rows of random embeddings
+        return list(range(num_prompts))
+    pool = conditions_for(family, max(num_prompts, family.num_images), coco_path)
+    return shuffled_subset(pool, num_prompts, prompt_seed)
+
+
+def _clip_scorer(family, clip_dir, device, log):
+    import os
+
+    from .metrics.clip import CLIP_ENV, ClipScorer
+
+    if family.conditioning != "text":
+        return None
+    if not (clip_dir or os.environ.get(CLIP_ENV)):
+        log(f"no CLIP weights (--clip_dir / ${CLIP_ENV}): using the proxy {PROXY_NAME} instead of CLIP drop")
+        return None
+    return ClipScorer(clip_dir, device=device)  # weights named explicitly: a failure is an error
+
+
+def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, num_prompts: int = 100,
+                   prompt_seed: int = 42, image_seed: int = 42, batch_size: int | None = None, coco_path=None,
+                   embed_cache_dir=None, fid_against: str = "fp", reference_dir=None, inception=None,
+                   random_features: bool = False, pixel_features: bool = False, clip_dir=None,
+                   quant_seed: int = 0, kmeans_iters: int = 100, cache_weights: bool = False,
+                   log=print) -> tuple[ImageProtocol, dict]:
+    """Load the pipeline and fix the image set; returns the protocol and its settings (for the records)."""
+    from .evaluate import feature_net_for, reference_stats_for
+    from .layers import quantizable_layers
+    from .pipelines.embeddings import random_prompt_embeds
+    from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
+
+    if fid_against not in ("fp", "gt"):
+        raise ValueError(f"fid_against must be 'fp' (quantized vs FP images) or 'gt' (reference set), not {fid_against!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = tiny_pipeline(family).to(device) if tiny else load_pipeline(family, pretrained, device=device)
+    denoiser = denoiser_of(pipe)
+    conditions = _conditions(family, tiny, num_prompts, prompt_seed, coco_path)
+    embeds = None
+    if tiny and family.conditioning == "text":
+        embeds = random_prompt_embeds(family, pipe, num_prompts, seed=prompt_seed)
+    sampler = make_sampler(family, pipe, num_images=num_prompts, seed=image_seed, batch_size=batch_size,
+                           coco_path=coco_path, embed_cache_dir=embed_cache_dir, prompt_embeds=embeds,
+                           conditions=conditions)
+    if pixel_features:
+        feature_net = PixelFeatures()
+    else:
+        feature_net = feature_net_for(family, device, inception=inception, random_features=random_features)
+    ref_stats, ref_id = (None, None)
+    if fid_against == "gt":
+        ref_stats, ref_id = reference_stats_for(family, feature_net, reference_dir)
+    prompts = conditions if conditions and isinstance(conditions[0], str) else None
+    clip = _clip_scorer(family, clip_dir, device, log) if prompts is not None else None
+    protocol = ImageProtocol(family, denoiser, quantizable_layers(denoiser, family), sampler, feature_net,
+                             prompts=prompts, ref_stats=ref_stats, clip=clip, quant_seed=quant_seed,
+                             kmeans_iters=kmeans_iters, weight_cache={} if cache_weights else None)
+    settings = {"model": family.name, "tiny": tiny, "pretrained": str(pretrained) if pretrained else None,
+                "num_prompts": num_prompts, "prompt_seed": prompt_seed, "image_seed": image_seed,
+                "prompt_pool": "random embeddings" if embeds is not None else (
+                    f"first {max(num_prompts, family.num_images)} of the family's protocol set, shuffled"),
+                "feature_net": feature_net.name, "fid_against": fid_against, "reference": ref_id,
+                "second_metric": protocol.second_metric_name, "quant_seed": quant_seed, "kmeans_iters": kmeans_iters,
+                "dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""),
+                # batch size left out: any batch size renders the same images, so a resume may change it
+                "sampler": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                            for k, v in getattr(sampler, "settings", {}).items() if k != "batch_size"}}
+    return protocol, settings
+
+
+# --------------------------------------------------------------------------------- analysis + report
+def score_layers(protocol: ImageProtocol, store, groups: list[list[LayerRef]], method: str, bits: int,
+                 log=print) -> int:
+    """Measure every group not yet in ``store`` (record index = position in ``groups``); returns how many."""
+    from .utils import progress
+
+    done = store.done_indices()
+    todo = [(i, g) for i, g in enumerate(groups) if i not in done]
+    if done:
+        log(f"resuming: {len(groups) - len(todo)} of {len(groups)} layer(s) already measured")
+    for index, group in progress(todo, desc=f"sensitivity {method}-{bits}"):
+        head = group[0]
+        metrics = protocol.measure({head.key: (method, bits)})
+        record = {"key": head.key, "tied_keys": [r.key for r in group[1:]], "path": head.path,
+                  "shape": list(head.shape), "numel": sum(r.numel for r in group), "method": method, "bits": bits}
+        record.update(metrics)
+        store.commit(index, record)
+        log(f"[{index + 1}/{len(groups)}] {head.key}: FID-FP {metrics['fid_fp']:.4g}  "
+            f"SSIM {metrics['ssim_fp']:.4f}  ({metrics['seconds']:.1f} s)")
+    return len(todo)
+
+
+def _degradations(records: list[dict], settings: dict) -> tuple[np.ndarray, np.ndarray, str, str]:
+    fid_key = "fid_gt_increase" if settings.get("fid_against") == "gt" else "fid_fp"
+    second_key = "clip_drop" if all("clip_drop" in r for r in records) and \
+        settings.get("second_metric", "").startswith("CLIP") else "one_minus_ssim"
+    return (np.array([r[fid_key] for r in records], dtype=np.float64),
+            np.array([r[second_key] for r in records], dtype=np.float64), fid_key, second_key)
+
+
+def build_report(records: list[dict], settings: dict, num_layers_total: int | None = None) -> dict:
+    """The sensitivity file: settings, metric definitions, and per layer raw metrics, scores, band, rank."""
+    if not records:
+        raise ValueError("no layer has been measured yet")
+    fid_deg, second_deg, fid_key, second_key = _degradations(records, settings)
+    fid_norm, second_norm = min_max_normalise(fid_deg), min_max_normalise(second_deg)
+    scores = FID_WEIGHT * fid_norm + (1 - FID_WEIGHT) * second_norm
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(len(records), dtype=int)
+    rank[order] = np.arange(1, len(records) + 1)
+    skip = {"index", "timings"}
+    layers = []
+    for i, rec in enumerate(records):
+        raw = {k: v for k, v in rec.items() if k not in skip | {"key", "tied_keys", "path", "shape", "numel"}}
+        layers.append({"rank": int(rank[i]), "key": rec["key"], "tied_keys": rec.get("tied_keys", []),
+                       "path": rec.get("path"), "shape": rec.get("shape"), "numel": rec.get("numel"),
+                       "raw": raw, "fid_degradation": float(fid_deg[i]), "second_degradation": float(second_deg[i]),
+                       "fid_normalised": float(fid_norm[i]), "second_normalised": float(second_norm[i]),
+                       "sensitivity": float(scores[i]), "band": band_of(float(scores[i]))})
+    fid_name = ("FID-GT increase (quantized minus FP, vs the reference set)" if fid_key == "fid_gt_increase"
+                else "FID-FP (quantized vs FP images)")
+    return {
+        "settings": settings,
+        "metrics": {"fid": {"key": fid_key, "name": fid_name, "feature_net": settings.get("feature_net"),
+                            "weight": FID_WEIGHT},
+                    "second": {"key": second_key,
+                               "name": settings.get("second_metric") if second_key == "clip_drop" else PROXY_NAME,
+                               "is_proxy": second_key != "clip_drop", "weight": round(1 - FID_WEIGHT, 10)},
+                    "normalisation": "min-max over the analysed layers (relative: least damaging 0, most ~1)",
+                    # the absolute scale min-max hides: a tiny range means the ranking is mostly noise
+                    "raw_range": {"fid": [float(fid_deg.min()), float(fid_deg.max())],
+                                  "second": [float(second_deg.min()), float(second_deg.max())]}},
+        "bands": [{"band": name, "below": None if not np.isfinite(upper) else upper, "advice": advice}
+                  for name, upper, advice in BANDS],
+        "num_layers_analysed": len(records), "num_layers_total": num_layers_total,
+        "band_counts": {name: sum(1 for l in layers if l["band"] == name) for name, _, _ in BANDS},
+        "ranking": [records[i]["key"] for i in order],
+        "layers": layers,
+    }
+
+
+def format_summary(report: dict, top: int = 10) -> str:
+    s, m = report["settings"], report["metrics"]
+    lines = [f"sensitivity of {s['model']}{' (tiny)' if s.get('tiny') else ''}: {s['method']} {s['bits']}-bit, "
+             f"{s['num_prompts']} prompts (seed {s['prompt_seed']}), {report['num_layers_analysed']}"
+             f"{'/' + str(report['num_layers_total']) if report.get('num_layers_total') else ''} layers analysed",
+             f"score = {m['fid']['weight']:g} x norm[{m['fid']['name']}] + {m['second']['weight']:g} x "
+             f"norm[{m['second']['name']}]" + ("   (proxy: no CLIP weights)" if m["second"]["is_proxy"] else ""),
+             f"{'rank':>4}  {'sensitivity':>11}  {'band':<8}  layer"]
+    by_rank = sorted(report["layers"], key=lambda l: l["rank"])
+    for layer in by_rank[:top]:
+        lines.append(f"{layer['rank']:>4}  {layer['sensitivity']:>11.3f}  {layer['band']:<8}  {layer['key']}")
+    lines.append("bands: " + ", ".join(f"{k} {v}" for k, v in report["band_counts"].items()))
+    return "\n".join(lines)
+
+
+def model_tag(model: str, tiny: bool) -> str:
+    return f"{model}_tiny" if tiny else model
+
+
+def report_path(outdir, model: str, bits: int, method: str = "mse", tiny: bool = False) -> Path:
+    """``<outdir>/sensitivity_analysis_<model>_<bits>bit.json`` (``_<method>`` appended unless mse;
+    ``<model>_tiny`` for tiny models, so smoke runs never overwrite real results)."""
+    suffix = "" if method == "mse" or bits == FP16_BITS else f"_{method}"
+    return Path(outdir) / f"sensitivity_analysis_{model_tag(model, tiny)}_{bits}bit{suffix}.json"
+
+
+def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, method: str = "mse",
+                    max_layers: int | None = None, log=print) -> dict:
+    """Measure (resumably), build and write the report; returns it (with ``path``)."""
+    from .store import RecordStore
+    from .utils import atomic_path
+
+    if not (2 <= bits <= 8 or bits == FP16_BITS):
+        raise ValueError(f"--sensitivity_bits must be 2..8 or 16 (FP16 rounding), got {bits}")
+    groups = search_groups(protocol.layers)
+    if max_layers is not None:
+        if max_layers < 1:
+            raise ValueError(f"--max_layers must be >= 1, got {max_layers}")
+        groups = groups[:max_layers]
+    if bits == FP16_BITS:
+        method = "fp16"
+        if next(protocol.denoiser.parameters()).dtype == torch.float16:
+            log("note: the model already runs in float16, so 16-bit rounding changes nothing: every layer scores 0")
+    settings = dict(settings, bits=bits, method=method)
+    run_dir = Path(outdir) / "sensitivity_runs" / f"{model_tag(settings['model'], settings['tiny'])}_{bits}bit_{method}"
+    # --max_layers is left out of the run identity: a later run with more layers extends the same records
+    store = RecordStore(run_dir, settings, required_keys=RECORD_KEYS)
+    score_layers(protocol, store, groups, method, bits, log=log)
+    wanted = {g[0].key for g in groups}
+    records = [r for r in store.records() if r["key"] in wanted]
+    report = build_report(records, dict(settings, records_dir=str(run_dir)), len(search_groups(protocol.layers)))
+    path = report_path(outdir, settings["model"], bits, method, settings["tiny"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    log(format_summary(report))
+    log(f"wrote {path}")
+    report["path"] = str(path)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cmd_sensitivity(args) -> int:
+    from .families import get_family
+
+    family = get_family(args.model)
+    protocol, settings = setup_protocol(
+        family, pretrained=args.pretrained, tiny=args.tiny, device=args.device, num_prompts=args.num_prompts,
+        prompt_seed=args.prompt_seed, image_seed=args.image_seed, batch_size=args.batch_size,
+        coco_path=args.coco_path, fid_against=args.fid_against, reference_dir=args.reference_dir,
+        inception=args.inception, random_features=args.random_features, pixel_features=args.pixel_features,
+        clip_dir=args.clip_dir)
+    run_sensitivity(protocol, settings, args.outdir, args.sensitivity_bits, args.method, args.max_layers)
+    return 0
+
+
+def add_sensitivity_parser(subparsers):
+    import constants
+
+    p = subparsers.add_parser("sensitivity", help="per-layer quantization sensitivity: one layer quantized at a time")
+    p.add_argument("--model", required=True, help="model family (qua2sedimo families lists them)")
+    p.add_argument("--pretrained", default=None, help="local pipeline/denoiser directory or hub id")
+    p.add_argument("--tiny", action="store_true", help="tiny random model (smoke runs, tests)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--sensitivity_bits", type=int, default=4,
+                   help="bit width of the quantized layer: 2..8, or 16 for FP16 rounding (default 4)")
+    p.add_argument("--method", default="mse", choices=list(METHODS),
+                   help="quantizer: mse = UAQ, kmeans = K-Means-C, kmeans_all = K-Means-A (default mse)")
+    p.add_argument("--max_layers", type=int, default=None, help="analyse only the first N search layers")
+    p.add_argument("--num_prompts", type=int, default=100, help="images per layer (default 100)")
+    p.add_argument("--prompt_seed", type=int, default=42, help="seed of the prompt subset / order")
+    p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--coco_path", default=None, help="captions_val2017.json (default: QUA2SEDIMO_COCO_CAPTIONS)")
+    p.add_argument("--fid_against", default="fp", choices=["fp", "gt"],
+                   help="fp: FID of quantized vs FP images (default, no reference set needed); "
+                        "gt: increase of FID against the reference set (--reference_dir)")
+    p.add_argument("--reference_dir", default=None, help="FID reference image folder (with --fid_against gt)")
+    p.add_argument("--inception", default=None, help="clean-fid Inception torchscript (or QUA2SEDIMO_INCEPTION)")
+    p.add_argument("--random_features", action="store_true", help="random-weight Inception: smoke/timing runs only")
+    p.add_argument("--pixel_features", action="store_true",
+                   help="pooled pixels as FID features (no feature network needed): smoke runs only")
+    p.add_argument("--clip_dir", default=None, help="local CLIP model directory (or QUA2SEDIMO_CLIP); "
+                                                    "without one the proxy 1-SSIM(FP) replaces CLIP drop")
+    p.add_argument("--outdir", default=str(constants.RESULTS_DIR),
+                   help="results directory (report + resumable sensitivity_runs/)")
+    p.set_defaults(func=cmd_sensitivity)
+    return p
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``sensitivity``, ``flops`` and ``optimize-mixed-precision`` (each with ``func`` set)."""
+    from .allocation import add_optimize_parser
+    from .flops import add_flops_parser
+
+    add_sensitivity_parser(subparsers)
+    add_flops_parser(subparsers)
+    add_optimize_parser(subparsers)

@@ -1,0 +1,326 @@
+"""Unit scores, budgeted configurations (exact knapsack), insights, report and the demo's predictor stage."""
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from autobuild.configs import (BudgetError, Knapsack, build_config, config_for_budget, knapsack_from_scores,
+                               pareto_front, pareto_prune, plot_pareto, score_config, solve_knapsack)
+from autobuild.scores import OptionTable, UnitScores, UnitScoreSet, enumerate_variants
+
+torch.set_num_threads(1)
+METHODS = ("mse", "kmeans", "kmeans_all")
+OPTIONS = [f"{m}-{b}" for b in (4, 3) for m in METHODS]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _tiny_table(seed: int = 0):
+    """Option table of the tiny MNIST DiT by the reference's size formulas (no quantization run)."""
+    from multiquant.families import get_family
+    from multiquant.layers import quantizable_layers
+    from multiquant.quantizers import option_bytes
+
+    family = get_family("mnist_dit")
+    layers = quantizable_layers(family.build("tiny"), family)
+    rng = np.random.default_rng(seed)
+    table = {}
+    for ref in layers:
+        if ref.tied_to:
+            table[ref.key] = table[ref.tied_to]
+            continue
+        base = rng.uniform(1e-4, 1e-2)
+        table[ref.key] = {}
+        for option in OPTIONS:
+            method, bits = option.rsplit("-", 1)
+            error = base * {"mse": 1.0, "kmeans": 0.4, "kmeans_all": 0.7}[method] * (2.2 if bits == "3" else 1.0)
+            table[ref.key][option] = [option, ref.numel * 2, option_bytes(method, int(bits), ref.numel, ref.channels, 16),
+                                      error]
+    return family, layers, OptionTable(table, 16)
+
+
+def _tiny_cache(n: int, seed: int = 0):
+    """Random configurations with FID = weighted per-layer penalties (three layers much more sensitive)."""
+    from multiquant.config import config_record, sample_random_config
+
+    family, layers, table = _tiny_table(seed)
+    canonical = [r.key for r in layers if not r.tied_to]
+    rng = np.random.default_rng(seed)
+    sensitivity = {k: 0.05 for k in canonical}
+    for k in rng.choice(canonical, 3, replace=False):
+        sensitivity[k] = 3.0
+    penalty = {"mse": 1.0, "kmeans": 0.3, "kmeans_all": 0.6}
+    records = []
+    for i in range(n):
+        config = sample_random_config(layers, seed, i)
+        record = config_record(config, table.table, 16, table.fp_bytes)
+        fid = sum(sensitivity[k] * penalty[config[k].rsplit("-", 1)[0]] * (3.0 if config[k].endswith("-3") else 1.0)
+                  for k in canonical)
+        record.update({"FID-GT-1k": 10 + fid + rng.normal(0, 0.2), "index": i, "architecture": "mnist_dit"})
+        records.append(record)
+    return family, layers, table, records
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few-epoch predictor on the tiny model's DAG and its unit scores (shared by the end-to-end tests)."""
+    from autobuild.dag import family_dag, units
+    from autobuild.scores import unit_scores_for
+    from autobuild.train import TrainOptions, train_predictor
+
+    family, layers, table, records = _tiny_cache(60)
+    root = tmp_path_factory.mktemp("predictor")
+    graph = family_dag("mnist_dit", "tiny")
+    metrics = train_predictor(records, graph, "-1*FID-GT-1k", folds=2, epochs=4, batch_size=30, seed=0,
+                              out_dir=root / "pred", units=units(graph, "block"), log=None,
+                              options=TrainOptions(hidden=16, patience=5, lr=3e-3))
+    block = unit_scores_for(root / "pred", graph, table, "block", batch_variants=8192)
+    node = unit_scores_for(root / "pred", graph, table, "node")
+    cache = root / "quant_cache.pkl"
+    cache.write_bytes(pickle.dumps(records, protocol=4))
+    return {"root": root, "pred": root / "pred", "graph": graph, "family": family, "layers": layers, "table": table,
+            "records": records, "block": block, "node": node, "metrics": metrics, "cache": cache}
+
+
+# ------------------------------------------------------------------------------------------ knapsack
+def _brute_force(costs, values, capacity):
+    best = (-np.inf, None)
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(int(c[i]) for c, i in zip(costs, choice)) <= capacity:
+            score = sum(float(v[i]) for v, i in zip(values, choice))
+            best = max(best, (score, choice), key=lambda t: t[0])
+    return best
+
+
+def test_milp_is_feasible_and_optimal_vs_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        groups = int(rng.integers(2, 5))
+        costs = [rng.integers(10, 200, size=int(rng.integers(2, 8))) for _ in range(groups)]
+        values = [rng.normal(size=len(c)) for c in costs]
+        problem = Knapsack(costs, values, fp_bytes=1600, fp_prec=16)
+        low, high = problem.min_bytes, sum(int(c.max()) for c in costs)
+        for size in np.linspace(low, high, 6):
+            budget = problem.avg_bits(int(size))
+            solution = solve_knapsack(problem, budget)
+            best, _ = _brute_force(costs, values, problem.capacity(budget))
+            assert solution.size <= problem.capacity(budget) and solution.avg_bits <= budget + 1e-12
+            assert solution.score == pytest.approx(best, abs=1e-9)
+
+
+def test_pareto_prune_keeps_exactly_the_non_dominated_variants():
+    costs = np.array([5, 3, 3, 8, 6, 5])
+    values = np.array([1.0, 0.5, 0.2, 2.0, 0.9, 1.0])
+    kept = pareto_prune(costs, values)
+    assert kept.tolist() == [1, 0, 3]  # (3, .5), (5, 1.0) [first of the duplicates], (8, 2.0)
+
+
+def test_budget_below_the_all_minimum_is_a_clear_error():
+    problem = Knapsack([np.array([100, 150]), np.array([50, 80])], [np.zeros(2), np.zeros(2)], 800, 16)
+    assert problem.avg_bits(problem.min_bytes) == pytest.approx(3.0)
+    with pytest.raises(BudgetError, match=r"below the smallest achievable 3\.0000.*at least 3\.000"):
+        solve_knapsack(problem, 2.99)
+    assert solve_knapsack(problem, 3.0).size == 150
+
+
+# ------------------------------------------------------------------------------------------ storage
+def test_unit_score_storage_round_trip(tmp_path):
+    variants = enumerate_variants(3, 6)
+    assert variants.shape == (216, 3) and variants.dtype == np.uint8
+    assert variants[:3].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2]] and len({tuple(r) for r in variants}) == 216
+    units = [UnitScores("b0/attn", "Self-Attn", 0, 3, "out", ["a", "b", "c"], ["SA-Q", "SA-K", "SA-Out"],
+                        [[], ["b1"], []], variants, np.random.default_rng(0).normal(size=216).astype(np.float32)),
+             UnitScores("x", "Out", -1, 0, "x", ["x"], ["Out"], [[]], enumerate_variants(1, 6),
+                        np.arange(6, dtype=np.float32))]
+    scores = UnitScoreSet("block", OPTIONS, units, {"family": "toy", "seconds": 1.5})
+    scores.save(tmp_path / "unit_scores_block")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unit_scores_block.json", "unit_scores_block.safetensors"]
+    back = UnitScoreSet.load(tmp_path / "unit_scores_block")
+    assert back.level == "block" and back.options == OPTIONS and back.meta == scores.meta
+    for a, b in zip(units, back.units):
+        assert (a.name, a.type, a.block, a.hops, a.output, a.keys, a.ops, a.aliases) == \
+               (b.name, b.type, b.block, b.hops, b.output, b.keys, b.ops, b.aliases)
+        assert b.variants.dtype == np.uint8 and b.scores.dtype == np.float32
+        assert np.array_equal(a.variants, b.variants) and np.array_equal(a.scores, b.scores)
+    with pytest.raises(FileNotFoundError, match="unit_scores_for"):
+        UnitScoreSet.load(tmp_path / "missing")
+
+
+def test_option_table_sources(tmp_path):
+    family, layers, table, records = _tiny_cache(40)
+    from_records = OptionTable.from_records(records)
+    assert from_records.options == OPTIONS and from_records.fp_bytes == table.fp_bytes
+    assert all(from_records.table[k] == table.table[k] for k in table.keys)
+    options = {k: v[0] for k, v in records[3]["config"].items()}
+    assert table.avg_bits(options) == pytest.approx(records[3]["avg_bits"])
+    (tmp_path / "t.json").write_text(json.dumps(table.table))
+    assert OptionTable.from_source(tmp_path / "t.json").digest() == table.digest()
+    with pytest.raises(ValueError, match="never use option"):
+        OptionTable.from_records(records[:1])
+
+
+# ------------------------------------------------------------------------------------------ configurations
+def _synthetic_scores(layers, table) -> UnitScoreSet:
+    """Node-level scores without a predictor: 4-bit better than 3-bit, K-Means-C best, layer-dependent."""
+    rng = np.random.default_rng(1)
+    units = []
+    for ref in layers:
+        if ref.tied_to:
+            continue
+        aliases = [r.key for r in layers if r.tied_to == ref.key]
+        scores = np.array([1.0, 1.2, 1.1, 0.0, 0.3, 0.1]) * rng.uniform(0.5, 2.0)
+        units.append(UnitScores(ref.key, "op", -1, 0, ref.key, [ref.key], ["Linear"], [aliases],
+                                enumerate_variants(1, 6), scores.astype(np.float32)))
+    return UnitScoreSet("node", OPTIONS, units, {"family": "mnist_dit"})
+
+
+def test_config_written_in_reference_form_and_valid_for_the_model(tmp_path):
+    from multiquant.config import load_config, validate_config
+
+    family, layers, table = _tiny_table()
+    scores = _synthetic_scores(layers, table)
+    built = build_config(None, table, family, 4.0, level="node", out_dir=tmp_path, scores=scores)
+    assert built.path == tmp_path / "mnist_dit_40.pkl" and built.path.with_suffix(".json").exists()
+    raw = pickle.loads(built.path.read_bytes())
+    assert isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values())  # {layer: "method-bits"}
+    config = load_config(built.path)
+    assert config == load_config(built.path.with_suffix(".json")) == built.config
+    assert list(config) == [r.key for r in layers]  # every layer, tied copies included, in model order
+    validate_config(config, layers, options=OPTIONS)  # raises on a tied copy that disagrees
+    for ref in layers:
+        if ref.tied_to:
+            assert config[ref.key] == config[ref.tied_to]
+    assert table.avg_bits(config) == pytest.approx(built.avg_bits) and built.avg_bits <= 4.0
+    assert built.predicted_score == pytest.approx(score_config(scores, config))
+    # a looser budget never predicts worse; tied copies are costed (the t-embedder counts twice)
+    looser, _ = config_for_budget(scores, table, 4.5)
+    assert score_config(scores, looser) >= built.predicted_score - 1e-9
+    problem = knapsack_from_scores(scores, table)
+    t_embed = next(i for i, u in enumerate(scores.units) if u.aliases[0])
+    key, alias = scores.units[t_embed].keys[0], scores.units[t_embed].aliases[0][0]
+    assert problem.costs[t_embed][0] == table.quant_bytes(key, "mse-4") + table.quant_bytes(alias, "mse-4")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_end_to_end_tiny_predictor_scores_and_budgeted_config(trained, tmp_path):
+    from multiquant.config import load_config, validate_config
+
+    block, node, table = trained["block"], trained["node"], trained["table"]
+    assert [u.name for u in block.units][:2] == ["transformer_blocks.0.norm1.emb.timestep_embedder/t-embed",
+                                                 "transformer_blocks.0/self-attn"]
+    assert block.num_variants == sum(6 ** len(u.keys) for u in block.units) == 54576
+    assert node.num_variants == 6 * 19 and all(np.isfinite(u.scores).all() for u in block.units)
+    assert block.meta["seconds"] > 0 and block.meta["variants_per_second"] > 0
+    # the batched scores equal the reference procedure: one isolated unit graph at a time
+    from autobuild.dag import unit_subgraph, units
+    from autobuild.train import load_ensemble
+    from torch_geometric.data import Batch
+
+    ensemble = load_ensemble(trained["pred"])
+    unit = units(trained["graph"], "block")[4]  # block 1 feedforward: 36 variants
+    stored = next(u for u in block.units if u.name == unit.name)
+    template = ensemble.template_for(unit_subgraph(trained["graph"], unit))
+    for row in (0, 17, 35):
+        config = {k: table.table[k][OPTIONS[i]] for k, i in zip(stored.keys, stored.variants[row])}
+        data = template.to_data(config)
+        single = ensemble.score_nodes(Batch.from_data_list([data]), torch.tensor([template.num_nodes - 1]), unit.hops)
+        assert single[0] == pytest.approx(stored.scores[row], abs=1e-4)
+    # cached: a second call reads the files
+    from autobuild.scores import unit_scores_for
+
+    again = unit_scores_for(trained["pred"], trained["graph"], table, "block")
+    assert again.meta["created"] == block.meta["created"]
+
+    budget = 3.6
+    built = build_config(trained["pred"], table, "mnist_dit", budget, out_dir=tmp_path, size="tiny")
+    config = load_config(built.path)
+    validate_config(config, trained["layers"], options=OPTIONS)
+    assert built.avg_bits <= budget and table.avg_bits(config) == pytest.approx(built.avg_bits)
+    assert built.predicted_score == pytest.approx(score_config(block, config), abs=1e-4)
+    front = pareto_front(block, table, [3.0, 3.3, 3.6, 3.9, 5.0], model="mnist_dit", out_dir=tmp_path)
+    assert [p["budget"] for p in front] == [3.3, 3.6, 3.9, 5.0]  # 3.0 is below the tiny model's minimum
+    assert all(a["predicted_score"] <= b["predicted_score"] + 1e-9 for a, b in zip(front, front[1:]))
+    png = plot_pareto(front, tmp_path / "front.png")
+    assert png.stat().st_size > 1000
+
+
+def test_insights_sensitivity_definition_and_plots(trained, tmp_path):
+    from autobuild.insights import config_mix_by_op, layer_sensitivity, op_of_keys, op_sensitivity, write_insights
+
+    node = trained["node"]
+    rows = layer_sensitivity(node)
+    per_layer = node.layer_scores()
+    for row in rows[:3]:
+        s = per_layer[row["key"]]
+        assert row["sensitivity"] == pytest.approx(s[:3].max() - s[3:].min())  # best 4-bit - worst 3-bit
+    assert [r["sensitivity"] for r in rows] == sorted((r["sensitivity"] for r in rows), reverse=True)
+    ops = op_sensitivity(rows)
+    assert {o["op"] for o in ops} >= {"SA-Q", "FF1", "t-Embed", "Out"}
+    config = {k: "kmeans-3" for k in trained["table"].keys}
+    mix = config_mix_by_op(config, op_of_keys(node))
+    assert sum(sum(c.values()) for c in mix.values()) == 19  # tied copies counted once
+    result = write_insights(tmp_path, node, trained["block"], {"all3": config}, model="mnist_dit")
+    assert set(result["plots"]) == {"box_block", "box_unit_type", "box_op", "mix_all3"}
+    assert all(p.stat().st_size > 1000 for p in result["plots"].values())
+    assert json.loads((tmp_path / "sensitivity.json").read_text())["definition"].startswith("sensitivity")
+
+
+def test_report_html(trained, tmp_path):
+    from autobuild.report import build_report, classify_scored
+    from multiquant.config import config_record, uniform_config
+
+    assert classify_scored("mnist_dit_35", "mnist_dit") == ("built", 3.5)
+    assert classify_scored("uniform_mse-4", "mnist_dit") == ("uniform", None)
+    assert classify_scored("greedy_mse_37", "mnist_dit") == ("greedy", 3.7)
+    assert classify_scored("fp16", "mnist_dit") == ("fp16", None)
+    table = trained["table"]
+    scored = []
+    for name, config in [("uniform_mse-4", uniform_config(trained["layers"], "mse-4")),
+                         ("fp16", uniform_config(trained["layers"], "fp16"))]:
+        record = config_record(config, table.table, 16, table.fp_bytes)
+        scored.append({**record, "FID-GT-1k": 12.0, "name": name})
+    (tmp_path / "scored").mkdir()
+    (tmp_path / "scored" / "quant_cache.pkl").write_bytes(pickle.dumps(scored))
+    page = build_report(trained["pred"], trained["cache"], tmp_path / "report", [tmp_path / "scored"], table=table,
+                        model="mnist_dit", size="tiny", budgets=[3.4, 3.8], log=None)
+    text = page.read_text()
+    for needle in ("Predictor", "Pareto front (predicted)", "Measured FID", "Sensitivity insights",
+                   "data:image/png;base64", "uniform_mse-4", "Most sensitive layers"):
+        assert needle in text
+    summary = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [p["budget"] for p in summary["pareto"]] == [3.4, 3.8]
+    assert (tmp_path / "report" / "configs" / "mnist_dit_34.pkl").exists()
+
+
+def test_cli_build_config(trained, tmp_path, capsys):
+    from autobuild.configs import main
+
+    (tmp_path / "table.json").write_text(json.dumps(trained["table"].table))
+    assert main(["--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"), "--size", "tiny",
+                 "--avg_bits", "3.7", "--pareto", "--budgets", "3.4,3.8", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "mnist_dit_37.pkl").exists() and (tmp_path / "mnist_dit_pareto_block.png").exists()
+    front = json.loads((tmp_path / "mnist_dit_pareto_block.json").read_text())["front"]
+    assert [p["budget"] for p in front] == [3.4, 3.8]
+    with pytest.raises(BudgetError):
+        main(["--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"), "--size", "tiny",
+              "--avg_bits", "1.0", "--out", str(tmp_path)])
+
+
+def test_predictor_stage_tiny(tmp_path):
+    from autobuild.pipeline import StageSettings, predictor_stage
+
+    _, _, _, records = _tiny_cache(60, seed=2)
+    cache = tmp_path / "quant_cache.pkl"
+    cache.write_bytes(pickle.dumps(records, protocol=4))
+    settings = StageSettings(folds=2, epochs=3, patience=3, hidden=16, batch_size=20, lr=3e-3, workers=1, samples=0)
+    summary = predictor_stage(cache, tmp_path / "out", settings=settings, budgets=(3.5, 3.7), size="tiny", log=None)
+    assert set(summary["predictor"]) >= {"srcc_mean", "ndcg10_mean"}
+    assert [p["budget"] for p in summary["pareto"]] == [3.5, 3.7]
+    assert all(p["avg_bits"] <= p["budget"] for p in summary["pareto"])
+    assert (tmp_path / "out" / "report" / "index.html").exists()
+    assert (tmp_path / "out" / "quant_configs" / "mnist_dit_35.pkl").exists()

@@ -32,7 +32,8 @@ import numpy as np
 from .scores import OptionTable, UnitScoreSet
 
 __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsack_from_scores", "solve_knapsack",
-           "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config", "pareto_front", "plot_pareto", "config_name",
+           "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config",
+           "pareto_front", "plot_pareto", "config_name",
            "build_parser", "add_build_config_arguments", "predictor_family", "run_build_config",
            "default_table_source", "main", "DEFAULT_PARETO_BUDGETS"]
 

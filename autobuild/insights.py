@@ -165,12 +165,13 @@ def box_plot(groups: Mapping[str, np.ndarray], path: str | os.PathLike, title: s
     """One box per group (whiskers 1.5 IQR, outliers as small dots), group sizes under the labels."""
     plt = _pyplot()
     labels = list(groups)
-    width = max(6.0, 0.55 * len(labels) + 2)
+    width = max(6.0, 0.8 * len(labels) + 1.5)
     fig, ax = plt.subplots(figsize=(width, 4.2), dpi=110)
     ax.boxplot([np.asarray(groups[k], dtype=float) for k in labels], showfliers=True,
                flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "tab:red"})
     ax.set_xticks(range(1, len(labels) + 1))
-    ax.set_xticklabels([f"{k}\n(n={len(groups[k]):,})" if len(labels) <= 12 else k for k in labels],
+    shown = [k.removeprefix("block ") for k in labels]  # the axis label says "block"
+    ax.set_xticklabels([f"{s}\n(n={len(groups[k]):,})" if len(labels) <= 12 else s for s, k in zip(shown, labels)],
                        rotation=0 if len(labels) <= 8 else 45, ha="center" if len(labels) <= 8 else "right",
                        fontsize=8)
     ax.axhline(0, color="0.6", lw=0.8, ls=":")
@@ -219,7 +220,8 @@ def write_insights(out_dir: str | os.PathLike, node_scores: UnitScoreSet | None 
     plots: dict[str, Path] = {}
     if block_scores is not None:
         plots["box_block"] = box_plot(scores_by_block(block_scores), out / "box_block.png",
-                                      f"{prefix}block-level unit scores per block", "block (all variants of its units)")
+                                      f"{prefix}block-level unit scores per block",
+                                      "block (global units by type); all variants of its units")
         plots["box_unit_type"] = box_plot(scores_by_unit_type(block_scores), out / "box_unit_type.png",
                                           f"{prefix}block-level unit scores per unit type", "unit type")
     result: dict = {"plots": plots, "layers": [], "ops": [], "definition": SENSITIVITY_DEFINITION}

@@ -278,7 +278,8 @@ def _predictor_section(metrics: Mapping) -> str:
     rows = [{"name": "GNN predictor (this run)", "srcc": metrics.get("srcc_mean"),
              "ndcg": metrics.get("ndcg10_mean")}]
     rows += [{"name": f"baseline: {name}", "srcc": b.get("srcc_mean"), "ndcg": b.get("ndcg10_mean")}
-             for name, b in sorted(metrics.get("baselines", {}).items(), key=lambda kv: -(kv[1].get("srcc_mean") or -9))]
+             for name, b in sorted(metrics.get("baselines", {}).items(),
+                                   key=lambda kv: -(kv[1].get("srcc_mean") or -9))]
     folds, n = metrics.get("folds_k"), metrics.get("n_valid")
     return (f"<h2>Predictor</h2><p>Target <code>{html.escape(str(metrics.get('target')))}</code>, loss "
             f"{html.escape(str(metrics.get('loss')))}, {folds}-fold cross-validation over {n} scored configurations. "
@@ -322,6 +323,8 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     if log:
         log("predicted Pareto front")
     front = pareto_front(block, table, budgets, model=spec.name, out_dir=out / "configs", log=log)
+    for point in front:  # the page and report.json name the files relative to the report folder
+        point["config_path"] = os.path.relpath(point["config_path"], out)
     if not front:
         raise ValueError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
     front_png = plot_pareto(front, out / "pareto_predicted.png",
@@ -339,7 +342,8 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     from multiquant.config import load_config
 
     chosen = [front[0], front[-1]] if len(front) > 1 else front[:1]
-    chosen_configs = {Path(p["config_path"]).stem: load_config(p["config_path"]) for p in chosen[:GRID_BUDGETS]}
+    chosen_configs = {Path(p["config_path"]).stem: load_config(out / p["config_path"]) for p in chosen[:GRID_BUDGETS]}
+    bits_of = {Path(p["config_path"]).stem: p["avg_bits"] for p in front}
     insights = write_insights(out / "insights", node, block, chosen_configs, model=spec.name)
 
     grids = images_from_scored(scored_dirs, ["fp16", *chosen_configs], out / "samples")
@@ -371,11 +375,13 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
                                   left=["name", "kind"]) if scored else ""))
     sections.append(_insights_section(insights, SENSITIVITY_DEFINITION, embed))
     if grids:
-        figures = "".join(f"<figure>{_img(p, name, embed)}<figcaption>{html.escape(name)}</figcaption></figure>"
+        figures = "".join(f"<figure>{_img(p, name, embed)}<figcaption>{html.escape(name)}"
+                          f"{f' ({bits_of[name]:.2f} bits)' if name in bits_of else ''}</figcaption></figure>"
                           for name, p in grids.items())
         sections.append(f"<h2>Samples: FP16 vs quantized</h2><p>Same conditions and noise seeds for every "
                         f"configuration.</p><div class='grid'>{figures}</div>")
-    subtitle = (f"model <b>{html.escape(spec.name)}</b> &middot; predictor <code>{html.escape(str(predictor_dir))}</code>"
+    subtitle = (f"model <b>{html.escape(spec.name)}</b> &middot; predictor "
+                f"<code>{html.escape(str(predictor_dir))}</code>"
                 f" &middot; {len(records)} random configurations &middot; generated "
                 f"{time.strftime('%Y-%m-%d %H:%M')}")
     page = out / "index.html"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,16 @@ def measure_forward(model, inputs, reps: int, warmup: int = 2) -> tuple[torch.Te
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="export_bench_"))
+    try:
+        return run(args, workdir)
+    finally:
+        if not args.workdir:  # exports of random weights: nothing worth keeping
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="pixart_alpha")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (default on a machine without CUDA)")
@@ -102,8 +113,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--kmeans_iters", type=int, default=10, help="random weights: few Lloyd iterations suffice")
     ap.add_argument("--workdir", default=None, help="where exports are written (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def run(args, workdir: Path) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = args.tiny or device.type != "cuda"
     if device.type == "cpu":
@@ -111,7 +124,6 @@ def main(argv=None) -> dict:
     family = get_family(args.model)
     dtype = family.dtype if device.type == "cuda" else torch.float32  # fp16 matmuls are slow or missing on CPUs
     resolution = args.resolution if args.resolution else (None if tiny else family.resolution)
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="export_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

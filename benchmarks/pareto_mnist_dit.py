@@ -19,7 +19,6 @@ Writes ``benchmarks/results/pareto_mnist_dit.json`` (``_tiny`` for --tiny) and t
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from argparse import Namespace
@@ -163,7 +162,8 @@ def greedy_configs(args, budgets, workdir: Path, log) -> dict[str, dict]:
             sens_file = sensitivity.run_sensitivity(protocol, settings, workdir / "sensitivity", 3, method,
                                                     log=log)["path"]
         for budget in budgets:
-            ns = Namespace(sensitivity_file=sens_file, flops_file=str(flops_file), budget_bits=budget, budget_multiplier=None,
+            ns = Namespace(sensitivity_file=sens_file, flops_file=str(flops_file), budget_bits=budget,
+                           budget_multiplier=None,
                            bits="3,4", method=method, solver="greedy", unmeasured="highest", model=MODEL,
                            outdir=str(workdir / "greedy"))
             try:

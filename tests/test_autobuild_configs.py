@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -39,8 +38,8 @@ def _tiny_table(seed: int = 0):
         for option in OPTIONS:
             method, bits = option.rsplit("-", 1)
             error = base * {"mse": 1.0, "kmeans": 0.4, "kmeans_all": 0.7}[method] * (2.2 if bits == "3" else 1.0)
-            table[ref.key][option] = [option, ref.numel * 2, option_bytes(method, int(bits), ref.numel, ref.channels, 16),
-                                      error]
+            size = option_bytes(method, int(bits), ref.numel, ref.channels, 16)
+            table[ref.key][option] = [option, ref.numel * 2, size, error]
     return family, layers, OptionTable(table, 16)
 
 

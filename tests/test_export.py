@@ -91,6 +91,39 @@ def test_lean_unpack_equals_reference_unpack(bits):
         assert torch.equal(unpack_codes_lean(packed, bits, numel).to(torch.uint8), unpack_codes(packed, bits, numel))
 
 
+@pytest.mark.parametrize("layer", [torch.nn.Linear(12, 5), torch.nn.Conv1d(6, 5, 3, padding=1),
+                                   torch.nn.Conv2d(4, 5, 3, stride=2, padding=1, padding_mode="reflect")],
+                         ids=["linear", "conv1d", "conv2d"])
+def test_packed_layers_equal_the_stock_layer_with_the_dequantized_weight(layer):
+    """Every method, a split into two slices (one of them dense), against quantizers.dequantize."""
+    from multiquant.packed import packed_layer
+    from multiquant.quantizers import dequantize, quantize
+
+    weight = layer.weight.detach()
+    cut = weight.shape[1] // 2
+    for option in ("mse-3", "kmeans-4", "kmeans_all-2"):
+        method, bits = option.rsplit("-", 1)
+        first = weight[:, :cut]
+        codes, params = quantize(first.reshape(first.shape[0], -1), method, int(bits), iters=5)
+        part = PackedWeight(option, first.shape, device="cpu")
+        part.codes.copy_(pack_codes(codes, int(bits)))
+        for name, value in params.items():
+            getattr(part, name).copy_(value)
+        dense = PackedWeight("fp16", weight[:, cut:].shape, device="cpu")
+        dense.dense.copy_(weight[:, cut:])
+        packed = packed_layer(layer, [part, dense])
+        reference = torch.cat([dequantize(method, codes, params).view(first.shape), weight[:, cut:]], dim=1)
+        assert torch.equal(packed.weight, reference)
+        spatial = {torch.nn.Linear: (), torch.nn.Conv1d: (9,), torch.nn.Conv2d: (9, 9)}[type(layer)]
+        x = torch.randn(2, weight.shape[1], *spatial) if spatial else torch.randn(2, weight.shape[1])
+        with torch.no_grad():
+            if isinstance(layer, torch.nn.Linear):
+                expected = torch.nn.functional.linear(x, reference, layer.bias)
+            else:
+                expected = layer._conv_forward(x, reference, layer.bias)
+            assert torch.equal(packed(x), expected)
+
+
 # -- equality with the simulated configuration ---------------------------------------------------------------
 
 def test_every_packed_weight_equals_the_simulated_weight_bit_for_bit(exported):

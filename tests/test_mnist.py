@@ -22,6 +22,15 @@ needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test set not fou
                                                         "(set QUA2SEDIMO_MNIST)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids thread-pool overhead on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def spec():
     return get_family("mnist_dit")
@@ -84,16 +93,16 @@ def test_shipped_reference_stats_are_the_reference_split():
 @needs_mnist
 def test_shipped_classifier_is_accurate_on_heldout_digits():
     images, labels = data.load_split("heldout")
-    _, preds = classifier_outputs(load_classifier(), images[:1000])
-    assert np.mean(preds == labels[:1000]) >= 0.98
+    _, preds = classifier_outputs(load_classifier(), images[::5])  # 600 of the 3,000, all digits
+    assert np.mean(preds == labels[::5]) >= 0.98
 
 
 @needs_mnist
 def test_mnist_fid_separates_real_digits_from_noise():
     images, labels = data.load_split("eval")
-    real = score_digits(images[:500], labels[:500])
+    real = score_digits(images[:300], labels[:300])
     gen = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, 256, (500, 28, 28), generator=gen, dtype=torch.uint8)
+    noise = torch.randint(0, 256, (300, 28, 28), generator=gen, dtype=torch.uint8)
     assert real["accuracy"] >= 0.97
     assert score_digits(noise)["fid"] > 10 * real["fid"] > 0
 

@@ -10,6 +10,7 @@ quantization configurations (every layer at one option, through the multiquantiz
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from ..families import get_family
 from . import cards
 from .classifier import CLASSIFIER_DIR, classifier_outputs, load_classifier, load_reference_stats
-from .quality import evaluate_pipeline, score_digits
+from .quality import evaluate_pipeline, evaluation_plan, score_digits
 
 DEFAULT_UNIFORM = ("mse-4", "kmeans-4", "kmeans_all-4", "mse-3", "kmeans-3", "kmeans_all-3")
 
@@ -34,24 +35,34 @@ def real_floor(classifier, ref_stats: dict, mnist_dir=None) -> dict:
         info = cards.read_json(CLASSIFIER_DIR / "training.json") or {}
         return {"fid": info.get("fid_floor_eval_1000"), "accuracy": info.get("accuracy", {}).get("eval"),
                 "source": "mnist_classifier/training.json"}
-    return dict(score_digits(images, labels, classifier, ref_stats), source="MNIST eval split")
+    floor = dict(score_digits(images, labels, classifier, ref_stats), source="MNIST eval split")
+    # Same N drawn from the reference digits themselves: the finite-sample part of the floor.
+    ref_images, _ = load_split("reference", mnist_dir)
+    floor["fid_reference_subset"] = score_digits(ref_images[:len(images)], None, classifier, ref_stats)["fid"]
+    return floor
 
 
-def uniform_results(pipe, options, mq_path, kwargs: dict, log=print) -> dict:
-    """Score each uniform configuration; the denoiser's FP weights are restored afterwards."""
+def multiquantizer_for(model, mq_path=None):
+    """Load ``mq_path`` (checked against the weights) or build the multiquantizer (saved there if given)."""
     from ..checkpoint import MultiQuantizer
-    from ..config import config_record, quantize_, uniform_config
-    from ..quantizers import FP_OPTION, METHOD_NAMES
 
     spec = get_family("mnist_dit")
-    model = pipe.transformer
     if mq_path and Path(mq_path).exists():
         mq = MultiQuantizer.from_pretrained(mq_path)
         mq.check_compatible(model, spec)
-    else:
-        mq = MultiQuantizer.build(model, spec, show_progress=False)
-        if mq_path:
-            mq.save_pretrained(mq_path)
+        return mq
+    mq = MultiQuantizer.build(model, spec, show_progress=False)
+    if mq_path:
+        mq.save_pretrained(mq_path)
+    return mq
+
+
+def uniform_results(pipe, mq, options, kwargs: dict, log=print) -> dict:
+    """Score each uniform configuration; the denoiser's FP weights are restored afterwards."""
+    from ..config import config_record, quantize_, uniform_config
+    from ..quantizers import FP_OPTION, METHOD_NAMES
+
+    model = pipe.transformer
     results = {}
     for option in options:
         config = uniform_config(mq.layers, option)
@@ -63,6 +74,30 @@ def uniform_results(pipe, options, mq_path, kwargs: dict, log=print) -> dict:
         log(f"uniform {option}: FID {r['fid']:.3f}  accuracy {r['accuracy']:.3f}  ({record['avg_bits']:.2f} bits)")
     quantize_(model, uniform_config(mq.layers, FP_OPTION), mq)
     return results
+
+
+def sample_grid(pipe, mq, options, path, steps: int, guidance: float, per_row: int = 10) -> Path:
+    """PNG with one row of digits 0..9 (plan images 0..9) per configuration: FP first, then ``options``."""
+    from PIL import Image
+
+    from ..config import quantize_, uniform_config
+    from ..quantizers import FP_OPTION
+
+    labels, seeds = evaluation_plan(per_row)
+    rows = []
+    for option in (FP_OPTION, *options):
+        if mq is not None:
+            quantize_(pipe.transformer, uniform_config(mq.layers, option), mq)
+        images = pipe(labels, seeds, num_inference_steps=steps, guidance_scale=guidance)[:, 0]
+        rows.append(torch.cat(list(images), dim=1))  # [28, 28 * per_row]
+    if mq is not None:
+        quantize_(pipe.transformer, uniform_config(mq.layers, FP_OPTION), mq)
+    grid = torch.cat(rows, dim=0).numpy()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv=None) -> dict:
@@ -81,7 +116,11 @@ def main(argv=None) -> dict:
     p.add_argument("--uniform", default="", help=f"comma-separated options, or 'all' for {','.join(DEFAULT_UNIFORM)}")
     p.add_argument("--multiquantizer", default=None, help="multiquantizer file to reuse (built and saved if missing)")
     p.add_argument("--write-card", action="store_true")
+    p.add_argument("--grid", action="store_true", help="also write samples.png (digits 0-9, FP then each --uniform option)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     pipe = MNISTDiTPipeline.from_family(args.pretrained, device=args.device)
     clf = load_classifier(device=args.device)
@@ -100,11 +139,16 @@ def main(argv=None) -> dict:
         "device": str(args.device) if args.device != "cpu" else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "fp": fp, "fid_floor": floor["fid"], "floor_accuracy": floor["accuracy"],
+        "fid_reference_subset": floor.get("fid_reference_subset"),
     }
     options = DEFAULT_UNIFORM if args.uniform == "all" else [o for o in args.uniform.split(",") if o]
+    mq = multiquantizer_for(pipe.transformer, args.multiquantizer) if options else None
     if options:
-        quality["uniform"] = uniform_results(pipe, options, args.multiquantizer, kwargs)
+        quality["uniform"] = uniform_results(pipe, mq, options, kwargs)
     outdir = Path(args.pretrained)
+    if args.grid:
+        quality["grid_rows"] = ["fp16", *options]
+        sample_grid(pipe, mq, options, outdir / "samples.png", args.steps, args.guidance)
     cards.write_json(outdir / "quality.json", quality)
     if args.write_card:
         cards.write_text(outdir / "README.md", cards.dit_card(cards.read_json(outdir / "training.json"), quality))

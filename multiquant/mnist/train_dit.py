@@ -137,7 +137,7 @@ def train(args, log=print) -> tuple[torch.nn.Module, dict]:
         "data": "MNIST t10k test set, train split (i % 10 in 0..6): 7,000 digits",
         "size": args.size, "config": dict(model.config), "parameters": sum(p.numel() for p in params),
         "steps": step, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
-        "p_uncond": args.p_uncond, "seed": args.seed, "noise_schedule": NOISE_SCHEDULE,
+        "p_uncond": args.p_uncond, "seed": args.seed, "time_budget_s": args.time_budget_s, "noise_schedule": NOISE_SCHEDULE,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__, "wall_time_s": round(wall, 1), "loss_history": history,
     }

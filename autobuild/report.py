@@ -323,19 +323,13 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     if log:
         log("predicted Pareto front")
     front = pareto_front(block, table, budgets, model=spec.name, out_dir=out / "configs", log=log)
-    for point in front:  # the page and report.json name the files relative to the report folder
-        point["config_path"] = os.path.relpath(point["config_path"], out)
     if not front:
         raise ValueError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
+    for point in front:  # the page and report.json name the files relative to the report folder
+        point["config_path"] = os.path.relpath(point["config_path"], out)
     front_png = plot_pareto(front, out / "pareto_predicted.png",
                             title=f"{spec.name}: predicted Pareto front (block-level unit scores)")
-    scored = load_scored(scored_dirs, spec.name)
-    for row in scored:
-        if row["config"]:
-            try:
-                row["predicted_score"] = score_config(block, row["config"])
-            except (KeyError, ValueError):
-                row["predicted_score"] = None
+    scored = _with_predicted_scores(load_scored(scored_dirs, spec.name), block)
     measured_png = (plot_measured(records, scored, out / "pareto_measured.png",
                                   f"{spec.name}: measured FID vs average bits") if records or scored else None)
 
@@ -349,37 +343,19 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     grids = images_from_scored(scored_dirs, ["fp16", *chosen_configs], out / "samples")
     if samples and len(grids) < 1 + len(chosen_configs):
         try:
-            grids = render_samples(spec, chosen_configs, out / "samples", num=samples, mq=mq or _mq_for_samples(source),
-                                   pretrained=pretrained, tiny=tiny, device=device, log=log)
+            grids = render_samples(spec, chosen_configs, out / "samples", num=samples,
+                                   mq=mq or _mq_for_samples(source), pretrained=pretrained, tiny=tiny, device=device,
+                                   log=log)
         except (FileNotFoundError, ValueError, OSError, RuntimeError) as err:  # optional part: say why, go on
             if log:
                 log(f"  sample grids skipped: {err}")
 
-    sections = [_predictor_section(metrics)]
-    sections.append("<h2>Pareto front (predicted)</h2><p>For each budget B the configuration maximising the summed "
-                    "block-level unit scores subject to avg_bits &le; B (exact multiple-choice knapsack, "
-                    "<code>scipy.optimize.milp</code>). Configurations: <code>configs/</code>.</p>"
-                    + _img(front_png, "predicted front", embed)
-                    + _table(front, [("budget", "budget"), ("avg_bits", "avg bits"),
-                                     ("predicted_score", "predicted score"), ("config_path", "file")],
-                             left=["config_path"]))
+    sections = [_predictor_section(metrics), _front_section(front, front_png, embed)]
     if measured_png is not None:
-        table_rows = sorted(scored, key=lambda r: (r["kind"], r["avg_bits"]))
-        sections.append("<h2>Measured FID vs average bits</h2>"
-                        + ("" if scored else "<p class='note'>No eval-configs results given (--scored): only the "
-                                             "random configurations are shown. Score the configurations in "
-                                             "<code>configs/</code> with <code>qua2sedimo eval-configs</code>.</p>")
-                        + _img(measured_png, "measured front", embed)
-                        + (_table(table_rows, [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"),
-                                               ("fid", "FID"), ("predicted_score", "predicted score")],
-                                  left=["name", "kind"]) if scored else ""))
+        sections.append(_measured_section(scored, measured_png, embed))
     sections.append(_insights_section(insights, SENSITIVITY_DEFINITION, embed))
     if grids:
-        figures = "".join(f"<figure>{_img(p, name, embed)}<figcaption>{html.escape(name)}"
-                          f"{f' ({bits_of[name]:.2f} bits)' if name in bits_of else ''}</figcaption></figure>"
-                          for name, p in grids.items())
-        sections.append(f"<h2>Samples: FP16 vs quantized</h2><p>Same conditions and noise seeds for every "
-                        f"configuration.</p><div class='grid'>{figures}</div>")
+        sections.append(_samples_section(grids, bits_of, embed))
     subtitle = (f"model <b>{html.escape(spec.name)}</b> &middot; predictor "
                 f"<code>{html.escape(str(predictor_dir))}</code>"
                 f" &middot; {len(records)} random configurations &middot; generated "
@@ -399,6 +375,43 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     if log:
         log(f"wrote {page}")
     return page
+
+
+def _with_predicted_scores(scored: list[dict], block) -> list[dict]:
+    """Each scored configuration's predicted score (None for FP16 and options the scores do not cover)."""
+    for row in scored:
+        try:
+            row["predicted_score"] = score_config(block, row["config"]) if row["config"] else None
+        except (KeyError, ValueError):
+            row["predicted_score"] = None
+    return scored
+
+
+def _front_section(front, png: Path, embed) -> str:
+    return ("<h2>Pareto front (predicted)</h2><p>For each budget B the configuration maximising the summed "
+            "block-level unit scores subject to avg_bits &le; B (exact multiple-choice knapsack, "
+            "<code>scipy.optimize.milp</code>). Configurations: <code>configs/</code>.</p>"
+            + _img(png, "predicted front", embed)
+            + _table(front, [("budget", "budget"), ("avg_bits", "avg bits"), ("predicted_score", "predicted score"),
+                             ("config_path", "file")], left=["config_path"]))
+
+
+def _measured_section(scored, png: Path, embed) -> str:
+    note = ("" if scored else "<p class='note'>No eval-configs results given (--scored): only the random "
+                              "configurations are shown. Score the configurations in <code>configs/</code> with "
+                              "<code>qua2sedimo eval-configs</code>.</p>")
+    rows = sorted(scored, key=lambda r: (r["kind"], r["avg_bits"]))
+    table = _table(rows, [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"), ("fid", "FID"),
+                          ("predicted_score", "predicted score")], left=["name", "kind"]) if scored else ""
+    return "<h2>Measured FID vs average bits</h2>" + note + _img(png, "measured front", embed) + table
+
+
+def _samples_section(grids: Mapping[str, Path], bits_of: Mapping[str, float], embed) -> str:
+    figures = "".join(f"<figure>{_img(p, name, embed)}<figcaption>{html.escape(name)}"
+                      f"{f' ({bits_of[name]:.2f} bits)' if name in bits_of else ''}</figcaption></figure>"
+                      for name, p in grids.items())
+    return (f"<h2>Samples: FP16 vs quantized</h2><p>Same conditions and noise seeds for every configuration.</p>"
+            f"<div class='grid'>{figures}</div>")
 
 
 def _mq_for_samples(source):

@@ -402,6 +402,14 @@ def check_graph_matches(ensemble, graph: nx.DiGraph) -> None:
                          f"{graph.graph.get('family')!r}): use the same family and size (--size full|tiny)")
 
 
+def _same_units(cached: UnitScoreSet, graph: nx.DiGraph, level: str) -> bool:
+    """Cached scores belong to this graph: the same units, with the same layers."""
+    from .dag import units as make_units
+
+    current = make_units(graph, level)
+    return [(u.name, str(u.output)) for u in current] == [(u.name, u.output) for u in cached.units]
+
+
 def load_unit_scores(stem: str | os.PathLike) -> UnitScoreSet:
     return UnitScoreSet.load(stem)
 
@@ -423,7 +431,7 @@ def unit_scores_for(predictor_dir: str | os.PathLike, graph: nx.DiGraph, table, 
         except FileNotFoundError:
             cached = None
         if (cached is not None and cached.level == level and cached.meta.get("ensemble_digest") == digest
-                and cached.meta.get("table_digest") == table.digest()):
+                and cached.meta.get("table_digest") == table.digest() and _same_units(cached, graph, level)):
             return cached
     ensemble = load_ensemble(predictor_dir)
     check_graph_matches(ensemble, graph)

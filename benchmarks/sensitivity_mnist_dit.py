@@ -109,18 +109,43 @@ def load_cache(path, heads) -> list[dict]:
     return records
 
 
-def self_scored_cache(protocol, num: int, methods, log) -> list[dict]:
-    """Random configurations (the reference sampler over ``methods`` x {3, 4}) scored with the protocol."""
+def self_scored_cache(protocol, settings: dict, num: int, methods, workdir: Path, log) -> list[dict]:
+    """Random configurations (the reference sampler over ``methods`` x {3, 4}) scored with the protocol;
+    kept in a resumable record store beside the per-layer records."""
     from multiquant.config import sample_random_config
+    from multiquant.store import RecordStore
 
-    records = []
+    store = RecordStore(workdir / f"random_configs_{'_'.join(methods)}", dict(settings, kind="random", seed=0,
+                        methods=list(methods)), required_keys=("config", "fid_fp"))
+    done = store.done_indices()
     for index in range(num):
+        if index in done:
+            continue
         config = sample_random_config(protocol.layers, seed=0, index=index, methods=tuple(methods))
         metrics = protocol.measure({k: parse_option(v) for k, v in config.items()})
-        fid = metrics.get("fid_gt", metrics["fid_fp"])  # FID-GT where reference statistics exist
-        records.append({"config": dict(config), "FID": fid, "quantized_error": metrics["weight_error"]})
-        log(f"random configuration {index}: FID {fid:.4g}")
-    return records
+        store.commit(index, dict(metrics, config=dict(config), quantized_error=metrics["weight_error"]))
+        log(f"random configuration {index}: FID-FP {metrics['fid_fp']:.4g}"
+            + (f"  FID-GT {metrics['fid_gt']:.4g}" if "fid_gt" in metrics else ""))
+    return [r for r in store.records() if r["index"] < num]
+
+
+# single-layer degradations that can be summed, by the record key they come from
+ADDITIVE_METRICS = {"FID-FP": "fid_fp", "FID-GT increase": "fid_gt_increase", "1-SSIM(FP)": "one_minus_ssim"}
+
+
+def correlation_table(cache: list[dict], targets: dict, reports: dict, heads, measured_bits) -> tuple[dict, int]:
+    """{target: {predictor: SRCC}} for the additive sums and the cache's zero-cost baselines."""
+    predictors, scaled = {}, 0
+    for name, key in ADDITIVE_METRICS.items():
+        if all(key in l["raw"] for rep in reports.values() for l in rep["layers"]):
+            table = degradation_lookup(reports, key)
+            sums = [additive_prediction(r["config"], heads, table, measured_bits) for r in cache]
+            predictors[f"sum of single-layer {name}"] = [p for p, _ in sums]
+            scaled = int(sum(n for _, n in sums))
+    predictors["summed weight error (quantized_error)"] = [r.get("quantized_error", np.nan) for r in cache]
+    if all("avg_bits" in r for r in cache):
+        predictors["avg_bits (expected negative)"] = [r["avg_bits"] for r in cache]
+    return {t: {p: srcc(values, target) for p, values in predictors.items()} for t, target in targets.items()}, scaled
 
 
 def main(argv=None) -> dict:
@@ -153,33 +178,24 @@ def main(argv=None) -> dict:
     for method in methods:
         for bits in measured_bits:
             reports[(method, bits)] = run_sensitivity(protocol, settings, workdir, bits, method, log=log)
-    fid_key = "fid_gt_increase" if fid_against == "gt" else "fid_fp"
-    table = degradation_lookup(reports, fid_key)
 
     if cache is None:
         if not args.num_random:
             raise SystemExit("pass --quant_cache FILE (the scored random configurations of mnist_dit) or --num_random N")
-        cache = self_scored_cache(protocol, args.num_random, methods, log)
-        target_name = (f"{'FID-GT' if fid_against == 'gt' else 'FID-FP'} of {len(cache)} self-scored random "
-                       f"configurations (same {args.num_images}-image protocol)" + (" - tiny smoke check" if args.tiny else ""))
-        target = [r["FID"] for r in cache]
+        cache = self_scored_cache(protocol, settings, args.num_random, methods, workdir, log)
+        where = f"{len(cache)} self-scored random configurations, same {args.num_images}-image protocol" + (
+            ", tiny smoke check" if args.tiny else "")
+        targets = {f"FID-FP ({where})": [r["fid_fp"] for r in cache]}
+        if all("fid_gt" in r for r in cache):
+            targets[f"FID-GT ({where})"] = [r["fid_gt"] for r in cache]
     else:
-        target_name = "FID-GT-1k of the quant cache"
-        target = [float(r["FID-GT-1k"]) for r in cache]
-    predictions = [additive_prediction(r["config"], heads, table, measured_bits) for r in cache]
-    additive = [p for p, _ in predictions]
-    scaled_layers = int(sum(s for _, s in predictions))
-    proxy_table = degradation_lookup(reports, "one_minus_ssim")
-    additive_proxy = [additive_prediction(r["config"], heads, proxy_table, measured_bits)[0] for r in cache]
+        targets = {f"FID-GT-1k of the quant cache ({len(cache)} configurations)": [float(r["FID-GT-1k"]) for r in cache]}
+    correlations, scaled_layers = correlation_table(cache, targets, reports, heads, measured_bits)
 
-    correlations = {"additive_single_layer_fid": srcc(additive, target),
-                    "additive_single_layer_1-ssim": srcc(additive_proxy, target),
-                    "summed_weight_error": srcc([r.get("quantized_error", np.nan) for r in cache], target)}
-    if all("avg_bits" in r for r in cache):
-        correlations["avg_bits (expected negative)"] = srcc([r["avg_bits"] for r in cache], target)
-
+    fid_key = "fid_gt_increase" if fid_against == "gt" else "fid_fp"
     rankings = {f"{m}-{b}": [{"rank": l["rank"], "key": l["key"], "sensitivity": round(l["sensitivity"], 4),
-                              "band": l["band"], fid_key: l["raw"][fid_key]}
+                              "band": l["band"], "fid_fp": l["raw"]["fid_fp"], fid_key: l["raw"][fid_key],
+                              "one_minus_ssim": l["raw"]["one_minus_ssim"]}
                              for l in sorted(rep["layers"], key=lambda l: l["rank"])]
                 for (m, b), rep in reports.items()}
     result = {
@@ -187,15 +203,19 @@ def main(argv=None) -> dict:
         "settings": {**{k: settings[k] for k in ("num_prompts", "prompt_seed", "image_seed", "feature_net",
                                                    "fid_against", "second_metric")},
                      "methods": methods, "measured_bits": list(measured_bits), "quant_cache": args.quant_cache},
-        "degradation": fid_key, "target": target_name, "num_configurations": len(cache),
-        "unmeasured_widths": (f"{scaled_layers} layer-options scaled from the nearest measured width by 2^-(b - b_m)"
-                              if scaled_layers else "none: every option measured"),
+        "sensitivity_score": f"0.6 x norm[{fid_key}] + 0.4 x norm[{settings['second_metric']}]",
+        "num_configurations": len(cache),
+        "unmeasured_widths": (f"{scaled_layers} layer-options per sum scaled from the nearest measured width by "
+                              f"2^-(b - b_measured)" if scaled_layers else "none: every option measured"),
         "srcc": correlations, "rankings": rankings,
         "top10": {name: [r["key"] for r in ranking[:10]] for name, ranking in rankings.items()},
         "seconds": time.perf_counter() - t0,
     }
     out = write_result("sensitivity_mnist_dit" + ("_tiny" if args.tiny else ""), result, args.out)
-    log(f"SRCC of the additive prediction vs {target_name}: {correlations['additive_single_layer_fid']}")
+    for target, row in correlations.items():
+        log(f"SRCC vs {target}:")
+        for predictor, value in row.items():
+            log(f"  {predictor:<42} {'n/a' if value is None else f'{value:+.3f}'}")
     log(f"wrote {out}")
     return result
 

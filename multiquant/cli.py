@@ -148,7 +148,7 @@ def cmd_eval_random(args) -> int:
 
     dist.init_from_env()
     scorer, settings = _scorer_from_args(args)
-    meta = dict(settings, kind="random", seed=args.seed, a_l=args.a_l, a_u=args.a_u, num_archs=args.num_archs)
+    meta = dict(settings, kind="random", seed=args.seed, a_l=args.a_l, a_u=args.a_u)  # more archs may follow
     store = _open_store(args.outdir, meta)
     extra = {"seed": args.seed, "a_l": args.a_l, "a_u": args.a_u}
     score_into_store(scorer, store, random_configs(scorer.mq.layers, args.seed, args.num_archs, args.a_l, args.a_u),
@@ -250,6 +250,60 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ export
+def cmd_export(args) -> int:
+    """Write a configuration as a packed model directory (real sub-4-bit weights on disk)."""
+    from .config import load_config, uniform_config, validate_config
+    from .evaluate import load_or_build_multiquantizer
+    from .export import WEIGHTS_NAME, export_quantized, read_export_info, safetensors_bytes
+    from .families import get_family
+
+    if not (args.q_config or args.uniform):
+        raise ValueError("no configuration given: pass --q_config FILE (.pkl/.json) or --uniform mse-4")
+    family = get_family(args.model)
+    device = _device(args.device)
+    # the family's precision even on a CPU: export only packs, it runs no forward
+    if args.tiny:
+        denoiser = family.build("tiny", device=device, dtype=family.dtype)
+    else:
+        denoiser = family.load(args.pretrained, dtype=family.dtype, device=device)
+    mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
+    config = load_config(args.q_config) if args.q_config else uniform_config(mq.layers, args.uniform)
+    config = validate_config(config, mq.layers, options=mq.options, fill=args.fill)
+    out = export_quantized(denoiser, family, config, mq, args.out)
+    info, size = read_export_info(out), safetensors_bytes(out / WEIGHTS_NAME)
+    print(f"wrote {out}: {size['file'] / 2**20:.1f} MiB, avg_bits {info['avg_bits']:.3f}, "
+          f"{info['num_packed_modules']} packed modules, {info['num_fp16_layers']} fp16 layers")
+    return 0
+
+
+def cmd_load_check(args) -> int:
+    """Load a packed export, run one denoiser forward; with --compare, against the simulated configuration."""
+    import torch
+
+    from .config import quantize_
+    from .evaluate import load_or_build_multiquantizer
+    from .export import check_export, read_export_info
+    from .families import get_family
+
+    info = read_export_info(args.dir)
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype or info["dtype"])  # default: the dtype it was exported in (exact)
+    simulated = None
+    if args.compare:  # the FP denoiser the export came from, with the configuration simulated in place
+        family = get_family(info["family"])
+        sim_dtype = getattr(torch, info["dtype"])
+        if args.tiny:
+            simulated = family.build("tiny", device=device, dtype=sim_dtype)
+        else:
+            simulated = family.load(args.pretrained, dtype=sim_dtype, device=device)
+        mq = load_or_build_multiquantizer(family, simulated, args.mq, tiny=args.tiny)
+        quantize_(simulated, info["config"], mq)
+    report = check_export(args.dir, device=device, dtype=dtype, simulated=simulated, batch=args.batch)
+    print(json.dumps(report, indent=1))
+    return 0 if report["output_finite"] and report.get("max_abs_diff_vs_simulated", 0.0) <= args.tolerance else 1
+
+
 # ------------------------------------------------------------------------------------------- parser
 # ------------------------------------------------------------------------------------------- parser
 # ------------------------------------------------------------------------------------------- parser
@@ -312,6 +366,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant_act", action="store_true", help="online token-wise activation quantization")
     p.add_argument("--act_bit", type=int, default=8, choices=[8, 6, 4])
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export", help="write a configuration as a packed model (real sub-4-bit weights)")
+    _add_model_args(p)
+    p.add_argument("--q_config", default=None, help="configuration file (.pkl/.json)")
+    p.add_argument("--uniform", default=None, help="or one option for every layer, e.g. mse-4")
+    p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
+    p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
+    p.add_argument("--out", required=True, help="output directory (config.json, quantized.safetensors, quantization.json)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("load-check", help="load a packed export and run one forward (optionally vs the simulation)")
+    p.add_argument("dir", help="export directory")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 (default: the exported one)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--compare", action="store_true", help="also build the simulated configuration and compare")
+    p.add_argument("--pretrained", default=None, help="with --compare: the FP weights (default: the family's)")
+    p.add_argument("--tiny", action="store_true", help="with --compare: the tiny random denoiser")
+    p.add_argument("--mq", default=None, help="with --compare: multiquantizer checkpoint")
+    p.add_argument("--tolerance", type=float, default=0.0, help="max abs difference allowed with --compare")
+    p.set_defaults(func=cmd_load_check)
 
     from autobuild.dag.cli import add_dag_arguments
 

@@ -19,8 +19,8 @@ from .utils import atomic_path
 
 SHIPPED_CACHE = constants.REPO_ROOT / "quant_caches" / "mnist_dit" / "quant_cache.pkl"
 PRESETS = {  # images per configuration and random configurations scored
-    "quick": {"num_images": 100, "num_configs": 2},
-    "full": {"num_images": 300, "num_configs": 6},
+    "quick": {"num_images": 64, "num_configs": 2},
+    "full": {"num_images": 250, "num_configs": 5},
 }
 
 
@@ -48,7 +48,7 @@ def run_demo(outdir: Path, quick: bool = False, device: str | None = None, seed:
     _say(f"    FP16 MNIST-FID = {fp['fid_gt']:.2f}")
 
     _say(f"3/4 scoring {preset['num_configs']} random configurations -> {outdir / 'quant_cache.pkl'}")
-    store = RecordStore(outdir, dict(settings, kind="random", seed=seed, num_archs=preset["num_configs"]))
+    store = RecordStore(outdir, dict(settings, kind="random", seed=seed))
     score_into_store(scorer, store, random_configs(scorer.mq.layers, seed, preset["num_configs"]),
                      extra_of=lambda i: {"seed": seed}, log=lambda m: _say("    " + m))
     records = store.records()

@@ -290,10 +290,14 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
         ref_stats, ref_id = reference_stats_for(family, feature_net, reference_dir)
     prompts = conditions if conditions and isinstance(conditions[0], str) else None
     clip = _clip_scorer(family, clip_dir, device, log) if prompts is not None else None
-    protocol = ImageProtocol(family, denoiser, quantizable_layers(denoiser, family), sampler, feature_net,
+    layers = quantizable_layers(denoiser, family)
+    protocol = ImageProtocol(family, denoiser, layers, sampler, feature_net,
                              prompts=prompts, ref_stats=ref_stats, clip=clip, quant_seed=quant_seed,
                              kmeans_iters=kmeans_iters, weight_cache={} if cache_weights else None)
+    from .checkpoint import weight_hash
+
     settings = {"model": family.name, "tiny": tiny, "pretrained": str(pretrained) if pretrained else None,
+                "weight_hash": weight_hash(denoiser, layers),  # a resume never mixes records of other weights
                 "num_prompts": num_prompts, "prompt_seed": prompt_seed, "image_seed": image_seed,
                 "prompt_pool": "random embeddings" if embeds is not None else (
                     f"first {max(num_prompts, family.num_images)} of the family's protocol set, shuffled"),

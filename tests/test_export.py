@@ -16,11 +16,12 @@ from multiquant.export import (INFO_NAME, WEIGHTS_NAME, ExportError, denoiser_ou
                                tensor_bytes)
 from multiquant.families import get_family
 from multiquant.families.inputs import example_inputs
-from multiquant.packed import PACKED_TYPES, PackedWeight, unpack_codes_lean
+from multiquant.packed import PACKED_TYPES, PackedWeight, packed_layer, unpack_codes_lean
 from multiquant.packing import pack_codes, packed_nbytes, unpack_codes
 from multiquant.pipelines.embeddings import random_prompt_embeds
 from multiquant.pipelines.loading import denoiser_of, tiny_pipeline
 from multiquant.pipelines.sampling import make_sampler
+from multiquant.quantizers import dequantize, quantize
 
 FAMILIES = ["mnist_dit", "pixart_alpha", "dit", "sdxl", "hunyuan"]  # sdxl: split convs; hunyuan: split linears
 N, STEPS = 2, 2
@@ -96,9 +97,6 @@ def test_lean_unpack_equals_reference_unpack(bits):
                          ids=["linear", "conv1d", "conv2d"])
 def test_packed_layers_equal_the_stock_layer_with_the_dequantized_weight(layer):
     """Every method, a split into two slices (one of them dense), against quantizers.dequantize."""
-    from multiquant.packed import packed_layer
-    from multiquant.quantizers import dequantize, quantize
-
     weight = layer.weight.detach()
     cut = weight.shape[1] // 2
     for option in ("mse-3", "kmeans-4", "kmeans_all-2"):

@@ -1,0 +1,82 @@
+"""Scoring configurations end to end on the tiny MNIST DiT: records, resume, torchrun equivalence."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multiquant.cli import main as cli_main
+from multiquant.store import load_quant_cache
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "6", "--batch_size", "3"]
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUA2SEDIMO_MULTIQUANTIZERS", str(tmp_path / "mq"))
+    import constants
+
+    monkeypatch.setattr(constants, "MULTIQUANTIZER_DIR", tmp_path / "mq")
+    return tmp_path
+
+
+def test_eval_random_writes_reference_schema_and_resumes(env, capsys):
+    out = env / "run"
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]) == 0
+    records = load_quant_cache(out / "quant_cache.pkl")
+    assert [r["index"] for r in records] == [0, 1]
+    rec = records[0]
+    assert list(rec)[:6] == ["config", "quantized_size", "quantized_error", "FID-GT-1k", "avg_bits", "bops"]
+    assert isinstance(rec["FID-GT-1k"], np.float64) and np.isfinite(rec["FID-GT-1k"])
+    assert rec["architecture"] == "mnist_dit" and rec["seed"] == 42
+    option, fp_b, q_b, err = next(iter(rec["config"].values()))
+    assert isinstance(option, str) and fp_b > q_b > 0 and err > 0
+    assert rec["quantized_size"] == sum(v[2] for v in rec["config"].values())
+    assert 0 < rec["psnr_fp"] and 0 < rec["ssim_fp"] <= 1
+    # run again with one more configuration: the first two are kept, only the third is scored
+    capsys.readouterr()
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "3"]) == 0
+    assert "resuming: 2 configuration(s) already scored, 1 to go" in capsys.readouterr().out
+    again = load_quant_cache(out / "quant_cache.pkl")
+    assert [r["index"] for r in again] == [0, 1, 2]
+    assert again[0]["FID-GT-1k"] == rec["FID-GT-1k"]
+    # different protocol in the same directory: refused, nothing lost
+    capsys.readouterr()
+    assert cli_main(["eval-random", *ARGS[:-4], "--num_images", "4", "--outdir", str(out), "--num_archs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "different settings (num_images" in err and "Use another output directory" in err
+    assert len(load_quant_cache(out / "quant_cache.pkl")) == 3
+
+
+def test_eval_configs_uniform_baselines(env):
+    out = env / "given"
+    assert cli_main(["eval-configs", *ARGS, "--outdir", str(out), "--uniform", "mse-4,kmeans_all-3", "--fp16"]) == 0
+    records = {r["name"]: r for r in load_quant_cache(out / "quant_cache.pkl")}
+    assert set(records) == {"uniform_mse-4", "uniform_kmeans_all-3", "fp16"}
+    assert records["fp16"]["avg_bits"] == 16.0
+    assert records["fp16"]["FID-FP-1k"] == pytest.approx(0.0, abs=1e-3)  # same images; eigh noise only
+    assert records["fp16"]["psnr_fp"] == 100.0 and records["fp16"]["ssim_fp"] == pytest.approx(1.0)
+    assert records["uniform_kmeans_all-3"]["avg_bits"] < records["uniform_mse-4"]["avg_bits"]
+
+
+def test_torchrun_two_processes_match_one(env):
+    """The same command under 2 gloo processes gives the same numbers as 1 process."""
+    results = {}
+    for n in (1, 2):
+        out = env / f"run{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "multiquant.cli", "eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]
+        environ = dict(os.environ, OMP_NUM_THREADS="1", QUA2SEDIMO_MULTIQUANTIZERS=str(env / "mq"))
+        proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = load_quant_cache(out / "quant_cache.pkl")
+    for a, b in zip(results[1], results[2]):
+        assert a["config"] == b["config"]
+        assert float(a["FID-GT-1k"]) == pytest.approx(float(b["FID-GT-1k"]), rel=1e-5)
+        assert a["psnr_fp"] == pytest.approx(b["psnr_fp"], rel=1e-6)
+    meta = json.loads((env / "run2" / "run_meta.json").read_text())
+    assert "world_size" in json.dumps(meta)

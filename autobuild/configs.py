@@ -259,15 +259,17 @@ def predictor_family(predictor_dir: Path) -> str | None:
 
 
 def predictor_scores(predictor_dir, table, family=None, level: str = "block", size: str = "full",
-                     log: Callable[[str], None] | None = None) -> tuple[UnitScoreSet, OptionTable, object]:
-    """(unit scores, option table, family) of a trained predictor (scores cached beside it)."""
+                     log: Callable[[str], None] | None = None, graph=None) -> tuple[UnitScoreSet, OptionTable, object]:
+    """(unit scores, option table, family) of a trained predictor (scores cached beside it). ``graph``: the
+    family's DAG when the caller has it already (else traced: ``family_dag(family, size)``)."""
     from .dag import family_dag
     from .scores import unit_scores_for
 
     predictor_dir = Path(predictor_dir)
     spec = _resolve_family(family, predictor_family(predictor_dir))
     table = OptionTable.from_source(table, fp_prec=spec.fp_prec)
-    graph = family_dag(spec, size=size, device="meta" if size == "full" else "cpu")
+    if graph is None:
+        graph = family_dag(spec, size=size, device="meta" if size == "full" else "cpu")
     return unit_scores_for(predictor_dir, graph, table, level, log=log), table, spec
 
 
@@ -331,6 +333,23 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
     return front
 
 
+def _point_labels(front: Sequence[Mapping]) -> list[tuple[str, tuple[float, float]]]:
+    """One label per distinct point: budgets that give the same configuration (the budget no longer binds)
+    share it, e.g. ``B=4.1-4.2``."""
+    groups: list[list[Mapping]] = []
+    for p in sorted(front, key=lambda p: p["budget"]):
+        if groups and (groups[-1][0]["avg_bits"], groups[-1][0]["predicted_score"]) == (p["avg_bits"],
+                                                                                      p["predicted_score"]):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    labels = []
+    for g in groups:
+        text = f"B={g[0]['budget']:g}" + (f"-{g[-1]['budget']:g}" if len(g) > 1 else "")
+        labels.append((text, (g[0]["avg_bits"], g[0]["predicted_score"])))
+    return labels
+
+
 def plot_pareto(front: Sequence[Mapping], path: str | os.PathLike, title: str = "Predicted Pareto front") -> Path:
     """Predicted score vs avg_bits of a swept front (PNG)."""
     import matplotlib
@@ -344,9 +363,10 @@ def plot_pareto(front: Sequence[Mapping], path: str | os.PathLike, title: str = 
     x = [p["avg_bits"] for p in front]
     y = [p["predicted_score"] for p in front]
     ax.plot(x, y, "o-", color="tab:blue", label="knapsack optimum")
-    for p in front:
-        ax.annotate(f"B={p['budget']:g}", (p["avg_bits"], p["predicted_score"]), textcoords="offset points",
-                    xytext=(-8, 7), ha="right", fontsize=8, color="0.35")
+    for i, (label, (bits, score)) in enumerate(_point_labels(front)):  # alternate sides: neighbours may be close
+        above = i % 2 == 0
+        ax.annotate(label, (bits, score), textcoords="offset points", xytext=(-8, 7) if above else (7, -12),
+                    ha="right" if above else "left", fontsize=8, color="0.35")
     ax.set_xlabel("average bits (overhead included)")
     ax.set_ylabel("predicted score (higher = better)")
     ax.margins(x=0.08, y=0.12)

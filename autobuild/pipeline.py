@@ -35,8 +35,8 @@ class StageSettings:
 
 
 # quick: 1-2 minutes of training on 2 CPU cores; full: 5 folds, more epochs (several minutes)
-QUICK = StageSettings(folds=3, epochs=100, patience=25, hidden=64, batch_size=128, lr=1e-3, workers=2, samples=16)
-FULL = StageSettings(folds=5, epochs=300, patience=40, hidden=64, batch_size=128, lr=1e-3, workers=2, samples=25)
+QUICK = StageSettings(folds=3, epochs=100, patience=25, hidden=64, batch_size=128, lr=1e-3, workers=2, samples=8)
+FULL = StageSettings(folds=5, epochs=300, patience=40, hidden=64, batch_size=128, lr=1e-3, workers=2, samples=16)
 
 
 def _table_for(records, outdir: Path, model: str, fp_prec: int):

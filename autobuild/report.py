@@ -189,7 +189,7 @@ def render_samples(family, configs: Mapping[str, Mapping[str, str]], out_dir: st
     sampler = make_sampler(family, pipe, num_images=num, seed=seed, **extra)
     applier = ConfigApplier(denoiser, mq)
     out, grids = Path(out_dir), {}
-    nrow = int(math.ceil(math.sqrt(num)))
+    nrow = _grid_columns(num)
     scale = max(1, 128 // max(1, getattr(pipe, "default_resolution", None) or family.resolution))
     for name, config in {"fp16": None, **configs}.items():
         if config is None:
@@ -202,6 +202,11 @@ def render_samples(family, configs: Mapping[str, Mapping[str, str]], out_dir: st
             log(f"  samples: {grids[name]}")
     applier.restore()
     return grids
+
+
+def _grid_columns(num: int) -> int:
+    """4 columns up to 16 images (8 -> 4x2), a square beyond."""
+    return min(num, 4) if num <= 16 else int(math.ceil(math.sqrt(num)))
 
 
 def _default_mq_path(model: str) -> Path:
@@ -229,7 +234,7 @@ def images_from_scored(scored_dirs: Iterable[str | os.PathLike], names: Iterable
             images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
             scale = max(1, 128 // images.shape[-1])
             grids[name] = save_image_grid(images, Path(out_dir) / f"{name}.png",
-                                          nrow=int(math.ceil(math.sqrt(len(files)))), scale=scale)
+                                          nrow=_grid_columns(len(files)), scale=scale)
             break
     return grids
 
@@ -316,8 +321,11 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     model = model or predictor_family(predictor_dir)
     records = load_quant_cache(cache_path) if cache_path else []
     source = table if table is not None else default_table_source(model, None, cache_path)
-    block, table, spec = predictor_scores(predictor_dir, source, model, "block", size, log=log)
-    node, _, _ = predictor_scores(predictor_dir, table, spec, "node", size, log=log)
+    from .dag import family_dag
+
+    graph = family_dag(model, size=size, device="meta" if size == "full" else "cpu")
+    block, table, spec = predictor_scores(predictor_dir, source, model, "block", size, log=log, graph=graph)
+    node, _, _ = predictor_scores(predictor_dir, table, spec, "node", size, log=log, graph=graph)
     metrics = json.loads((predictor_dir / "metrics.json").read_text())
 
     if log:

@@ -76,6 +76,12 @@ def best_random(records, budget: float) -> dict:
             "best_random_within_avg_bits": float(w["avg_bits"]) if w else None, "n_random_within": len(within)}
 
 
+def comparable(records, num_images: int) -> bool:
+    """The dataset's FIDs were measured on as many images (FID depends strongly on the sample size)."""
+    counts = {r.get("num_images") for r in records} - {None}
+    return not counts or counts == {num_images}
+
+
 def tiny_budgets(table) -> list[float]:
     """Four budgets above the tiny model's minimum (its per-layer overhead puts it far above 3-4 bits)."""
     import numpy as np
@@ -176,6 +182,7 @@ def greedy_configs(args, budgets, workdir: Path, log) -> dict[str, dict]:
 
 
 def plot(result: dict, records, scored: dict, path: Path) -> Path:
+    """FID vs avg_bits; the random cloud only when its FIDs are comparable (same number of images)."""
     from autobuild.report import classify_scored, plot_measured
 
     rows = []
@@ -185,7 +192,9 @@ def plot(result: dict, records, scored: dict, path: Path) -> Path:
                      "fid": float(r["FID-GT-1k"])})
     title = f"{MODEL}{' (tiny)' if result['settings']['tiny'] else ''}: FID vs average bits, " \
             f"{result['settings']['num_images']} images"
-    return plot_measured(records, rows, path, title)
+    if not result["random"]["comparable"]:
+        title += " (random dataset not shown: other image count)"
+    return plot_measured(records if result["random"]["comparable"] else [], rows, path, title)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -238,6 +247,9 @@ def main(argv=None) -> dict:
     scored = score_named(scorer, settings, items, workdir / "scored", "given", log)
     timings["scoring_s"] = time.perf_counter() - started - sum(timings.values())
 
+    if not comparable(records, settings["num_images"]):
+        log(f"note: the dataset's FIDs use {sorted({r.get('num_images') for r in records} - {None})} images, these "
+            f"{settings['num_images']}: best_random_* are not comparable (use the dataset's --num_images)")
     rows = []
     for budget in budgets:
         name = f"{MODEL}_{budget_tag(budget)}"
@@ -261,6 +273,7 @@ def main(argv=None) -> dict:
         "uniform4_avg_bits": {m: float(scored[f"uniform_{m}-4"]["avg_bits"]) for m in METHODS},
         "fp16_fid": float(scored["fp16"]["FID-GT-1k"]),
         "random": {"n": len(records), "cache": cache_path,
+                   "comparable": comparable(records, settings["num_images"]),
                    "best_fid": min(float(r["FID-GT-1k"]) for r in records),
                    "avg_bits_range": [min(float(r["avg_bits"]) for r in records),
                                       max(float(r["avg_bits"]) for r in records)]},

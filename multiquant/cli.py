@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands whose module owns its argument parser: `qua2sedimo NAME ...` runs `module.main(...)`.
 PASSTHROUGH = {
     "train-predictor": ("autobuild.train_predictor", "train the GNN predictor (5-fold ensemble) on a quant_cache.pkl"),
+    "build-config": ("autobuild.configs", "best predicted configuration under an average-bits budget (exact knapsack); "
+                                          "--pareto sweeps budgets"),
+    "report": ("autobuild.report", "one HTML page: predictor quality, Pareto fronts, sensitivity insights, samples"),
 }
 
 

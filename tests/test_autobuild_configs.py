@@ -323,3 +323,21 @@ def test_predictor_stage_tiny(tmp_path):
     assert all(p["avg_bits"] <= p["budget"] for p in summary["pareto"])
     assert (tmp_path / "out" / "report" / "index.html").exists()
     assert (tmp_path / "out" / "quant_configs" / "mnist_dit_35.pkl").exists()
+
+
+def test_sample_grids_fp16_vs_quantized(tmp_path):
+    from autobuild.report import render_samples
+    from multiquant.checkpoint import MultiQuantizer
+    from multiquant.config import uniform_config
+    from multiquant.families import get_family
+
+    family = get_family("mnist_dit")
+    denoiser = family.build("tiny")  # the tiny pipeline's denoiser (same seed)
+    mq = MultiQuantizer.build(denoiser, family, kmeans_iters=5, show_progress=False)
+    grids = render_samples(family, {"all3": uniform_config(mq.layers, "kmeans_all-3")}, tmp_path, num=4, mq=mq,
+                           tiny=True, device="cpu")
+    assert list(grids) == ["fp16", "all3"] and all(p.exists() for p in grids.values())
+    from PIL import Image
+
+    fp, q = (np.asarray(Image.open(grids[k])) for k in ("fp16", "all3"))
+    assert fp.shape == q.shape and not np.array_equal(fp, q)  # same seeds, different weights

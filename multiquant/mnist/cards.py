@@ -120,7 +120,8 @@ Protocol choice (right after training: saved fp16 weights on the training GPU, s
     if quality:
         p = quality["protocol"]
         fp = quality["fp"]
-        lines.append(f"""## Quality (measured with `python -m multiquant.mnist.evaluate --write-card`)
+        lines.append(f"""
+## Quality (measured with `python -m multiquant.mnist.report --uniform all --grid --write-card`)
 Protocol: {p['num_images']:,} images, class `i % 10` and seed `i` for image `i` ({p['num_images'] // 10} per digit),
 {p['steps']} DPM-Solver++ steps, guidance {p['guidance']}, {quality['device']} ({p['dtype']}).
 MNIST-FID = Frechet distance of the shipped classifier's features to the 2,000 held-out reference digits.
@@ -132,8 +133,7 @@ MNIST-FID = Frechet distance of the shipped classifier's features to the 2,000 h
 """)
         floor_note = f"""
 At N = 1,000 the FID of real digits is mostly finite-sample bias: 1,000 of the 2,000 reference digits
-themselves score {_fmt(quality.get('fid_reference_subset'))}. Real handwriting has heavier-tailed
-features (rare, odd digits) than the model's samples, so the model can score below the real-digit floor;
+themselves score {_fmt(quality.get('fid_reference_subset'))}. Real handwriting has heavier-tailed features (rare, odd digits) than the model's samples, so the model can score below the real-digit floor;
 compare configurations with each other, on the same protocol.
 """
         for option, r in quality.get("uniform", {}).items():

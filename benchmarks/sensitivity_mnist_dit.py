@@ -156,11 +156,12 @@ def main(argv=None) -> dict:
     family = get_family("mnist_dit")
     log = print
     measured_bits = tuple(sorted({int(b) for b in args.bits.split(",")}))
-    fid_against = "fp" if args.pixel_features else "gt"  # pooled pixels have no reference statistics
+    # Rank by FID-FP (low variance at small N); also record FID-GT where the classifier's reference
+    # statistics exist (pooled pixels have none) for the FID-GT targets and the FID-GT-increase sums.
     protocol, settings = setup_protocol(family, tiny=args.tiny, device=args.device, num_prompts=args.num_images,
                                         prompt_seed=args.prompt_seed, image_seed=args.image_seed,
-                                        pixel_features=args.pixel_features, fid_against=fid_against,
-                                        cache_weights=True, log=log)
+                                        pixel_features=args.pixel_features, fid_against="fp",
+                                        with_reference=not args.pixel_features, cache_weights=True, log=log)
     groups = search_groups(protocol.layers)
     heads = [g[0].key for g in groups]
 
@@ -192,10 +193,8 @@ def main(argv=None) -> dict:
         targets = {f"FID-GT-1k of the quant cache ({len(cache)} configurations)": [float(r["FID-GT-1k"]) for r in cache]}
     correlations, scaled_layers = correlation_table(cache, targets, reports, heads, measured_bits)
 
-    fid_key = "fid_gt_increase" if fid_against == "gt" else "fid_fp"
     rankings = {f"{m}-{b}": [{"rank": l["rank"], "key": l["key"], "sensitivity": round(l["sensitivity"], 4),
-                              "band": l["band"], "fid_fp": l["raw"]["fid_fp"], fid_key: l["raw"][fid_key],
-                              "one_minus_ssim": l["raw"]["one_minus_ssim"]}
+                              "band": l["band"], **{k: l["raw"][k] for k in ADDITIVE_METRICS.values() if k in l["raw"]}}
                              for l in sorted(rep["layers"], key=lambda l: l["rank"])]
                 for (m, b), rep in reports.items()}
     result = {
@@ -203,7 +202,7 @@ def main(argv=None) -> dict:
         "settings": {**{k: settings[k] for k in ("num_prompts", "prompt_seed", "image_seed", "feature_net",
                                                    "fid_against", "second_metric")},
                      "methods": methods, "measured_bits": list(measured_bits), "quant_cache": args.quant_cache},
-        "sensitivity_score": f"0.6 x norm[{fid_key}] + 0.4 x norm[{settings['second_metric']}]",
+        "sensitivity_score": f"0.6 x norm[FID-FP] + 0.4 x norm[{settings['second_metric']}]",
         "num_configurations": len(cache),
         "unmeasured_widths": (f"{scaled_layers} layer-options per sum scaled from the nearest measured width by "
                               f"2^-(b - b_measured)" if scaled_layers else "none: every option measured"),

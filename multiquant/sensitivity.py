@@ -262,8 +262,11 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
                    embed_cache_dir=None, fid_against: str = "fp", reference_dir=None, inception=None,
                    random_features: bool = False, pixel_features: bool = False, clip_dir=None,
                    quant_seed: int = 0, kmeans_iters: int = 100, cache_weights: bool = False,
-                   log=print) -> tuple[ImageProtocol, dict]:
-    """Load the pipeline and fix the image set; returns the protocol and its settings (for the records)."""
+                   with_reference: bool | None = None, log=print) -> tuple[ImageProtocol, dict]:
+    """Load the pipeline and fix the image set; returns the protocol and its settings (for the records).
+
+    ``with_reference`` also records FID-GT (default: only when ``fid_against="gt"`` needs it)."""
+    from .checkpoint import weight_hash
     from .evaluate import feature_net_for, reference_stats_for
     from .layers import quantizable_layers
     from .pipelines.embeddings import random_prompt_embeds
@@ -286,7 +289,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     else:
         feature_net = feature_net_for(family, device, inception=inception, random_features=random_features)
     ref_stats, ref_id = (None, None)
-    if fid_against == "gt":
+    if fid_against == "gt" or with_reference:
         ref_stats, ref_id = reference_stats_for(family, feature_net, reference_dir)
     prompts = conditions if conditions and isinstance(conditions[0], str) else None
     clip = _clip_scorer(family, clip_dir, device, log) if prompts is not None else None
@@ -294,8 +297,6 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     protocol = ImageProtocol(family, denoiser, layers, sampler, feature_net,
                              prompts=prompts, ref_stats=ref_stats, clip=clip, quant_seed=quant_seed,
                              kmeans_iters=kmeans_iters, weight_cache={} if cache_weights else None)
-    from .checkpoint import weight_hash
-
     settings = {"model": family.name, "tiny": tiny, "pretrained": str(pretrained) if pretrained else None,
                 "weight_hash": weight_hash(denoiser, layers),  # a resume never mixes records of other weights
                 "num_prompts": num_prompts, "prompt_seed": prompt_seed, "image_seed": image_seed,

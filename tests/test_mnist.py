@@ -10,7 +10,6 @@ import torch
 import constants
 from multiquant.families import get_family
 from multiquant.layers import quantizable_layers
-from multiquant.metrics.fid import feature_stats, frechet_distance
 from multiquant.mnist import data
 from multiquant.mnist.classifier import (MNISTClassifier, classifier_outputs, load_classifier, load_reference_stats,
                                          save_classifier)

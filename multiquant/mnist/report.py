@@ -14,12 +14,11 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..families import get_family
 from . import cards
-from .classifier import CLASSIFIER_DIR, classifier_outputs, load_classifier, load_reference_stats
+from .classifier import CLASSIFIER_DIR, load_classifier, load_reference_stats
 from .quality import evaluate_pipeline, evaluation_plan, score_digits
 
 DEFAULT_UNIFORM = ("mse-4", "kmeans-4", "kmeans_all-4", "mse-3", "kmeans-3", "kmeans_all-3")

@@ -388,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.0, help="max abs difference allowed with --compare")
     p.set_defaults(func=cmd_load_check)
 
+    from .sensitivity import add_parsers as add_sensitivity_parsers
+
+    add_sensitivity_parsers(sub)  # sensitivity, flops, optimize-mixed-precision
+
     from autobuild.dag.cli import add_dag_arguments
 
     p = add_dag_arguments(sub.add_parser("dag", help="trace a denoiser into a DAG and render it (dag_plots/)"))

@@ -35,7 +35,7 @@ class StageSettings:
 
 
 # quick: 1-2 minutes of training on 2 CPU cores; full: 5 folds, more epochs (several minutes)
-QUICK = StageSettings(folds=3, epochs=100, patience=25, hidden=64, batch_size=128, lr=1e-3, workers=2, samples=8)
+QUICK = StageSettings(folds=3, epochs=100, patience=25, hidden=32, batch_size=128, lr=1e-3, workers=2, samples=8)
 FULL = StageSettings(folds=5, epochs=300, patience=40, hidden=64, batch_size=128, lr=1e-3, workers=2, samples=16)
 
 
@@ -104,6 +104,10 @@ def predictor_stage(cache_path: str | Path, outdir: str | Path, model: str = "mn
         say(f"    {built.path.name}: {built.avg_bits:.3f} avg bits (budget {budget})")
 
     mq_path = outdir / f"{spec.name}_mq.safetensors"
+    if not mq_path.exists():  # the demo's --quick uses the shipped checkpoint
+        import constants
+
+        mq_path = Path(constants.MULTIQUANTIZER_DIR) / f"{spec.name}_mq.safetensors"
     report = build_report(predictor_dir, cache_path, outdir / "report", table=table, model=spec.name, size=size,
                           budgets=REPORT_BUDGETS, samples=settings.samples if mq_path.exists() else 0,
                           mq=mq_path if mq_path.exists() else None, log=None)

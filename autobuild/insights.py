@@ -152,13 +152,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    from multiquant.utils import atomic_path
+    from multiquant.utils import save_figure
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def box_plot(groups: Mapping[str, np.ndarray], path: str | os.PathLike, title: str, xlabel: str) -> Path:

@@ -9,8 +9,6 @@ random prompt embeddings (120 tokens) and a random-weight Inception (labelled: t
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time

@@ -34,3 +34,24 @@ def progress(iterable, desc: str = "", disable: bool = False, total: int | None 
 
     show = not disable and (sys.stderr.isatty() or os.environ.get("QUA2SEDIMO_PROGRESS") == "1")
     return tqdm(iterable, desc=desc, disable=not show, total=total, mininterval=1.0)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file in one rename (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path

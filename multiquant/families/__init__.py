@@ -155,9 +155,4 @@ def list_families() -> list[str]:
 
 
 # Built-in families register themselves on import.
-from . import pixart, hunyuan, unet, dit  # noqa: E402,F401
-
-try:  # the embedded MNIST family ships its own weights
-    from . import mnist_dit  # noqa: E402,F401
-except ImportError:  # pragma: no cover - only while it is being written
-    pass
+from . import pixart, hunyuan, unet, dit, mnist_dit  # noqa: E402,F401

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from ..utils import write_text_atomic
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_json(path: str | Path, obj) -> Path:

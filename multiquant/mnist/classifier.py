@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils import write_text_atomic
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 CLASSIFIER_DIR = ASSETS_DIR / "mnist_classifier"
 CONFIG_FILE = "config.json"
@@ -62,12 +64,6 @@ class MNISTClassifier(nn.Module):
 
 
 # --- I/O ------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_classifier(model: MNISTClassifier, path: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (fp32) into ``path``."""
     folder = Path(path)
@@ -76,7 +72,7 @@ def save_classifier(model: MNISTClassifier, path: str | Path) -> Path:
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / WEIGHTS_FILE)
-    _atomic_write_text(folder / CONFIG_FILE, json.dumps(model.config, indent=2) + "\n")
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(model.config, indent=2) + "\n")
     return folder
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random_features", action="store_true", help="random-weight Inception: timing runs only")
     p.add_argument("--save_images", action="store_true", help="also write PNGs of every configuration")
     p.add_argument("--no_proxies", action="store_true", help="skip FID-FP / PSNR / SSIM against the FP images")
+    p.add_argument("--clip_dir", default=None, help="local CLIP model directory: also record the CLIP score "
+                                                    "(text families; or set QUA2SEDIMO_CLIP)")
 
 
 def _scorer_from_args(args):
@@ -129,7 +132,8 @@ def _scorer_from_args(args):
                         num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
                         coco_path=args.coco_path, reference_dir=args.reference_dir, inception=args.inception,
                         random_features=args.random_features, proxies=not args.no_proxies,
-                        save_images=Path(args.outdir) / "images" if args.save_images else None)
+                        save_images=Path(args.outdir) / "images" if args.save_images else None,
+                        clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"))
 
 
 def _open_store(outdir, meta):

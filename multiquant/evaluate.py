@@ -97,6 +97,7 @@ class ConfigScorer:
     macs: dict | None = None
     proxies: bool = True
     image_dir: Path | None = None  # save PNGs of every configuration here (--save_images)
+    clip: object = None  # metrics.clip.ClipScorer for text families, when CLIP weights are given
     fp: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -145,6 +146,10 @@ class ConfigScorer:
             per_image = dist.gather_features(local.double())
             out["psnr_fp"] = float(per_image[:, 0].clamp_max(100).mean())
             out["ssim_fp"] = float(per_image[:, 1].mean())
+        if self.clip is not None:
+            prompts = [self.sampler.conditions[i] for i in self.local]
+            local = torch.from_numpy(np.asarray(self.clip(images, prompts), dtype=np.float64)).reshape(-1, 1)
+            out["clip_score"] = float(dist.gather_features(local).mean())
         timing["metrics_s"] = time.perf_counter() - t2
         out["timings"] = timing
         if self.image_dir is not None and tag is not None:
@@ -181,7 +186,7 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                  num_images: int | None = None, image_seed: int = 42, batch_size: int | None = None,
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
-                 bops: bool = True, log=print) -> tuple[ConfigScorer, dict]:
+                 bops: bool = True, clip_dir=None, log=print) -> tuple[ConfigScorer, dict]:
     """Load everything once; returns the scorer and the protocol settings to record with every result."""
     from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
     from .pipelines.embeddings import random_prompt_embeds
@@ -204,10 +209,16 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
         from .metrics.bops import layer_macs
 
         macs = layer_macs(denoiser, family, resolution=None if tiny else family.resolution)
+    clip = None
+    if clip_dir and family.conditioning == "text":  # CLIP weights given: fail loudly if they do not load
+        from .metrics.clip import ClipScorer
+
+        clip = ClipScorer(clip_dir, device=device)
     scorer = ConfigScorer(family, denoiser, mq, sampler, feature_net, ref_stats, num_images, macs=macs,
-                          proxies=proxies, image_dir=Path(save_images) if save_images else None)
+                          proxies=proxies, image_dir=Path(save_images) if save_images else None, clip=clip)
     settings = {"model": family.name, "num_images": num_images, "image_seed": image_seed,
                 "feature_net": feature_net.name, "reference": ref_id, "fid_method": FID_METHOD,
+                "clip": clip.name if clip is not None else None,
                 "multiquantizer_hash": mq.manifest.get("weight_hash"), "tiny": tiny,
                 "sampler": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                             for k, v in getattr(sampler, "settings", {}).items()},

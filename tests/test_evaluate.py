@@ -80,3 +80,32 @@ def test_torchrun_two_processes_match_one(env):
         assert a["psnr_fp"] == pytest.approx(b["psnr_fp"], rel=1e-6)
     meta = json.loads((env / "run2" / "run_meta.json").read_text())
     assert "world_size" in json.dumps(meta)
+
+
+def test_text_family_records_clip_score_when_a_scorer_is_given(env):
+    """Tiny PixArt, random-weight Inception (timing-only features) and a stand-in CLIP scorer."""
+    from PIL import Image
+
+    from multiquant.config import sample_random_config
+    from multiquant.evaluate import setup_scorer
+    from multiquant.families import get_family
+
+    ref = env / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    scorer, settings = setup_scorer(get_family("pixart_alpha"), tiny=True, device="cpu", num_images=3,
+                                    reference_dir=ref, random_features=True, bops=False,
+                                    log=lambda m: None)
+    seen = []
+
+    def fake_clip(images, prompts):  # records what the scorer passes; cosine = 0.1 * (condition index + 1)
+        seen.append((images.shape, list(prompts)))
+        return np.array([0.1 * (p + 1) for p in prompts])
+
+    scorer.clip = fake_clip
+    rec = scorer.record(sample_random_config(scorer.mq.layers, 0, 0), index=0)
+    assert seen[0][0][0] == 3 and seen[0][1] == [0, 1, 2]
+    assert rec["clip_score"] == pytest.approx(0.2)
+    assert settings["feature_net"].startswith("inception-v3-random")

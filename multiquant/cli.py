@@ -201,7 +201,7 @@ def cmd_infer(args) -> int:
     import torch
 
     from .config import load_config, quantize_, validate_config
-    from .evaluate import load_or_build_multiquantizer, save_png_grid_dir
+    from .evaluate import load_or_build_multiquantizer, save_pngs
     from .families import get_family
     from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
     from .reporting import save_image_grid
@@ -234,7 +234,7 @@ def cmd_infer(args) -> int:
                            guidance=args.guidance, resolution=args.res, **kwargs)
     images = sampler.generate(list(range(args.n_imgs)))
     out = Path(args.outdir) / tag
-    save_png_grid_dir(images, list(range(args.n_imgs)), out)
+    save_pngs(images, list(range(args.n_imgs)), out)
     grid = save_image_grid(images, out / "grid.png")
     print(f"wrote {args.n_imgs} images and {grid}")
     return 0

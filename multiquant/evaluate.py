@@ -153,7 +153,7 @@ class ConfigScorer:
         timing["metrics_s"] = time.perf_counter() - t2
         out["timings"] = timing
         if self.image_dir is not None and tag is not None:
-            save_png_grid_dir(images, self.local, self.image_dir / tag)
+            save_pngs(images, self.local, self.image_dir / tag)
         return out
 
     def record(self, config: dict, **extra) -> dict:
@@ -172,7 +172,7 @@ class ConfigScorer:
         return rec
 
 
-def save_png_grid_dir(images: torch.Tensor, indices: list[int], folder: Path) -> None:
+def save_pngs(images: torch.Tensor, indices: list[int], folder: Path) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -89,10 +89,21 @@ def ours_seconds(config, sampler, feats_net, ref, indices, applier) -> dict:
     return {"apply_s": t1 - t0, "generate_s": t2 - t1, "features_fid_s": t3 - t2, "total_s": t3 - t0}
 
 
-def reference_loop_seconds(pipe, embeds, feats_net, device, n_images: int, n_ref_feats: int) -> dict:
-    """The reference loop on a few images: batch 1, PNG written then re-read, reference set re-encoded."""
+def _write_png(img: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+
+
+def _read_pngs(paths) -> torch.Tensor:
+    """Read PNGs back as a uint8 [N, 3, H, W] batch, as the reference's folder-based FID does."""
+    from PIL import Image
+
+    return torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths])
+
+
+def reference_loop_seconds(pipe, embeds, feats_net, device, n_images: int, n_ref_feats: int) -> dict:
+    """The reference loop on a few images: batch 1, PNG written then re-read, reference set re-encoded."""
     sampler = make_sampler("pixart_alpha", pipe, num_images=n_images, conditions=list(range(n_images)),
                            prompt_embeds={k: v[:n_images] if not k.startswith("negative") else v for k, v in embeds.items()},
                            batch_size=1, resolution=RES, steps=STEPS, guidance=GUIDANCE)
@@ -101,23 +112,18 @@ def reference_loop_seconds(pipe, embeds, feats_net, device, n_images: int, n_ref
         sync()
         t0 = time.perf_counter()
         for i in range(n_images):
-            img = sampler.generate([i])[0]
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / f"{i}.png")
+            _write_png(sampler.generate([i])[0], tmp / f"{i}.png")
         sync()
         t1 = time.perf_counter()
-        reread = torch.stack([torch.from_numpy(np.array(Image.open(tmp / f"{i}.png"))).permute(2, 0, 1)
-                              for i in range(n_images)])
-        feats_net(reread)
+        feats_net(_read_pngs([tmp / f"{i}.png" for i in range(n_images)]))
         sync()
         t2 = time.perf_counter()
         # the reference re-encodes its 5,000-image reference folder for every configuration
         ref_imgs = torch.randint(0, 256, (n_ref_feats, 3, RES, RES), dtype=torch.uint8)
         for i, img in enumerate(ref_imgs):
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / f"ref{i}.png")
+            _write_png(img, tmp / f"ref{i}.png")
         t3 = time.perf_counter()
-        back = torch.stack([torch.from_numpy(np.array(Image.open(tmp / f"ref{i}.png"))).permute(2, 0, 1)
-                            for i in range(n_ref_feats)])
-        feats_net(back)
+        feats_net(_read_pngs([tmp / f"ref{i}.png" for i in range(n_ref_feats)]))
         sync()
         t4 = time.perf_counter()
     per_image_gen = (t1 - t0) / n_images

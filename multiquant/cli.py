@@ -27,15 +27,18 @@ def _device(arg):
     return arg or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_denoiser(args):
-    """The family spec and its denoiser as the flags ask (tiny random, or trained weights)."""
+def load_denoiser(args, family_name: str | None = None, dtype=None):
+    """The family spec and its denoiser as the flags ask (tiny random, or trained weights).
+
+    ``dtype`` defaults to the family's on a GPU and fp32 on a CPU (fp16 matmuls are slow or missing there)."""
     import torch
 
     from .families import get_family
 
-    family = get_family(args.model)
+    family = get_family(family_name or args.model)
     device = _device(args.device)
-    dtype = family.dtype if device != "cpu" else torch.float32  # fp16 matmuls are slow or missing on CPUs
+    if dtype is None:
+        dtype = family.dtype if device != "cpu" else torch.float32
     if args.tiny:
         return family, family.build("tiny", device=device, dtype=dtype)
     return family, family.load(args.pretrained, dtype=dtype, device=device)
@@ -264,13 +267,8 @@ def cmd_export(args) -> int:
 
     if not (args.q_config or args.uniform):
         raise ValueError("no configuration given: pass --q_config FILE (.pkl/.json) or --uniform mse-4")
-    family = get_family(args.model)
-    device = _device(args.device)
     # the family's precision even on a CPU: export only packs, it runs no forward
-    if args.tiny:
-        denoiser = family.build("tiny", device=device, dtype=family.dtype)
-    else:
-        denoiser = family.load(args.pretrained, dtype=family.dtype, device=device)
+    family, denoiser = load_denoiser(args, dtype=get_family(args.model).dtype)
     mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
     config = load_config(args.q_config) if args.q_config else uniform_config(mq.layers, args.uniform)
     config = validate_config(config, mq.layers, options=mq.options, fill=args.fill)
@@ -288,19 +286,13 @@ def cmd_load_check(args) -> int:
     from .config import quantize_
     from .evaluate import load_or_build_multiquantizer
     from .export import check_export, read_export_info
-    from .families import get_family
 
     info = read_export_info(args.dir)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype or info["dtype"])  # default: the dtype it was exported in (exact)
     simulated = None
     if args.compare:  # the FP denoiser the export came from, with the configuration simulated in place
-        family = get_family(info["family"])
-        sim_dtype = getattr(torch, info["dtype"])
-        if args.tiny:
-            simulated = family.build("tiny", device=device, dtype=sim_dtype)
-        else:
-            simulated = family.load(args.pretrained, dtype=sim_dtype, device=device)
+        family, simulated = load_denoiser(args, info["family"], dtype=getattr(torch, info["dtype"]))
         mq = load_or_build_multiquantizer(family, simulated, args.mq, tiny=args.tiny)
         quantize_(simulated, info["config"], mq)
     report = check_export(args.dir, device=device, dtype=dtype, simulated=simulated, batch=args.batch)

@@ -262,23 +262,30 @@ def cache_to_dataset(records: Sequence[Mapping], graph: nx.DiGraph | GraphTempla
     return ConfigDataset(template, codes_t, numeric_t, y)
 
 
-def option_features(records: Sequence[Mapping], keys: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """One-hot per-layer option features (``key=option`` columns) for linear baselines."""
+def option_features(records: Sequence[Mapping], keys: Sequence[str] | None = None,
+                    columns: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """One-hot per-layer option features (``key=option`` columns) for linear models. ``columns``: a fixed
+    column list (e.g. a saved model's); options outside it get no column."""
     if keys is None:
         keys = sorted({k for r in records for k in r["config"]})
-    columns: dict[str, int] = {}
+    index: dict[str, int] = {c: i for i, c in enumerate(columns)} if columns is not None else {}
     rows = []
     for r in records:
         row = []
         for key in keys:
             entry = r["config"].get(key)
-            if entry is not None:
-                row.append(columns.setdefault(f"{key}={entry[0]}", len(columns)))
+            if entry is None:
+                continue
+            name = f"{key}={entry[0] if isinstance(entry, (list, tuple)) else entry}"
+            if columns is None:
+                row.append(index.setdefault(name, len(index)))
+            elif name in index:
+                row.append(index[name])
         rows.append(row)
-    features = np.zeros((len(records), len(columns)), dtype=np.float32)
+    features = np.zeros((len(records), len(index)), dtype=np.float32)
     for i, row in enumerate(rows):
         features[i, row] = 1.0
-    return features, list(columns)
+    return features, list(index)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ read-out masks):
 * :class:`HopReadout`: per hop k, ``g_k`` = mean of ``h_k`` over the graph's read-out nodes of hop k
   (``hop_mask[:, k]``); hop score ``s_k = ||g_k||_1``. Since ``h >= 0`` this equals the mean per-node L1
   norm over the read-out nodes, which is what makes scoring a unit by its output node's norm meaningful.
-* A regression head on ``g_L`` gives the prediction (in standardised target units).
+* A regression head on ``g_L`` gives the prediction (in standardised target units). With ``additive``, a
+  linear map of ``g_0`` (the mean hop-0 embedding of the layer nodes, i.e. a sum of per-layer terms) is
+  added: per-layer option effects are close to additive in log FID, and this path learns them directly
+  while the message-passing head models the interactions.
 """
 from __future__ import annotations
 
@@ -60,18 +63,19 @@ class SensitivityGNN(nn.Module):
     ``hop_mask`` [N, layers + 1] and (for several graphs) ``batch``."""
 
     def __init__(self, num_ops: int, num_blocks: int, hidden: int = 64, layers: int = 4, heads: int = 1,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, additive: bool = False):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.config = dict(num_ops=num_ops, num_blocks=num_blocks, hidden=hidden, layers=layers, heads=heads,
-                           dropout=dropout)
+                           dropout=dropout, additive=additive)
         self.encoder = NodeEncoder(num_ops, num_blocks, hidden)
         self.convs = nn.ModuleList(GATv2Conv(hidden, hidden // heads, heads=heads, concat=True, dropout=dropout)
                                    for _ in range(layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(layers))
         self.readout = HopReadout()
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.additive = nn.Linear(hidden, 1) if additive else None
 
     @property
     def num_hops(self) -> int:
@@ -104,6 +108,9 @@ class SensitivityGNN(nn.Module):
         num_graphs = int(getattr(batch, "num_graphs", 1) or 1)
         mask = batch.hop_mask
         graph_embeddings = torch.stack([self.readout(h, mask[:, k], index, num_graphs) for k, h in enumerate(hs)], dim=1)
-        return {"pred": self.head(graph_embeddings[:, -1]).squeeze(-1),
+        pred = self.head(graph_embeddings[:, -1]).squeeze(-1)
+        if self.additive is not None:
+            pred = pred + self.additive(graph_embeddings[:, 0]).squeeze(-1)
+        return {"pred": pred,
                 "hop_scores": graph_embeddings.abs().sum(dim=-1),
                 "graph_embeddings": graph_embeddings}

@@ -40,7 +40,7 @@ GRID_BUDGETS = 2  # sample grids / mix bars for this many built configurations (
 
 # ------------------------------------------------------------------------------------------ scored results
 def classify_scored(name: str, model: str) -> tuple[str, float | None]:
-    """(kind, budget): kind is ``fp16``, ``uniform``, ``greedy``, ``built`` or ``other``."""
+    """(kind, budget): kind is ``fp16``, ``uniform``, ``greedy``, ``search``, ``built`` or ``other``."""
     low = (name or "").lower()
     budget = _budget_in(low, model)
     if low in ("fp16", "fp", "fp32"):
@@ -49,6 +49,8 @@ def classify_scored(name: str, model: str) -> tuple[str, float | None]:
         return "uniform", None
     if "greedy" in low:
         return "greedy", budget
+    if low.startswith("search"):
+        return "search", budget
     if budget is not None:
         return "built", budget
     return "other", None
@@ -117,6 +119,10 @@ def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], 
     if built:
         ax.plot([r["avg_bits"] for r in built], [r["fid"] for r in built], "*-", color="tab:blue", ms=12,
                 label="predictor + knapsack", zorder=5)
+    search = sorted({r["avg_bits"]: r for r in scored if r["kind"] == "search"}.values(), key=lambda r: r["avg_bits"])
+    if search:  # one point per distinct configuration (two budgets may pick the same one)
+        ax.plot([r["avg_bits"] for r in search], [r["fid"] for r in search], "D-", color="tab:purple", ms=7,
+                label="measured search (autobuild.search)", zorder=5)
     greedy = sorted((r for r in scored if r["kind"] == "greedy"), key=lambda r: r["avg_bits"])
     if greedy:
         ax.plot([r["avg_bits"] for r in greedy], [r["fid"] for r in greedy], "s--", color="tab:orange", ms=6,

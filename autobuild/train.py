@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .data import ConfigDataset, GraphTemplate, cache_to_dataset, option_features
 from .gnn import SensitivityGNN
 from .losses import ndcg_at_k, ranking_loss, srcc
-from .target import Target, parse_target
+from .target import LearningPlan, Target, learning_plan, parse_target
 
 __all__ = ["TrainOptions", "train_predictor", "make_folds", "baseline_scores", "Ensemble", "load_ensemble",
            "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
@@ -63,6 +63,9 @@ class TrainOptions:
     k: int = 10  # NDCG cut-off (loss and metric)
     eval_batch: int = 512
     missing: str = "error"  # absent layer entries: "error" or "fp16"
+    linear_prior: bool = True  # the network learns the residual of a per-fold ridge on one-hot options
+    additive: bool = True  # a linear per-layer path beside the message-passing head (gnn.SensitivityGNN)
+    learn: str = "auto"  # "auto": learn the one measured key (log) and read avg_bits & co exactly; "target"
     threads: int | None = 1  # torch CPU threads per fold: these small graphs run fastest on one
     workers: int = 1  # folds trained in parallel processes (e.g. 2 on a 2-core machine)
 
@@ -196,6 +199,48 @@ def _fold_metrics(score: np.ndarray, y: np.ndarray, k: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- training
+@dataclass
+class Labels:
+    """Per record: ``y`` the target (metrics), ``learned`` what the network regresses (e.g. log FID),
+    ``known`` the exact configuration keys the plan composes the target with."""
+
+    plan: LearningPlan
+    y: torch.Tensor  # [M] float64
+    learned: torch.Tensor  # [M] float64
+    known: torch.Tensor  # [M, K] float64
+
+    @classmethod
+    def of(cls, plan: LearningPlan, records: Sequence[Mapping]) -> "Labels":
+        y = torch.tensor([plan.target(r) for r in records], dtype=torch.float64)
+        return cls(plan, y, torch.as_tensor(plan.learned(records)), torch.as_tensor(plan.known_values(records)))
+
+    @property
+    def hop_y(self) -> torch.Tensor:
+        """What hop scores rank by: the learned quality, oriented like the target."""
+        return self.y if self.plan.key is None else self.plan.sign * self.learned
+
+    def compose(self, pred_z: torch.Tensor, index, mean: float, std: float, base: torch.Tensor) -> torch.Tensor:
+        """Standardised network output (+ the linear prior ``base``) -> target units for records ``index``."""
+        index = torch.as_tensor(index)
+        learned = base[index].to(pred_z.device) + pred_z.double() * std + mean
+        return self.plan.compose(learned, self.known[index].to(pred_z.device))
+
+
+def _fit_prior(features: np.ndarray, learned: np.ndarray, train_idx: np.ndarray) -> dict:
+    """Ridge (alpha by internal CV) of the learned value on one-hot per-layer options, training part only."""
+    from sklearn.linear_model import RidgeCV
+
+    model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(features[train_idx], learned[train_idx])
+    return {"coef": model.coef_.astype(np.float64).tolist(), "intercept": float(model.intercept_),
+            "alpha": float(model.alpha_)}
+
+
+def _prior_values(prior: Mapping | None, features: np.ndarray) -> torch.Tensor:
+    if prior is None:
+        return torch.zeros(len(features), dtype=torch.float64)
+    return torch.as_tensor(features.astype(np.float64) @ np.asarray(prior["coef"]) + prior["intercept"])
+
+
 @torch.no_grad()
 def _predict(model: SensitivityGNN, dataset: ConfigDataset, index: np.ndarray, device, chunk: int) -> dict:
     model.eval()
@@ -237,19 +282,39 @@ def _selection_score(loss: str, pred: torch.Tensor, y: torch.Tensor, k: int) -> 
     return 0.5 * (s + (0.0 if math.isnan(n) else n))
 
 
-def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarray, loss: str, epochs: int,
-                batch_size: int, seed: int, device, opts: TrainOptions, log: Callable[[str], None] | None):
+def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, train_idx: np.ndarray,
+                val_idx: np.ndarray, loss: str, epochs: int, batch_size: int, seed: int, device, opts: TrainOptions,
+                log: Callable[[str], None] | None):
     torch.manual_seed(seed)
     template = dataset.template
     model = SensitivityGNN(template.num_ops, template.num_blocks, opts.hidden, opts.layers, opts.heads,
-                           opts.dropout).to(device)
+                           opts.dropout, opts.additive).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    y_train = dataset.y[train_idx]
-    y_mean, y_std = float(y_train.mean()), float(y_train.std(unbiased=False).clamp_min(1e-8))
+    residual = labels.learned - base
+    u_train = residual[train_idx]
+    u_mean, u_std = float(u_train.mean()), float(u_train.std(unbiased=False).clamp_min(1e-8))
+    z = ((residual - u_mean) / u_std).float()
+    y_all, hop_y = labels.y.float(), labels.hop_y.float()
     generator = torch.Generator().manual_seed(seed)
     batch_size = batch_size if batch_size > 0 else len(train_idx)
-    best = (-math.inf, copy.deepcopy(model.state_dict()), 0)
+
+    def validation_score() -> float:
+        if len(val_idx) < 2:  # no validation split: keep the last epoch
+            return float(epoch)
+        val = _predict(model, dataset, val_idx, device, opts.eval_batch)
+        composed = labels.compose(val["pred"], val_idx, u_mean, u_std, base)
+        return _selection_score(loss, composed, labels.y[val_idx], opts.k)
+
+    epoch = 0
+    if opts.linear_prior:  # start from the prior alone (zero residual); keep it unless the network beats it
+        with torch.no_grad():
+            for layer in (model.head[-1], model.additive):
+                if layer is not None:
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+            model.head[-1].bias.fill_(-u_mean / u_std)  # z * std + mean = 0: the prediction is the prior
+    best = (validation_score() if opts.linear_prior else -math.inf, copy.deepcopy(model.state_dict()), 0)
     stale, epoch, last_objective = 0, 0, float("nan")
     for epoch in range(1, epochs + 1):
         model.train()
@@ -258,14 +323,15 @@ def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarr
             chunk = order[start:start + batch_size]
             if len(chunk) < 2:  # BatchNorm and ranking both need at least two graphs
                 continue
-            batch = dataset.collate(chunk).to(device)
-            out = model(batch)
-            y = batch.y
-            objective = ranking_loss(loss, out["pred"], y, opts.k, opts.tau)
+            out = model(dataset.collate(chunk).to(device))
+            y = y_all[chunk].to(device)
+            composed = labels.compose(out["pred"], chunk, u_mean, u_std, base).float()
+            objective = ranking_loss(loss, composed, y, opts.k, opts.tau)
             if opts.mse_weight:
-                objective = objective + opts.mse_weight * F.mse_loss(out["pred"], (y - y_mean) / y_std)
+                objective = objective + opts.mse_weight * F.mse_loss(out["pred"], z[chunk].to(device))
             if opts.hop_weight:
-                hop_losses = [ranking_loss(loss, out["hop_scores"][:, h], y, opts.k, opts.tau)
+                ranked = hop_y[chunk].to(device)
+                hop_losses = [ranking_loss(loss, out["hop_scores"][:, h], ranked, opts.k, opts.tau)
                               for h in range(out["hop_scores"].shape[1])]
                 objective = objective + opts.hop_weight * torch.stack(hop_losses).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -274,11 +340,7 @@ def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarr
             optimizer.step()
             last_objective = float(objective.detach())
         scheduler.step()
-        if len(val_idx) >= 2:
-            val = _predict(model, dataset, val_idx, device, opts.eval_batch)
-            score = _selection_score(loss, val["pred"], dataset.y[val_idx], opts.k)
-        else:  # no validation split: keep the last epoch
-            score = float(epoch)
+        score = validation_score()
         if score > best[0]:
             best, stale = (score, copy.deepcopy(model.state_dict()), epoch), 0
         else:
@@ -289,34 +351,40 @@ def _train_fold(dataset: ConfigDataset, train_idx: np.ndarray, val_idx: np.ndarr
             break
     model.load_state_dict(best[1])
     model.eval()
-    return model, {"target_mean": y_mean, "target_std": y_std, "best_epoch": best[2], "epochs_run": epoch,
+    return model, {"learned_mean": u_mean, "learned_std": u_std, "best_epoch": best[2], "epochs_run": epoch,
                    "val_selection": best[0]}
 
 
-def _run_fold(dataset: ConfigDataset, f: int, train_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray,
-              loss: str, epochs: int, batch_size: int, seed: int, device: str, opts: TrainOptions,
-              log: Callable[[str], None] | None = None):
+def _run_fold(dataset: ConfigDataset, labels: Labels, features: np.ndarray, f: int, train_idx: np.ndarray,
+              val_idx: np.ndarray, test_idx: np.ndarray, loss: str, epochs: int, batch_size: int, seed: int,
+              device: str, opts: TrainOptions, log: Callable[[str], None] | None = None):
     """Train one fold and evaluate it on its test chunk: (result, CPU state dict, ensemble info)."""
     previous_threads = torch.get_num_threads()
     if opts.threads and torch.device(device).type == "cpu":
         torch.set_num_threads(opts.threads)
     try:
         started = time.perf_counter()
-        model, info = _train_fold(dataset, train_idx, val_idx, loss, epochs, batch_size, seed, device, opts, log)
+        rest = np.sort(np.concatenate([train_idx, val_idx]))  # as many records as the ridge baseline sees
+        prior = _fit_prior(features, labels.learned.numpy(), rest) if opts.linear_prior else None
+        base = _prior_values(prior, features)
+        model, info = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
+                                  opts, log)
         test = _predict(model, dataset, test_idx, device, opts.eval_batch)
-        y_test = dataset.y[test_idx]
-        pred_units = test["pred"] * info["target_std"] + info["target_mean"]
+        y_test, hop_y = labels.y[test_idx], labels.hop_y[test_idx]
+        pred = labels.compose(test["pred"], test_idx, info["learned_mean"], info["learned_std"], base)
         hops = test["hop_scores"]
         result = {"fold": f, "n_train": len(train_idx), "n_val": len(val_idx), "n_test": len(test_idx),
-                  "srcc": srcc(test["pred"], y_test), "ndcg10": ndcg_at_k(test["pred"], y_test, opts.k),
-                  "mae": float((pred_units - y_test).abs().mean()),
-                  "hop_srcc": [srcc(hops[:, h], y_test) for h in range(hops.shape[1])],
-                  "hop_ndcg10": [ndcg_at_k(hops[:, h], y_test, opts.k) for h in range(hops.shape[1])],
+                  "srcc": srcc(pred, y_test), "ndcg10": ndcg_at_k(pred, y_test, opts.k),
+                  "mae": float((pred - y_test).abs().mean()),
+                  "learned_srcc": srcc(base[test_idx] + test["pred"].double() * info["learned_std"],
+                                       labels.learned[test_idx]),
+                  "hop_srcc": [srcc(hops[:, h], hop_y) for h in range(hops.shape[1])],
+                  "hop_ndcg10": [ndcg_at_k(hops[:, h], hop_y, opts.k) for h in range(hops.shape[1])],
                   "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"]}
         moments = _moments(model, dataset, train_idx, device, opts.eval_batch)
         result["seconds"] = time.perf_counter() - started
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        info = {**info, **moments, "hop_srcc": result["hop_srcc"], "test_srcc": result["srcc"],
+        info = {**info, **moments, "prior": prior, "hop_srcc": result["hop_srcc"], "test_srcc": result["srcc"],
                 "test_ndcg10": result["ndcg10"]}
         return result, state, info
     finally:
@@ -357,13 +425,16 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
     if template.num_hops != opts.layers:
         raise ValueError(f"graph template has {template.num_hops} hop levels, the model {opts.layers} layers")
     dataset = cache_to_dataset(kept, template, target_fn, missing=opts.missing)
-    y = dataset.y.numpy().astype(np.float64)
+    plan = learning_plan(target_fn, kept, opts.learn) if isinstance(target_fn, Target) else LearningPlan(target_fn)
+    labels = Labels.of(plan, kept)
+    y = labels.y.numpy().copy()  # a copy: sending labels to fold processes moves tensors to shared memory
     fold_index = make_folds(len(kept), folds, seed)
 
     exclude = set(getattr(target_fn, "names", ()))
     fixed_baselines = baseline_scores(kept, exclude)
-    ridge_features, _ = option_features(kept, [k for k in template.keys if k])
-    baseline_folds: dict[str, list[dict]] = {name: [] for name in [*fixed_baselines, "ridge_options"]}
+    ridge_features, ridge_columns = option_features(kept, [k for k in template.keys if k])
+    ridge_names = ["ridge_options"] + (["ridge_learned"] if plan.key is not None else [])
+    baseline_folds: dict[str, list[dict]] = {name: [] for name in [*fixed_baselines, *ridge_names]}
 
     splits = []
     for f, test_idx in enumerate(fold_index):
@@ -374,14 +445,14 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
         splits.append((f, np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val]), test_idx))
 
     started_all = time.perf_counter()
-    jobs = [(dataset, f, train_idx, val_idx, test_idx, loss, epochs, batch_size, seed + f, str(device), opts)
+    jobs = [(dataset, labels, ridge_features, f, train_idx, val_idx, test_idx, loss, epochs, batch_size, seed + f, str(device), opts)
             for f, train_idx, val_idx, test_idx in splits]
     workers = max(1, min(int(opts.workers), folds))
     if workers == 1:
         outcomes = []
         for job in jobs:
             if log:
-                log(f"fold {job[1] + 1}/{folds}: train {len(job[2])}, validation {len(job[3])}, test {len(job[4])}")
+                log(f"fold {job[3] + 1}/{folds}: train {len(job[4])}, validation {len(job[5])}, test {len(job[6])}")
             outcomes.append(_run_fold(*job, log=log))
             _log_fold(log, outcomes[-1][0])
     else:  # folds in parallel processes, one torch thread each (CPU)
@@ -408,9 +479,14 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
             baseline_folds[name].append({**_fold_metrics(sign * score[test_idx], y[test_idx], opts.k), "sign": sign})
         baseline_folds["ridge_options"].append(
             _fold_metrics(_ridge_predictions(ridge_features, y, rest, test_idx), y[test_idx], opts.k))
+        if plan.key is not None:  # the same split as the GNN's: ridge on the learned key, composed exactly
+            learned = _ridge_predictions(ridge_features, labels.learned.numpy(), rest, test_idx)
+            composed = plan.compose(torch.as_tensor(learned), labels.known[test_idx]).numpy()
+            baseline_folds["ridge_learned"].append(_fold_metrics(composed, y[test_idx], opts.k))
 
     metrics = {
-        "target": target_expr, "loss": loss, "folds_k": folds, "seed": seed, "device": str(device),
+        "target": target_expr, "learned": plan.to_json(), "loss": loss, "folds_k": folds, "seed": seed,
+        "device": str(device), "prior_columns": ridge_columns if opts.linear_prior else None,
         "n_records": len(records), "n_valid": len(kept), "dropped_records": sorted(set(range(len(records))) - set(valid)),
         "srcc_mean": _nanmean(r["srcc"] for r in fold_results),
         "ndcg10_mean": _nanmean(r["ndcg10"] for r in fold_results),
@@ -450,8 +526,11 @@ def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tenso
     options = metrics["options"]
     config = {"format": FORMAT, "version": 1,
               "model": {"num_ops": template.num_ops, "num_blocks": template.num_blocks, "hidden": options["hidden"],
-                        "layers": options["layers"], "heads": options["heads"], "dropout": options["dropout"]},
-              "target": metrics["target"], "loss": metrics["loss"], "seed": metrics["seed"],
+                        "layers": options["layers"], "heads": options["heads"], "dropout": options["dropout"],
+                        "additive": options["additive"]},
+              "target": metrics["target"], "learned": metrics["learned"], "prior_columns": metrics["prior_columns"],
+              "loss": metrics["loss"],
+              "seed": metrics["seed"],
               "folds": [dict(info) for info in infos], "template": template.to_json()}
     _write_json(out / ENSEMBLE_CONFIG, config)
     _write_json(out / METRICS_FILE, metrics)
@@ -461,8 +540,10 @@ def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tenso
 class Ensemble:
     """The K fold models of one training run.
 
-    ``predict`` gives ``pred`` (fold-mean prediction, target units) and ``score`` (autobuild.md §7 style:
-    the sum over folds and hops of the training-z-scored hop score times that fold's test SRCC of the hop)."""
+    ``predict`` gives ``pred`` (target units: the fold-mean learned value composed with the records'
+    exact configuration keys, see :class:`autobuild.target.LearningPlan`) and ``score`` (autobuild.md §7
+    style: the sum over folds and hops of the training-z-scored hop score times that fold's test SRCC of
+    the hop)."""
 
     def __init__(self, models: Sequence[SensitivityGNN], folds: Sequence[Mapping], template: GraphTemplate,
                  config: Mapping, device: str | torch.device = "cpu"):
@@ -471,6 +552,8 @@ class Ensemble:
         self.folds = list(folds)
         self.template = template
         self.config = dict(config)
+        # ensembles saved before the learning plan existed learned the target itself
+        self.plan = LearningPlan.from_json(config.get("learned") or {"target": config.get("target", "target")})
 
     @property
     def num_hops(self) -> int:
@@ -501,26 +584,50 @@ class Ensemble:
                     yield Batch.from_data_list(items[start:start + batch_size])
 
     @torch.no_grad()
-    def predict(self, records_or_datas, batch_size: int = 256) -> dict[str, np.ndarray]:
+    def predict(self, records_or_datas, batch_size: int = 256, known=None) -> dict[str, np.ndarray]:
         """``records_or_datas``: scored-config records (encoded with the saved graph template), a list
-        of ``Data``, a ``Batch`` or a :class:`ConfigDataset`. Returns numpy arrays ``pred`` [n],
-        ``score`` [n], ``hop_scores`` [n, L+1] (weighted z-scores summed over folds), ``fold_pred`` [K, n]."""
-        fold_pred, hop_z = [], []
-        batches = list(self._batches(records_or_datas, batch_size))
+        of ``Data``, a ``Batch`` or a :class:`ConfigDataset`. Returns numpy arrays ``pred`` [n] (target
+        units), ``learned`` [n] (e.g. the predicted FID), ``score`` [n], ``hop_scores`` [n, L+1] (weighted
+        z-scores summed over folds), ``fold_pred`` [K, n]. When the target reads configuration keys
+        (``avg_bits`` ...) they come from the records, or from ``known`` ([n, K], in ``plan.known`` order)."""
+        items = records_or_datas
+        is_records = isinstance(items, (list, tuple)) and bool(items) and isinstance(items[0], Mapping)
+        columns = self.config.get("prior_columns")
+        if columns is not None and not is_records:
+            raise ValueError("this predictor adds a linear prior over each configuration's per-layer options: "
+                             "pass records (dicts with 'config')")
+        if known is None and self.plan.known:
+            if not is_records:
+                raise ValueError(f"this predictor composes its target with {', '.join(self.plan.known)}: pass "
+                                 f"records (dicts with 'config' and those keys) or known=[n, {len(self.plan.known)}]")
+            known = self.plan.known_values(items)
+        features = (option_features(items, [k for k in self.template.keys if k], columns)[0]
+                    if columns is not None else np.zeros((0, 0)))
+        known_t = torch.as_tensor(np.zeros((0, 0)) if known is None else np.asarray(known, dtype=np.float64))
+        fold_learned, hop_z = [], []
+        batches = list(self._batches(items, batch_size))
         for f, model in enumerate(self.models):
             info = self.folds[f]
             mean, std = torch.tensor(info["hop_score_mean"]), torch.tensor(info["hop_score_std"])
             preds, zs = [], []
             for batch in batches:
                 out = {k: v.cpu() for k, v in model(batch.to(self.device)).items()}
-                preds.append(out["pred"] * info["target_std"] + info["target_mean"])
+                scale = info.get("learned_std", info.get("target_std"))  # older files: target_*
+                shift = info.get("learned_mean", info.get("target_mean"))
+                preds.append(out["pred"].double() * scale + shift)
                 zs.append((out["hop_scores"] - mean) / std * self._weights(f))
-            fold_pred.append(torch.cat(preds))
+            learned_f = torch.cat(preds)
+            if columns is not None:
+                learned_f = learned_f + _prior_values(info.get("prior"), features)
+            fold_learned.append(learned_f)
             hop_z.append(torch.cat(zs))
-        fold_pred_t = torch.stack(fold_pred)
+        learned = torch.stack(fold_learned)
         hop_scores = torch.stack(hop_z).sum(0)
-        return {"pred": fold_pred_t.mean(0).numpy(), "score": hop_scores.sum(1).numpy(),
-                "hop_scores": hop_scores.numpy(), "fold_pred": fold_pred_t.numpy()}
+        mean_learned = learned.mean(0)  # averaged in the learned space (log FID), then composed
+        return {"pred": self.plan.compose(mean_learned, known_t).numpy(),
+                "learned": (mean_learned.exp() if self.plan.log else mean_learned).numpy(),
+                "score": hop_scores.sum(1).numpy(), "hop_scores": hop_scores.numpy(),
+                "fold_pred": torch.stack([self.plan.compose(v, known_t) for v in learned]).numpy()}
 
     @torch.no_grad()
     def score_nodes(self, batch, node_index: torch.Tensor, hops: int | torch.Tensor) -> np.ndarray:

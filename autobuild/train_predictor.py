@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser size whose structure the DAG is traced from (full: on the meta device)")
     p.add_argument("--unit-level", default=None,
                    help="if set, hop read-outs use the outputs of autobuild.dag units(graph, LEVEL)")
+    p.add_argument("--learn", choices=("auto", "target"), default="auto",
+                   help="auto: learn the target's one measured key (log FID) and read avg_bits & co exactly from "
+                        "each configuration; target: learn the target expression itself (the reference)")
     p.add_argument("--missing", choices=("error", "fp16"), default="error",
                    help="a layer absent from a record's config: fail, or treat it as unquantized")
     return p
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = load_records(args.cache)
     graph = family_graph(args.model, args.size)
     options = TrainOptions(hidden=args.hidden, layers=args.layers, heads=args.heads, patience=args.patience,
-                           workers=args.workers, threads=args.threads, missing=args.missing)
+                           workers=args.workers, threads=args.threads, missing=args.missing, learn=args.learn)
     print(f"{len(records)} records, graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges")
     metrics = train_predictor(records, graph, args.target, loss=args.loss, folds=args.folds, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed, device=args.device, out_dir=args.out,

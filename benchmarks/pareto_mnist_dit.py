@@ -13,6 +13,11 @@
    feature network, reference): the built and greedy configurations, uniform 4-bit of every method, FP16.
 5. Best random configuration of the dataset per budget: with at least that many bits (``best_random_fid``,
    a strong baseline: it may spend more bits) and within the budget (``best_random_fid_within_budget``).
+6. Optional (``--search_rounds R``): the measured search (``autobuild.search``: Thompson sampling over a Bayesian
+   linear model of log FID, exact knapsack per proposal) from the dataset records, with this scorer, at the same
+   budgets: ``search_fid`` / ``search_avg_bits`` per budget. The best of many noisy measurements is biased low
+   (winner's curse), so the search picks and every configuration above are re-scored with a second image seed
+   (``--confirm_seed``): the ``*_fid_confirm`` fields.
 
 Writes ``benchmarks/results/pareto_mnist_dit.json`` (``_tiny`` for --tiny) and the plot beside it.
 """
@@ -57,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="predictor, configurations and scored runs "
                                                    "(default benchmarks/results/pareto_mnist_dit[_tiny]_work)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--search_rounds", type=int, default=0, help="rounds of the measured search (0 = off)")
+    p.add_argument("--search_per_budget", type=int, default=3, help="search: new configurations per budget per round")
+    p.add_argument("--search_seed", type=int, default=0)
+    p.add_argument("--confirm_seed", type=int, default=43, help="image seed of the re-scoring of every pick "
+                                                                "(with --search_rounds)")
     return p.parse_args(argv)
 
 
@@ -94,17 +104,29 @@ def budget_tag(budget: float) -> str:
     return str(int(round(budget * 10)))
 
 
+def search_fields(search: dict, budget: float, confirmed: dict, name: str, greedy_method: str | None) -> dict:
+    """The search's columns of one budget row (``autobuild.search`` result + confirmation FIDs)."""
+    best = search["best"].get(f"{budget:g}")
+    return {"search_fid": best["fid"] if best else None, "search_avg_bits": best["avg_bits"] if best else None,
+            "search_source": best["source"] if best else None, "search_measured": search["settings"]["n_search"],
+            "search_fid_confirm": confirmed.get(f"search_{budget_tag(budget)}"), "fid_confirm": confirmed.get(name),
+            "greedy_fid_confirm": confirmed.get(f"greedy_{greedy_method}_{budget_tag(budget)}")}
+
+
 # ---------------------------------------------------------------------------------------- steps
 def score_named(scorer, settings: dict, items: list[tuple[str, dict]], outdir: Path, kind: str, log) -> dict:
     """Score ``(name, config)`` items with the eval-configs loop (resumable store); {name: record}."""
     import hashlib
+    import json
 
     from multiquant.evaluate import score_into_store
     from multiquant.store import RecordStore
 
     names = [n for n, _ in items]
-    # one resumable store per set of names: a re-run with other budgets or baselines starts its own
-    outdir = outdir / hashlib.sha256("|".join(names).encode()).hexdigest()[:10]
+    # one resumable store per set of named configurations: a re-run with other budgets, baselines or a
+    # retrained predictor (other built configurations) starts its own instead of reusing stale records
+    digest = hashlib.sha256(json.dumps([[n, dict(c)] for n, c in items], sort_keys=True).encode()).hexdigest()
+    outdir = outdir / digest[:10]
     store = RecordStore(outdir, dict(settings, kind=kind, names=names))
     score_into_store(scorer, store, [(i, c) for i, (_, c) in enumerate(items)],
                      extra_of=lambda i: {"name": items[i][0]}, log=log)
@@ -181,11 +203,40 @@ def greedy_configs(args, budgets, workdir: Path, log) -> dict[str, dict]:
     return out
 
 
-def plot(result: dict, records, scored: dict, path: Path) -> Path:
+def measured_search(args, scorer, settings: dict, records, budgets, workdir: Path, log) -> dict:
+    """The closed-loop search from the dataset records (resumable store; one per settings)."""
+    import hashlib
+    import json
+
+    from autobuild.search import measured_search as run
+    from multiquant.utils import write_text_atomic
+
+    key = json.dumps([settings, budgets, args.search_per_budget, args.search_seed], sort_keys=True, default=str)
+    store = workdir / "search" / hashlib.sha256(key.encode()).hexdigest()[:10]
+    log(f"measured search: {args.search_rounds} rounds x {args.search_per_budget} per budget -> {store}")
+    result = run(scorer, settings, records, budgets, store, args.search_rounds, args.search_per_budget,
+                 args.search_seed, log=log)
+    result["path"] = str(write_text_atomic(store / "search.json", json.dumps(result, indent=1)))  # every round
+    return result
+
+
+def confirm(args, family, device, mq_path, items: list[tuple[str, dict]], workdir: Path, log) -> dict:
+    """Re-score ``(name, config)`` items with another image seed (else the same protocol): {name: FID}."""
+    from multiquant.evaluate import setup_scorer
+
+    scorer, settings = setup_scorer(family, tiny=args.tiny, device=device, mq_path=mq_path,
+                                    num_images=args.num_images, image_seed=args.confirm_seed, log=log)
+    scored = score_named(scorer, settings, items, workdir / "confirm", "confirm", log)
+    return {name: float(r["FID-GT-1k"]) for name, r in scored.items()}
+
+
+def plot(result: dict, records, scored: dict, path: Path, search: dict | None = None) -> Path:
     """FID vs avg_bits; the random cloud only when its FIDs are comparable (same number of images)."""
     from autobuild.report import classify_scored, plot_measured
 
-    rows = []
+    rows = [{"name": f"search_{budget_tag(float(b))}", "kind": "search", "budget": float(b),
+             "avg_bits": float(p["avg_bits"]), "fid": float(p["fid"])}
+            for b, p in (search or {}).get("best", {}).items() if p]
     for name, r in scored.items():
         kind, budget = classify_scored(name, MODEL)
         rows.append({"name": name, "kind": kind, "budget": budget, "avg_bits": float(r["avg_bits"]),
@@ -247,6 +298,15 @@ def main(argv=None) -> dict:
     scored = score_named(scorer, settings, items, workdir / "scored", "given", log)
     timings["scoring_s"] = time.perf_counter() - started - sum(timings.values())
 
+    search, confirmed = None, {}
+    if args.search_rounds > 0:
+        searched = [b for b in budgets if f"{MODEL}_{budget_tag(b)}" in built]  # those with a row
+        search = measured_search(args, scorer, settings, records, searched, workdir, log)
+        timings["search_s"] = time.perf_counter() - started - sum(timings.values())
+        picks = [(f"search_{budget_tag(float(b))}", best["config"]) for b, best in search["best"].items() if best]
+        confirmed = confirm(args, family, device, mq_path, picks + [(n, dict(c)) for n, c in items], workdir, log)
+        timings["confirm_s"] = time.perf_counter() - started - sum(timings.values())
+
     if not comparable(records, settings["num_images"]):
         log(f"note: the dataset's FIDs use {sorted({r.get('num_images') for r in records} - {None})} images, these "
             f"{settings['num_images']}: best_random_* are not comparable (use the dataset's --num_images)")
@@ -267,6 +327,10 @@ def main(argv=None) -> dict:
                      "greedy_method": next((m for m, g in greedy_rows.items() if g is first), None),
                      "greedy": greedy_rows,
                      "config_path": str(b.path)})
+        if search is not None:
+            rows[-1].update(search_fields(search, budget, confirmed, name, rows[-1]["greedy_method"]))
+            for m, g in greedy_rows.items():
+                g["fid_confirm"] = confirmed.get(f"greedy_{m}_{budget_tag(budget)}")
     result = {
         "model": MODEL, "budgets": rows,
         "uniform4_fid": {m: float(scored[f"uniform_{m}-4"]["FID-GT-1k"]) for m in METHODS},
@@ -286,7 +350,15 @@ def main(argv=None) -> dict:
                      "level": "block", "solver": "scipy.optimize.milp (exact)", "device": device},
         "environment": environment(), "timings": timings, "seconds": time.perf_counter() - started,
     }
-    png = plot(result, records, scored, out_dir / f"{tag}.png")
+    if search is not None:
+        result["uniform4_fid_confirm"] = {m: confirmed[f"uniform_{m}-4"] for m in METHODS}
+        result["fp16_fid_confirm"] = confirmed["fp16"]
+        result["search"] = {**search["settings"], "store": search["store"], "result": search["path"],
+                            "confirm_seed": args.confirm_seed,
+                            "scored_this_run": search["scored_this_run"],
+                            "picks": {b: None if p is None else {k: p[k] for k in ("fid", "avg_bits", "source")}
+                                      for b, p in search["best"].items()}}
+    png = plot(result, records, scored, out_dir / f"{tag}.png", search)
     result["plot"] = str(png)
     write_result(tag, result, out_dir)
     return result

@@ -26,23 +26,30 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--loss", default="srcc")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--learn", choices=("auto", "target"), default="auto")
+    ap.add_argument("--mse_weight", type=float, default=None)
+    ap.add_argument("--additive", type=int, choices=(0, 1), default=None)
     ap.add_argument("--out", default=str(RESULTS / "predictor_mnist_dit.json"))
     args = ap.parse_args(argv)
     from autobuild.train import TrainOptions, train_predictor
     from autobuild.train_predictor import family_graph, load_records
 
+    additive = None if args.additive is None else bool(args.additive)
+    overrides = {k: v for k, v in (("mse_weight", args.mse_weight), ("additive", additive)) if v is not None}
+    options = TrainOptions(workers=args.workers, learn=args.learn, **overrides)
     records = load_records(CACHE)
     graph = family_graph("mnist_dit", "full")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         metrics = train_predictor(records, graph, TARGET, loss=args.loss, folds=5, seed=12345, device=args.device,
-                                  out_dir=tmp, options=TrainOptions(workers=args.workers))
+                                  out_dir=tmp, options=options)
         seconds = time.perf_counter() - start
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     kind = "cuda" if str(args.device).startswith("cuda") else "cpu"
     result.update({"model": "mnist_dit", "dataset": str(CACHE.relative_to(CACHE.parents[2])),
-                   "num_configs": len(records), "target": TARGET, "loss": args.loss,
+                   "num_configs": len(records), "target": TARGET, "loss": args.loss, "learned": metrics["learned"],
+                   "options": metrics["options"],
                    "srcc_mean": metrics["srcc_mean"], "ndcg10_mean": metrics["ndcg10_mean"],
                    "folds": metrics["folds"], "baselines": metrics["baselines"],
                    "beats_every_baseline": all(metrics["srcc_mean"] > b["srcc_mean"]

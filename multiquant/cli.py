@@ -411,6 +411,8 @@ PASSTHROUGH = {
     "build-config": ("autobuild.configs", "best predicted configuration under an average-bits budget (exact knapsack); "
                                           "--pareto sweeps budgets"),
     "report": ("autobuild.report", "one HTML page: predictor quality, Pareto fronts, sensitivity insights, samples"),
+    "search": ("autobuild.search", "measured budgeted search: Thompson sampling over a Bayesian linear model of "
+                                   "log FID, exact knapsack per proposal, resumable"),
 }
 
 

@@ -16,7 +16,7 @@ from autobuild.data import (BIT_CODES, QUANT_CODES, GraphTemplate, cache_to_data
                             record_to_data, sequential_graph)
 from autobuild.gnn import SensitivityGNN
 from autobuild.losses import (exact_rank, hybrid_loss, lambda_rank_loss, ndcg_at_k, soft_rank, spearman_loss, srcc)
-from autobuild.target import TargetError, parse_target
+from autobuild.target import LearningPlan, TargetError, learning_plan, parse_target
 from autobuild.train import TrainOptions, load_ensemble, make_folds, train_predictor
 
 METHODS = ("mse", "kmeans", "kmeans_all")
@@ -32,6 +32,24 @@ def test_target_expression_with_dashed_keys():
     assert parse_target("FID-GT-1k-FID", keys=record)(record) == pytest.approx(12.5 - 99.0)
     assert parse_target("-(avg_bits - 3) / 2 + +1e1", keys=record)(record) == pytest.approx(-0.25 + 10)
     assert record == {"FID-GT-1k": 12.5, "avg_bits": 3.5, "FID": 99.0}
+
+
+def test_learning_plan_splits_measured_and_configuration_keys():
+    records = [{"FID-GT-1k": f, "avg_bits": b, "psnr_fp": p} for f, b, p in [(60.0, 3.5, 20.0), (90.0, 3.2, 18.0)]]
+    plan = learning_plan(parse_target("-1*FID-GT-1k - avg_bits*150", keys=records[0]), records)
+    assert (plan.key, plan.log, plan.sign, plan.known) == ("FID-GT-1k", True, -1.0, ("avg_bits",))
+    assert np.allclose(plan.learned(records), np.log([60.0, 90.0]))
+    composed = plan.compose(torch.tensor(plan.learned(records)), torch.tensor(plan.known_values(records)))
+    assert np.allclose(composed.numpy(), [-60 - 525, -90 - 480])  # the target, exactly
+    assert LearningPlan.from_json(plan.to_json()) == plan
+    # two measured keys, or learn="target": the network learns the target itself
+    assert learning_plan(parse_target("-FID-GT-1k + psnr_fp", keys=records[0]), records).key is None
+    assert learning_plan(plan.target, records, mode="target").key is None
+    # no single orientation (FID * (avg_bits - 3.3) flips sign) -> learn the target
+    assert learning_plan(parse_target("FID-GT-1k * (avg_bits - 3.3)", keys=records[0]), records).key is None
+    # a key that may be <= 0 is learned as is
+    assert not learning_plan(parse_target("psnr_fp - avg_bits", keys=records[0]),
+                             records + [{"FID-GT-1k": 1.0, "avg_bits": 3.0, "psnr_fp": -1.0}]).log
 
 
 @pytest.mark.parametrize("hostile", ["__import__('os')", "__import__", "avg_bits.__class__", "[avg_bits]",
@@ -294,8 +312,16 @@ def test_cross_validated_gnn_beats_avg_bits(tmp_path):
     target = np.array([-r["FID-GT-1k"] - 2 * r["avg_bits"] for r in records[:40]])
     assert out["pred"].shape == (40,) and out["fold_pred"].shape == (3, 40) and out["hop_scores"].shape == (40, 5)
     assert srcc(torch.tensor(out["pred"]), torch.tensor(target)) > 0.8
+    assert metrics["learned"] == {"target": "-1*FID-GT-1k - avg_bits*2", "key": "FID-GT-1k", "log": True,
+                                  "sign": -1.0, "known": ["avg_bits"], "learned": "log(FID-GT-1k)"}
+    # the target is composed from the predicted FID and the records' exact avg_bits
+    assert np.allclose(out["pred"], -out["learned"] - 2 * np.array([r["avg_bits"] for r in records[:40]]))
     datas = [ensemble.template.to_data(r["config"]) for r in records[:5]]
-    assert np.allclose(ensemble.predict(datas)["pred"], out["pred"][:5], atol=1e-4)
+    with pytest.raises(ValueError, match="pass records"):  # the linear prior reads each record's options
+        ensemble.predict(datas)
+    # every fold's prediction = its ridge prior on the one-hot options + the network's residual
+    assert metrics["prior_columns"] and all(len(f["prior"]["coef"]) == len(metrics["prior_columns"])
+                                            for f in json.loads((tmp_path / "ensemble.json").read_text())["folds"])
     # unit scoring reads node norms: the score of the last node of each graph
     batch = Batch.from_data_list(datas)
     scores = ensemble.score_nodes(batch, batch.ptr[1:] - 1, 0)

@@ -185,14 +185,6 @@ def baseline_scores(records: Sequence[Mapping], exclude: Iterable[str] = ()) -> 
     return {name: score for name, score in out.items() if np.ptp(score) > 0}
 
 
-def _ridge_predictions(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    from sklearn.linear_model import RidgeCV
-
-    model = RidgeCV(alphas=np.logspace(-3, 3, 13))
-    model.fit(features[train], y[train])
-    return model.predict(features[test])
-
-
 def _fold_metrics(score: np.ndarray, y: np.ndarray, k: int) -> dict:
     return {"srcc": srcc(torch.as_tensor(score), torch.as_tensor(y)),
             "ndcg10": ndcg_at_k(torch.as_tensor(score), torch.as_tensor(y), k)}
@@ -477,11 +469,13 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
             rho = srcc(torch.as_tensor(score[rest]), torch.as_tensor(y[rest]))
             sign = -1.0 if (not math.isnan(rho) and rho < 0) else 1.0
             baseline_folds[name].append({**_fold_metrics(sign * score[test_idx], y[test_idx], opts.k), "sign": sign})
-        baseline_folds["ridge_options"].append(
-            _fold_metrics(_ridge_predictions(ridge_features, y, rest, test_idx), y[test_idx], opts.k))
+        ridge = _prior_values(_fit_prior(ridge_features, y, rest), ridge_features[test_idx]).numpy()
+        baseline_folds["ridge_options"].append(_fold_metrics(ridge, y[test_idx], opts.k))
         if plan.key is not None:  # the same split as the GNN's: ridge on the learned key, composed exactly
-            learned = _ridge_predictions(ridge_features, labels.learned.numpy(), rest, test_idx)
-            composed = plan.compose(torch.as_tensor(learned), labels.known[test_idx]).numpy()
+            # the fold's own prior (same records) when the network used one
+            prior = fold_infos[f]["prior"] or _fit_prior(ridge_features, labels.learned.numpy(), rest)
+            learned = _prior_values(prior, ridge_features[test_idx])
+            composed = plan.compose(learned, labels.known[test_idx]).numpy()
             baseline_folds["ridge_learned"].append(_fold_metrics(composed, y[test_idx], opts.k))
 
     metrics = {

@@ -149,12 +149,17 @@ def test_units_set_hop_readouts_and_template_roundtrip():
     assert again.static_codes().tolist() == template.static_codes().tolist()
 
 
+def _random_hand_records(g, rng, n: int) -> list[dict]:
+    """``n`` records of the hand graph with a random method-bits option per layer."""
+    keys = [g.nodes[node]["key"] for node in g if g.nodes[node]["kind"] == "layer"]
+    return [_hand_record({k: f"{METHODS[rng.integers(3)]}-{3 + rng.integers(2)}" for k in keys}, rng)
+            for _ in range(n)]
+
+
 def test_fast_collate_matches_pyg_batch():
     g = _hand_graph()
-    rng = np.random.default_rng(1)
+    records = _random_hand_records(g, np.random.default_rng(1), 5)
     keys = [g.nodes[n]["key"] for n in g if g.nodes[n]["kind"] == "layer"]
-    records = [_hand_record({k: f"{METHODS[rng.integers(3)]}-{3 + rng.integers(2)}" for k in keys}, rng)
-               for _ in range(5)]
     ds = cache_to_dataset(records, g, target=lambda r: -r["FID-GT-1k"])
     fast = ds.collate([3, 0, 4])
     slow = Batch.from_data_list([ds[3], ds[0], ds[4]])
@@ -225,10 +230,7 @@ def test_lambda_rank_trains_a_linear_scorer():
 # ------------------------------------------------------------------------------------------------ model
 def test_gnn_forward_hop_scores_are_masked_means():
     g = _hand_graph()
-    rng = np.random.default_rng(2)
-    keys = [g.nodes[n]["key"] for n in g if g.nodes[n]["kind"] == "layer"]
-    records = [_hand_record({k: f"{METHODS[rng.integers(3)]}-{3 + rng.integers(2)}" for k in keys}, rng)
-               for _ in range(4)]
+    records = _random_hand_records(g, np.random.default_rng(2), 4)
     ds = cache_to_dataset(records, g)
     torch.manual_seed(0)
     model = SensitivityGNN(ds.template.num_ops, ds.template.num_blocks, hidden=16, layers=4, heads=2)

@@ -1,0 +1,12 @@
+"""Bad input, said in one line.
+
+:class:`UserError` is the base of every error caused by what the user gave (a path, a flag, a file's content):
+its message names the problem and the fix, in one line. The command line prints it as ``error: <message>`` and
+exits 2 with no traceback (``--debug`` shows it). Any other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and how to fix it."""
+
+    exit_code = 2

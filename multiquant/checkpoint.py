@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import UserError
 from .families import FamilySpec
 from .layers import LayerRef, excluded_layers, fp_bytes, quantizable_layers
 from .packing import pack_codes, unpack_codes
@@ -154,15 +155,33 @@ class MultiQuantizer:
         return cls(manifest, tensors)
 
     # ------------------------------------------------------------------------------------------- I/O
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the checkpoint. An existing checkpoint built from other weights (another family, layer list
+        or weight hash, e.g. a tiny random model over the shipped one) is kept unless ``overwrite``."""
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path / f"{self.family}_mq.safetensors"
+        if path.exists() and not overwrite:
+            self._refuse_overwrite_of_other_weights(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
                       metadata={"manifest": json.dumps(self.manifest)})
         return path
+
+    def _refuse_overwrite_of_other_weights(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                old = json.loads((f.metadata() or {}).get("manifest", "{}"))
+        except Exception:  # not a readable safetensors file: never replace what we cannot identify
+            old = {}
+        same = all(old.get(k) == self.manifest.get(k) for k in ("family", "weight_hash", "layers"))
+        if not same:
+            raise UserError(f"{path} already holds a checkpoint of other weights "
+                            f"(family {old.get('family')!r}, model_id {old.get('model_id')!r}): "
+                            f"write elsewhere (--out) or pass --overwrite to replace it")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device="cpu") -> "MultiQuantizer":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import constants
 
+from .errors import UserError
+
 
 def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="model family (qua2sedimo families lists them)")
@@ -91,8 +93,12 @@ def cmd_multiquantizer(args) -> int:
     bits = tuple(int(b) for b in args.bits.split(","))
     mq = MultiQuantizer.build(model, family, bits=bits, seed=args.seed, kmeans_iters=args.kmeans_iters,
                               model_id=args.pretrained, show_progress=True)
-    out = Path(args.out) if args.out else Path(constants.MULTIQUANTIZER_DIR) / f"{family.name}_mq.safetensors"
-    path = mq.save_pretrained(out)
+    # tiny random weights never take the real checkpoint's name (every loader looks for <model>_tiny_mq)
+    default_name = f"{family.name}{'_tiny' if args.tiny else ''}_mq.safetensors"
+    out = Path(args.out) if args.out else Path(constants.MULTIQUANTIZER_DIR) / default_name
+    if out.suffix != ".safetensors":
+        out = out / default_name
+    path = mq.save_pretrained(out, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(mq.layers)} layers, "
           f"{mq.manifest['build_seconds']:.1f} s)")
     if args.export_table:
@@ -322,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="4,3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kmeans_iters", type=int, default=100)
-    p.add_argument("--out", default=None, help="file or directory (default multiquantizers/<model>_mq.safetensors)")
+    p.add_argument("--out", default=None, help="file or directory (default multiquantizers/<model>_mq.safetensors; "
+                                               "--tiny: <model>_tiny_mq.safetensors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint even if it was built from other weights")
     p.add_argument("--export_table", default=None, help="also write the option table (<model>_mq.pkl or .json)")
     p.set_defaults(func=cmd_multiquantizer)
 
@@ -425,7 +434,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+    except (UserError, ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

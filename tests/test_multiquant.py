@@ -167,3 +167,29 @@ def test_tiny_model_of_every_family_builds_a_multiquantizer(name):
     assert set(mq.table) == {r.key for r in layers}
     rec = config_record(uniform_config(layers, "mse-3"), mq.table, family.fp_prec, fp_bytes(layers, family.fp_prec))
     assert 3.0 < rec["avg_bits"] < 4.5
+
+
+def test_tiny_build_never_overwrites_the_real_checkpoint(tmp_path, monkeypatch, tiny_pixart):
+    """`multiquantizer --tiny` writes <model>_tiny_mq; a checkpoint of other weights is kept unless --overwrite."""
+    import constants
+    from multiquant.errors import UserError
+
+    family, model, mq = tiny_pixart
+    real = mq.save_pretrained(tmp_path)  # stands in for the shipped checkpoint of the real weights
+    before = real.read_bytes()
+    monkeypatch.setattr(constants, "MULTIQUANTIZER_DIR", tmp_path)
+    args = ["multiquantizer", "--model", "pixart_alpha", "--tiny", "--bits", "3", "--device", "cpu"]
+    assert cli_main(args) == 0
+    assert real.read_bytes() == before
+    tiny = MultiQuantizer.from_pretrained(tmp_path / "pixart_alpha_tiny_mq.safetensors")
+    assert tiny.manifest["weight_hash"] != mq.manifest["weight_hash"]
+    # writing the other weights to the real name is refused, then allowed when asked
+    with pytest.raises(UserError, match="other weights.*--overwrite"):
+        tiny.save_pretrained(real)
+    assert real.read_bytes() == before
+    assert cli_main(args + ["--out", str(real)]) == 2
+    assert real.read_bytes() == before
+    assert cli_main(args + ["--out", str(real), "--overwrite"]) == 0
+    assert MultiQuantizer.from_pretrained(real).manifest["weight_hash"] == tiny.manifest["weight_hash"]
+    mq.save_pretrained(tmp_path / "same.safetensors")  # the same weights may be rebuilt in place
+    mq.save_pretrained(tmp_path / "same.safetensors")

@@ -301,9 +301,11 @@ def cmd_load_check(args) -> int:
         family, simulated = load_denoiser(args, info["family"], dtype=getattr(torch, info["dtype"]))
         mq = load_or_build_multiquantizer(family, simulated, args.mq, tiny=args.tiny)
         quantize_(simulated, info["config"], mq)
-    report = check_export(args.dir, device=device, dtype=dtype, simulated=simulated, batch=args.batch)
+    report = check_export(args.dir, device=device, dtype=dtype, simulated=simulated, batch=args.batch,
+                          tolerance=args.tolerance)
     print(json.dumps(report, indent=1))
-    return 0 if report["output_finite"] and report.get("max_abs_diff_vs_simulated", 0.0) <= args.tolerance else 1
+    print(f"{'PASS' if report['passed'] else 'FAIL'}: {report['reason']}")
+    return 0 if report["passed"] else 1
 
 
 # ------------------------------------------------------------------------------------------- parser

@@ -164,6 +164,16 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _own_dtypes(model: nn.Module, layout: dict) -> dict[str, str]:
+    """``{name: dtype}`` of every floating parameter/buffer (non-persistent ones included) whose dtype is not
+    the model's, e.g. a positional table diffusers leaves in float32 in an fp16 model: the loaded model keeps
+    these dtypes, so it is the model that was scored, bit for bit."""
+    model_dtype, replaced = _model_dtype(model), {f"{path}.weight" for path in layout}
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {name: _dtype_name(t.dtype) for name, t in tensors
+            if t.is_floating_point() and t.dtype != model_dtype and name not in replaced}
+
+
 # ------------------------------------------------------------------------------------------- export
 def export_quantized(denoiser: nn.Module, family: FamilySpec, config: dict, mq: MultiQuantizer,
                      out_dir: str | os.PathLike, verify_weights: bool = True) -> Path:
@@ -206,6 +216,7 @@ def export_quantized(denoiser: nn.Module, family: FamilySpec, config: dict, mq: 
                            "options": mq.options},
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": dict(config), "layers": layout, "aliases": aliases,
+        "own_dtypes": _own_dtypes(denoiser, layout),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +317,8 @@ def install_packed_modules(model: nn.Module, layout: dict, compute_dtype: torch.
     return installed
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype,
+            own_dtypes: dict[str, str] | None = None) -> None:
     path, _, attr = name.rpartition(".")
     module = model.get_submodule(path) if path else model
     slots = module._parameters if attr in module._parameters else module._buffers if attr in module._buffers else None
@@ -317,13 +329,16 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtyp
     if expected is not None and tuple(expected.shape) != tuple(tensor.shape):
         raise ExportError(f"{name}: stored shape {tuple(tensor.shape)} != model shape {tuple(expected.shape)}")
     keep = isinstance(module, PackedWeight) and attr in KEEP_DTYPE
-    if tensor.is_floating_point() and not keep and tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
+    target = _parse_dtype((own_dtypes or {}).get(name, dtype))
+    if tensor.is_floating_point() and not keep and tensor.dtype != target:
+        tensor = tensor.to(target)
     slots[attr] = nn.Parameter(tensor, requires_grad=False) if slots is module._parameters else tensor
 
 
-def _settle_remaining(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Buffers built at construction (not in the file) to ``device``/``dtype``; fail on anything left empty."""
+def _settle_remaining(model: nn.Module, device: torch.device, dtype: torch.dtype,
+                      own_dtypes: dict[str, str] | None = None) -> None:
+    """Buffers built at construction (not in the file) to ``device``/``dtype`` (or the dtype they had in the
+    exported model, ``own_dtypes``); fail on anything left empty."""
     for path, module in model.named_modules(remove_duplicate=False):
         for kind, slots in (("parameter", module._parameters), ("buffer", module._buffers)):
             for attr, t in slots.items():
@@ -333,7 +348,11 @@ def _settle_remaining(model: nn.Module, device: torch.device, dtype: torch.dtype
                     raise ExportError(f"{kind} {path + '.' if path else ''}{attr} is missing from {WEIGHTS_NAME}: "
                                       f"the file is incomplete or from another model; re-export")
                 keep = isinstance(module, PackedWeight) and attr in KEEP_DTYPE
-                target = dtype if t.is_floating_point() and not keep else t.dtype
+                name = f"{path}.{attr}" if path else attr
+                if t.is_floating_point() and name in (own_dtypes or {}):
+                    target = _parse_dtype(own_dtypes[name])
+                else:
+                    target = dtype if t.is_floating_point() and not keep else t.dtype
                 if t.device != device or t.dtype != target:
                     moved = t.to(device=device, dtype=target)
                     slots[attr] = nn.Parameter(moved, requires_grad=False) if kind == "parameter" else moved
@@ -368,8 +387,9 @@ def load_quantized(out_dir: str | os.PathLike, device="cpu", dtype: torch.dtype 
         if stored_id != info["export_id"]:
             raise ExportError(f"{weights} and {INFO_NAME} come from different exports (export_id {stored_id} != "
                               f"{info['export_id']}): re-export the directory")
+        own_dtypes = info.get("own_dtypes", {})
         for name in f.keys():
-            _assign(model, name, f.get_tensor(name), dtype)
+            _assign(model, name, f.get_tensor(name), dtype, own_dtypes)
     for alias, source in info.get("aliases", {}).items():
         source_path, _, source_attr = source.rpartition(".")
         holder = model.get_submodule(source_path) if source_path else model
@@ -377,7 +397,7 @@ def load_quantized(out_dir: str | os.PathLike, device="cpu", dtype: torch.dtype 
         path, _, attr = alias.rpartition(".")
         module = model.get_submodule(path) if path else model
         (module._parameters if attr in module._parameters else module._buffers)[attr] = value
-    _settle_remaining(model, device, dtype)
+    _settle_remaining(model, device, dtype, info.get("own_dtypes", {}))
     model.qua2sedimo_export = {k: info[k] for k in ("family", "avg_bits", "export_id", "dtype")}
     return model.eval()
 
@@ -452,11 +472,20 @@ def _cast_floats(value, dtype: torch.dtype):
     return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
 
 
+def _dtype_differences(model: nn.Module, reference: nn.Module) -> list[str]:
+    """Names (with both dtypes) of buffers and unquantized parameters whose dtype differs between the two."""
+    theirs = dict(reference.named_parameters(remove_duplicate=False)) | dict(reference.named_buffers(remove_duplicate=False))
+    mine = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    return [f"{name} {_dtype_name(t.dtype)} vs {_dtype_name(theirs[name].dtype)}" for name, t in mine.items()
+            if name in theirs and t.dtype != theirs[name].dtype]
+
+
 @torch.no_grad()
 def check_export(out_dir: str | os.PathLike, device="cpu", dtype=None, simulated: nn.Module | None = None,
-                 batch: int = 2, seed: int = 0) -> dict:
+                 batch: int = 2, seed: int = 0, tolerance: float = 0.0) -> dict:
     """Load an export, run one forward on the family's example inputs and report sizes (and, given the
-    simulated configuration ``simulated`` = FP denoiser after ``quantize_``, the max abs difference)."""
+    simulated configuration ``simulated`` = FP denoiser after ``quantize_``, the max abs difference and the
+    tensors whose dtype differs). ``passed`` and ``reason`` give the verdict."""
     from .families import get_family
     from .families.inputs import example_inputs
 
@@ -468,7 +497,24 @@ def check_export(out_dir: str | os.PathLike, device="cpu", dtype=None, simulated
     report = {"dir": str(out_dir), "family": family.name, "avg_bits": info["avg_bits"],
               "file": safetensors_bytes(Path(out_dir) / WEIGHTS_NAME), "bytes_in_memory": tensor_bytes(model),
               "output_shape": list(out.shape), "output_finite": bool(torch.isfinite(out).all())}
+    reasons = [] if report["output_finite"] else ["the output holds NaN or inf"]
     if simulated is not None:
         reference = denoiser_output(simulated, _cast_floats(inputs, _model_dtype(simulated)))
         report["max_abs_diff_vs_simulated"] = float((out.float() - reference.float()).abs().max())
+        report["tolerance"] = tolerance
+        report["dtype_differences"] = _dtype_differences(model, simulated)
+        if report["max_abs_diff_vs_simulated"] > tolerance:
+            reasons.append(f"output differs from the simulated configuration by "
+                           f"{report['max_abs_diff_vs_simulated']:.3g} > tolerance {tolerance:g}")
+        if report["dtype_differences"]:
+            reasons.append("dtypes differ from the simulated model (loaded vs simulated): "
+                           + ", ".join(report["dtype_differences"][:5]))
+    report["passed"] = not reasons
+    if reasons:
+        report["reason"] = "; ".join(reasons)
+    elif simulated is not None:
+        report["reason"] = (f"finite output equal to the simulated configuration within {tolerance:g} "
+                            f"(max abs diff {report['max_abs_diff_vs_simulated']:.3g}), same dtypes")
+    else:
+        report["reason"] = "finite output (pass --compare to check it against the simulated configuration)"
     return report

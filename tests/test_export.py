@@ -284,3 +284,34 @@ def test_broken_or_foreign_exports_fail_with_the_fix(tmp_path, tiny_pixart_fp16)
     (first / INFO_NAME).write_text((second / INFO_NAME).read_text())  # weights of one export, info of another
     with pytest.raises(ExportError, match="different exports"):
         load_quantized(first)
+
+
+def test_export_keeps_the_dtype_of_every_buffer_and_load_check_says_pass_or_fail(tmp_path, capsys):
+    """diffusers loads an fp16 model with its non-persistent positional table in float32; the export must
+    give back that very model (the scored one) and load-check must say PASS, or FAIL with the reason."""
+    from multiquant.cli import main as cli_main
+    from multiquant.export import check_export
+
+    family = get_family("mnist_dit")
+    fp32 = family.build("tiny", seed=4)
+    fp32.save_pretrained(tmp_path / "fp")
+    model = type(fp32).from_pretrained(tmp_path / "fp", torch_dtype=torch.float16)
+    assert model.pos_embed.pos_embed.dtype == torch.float32 and model.proj_out_2.weight.dtype == torch.float16
+    mq = MultiQuantizer.build(model, family, kmeans_iters=5, show_progress=False)
+    mq_path = mq.save_pretrained(tmp_path / "mq.safetensors")
+    config = sample_random_config(mq.layers, seed=0, index=1)
+    export_quantized(model, family, config, mq, tmp_path / "export")
+    loaded = load_quantized(tmp_path / "export")
+    assert loaded.pos_embed.pos_embed.dtype == torch.float32
+    simulated = quantize_(type(fp32).from_pretrained(tmp_path / "fp", torch_dtype=torch.float16), config, mq)
+    report = check_export(tmp_path / "export", simulated=simulated, batch=1)
+    assert report["passed"] and report["max_abs_diff_vs_simulated"] == 0.0 and report["dtype_differences"] == []
+    # a simulated model whose table was cast differs: FAIL, naming the buffer
+    simulated.pos_embed.pos_embed = simulated.pos_embed.pos_embed.half()
+    report = check_export(tmp_path / "export", simulated=simulated, batch=1)
+    assert not report["passed"] and "pos_embed.pos_embed float32 vs float16" in report["reason"]
+    # the command prints the verdict and exits 0 on PASS
+    code = cli_main(["load-check", str(tmp_path / "export"), "--compare", "--pretrained", str(tmp_path / "fp"),
+                     "--mq", str(mq_path), "--device", "cpu", "--batch", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS: finite output equal to the simulated configuration" in out

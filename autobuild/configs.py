@@ -29,6 +29,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from multiquant import knapsack
+from multiquant.knapsack import BudgetError, pareto_prune
+
 from .scores import OptionTable, UnitScoreSet
 
 __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsack_from_scores", "solve_knapsack",
@@ -40,8 +43,6 @@ __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsa
 DEFAULT_PARETO_BUDGETS = tuple(round(3.3 + 0.1 * i, 1) for i in range(10))  # 3.3 .. 4.2
 
 
-class BudgetError(ValueError):
-    """The bit budget cannot be met (below the smallest achievable average precision)."""
 
 
 # ------------------------------------------------------------------------------------------ the problem
@@ -86,57 +87,17 @@ def _best_index(costs: np.ndarray, values: np.ndarray) -> int:
     return int(top[np.argmin(costs[top])])
 
 
-def pareto_prune(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Rows of the non-dominated variants (no other row is at most as large and scores at least as well;
-    of exact duplicates the first is kept), ordered by increasing cost."""
-    order = np.lexsort((-values, costs))  # by cost, then best value first
-    keep, best = [], -np.inf
-    for row in order:
-        if values[row] > best:
-            keep.append(row)
-            best = values[row]
-    return np.asarray(keep, dtype=np.int64)
-
-
 def solve_knapsack(problem: Knapsack, avg_bits: float, time_limit: float | None = None) -> KnapsackSolution:
-    """Exact multiple-choice knapsack with ``scipy.optimize.milp`` (HiGHS). Raises :class:`BudgetError`
+    """Exact multiple-choice knapsack (:func:`multiquant.knapsack.solve_exact`). Raises :class:`BudgetError`
     when ``avg_bits`` is below the all-minimum."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_matrix
-
     capacity = problem.capacity(avg_bits)
     if capacity < problem.min_bytes:
         lowest = problem.avg_bits(problem.min_bytes)
         raise BudgetError(f"a budget of {avg_bits:.4f} average bits is below the smallest achievable "
                           f"{lowest:.4f} (every layer at its cheapest option, overhead included): "
                           f"ask for at least {math.ceil(lowest * 1000) / 1000:.3f}")
-    if problem.max_score_bytes <= capacity:  # the budget does not bind: every unit's best variant
-        return _solution(problem, [_best_index(c, v) for c, v in zip(problem.costs, problem.values)], avg_bits,
-                         "unconstrained optimum")
-    kept = [pareto_prune(c, v) for c, v in zip(problem.costs, problem.values)]
-    sizes = [len(k) for k in kept]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    cost = np.concatenate([problem.costs[u][k] for u, k in enumerate(kept)]).astype(np.float64)
-    value = np.concatenate([problem.values[u][k] for u, k in enumerate(kept)]).astype(np.float64)
-    n, groups = int(offsets[-1]), len(kept)
-    one_per_unit = csr_matrix((np.ones(n), (np.repeat(np.arange(groups), sizes), np.arange(n))), shape=(groups, n))
-    scale = float(capacity)  # the size row in units of the capacity keeps HiGHS's tolerances meaningful
-    constraints = [LinearConstraint(one_per_unit, 1, 1),
-                   LinearConstraint(csr_matrix(cost[None, :] / scale), -np.inf, 1.0)]
-    options = {"mip_rel_gap": 0.0, "presolve": True}
-    if time_limit:
-        options["time_limit"] = float(time_limit)
-    for _ in range(5):  # re-solve with a tighter row if HiGHS's feasibility tolerance let a byte through
-        result = milp(-value, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
-        if result.x is None:
-            raise RuntimeError(f"the knapsack solver failed for {avg_bits} bits: {result.message}")
-        picks = [int(kept[u][int(np.argmax(result.x[offsets[u]:offsets[u + 1]]))]) for u in range(groups)]
-        solution = _solution(problem, picks, avg_bits, result.message)
-        if solution.size <= capacity:
-            return solution
-        excess = (solution.size - capacity) / scale
-        constraints[1] = LinearConstraint(csr_matrix(cost[None, :] / scale), -np.inf, 1.0 - 2 * excess)
-    raise RuntimeError(f"could not meet {avg_bits} bits exactly (solver tolerance); try a slightly larger budget")
+    solution = knapsack.solve_exact(problem.values, problem.costs, float(capacity), time_limit=time_limit)
+    return _solution(problem, solution.choice, avg_bits, solution.status)
 
 
 def _solution(problem: Knapsack, choice: list[int], budget: float, status: str) -> KnapsackSolution:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import knapsack
+from .knapsack import BudgetError
 from .quantizers import FP_OPTION, option_bytes
 
 __all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "bops_cost_table", "bytes_cost_table",
@@ -46,8 +48,6 @@ FP_BITS = 16  # "16 bits" means the unquantized fp16 weight
 VALUE_MODEL = "value(l, b) = s_l * (1 - 2^(b_min - b)): degradation avoided, noise amplitude ~ 2^-b"
 
 
-class BudgetError(ValueError):
-    """The budget cannot be met (below the cheapest allocation) or is malformed."""
 
 
 # ------------------------------------------------------------------------------------------ problem
@@ -145,88 +145,34 @@ def _check_feasible(problem: Knapsack, start_cost: float, what: str) -> None:
                           f"Fix: raise the budget to at least {start_cost:.6g} (or offer a lower bit width)")
 
 
-def solve_greedy(problem: Knapsack) -> Allocation:
-    """Bang for buck: all items at the lowest width, then repeatedly the fitting upgrade (to any higher
-    width of any item) with the highest value gained per cost added; ties go to the larger gain, then to
-    the earlier item. An upgrade that adds no cost is taken first. Stops when no upgrade fits."""
-    n, k = problem.value.shape
-    _check_feasible(problem, problem.lowest_cost, "the cost with every layer at the lowest bit width")
-    choice = np.zeros(n, dtype=np.int64)
-    rows = np.arange(n)
-    spent = problem.lowest_cost
+def _allocation(problem: Knapsack, solution, solver: str | None = None) -> Allocation:
+    rows = np.arange(len(problem.names))
+    choice = np.asarray(solution.choice, dtype=np.int64)
     upgrades = []
-    tol = problem.tolerance()
-    while True:
-        gain = problem.value - problem.value[rows, choice][:, None]
-        added = problem.cost - problem.cost[rows, choice][:, None]
-        later = np.arange(k)[None, :] > choice[:, None]
-        fits = later & (added <= problem.budget - spent + tol) & (gain >= 0)
-        if not fits.any():
-            break
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(added > 0, gain / np.where(added > 0, added, 1.0), np.inf)
-        ratio = np.where(fits, ratio, -np.inf)
-        best_ratio = ratio.max()
-        tied = ratio == best_ratio
-        best_gain = np.where(tied, gain, -np.inf).max()
-        flat = int(np.flatnonzero((tied & (gain == best_gain)).ravel())[0])  # earliest item, lowest width
-        item, to = divmod(flat, k)
-        upgrades.append({"layer": problem.names[item], "from_bits": problem.bits[choice[item]],
-                         "to_bits": problem.bits[to], "value_gain": float(gain[item, to]),
-                         "cost_added": float(added[item, to]),
-                         "ratio": float(best_ratio) if math.isfinite(best_ratio) else None})
-        spent += float(added[item, to])
-        choice[item] = to
-    greedy = Allocation(choice, float(problem.value[rows, choice].sum()), float(problem.cost[rows, choice].sum()),
-                        "greedy", upgrades)
-    single = _best_single_upgrade(problem)
-    # The textbook knapsack safeguard: a few cheap upgrades can crowd out one valuable one; keeping the
-    # better of the two bounds the worst case (it only ever wins on small instances).
-    return single if single is not None and single.value > greedy.value + 1e-12 else greedy
-
-
-def _best_single_upgrade(problem: Knapsack) -> Allocation | None:
-    """Every item at its lowest width except one, upgraded to its best width that fits alone."""
-    n, _ = problem.value.shape
-    rows = np.arange(n)
-    base_cost = problem.lowest_cost
-    added = problem.cost - problem.cost[:, :1]
-    gain = problem.value - problem.value[:, :1]
-    fits = added <= problem.budget - base_cost + problem.tolerance()
-    gain = np.where(fits, gain, -np.inf)
-    flat = int(np.argmax(gain))
-    item, to = divmod(flat, problem.value.shape[1])
-    if not np.isfinite(gain[item, to]) or to == 0:
-        return None
-    choice = np.zeros(n, dtype=np.int64)
-    choice[item] = to
-    trail = [{"layer": problem.names[item], "from_bits": problem.bits[0], "to_bits": problem.bits[to],
-              "value_gain": float(gain[item, to]), "cost_added": float(added[item, to]),
-              "ratio": float(gain[item, to] / added[item, to]) if added[item, to] > 0 else None,
-              "note": "best single upgrade beat the greedy sequence"}]
+    for step in solution.trail:
+        entry = {"layer": step["group"], "from_bits": problem.bits[step["from"]], "to_bits": problem.bits[step["to"]],
+                 "value_gain": step["value_gain"], "cost_added": step["cost_added"], "ratio": step["ratio"]}
+        if "note" in step:
+            entry["note"] = step["note"]
+        upgrades.append(entry)
     return Allocation(choice, float(problem.value[rows, choice].sum()), float(problem.cost[rows, choice].sum()),
-                      "greedy (single-upgrade safeguard)", trail)
+                      solver or solution.status, upgrades)
+
+
+def solve_greedy(problem: Knapsack) -> Allocation:
+    """Bang for buck (:func:`multiquant.knapsack.solve_greedy`): all items at the lowest width, then
+    repeatedly the fitting upgrade with the highest value gained per cost added, plus the single-upgrade
+    safeguard. Stops when no upgrade fits."""
+    _check_feasible(problem, problem.lowest_cost, "the cost with every layer at the lowest bit width")
+    return _allocation(problem, knapsack.solve_greedy(list(problem.value), list(problem.cost), problem.budget,
+                                                      names=problem.names))
 
 
 def solve_exact(problem: Knapsack, time_limit: float | None = 60.0) -> Allocation:
-    """The optimum of the same knapsack, as a 0/1 MILP solved by scipy's HiGHS."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_matrix, kron
-
-    n, k = problem.value.shape
+    """The optimum of the same knapsack (:func:`multiquant.knapsack.solve_exact`, scipy's HiGHS)."""
     _check_feasible(problem, problem.min_cost, "the cheapest allocation")
-    one_per_item = kron(csr_matrix(np.eye(n)), csr_matrix(np.ones((1, k))))  # sum_b x[l, b] = 1
-    constraints = [LinearConstraint(one_per_item, 1, 1),
-                   LinearConstraint(problem.cost.reshape(1, -1), -np.inf, problem.budget + problem.tolerance())]
-    options = {"time_limit": time_limit} if time_limit else {}
-    res = milp(-problem.value.ravel(), constraints=constraints, integrality=np.ones(n * k),
-               bounds=Bounds(0, 1), options=options)
-    if res.x is None:
-        raise RuntimeError(f"the exact solver found no allocation ({res.message}); try the greedy solver")
-    choice = res.x.reshape(n, k).argmax(axis=1)
-    rows = np.arange(n)
-    return Allocation(choice, float(problem.value[rows, choice].sum()), float(problem.cost[rows, choice].sum()),
-                      "exact" if res.status == 0 else f"exact (stopped: {res.message})")
+    solution = knapsack.solve_exact(list(problem.value), list(problem.cost), problem.budget, time_limit=time_limit)
+    return _allocation(problem, solution, "exact" if solution.status == "unconstrained optimum" else None)
 
 
 SOLVERS = {"greedy": solve_greedy, "exact": solve_exact}

@@ -155,4 +155,4 @@ def list_families() -> list[str]:
 
 
 # Built-in families register themselves on import.
-from . import pixart, hunyuan, unet, dit, mnist_dit  # noqa: E402,F401
+from . import pixart, hunyuan, unet, dit, mnist_dit, mnist_unet  # noqa: E402,F401

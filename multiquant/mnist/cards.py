@@ -149,3 +149,83 @@ compare configurations with each other, on the same protocol.
 Data licence: MNIST, CC BY-SA 3.0 (Y. LeCun, C. Cortes, C. Burges).
 """)
     return "".join(lines)
+
+
+def unet_card(training: dict, quality: dict | None) -> str:
+    cfg = training["config"]
+    ch = cfg["channels"]
+    lines = [f"""# mnist_unet: class-conditional convolutional U-Net DDPM on MNIST
+
+The second embedded testbed of qua2sedimo, brought in the way a user brings their own denoiser: a plain
+PyTorch `nn.Module` (`multiquant/mnist/unet.py`, no diffusers class) with its own ancestral DDPM sampler,
+registered through the public family protocol (`multiquant/families/mnist_unet.py`).
+
+## Architecture
+`MNISTUNet(channels={ch}, emb_dim={cfg['emb_dim']})`, {training['parameters']:,} parameters, weights stored in fp16
+(`model.safetensors`, the config is in its metadata):
+- time: sinusoidal({ch[0]}) -> Linear -> SiLU -> Linear ({cfg['emb_dim']}); label: `nn.Embedding(10, {cfg['emb_dim']})`;
+- ResBlock: GroupNorm({cfg['groups']})-SiLU-conv3x3, + `time_proj`(t) + `label_proj`(y) (Linear each),
+  GroupNorm-SiLU-dropout({cfg['dropout']})-conv3x3, residual (1x1 conv when the width changes);
+- `conv_in` 3x3 (1 -> {ch[0]}); down path: one ResBlock per level at {', '.join(f'{28 // 2 ** i}x{28 // 2 ** i} ({c})' for i, c in enumerate(ch))},
+  stride-2 conv between levels; `mid_block`; up path: one ResBlock per level fed with the channel-concatenated
+  skip, nearest-upsample + conv3x3 between levels; GroupNorm-SiLU-`conv_out` 3x3 -> epsilon.
+
+## Data
+{SPLIT_TEXT}
+
+## Training
+`python -m multiquant.mnist.train_unet --steps {training['steps']} --batch-size {training['batch_size']} --lr {training['lr']} --seed {training['seed']}`
+
+- DDPM objective, {training['noise_schedule']['num_train_timesteps']} steps, linear betas
+  {training['noise_schedule']['beta_start']}-{training['noise_schedule']['beta_end']}, epsilon prediction (MSE);
+  AdamW, lr {training['lr']} ({training['warmup']} warm-up steps), grad-norm clip 1; EMA {training['ema']} (saved);
+  {training.get('precision', 'fp32')}.
+- {training['steps']:,} steps x batch {training['batch_size']} on {training['device']} (torch {training['torch']}),
+  wall time {training['wall_time_s']} s{' (stopped by --time-budget-s ' + str(training['time_budget_s']) + ')' if training.get('time_budget_s') else ''};
+  final loss {training['loss_history'][-1][1] if training['loss_history'] else 'n/a'}. Seeded; GPU kernels are not bitwise deterministic.
+"""]
+    if training.get("quick_quality"):
+        lines.append("""
+Sampler choice (right after training: saved fp16 weights on the training GPU, 1,000-image plan):
+
+| steps | variance | MNIST-FID | classified as requested | images/s |
+|---|---|---|---|---|
+""")
+        for q in training["quick_quality"]:
+            lines[-1] += f"| {q['steps']} | {q['variance']} | {q['fid']:.2f} | {q['accuracy']:.1%} | {q['images_per_s']} |\n"
+        lines[-1] += ("\nThe first row's speed includes cuDNN autotuning and drawing the noise. The family samples with "
+                      "50 steps and the small (posterior) variance: the large one leaves visible speckle at 50 steps.\n")
+    if quality:
+        p, fp = quality["protocol"], quality["fp"]
+        lines.append(f"""
+## Quality
+Protocol: {p['num_images']:,} images, class `i % 10` and seed `i` for image `i`; {p['sampler']}, {p['steps']} steps
+({p['timesteps']}, {p['variance']} variance, x0 clipped), {quality['device']} ({p['dtype']}). Each image draws all its
+noise from `torch.Generator('cpu').manual_seed(seed)`, so images do not depend on batching and configurations
+share noise. MNIST-FID = Frechet distance of the shipped LeNet classifier's features
+(`multiquant/assets/mnist_classifier`) to the 2,000 held-out reference digits.
+
+| model | MNIST-FID (1,000) | classified as requested digit |
+|---|---|---|
+| real held-out digits (FID floor, 1,000 eval digits) | {_fmt(quality['fid_floor'])} | {_fmt(quality.get('floor_accuracy'), '.1%')} |
+| FP16 weights | {_fmt(fp['fid'])} | {_fmt(fp['accuracy'], '.1%')} |
+""")
+        for option, r in quality.get("uniform", {}).items():
+            lines[-1] += (f"| uniform {option} ({r['method_name']}, {r['avg_bits']:.2f} avg bits) | {_fmt(r['fid'])} | "
+                          f"{_fmt(r['accuracy'], '.1%')} |\n")
+        lines.append(f"""
+At N = 1,000 the FID of real digits is mostly finite-sample bias (1,000 of the reference digits themselves score
+{_fmt(quality.get('fid_reference_subset'))}); compare configurations with each other, on the same protocol.
+Sampling speed: {fp['images_per_s']} images/s on {quality['device']}.
+""")
+        if quality.get("grid_rows"):
+            lines.append(f"\n![samples](samples.png)\n\n`samples.png`: digits 0-9 per row, top to bottom: "
+                         f"{', '.join(quality['grid_rows'])}.\n")
+    lines.append("""
+## Files
+`model.safetensors` (fp16 state dict of `MNISTUNet`), `training.json` (training record and loss curve),
+`quality.json` (the figures above). Load with `qua2sedimo` as family `mnist_unet`, or by hand:
+`multiquant.mnist.train_unet.load_weights(multiquant.families.mnist_unet.build_unet(), path)`.
+Code licence: the project's. Data licence: MNIST, CC BY-SA 3.0 (Y. LeCun, C. Cortes, C. Burges).
+""")
+    return "".join(lines)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -251,12 +252,22 @@ def build_config(predictor_dir, table, family=None, avg_bits: float = 3.5, level
         table = OptionTable.from_source(table, fp_prec=spec.fp_prec)
     config, solution = config_for_budget(scores, table, avg_bits)
     path = Path(out_dir or _default_config_dir()) / f"{name or config_name(spec.name, avg_bits)}.pkl"
-    save_config(config, path)
+    save_config(config, path, origin=config_origin("built", spec.name, avg_bits, solution.avg_bits,
+                                                   predictor=str(predictor_dir) if predictor_dir else None,
+                                                   level=scores.level, predicted_score=solution.score))
     if log:
         log(f"{path}: {solution.avg_bits:.4f} avg bits (budget {avg_bits}), predicted score {solution.score:.3f}")
     return BuiltConfig(config=config, budget=float(avg_bits), avg_bits=solution.avg_bits,
                        predicted_score=solution.score, level=scores.level, path=path,
                        info={"solver": solution.status, "model": spec.name})
+
+
+def config_origin(kind: str, model: str, budget: float | None, avg_bits: float | None, **details) -> dict:
+    """What a configuration file records about where it came from (``kind``: ``built`` = predictor + knapsack,
+    ``search``, ``greedy``, ...); ``report --scored`` classifies by it."""
+    return {"kind": kind, "model": model, "budget": None if budget is None else float(budget),
+            "avg_bits": None if avg_bits is None else float(avg_bits), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **details}
 
 
 def _default_config_dir() -> Path:
@@ -286,7 +297,9 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
         path = None
         if out_dir is not None and model:
             config = solution_config(scores, table, solution.choice)
-            path = save_config(config, Path(out_dir) / f"{config_name(model, budget)}.pkl")
+            path = save_config(config, Path(out_dir) / f"{config_name(model, budget)}.pkl",
+                               origin=config_origin("built", model, budget, solution.avg_bits, level=scores.level,
+                                                    predicted_score=solution.score))
         front.append({"budget": budget, "avg_bits": solution.avg_bits, "predicted_score": solution.score,
                       "config_path": str(path) if path else None, "level": scores.level})
         if log:

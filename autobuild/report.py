@@ -10,9 +10,9 @@ configurations, uniform 4-bit baselines, the greedy knapsack, FP16), sensitivity
 x bits mixes, ranked tables) and FP16 vs quantized sample grids (optional). Images are PNGs beside the page
 and embedded in it (base64), so ``index.html`` alone can be mailed around.
 
-Scored configurations are recognised by the ``name`` eval-configs gives them: ``fp16``, ``uniform_<option>``,
-names containing ``greedy`` (the greedy-knapsack baseline), anything else is a built configuration (its
-budget is read from a ``<model>_<bits x 10>`` name when it has one).
+Scored configurations are classified by the ``origin`` their configuration file records (``build-config``,
+``search``, ``optimize-mixed-precision`` write it; ``eval-configs`` copies it into the scores): predictor +
+knapsack, measured search, greedy knapsack, uniform, FP16; anything without a known origin is "other".
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import html
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,26 +38,19 @@ GRID_BUDGETS = 2  # sample grids / mix bars for this many built configurations (
 
 
 # ------------------------------------------------------------------------------------------ scored results
-def classify_scored(name: str, model: str) -> tuple[str, float | None]:
-    """(kind, budget): kind is ``fp16``, ``uniform``, ``greedy``, ``search``, ``built`` or ``other``."""
-    low = (name or "").lower()
-    budget = _budget_in(low, model)
-    if low in ("fp16", "fp", "fp32"):
-        return "fp16", None
-    if low.startswith("uniform_"):
-        return "uniform", None
-    if "greedy" in low:
-        return "greedy", budget
-    if low.startswith("search"):
-        return "search", budget
-    if budget is not None:
-        return "built", budget
-    return "other", None
+SCORED_KINDS = ("fp16", "uniform", "greedy", "search", "built")
 
 
-def _budget_in(name: str, model: str) -> float | None:
-    match = re.search(r"(?:^|_)(\d{2,3})(?:$|_)", name.replace(model.lower(), "") if model else name)
-    return int(match.group(1)) / 10 if match else None
+def classify_scored(record: Mapping) -> tuple[str, float | None]:
+    """(kind, budget) of a scored configuration, from the ``origin`` it records (written by ``build-config``,
+    ``search``, ``optimize-mixed-precision`` and ``eval-configs --uniform/--fp16``); never from its name.
+    kind is one of :data:`SCORED_KINDS`, or ``other`` when the record states no (known) origin."""
+    origin = record.get("origin") if isinstance(record.get("origin"), Mapping) else {}
+    kind = origin.get("kind")
+    if kind not in SCORED_KINDS:
+        return "other", None
+    budget = origin.get("budget")
+    return kind, (float(budget) if budget is not None and kind not in ("fp16", "uniform") else None)
 
 
 def load_scored(dirs: Iterable[str | os.PathLike], model: str) -> list[dict]:
@@ -74,8 +66,9 @@ def load_scored(dirs: Iterable[str | os.PathLike], model: str) -> list[dict]:
             raise FileNotFoundError(f"{cache} does not exist: --scored takes eval-configs output directories")
         for record in load_quant_cache(cache):
             name = str(record.get("name", f"{path.name}_{record.get('index')}"))
-            kind, budget = classify_scored(name, model)
-            rows.append({"name": name, "kind": kind, "budget": budget, "avg_bits": float(record["avg_bits"]),
+            kind, budget = classify_scored(record)
+            rows.append({"name": name, "kind": kind, "budget": budget, "origin": record.get("origin"),
+                         "avg_bits": float(record["avg_bits"]),
                          "fid": float(record["FID-GT-1k"]), "config": record.get("config"), "source": str(cache)})
     return rows
 
@@ -129,7 +122,7 @@ def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], 
                 label="greedy knapsack", zorder=4)
     markers = iter(["^", "v", "D", "P", "X", "<", ">"])
     for r in (r for r in scored if r["kind"] == "uniform"):
-        option = r["name"].split("_", 1)[1]
+        option = (r.get("origin") or {}).get("option") or r["name"].split("_", 1)[-1]
         ax.scatter([r["avg_bits"]], [r["fid"]], marker=next(markers, "^"), s=55, zorder=6,
                    label=f"uniform {option_label(option)}")
     others = [r for r in scored if r["kind"] == "other"]

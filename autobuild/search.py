@@ -40,7 +40,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from .configs import Knapsack, config_name, solve_knapsack
+from .configs import Knapsack, config_name, config_origin, solve_knapsack
 from .scores import OptionTable
 
 __all__ = ["DEFAULT_KEY", "option_design", "encode", "signature", "Surrogate", "fit_surrogate", "Proposal",
@@ -442,7 +442,10 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
     config_dir = Path(args.config_dir) if args.config_dir else out / "configs"
     for budget, best in result["best"].items():
         if best is not None:
-            path = save_config(best["config"], config_dir / f"{config_name(family.name, float(budget))}_search.pkl")
+            origin = config_origin("search", family.name, float(budget), best["avg_bits"], fid=best["fid"],
+                                   source=best["source"], seed=args.seed, cache=args.cache)
+            path = save_config(best["config"], config_dir / f"{config_name(family.name, float(budget))}_search.pkl",
+                               origin=origin)
             best["config_path"] = str(path)
             log(f"budget {budget}: FID {best['fid']:.2f} at {best['avg_bits']:.3f} bits ({best['source']}) -> {path}")
         else:

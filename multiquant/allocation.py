@@ -475,7 +475,10 @@ def optimize(args, log=print) -> dict:
     if by_bits:
         ref_path = outdir / (f"{metadata['model']}{'_tiny' if metadata['tiny'] else ''}_{method}_{_tag(args.budget_bits)}bits"
                              f"{'' if args.solver == 'greedy' else '_' + args.solver}.pkl")
-        save_config(reference_config(report, method), ref_path)
+        origin = {"kind": "greedy" if alloc.solver == "greedy" else f"sensitivity_{alloc.solver}",
+                  "model": metadata["model"], "budget": float(args.budget_bits), "solver": alloc.solver,
+                  "method": method, "sensitivity_file": str(args.sensitivity_file), "created": metadata["created"]}
+        save_config(reference_config(report, method), ref_path, origin=origin)
         log(f"wrote {ref_path} and {ref_path.with_suffix('.json')} (reference form, for eval-configs / infer)")
         report["reference_config"] = str(ref_path)
     report["path"] = str(path)

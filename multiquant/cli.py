@@ -172,15 +172,17 @@ def cmd_eval_random(args) -> int:
     return 0
 
 
-def named_configs(args, layers) -> list[tuple[str, dict]]:
-    """Configurations named on the command line: files, uniform options, FP16."""
-    from .config import load_config, uniform_config
+def named_configs(args, layers) -> list[tuple[str, dict, dict | None]]:
+    """Configurations named on the command line: files, uniform options, FP16, each with its ``origin``
+    (what the file records about where it came from; ``None`` when it records nothing)."""
+    from .config import load_config, load_config_origin, uniform_config
 
-    items = [(Path(p).stem, load_config(p)) for p in args.configs or []]
+    items = [(Path(p).stem, load_config(p), load_config_origin(p)) for p in args.configs or []]
     for option in filter(None, (args.uniform or "").split(",")):
-        items.append((f"uniform_{option}", uniform_config(layers, option.strip())))
+        option = option.strip()
+        items.append((f"uniform_{option}", uniform_config(layers, option), {"kind": "uniform", "option": option}))
     if args.fp16:
-        items.append(("fp16", uniform_config(layers, "fp16")))
+        items.append(("fp16", uniform_config(layers, "fp16"), {"kind": "fp16"}))
     if not items:
         raise ValueError("no configurations given: pass --configs FILE..., --uniform mse-4,kmeans-4,... or --fp16")
     return items
@@ -194,8 +196,13 @@ def cmd_eval_configs(args) -> int:
     dist.init_from_env()
     scorer, settings = _scorer_from_args(args)
     items = named_configs(args, scorer.mq.layers)
-    store = _open_store(args.outdir, dict(settings, kind="given", names=[n for n, _ in items]))
-    score_into_store(scorer, store, [(i, c) for i, (_, c) in enumerate(items)], extra_of=lambda i: {"name": items[i][0]})
+    store = _open_store(args.outdir, dict(settings, kind="given", names=[n for n, _, _ in items]))
+
+    def extra_of(i):
+        name, _, origin = items[i]
+        return {"name": name} if origin is None else {"name": name, "origin": origin}
+
+    score_into_store(scorer, store, [(i, c) for i, (_, c, _) in enumerate(items)], extra_of=extra_of)
     if dist.is_main():
         for rec in store.records():
             print(f"{rec.get('name', ''):>28}  avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}")

@@ -107,8 +107,13 @@ def load_config(path: str | os.PathLike) -> dict[str, str]:
     return OrderedDict((k, v[0] if isinstance(v, (list, tuple)) else v) for k, v in data.items())
 
 
-def save_config(config: dict, path: str | os.PathLike, also_json: bool = True) -> Path:
-    """Write ``{layer: "method-bits"}`` as the reference ``.pkl`` (protocol 4) and, beside it, ``.json``."""
+def save_config(config: dict, path: str | os.PathLike, also_json: bool = True, origin: dict | None = None) -> Path:
+    """Write ``{layer: "method-bits"}`` as the reference ``.pkl`` (protocol 4) and, beside it, ``.json``.
+
+    ``origin`` says what made the configuration (``{"kind": "built" | "search" | "greedy" | ..., "budget": ...,
+    "command": ...}``); it goes into the ``.json`` as ``{"origin": ..., "config": ...}`` (the ``.pkl`` stays the
+    reference's plain layer dict: the reference's reader rejects any other key). :func:`load_config_origin`
+    reads it back; ``eval-configs`` records it with the scores, and ``report`` classifies by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = {k: str(v) for k, v in config.items()}
@@ -116,11 +121,27 @@ def save_config(config: dict, path: str | os.PathLike, also_json: bool = True) -
     for target in targets:
         with atomic_path(target) as tmp:
             if target.suffix == ".json":
-                tmp.write_text(json.dumps(plain, indent=1))
+                body = plain if origin is None else {"origin": dict(origin), "config": plain}
+                tmp.write_text(json.dumps(body, indent=1, default=str))
             else:
                 with open(tmp, "wb") as f:
                     pickle.dump(plain, f, protocol=4)
     return path
+
+
+def load_config_origin(path: str | os.PathLike) -> dict | None:
+    """The ``origin`` recorded with a configuration file (from the ``.json``, or the ``.json`` beside a
+    ``.pkl``), or ``None`` when the file records none."""
+    path = Path(path)
+    source = path if path.suffix == ".json" else path.with_suffix(".json")
+    if not source.is_file():
+        return None
+    try:
+        data = json.loads(source.read_text())
+    except ValueError:
+        return None
+    origin = data.get("origin") if isinstance(data, dict) else None
+    return dict(origin) if isinstance(origin, dict) else None
 
 
 # ------------------------------------------------------------------------------------------- stats

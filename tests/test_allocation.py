@@ -157,6 +157,10 @@ def test_budget_bits_matches_the_systems_avg_bits_and_writes_a_reference_config(
     config = load_config(tmp_path / "out" / "mnist_dit_tiny_mse_5bits.pkl")
     assert pickle.loads((tmp_path / "out" / "mnist_dit_tiny_mse_5bits.pkl").read_bytes()) == dict(config)
     assert set(config.values()) <= {"mse-3", "mse-4"}
+    from multiquant.config import load_config_origin
+
+    origin = load_config_origin(tmp_path / "out" / "mnist_dit_tiny_mse_5bits.pkl")
+    assert (origin["kind"], origin["budget"], origin["solver"]) == ("greedy", 5.0, "greedy")
 
     model = family.build("tiny")
     mq = MultiQuantizer.build(model, family, methods=("mse",), bits=(3, 4), show_progress=False)

@@ -189,6 +189,10 @@ def test_config_written_in_reference_form_and_valid_for_the_model(tmp_path):
     assert isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values())  # {layer: "method-bits"}
     config = load_config(built.path)
     assert config == load_config(built.path.with_suffix(".json")) == built.config
+    from multiquant.config import load_config_origin
+
+    origin = load_config_origin(built.path)
+    assert (origin["kind"], origin["budget"], origin["avg_bits"]) == ("built", 4.0, built.avg_bits)
     assert list(config) == [r.key for r in layers]  # every layer, tied copies included, in model order
     validate_config(config, layers, options=OPTIONS)  # raises on a tied copy that disagrees
     for ref in layers:
@@ -273,16 +277,15 @@ def test_report_html(trained, tmp_path):
     from autobuild.report import build_report, classify_scored
     from multiquant.config import config_record, uniform_config
 
-    assert classify_scored("mnist_dit_35", "mnist_dit") == ("built", 3.5)
-    assert classify_scored("uniform_mse-4", "mnist_dit") == ("uniform", None)
-    assert classify_scored("greedy_mse_37", "mnist_dit") == ("greedy", 3.7)
-    assert classify_scored("fp16", "mnist_dit") == ("fp16", None)
+    assert classify_scored({"name": "mnist_dit_35", "origin": {"kind": "built", "budget": 3.5}}) == ("built", 3.5)
+    assert classify_scored({"name": "greedy_x", "origin": {"kind": "uniform", "budget": None}}) == ("uniform", None)
+    assert classify_scored({"name": "mnist_dit_35_search"}) == ("other", None)  # names decide nothing
     table = trained["table"]
     scored = []
     for name, config in [("uniform_mse-4", uniform_config(trained["layers"], "mse-4")),
                          ("fp16", uniform_config(trained["layers"], "fp16"))]:
         record = config_record(config, table.table, 16, table.fp_bytes)
-        scored.append({**record, "FID-GT-1k": 12.0, "name": name})
+        scored.append({**record, "FID-GT-1k": 12.0, "name": name, "origin": {"kind": name.split("_")[0]}})
     (tmp_path / "scored").mkdir()
     (tmp_path / "scored" / "quant_cache.pkl").write_bytes(pickle.dumps(scored))
     page = build_report(trained["pred"], trained["cache"], tmp_path / "report", [tmp_path / "scored"], table=table,
@@ -341,3 +344,41 @@ def test_sample_grids_fp16_vs_quantized(tmp_path):
 
     fp, q = (np.asarray(Image.open(grids[k])) for k in ("fp16", "all3"))
     assert fp.shape == q.shape and not np.array_equal(fp, q)  # same seeds, different weights
+
+
+def test_scored_configurations_are_classified_by_the_origin_their_files_record(tmp_path):
+    """The search writes <model>_35_search.pkl; a predictor config may carry any name: the report classifies
+    from the origin that build-config / search / the allocator write into the .json and eval-configs records."""
+    import argparse
+
+    from autobuild.configs import config_origin
+    from autobuild.report import load_scored
+    from multiquant.cli import named_configs
+    from multiquant.config import config_record, save_config, uniform_config
+    from multiquant.families import get_family
+    from multiquant.layers import quantizable_layers
+    from multiquant.store import RecordStore
+
+    family = get_family("mnist_dit")
+    layers = quantizable_layers(family.build("tiny"), family)
+    written = {"mnist_dit_35_search": config_origin("search", "mnist_dit", 3.5, 3.49, fid=51.0),
+               "greedy_looking_name": config_origin("built", "mnist_dit", 3.3, 3.28),
+               "mnist_dit_mse_37bits": {"kind": "greedy", "budget": 3.7, "solver": "greedy"}}
+    for i, (name, origin) in enumerate(written.items()):
+        save_config(uniform_config(layers, ["mse-3", "kmeans-4", "kmeans_all-3"][i]), tmp_path / f"{name}.pkl",
+                    origin=origin)
+    save_config(uniform_config(layers, "mse-4"), tmp_path / "hand_made.pkl")  # records no origin
+    paths = [str(tmp_path / f"{n}.pkl") for n in [*written, "hand_made"]]
+    args = argparse.Namespace(configs=paths, uniform="kmeans-4", fp16=True)
+    items = named_configs(args, layers)
+    store = RecordStore(tmp_path / "run", {"kind": "given"})
+    table = {r.key: {o: [o, r.numel * 2, r.numel // 2, 1.0] for o in ("mse-3", "mse-4", "kmeans-4", "kmeans_all-3")}
+             for r in layers}
+    for i, (name, config, origin) in enumerate(items):
+        record = config_record(config, table, 16, sum(r.numel * 2 for r in layers))
+        store.commit(i, {**record, "FID-GT-1k": 10.0 + i, "bops": 1.0, "index": i, "name": name,
+                         **({"origin": origin} if origin else {})})
+    kinds = {r["name"]: (r["kind"], r["budget"]) for r in load_scored([tmp_path / "run"], "mnist_dit")}
+    assert kinds == {"mnist_dit_35_search": ("search", 3.5), "greedy_looking_name": ("built", 3.3),
+                     "mnist_dit_mse_37bits": ("greedy", 3.7), "hand_made": ("other", None),
+                     "uniform_kmeans-4": ("uniform", None), "fp16": ("fp16", None)}

@@ -232,6 +232,10 @@ def test_cli_on_the_tiny_model(tmp_path, capsys):
         best = result["best"][budget]
         assert best["avg_bits"] <= float(budget)
         assert dict(load_config(best["config_path"])) == best["config"]
+        from multiquant.config import load_config_origin
+
+        origin = load_config_origin(best["config_path"])
+        assert (origin["kind"], origin["budget"], origin["fid"]) == ("search", float(budget), best["fid"])
     assert (out / "configs" / "mnist_dit_46_search.json").exists()
     assert cli_main(argv) == 0
     again = json.loads((out / "search.json").read_text())

@@ -214,18 +214,15 @@ def cmd_eval_configs(args) -> int:
 # ------------------------------------------------------------------------------------------ infer
 def cmd_infer(args) -> int:
     """Generate images with a configuration (FP16 when --q_config is omitted)."""
-    import torch
-
+    from .adapters import SamplerOptions
     from .config import load_config, quantize_, validate_config
-    from .evaluate import load_or_build_multiquantizer, save_pngs
+    from .evaluate import load_for_scoring, load_or_build_multiquantizer, save_pngs
     from .families import get_family
-    from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
     from .reporting import save_image_grid
 
     family = get_family(args.model)
-    device = torch.device(_device(args.device))
-    pipe = tiny_pipeline(family).to(device) if args.tiny else load_pipeline(family, args.pretrained, device=device)
-    denoiser = denoiser_of(pipe)
+    loaded = load_for_scoring(family, args.pretrained, args.tiny, _device(args.device))
+    denoiser = loaded.denoiser
     tag = "fp16"
     if args.q_config:
         mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
@@ -237,17 +234,15 @@ def cmd_infer(args) -> int:
 
         enable_activation_quant(denoiser, bits=args.act_bit)
         tag += f"_a{args.act_bit}"
-    if family.conditioning == "class":
+    if family.conditioning == "text":
+        conditions = [args.prompt] * args.n_imgs
+    elif args.cls_id is not None or family.num_classes:
         conditions = [args.cls_id if args.cls_id is not None else 0] * args.n_imgs
     else:
-        conditions = [args.prompt] * args.n_imgs
-    kwargs = {}
-    if args.tiny and family.conditioning == "text":
-        from .pipelines.embeddings import random_prompt_embeds
-
-        kwargs["prompt_embeds"] = random_prompt_embeds(family, pipe, args.n_imgs, seed=args.seed)
-    sampler = make_sampler(family, pipe, seed=args.seed, conditions=conditions, steps=args.steps,
-                           guidance=args.guidance, resolution=args.res, **kwargs)
+        conditions = loaded.adapter.conditions(family, args.n_imgs)
+    options = SamplerOptions(seed=args.seed, steps=args.steps, guidance=args.guidance, resolution=args.res,
+                             embed_seed=args.seed)
+    sampler = loaded.adapter.sampler(family, loaded.pipe, conditions, options, tiny=args.tiny)
     images = sampler.generate(list(range(args.n_imgs)))
     out = Path(args.outdir) / tag
     save_pngs(images, list(range(args.n_imgs)), out)

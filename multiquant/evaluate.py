@@ -1,9 +1,14 @@
-"""Score quantization configurations: apply in place, generate a fixed image set, compute FID and proxies.
+"""The one scorer: fixed image set, the family's metric, and every way of changing the weights in between.
 
-The model, prompts (embeddings), per-image noise, feature network and reference statistics are set up
-once (:class:`ConfigScorer`); each configuration then costs one weight swap, the denoiser's sampling of
-the image set, and one feature pass. Under ``torchrun`` each rank renders its shard of the images and the
-features are gathered, so G processes give the same numbers as one.
+The model, conditions, per-image noise and the metric (with its reference statistics) are set up once
+through the family's adapter (:mod:`multiquant.adapters`); the FP images are rendered once. Then
+
+* :meth:`Scorer.record` scores a quantization configuration (eval-random, eval-configs, search, report):
+  one weight swap from the multiquantizer, the image set, one metric pass -> a ``quant_cache.pkl`` entry;
+* :meth:`Scorer.measure` scores fake-quantized layers with all others FP (sensitivity).
+
+Under ``torchrun`` each rank renders its shard of the images and the features (or, for a callable metric,
+the images) are gathered, so G processes give the same numbers as one.
 """
 from __future__ import annotations
 
@@ -17,144 +22,140 @@ import torch
 import constants
 
 from . import distributed as dist
+from .adapters import MissingReferenceError, SamplerOptions, adapter_for  # noqa: F401
 from .checkpoint import MultiQuantizer
 from .config import ConfigApplier, config_record, sample_random_config, uniform_config, validate_config
 from .families import FamilySpec
-from .layers import fp_bytes
-from .metrics.fid import feature_stats, frechet_distance
+from .layers import LayerRef, fp_bytes
+from .metrics.fid import feature_stats
+from .metrics.metric import FID_METHOD, is_feature_metric  # noqa: F401
 from .metrics.proxy import psnr, ssim
 from .quantizers import FP_OPTION
-
-FID_METHOD = "eigh"  # same trace as scipy sqrtm (to ~1e-8), several times faster on 2048-d features
-
-
-class MissingReferenceError(FileNotFoundError):
-    """A metric needs weights or a reference set that are not available here."""
-
-
-# --------------------------------------------------------------------------------- feature network
-def feature_net_for(family: FamilySpec, device, inception: str | None = None, random_features: bool = False):
-    """The family's FID feature network: its own MNIST classifier for ``mnist_*``, clean-fid's Inception
-    otherwise (``random_features`` only for timing benchmarks; its name says so)."""
-    from .metrics.features import InceptionFeatures, ModuleFeatures, RandomInceptionFeatures
-
-    if family.prompt_source == "mnist_classes":
-        from .mnist.classifier import load_classifier
-
-        clf = load_classifier(device=device)
-        return ModuleFeatures(_Penultimate(clf), name="mnist-lenet", preprocess=lambda x: x[:, :1], device=device,
-                              batch_size=1000)
-    if random_features:
-        return RandomInceptionFeatures(device=device)
-    return InceptionFeatures(device=device, weights=inception)
-
-
-class _Penultimate(torch.nn.Module):
-    """The classifier's penultimate features as a module (MNIST-FID's feature network)."""
-
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, x):
-        return self.classifier.features(x)
-
-
-def reference_stats_for(family: FamilySpec, feature_net, reference_dir: str | None = None) -> tuple[dict, str]:
-    """(``{"mu", "sigma"}``, reference id) of the family's ground-truth set, computed once and cached."""
-    if family.prompt_source == "mnist_classes":
-        from .mnist.classifier import load_reference_stats
-
-        stats = load_reference_stats()
-        return stats, f"mnist-heldout-{stats['n']}"
-    from .metrics.stats import iter_image_folder, reference_stats
-
-    default = constants.IMAGENET_VAL_IMAGES if family.prompt_source == "imagenet_classes" else constants.COCO_2017_IMAGES
-    folder = Path(reference_dir) if reference_dir else default
-    name = "imagenet-val" if family.prompt_source == "imagenet_classes" else "coco2017-val"
-    env = "QUA2SEDIMO_IMAGENET_VAL" if name == "imagenet-val" else "QUA2SEDIMO_COCO_IMAGES"
-    if folder is None or not Path(folder).is_dir():
-        raise MissingReferenceError(
-            f"the {name} reference images for FID-GT are not available ({folder}). Fix: pass --reference_dir DIR "
-            f"or set {env} to the image folder; its statistics are computed once and cached in {constants.STATS_CACHE_DIR}.")
-    mu, sigma = reference_stats(f"{name}-{Path(folder).resolve().name}", feature_net,
-                                lambda: iter_image_folder(folder))
-    return {"mu": mu, "sigma": sigma}, name
 
 
 # -------------------------------------------------------------------------------------------- scorer
 @dataclass
-class ConfigScorer:
-    """Everything that stays fixed while configurations are scored."""
+class Scorer:
+    """Everything that stays fixed while configurations (or single layers) are scored."""
 
     family: FamilySpec
     denoiser: torch.nn.Module
-    mq: MultiQuantizer
-    sampler: object  # multiquant.pipelines.sampling.Sampler
-    feature_net: object
-    ref_stats: dict
-    num_images: int
+    sampler: object  # renders images `indices` with the denoiser's current weights (see multiquant.adapters)
+    metric: object  # multiquant.metrics.FeatureFID / CallableMetric (the label, lower is better)
+    mq: MultiQuantizer | None = None  # configurations (record); None for sensitivity-only scorers
+    layers: list[LayerRef] | None = None  # the quantizable layers (default: the multiquantizer's)
     macs: dict | None = None
-    proxies: bool = True
+    proxies: bool = True  # FID-FP / PSNR / SSIM against the FP images
+    with_reference: bool = True  # the label against the metric's reference set (FID-GT)
     image_dir: Path | None = None  # save PNGs of every configuration here (--save_images)
     clip: object = None  # metrics.clip.ClipScorer for text families, when CLIP weights are given
+    prompts: list | None = None  # what CLIP compares with (default: the sampler's conditions)
+    quant_seed: int = 0  # measure(): fake-quantization seed / K-Means iterations
+    kmeans_iters: int = 100
+    weight_cache: dict | None = None  # measure(): (key, method, bits) -> (w_hat, error); None: no caching
     fp: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.applier = ConfigApplier(self.denoiser, self.mq)
+        self.num_images = self.sampler.num_images
         self.local = dist.shard(list(range(self.num_images)), dist.rank(), dist.world_size())
-        self.fp_bytes = fp_bytes(self.mq.layers, self.mq.fp_prec)
+        if self.layers is None and self.mq is not None:
+            self.layers = self.mq.layers
+        self.applier = ConfigApplier(self.denoiser, self.mq) if self.mq is not None else None
+        self.fp_bytes = fp_bytes(self.mq.layers, self.mq.fp_prec) if self.mq is not None else None
+
+    # -- rendering and metrics -------------------------------------------------------------------------
+    @property
+    def indices(self) -> list[int]:
+        return list(range(self.num_images))
+
+    def _generate(self) -> torch.Tensor:
+        return self.sampler.generate(self.local) if self.local else torch.zeros(0, dtype=torch.uint8)
 
     def _render(self, config: dict) -> tuple[torch.Tensor, dict]:
         t0 = time.perf_counter()
         self.applier.apply(config)
         t1 = time.perf_counter()
-        images = self.sampler.generate(self.local) if self.local else torch.zeros(0, dtype=torch.uint8)
-        t2 = time.perf_counter()
-        return images, {"apply_s": t1 - t0, "generate_s": t2 - t1}
+        images = self._generate()
+        return images, {"apply_s": t1 - t0, "generate_s": time.perf_counter() - t1}
 
-    def _features(self, images: torch.Tensor) -> np.ndarray:
-        local = torch.from_numpy(np.asarray(self.feature_net(images), dtype=np.float64)) if len(images) else None
-        return dist.gather_features(local if local is not None else torch.zeros(0, 1, dtype=torch.float64)).numpy()
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        return dist.gather_features(local)
+
+    def evaluate(self, images: torch.Tensor, fp: dict | None = None) -> dict:
+        """Metrics of this rank's ``images`` (identical on all ranks): ``label`` (against the reference, when
+        asked), feature ``mu``/``sigma`` (feature metrics), ``vs_fp`` (against ``fp``), ``clip``."""
+        out = {}
+        if is_feature_metric(self.metric):
+            local = torch.from_numpy(self.metric.features(images)) if len(images) else None
+            feats = self._gather(local if local is not None else torch.zeros(0, 1, dtype=torch.float64)).numpy()
+            out["mu"], out["sigma"] = feature_stats(feats)
+            if self.with_reference:
+                out["label"] = self.metric.distance(out["mu"], out["sigma"])
+            if fp is not None:
+                out["vs_fp"] = self.metric.distance(out["mu"], out["sigma"], fp)
+        else:
+            all_images = self._gather(images)
+            fp_images = fp["all_images"] if fp is not None else all_images
+            out["all_images"] = all_images
+            if self.with_reference:
+                out["label"] = self.metric(all_images, fp_images) if self.metric.needs_fp else self.metric(all_images)
+            if fp is not None:
+                if self.metric.needs_fp:
+                    out["vs_fp"] = out["label"] if "label" in out else self.metric(all_images, fp_images)
+                else:
+                    value = out["label"] if "label" in out else self.metric(all_images)
+                    out["vs_fp"] = value - fp["value"]
+            out["value"] = out.get("label")
+        if self.clip is not None:
+            prompts = self.prompts if self.prompts is not None else self.sampler.conditions
+            scores = np.asarray(self.clip(images, [prompts[i] for i in self.local]), dtype=np.float64)
+            out["clip"] = float(self._gather(torch.from_numpy(scores).reshape(-1, 1)).mean())
+        return out
 
     def fp_reference(self) -> dict:
-        """FP images (for the proxies) and FP feature statistics (FID-FP), computed once."""
+        """FP images (for the proxies) and their metrics, computed once."""
         if not self.fp:
-            images, timing = self._render(uniform_config(self.mq.layers, FP_OPTION))
-            feats = self._features(images)
-            mu, sigma = feature_stats(feats)
-            self.fp = {"images": images, "mu": mu, "sigma": sigma,
-                       "fid_gt": frechet_distance(mu, sigma, self.ref_stats["mu"], self.ref_stats["sigma"], method=FID_METHOD),
-                       "timing": timing}
+            t0 = time.perf_counter()
+            if self.applier is not None:
+                self.applier.apply(uniform_config(self.mq.layers, FP_OPTION))
+            images = self._generate()
+            timing = {"generate_s": time.perf_counter() - t0}
+            m = self.evaluate(images)
+            if not is_feature_metric(self.metric) and m.get("value") is None:
+                m["value"] = self.metric(m["all_images"], m["all_images"]) if self.metric.needs_fp \
+                    else self.metric(m["all_images"])
+            self.fp = dict(m, images=images, timing=timing)
+            if "label" in m:
+                self.fp["fid_gt"] = m["label"]
         return self.fp
 
+    # -- configurations (eval-random, eval-configs, search) ---------------------------------------------
     def score(self, config: dict, tag: str | None = None) -> dict:
         """Metrics of one configuration (on every rank; identical on all ranks)."""
         images, timing = self._render(config)
         t2 = time.perf_counter()
-        feats = self._features(images)
-        mu, sigma = feature_stats(feats)
-        out = {"FID-GT-1k": np.float64(frechet_distance(mu, sigma, self.ref_stats["mu"], self.ref_stats["sigma"],
-                                                        method=FID_METHOD))}
+        fp = self.fp_reference() if self.proxies else None
+        m = self.evaluate(images, fp)
+        out = {"FID-GT-1k": np.float64(m["label"])}
         if self.proxies:
-            fp = self.fp_reference()
-            out["FID-FP-1k"] = float(frechet_distance(mu, sigma, fp["mu"], fp["sigma"], method=FID_METHOD))
-            if len(images):
-                local = torch.stack([psnr(images, fp["images"]), ssim(images, fp["images"])], dim=1)
-            else:
-                local = torch.zeros(0, 2, dtype=torch.float64)
-            per_image = dist.gather_features(local.double())
-            out["psnr_fp"] = float(per_image[:, 0].clamp_max(100).mean())
-            out["ssim_fp"] = float(per_image[:, 1].mean())
-        if self.clip is not None:
-            prompts = [self.sampler.conditions[i] for i in self.local]
-            local = torch.from_numpy(np.asarray(self.clip(images, prompts), dtype=np.float64)).reshape(-1, 1)
-            out["clip_score"] = float(dist.gather_features(local).mean())
+            if is_feature_metric(self.metric):
+                out["FID-FP-1k"] = float(m["vs_fp"])
+            out.update(self._pixel_proxies(images, fp))
+        if "clip" in m:
+            out["clip_score"] = m["clip"]
         timing["metrics_s"] = time.perf_counter() - t2
         out["timings"] = timing
         if self.image_dir is not None and tag is not None:
             save_pngs(images, self.local, self.image_dir / tag)
         return out
+
+    def _pixel_proxies(self, images: torch.Tensor, fp: dict) -> dict:
+        if len(images):
+            local = torch.stack([psnr(images, fp["images"]), ssim(images, fp["images"])], dim=1)
+        else:
+            local = torch.zeros(0, 2, dtype=torch.float64)
+        per_image = self._gather(local.double())
+        return {"psnr_fp": float(per_image[:, 0].clamp_max(100).mean()), "ssim_fp": float(per_image[:, 1].mean())}
 
     def record(self, config: dict, **extra) -> dict:
         """A quant_cache.pkl entry: the reference's statistics, metrics, BOPs and provenance."""
@@ -171,6 +172,63 @@ class ConfigScorer:
         rec["num_images"] = self.num_images
         return rec
 
+    # -- single layers (sensitivity) ------------------------------------------------------------------
+    @property
+    def second_metric(self) -> str:
+        return "clip_drop" if self.clip is not None else "one_minus_ssim"
+
+    @property
+    def second_metric_name(self) -> str:
+        from .sensitivity import PROXY_NAME
+
+        return f"CLIP drop ({self.clip.name}, raw cosine)" if self.clip is not None else PROXY_NAME
+
+    def _replacement(self, ref: LayerRef, method: str, bits: int) -> tuple[torch.Tensor, float]:
+        from .sensitivity import fake_quantize
+
+        key = (ref.tied_to or ref.key, method, bits)
+        if self.weight_cache is not None and key in self.weight_cache:
+            return self.weight_cache[key]
+        out = fake_quantize(ref.weight(self.denoiser), method, bits, seed=self.quant_seed, iters=self.kmeans_iters)
+        if self.weight_cache is not None:
+            self.weight_cache[key] = out
+        return out
+
+    def measure(self, assignment: dict[str, tuple[str, int]]) -> dict:
+        """Raw metrics with the layers of ``assignment`` ({key: (method, bits)}) fake-quantized, all others FP.
+
+        A tied copy follows its canonical layer's entry; the canonical weight is quantized once."""
+        from .sensitivity import quantized_weights
+
+        fp = self.fp_reference()
+        t0 = time.perf_counter()
+        replacements, error = [], 0.0
+        for ref in self.layers:
+            choice = assignment.get(ref.key) or (assignment.get(ref.tied_to) if ref.tied_to else None)
+            if choice is None:
+                continue
+            w_hat, err = self._replacement(ref, *choice)
+            replacements.append((ref, w_hat))
+            error += err
+        with quantized_weights(self.denoiser, replacements):
+            images = self._generate()
+        m = self.evaluate(images, fp)
+        proxies = self._pixel_proxies(images, fp)
+        out = {"fid_fp": float(m["vs_fp"]), "psnr_fp": proxies["psnr_fp"], "ssim_fp": proxies["ssim_fp"],
+               "one_minus_ssim": 1.0 - proxies["ssim_fp"], "weight_error": error}
+        if "label" in m:
+            out["fid_gt"] = float(m["label"])
+            out["fid_gt_increase"] = float(m["label"]) - fp["fid_gt"]
+        if "clip" in m:
+            out["clip"] = m["clip"]
+            out["clip_drop"] = fp["clip"] - m["clip"]
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+ConfigScorer = Scorer  # the names the two former engines had
+ImageProtocol = Scorer
+
 
 def save_pngs(images: torch.Tensor, indices: list[int], folder: Path) -> None:
     from PIL import Image
@@ -182,47 +240,76 @@ def save_pngs(images: torch.Tensor, indices: list[int], folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ set-up
+@dataclass
+class Loaded:
+    """A family's generation object, its denoiser and the adapter that serves it."""
+
+    family: FamilySpec
+    adapter: object
+    pipe: object
+    denoiser: torch.nn.Module
+    device: torch.device
+
+
+def load_for_scoring(family: FamilySpec, pretrained=None, tiny: bool = False, device=None) -> Loaded:
+    """Load (or build tiny) the family's pipeline / module through its adapter."""
+    adapter = adapter_for(family)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = adapter.tiny(family, device) if tiny else adapter.load(family, pretrained, device)
+    return Loaded(family, adapter, pipe, adapter.denoiser(pipe), device)
+
+
+def _settings_of(sampler) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+            for k, v in getattr(sampler, "settings", {}).items()}
+
+
+def metric_settings(metric, with_reference: bool = True) -> dict:
+    """The metric's run_meta fields: feature network and reference (as earlier runs recorded them), plus the
+    metric's name for metrics that are not a feature FID."""
+    settings = dict(metric.settings)
+    if not with_reference:
+        settings["reference"] = None
+    out = {"feature_net": settings["feature_net"], "reference": settings["reference"]}
+    if not is_feature_metric(metric):
+        out["metric"] = metric.name
+        out["feature_net"] = metric.name
+    return out
+
+
 def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, device=None, mq_path=None,
                  num_images: int | None = None, image_seed: int = 42, batch_size: int | None = None,
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
-                 bops: bool = True, clip_dir=None, log=print) -> tuple[ConfigScorer, dict]:
+                 bops: bool = True, clip_dir=None, refiner=None, log=print) -> tuple[Scorer, dict]:
     """Load everything once; returns the scorer and the protocol settings to record with every result."""
-    from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
-    from .pipelines.embeddings import random_prompt_embeds
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_for_scoring(family, pretrained, tiny, device)
+    adapter, denoiser = loaded.adapter, loaded.denoiser
     num_images = num_images or family.num_images
-    pipe = tiny_pipeline(family).to(device) if tiny else load_pipeline(family, pretrained, device=device)
-    denoiser = denoiser_of(pipe)
+    conditions = adapter.conditions(family, num_images, tiny=tiny, coco_path=coco_path)
+    options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
+                             embed_cache_dir=embed_cache_dir, embed_seed=image_seed, refiner=refiner)
+    sampler = adapter.sampler(family, loaded.pipe, conditions, options, tiny=tiny)
+    metric = adapter.metric(family, loaded.device, inception=inception, random_features=random_features,
+                            reference_dir=reference_dir)
+    if is_feature_metric(metric):
+        metric.reference()  # fail now, not after the first configuration, when the reference set is missing
     mq = load_or_build_multiquantizer(family, denoiser, mq_path, tiny=tiny, log=log)
-    embeds = None
-    if tiny and family.conditioning == "text":
-        embeds = random_prompt_embeds(family, pipe, num_images, seed=image_seed)
-    sampler = make_sampler(family, pipe, num_images=num_images, seed=image_seed, batch_size=batch_size,
-                           coco_path=coco_path, embed_cache_dir=embed_cache_dir, prompt_embeds=embeds,
-                           conditions=list(range(num_images)) if tiny and family.conditioning == "text" else None)
-    feature_net = feature_net_for(family, device, inception=inception, random_features=random_features)
-    ref_stats, ref_id = reference_stats_for(family, feature_net, reference_dir)
-    macs = None
-    if bops:
-        from .metrics.bops import layer_macs
-
-        macs = layer_macs(denoiser, family, resolution=None if tiny else family.resolution)
+    macs = adapter.macs(family, denoiser, tiny) if bops else None
     clip = None
     if clip_dir and family.conditioning == "text":  # CLIP weights given: fail loudly if they do not load
         from .metrics.clip import ClipScorer
 
-        clip = ClipScorer(clip_dir, device=device)
-    scorer = ConfigScorer(family, denoiser, mq, sampler, feature_net, ref_stats, num_images, macs=macs,
-                          proxies=proxies, image_dir=Path(save_images) if save_images else None, clip=clip)
+        clip = ClipScorer(clip_dir, device=loaded.device)
+    scorer = Scorer(family, denoiser, sampler, metric, mq=mq, macs=macs, proxies=proxies,
+                    image_dir=Path(save_images) if save_images else None, clip=clip)
+    m = metric_settings(metric)
     settings = {"model": family.name, "num_images": num_images, "image_seed": image_seed,
-                "feature_net": feature_net.name, "reference": ref_id, "fid_method": FID_METHOD,
+                "feature_net": m["feature_net"], "reference": m["reference"], "fid_method": FID_METHOD,
+                **({"metric": m["metric"]} if "metric" in m else {}),
                 "clip": clip.name if clip is not None else None,
                 "multiquantizer_hash": mq.manifest.get("weight_hash"), "tiny": tiny,
-                "sampler": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                            for k, v in getattr(sampler, "settings", {}).items()},
-                "world_size": dist.world_size()}
+                "sampler": _settings_of(sampler), "world_size": dist.world_size()}
     return scorer, settings
 
 

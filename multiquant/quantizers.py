@@ -135,7 +135,9 @@ def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
     N = xs.shape[1]
     mids = ((cents[:, 1:] + cents[:, :-1]) / 2).to(xs.dtype).contiguous()
     edges = torch.searchsorted(xs, mids)
-    return torch.cat([torch.zeros_like(edges[:, :1]), edges, torch.full_like(edges[:, :1], N)], dim=1)
+    # first/last bound from the row count, not from edges[:, :1]: with one centroid edges has no column
+    first = torch.zeros(edges.shape[0], 1, dtype=edges.dtype, device=edges.device)
+    return torch.cat([first, edges, torch.full_like(first, N)], dim=1)
 
 
 def _sorted_sse(xs, cums, sq_cums, cents):

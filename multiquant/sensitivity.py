@@ -129,96 +129,8 @@ def quantized_weights(model: torch.nn.Module, replacements: list[tuple[LayerRef,
 
 
 # ------------------------------------------------------------------------------------- the protocol
-@dataclass
-class ImageProtocol:
-    """What stays fixed while layers are measured: model, image set, feature net, FP reference."""
-
-    family: object
-    denoiser: torch.nn.Module
-    layers: list[LayerRef]
-    sampler: object
-    feature_net: object
-    prompts: list | None = None  # text prompts (CLIP needs them); None for class / tiny families
-    ref_stats: dict | None = None  # FID-GT reference statistics (--fid_against gt)
-    clip: object | None = None  # a ClipScorer, or None: the proxy is used
-    quant_seed: int = 0
-    kmeans_iters: int = 100
-    weight_cache: dict | None = None  # (key, method, bits) -> (w_hat, error); None: no caching
-    fp: dict = field(default_factory=dict)
-
-    @property
-    def indices(self) -> list[int]:
-        return list(range(self.sampler.num_images))
-
-    @property
-    def second_metric(self) -> str:
-        return "clip_drop" if self.clip is not None else "one_minus_ssim"
-
-    @property
-    def second_metric_name(self) -> str:
-        return f"CLIP drop ({self.clip.name}, raw cosine)" if self.clip is not None else PROXY_NAME
-
-    def _metrics(self, images: torch.Tensor) -> dict:
-        from .evaluate import FID_METHOD
-        from .metrics.fid import feature_stats, frechet_distance
-
-        mu, sigma = feature_stats(self.feature_net(images))
-        out = {"mu": mu, "sigma": sigma}
-        if self.ref_stats is not None:
-            out["fid_gt"] = float(frechet_distance(mu, sigma, self.ref_stats["mu"], self.ref_stats["sigma"],
-                                                   method=FID_METHOD))
-        if self.clip is not None:
-            out["clip"] = float(np.mean(self.clip(images, self.prompts)))
-        return out
-
-    def fp_reference(self) -> dict:
-        if not self.fp:
-            images = self.sampler.generate(self.indices)
-            self.fp = dict(self._metrics(images), images=images)
-        return self.fp
-
-    def _replacement(self, ref: LayerRef, method: str, bits: int) -> tuple[torch.Tensor, float]:
-        key = (ref.tied_to or ref.key, method, bits)
-        if self.weight_cache is not None and key in self.weight_cache:
-            return self.weight_cache[key]
-        out = fake_quantize(ref.weight(self.denoiser), method, bits, seed=self.quant_seed, iters=self.kmeans_iters)
-        if self.weight_cache is not None:
-            self.weight_cache[key] = out
-        return out
-
-    def measure(self, assignment: dict[str, tuple[str, int]]) -> dict:
-        """Raw metrics with the layers of ``assignment`` ({key: (method, bits)}) quantized, all others FP.
-
-        A tied copy follows its canonical layer's entry; the canonical weight is quantized once."""
-        from .evaluate import FID_METHOD
-        from .metrics.fid import frechet_distance
-        from .metrics.proxy import psnr, ssim
-
-        fp = self.fp_reference()
-        t0 = time.perf_counter()
-        replacements, error = [], 0.0
-        for ref in self.layers:
-            choice = assignment.get(ref.key) or (assignment.get(ref.tied_to) if ref.tied_to else None)
-            if choice is None:
-                continue
-            w_hat, err = self._replacement(ref, *choice)
-            replacements.append((ref, w_hat))
-            error += err
-        with quantized_weights(self.denoiser, replacements):
-            images = self.sampler.generate(self.indices)
-        m = self._metrics(images)
-        ssim_fp = float(ssim(images, fp["images"]).mean())
-        out = {"fid_fp": float(frechet_distance(m["mu"], m["sigma"], fp["mu"], fp["sigma"], method=FID_METHOD)),
-               "psnr_fp": float(psnr(images, fp["images"]).clamp_max(100).mean()),
-               "ssim_fp": ssim_fp, "one_minus_ssim": 1.0 - ssim_fp, "weight_error": error}
-        if "fid_gt" in m:
-            out["fid_gt"] = m["fid_gt"]
-            out["fid_gt_increase"] = m["fid_gt"] - fp["fid_gt"]
-        if "clip" in m:
-            out["clip"] = m["clip"]
-            out["clip_drop"] = fp["clip"] - m["clip"]
-        out["seconds"] = time.perf_counter() - t0
-        return out
+# The image set, metric and FP reference are the one scorer of multiquant.evaluate (Scorer.measure).
+from .evaluate import ImageProtocol  # noqa: E402
 
 
 class PixelFeatures:
@@ -232,16 +144,6 @@ class PixelFeatures:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         x = torch.nn.functional.adaptive_avg_pool2d(images.double() / 255.0, self.size)
         return x.flatten(1).numpy()
-
-
-def _conditions(family, tiny: bool, num_prompts: int, prompt_seed: int, coco_path) -> list:
-    """The shuffled condition list: a seeded subset of the family's protocol set (prompts or class ids)."""
-    from .pipelines.prompts import conditions_for
-
-    if tiny and family.conditioning == "text":  # tiny pipelines have no text encoder: rows of random embeddings
-        return list(range(num_prompts))
-    pool = conditions_for(family, max(num_prompts, family.num_images), coco_path)
-    return shuffled_subset(pool, num_prompts, prompt_seed)
 
 
 def _clip_scorer(family, clip_dir, device, log):
@@ -266,43 +168,49 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     """Load the pipeline and fix the image set; returns the protocol and its settings (for the records).
 
     ``with_reference`` also records FID-GT (default: only when ``fid_against="gt"`` needs it)."""
+    from .adapters import SamplerOptions
     from .checkpoint import weight_hash
-    from .evaluate import feature_net_for, reference_stats_for
+    from .evaluate import Scorer, load_for_scoring, metric_settings
     from .layers import quantizable_layers
-    from .pipelines.embeddings import random_prompt_embeds
-    from .pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
+    from .metrics.metric import FeatureFID
 
     if fid_against not in ("fp", "gt"):
         raise ValueError(f"fid_against must be 'fp' (quantized vs FP images) or 'gt' (reference set), not {fid_against!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = tiny_pipeline(family).to(device) if tiny else load_pipeline(family, pretrained, device=device)
-    denoiser = denoiser_of(pipe)
-    conditions = _conditions(family, tiny, num_prompts, prompt_seed, coco_path)
-    embeds = None
-    if tiny and family.conditioning == "text":
-        embeds = random_prompt_embeds(family, pipe, num_prompts, seed=prompt_seed)
-    sampler = make_sampler(family, pipe, num_images=num_prompts, seed=image_seed, batch_size=batch_size,
-                           coco_path=coco_path, embed_cache_dir=embed_cache_dir, prompt_embeds=embeds,
-                           conditions=conditions)
-    if pixel_features:
-        feature_net = PixelFeatures()
+    loaded = load_for_scoring(family, pretrained, tiny, device)
+    adapter, denoiser = loaded.adapter, loaded.denoiser
+    text_tiny = tiny and family.conditioning == "text"  # rows of random embeddings: nothing to shuffle
+    if text_tiny:
+        conditions = adapter.conditions(family, num_prompts, tiny=True)
     else:
-        feature_net = feature_net_for(family, device, inception=inception, random_features=random_features)
-    ref_stats, ref_id = (None, None)
-    if fid_against == "gt" or with_reference:
-        ref_stats, ref_id = reference_stats_for(family, feature_net, reference_dir)
+        pool = adapter.conditions(family, max(num_prompts, family.num_images), tiny=tiny, coco_path=coco_path)
+        conditions = shuffled_subset(pool, num_prompts, prompt_seed)
+    options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
+                             embed_cache_dir=embed_cache_dir, embed_seed=prompt_seed)
+    sampler = adapter.sampler(family, loaded.pipe, conditions, options, tiny=tiny)
+    with_reference = fid_against == "gt" or bool(with_reference)
+    if pixel_features:  # named on the command line: the smoke-run features replace the family's metric
+        metric = FeatureFID(PixelFeatures())
+        if with_reference:
+            raise ValueError("--pixel_features has no reference set: use it with --fid_against fp")
+    else:
+        metric = adapter.metric(family, loaded.device, inception=inception, random_features=random_features,
+                                reference_dir=reference_dir)
+    if with_reference:
+        metric.reference()
     prompts = conditions if conditions and isinstance(conditions[0], str) else None
-    clip = _clip_scorer(family, clip_dir, device, log) if prompts is not None else None
+    clip = _clip_scorer(family, clip_dir, loaded.device, log) if prompts is not None else None
     layers = quantizable_layers(denoiser, family)
-    protocol = ImageProtocol(family, denoiser, layers, sampler, feature_net,
-                             prompts=prompts, ref_stats=ref_stats, clip=clip, quant_seed=quant_seed,
-                             kmeans_iters=kmeans_iters, weight_cache={} if cache_weights else None)
+    protocol = Scorer(family, denoiser, sampler, metric, layers=layers, with_reference=with_reference,
+                      prompts=prompts, clip=clip, quant_seed=quant_seed, kmeans_iters=kmeans_iters,
+                      weight_cache={} if cache_weights else None)
+    m = metric_settings(metric, with_reference)
     settings = {"model": family.name, "tiny": tiny, "pretrained": str(pretrained) if pretrained else None,
                 "weight_hash": weight_hash(denoiser, layers),  # a resume never mixes records of other weights
                 "num_prompts": num_prompts, "prompt_seed": prompt_seed, "image_seed": image_seed,
-                "prompt_pool": "random embeddings" if embeds is not None else (
+                "prompt_pool": "random embeddings" if text_tiny else (
                     f"first {max(num_prompts, family.num_images)} of the family's protocol set, shuffled"),
-                "feature_net": feature_net.name, "fid_against": fid_against, "reference": ref_id,
+                "feature_net": m["feature_net"], "fid_against": fid_against, "reference": m["reference"],
+                **({"metric": m["metric"]} if "metric" in m else {}),
                 "second_metric": protocol.second_metric_name, "quant_seed": quant_seed, "kmeans_iters": kmeans_iters,
                 "dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""),
                 # batch size left out: any batch size renders the same images, so a resume may change it

@@ -5,10 +5,17 @@ where its weights live (hub id / local directory), how to build it tiny (tests) 
 meta device (structure checks), the generation protocol (resolution, steps, scheduler, guidance,
 prompt source) and the layer rules (which weights are excluded, split or tied).
 
-Register your own denoiser::
+Register your own denoiser (a plain ``nn.Module``; see the README's "Bring your own denoiser")::
 
     from multiquant.families import FamilySpec, register_family
-    register_family(FamilySpec(name="my_unet", factory=lambda size: MyUNet(...), fp_prec=16, ...))
+    from multiquant.metrics import FeatureFID
+    register_family(FamilySpec(name="my_unet", factory=lambda size: MyUNet(), weights="my_unet.pt",
+                               sampler=my_sampler, metric=FeatureFID(my_feature_net, reference_images=real),
+                               example_inputs=lambda model, batch: {...}))
+
+A plain-module family (no diffusers ``pipeline_class``) is served by the "module" adapter: ``sampler(model,
+conditions, seeds) -> uint8 [N, C, H, W]`` renders images, ``conditions(n)`` fixes what each image is
+conditioned on, and ``metric`` scores them (never replaced by a built-in one).
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 _REGISTRY: dict[str, "FamilySpec"] = {}
 
@@ -42,6 +51,14 @@ class FamilySpec:
     tiny_config: dict = field(default_factory=dict)  # constructor kwargs of a tiny random denoiser
     factory: Callable[[str], nn.Module] | None = None  # custom denoisers: size ("tiny"|"full") -> module
     default_pretrained: Path | None = None  # shipped weights (embedded models)
+    # plain-module families: a state dict (.pt/.pth/.bin read with weights_only=True, or .safetensors) loaded
+    # into factory("full"); or a loader(pretrained, device, dtype) -> nn.Module that does it all
+    weights: str | Path | None = None
+    loader: Callable[[object, torch.device, torch.dtype], nn.Module] | None = None
+    # --- user protocol (plain-module families; see multiquant.adapters.module) ---------------------
+    sampler: Callable[[nn.Module, list, list], torch.Tensor] | None = None  # (model, conditions, seeds) -> uint8
+    conditions: Callable[[int], list] | None = None  # n -> what each image is conditioned on
+    metric: object | None = None  # multiquant.metrics.FeatureFID / CallableMetric: the family's quality label
     # --- numerics ---------------------------------------------------------------------------------
     fp_prec: int = 16  # precision the reference sizes are costed at (FP_PREC)
     reference_fp_bytes: int | None = None  # FP_SIZE of the reference scripts, for checks
@@ -83,12 +100,30 @@ class FamilySpec:
     def splits(self, model: nn.Module) -> dict[str, int]:
         return self.split_rule(model) if self.split_rule else {}
 
+    @property
+    def is_module(self) -> bool:
+        """A plain ``nn.Module`` family (no diffusers pipeline): rendered by its own ``sampler``."""
+        return self.pipeline_class is None
+
     def model_cls(self):
         import diffusers
 
         if self.model_class is None:
-            raise ValueError(f"family {self.name!r} has no diffusers model_class; give it a factory")
+            raise UserError(f"family {self.name!r} has no diffusers model_class: give it a factory (with weights) "
+                            f"or a loader(pretrained, device, dtype)")
         return getattr(diffusers, self.model_class)
+
+    def default_conditions(self, n: int) -> list:
+        """What images 0..n-1 are conditioned on: ``conditions(n)`` if given, else cycling class ids
+        (``num_classes``), else ``None`` per image (unconditional)."""
+        if self.conditions is not None:
+            out = list(self.conditions(n))
+            if len(out) < n:
+                raise UserError(f"family {self.name!r}: conditions({n}) returned {len(out)} items; it must return {n}")
+            return out[:n]
+        if self.num_classes:
+            return [i % self.num_classes for i in range(n)]
+        return [None] * n
 
     def build(self, size: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
               seed: int = 0) -> nn.Module:
@@ -108,13 +143,30 @@ class FamilySpec:
 
     def load(self, pretrained: str | Path | None = None, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> nn.Module:
-        """Load the trained denoiser from a local directory or the hub (``from_pretrained``).
+        """Load the trained denoiser, in this order of what the family gives:
 
-        ``pretrained`` may be a pipeline directory / hub id (the family's subfolder is used) or a
-        directory holding the denoiser itself."""
+        * ``loader(pretrained, device, dtype)``: the user's own callable;
+        * ``factory`` without a diffusers ``model_class``: ``factory("full")`` with the state dict of
+          ``pretrained`` or ``weights`` (``.pt/.pth/.bin`` read with ``weights_only=True``, or ``.safetensors``);
+        * diffusers ``from_pretrained``: ``pretrained`` may be a pipeline directory / hub id (the family's
+          subfolder is used) or a directory holding the denoiser itself."""
+        device = torch.device(device)
+        if self.loader is not None:
+            model = self.loader(pretrained or self.weights or self.default_pretrained, device, dtype or self.dtype)
+            if not isinstance(model, nn.Module):
+                raise UserError(f"family {self.name!r}: loader returned {type(model).__name__}, not an nn.Module")
+            return model.to(device=device, dtype=dtype or next(model.parameters()).dtype).eval()
+        if self.model_class is None and self.factory is not None:
+            source = pretrained or self.weights or self.default_pretrained
+            if source is None:
+                raise UserError(f"family {self.name!r} has no default weights: pass --pretrained FILE "
+                                f"(.pt/.pth/.bin state dict or .safetensors) or set the family's weights")
+            model = self.build("full")
+            load_state_dict_file(model, source, family=self.name)
+            return model.to(device=device, dtype=dtype or self.dtype).eval()
         source = pretrained or self.default_pretrained or self.hub_id
         if source is None:
-            raise ValueError(f"family {self.name!r} has no default weights: pass --pretrained DIR")
+            raise UserError(f"family {self.name!r} has no default weights: pass --pretrained DIR")
         cls = self.model_cls()
         kwargs = {"torch_dtype": dtype or self.dtype}
         if self.revision and not Path(str(source)).exists():
@@ -133,6 +185,49 @@ class FamilySpec:
                 f"Fix: download the pipeline (hub id {self.hub_id!r}) and pass its local directory "
                 f"with --pretrained DIR, or set HF_HOME to a cache that holds it.") from err
         return model.to(device).eval()
+
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a state-dict file: ``.safetensors``, or ``.pt/.pth/.bin`` read with ``torch.load(weights_only=True)``
+    (never arbitrary unpickling). A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist: pass --pretrained FILE (.pt/.pth/.bin/.safetensors)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix not in STATE_DICT_SUFFIXES:
+        raise UserError(f"weights file {path} is not one of {', '.join(STATE_DICT_SUFFIXES)}: save the state dict "
+                        f"with torch.save(model.state_dict(), 'x.pt') or safetensors")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors of every kind: a file that is not a plain state dict
+        raise UserError(f"cannot read {path} as a state dict with weights_only=True ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}): save model.state_dict(), not the module") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return data
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path, family: str = "") -> nn.Module:
+    """Load a state-dict file into ``model`` (strict: every key must match)."""
+    state = read_state_dict(path)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise UserError(f"{path} does not fit family {family!r}'s factory('full') module: "
+                        f"{' '.join(str(err).split())[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{path} does not fit family {family!r}'s factory('full') module: missing keys "
+                        f"{result.missing_keys[:3]}, unexpected keys {result.unexpected_keys[:3]}")
+    return model
 
 
 def register_family(spec: FamilySpec, overwrite: bool = False) -> FamilySpec:

@@ -6,6 +6,7 @@ features of the shipped classifier (``multiquant/assets/mnist_classifier``) agai
 """
 from pathlib import Path
 
+from ..mnist.classifier import mnist_fid
 from . import FamilySpec, register_family
 from .dit import DIT_TIES
 
@@ -27,6 +28,7 @@ MNIST_DIT = register_family(FamilySpec(
     conditioning="class", prompt_source="mnist_classes", num_classes=10, num_images=1000, resolution=28,
     steps=20, guidance=1.0, scheduler="DPMSolverMultistepScheduler", scheduler_kwargs=SAMPLER_KWARGS,
     full_config=FULL_CONFIG, tiny_config=TINY_CONFIG, ties=DIT_TIES,
+    metric=mnist_fid(),  # declared, never implied by prompt_source: the shipped classifier vs held-out digits
     notes="Embedded default: pixel-space DiT on MNIST (multiquant.pipelines.MNISTDiTPipeline); 100 images per "
           "digit, image i gets class i % 10 and seed i; MNIST-FID vs held-out digits.",
 ))

@@ -62,8 +62,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float | None = None, wind
     """Structural similarity per image (Wang et al. 2004): Gaussian window 11 / sigma 1.5, 'valid'
     filtering (no padding), mean over channels and positions."""
     peak = _check_pair(a, b, data_range)
-    if min(a.shape[-2:]) < window:
-        raise ValueError(f"images of {tuple(a.shape[-2:])} are smaller than the {window}-pixel SSIM window")
+    if min(a.shape[-2:]) < window:  # small images: the largest odd window that fits (sigma scaled along)
+        fitted = min(a.shape[-2:]) - (1 - min(a.shape[-2:]) % 2)
+        if fitted < 3:
+            raise ValueError(f"images of {tuple(a.shape[-2:])} are too small for SSIM (need at least 3x3)")
+        window, sigma = fitted, sigma * fitted / window
     c1 = (k1 * peak) ** 2
     c2 = (k2 * peak) ** 2
     w = gaussian_window(window, sigma, dtype).to(a.device)

@@ -124,3 +124,42 @@ def load_reference_stats(path: str | Path | None = None) -> dict:
             f"them (it needs the MNIST test set, see QUA2SEDIMO_MNIST).")
     with np.load(path) as f:
         return {"mu": f["mu"], "sigma": f["sigma"], "n": int(f["n"]), "indices": f["indices"], "split": str(f["split"])}
+
+
+# --- MNIST-FID as a family metric -------------------------------------------------------------------
+class MNISTLeNetFeatures:
+    """The shipped classifier's penultimate features as a feature network (``name`` ``mnist-lenet``),
+    loaded on first use on the device given by :meth:`to`."""
+
+    name = "mnist-lenet"
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 1000):
+        self.device, self.batch_size, self._model = torch.device(device), batch_size, None
+
+    def to(self, device) -> "MNISTLeNetFeatures":
+        self.device = torch.device(device)
+        if self._model is not None:
+            self._model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, images) -> np.ndarray:
+        if self._model is None:
+            self._model = load_classifier(device=self.device)
+        images = torch.as_tensor(images)[:, :1]  # 3-channel copies are the same digit
+        chunks = [self._model.features(images[i:i + self.batch_size].to(self.device)).double().cpu()
+                  for i in range(0, len(images), self.batch_size)]
+        return torch.cat(chunks).numpy()
+
+
+def mnist_reference() -> dict:
+    """The shipped held-out statistics with their reference id (``mnist-heldout-<n>``)."""
+    stats = load_reference_stats()
+    return {"mu": stats["mu"], "sigma": stats["sigma"], "id": f"mnist-heldout-{stats['n']}"}
+
+
+def mnist_fid():
+    """MNIST-FID: the classifier's features against the shipped held-out digits."""
+    from ..metrics.metric import FeatureFID
+
+    return FeatureFID(MNISTLeNetFeatures(), reference_stats=mnist_reference, name="MNIST-FID")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .embeddings import (REFINER_PREFIX, PROMPT_FIELDS, cached_prompt_embeds, embedding_fields,
@@ -22,22 +21,12 @@ from .embeddings import (REFINER_PREFIX, PROMPT_FIELDS, cached_prompt_embeds, em
 from .loading import denoiser_of, family_spec, load_pipeline, pipeline_kind, tiny_pipeline  # noqa: F401
 from .loops import decode, denoise, to_uint8
 from .prompts import conditions_for
+from ..seeds import SEED_RULE, image_generators, seed_for  # noqa: F401
 
 # Images per denoiser call (CFG doubles the denoiser batch); any value gives the same images.
 DEFAULT_BATCH_SIZE = {"dit": 25, "pixart_alpha": 16, "pixart_sigma": 4, "hunyuan": 4, "sdxl": 8,
                       "sdv15": 8, "sdv14": 8, "mnist_dit": 250}
-SEED_RULE = "torch.Generator('cpu').manual_seed(seed_for(seed, i)); seed_for = numpy SeedSequence([seed, i]), 63 bits"
 SDXL_REFINER_SPLIT = 0.8  # base denoises the first 80% of the schedule, the FP refiner the rest (reference)
-
-
-def seed_for(seed: int, index: int) -> int:
-    """The noise seed of image ``index``: a well-mixed 63-bit function of (run seed, image index)."""
-    words = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    return int((int(words[0]) << 32 | int(words[1])) & (2 ** 63 - 1))
-
-
-def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed_for(seed, i)) for i in indices]
 
 
 class Sampler:

@@ -1,0 +1,78 @@
+"""The adapter protocol: everything the scorer needs to know about one pipeline kind.
+
+An adapter loads a family's generation object ("pipe": a diffusers pipeline, or the plain module itself),
+names its denoiser, fixes the conditions of an image set, builds the sampler that renders images
+``indices`` with the denoiser's current weights, and gives the family's metric. The scorer
+(:mod:`multiquant.evaluate`) only talks to this interface, so a plain ``nn.Module`` family and a diffusers
+pipeline are scored by the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How a run renders its image set (the family's protocol fills what is None)."""
+
+    seed: int = 42  # base seed of the per-image noise
+    batch_size: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    resolution: int | None = None
+    coco_path: object = None
+    embed_cache_dir: object = None
+    embed_seed: int = 0  # tiny text pipelines: seed of the random prompt embeddings
+    refiner: object = None  # SDXL: the FP refiner pipeline
+
+
+class Adapter:
+    """Base class; one subclass per pipeline kind, registered in :data:`multiquant.adapters.ADAPTERS`."""
+
+    kind: str = ""
+
+    def load(self, spec, pretrained, device: torch.device, dtype: torch.dtype | None = None):
+        raise NotImplementedError
+
+    def tiny(self, spec, device: torch.device, seed: int = 0):
+        raise NotImplementedError
+
+    def denoiser(self, pipe) -> nn.Module:
+        raise NotImplementedError
+
+    def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
+        """The family's first ``n`` conditions (prompts, class ids, or the user's ``conditions(n)``)."""
+        raise NotImplementedError
+
+    def sampler(self, spec, pipe, conditions: list, options: SamplerOptions, tiny: bool = False):
+        raise NotImplementedError
+
+    def default_metric(self, spec, device, inception=None, random_features: bool = False, reference_dir=None):
+        raise UserError(f"family {spec.name!r} gives no metric: set FamilySpec(metric=FeatureFID(...)) or "
+                        f"CallableMetric(...) (multiquant.metrics)")
+
+    def metric(self, spec, device, inception=None, random_features: bool = False, reference_dir=None):
+        """The family's own metric when it declares one (never replaced), else the kind's default."""
+        if spec.metric is not None:
+            if random_features or inception:
+                raise UserError(f"family {spec.name!r} declares its own metric {spec.metric.name!r}: "
+                                f"--random_features / --inception only replace the default Inception features")
+            from ..metrics.metric import check_metric
+
+            check_metric(spec.metric, spec.name)
+            metric = spec.metric
+        else:
+            metric = self.default_metric(spec, device, inception=inception, random_features=random_features,
+                                         reference_dir=reference_dir)
+        return metric.to(device) if hasattr(metric, "to") else metric
+
+    def macs(self, spec, denoiser: nn.Module, tiny: bool) -> dict | None:
+        """MACs per layer for the BOPs column (None when the kind cannot count them)."""
+        from ..metrics.bops import layer_macs
+
+        return layer_macs(denoiser, spec, resolution=None if tiny else spec.resolution)

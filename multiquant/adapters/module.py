@@ -1,0 +1,90 @@
+"""The "module" adapter: a plain ``nn.Module`` family that brings its own sampler and metric.
+
+The family gives ``factory`` (+ ``weights``) or ``loader`` (how to load), ``sampler(model, conditions, seeds)
+-> uint8 [N, C, H, W]`` (deterministic per image seed), optionally ``conditions(n)`` and ``metric``. Image
+``i`` of a run is rendered with seed ``seed_for(run_seed, i)`` and condition ``i``, in batches of any size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..seeds import SEED_RULE, seed_for
+from .base import Adapter, SamplerOptions
+
+DEFAULT_BATCH_SIZE = 64
+
+
+class ModuleSampler:
+    """Renders images ``indices`` of a fixed image set with the user's sampler and the model's current weights."""
+
+    def __init__(self, spec, model: nn.Module, conditions: list, seed: int, batch_size: int):
+        if spec.sampler is None:
+            raise UserError(f"family {spec.name!r} is a plain module family without a sampler: set "
+                            f"FamilySpec(sampler=fn) with fn(model, conditions, seeds) -> uint8 [N, C, H, W]")
+        if batch_size < 1:
+            raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+        self.family, self.pipe, self.conditions = spec, model, list(conditions)
+        self.seed, self.batch_size = int(seed), int(batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.conditions)
+
+    @property
+    def settings(self) -> dict:
+        fn = self.family.sampler
+        return {"family": self.family.name, "pipeline": None, "sampler": getattr(fn, "__qualname__", repr(fn)),
+                "seed": self.seed, "seed_rule": SEED_RULE, "batch_size": self.batch_size,
+                "num_images": self.num_images, "conditioning": self.family.conditioning,
+                "steps": self.family.steps, "resolution": self.family.resolution,
+                "dtype": str(next(self.pipe.parameters()).dtype).replace("torch.", "")}
+
+    @torch.no_grad()
+    def _render(self, indices: list[int]) -> torch.Tensor:
+        conditions = [self.conditions[i] for i in indices]
+        images = self.family.sampler(self.pipe, conditions, [seed_for(self.seed, i) for i in indices])
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+                or images.shape[0] != len(indices):
+            got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
+            raise UserError(f"family {self.family.name!r}: sampler must return a uint8 tensor [{len(indices)}, C, H, W] "
+                            f"for {len(indices)} seeds, got {got}")
+        return images.cpu()
+
+    def generate(self, indices) -> torch.Tensor:
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < self.num_images]
+        if bad:
+            raise IndexError(f"image indices {bad[:5]} are outside 0..{self.num_images - 1}")
+        if not indices:
+            raise ValueError("generate() needs at least one image index")
+        return torch.cat([self._render(indices[i:i + self.batch_size])
+                          for i in range(0, len(indices), self.batch_size)])
+
+    __call__ = generate
+
+
+class ModuleAdapter(Adapter):
+    kind = "module"
+
+    def load(self, spec, pretrained, device, dtype=None):
+        dtype = dtype or (spec.dtype if torch.device(device).type == "cuda" else torch.float32)
+        return spec.load(pretrained, dtype=dtype, device=device)
+
+    def tiny(self, spec, device, seed: int = 0):
+        return spec.build("tiny", device=device, seed=seed)
+
+    def denoiser(self, pipe) -> nn.Module:
+        return pipe
+
+    def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
+        return spec.default_conditions(n)
+
+    def sampler(self, spec, pipe, conditions, options: SamplerOptions, tiny: bool = False):
+        return ModuleSampler(spec, pipe, conditions, options.seed, options.batch_size or DEFAULT_BATCH_SIZE)
+
+    def macs(self, spec, denoiser, tiny):
+        if spec.example_inputs is None:
+            return None  # no forward to count MACs with: BOPs stay NaN (the other columns do not need them)
+        return super().macs(spec, denoiser, tiny)

@@ -1,0 +1,21 @@
+"""Per-image noise seeds: common random numbers across quantization configurations.
+
+Image ``i`` of a run with seed ``s`` starts from noise drawn with ``seed_for(s, i)``, whatever the batch size,
+the batch composition or the device, so two configurations see exactly the same noise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SEED_RULE = "torch.Generator('cpu').manual_seed(seed_for(seed, i)); seed_for = numpy SeedSequence([seed, i]), 63 bits"
+
+
+def seed_for(seed: int, index: int) -> int:
+    """The noise seed of image ``index``: a well-mixed 63-bit function of (run seed, image index)."""
+    words = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return int((int(words[0]) << 32 | int(words[1])) & (2 ** 63 - 1))
+
+
+def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed_for(seed, i)) for i in indices]

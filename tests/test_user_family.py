@@ -1,0 +1,115 @@
+"""A plain nn.Module family with its own sampler and metric is scored like the built-in ones."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import module_family as toy
+from multiquant.config import sample_random_config, uniform_config
+from multiquant.errors import UserError
+from multiquant.evaluate import random_configs, score_into_store, setup_scorer
+from multiquant.metrics.fid import feature_stats, frechet_distance
+from multiquant.seeds import seed_for
+from multiquant.sensitivity import run_sensitivity, search_groups, setup_protocol
+from multiquant.store import RecordStore, SCHEMA_KEYS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _scorer(tmp_path, family=toy.FAMILY, **kw):
+    return setup_scorer(family, tiny=True, device="cpu", mq_path=tmp_path / f"{family.name}_mq.safetensors", log=lambda *a: None,
+                        **kw)
+
+
+def test_eval_random_scores_a_module_family_with_its_own_sampler_and_metric(tmp_path):
+    scorer, settings = _scorer(tmp_path, batch_size=3)
+    assert settings["feature_net"].startswith("PoolFeatures-") and settings["reference"].startswith("images-32-")
+    assert settings["sampler"]["pipeline"] is None and settings["sampler"]["sampler"] == "sample"
+    store = RecordStore(tmp_path / "run", dict(settings, kind="random"))
+    assert score_into_store(scorer, store, random_configs(scorer.mq.layers, 0, 2), log=lambda *a: None) == 2
+    records = store.records()
+    assert all(k in rec for rec in records for k in SCHEMA_KEYS)
+    assert np.isfinite(records[0]["bops"]) and records[0]["bops"] > 0  # MACs from example_inputs
+
+    # the label by hand: the family's sampler at seed_for(42, i), condition i % 4, features, float64 FID
+    config = records[1]["config"]
+    scorer.applier.apply(config)
+    images = toy.sample(scorer.denoiser, [i % 4 for i in range(8)], [seed_for(42, i) for i in range(8)])
+    feats = toy.PoolFeatures()(images.float() / 255).double().numpy()
+    ref = toy.PoolFeatures()(toy.REFERENCE.float() / 255).double().numpy()
+    mu, sigma = feature_stats(feats)
+    expected = frechet_distance(mu, sigma, *feature_stats(ref), method="sqrtm")
+    assert float(records[1]["FID-GT-1k"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fp_configuration_scores_zero_against_itself_and_quantization_changes_images(tmp_path):
+    scorer, _ = _scorer(tmp_path)
+    fp = scorer.record(uniform_config(scorer.mq.layers, "fp16"), index=0)
+    low = scorer.record(uniform_config(scorer.mq.layers, "mse-3"), index=1)
+    assert fp["FID-FP-1k"] == pytest.approx(0.0, abs=1e-6) and fp["psnr_fp"] == 100.0
+    assert low["FID-FP-1k"] > 1e-4 and low["psnr_fp"] < 100.0
+
+
+def test_callable_metric_against_fp_images_is_the_label(tmp_path):
+    scorer, settings = _scorer(tmp_path, family=toy.CALLABLE_FAMILY)
+    assert settings["metric"] == "mean-abs-diff-vs-fp"
+    fp = scorer.record(uniform_config(scorer.mq.layers, "fp16"), index=0)
+    rec = scorer.record(uniform_config(scorer.mq.layers, "mse-3"), index=1)
+    assert float(fp["FID-GT-1k"]) == 0.0 and "FID-FP-1k" not in rec
+    images = scorer.sampler.generate(list(range(8)))  # mse-3 still applied
+    expected = (images.double() - scorer.fp["images"].double()).abs().mean().item()
+    assert float(rec["FID-GT-1k"]) == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
+def test_sensitivity_of_a_module_family(tmp_path):
+    protocol, settings = setup_protocol(toy.FAMILY, tiny=True, device="cpu", num_prompts=6, log=lambda *a: None)
+    report = run_sensitivity(protocol, settings, tmp_path, bits=2, max_layers=3, log=lambda *a: None)
+    assert report["num_layers_analysed"] == 3 and settings["feature_net"].startswith("PoolFeatures-")
+    assert any(l["raw"]["fid_fp"] > 0 for l in report["layers"])
+    assert len(search_groups(protocol.layers)) == report["num_layers_total"]
+
+
+def test_a_module_family_loads_its_state_dict_from_pt_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from multiquant.families import FamilySpec
+
+    model = toy.FAMILY.build("full", seed=3)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    for name in ("w.pt", "w.safetensors"):
+        loaded = toy.FAMILY.load(tmp_path / name)
+        for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    spec = FamilySpec(name="x", factory=toy.FAMILY.factory, weights=tmp_path / "w.pt", fp_prec=32)
+    assert torch.equal(spec.load().conv_in.weight, model.conv_in.weight)
+    user = FamilySpec(name="y", fp_prec=32, loader=lambda src, device, dtype: toy.ToyDenoiser(12).to(device, dtype))
+    assert isinstance(user.load("anything"), toy.ToyDenoiser)
+    torch.save(toy.ToyDenoiser(6).state_dict(), tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="does not fit"):
+        toy.FAMILY.load(tmp_path / "bad.pt")
+    torch.save({"m": toy.ToyDenoiser(6)}, tmp_path / "module.pt")  # a pickled module, not a state dict
+    with pytest.raises(UserError, match="weights_only"):
+        toy.FAMILY.load(tmp_path / "module.pt")
+    with pytest.raises(UserError, match="no default weights"):
+        toy.FAMILY.load()
+
+
+def test_a_module_family_without_a_metric_or_sampler_says_what_to_set(tmp_path):
+    from multiquant.families import FamilySpec
+
+    bare = FamilySpec(name="bare", factory=toy.FAMILY.factory, fp_prec=32, num_classes=4, num_images=4,
+                      sampler=toy.sample)
+    with pytest.raises(UserError, match="gives no metric"):
+        _scorer(tmp_path, family=bare)
+    nosampler = FamilySpec(name="nos", factory=toy.FAMILY.factory, fp_prec=32, num_classes=4, num_images=4,
+                           metric=toy.FAMILY.metric)
+    with pytest.raises(UserError, match="without a sampler"):
+        _scorer(tmp_path, family=nosampler)

@@ -32,8 +32,9 @@ import numpy as np
 
 from multiquant import knapsack
 from multiquant.knapsack import BudgetError, pareto_prune
+from multiquant.options import OptionTable, option_of
 
-from .scores import OptionTable, UnitScoreSet
+from .scores import UnitScoreSet
 
 __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsack_from_scores", "solve_knapsack",
            "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config",
@@ -159,7 +160,7 @@ def score_config(scores: UnitScoreSet, config: Mapping[str, str]) -> float:
     for unit in scores.units:
         row = 0
         for key in unit.keys:
-            option = config[key][0] if isinstance(config[key], (list, tuple)) else config[key]
+            option = option_of(config[key])
             if option not in index:
                 raise ValueError(f"layer {key!r} uses {option!r}, which the unit scores do not cover")
             row = row * k + index[option]

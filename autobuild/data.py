@@ -30,30 +30,25 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-__all__ = ["QUANT_CODES", "BIT_CODES", "NUM_QUANT_CODES", "NUM_BIT_CODES", "parse_option", "GraphTemplate",
+from multiquant.options import FP_BITS, FP_OPTION, Option
+
+__all__ = ["QUANT_CODES", "BIT_CODES", "NUM_QUANT_CODES", "NUM_BIT_CODES", "option_codes", "GraphTemplate",
            "ConfigDataset", "record_to_data", "cache_to_dataset", "option_features", "sequential_graph"]
 
-QUANT_CODES = {"combine": 0, "mse": 1, "kmeans": 2, "kmeans_all": 3, "fp16": 4}
-BIT_CODES = {16: 0, 4: 1, 3: 2, 2: 3, 5: 4, 6: 5, 7: 6, 8: 7}
+# The codes are part of a trained predictor: a new method or width gets the next free code, none is renumbered.
+QUANT_CODES = {"combine": 0, "mse": 1, "kmeans": 2, "kmeans_all": 3, FP_OPTION: 4}
+BIT_CODES = {FP_BITS: 0, 4: 1, 3: 2, 2: 3, 5: 4, 6: 5, 7: 6, 8: 7}
 NUM_QUANT_CODES = len(QUANT_CODES)
 NUM_BIT_CODES = len(BIT_CODES)
-_FP_NAMES = {"fp16", "fp", "fp32", "bf16", "none", "fp-16", "fp-32", "fp16-16"}
 
 
-def parse_option(option: str) -> tuple[int, int]:
-    """``"kmeans_all-3"`` -> (quant code, bit code). ``"fp16"`` (unquantized) -> (4, 0)."""
-    text = str(option).strip().lower()
-    if text in _FP_NAMES:
-        return QUANT_CODES["fp16"], BIT_CODES[16]
-    method, sep, bits = text.rpartition("-")
-    if not sep or method not in QUANT_CODES or method == "combine" or not bits.isdigit():
-        raise ValueError(f"unknown quantization option {option!r}; expected '<method>-<bits>' with method in "
-                         f"mse/kmeans/kmeans_all and bits in {sorted(BIT_CODES)}, or 'fp16'")
-    if int(bits) == 16:
-        return QUANT_CODES["fp16"], BIT_CODES[16]
-    if int(bits) not in BIT_CODES:
-        raise ValueError(f"unsupported bit width in {option!r}; supported: {sorted(BIT_CODES)}")
-    return QUANT_CODES[method], BIT_CODES[int(bits)]
+def option_codes(option) -> tuple[int, int]:
+    """``"kmeans_all-3"`` -> (quant code, bit code). ``"fp16"`` (unquantized) -> (4, 0). Lenient
+    (:meth:`multiquant.options.Option.parse`): hand-written predictor inputs may spell FP differently."""
+    parsed = Option.parse(option, lenient=True)
+    if parsed.is_fp:
+        return QUANT_CODES[FP_OPTION], BIT_CODES[FP_BITS]
+    return QUANT_CODES[parsed.method], BIT_CODES[parsed.bits]
 
 
 def numeric_features(entry: Sequence) -> tuple[float, float]:
@@ -156,7 +151,7 @@ class GraphTemplate:
         numeric = np.zeros((n, 2), dtype=np.float32)
         for i in self.layer_index:
             entry = self.entry(config, i, missing)
-            codes[i] = parse_option(entry[0])
+            codes[i] = option_codes(entry[0])
             numeric[i] = numeric_features(entry)
         return torch.from_numpy(codes), torch.from_numpy(numeric)
 

@@ -27,6 +27,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from multiquant.options import Option, option_of
+
 from .scores import UnitScoreSet
 
 __all__ = ["OPTION_ORDER", "OPTION_COLORS", "option_label", "scores_by_block", "scores_by_unit_type",
@@ -40,7 +42,6 @@ SENSITIVITY_DEFINITION = ("sensitivity = node-level score of the layer's best op
 OPTION_ORDER = ("kmeans-4", "kmeans_all-4", "mse-4", "kmeans-3", "kmeans_all-3", "mse-3")
 OPTION_COLORS = {"kmeans-4": "#1f5fa8", "kmeans_all-4": "#5b9bd5", "mse-4": "#a9cdee",
                  "kmeans-3": "#b5451b", "kmeans_all-3": "#e8823a", "mse-3": "#f6c28b", "fp16": "#777777"}
-_METHOD_NAMES = {"mse": "UAQ", "kmeans": "K-Means-C", "kmeans_all": "K-Means-A"}
 # global (block -1) groups before the blocks, the rest after them
 _LEADING_GLOBALS = ("t-Embed", "c-Embed", "Patchify", "Conv In", "AdaLN")
 _OP_ORDER = ("t-Embed", "c-Embed", "Patchify", "AdaLN", "SA-Q", "SA-K", "SA-V", "SA-Out", "CA-Q", "CA-K", "CA-V",
@@ -50,13 +51,7 @@ _OP_ORDER = ("t-Embed", "c-Embed", "Patchify", "AdaLN", "SA-Q", "SA-K", "SA-V", 
 
 def option_label(option: str) -> str:
     """``kmeans-3`` -> ``K-Means-C 3-bit``."""
-    method, _, bits = option.rpartition("-")
-    return f"{_METHOD_NAMES.get(method, method)} {bits}-bit" if method else option
-
-
-def _bits(option: str) -> int:
-    tail = option.rpartition("-")[2]
-    return int(tail) if tail.isdigit() else 16
+    return Option.parse(option).label
 
 
 # ------------------------------------------------------------------------------------------ groupings
@@ -100,7 +95,7 @@ def layer_sensitivity(node_scores: UnitScoreSet) -> list[dict]:
     sensitivity, see module doc) and the spread; sorted most sensitive first."""
     if node_scores.level != "node":
         raise ValueError("layer_sensitivity needs node-level scores")
-    bits = np.array([_bits(o) for o in node_scores.options])
+    bits = np.array([Option.parse(o).bits for o in node_scores.options])
     high, low = bits == bits.max(), bits == bits.min()
     rows = []
     for unit in node_scores.units:
@@ -132,7 +127,7 @@ def config_mix_by_op(config: Mapping[str, str], op_of_key: Mapping[str, str]) ->
     mix: dict[str, Counter] = {}
     for key, op in op_of_key.items():
         if key in config:
-            option = config[key][0] if isinstance(config[key], (list, tuple)) else config[key]
+            option = option_of(config[key])
             mix.setdefault(op, Counter())[option] += 1
     return OrderedDict((op, mix[op]) for op in sorted(mix, key=_op_rank))
 

@@ -42,7 +42,7 @@ FULL = StageSettings(folds=5, epochs=300, patience=40, hidden=64, batch_size=128
 def _table_for(records, outdir: Path, model: str, fp_prec: int):
     """The option table the dataset was scored with (its records carry every option of every layer after a
     few hundred configurations); the demo's multiquantizer when the records miss an option."""
-    from .scores import OptionTable
+    from multiquant.options import OptionTable
 
     try:
         return OptionTable.from_records(records, fp_prec)

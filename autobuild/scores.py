@@ -31,111 +31,13 @@ import networkx as nx
 import numpy as np
 import torch
 
-__all__ = ["OptionTable", "UnitScores", "UnitScoreSet", "enumerate_variants", "score_units", "unit_scores_for",
+from multiquant.options import OptionTable
+
+__all__ = ["UnitScores", "UnitScoreSet", "enumerate_variants", "score_units", "unit_scores_for",
            "load_unit_scores", "scores_path", "check_graph_matches", "SCORES_FORMAT"]
 
 SCORES_FORMAT = "qua2sedimo-unit-scores"
 MAX_VARIANTS = 2_000_000  # per unit; 6 options x 6 layers = 46,656
-
-
-# ------------------------------------------------------------------------------------------ option table
-@dataclass
-class OptionTable:
-    """Per-layer options with their sizes: ``{key: {option: [option, fp_bytes, quant_bytes, error]}}`` (the
-    reference ``_mq.pkl`` form; ``MultiQuantizer.table``) plus the precision sizes are costed at."""
-
-    table: dict
-    fp_prec: int = 16
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.table)
-
-    @property
-    def options(self) -> list[str]:
-        """Options every layer has, in the first layer's order (e.g. mse-4, kmeans-4, ..., kmeans_all-3)."""
-        first = list(next(iter(self.table.values())))
-        return [o for o in first if all(o in per_key for per_key in self.table.values())]
-
-    @property
-    def fp_bytes(self) -> int:
-        """FP bytes of every listed layer (tied copies included): the denominator of ``avg_bits``."""
-        return int(sum(int(next(iter(per_key.values()))[1]) for per_key in self.table.values()))
-
-    def quant_bytes(self, key: str, option: str) -> int:
-        return int(self.table[key][option][2])
-
-    def avg_bits(self, config: Mapping[str, str]) -> float:
-        """``fp_prec * sum(quant_bytes) / fp_bytes`` of a full ``{key: option}`` configuration."""
-        return self.fp_prec * sum(self.quant_bytes(k, o) for k, o in config.items()) / self.fp_bytes
-
-    def digest(self) -> str:
-        text = json.dumps([[k, [[str(e[0]), int(e[1]), int(e[2]), float(e[3])] for e in v.values()]]
-                           for k, v in self.table.items()])
-        return hashlib.sha256(f"{self.fp_prec}|{text}".encode()).hexdigest()[:16]
-
-    # -------------------------------------------------------------------------------- construction
-    @classmethod
-    def from_source(cls, source, fp_prec: int | None = None) -> "OptionTable":
-        """``source``: an :class:`OptionTable`, a ``MultiQuantizer``, its ``.safetensors`` path, an exported
-        table (``.json`` / ``_mq.pkl``), a table dict, or scored records (``quant_cache`` list: the table is
-        collected from the entries the records carry)."""
-        if isinstance(source, OptionTable):
-            return source
-        if hasattr(source, "table") and hasattr(source, "fp_prec"):  # MultiQuantizer
-            return cls(dict(source.table), int(source.fp_prec))
-        if isinstance(source, (str, os.PathLike)):
-            return cls._from_path(Path(source), fp_prec)
-        if isinstance(source, Mapping):
-            return cls(dict(source), fp_prec or 16)
-        if isinstance(source, Sequence):
-            return cls.from_records(source, fp_prec or 16)
-        raise TypeError(f"cannot read an option table from {type(source).__name__}")
-
-    @classmethod
-    def _from_path(cls, path: Path, fp_prec: int | None) -> "OptionTable":
-        if not path.exists():
-            raise FileNotFoundError(f"option table {path} does not exist: pass the multiquantizer "
-                                    f"(multiquantizers/<model>_mq.safetensors) or its exported table")
-        if path.suffix == ".safetensors" or path.is_dir():
-            from multiquant.checkpoint import MultiQuantizer
-
-            mq = MultiQuantizer.from_pretrained(path)
-            return cls(dict(mq.table), int(mq.fp_prec))
-        if path.suffix == ".json":
-            return cls(json.loads(path.read_text()), fp_prec or 16)
-        from multiquant.safe_pickle import safe_load
-
-        data = safe_load(path)
-        if isinstance(data, list):
-            return cls.from_records(data, fp_prec or 16)
-        return cls(dict(data), fp_prec or 16)
-
-    @classmethod
-    def from_records(cls, records: Sequence[Mapping], fp_prec: int = 16) -> "OptionTable":
-        """The table seen in scored configurations (each record's ``config`` holds its layers' entries).
-        Raises if some layer never appears with some option (score more configurations, or pass the
-        multiquantizer)."""
-        table: dict[str, dict[str, list]] = {}
-        for record in records:
-            for key, entry in record["config"].items():
-                table.setdefault(key, {}).setdefault(str(entry[0]), [str(entry[0]), int(entry[1]), int(entry[2]),
-                                                                     float(entry[3])])
-        if not table:
-            raise ValueError("no configurations to collect an option table from")
-        options = sorted({o for per_key in table.values() for o in per_key}, key=_option_order)
-        gaps = [(k, o) for k, per_key in table.items() for o in options if o not in per_key]
-        if gaps:
-            raise ValueError(f"the records never use option {gaps[0][1]!r} for layer {gaps[0][0]!r} "
-                             f"({len(gaps)} gaps): pass the multiquantizer (--mq) for the full option table")
-        return cls({k: {o: per_key[o] for o in options} for k, per_key in table.items()}, fp_prec)
-
-
-def _option_order(option: str) -> tuple:
-    """mse-4, kmeans-4, kmeans_all-4, mse-3, ... (the multiquantizer's order: high bits first)."""
-    method, _, bits = option.rpartition("-")
-    order = {"mse": 0, "kmeans": 1, "kmeans_all": 2}
-    return (-int(bits) if bits.isdigit() else 0, order.get(method, 9), option)
 
 
 # ------------------------------------------------------------------------------------------ containers
@@ -254,13 +156,13 @@ def enumerate_variants(num_layers: int, num_options: int) -> np.ndarray:
 def _option_lookups(table: OptionTable, key: str, options: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per option of layer ``key``: (quant/bit codes [K, 2] long, numeric features [K, 2] float) -- the
     same encoding training used (``autobuild.data``)."""
-    from .data import numeric_features, parse_option
+    from .data import numeric_features, option_codes
 
     if key not in table.table:
         raise KeyError(f"layer {key!r} of the graph is not in the option table: the table belongs to another "
                        f"model (or the predictor to another family)")
     entries = [table.table[key][o] for o in options]
-    codes = torch.tensor([parse_option(e[0]) for e in entries], dtype=torch.long)
+    codes = torch.tensor([option_codes(e[0]) for e in entries], dtype=torch.long)
     numeric = torch.tensor([numeric_features(e) for e in entries], dtype=torch.float32)
     return codes, numeric
 

@@ -40,8 +40,9 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from multiquant.options import OptionTable
+
 from .configs import Knapsack, config_name, config_origin, solve_knapsack
-from .scores import OptionTable
 
 __all__ = ["DEFAULT_KEY", "option_design", "encode", "signature", "Surrogate", "fit_surrogate", "Proposal",
            "propose", "search", "best_within", "StoreMeasure", "measured_search", "build_parser", "run_search", "main"]

@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, environment, write_result  # noqa: E402
+from multiquant.options import METHOD_NAMES as METHODS  # noqa: E402
 
 MODEL = "mnist_dit"
-METHODS = ("mse", "kmeans", "kmeans_all")
 
 
 def parse_args(argv=None):
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     import torch
 
     from autobuild.configs import BudgetError, build_config, predictor_scores
-    from autobuild.scores import OptionTable
+    from multiquant.options import OptionTable
     from multiquant.config import uniform_config
     from multiquant.evaluate import setup_scorer
     from multiquant.families import get_family

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import constants  # noqa: E402
 from benchmarks.common import environment, write_result  # noqa: E402
 from multiquant.families import get_family  # noqa: E402
-from multiquant.quantizers import FP_OPTION, parse_option  # noqa: E402
+from multiquant.options import FP_OPTION, Option, option_of  # noqa: E402
 from multiquant.sensitivity import run_sensitivity, search_groups, setup_protocol  # noqa: E402
 
 
@@ -56,11 +56,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------- pure parts
-def option_of(entry) -> str:
-    """A quant-cache config value (``[option, fp_bytes, q_bytes, error]`` or an option string) -> option."""
-    return entry[0] if isinstance(entry, (list, tuple)) else entry
-
-
 def degradation_lookup(reports: dict, fid_key: str) -> dict:
     """{(key, method, bits): single-layer FID degradation} from the per-(method, bits) sensitivity reports."""
     table = {}
@@ -77,7 +72,8 @@ def additive_prediction(config: dict, heads: list[str], table: dict, measured_bi
         option = option_of(config[key])
         if option == FP_OPTION:
             continue
-        method, bits = parse_option(option)
+        parsed = Option.parse(option)
+        method, bits = parsed.method, parsed.bits
         if (key, method, bits) in table:
             total += table[(key, method, bits)]
             continue
@@ -122,7 +118,7 @@ def self_scored_cache(protocol, settings: dict, num: int, methods, workdir: Path
         if index in done:
             continue
         config = sample_random_config(protocol.layers, seed=0, index=index, methods=tuple(methods))
-        metrics = protocol.measure({k: parse_option(v) for k, v in config.items()})
+        metrics = protocol.measure({k: (Option.parse(v).method, Option.parse(v).bits) for k, v in config.items()})
         store.commit(index, dict(metrics, config=dict(config), quantized_error=metrics["weight_error"]))
         log(f"random configuration {index}: FID-FP {metrics['fid_fp']:.4g}"
             + (f"  FID-GT {metrics['fid_gt']:.4g}" if "fid_gt" in metrics else ""))
@@ -169,7 +165,7 @@ def main(argv=None) -> dict:
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     elif cache is not None:
-        methods = sorted({parse_option(option_of(v))[0] for r in cache for v in r["config"].values()
+        methods = sorted({Option.parse(option_of(v)).method for r in cache for v in r["config"].values()
                           if option_of(v) != FP_OPTION})
     else:
         methods = ["mse"]

@@ -16,7 +16,7 @@ Costs (one unit per mode):
 
 * ``bops``: ``MACs x weight bits x activation bits (16)`` per layer (the weight GEMMs of one denoiser
   forward); budget = X x (every layer at 16 bits).
-* ``bytes``: the quantized bytes of :func:`multiquant.quantizers.option_bytes` (codes + overhead; fp16 =
+* ``bytes``: the quantized bytes of :meth:`multiquant.options.Option.nbytes` (codes + overhead; fp16 =
   the FP bytes), reported as average bits ``fp_prec x bytes / fp_bytes``, the avg_bits the rest of the
   system uses; budget = B average bits.
 
@@ -37,14 +37,13 @@ import numpy as np
 
 from . import knapsack
 from .knapsack import BudgetError
-from .quantizers import FP_OPTION, option_bytes
+from .options import FP_BITS, METHODS, Option
 
 __all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "bops_cost_table", "bytes_cost_table",
            "solve_greedy", "solve_exact", "LayerItem", "load_sensitivity_file", "load_flops_file",
            "search_items", "optimize", "cmd_optimize_mixed_precision", "add_optimize_parser"]
 
 ACT_BITS = 16
-FP_BITS = 16  # "16 bits" means the unquantized fp16 weight
 VALUE_MODEL = "value(l, b) = s_l * (1 - 2^(b_min - b)): degradation avoided, noise amplitude ~ 2^-b"
 
 
@@ -125,15 +124,9 @@ def bytes_cost_table(items: list["LayerItem"], bits, method: str, fp_prec: int) 
     """``[items, choices]`` quantized bytes (codes + overhead) summed over each item's copies; 16 = fp16."""
     rows = []
     for item in items:
-        rows.append([sum(_layer_bytes(method, b, numel, channels, fp_prec) for numel, channels in item.shapes)
+        rows.append([sum(Option.of_bits(method, b).nbytes(numel, channels, fp_prec) for numel, channels in item.shapes)
                      for b in bits])
     return np.asarray(rows, dtype=np.float64).reshape(len(items), len(bits))
-
-
-def _layer_bytes(method: str, bits: int, numel: int, channels: int, fp_prec: int) -> int:
-    if bits == FP_BITS:
-        return int(numel * fp_prec / 8)  # config_record's size of an fp16 layer
-    return option_bytes(method, bits, numel, channels, fp_prec)
 
 
 # ------------------------------------------------------------------------------------------- solvers
@@ -377,7 +370,7 @@ def allocation_report(problem: Problem, alloc: Allocation, metadata: dict) -> di
 
 def reference_config(report: dict, method: str) -> dict[str, str]:
     """``{layer: "method-bits"}`` (``"fp16"`` for 16 bits): the form eval-configs / infer read."""
-    return OrderedDict((key, FP_OPTION if b == FP_BITS else f"{method}-{b}")
+    return OrderedDict((key, str(Option.of_bits(method, b)))
                        for key, b in report["bit_allocation"].items())
 
 
@@ -453,7 +446,7 @@ def optimize(args, log=print) -> dict:
         "sensitivity_file": str(args.sensitivity_file), "flops_file": flops_source,
         "sensitivity_settings": {k: sens["settings"].get(k) for k in ("bits", "method", "num_prompts", "prompt_seed")},
         "bits": list(bits), "solver": alloc.solver, "value_model": VALUE_MODEL,
-        "cost_model": (f"average bits (option_bytes with {method}, overhead included; 16 = fp16)" if by_bits
+        "cost_model": (f"average bits (Option.nbytes with {method}, overhead included; 16 = fp16)" if by_bits
                        else f"BOPs = MACs x weight bits x {ACT_BITS}-bit activations"),
         "budget": (f"{args.budget_bits} average bits" if by_bits
                    else f"{args.budget_multiplier} x cost with every layer at 16 bits"),
@@ -507,7 +500,7 @@ def add_optimize_parser(subparsers):
                              "the {layer: 'method-bits'} configuration (.pkl + .json)")
     p.add_argument("--bits", default=None, help="bit widths on offer, comma list; 16 = fp16 "
                                                 "(default 4,8,16 for BOPs, 3,4 for --budget_bits)")
-    p.add_argument("--method", default=None, choices=["mse", "kmeans", "kmeans_all"],
+    p.add_argument("--method", default=None, choices=list(METHODS),
                    help="quantizer of the average-bits cost and of the written configuration "
                         "(default: the sensitivity file's)")
     p.add_argument("--solver", default="greedy", choices=sorted(SOLVERS),

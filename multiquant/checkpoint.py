@@ -22,7 +22,8 @@ from .errors import UserError
 from .families import FamilySpec
 from .layers import LayerRef, excluded_layers, fp_bytes, quantizable_layers
 from .packing import pack_codes, unpack_codes
-from .quantizers import METHODS, dequantize, lp_error, option_bytes, quantize
+from .options import METHOD_NAMES, Option, options_for
+from .quantizers import dequantize, lp_error, quantize
 from .utils import atomic_path, progress
 
 FORMAT = "qua2sedimo-multiquantizer"
@@ -65,10 +66,6 @@ def _own_version() -> str:
         return "source"
 
 
-def options_for(methods=METHODS, bits=DEFAULT_BITS) -> list[str]:
-    return [f"{m}-{b}" for b in bits for m in methods]
-
-
 class MultiQuantizer:
     """All quantization options of every layer of one denoiser (codes + parameters + size/error table)."""
 
@@ -108,7 +105,7 @@ class MultiQuantizer:
 
     # ----------------------------------------------------------------------------------------- build
     @classmethod
-    def build(cls, model: nn.Module, family: FamilySpec, methods=METHODS, bits=DEFAULT_BITS, device=None,
+    def build(cls, model: nn.Module, family: FamilySpec, methods=METHOD_NAMES, bits=DEFAULT_BITS, device=None,
               seed: int = 0, kmeans_iters: int = 100, model_id: str | None = None, revision: str | None = None,
               show_progress: bool = True) -> "MultiQuantizer":
         """Quantize every layer with every option, one layer at a time on ``device`` (default: the
@@ -127,14 +124,14 @@ class MultiQuantizer:
             w = ref.weight(model).detach().to(device).reshape(ref.channels, -1).float()
             table[ref.key], mse[ref.key] = {}, {}
             for option in options:
-                method, b = option.rsplit("-", 1)
-                codes, params = quantize(w, method, int(b), iters=kmeans_iters, seed=seed)
-                w_hat = dequantize(method, codes, params).to(family.dtype)  # what the model will hold
+                parsed = Option.parse(option)
+                codes, params = quantize(w, parsed.method, parsed.bits, iters=kmeans_iters, seed=seed)
+                w_hat = dequantize(parsed.method, codes, params).to(family.dtype)  # what the model will hold
                 err = lp_error(w, w_hat)
                 mse[ref.key][option] = float((w.double() - w_hat.double()).square().mean())
                 table[ref.key][option] = [option, int(ref.numel * family.fp_prec / 8),
-                                          option_bytes(method, int(b), ref.numel, ref.channels, family.fp_prec), err]
-                tensors[f"{ref.key}|{option}|codes"] = pack_codes(codes, int(b)).cpu()
+                                          parsed.nbytes(ref.numel, ref.channels, family.fp_prec), err]
+                tensors[f"{ref.key}|{option}|codes"] = pack_codes(codes, parsed.bits).cpu()
                 for name, value in params.items():
                     tensors[f"{ref.key}|{option}|{name}"] = value.to(torch.int16 if name == "zero" else torch.float32).cpu()
         manifest = {
@@ -243,8 +240,7 @@ class MultiQuantizer:
         """The dequantized weight of layer ``key`` under ``option``, shaped like the (half) weight."""
         ref = self.by_key[key]
         source = ref.tied_to or key
-        method, bits = option.rsplit("-", 1)
-        codes = unpack_codes(self.tensors[f"{source}|{option}|codes"], int(bits), ref.numel)
-        params = {name: self.tensors[f"{source}|{option}|{name}"] for name in ("scale", "zero", "codebook")
-                  if f"{source}|{option}|{name}" in self.tensors}
-        return dequantize(method, codes.view(ref.channels, -1), params).to(dtype).view(ref.shape)
+        parsed = Option.parse(option)
+        codes = unpack_codes(self.tensors[f"{source}|{option}|codes"], parsed.bits, ref.numel)
+        params = {name: self.tensors[f"{source}|{option}|{name}"] for name in parsed.spec.params}
+        return dequantize(parsed.method, codes.view(ref.channels, -1), params).to(dtype).view(ref.shape)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .layers import LayerRef
-from .quantizers import FP_OPTION, METHODS, parse_option
+from .options import FP_OPTION, METHOD_NAMES, Option, OptionTable, option_of
 from .safe_pickle import safe_load
 from .utils import atomic_path
 
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------- sampling
 def sample_random_config(layers: list[LayerRef], seed: int, index: int, a_l: float = 0.0, a_u: float = 1.0,
-                         low_bits: int = 3, high_bits: int = 4, methods=METHODS) -> dict[str, str]:
+                         low_bits: int = 3, high_bits: int = 4, methods=METHOD_NAMES) -> dict[str, str]:
     """The ``index``-th random configuration of run ``seed`` (independent of every other index)."""
     if not 0.0 <= a_l <= a_u <= 1.0:
         raise ValueError(f"need 0 <= a_l <= a_u <= 1, got a_l={a_l}, a_u={a_u}")
@@ -40,14 +40,14 @@ def sample_random_config(layers: list[LayerRef], seed: int, index: int, a_l: flo
     canonical = [ref for ref in layers if not ref.tied_to]
     low = rng.random(len(canonical)) < p_low
     method_idx = rng.integers(len(methods), size=len(canonical))
-    chosen = {ref.key: f"{methods[m]}-{low_bits if is_low else high_bits}"
+    chosen = {ref.key: str(Option(methods[m], low_bits if is_low else high_bits))
               for ref, is_low, m in zip(canonical, low, method_idx)}
     return OrderedDict((ref.key, chosen[ref.tied_to or ref.key]) for ref in layers)
 
 
 def uniform_config(layers: list[LayerRef], option: str) -> dict[str, str]:
     """Every layer at the same option, e.g. ``uniform_config(layers, "mse-4")``."""
-    parse_option(option)
+    Option.parse(option)
     return OrderedDict((ref.key, option) for ref in layers)
 
 
@@ -77,7 +77,7 @@ def validate_config(config: dict, layers: list[LayerRef], options=None, allow_mi
         if not isinstance(option, str):
             raise ConfigError(f"layer {ref.key!r}: option must be a string like 'mse-4', got {option!r}")
         try:
-            parse_option(option)
+            Option.parse(option)
         except ValueError as err:
             raise ConfigError(f"layer {ref.key!r}: {err}") from None
         if options is not None and option != FP_OPTION and option not in options:
@@ -104,7 +104,7 @@ def load_config(path: str | os.PathLike) -> dict[str, str]:
         data = data["config"]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a dict of layer -> 'method-bits', got {type(data).__name__}")
-    return OrderedDict((k, v[0] if isinstance(v, (list, tuple)) else v) for k, v in data.items())
+    return OrderedDict((k, option_of(v)) for k, v in data.items())
 
 
 def save_config(config: dict, path: str | os.PathLike, also_json: bool = True, origin: dict | None = None) -> Path:
@@ -146,24 +146,8 @@ def load_config_origin(path: str | os.PathLike) -> dict | None:
 
 # ------------------------------------------------------------------------------------------- stats
 def config_record(config: dict, table: dict, fp_prec: int, fp_bytes: int) -> dict:
-    """The reference's per-configuration statistics: per-layer ``[option, fp_bytes, quant_bytes, error]``,
-    ``quantized_size`` (bytes incl. overhead), ``quantized_error`` and ``avg_bits``."""
-    per_layer = OrderedDict()
-    for key, option in config.items():
-        if option == FP_OPTION:
-            fp = next(iter(table[key].values()))[1]
-            per_layer[key] = [FP_OPTION, fp, fp, 0.0]
-        else:
-            entry = table[key][option]
-            per_layer[key] = [entry[0], int(entry[1]), int(entry[2]), float(entry[3])]
-    size = sum(v[2] for v in per_layer.values())
-    return {"config": per_layer, "quantized_size": int(size),
-            "quantized_error": float(sum(v[3] for v in per_layer.values())),
-            "avg_bits": fp_prec * size / fp_bytes}
-
-
-def avg_bits(config: dict, table: dict, fp_prec: int, fp_bytes: int) -> float:
-    return config_record(config, table, fp_prec, fp_bytes)["avg_bits"]
+    """The reference's per-configuration statistics (:meth:`multiquant.options.OptionTable.record`)."""
+    return OptionTable(table, fp_prec).record(config, fp_bytes)
 
 
 # ------------------------------------------------------------------------------------------- apply

@@ -30,7 +30,7 @@ from .layers import LayerRef, fp_bytes
 from .metrics.fid import feature_stats
 from .metrics.metric import FID_METHOD, is_feature_metric  # noqa: F401
 from .metrics.proxy import psnr, ssim
-from .quantizers import FP_OPTION
+from .options import FP_OPTION
 
 
 # -------------------------------------------------------------------------------------------- scorer

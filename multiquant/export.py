@@ -39,9 +39,9 @@ from torch import nn
 from .checkpoint import MultiQuantizer, _versions
 from .config import config_record, validate_config
 from .families import FamilySpec
-from .packed import KEEP_DTYPE, PACKED_CLASSES, PackedWeight, TENSOR_NAMES, packed_layer
+from .options import FP_OPTION, Option
+from .packed import KEEP_DTYPE, PACKED_CLASSES, PackedWeight, packed_layer
 from .packing import packed_nbytes
-from .quantizers import FP_OPTION
 from .utils import atomic_path
 
 FORMAT = "qua2sedimo-packed"
@@ -97,13 +97,13 @@ def _part_tensors(layout: dict, mq: MultiQuantizer, model: nn.Module) -> "Ordere
                 cols = part["cols"] or [0, weight.shape[1]]
                 out[prefix + "dense"] = weight.detach()[:, cols[0]:cols[1]]
                 continue
-            method, bits = part["option"].rsplit("-", 1)
-            for name in TENSOR_NAMES[method]:  # an untied layer: the checkpoint holds its own tensors
+            option = Option.parse(part["option"])
+            for name in ("codes", *option.spec.params):  # an untied layer: the checkpoint holds its own tensors
                 value = mq.tensors[f"{part['key']}|{part['option']}|{name}"]
                 if name == "codebook":
                     value = value.to(weight.dtype)  # exact: see the module docstring
                 out[prefix + name] = value
-            expected = packed_nbytes(_numel(part["shape"]), int(bits))
+            expected = packed_nbytes(_numel(part["shape"]), option.bits)
             if out[prefix + "codes"].numel() != expected:
                 raise ExportError(f"multiquantizer codes of {part['key']} ({part['option']}) have "
                                   f"{out[prefix + 'codes'].numel()} bytes, expected {expected}: "

@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import METHODS
+from .options import METHODS, Option
 
 # Quantizer parameters whose dtype is part of the format: model.to(dtype) moves them but never casts them.
 KEEP_DTYPE = ("scale", "codebook")
-TENSOR_NAMES = {"mse": ("codes", "scale", "zero"), "kmeans": ("codes", "codebook"),
-                "kmeans_all": ("codes", "codebook"), "dense": ("dense",)}
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -68,7 +66,7 @@ def unpack_codes_lean(packed: torch.Tensor, bits: int, numel: int) -> torch.Tens
 
 def lookup_table(method: str, bits: int, params: dict, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized value of every code: [C, 2^b] (per channel) or [1, 2^b] (K-Means-A), in ``dtype``."""
-    if method == "mse":
+    if not METHODS[method].codebook:
         levels = _arange(2 ** bits, params["scale"].device, torch.float32)
         # same float32 arithmetic as quantizers.uaq_dequantize, then one rounding to dtype
         table = (levels[None, :] - params["zero"].float()[:, None]) * params["scale"].float()[:, None]
@@ -109,29 +107,27 @@ class PackedWeight(nn.Module):
         super().__init__()
         self.option = option
         self.shape = tuple(int(s) for s in shape)
-        if option == "fp16":
+        parsed = Option.parse(option)
+        if parsed.is_fp:
             self.method, self.bits = "dense", None
             self.register_buffer("dense", torch.empty(self.shape, dtype=dense_dtype, device=device))
             return
-        method, bits = option.rsplit("-", 1)
-        if method not in METHODS:
-            raise ValueError(f"unknown quantization method in option {option!r}; expected one of {METHODS}")
-        self.method, self.bits = method, int(bits)
+        self.method, self.bits = parsed.method, parsed.bits
         channels, levels = self.shape[0], 2 ** self.bits
         self.register_buffer("codes", torch.empty(-(-self.numel // 8) * self.bits, dtype=torch.uint8, device=device))
-        if method == "mse":
+        if parsed.spec.codebook:
+            rows = parsed.spec.table_rows(channels)
+            self.register_buffer("codebook", torch.empty(rows, levels, dtype=codebook_dtype, device=device))
+        else:
             self.register_buffer("scale", torch.empty(channels, dtype=torch.float32, device=device))
             self.register_buffer("zero", torch.empty(channels, dtype=torch.int16, device=device))
-        else:
-            rows = channels if method == "kmeans" else 1
-            self.register_buffer("codebook", torch.empty(rows, levels, dtype=codebook_dtype, device=device))
 
     @property
     def numel(self) -> int:
         return _numel(self.shape)
 
     def params(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in TENSOR_NAMES[self.method] if name not in ("codes", "dense")}
+        return {} if self.method == "dense" else {name: getattr(self, name) for name in METHODS[self.method].params}
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.method == "dense":

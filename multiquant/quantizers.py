@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("mse", "kmeans", "kmeans_all")
-METHOD_NAMES = {"mse": "UAQ", "kmeans": "K-Means-C", "kmeans_all": "K-Means-A"}
+from .options import METHOD_NAMES, METHODS
+
 LP_NORM = 2.4
 UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider range first wins ties)
-FP_OPTION = "fp16"
 _CHUNK_ELEMENTS = 1 << 25  # bound temporaries of the batched grid search
 _SEED_SAMPLE = 1 << 14  # values per row used for k-means++ seeding
 
@@ -175,44 +174,24 @@ def codebook_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Te
 def quantize(w2d: torch.Tensor, method: str, bits: int, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Quantize a [C, K] weight: returns (uint8 codes [C, K], params) with params
     ``{"scale", "zero"}`` for UAQ or ``{"codebook"}`` for the K-Means methods."""
-    if method == "mse":
-        scale, zero = uaq_params(w2d, bits)
-        return uaq_codes(w2d, scale, zero, bits), {"scale": scale, "zero": zero}
-    if method in ("kmeans", "kmeans_all"):
-        codebook = kmeans_params(w2d, bits, per_channel=method == "kmeans", iters=iters, seed=seed)
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHOD_NAMES}")
+    if spec.codebook:
+        codebook = kmeans_params(w2d, bits, per_channel=spec.per_channel, iters=iters, seed=seed)
         return nearest_codes(w2d, codebook), {"codebook": codebook}
-    raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    scale, zero = uaq_params(w2d, bits)
+    return uaq_codes(w2d, scale, zero, bits), {"scale": scale, "zero": zero}
 
 
 def dequantize(method: str, codes: torch.Tensor, params: dict) -> torch.Tensor:
     """Float32 [C, K] weight from codes and params (inverse of :func:`quantize`)."""
-    if method == "mse":
-        return uaq_dequantize(codes, params["scale"], params["zero"])
-    return codebook_dequantize(codes, params["codebook"])
+    if METHODS[method].codebook:
+        return codebook_dequantize(codes, params["codebook"])
+    return uaq_dequantize(codes, params["scale"], params["zero"])
 
 
 def lp_error(w: torch.Tensor, w_hat: torch.Tensor, p: float = LP_NORM) -> float:
     """The single error definition: sum(|w - w_hat|^p) / K for a [C, K] weight, in float64."""
     err = (w.double() - w_hat.double()).abs().pow(p).sum() / w.shape[1]
     return float(err)
-
-
-def option_bytes(method: str, bits: int, numel: int, channels: int, fp_prec: int) -> int:
-    """Quantized bytes of one layer by the reference's formulas: codes plus overhead.
-
-    UAQ: scale and zero-point per channel at FP precision; K-Means-C: a 2^b codebook per channel;
-    K-Means-A: one 2^b codebook."""
-    overhead = {"mse": 2 * channels * fp_prec, "kmeans": 2 ** bits * fp_prec * channels,
-                "kmeans_all": 2 ** bits * fp_prec}[method]
-    return int(numel * bits / 8) + overhead // 8
-
-
-def parse_option(option: str) -> tuple[str, int | None]:
-    """"kmeans_all-3" -> ("kmeans_all", 3); "fp16" -> ("fp16", None)."""
-    if option == FP_OPTION:
-        return FP_OPTION, None
-    method, sep, bits = str(option).rpartition("-")
-    if not sep or method not in METHODS or not bits.isdigit():
-        raise ValueError(f"malformed option {option!r}: expected 'method-bits' with method in {METHODS} "
-                         f"(e.g. 'mse-4', 'kmeans_all-3') or {FP_OPTION!r}")
-    return method, check_bits(int(bits))

@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from .layers import LayerRef
-from .quantizers import METHODS, dequantize, lp_error, quantize
+from .options import FP_BITS, METHODS
+from .quantizers import dequantize, lp_error, quantize
 
 __all__ = ["FID_WEIGHT", "BANDS", "PROXY_NAME", "band_of", "min_max_normalise", "combine_sensitivity",
            "fake_quantize", "search_groups", "shuffled_subset", "ImageProtocol", "setup_protocol",
            "score_layers", "build_report", "report_path", "run_sensitivity", "add_parsers"]
 
 FID_WEIGHT = 0.6  # the rest (0.4) goes to CLIP drop or the proxy
-FP16_BITS = 16
 PROXY_NAME = "1-SSIM(FP)"
 # (name, upper bound (exclusive), advice)
 BANDS = (("low", 0.2, "safe at 4 bits"), ("medium", 0.5, "consider 8 bits"),
@@ -101,7 +101,7 @@ def fake_quantize(weight: torch.Tensor, method: str, bits: int, seed: int = 0, i
                   ) -> tuple[torch.Tensor, float]:
     """(dequantized weight in the weight's shape and dtype, Lp error). ``bits=16``: FP16 rounding."""
     w2d = weight.detach().reshape(weight.shape[0], -1).float()
-    if bits == FP16_BITS:
+    if bits == FP_BITS:
         w_hat = w2d.half().float()
     else:
         if method not in METHODS:
@@ -312,7 +312,7 @@ def model_tag(model: str, tiny: bool) -> str:
 def report_path(outdir, model: str, bits: int, method: str = "mse", tiny: bool = False) -> Path:
     """``<outdir>/sensitivity_analysis_<model>_<bits>bit.json`` (``_<method>`` appended unless mse;
     ``<model>_tiny`` for tiny models, so smoke runs never overwrite real results)."""
-    suffix = "" if method == "mse" or bits == FP16_BITS else f"_{method}"
+    suffix = "" if method == "mse" or bits == FP_BITS else f"_{method}"
     return Path(outdir) / f"sensitivity_analysis_{model_tag(model, tiny)}_{bits}bit{suffix}.json"
 
 
@@ -322,14 +322,14 @@ def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, 
     from .store import RecordStore
     from .utils import atomic_path
 
-    if not (2 <= bits <= 8 or bits == FP16_BITS):
+    if not (2 <= bits <= 8 or bits == FP_BITS):
         raise ValueError(f"--sensitivity_bits must be 2..8 or 16 (FP16 rounding), got {bits}")
     groups = search_groups(protocol.layers)
     if max_layers is not None:
         if max_layers < 1:
             raise ValueError(f"--max_layers must be >= 1, got {max_layers}")
         groups = groups[:max_layers]
-    if bits == FP16_BITS:
+    if bits == FP_BITS:
         method = "fp16"
         if next(protocol.denoiser.parameters()).dtype == torch.float16:
             log("note: the model already runs in float16, so 16-bit rounding changes nothing: every layer scores 0")

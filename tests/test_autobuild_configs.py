@@ -11,7 +11,8 @@ import torch
 
 from autobuild.configs import (BudgetError, Knapsack, build_config, config_for_budget, knapsack_from_scores,
                                pareto_front, pareto_prune, plot_pareto, score_config, solve_knapsack)
-from autobuild.scores import OptionTable, UnitScores, UnitScoreSet, enumerate_variants
+from autobuild.scores import UnitScores, UnitScoreSet, enumerate_variants
+from multiquant.options import Option, OptionTable
 
 torch.set_num_threads(1)
 METHODS = ("mse", "kmeans", "kmeans_all")
@@ -23,7 +24,6 @@ def _tiny_table(seed: int = 0):
     """Option table of the tiny MNIST DiT by the reference's size formulas (no quantization run)."""
     from multiquant.families import get_family
     from multiquant.layers import quantizable_layers
-    from multiquant.quantizers import option_bytes
 
     family = get_family("mnist_dit")
     layers = quantizable_layers(family.build("tiny"), family)
@@ -38,7 +38,7 @@ def _tiny_table(seed: int = 0):
         for option in OPTIONS:
             method, bits = option.rsplit("-", 1)
             error = base * {"mse": 1.0, "kmeans": 0.4, "kmeans_all": 0.7}[method] * (2.2 if bits == "3" else 1.0)
-            size = option_bytes(method, int(bits), ref.numel, ref.channels, 16)
+            size = Option(method, int(bits)).nbytes(ref.numel, ref.channels, 16)
             table[ref.key][option] = [option, ref.numel * 2, size, error]
     return family, layers, OptionTable(table, 16)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
-from autobuild.data import (BIT_CODES, QUANT_CODES, GraphTemplate, cache_to_dataset, option_features, parse_option,
+from autobuild.data import (BIT_CODES, QUANT_CODES, GraphTemplate, cache_to_dataset, option_features, option_codes,
                             record_to_data, sequential_graph)
 from autobuild.gnn import SensitivityGNN
 from autobuild.losses import (exact_rank, hybrid_loss, lambda_rank_loss, ndcg_at_k, soft_rank, spearman_loss, srcc)
@@ -94,12 +94,12 @@ def _hand_record(options: dict[str, str], rng=None) -> dict:
 
 
 def test_option_codes():
-    assert parse_option("mse-4") == (1, 1) and parse_option("kmeans-3") == (2, 2)
-    assert parse_option("kmeans_all-3") == (3, 2) and parse_option("fp16") == (4, 0)
-    assert parse_option("mse-8") == (1, BIT_CODES[8]) and parse_option("mse-2") == (1, BIT_CODES[2])
+    assert option_codes("mse-4") == (1, 1) and option_codes("kmeans-3") == (2, 2)
+    assert option_codes("kmeans_all-3") == (3, 2) and option_codes("fp16") == (4, 0)
+    assert option_codes("mse-8") == (1, BIT_CODES[8]) and option_codes("mse-2") == (1, BIT_CODES[2])
     for bad in ("mse-9", "foo-4", "combine-16", "mse"):
         with pytest.raises(ValueError):
-            parse_option(bad)
+            option_codes(bad)
     assert QUANT_CODES["combine"] == 0 and BIT_CODES[16] == 0
 
 

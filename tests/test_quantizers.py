@@ -4,9 +4,10 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
+from multiquant.options import Option
 from multiquant.packing import pack_codes, packed_nbytes, unpack_codes
-from multiquant.quantizers import (codebook_dequantize, dequantize, kmeans_params, lp_error, nearest_codes,
-                                   option_bytes, parse_option, quantize, uaq_params)
+from multiquant.quantizers import (codebook_dequantize, dequantize, kmeans_params, lp_error, nearest_codes, quantize,
+                                   uaq_params)
 
 
 def _weights(c=48, k=200, seed=0):
@@ -104,21 +105,21 @@ def test_error_ordering_3bit_worse_than_4bit():
 
 def test_sizes_hand_computed():
     # AutoBuild's example: a 256->1152 fp16 Linear at mse-3 is 115,200 bytes.
-    assert option_bytes("mse", 3, 256 * 1152, 1152, 16) == 294_912 * 3 // 8 + 2 * 1152 * 16 // 8 == 115_200
+    assert Option("mse", 3).nbytes(256 * 1152, 1152, 16) == 294_912 * 3 // 8 + 2 * 1152 * 16 // 8 == 115_200
     # a 1152x1152 fp16 Linear at kmeans_all-3: 1,327,104*3/8 + 8 centroids * 2 bytes
-    assert option_bytes("kmeans_all", 3, 1152 * 1152, 1152, 16) == 497_680
+    assert Option("kmeans_all", 3).nbytes(1152 * 1152, 1152, 16) == 497_680
     # K-Means-C 4-bit: 16 centroids per channel at fp16
-    assert option_bytes("kmeans", 4, 1152 * 1152, 1152, 16) == 663_552 + 1152 * 16 * 2
+    assert Option("kmeans", 4).nbytes(1152 * 1152, 1152, 16) == 663_552 + 1152 * 16 * 2
     # fp32 (SD1.5): overhead costed at 32 bits; 3x3 conv 320->320
-    assert option_bytes("mse", 4, 320 * 320 * 9, 320, 32) == 460_800 + 2 * 320 * 4
+    assert Option("mse", 4).nbytes(320 * 320 * 9, 320, 32) == 460_800 + 2 * 320 * 4
 
 
 def test_parse_option_errors():
-    assert parse_option("kmeans_all-3") == ("kmeans_all", 3)
-    assert parse_option("fp16") == ("fp16", None)
+    assert Option.parse("kmeans_all-3") == Option("kmeans_all", 3)
+    assert Option.parse("fp16") == Option(None, 16) and Option.parse("fp16").is_fp
     for bad in ["kmeans", "foo-3", "mse-9", "mse-x", ""]:
         with pytest.raises(ValueError):
-            parse_option(bad)
+            Option.parse(bad)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

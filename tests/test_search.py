@@ -10,9 +10,8 @@ import torch
 
 from autobuild import search as S
 from autobuild.configs import Knapsack, solve_knapsack
-from autobuild.scores import OptionTable
 from multiquant.config import config_record
-from multiquant.quantizers import option_bytes
+from multiquant.options import Option, OptionTable
 
 torch.set_num_threads(1)
 METHODS = ("mse", "kmeans", "kmeans_all")
@@ -36,7 +35,7 @@ def _table(seed: int = 0, layers: int = 12):
         table[key] = {}
         for option in OPTIONS:
             method, bits = option.rsplit("-", 1)
-            table[key][option] = [option, out * inp * 2, option_bytes(method, int(bits), out * inp, out, 16),
+            table[key][option] = [option, out * inp * 2, Option(method, int(bits)).nbytes(out * inp, out, 16),
                                   PENALTY[option]]
             coef[(key, option)] = sensitivity * PENALTY[option] * rng.uniform(0.7, 1.3)
     return OptionTable(table, 16), coef

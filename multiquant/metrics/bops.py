@@ -34,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..layers import QUANTIZABLE_TYPES, LayerRef
+from ..options import Option, option_of
 
 __all__ = ["layer_macs", "config_bops", "weight_bits", "DEFAULT_TEXT_TOKENS", "ATTENTION_SUFFIXES"]
 
@@ -174,14 +175,7 @@ def layer_macs(model: nn.Module, family, resolution: int | None = None, batch: i
 
 def weight_bits(option: str) -> int:
     """Bits the GEMM sees for a weight option: b for UAQ ``mse-b``; 16 for K-Means (LUT -> FP16) and FP."""
-    method, _, bits = option.rpartition("-")
-    if option.startswith("fp"):
-        return 16
-    if method == "mse" and bits.isdigit():
-        return int(bits)
-    if method in ("kmeans", "kmeans_all") and bits.isdigit():
-        return 16
-    raise ValueError(f"unknown quantization option {option!r} (expected mse-b, kmeans-b, kmeans_all-b or fp16)")
+    return Option.parse(option, lenient=True).gemm_bits
 
 
 def _option_of(config: dict, ref: LayerRef) -> str:
@@ -190,7 +184,7 @@ def _option_of(config: dict, ref: LayerRef) -> str:
         entry = config.get(ref.tied_to)
     if entry is None:
         raise KeyError(f"configuration has no option for {ref.key}")
-    return entry if isinstance(entry, str) else entry[0]
+    return option_of(entry)
 
 
 def config_bops(config: dict, layers: list[LayerRef], macs: dict[str, int], act_bits: int = 16) -> float:

@@ -59,7 +59,7 @@ def multiquantizer_for(model, mq_path=None):
 def uniform_results(pipe, mq, options, kwargs: dict, log=print) -> dict:
     """Score each uniform configuration; the denoiser's FP weights are restored afterwards."""
     from ..config import config_record, quantize_, uniform_config
-    from ..quantizers import FP_OPTION, METHOD_NAMES
+    from ..options import FP_OPTION, Option
 
     model = pipe.transformer
     results = {}
@@ -68,7 +68,7 @@ def uniform_results(pipe, mq, options, kwargs: dict, log=print) -> dict:
         quantize_(model, config, mq)
         record = config_record(config, mq.table, mq.fp_prec, mq.fp_bytes)
         r = evaluate_pipeline(pipe, **kwargs)
-        results[option] = dict(r, avg_bits=record["avg_bits"], method_name=METHOD_NAMES[option.rsplit("-", 1)[0]],
+        results[option] = dict(r, avg_bits=record["avg_bits"], method_name=Option.parse(option).spec.label,
                                quantized_error=record["quantized_error"])
         log(f"uniform {option}: FID {r['fid']:.3f}  accuracy {r['accuracy']:.3f}  ({record['avg_bits']:.2f} bits)")
     quantize_(model, uniform_config(mq.layers, FP_OPTION), mq)
@@ -80,7 +80,7 @@ def sample_grid(pipe, mq, options, path, steps: int, guidance: float, per_row: i
     from PIL import Image
 
     from ..config import quantize_, uniform_config
-    from ..quantizers import FP_OPTION
+    from ..options import FP_OPTION
 
     labels, seeds = evaluation_plan(per_row)
     rows = []

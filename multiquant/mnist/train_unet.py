@@ -139,7 +139,7 @@ def uniform_results(model, family, sampler, options, num_images, classifier, ref
     """Every layer at one option (through the multiquantizer); FP weights are restored afterwards."""
     from ..checkpoint import MultiQuantizer
     from ..config import config_record, quantize_, uniform_config
-    from ..quantizers import FP_OPTION, METHOD_NAMES
+    from ..options import FP_OPTION, Option
 
     mq = MultiQuantizer.build(model, family, show_progress=False)
     results = {}
@@ -148,7 +148,7 @@ def uniform_results(model, family, sampler, options, num_images, classifier, ref
         quantize_(model, config, mq)
         record = config_record(config, mq.table, mq.fp_prec, mq.fp_bytes)
         r = score_sampler(model, sampler, num_images, classifier, ref_stats)
-        results[option] = dict(r, avg_bits=record["avg_bits"], method_name=METHOD_NAMES[option.rsplit("-", 1)[0]])
+        results[option] = dict(r, avg_bits=record["avg_bits"], method_name=Option.parse(option).spec.label)
         log(f"uniform {option}: FID {r['fid']:.3f}  accuracy {r['accuracy']:.3f}  ({record['avg_bits']:.2f} bits)")
     quantize_(model, uniform_config(mq.layers, FP_OPTION), mq)
     return results, mq
@@ -167,7 +167,7 @@ def sample_grid(model, sampler, path, rows_per_seed: int = 4, mq=None, options=(
     rows = [torch.cat(list(img), dim=1) for img in sampler(model, labels, seeds)[:, 0].split(10)]
     if mq is not None:
         from ..config import quantize_, uniform_config
-        from ..quantizers import FP_OPTION
+        from ..options import FP_OPTION
 
         for option in options:
             quantize_(model, uniform_config(mq.layers, option), mq)

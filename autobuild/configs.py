@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,8 @@ from .scores import UnitScoreSet
 __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsack_from_scores", "solve_knapsack",
            "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config",
            "pareto_front", "plot_pareto", "config_name",
-           "build_parser", "add_build_config_arguments", "predictor_family", "run_build_config",
-           "default_table_source", "main", "DEFAULT_PARETO_BUDGETS"]
+           "add_build_config_arguments", "predictor_family", "run_build_config",
+           "default_table_source", "DEFAULT_PARETO_BUDGETS"]
 
 DEFAULT_PARETO_BUDGETS = tuple(round(3.3 + 0.1 * i, 1) for i in range(10))  # 3.3 .. 4.2
 
@@ -378,13 +377,6 @@ def add_build_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentP
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return add_build_config_arguments(argparse.ArgumentParser(
-        prog="qua2sedimo build-config", description="Best predicted quantization configuration under an average-bit "
-                                                    "budget (exact multiple-choice knapsack over the predictor's unit "
-                                                    "scores)."))
-
-
 def default_table_source(model: str, mq: str | None, cache: str | None):
     """--mq, else the family's multiquantizer, else the table collected from --cache."""
     if mq:
@@ -424,12 +416,3 @@ def run_build_config(args) -> int:
         plot_pareto(front, stem.with_suffix(".png"), title=f"{spec.name}: predicted Pareto front ({args.level} level)")
         print(f"wrote {stem}.json and {stem}.png")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return run_build_config(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

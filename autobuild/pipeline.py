@@ -1,7 +1,7 @@
 """The predictor half of ``qua2sedimo demo``: train on a scored dataset, build budgeted configurations,
 write the insights and the report.
 
-``demo_predictor_stage(cache, outdir, quick, log)`` is what ``multiquant.demo`` calls with the shipped
+``demo_predictor_stage(cache, outdir, quick, log)`` is what ``qua2sedimo.demo`` calls with the shipped
 MNIST-DiT dataset; :func:`predictor_stage` is the same for any family and settings.
 
 Layout under ``outdir``: ``predictor/`` (fold ensemble, metrics, cached unit scores), ``quant_configs/``

@@ -22,7 +22,6 @@ import html
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -32,7 +31,7 @@ import numpy as np
 from .configs import DEFAULT_PARETO_BUDGETS, plot_pareto, score_config
 
 __all__ = ["classify_scored", "load_scored", "plot_measured", "render_samples", "images_from_scored",
-           "build_report", "build_parser", "add_report_arguments", "run_report", "main"]
+           "build_report", "add_report_arguments", "run_report"]
 
 GRID_BUDGETS = 2  # sample grids / mix bars for this many built configurations (lowest and highest budget)
 
@@ -477,12 +476,6 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return add_report_arguments(argparse.ArgumentParser(
-        prog="qua2sedimo report", description="One HTML page: predictor quality, Pareto fronts (predicted and "
-                                              "measured), sensitivity insights, sample grids."))
-
-
 def run_report(args) -> int:
     from .configs import default_table_source
 
@@ -496,11 +489,3 @@ def run_report(args) -> int:
                  budgets=[float(b) for b in args.budgets.split(",") if b.strip()], samples=args.samples,
                  pretrained=args.pretrained, tiny=args.tiny, device=args.device, embed=not args.no_embed)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_report(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,14 +25,13 @@ The result reports, per budget, the best *measured* configuration within the bud
 too). Picking the minimum of many noisy measurements is biased low: re-score picks with other image seeds
 before comparing them with anything (``benchmarks/pareto_mnist_dit.py --search_rounds`` does).
 
-    python -m autobuild.search --cache quant_caches/mnist_dit/quant_cache.pkl --model mnist_dit \\
+    qua2sedimo search --cache quant_caches/mnist_dit/quant_cache.pkl --model mnist_dit \\
         --budgets 3.3,3.5,3.7,3.9 --rounds 4 --per_budget 3 --out runs/search --device cuda
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from multiquant.options import OptionTable
 from .configs import Knapsack, config_name, config_origin, solve_knapsack
 
 __all__ = ["DEFAULT_KEY", "option_design", "encode", "signature", "Surrogate", "fit_surrogate", "Proposal",
-           "propose", "search", "best_within", "StoreMeasure", "measured_search", "build_parser", "run_search", "main"]
+           "propose", "search", "best_within", "StoreMeasure", "measured_search", "add_search_arguments", "run_search"]
 
 DEFAULT_KEY = "FID-GT-1k"
 DRAWS_PER_SLOT = 4  # Thompson draws allowed per wanted proposal before giving up on duplicates
@@ -361,8 +360,8 @@ def measured_search(scorer, settings: dict, records: Sequence[Mapping], budgets:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qua2sedimo search", description=__doc__.splitlines()[0])
+def add_search_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``search`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
     p.add_argument("--cache", default=None, help="quant_cache.pkl of scored configurations to start from "
                                                  "(same protocol as this scorer)")
     p.add_argument("--num_random", type=int, default=0, help="also score this many random configurations (seed 0) "
@@ -409,17 +408,6 @@ def _input_records(args, scorer, settings, out: Path, table: OptionTable, log) -
     return records
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from multiquant.store import StoreError
-
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run_search(args)
-    except (StoreError, ValueError, FileNotFoundError) as err:  # BudgetError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
 def run_search(args, log: Callable[[str], None] = print) -> int:
     import torch
 
@@ -457,6 +445,3 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
     log(f"wrote {path} ({result['scored_this_run']} configuration(s) scored in this run)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

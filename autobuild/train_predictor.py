@@ -1,24 +1,22 @@
 """Train the GNN predictor on a scored-configuration cache (K-fold CV + fold ensemble).
 
-    python -m autobuild.train_predictor --cache quant_cache.pkl --model mnist_dit \\
+    qua2sedimo train-predictor --cache quant_cache.pkl --model mnist_dit \\
         --target "-1*FID-GT-1k - avg_bits*150" --loss srcc --out runs/predictor
 
-``main(argv)`` is the entry the ``qua2sedimo train-predictor`` sub-command wires to.
+``add_train_predictor_arguments`` and ``run_train_predictor`` are what the sub-command wires to
+(``autobuild.commands``).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
-from typing import Sequence
 
-__all__ = ["build_parser", "main", "load_records", "family_graph"]
+__all__ = ["add_train_predictor_arguments", "run_train_predictor", "load_records", "family_graph"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train-predictor", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``train-predictor`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
     p.add_argument("--cache", required=True, type=Path, help="quant_cache.pkl (list of scored-config records)")
     p.add_argument("--model", required=True, help="model family of the cache, e.g. mnist_dit, dit, pixart_alpha")
     p.add_argument("--target", default="-1*FID-GT-1k - avg_bits*150",
@@ -85,23 +83,7 @@ def _units(graph, level: str | None):
     return dag.units(graph, level)
 
 
-def _join_dash_values(argv: Sequence[str]) -> list[str]:
-    """``--target "-1*FID-GT-1k"`` -> ``--target=-1*FID-GT-1k``: argparse would take a value that starts
-    with '-' for an option."""
-    out, argv = [], list(argv)
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--target" and i + 1 < len(argv):
-            out.append(f"--target={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_join_dash_values(sys.argv[1:] if argv is None else argv))
+def run_train_predictor(args) -> int:
     from autobuild.train import TrainOptions, train_predictor
 
     records = load_records(args.cache)
@@ -121,6 +103,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ensemble and metrics.json written to {args.out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

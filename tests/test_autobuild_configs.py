@@ -300,17 +300,18 @@ def test_report_html(trained, tmp_path):
 
 
 def test_cli_build_config(trained, tmp_path, capsys):
-    from autobuild.configs import main
+    from qua2sedimo.cli import main
 
     (tmp_path / "table.json").write_text(json.dumps(trained["table"].table))
-    assert main(["--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"), "--size", "tiny",
-                 "--avg_bits", "3.7", "--pareto", "--budgets", "3.4,3.8", "--out", str(tmp_path)]) == 0
+    assert main(["build-config", "--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"),
+                 "--size", "tiny", "--avg_bits", "3.7", "--pareto", "--budgets", "3.4,3.8", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "mnist_dit_37.pkl").exists() and (tmp_path / "mnist_dit_pareto_block.png").exists()
     front = json.loads((tmp_path / "mnist_dit_pareto_block.json").read_text())["front"]
     assert [p["budget"] for p in front] == [3.4, 3.8]
-    with pytest.raises(BudgetError):
-        main(["--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"), "--size", "tiny",
-              "--avg_bits", "1.0", "--out", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["build-config", "--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"),
+                 "--size", "tiny", "--avg_bits", "1.0", "--out", str(tmp_path)]) == 2  # a BudgetError: one line
+    assert "error: " in (err := capsys.readouterr().err) and "below the smallest achievable" in err
 
 
 def test_predictor_stage_tiny(tmp_path):
@@ -353,7 +354,7 @@ def test_scored_configurations_are_classified_by_the_origin_their_files_record(t
 
     from autobuild.configs import config_origin
     from autobuild.report import load_scored
-    from multiquant.cli import named_configs
+    from multiquant.commands import named_configs
     from multiquant.config import config_record, save_config, uniform_config
     from multiquant.families import get_family
     from multiquant.layers import quantizable_layers

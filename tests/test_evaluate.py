@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multiquant.cli import main as cli_main
+from qua2sedimo.cli import main as cli_main
 from multiquant.store import load_quant_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_torchrun_two_processes_match_one(env):
     for n in (1, 2):
         out = env / f"run{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "multiquant.cli", "eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]
+               "-m", "qua2sedimo.cli", "eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]
         environ = dict(os.environ, OMP_NUM_THREADS="1", QUA2SEDIMO_MULTIQUANTIZERS=str(env / "mq"))
         proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]

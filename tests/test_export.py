@@ -289,7 +289,7 @@ def test_broken_or_foreign_exports_fail_with_the_fix(tmp_path, tiny_pixart_fp16)
 def test_export_keeps_the_dtype_of_every_buffer_and_load_check_says_pass_or_fail(tmp_path, capsys):
     """diffusers loads an fp16 model with its non-persistent positional table in float32; the export must
     give back that very model (the scored one) and load-check must say PASS, or FAIL with the reason."""
-    from multiquant.cli import main as cli_main
+    from qua2sedimo.cli import main as cli_main
     from multiquant.export import check_export
 
     family = get_family("mnist_dit")

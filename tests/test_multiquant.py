@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multiquant.checkpoint import MultiQuantizer, MultiQuantizerMismatch
-from multiquant.cli import main as cli_main
+from qua2sedimo.cli import main as cli_main
 from multiquant.config import (ConfigError, config_record, load_config, quantize_, sample_random_config, save_config,
                                uniform_config, validate_config)
 from multiquant.families import get_family, list_families

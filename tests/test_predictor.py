@@ -332,13 +332,13 @@ def test_cross_validated_gnn_beats_avg_bits(tmp_path):
 
 def test_train_predictor_script(tmp_path):
     pytest.importorskip("autobuild.dag")
-    from autobuild.train_predictor import main
+    from qua2sedimo.cli import main
 
     _, _, records = _synthetic_cache(40, seed=1)
     cache = tmp_path / "quant_cache.pkl"
     cache.write_bytes(pickle.dumps(records))
     out = tmp_path / "run"
-    assert main(["--cache", str(cache), "--model", "dit", "--size", "tiny", "--target", "-1*FID-GT-1k",
+    assert main(["train-predictor", "--cache", str(cache), "--model", "dit", "--size", "tiny", "--target", "-1*FID-GT-1k",
                  "--loss", "srcc", "--out", str(out), "--epochs", "2", "--folds", "2", "--hidden", "16",
                  "--seed", "3"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

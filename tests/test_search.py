@@ -218,7 +218,7 @@ def test_a_store_of_another_search_is_refused(tmp_path):
 def test_cli_on_the_tiny_model(tmp_path, capsys):
     """`qua2sedimo search` end to end on the tiny MNIST DiT (random starting data, few images); a re-run
     resumes without scoring anything."""
-    from multiquant.cli import main as cli_main
+    from qua2sedimo.cli import main as cli_main
     from multiquant.config import load_config
 
     out = tmp_path / "search"

@@ -49,13 +49,3 @@ def add_dag_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--out", default=None, help="output folder (default: constants.DAG_PLOT_DIR)")
     parser.add_argument("--no-render", action="store_true", help="skip the PNG/SVG renders")
     return parser
-
-
-def main(argv=None) -> int:
-    args = add_dag_arguments(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
-    run_dag(args.model, args.full_size, args.out, render=not args.no_render)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,6 +8,6 @@ TASKS = {"multiquantizer": "multiquantizer", "eval_random": "eval-random", "infe
 
 
 def run(task: str, model: str) -> None:
-    from multiquant.cli import main
+    from qua2sedimo.cli import main
 
     sys.exit(main([TASKS[task], "--model", model, *sys.argv[1:]]))

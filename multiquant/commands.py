@@ -1,4 +1,4 @@
-"""The ``qua2sedimo`` command: one entry point over the whole pipeline.
+"""The multiquant half's subcommands of ``qua2sedimo`` (``register`` adds them; ``qua2sedimo.cli`` collects).
 
 Each subcommand is a thin argparse front over a library function; per-model scripts in
 ``multiquant/scripts/`` call the same functions with the family preset.
@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import constants
-
-from .errors import UserError
 
 
 def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -251,20 +249,6 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def cmd_dag(args) -> int:
-    from autobuild.dag.cli import run_dag
-
-    run_dag(args.model, full_size=args.full_size, out=args.out, render=not args.no_render)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(outdir=Path(args.outdir), quick=args.quick, device=args.device)
-    return 0
-
-
 # ------------------------------------------------------------------------------------------ export
 def cmd_export(args) -> int:
     """Write a configuration as a packed model directory (real sub-4-bit weights on disk)."""
@@ -311,12 +295,8 @@ def cmd_load_check(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
-# ------------------------------------------------------------------------------------------- parser
-# ------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qua2sedimo", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
+    """Add this half's subcommands to the ``qua2sedimo`` sub-parsers (each with ``func`` set)."""
     p = sub.add_parser("families", help="list the registered model families")
     p.set_defaults(func=cmd_families)
 
@@ -400,48 +380,3 @@ def build_parser() -> argparse.ArgumentParser:
     from .sensitivity import add_parsers as add_sensitivity_parsers
 
     add_sensitivity_parsers(sub)  # sensitivity, flops, optimize-mixed-precision
-
-    from autobuild.dag.cli import add_dag_arguments
-
-    p = add_dag_arguments(sub.add_parser("dag", help="trace a denoiser into a DAG and render it (dag_plots/)"))
-    p.set_defaults(func=cmd_dag)
-
-    for name, (module, text) in PASSTHROUGH.items():  # these parse their own flags (see main)
-        sub.add_parser(name, help=text, add_help=False)
-
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST DiT, on a CPU")
-    p.add_argument("--outdir", default="demo_out")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_demo)
-
-    return parser
-
-
-# Subcommands whose module owns its argument parser: `qua2sedimo NAME ...` runs `module.main(...)`.
-PASSTHROUGH = {
-    "train-predictor": ("autobuild.train_predictor", "train the GNN predictor (5-fold ensemble) on a quant_cache.pkl"),
-    "build-config": ("autobuild.configs", "best predicted configuration under an average-bits budget (exact knapsack); "
-                                          "--pareto sweeps budgets"),
-    "report": ("autobuild.report", "one HTML page: predictor quality, Pareto fronts, sensitivity insights, samples"),
-    "search": ("autobuild.search", "measured budgeted search: Thompson sampling over a Bayesian linear model of "
-                                   "log FID, exact knapsack per proposal, resumable"),
-}
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:
-        import importlib
-
-        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (UserError, ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Stages (each prints what it wrote): multiquantizer -> FP16 reference -> a handful of scored random
 configurations (``quant_cache.pkl``) -> predictor, Pareto configurations and report (trained on the shipped
-pre-scored dataset, when those parts are installed) -> ``summary.json``.
+pre-scored dataset, when it is there) -> ``summary.json``.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import constants
 
-from .evaluate import random_configs, score_into_store, setup_scorer
-from .families import get_family
-from .store import RecordStore
-from .utils import atomic_path
+from autobuild.pipeline import demo_predictor_stage
+from multiquant.evaluate import random_configs, score_into_store, setup_scorer
+from multiquant.families import get_family
+from multiquant.store import RecordStore
+from multiquant.utils import atomic_path
 
 SHIPPED_CACHE = constants.REPO_ROOT / "quant_caches" / "mnist_dit" / "quant_cache.pkl"
 PRESETS = {  # images per configuration and random configurations scored
@@ -77,10 +78,5 @@ def _predictor_stage(outdir: Path, quick: bool, log) -> dict:
     """Train the GNN predictor on the shipped dataset and build budgeted configurations (when available)."""
     if not SHIPPED_CACHE.exists():
         log(f"    skipped: no shipped dataset at {SHIPPED_CACHE}")
-        return {}
-    try:
-        from autobuild.pipeline import demo_predictor_stage
-    except ImportError as err:
-        log(f"    skipped: predictor half not installed ({err})")
         return {}
     return demo_predictor_stage(SHIPPED_CACHE, outdir, quick=quick, log=log)

@@ -135,13 +135,19 @@ def score_sampler(model, sampler: DDPMSampler, num_images: int, classifier, ref_
                 variance=sampler.variance, images_per_s=round(speed, 1))
 
 
-def uniform_results(model, family, sampler, options, num_images, classifier, ref_stats, log=print) -> dict:
-    """Every layer at one option (through the multiquantizer); FP weights are restored afterwards."""
+def uniform_results(model, family, sampler, options, num_images, classifier, ref_stats, mq_path=None,
+                    log=print) -> dict:
+    """Every layer at one option (through the multiquantizer ``mq_path``, built if missing); FP weights are
+    restored afterwards."""
     from ..checkpoint import MultiQuantizer
     from ..config import config_record, quantize_, uniform_config
     from ..options import FP_OPTION, Option
 
-    mq = MultiQuantizer.build(model, family, show_progress=False)
+    if mq_path and Path(mq_path).is_file():
+        mq = MultiQuantizer.from_pretrained(mq_path, device=next(model.parameters()).device)
+        mq.check_compatible(model, family)
+    else:
+        mq = MultiQuantizer.build(model, family, show_progress=False)
     results = {}
     for option in options:
         config = uniform_config(mq.layers, option)
@@ -215,7 +221,8 @@ def quality_after_training(weights: Path, args, info: dict, log=print) -> dict:
     options = DEFAULT_UNIFORM if args.uniform == "all" else [o for o in args.uniform.split(",") if o]
     mq = None
     if options:
-        quality["uniform"], mq = uniform_results(model, family, sampler, options, args.eval_images, clf, ref, log)
+        quality["uniform"], mq = uniform_results(model, family, sampler, options, args.eval_images, clf, ref,
+                                                   args.mq, log)
     if args.grid:
         quality["grid_rows"] = ["fp16 (4 rows, plan images 0-39)", *options]
         sample_grid(model, sampler, Path(args.outdir) / "samples.png", mq=mq, options=options)
@@ -243,6 +250,7 @@ def main(argv=None) -> dict:
     p.add_argument("--uniform", default="", help=f"uniform options to score, or 'all' for {','.join(DEFAULT_UNIFORM)}")
     p.add_argument("--grid", action="store_true", help="write samples.png and quality.json")
     p.add_argument("--classifier", default=None, help="classifier dir for the scores (default: the shipped one)")
+    p.add_argument("--mq", default=None, help="multiquantizer file for --uniform (default: build one in memory)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: score the weights already in --outdir (with --eval-grid/--uniform/--grid)")
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ registers it through the public family protocol only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -165,8 +165,9 @@ class DDPMSampler:
 
     steps: int = 50
     variance: str = "small"
-    batch_size: int = 1000
-    noise_cache_images: int = 4096
+    # memory bounds only (an image never depends on them): left out of the repr that runs record
+    batch_size: int = field(default=1000, repr=False)
+    noise_cache_images: int = field(default=4096, repr=False)
 
     def __post_init__(self):
         if self.variance not in ("small", "large"):

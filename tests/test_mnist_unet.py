@@ -147,12 +147,11 @@ def test_train_script_saves_weights_the_family_loads(tmp_path, spec):
         assert torch.equal(a.half(), b.half()), name  # stored in fp16
 
 
-def test_shipped_weights_sample_the_requested_digits(spec):
-    from multiquant.families.mnist_unet import WEIGHTS
-    from multiquant.mnist.train_unet import load_weights
-
-    model = load_weights(spec.build("full"), WEIGHTS).eval()
+def test_shipped_weights_load_through_the_protocol_and_sample_digits(spec):
+    model = spec.load(dtype=torch.float32)  # factory("full") + the shipped .safetensors state dict
+    assert isinstance(model, MNISTUNet) and next(model.parameters()).dtype == torch.float32
+    assert spec.sampler.steps == spec.steps and spec.conditions(12)[10:] == [0, 1]
     labels = list(range(10))
-    images = DDPMSampler(steps=5)(model, labels, [200 + i for i in labels])
+    images = DDPMSampler(steps=5)(model, labels, [200 + i for i in labels])  # the family's sampler, fewer steps
     _, preds = classifier_outputs(load_classifier(), images)
     assert np.mean(preds == np.array(labels)) >= 0.8

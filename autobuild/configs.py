@@ -31,7 +31,7 @@ import numpy as np
 
 from multiquant import knapsack
 from multiquant.knapsack import BudgetError, pareto_prune
-from multiquant.options import OptionTable, option_of
+from multiquant.options import OptionTable, avg_bits_of, option_of, size_budget
 
 from .scores import UnitScoreSet
 
@@ -58,10 +58,10 @@ class Knapsack:
 
     def capacity(self, avg_bits: float) -> int:
         """Largest total size (bytes) with ``fp_prec * size / fp_bytes <= avg_bits``."""
-        return int(math.floor(avg_bits * self.fp_bytes / self.fp_prec + 1e-9))
+        return size_budget(avg_bits, self.fp_bytes, self.fp_prec)
 
     def avg_bits(self, size: int) -> float:
-        return self.fp_prec * size / self.fp_bytes
+        return avg_bits_of(size, self.fp_bytes, self.fp_prec)
 
     @property
     def min_bytes(self) -> int:

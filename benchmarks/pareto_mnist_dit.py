@@ -96,7 +96,7 @@ def tiny_budgets(table) -> list[float]:
     """Four budgets above the tiny model's minimum (its per-layer overhead puts it far above 3-4 bits)."""
     import numpy as np
 
-    low = table.fp_prec * sum(min(e[2] for e in v.values()) for v in table.table.values()) / table.fp_bytes
+    low = table.min_avg_bits()
     return [round(float(b), 2) for b in np.ceil(low * 10) / 10 + np.array([0.1, 0.3, 0.5, 0.7])]
 
 

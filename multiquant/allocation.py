@@ -37,7 +37,7 @@ import numpy as np
 
 from . import knapsack
 from .knapsack import BudgetError
-from .options import FP_BITS, METHODS, Option
+from .options import DEFAULT_METHOD, FP_BITS, MAX_BITS, METHODS, MIN_BITS, Option
 
 __all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "bops_cost_table", "bytes_cost_table",
            "solve_greedy", "solve_exact", "LayerItem", "load_sensitivity_file", "load_flops_file",
@@ -257,7 +257,7 @@ def parse_bits(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
         bits = tuple(sorted({int(b) for b in str(text).split(",") if b.strip()}))
     except ValueError:
         raise ValueError(f"--bits must be a comma list of integers like 4,8,16, got {text!r}") from None
-    bad = [b for b in bits if not (2 <= b <= 8 or b == FP_BITS)]
+    bad = [b for b in bits if not (MIN_BITS <= b <= MAX_BITS or b == FP_BITS)]
     if not bits or bad:
         raise ValueError(f"--bits must list widths in 2..8 or 16 (fp16), got {text!r}")
     return bits
@@ -311,7 +311,7 @@ def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_mult
         budget = budget_multiplier * reference
         unit, scale = _unit_for(reference)
     else:
-        method = method or sens["settings"].get("method", "mse")
+        method = method or sens["settings"].get("method", DEFAULT_METHOD)
         fp_prec = int(flops.get("fp_prec", 16))
         costs = bytes_cost_table(items, bits, method, fp_prec)
         fixed_cost = float(bytes_cost_table(fixed, (fixed_bits,), method, fp_prec).sum()) if fixed else 0.0
@@ -436,7 +436,7 @@ def optimize(args, log=print) -> dict:
     check_same_model(sens, flops, args.sensitivity_file, flops_source, getattr(args, "model", None))
     by_bits = args.budget_bits is not None
     bits = parse_bits(args.bits, (3, 4) if by_bits else (4, 8, 16))
-    method = args.method or sens["settings"].get("method", "mse")
+    method = args.method or sens["settings"].get("method", DEFAULT_METHOD)
     problem = build_problem(sens, flops, bits, budget_multiplier=None if by_bits else args.budget_multiplier,
                             budget_bits=args.budget_bits, method=method, unmeasured=args.unmeasured)
     check_budget(problem, args.solver)

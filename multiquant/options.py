@@ -23,8 +23,8 @@ from typing import Mapping, Sequence
 
 from .errors import UserError
 
-__all__ = ["Method", "METHODS", "METHOD_NAMES", "Option", "OptionError", "FP_OPTION", "FP_BITS", "MIN_BITS",
-           "MAX_BITS", "option_of", "options_for", "OptionTable"]
+__all__ = ["Method", "METHODS", "METHOD_NAMES", "DEFAULT_METHOD", "Option", "OptionError", "FP_OPTION", "FP_BITS",
+           "MIN_BITS", "MAX_BITS", "option_of", "options_for", "avg_bits_of", "size_budget", "OptionTable"]
 
 FP_OPTION = "fp16"  # the unquantized layer, whatever the model's precision (the reference's spelling)
 FP_BITS = 16  # "16 bits" means the unquantized weight
@@ -72,6 +72,7 @@ METHODS: "OrderedDict[str, Method]" = OrderedDict((m.name, m) for m in (
     Method("kmeans_all", "K-Means-A", codebook=True, per_channel=False),
 ))
 METHOD_NAMES = tuple(METHODS)  # ("mse", "kmeans", "kmeans_all"): the multiquantizer's order
+DEFAULT_METHOD = "mse"  # UAQ, the reference's default
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,16 @@ def options_for(methods=METHOD_NAMES, bits=(4, 3)) -> list[str]:
     return [str(Option(m, int(b))) for b in bits for m in methods]
 
 
+def avg_bits_of(size: int, fp_bytes: int, fp_prec: int) -> float:
+    """Average bits of ``size`` quantized bytes (overhead included) over ``fp_bytes`` FP bytes."""
+    return fp_prec * size / fp_bytes
+
+
+def size_budget(avg_bits: float, fp_bytes: int, fp_prec: int) -> int:
+    """Largest size (bytes) with ``avg_bits_of(size) <= avg_bits`` (up to float round-off)."""
+    return int(math.floor(avg_bits * fp_bytes / fp_prec + 1e-9))
+
+
 # ------------------------------------------------------------------------------------------ option table
 @dataclass
 class OptionTable:
@@ -217,11 +228,16 @@ class OptionTable:
         size = sum(v[2] for v in per_layer.values())
         return {"config": per_layer, "quantized_size": int(size),
                 "quantized_error": math.fsum(v[3] for v in per_layer.values()),
-                "avg_bits": self.fp_prec * size / (self.fp_bytes if fp_bytes is None else fp_bytes)}
+                "avg_bits": avg_bits_of(size, self.fp_bytes if fp_bytes is None else fp_bytes, self.fp_prec)}
 
     def avg_bits(self, config: Mapping[str, str]) -> float:
         """``fp_prec * sum(quant_bytes) / fp_bytes`` of a full ``{key: option}`` configuration."""
-        return self.fp_prec * sum(self.quant_bytes(k, o) for k, o in config.items()) / self.fp_bytes
+        return avg_bits_of(sum(self.quant_bytes(k, o) for k, o in config.items()), self.fp_bytes, self.fp_prec)
+
+    def min_avg_bits(self) -> float:
+        """Every layer at its cheapest option."""
+        return avg_bits_of(sum(min(e[2] for e in v.values()) for v in self.table.values()), self.fp_bytes,
+                           self.fp_prec)
 
     def digest(self) -> str:
         text = json.dumps([[k, [[str(e[0]), int(e[1]), int(e[2]), float(e[3])] for e in v.values()]]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import METHOD_NAMES, METHODS
+from .options import MAX_BITS, METHOD_NAMES, METHODS, MIN_BITS
 
 LP_NORM = 2.4
 UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider range first wins ties)
@@ -30,8 +30,8 @@ _SEED_SAMPLE = 1 << 14  # values per row used for k-means++ seeding
 
 
 def check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
     return bits
 
 

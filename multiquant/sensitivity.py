@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .layers import LayerRef
-from .options import FP_BITS, METHODS
+from .options import DEFAULT_METHOD, FP_BITS, MAX_BITS, METHODS, MIN_BITS
 from .quantizers import dequantize, lp_error, quantize
 
 __all__ = ["FID_WEIGHT", "BANDS", "PROXY_NAME", "band_of", "min_max_normalise", "combine_sensitivity",
@@ -309,20 +309,20 @@ def model_tag(model: str, tiny: bool) -> str:
     return f"{model}_tiny" if tiny else model
 
 
-def report_path(outdir, model: str, bits: int, method: str = "mse", tiny: bool = False) -> Path:
+def report_path(outdir, model: str, bits: int, method: str = DEFAULT_METHOD, tiny: bool = False) -> Path:
     """``<outdir>/sensitivity_analysis_<model>_<bits>bit.json`` (``_<method>`` appended unless mse;
     ``<model>_tiny`` for tiny models, so smoke runs never overwrite real results)."""
-    suffix = "" if method == "mse" or bits == FP_BITS else f"_{method}"
+    suffix = "" if method == DEFAULT_METHOD or bits == FP_BITS else f"_{method}"
     return Path(outdir) / f"sensitivity_analysis_{model_tag(model, tiny)}_{bits}bit{suffix}.json"
 
 
-def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, method: str = "mse",
+def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, method: str = DEFAULT_METHOD,
                     max_layers: int | None = None, log=print) -> dict:
     """Measure (resumably), build and write the report; returns it (with ``path``)."""
     from .store import RecordStore
     from .utils import atomic_path
 
-    if not (2 <= bits <= 8 or bits == FP_BITS):
+    if not (MIN_BITS <= bits <= MAX_BITS or bits == FP_BITS):
         raise ValueError(f"--sensitivity_bits must be 2..8 or 16 (FP16 rounding), got {bits}")
     groups = search_groups(protocol.layers)
     if max_layers is not None:
@@ -376,7 +376,7 @@ def add_sensitivity_parser(subparsers):
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--sensitivity_bits", type=int, default=4,
                    help="bit width of the quantized layer: 2..8, or 16 for FP16 rounding (default 4)")
-    p.add_argument("--method", default="mse", choices=list(METHODS),
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
                    help="quantizer: mse = UAQ, kmeans = K-Means-C, kmeans_all = K-Means-A (default mse)")
     p.add_argument("--max_layers", type=int, default=None, help="analyse only the first N search layers")
     p.add_argument("--num_prompts", type=int, default=100, help="images per layer (default 100)")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from multiquant.errors import UserError
-from multiquant.options import (FP_OPTION, METHOD_NAMES, METHODS, Option, OptionError, OptionTable, option_of,
-                                options_for)
+from multiquant.options import (FP_OPTION, METHOD_NAMES, METHODS, Option, OptionError, OptionTable, avg_bits_of,
+                                option_of, options_for, size_budget)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,9 @@ def test_option_table_record_by_hand():
     assert rec["quantized_size"] == 150 and rec["quantized_error"] == 0.5
     assert rec["avg_bits"] == 16 * 150 / 300 == t.avg_bits({"a": "kmeans-3", "b": "fp16"}) == 8.0
     assert t.record({"a": "mse-4", "b": "mse-4"}, fp_bytes=600)["avg_bits"] == 16 * 90 / 600
+    assert t.min_avg_bits() == 16 * 70 / 300
+    assert size_budget(t.avg_bits({"a": "kmeans-3", "b": "mse-4"}), t.fp_bytes, 16) == 80  # exact at the edge
+    assert avg_bits_of(80, 300, 16) == 16 * 80 / 300 and size_budget(16 * 79.99 / 300, 300, 16) == 79
 
 
 # ------------------------------------------------------------------------------------------ shipped files

@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, Sequence
 import networkx as nx
 import numpy as np
 import torch
-from torch_geometric.data import Data
+from .pyg import Data
 
 from multiquant.options import FP_BITS, FP_OPTION, Option
 

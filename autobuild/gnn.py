@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch_geometric.nn import GATv2Conv
-from torch_geometric.utils import scatter
 
 from .data import NUM_BIT_CODES, NUM_QUANT_CODES
+from .pyg import GATv2Conv, scatter
 
 __all__ = ["NodeEncoder", "HopReadout", "SensitivityGNN"]
 

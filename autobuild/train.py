@@ -562,7 +562,7 @@ class Ensemble:
         return torch.tensor([0.0 if (v is None or math.isnan(v)) else v for v in self.folds[f]["hop_srcc"]])
 
     def _batches(self, items, batch_size: int):
-        from torch_geometric.data import Batch, Data
+        from .pyg import Batch, Data
 
         if isinstance(items, ConfigDataset):
             for start in range(0, len(items), batch_size):

@@ -55,3 +55,32 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def from_pretrained_kwargs(dtype) -> dict:
+    """Keyword arguments for a diffusers ``from_pretrained`` that load in ``dtype`` without library noise:
+    the dtype under the name this diffusers wants (``dtype``; newer versions deprecate ``torch_dtype`` with a
+    warning), and ``low_cpu_mem_usage=False`` when accelerate is absent (diffusers falls back to it anyway,
+    after a five-line warning on every load)."""
+    import importlib.util
+
+    try:
+        from diffusers.utils import deprecation_utils
+
+        dtype_name = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    except ImportError:  # older diffusers: only torch_dtype exists
+        dtype_name = "torch_dtype"
+    kwargs = {dtype_name: dtype}
+    if importlib.util.find_spec("accelerate") is None:
+        kwargs["low_cpu_mem_usage"] = False
+    return kwargs
+
+
+def cast_module(model, dtype):
+    """``model.to(dtype)``; for a diffusers model that keeps no module in float32, through ``nn.Module.to``,
+    which skips diffusers' warning about ``_keep_in_fp32_modules`` (it warns even when the list is empty)."""
+    from torch import nn
+
+    if isinstance(model, nn.Module) and not getattr(model, "_keep_in_fp32_modules", None):
+        return nn.Module.to(model, dtype)
+    return model.to(dtype)

@@ -222,7 +222,7 @@ def test_end_to_end_tiny_predictor_scores_and_budgeted_config(trained, tmp_path)
     # the batched scores equal the reference procedure: one isolated unit graph at a time
     from autobuild.dag import unit_subgraph, units
     from autobuild.train import load_ensemble
-    from torch_geometric.data import Batch
+    from autobuild.pyg import Batch
 
     ensemble = load_ensemble(trained["pred"])
     unit = units(trained["graph"], "block")[4]  # block 1 feedforward: 36 variants

@@ -10,7 +10,7 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
-from torch_geometric.data import Batch
+from autobuild.pyg import Batch
 
 from autobuild.data import (BIT_CODES, QUANT_CODES, GraphTemplate, cache_to_dataset, option_features, option_codes,
                             record_to_data, sequential_graph)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..utils import cast_module, from_pretrained_kwargs
 
 _REGISTRY: dict[str, "FamilySpec"] = {}
 
@@ -138,7 +139,7 @@ class FamilySpec:
             else:
                 model = self.model_cls()(**(self.tiny_config if size == "tiny" else self.full_config))
         if dtype is not None:
-            model = model.to(dtype)
+            model = cast_module(model, dtype)
         return model.eval()
 
     def load(self, pretrained: str | Path | None = None, dtype: torch.dtype | None = None,
@@ -168,7 +169,7 @@ class FamilySpec:
         if source is None:
             raise UserError(f"family {self.name!r} has no default weights: pass --pretrained DIR")
         cls = self.model_cls()
-        kwargs = {"torch_dtype": dtype or self.dtype}
+        kwargs = from_pretrained_kwargs(dtype or self.dtype)
         if self.revision and not Path(str(source)).exists():
             kwargs["revision"] = self.revision
         if self.variant:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..families import FamilySpec, get_family
+from ..utils import from_pretrained_kwargs
 
 TINY_LATENT_SIZE = 8
 HUB_EXTRA_FIX = "Fix: pip install 'qua2sedimo[hub]' (transformers, accelerate, sentencepiece, ftfy, beautifulsoup4)."
@@ -154,7 +155,7 @@ def load_pipeline(family: str | FamilySpec, pretrained: str | Path | None = None
     source = pretrained or spec.hub_id
     if source is None:
         raise ValueError(f"family {spec.name!r} has no hub id: pass pretrained=DIR (--pretrained)")
-    kwargs: dict = {"torch_dtype": dtype}
+    kwargs: dict = from_pretrained_kwargs(dtype)
     local = Path(str(source)).expanduser()
     if local.is_dir() and (local / "config.json").is_file() and not (local / "model_index.json").is_file():
         # A denoiser-only directory: take the rest from the hub, this denoiser in place of the stock one.

@@ -27,6 +27,7 @@ LP_NORM = 2.4
 UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider range first wins ties)
 _CHUNK_ELEMENTS = 1 << 25  # bound temporaries of the batched grid search
 _SEED_SAMPLE = 1 << 14  # values per row used for k-means++ seeding
+_ZERO_POINT_RANGE = 2.0 ** -14  # smallest UAQ step relative to the channel's magnitude
 
 
 def check_bits(bits: int) -> int:
@@ -47,7 +48,11 @@ def uaq_params(w: torch.Tensor, bits: int, shrinks=UAQ_SHRINKS, p: float = LP_NO
     for chunk in w.split(rows):
         lo = chunk.amin(dim=1, keepdim=True) * alphas  # [A, c, 1]
         hi = chunk.amax(dim=1, keepdim=True) * alphas
-        scale = ((hi - lo) / levels).clamp_min(torch.finfo(torch.float32).tiny)  # constant channel: no NaN
+        # Floor the step at 2^-14 of the channel's magnitude (below fp16 resolution): the zero-point
+        # |lo / scale| then stays <= 2^14 and fits the int16 it is stored in, and a constant channel (one
+        # weight per channel, e.g. Conv2d(1, 64, 1)) is represented exactly instead of overflowing it.
+        floor = torch.maximum(lo.abs(), hi.abs()) * _ZERO_POINT_RANGE
+        scale = torch.maximum((hi - lo) / levels, floor).clamp_min(torch.finfo(torch.float32).tiny)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(chunk / scale) + zero, 0, levels)
         score = ((q - zero) * scale - chunk).abs().pow(p).mean(dim=2)  # [A, c]

@@ -214,14 +214,34 @@ def cmd_infer(args) -> int:
     """Generate images with a configuration (FP16 when --q_config is omitted)."""
     from .adapters import SamplerOptions
     from .config import load_config, quantize_, validate_config
-    from .evaluate import load_for_scoring, load_or_build_multiquantizer, save_pngs
+    from .adapters import adapter_for
+    from .evaluate import Loaded, load_for_scoring, load_or_build_multiquantizer, save_pngs
     from .families import get_family
     from .reporting import save_image_grid
 
-    family = get_family(args.model)
-    loaded = load_for_scoring(family, args.pretrained, args.tiny, _device(args.device))
+    if args.export:  # a packed export: its family, its weights
+        from .export import load_quantized, read_export_info
+
+        info = read_export_info(args.export)
+        if args.model and args.model != info["family"]:
+            raise ValueError(f"--export {args.export} holds family {info['family']!r}, not --model {args.model!r}")
+        if args.q_config:
+            raise ValueError("--export already holds its configuration: leave out --q_config")
+        family = get_family(info["family"])
+        device = _device(args.device)
+        packed = load_quantized(args.export, device=device)
+        adapter = adapter_for(family)
+        # a plain module is its own generator; a diffusers pipeline needs its other parts (VAE, scheduler ...)
+        pipe = packed if family.is_module else (
+            adapter.tiny(family, device) if args.tiny else adapter.load(family, args.pretrained, device))
+        loaded = Loaded(family, adapter, adapter.with_denoiser(pipe, packed), packed, device)
+    else:
+        if not args.model:
+            raise ValueError("give --model (or --export DIR)")
+        family = get_family(args.model)
+        loaded = load_for_scoring(family, args.pretrained, args.tiny, _device(args.device))
     denoiser = loaded.denoiser
-    tag = "fp16"
+    tag = f"export_{Path(args.export).name}" if args.export else "fp16"
     if args.q_config:
         mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
         config = validate_config(load_config(args.q_config), mq.layers, options=mq.options, fill=args.fill)
@@ -339,9 +359,10 @@ def register(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="also score the unquantized model")
     p.set_defaults(func=cmd_eval_configs)
 
-    p = sub.add_parser("infer", help="generate images with a quantization configuration")
-    _add_model_args(p)
+    p = sub.add_parser("infer", help="generate images with a quantization configuration or a packed export")
+    _add_model_args(p, model_required=False)
     p.add_argument("--q_config", default=None, help="quant_configs/<model>_<bits>.pkl or .json (default: FP16)")
+    p.add_argument("--export", default=None, help="a packed export directory (qua2sedimo export): generate with it")
     p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
     p.add_argument("--prompt", default="a lion riding a bike in Paris")

@@ -207,6 +207,8 @@ def export_quantized(denoiser: nn.Module, family: FamilySpec, config: dict, mq: 
         "format": FORMAT, "format_version": FORMAT_VERSION, "export_id": export_id, "family": family.name,
         "model_class": type(denoiser).__name__, "dtype": _dtype_name(_model_dtype(denoiser)),
         "structure": CONFIG_NAME if hasattr(denoiser, "to_json_string") else None,
+        # plain nn.Module families: which factory size rebuilds this structure on load (None: pass a skeleton)
+        "module_size": None if hasattr(denoiser, "to_json_string") else module_size_of(family, denoiser),
         "avg_bits": record["avg_bits"], "quantized_size": record["quantized_size"],
         "stored_bits_per_quantized_weight": 8 * (sizes["codes"] + sizes["quant_params"]) / max(1, quantized_numel),
         "bytes": sizes, "num_packed_modules": len(layout),
@@ -275,10 +277,47 @@ def read_export_info(out_dir: str | os.PathLike) -> dict:
     return info
 
 
+def _state_shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def module_size_of(family: FamilySpec, denoiser: nn.Module) -> str | None:
+    """``"full"`` or ``"tiny"``: the factory size whose module has ``denoiser``'s state-dict names and shapes."""
+    if family.factory is None:
+        return None
+    wanted = _state_shapes(denoiser)
+    for size in ("full", "tiny"):
+        try:
+            with parameters_on_meta():
+                candidate = family.build(size)
+        except Exception:  # noqa: BLE001 - a factory that cannot build this size is simply not a match
+            continue
+        if _state_shapes(candidate) == wanted:
+            return size
+    return None
+
+
+def _module_skeleton(out_dir: Path, info: dict) -> nn.Module:
+    """A plain-module family's structure from its factory (parameters on the meta device)."""
+    from .families import get_family
+
+    size = info.get("module_size")
+    if size is None:
+        raise ExportError(f"{out_dir} holds no diffusers config and its family's factory does not rebuild the "
+                          f"exported module: pass load_quantized(..., skeleton=model), e.g. built inside "
+                          f"`with parameters_on_meta():`")
+    try:
+        family = get_family(info["family"])
+    except KeyError:
+        raise ExportError(f"{out_dir} was exported from family {info['family']!r}, which is not registered here: "
+                          f"import the module that registers it (CLI: --family my_pkg.my_module:FAMILY)") from None
+    with parameters_on_meta():
+        return family.build(size)
+
+
 def _skeleton(out_dir: Path, info: dict) -> nn.Module:
     if not info.get("structure"):
-        raise ExportError(f"{out_dir} holds no diffusers config (the denoiser is not a diffusers model): pass "
-                          f"load_quantized(..., skeleton=model), e.g. built inside `with parameters_on_meta():`")
+        return _module_skeleton(out_dir, info)
     config = json.loads((out_dir / info["structure"]).read_text())
     import diffusers
 

@@ -113,3 +113,30 @@ def test_a_module_family_without_a_metric_or_sampler_says_what_to_set(tmp_path):
                            metric=toy.FAMILY.metric)
     with pytest.raises(UserError, match="without a sampler"):
         _scorer(tmp_path, family=nosampler)
+
+
+def test_a_module_family_export_loads_without_a_skeleton_and_infers(tmp_path, capsys):
+    """export -> load_quantized (structure from the family's factory) == the simulated configuration;
+    infer --export and load-check work on it."""
+    from multiquant.checkpoint import MultiQuantizer
+    from multiquant.config import quantize_
+    from multiquant.export import export_quantized, load_quantized, read_export_info
+    from qua2sedimo.cli import main
+
+    family = toy.FAMILY
+    model = family.build("tiny", seed=5)
+    mq = MultiQuantizer.build(model, family, show_progress=False)
+    mq.save_pretrained(tmp_path / "mq.safetensors")
+    config = sample_random_config(mq.layers, 0, 0)
+    out = export_quantized(model, family, config, mq, tmp_path / "export")
+    assert read_export_info(out)["module_size"] == "tiny"
+    packed = load_quantized(out)
+    simulated = quantize_(family.build("tiny", seed=5), config, mq)
+    inputs = toy._example_inputs(simulated, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**inputs), simulated(**inputs), rtol=0, atol=1e-6)
+    assert main(["infer", "--export", str(out), "--n_imgs", "3", "--outdir", str(tmp_path / "samples"),
+                 "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "samples" / "export_export").glob("0*.png"))) == 3
+    assert main(["load-check", str(out), "--device", "cpu"]) == 0
+    assert "PASS" in capsys.readouterr().out

@@ -45,6 +45,10 @@ class Adapter:
     def denoiser(self, pipe) -> nn.Module:
         raise NotImplementedError
 
+    def with_denoiser(self, pipe, denoiser: nn.Module):
+        """``pipe`` generating with ``denoiser`` in place of its own (e.g. a loaded packed export)."""
+        raise NotImplementedError
+
     def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
         """The family's first ``n`` conditions (prompts, class ids, or the user's ``conditions(n)``)."""
         raise NotImplementedError

@@ -37,6 +37,12 @@ class DiffusersAdapter(Adapter):
 
         return denoiser_of(pipe)
 
+    def with_denoiser(self, pipe, denoiser):
+        from ..export import swap_denoiser
+
+        swap_denoiser(pipe, denoiser)
+        return pipe
+
     def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
         if tiny and spec.conditioning == "text":  # tiny pipelines have no text encoder: rows of random embeddings
             return list(range(n))

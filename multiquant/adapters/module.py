@@ -78,6 +78,9 @@ class ModuleAdapter(Adapter):
     def denoiser(self, pipe) -> nn.Module:
         return pipe
 
+    def with_denoiser(self, pipe, denoiser):
+        return denoiser
+
     def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
         return spec.default_conditions(n)
 

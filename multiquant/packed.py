@@ -14,6 +14,9 @@ per-channel table of 2^b values, K-Means-C has a per-channel codebook, K-Means-A
 built in float32 and rounded to the compute dtype, exactly as ``MultiQuantizer.dequantize`` +
 ``.to(dtype)`` does, so a packed layer reproduces the simulated configuration bit for bit.
 
+On CUDA the forward takes the fast path of :mod:`multiquant.kernels` (one Triton decode into a shared scratch
+buffer, then the same cuBLAS GEMM; bit-exact with this eager path, which stays the reference and the CPU path).
+
 Subclassing the stock layers keeps ``isinstance(m, nn.Linear)`` checks (activation-quant hooks, layer
 discovery) working; ``.weight`` is a read-only property that dequantizes the whole weight on demand.
 """
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .options import METHODS, Option
 
 # Quantizer parameters whose dtype is part of the format: model.to(dtype) moves them but never casts them.
@@ -182,7 +186,15 @@ class _PackedLayer:
     def weight(self) -> torch.Tensor:  # read-only: a fresh dense copy, for code that inspects .weight
         return self.dequantize_weight()
 
+    def forward_weight(self, input: torch.Tensor) -> torch.Tensor:
+        """The weight a forward on ``input`` multiplies by: on CUDA, the Triton decode into the shared scratch
+        buffer (multiquant/kernels.py, bit-exact with the eager path); elsewhere the eager dequantization."""
+        if input.is_cuda and kernels.can_use_kernels(input):
+            return kernels.fast_weight(self, input.dtype, input.device)
+        return self.dequantize_weight(input.dtype)
+
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_fast_plan", None)  # it holds the old device's tensors
         super()._apply(fn, recurse)
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # follow model.to(dtype)
         return self
@@ -200,7 +212,7 @@ class PackedLinear(_PackedLayer, nn.Linear):
         self._init_packed(dense, parts, compute_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.dequantize_weight(input.dtype), self.bias)
+        return F.linear(input, self.forward_weight(input), self.bias)
 
 
 class PackedConv1d(_PackedLayer, nn.Conv1d):
@@ -208,7 +220,7 @@ class PackedConv1d(_PackedLayer, nn.Conv1d):
         self._init_packed(dense, parts, compute_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.dequantize_weight(input.dtype), self.bias)
+        return self._conv_forward(input, self.forward_weight(input), self.bias)
 
 
 class PackedConv2d(_PackedLayer, nn.Conv2d):
@@ -216,7 +228,7 @@ class PackedConv2d(_PackedLayer, nn.Conv2d):
         self._init_packed(dense, parts, compute_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.dequantize_weight(input.dtype), self.bias)
+        return self._conv_forward(input, self.forward_weight(input), self.bias)
 
 
 PACKED_CLASSES = {nn.Linear: PackedLinear, nn.Conv1d: PackedConv1d, nn.Conv2d: PackedConv2d}

@@ -1,0 +1,207 @@
+"""The fast packed path (multiquant/kernels.py): the Triton decode gives the eager path's dense weight bit for
+bit for every method, bit-width, dtype and layer shape (run by Triton's interpreter on the CPU; on a GPU the same
+checks run compiled), the shared scratch and the per-layer plans follow buffers, and the torch.compile op
+traces. GPU-only checks (the compiled kernel, CUDA graphs, Inductor, a whole model) are skipped without CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multiquant import kernels
+from multiquant.packed import PackedWeight, packed_layer
+from multiquant.packing import pack_codes
+
+triton = pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# Triton's interpreter casts float32 to bfloat16 by truncation (compiled kernels round to nearest even, like
+# torch): bfloat16 is checked on the GPU only
+DTYPES = {"cpu": (torch.float16, torch.float32), "cuda": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    """cpu: Triton's interpreter runs the kernel on CPU tensors; cuda: the compiled kernel."""
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    return torch.device(request.param)
+
+
+def random_part(option: str, shape, seed: int, device="cpu", codebook_dtype=torch.float32) -> PackedWeight:
+    """A packed slice with fresh random codes and quantizer parameters (any valid values: the decode must
+    compute the same function on every input, not only on the quantizers' outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    part = PackedWeight(option, shape, codebook_dtype=codebook_dtype, dense_dtype=torch.float32, device="cpu")
+    if option == "fp16":
+        part.dense.copy_(torch.randn(*shape, generator=g))
+        return part.to(device)
+    bits = part.bits
+    codes = torch.randint(0, 2 ** bits, (part.numel,), generator=g).to(torch.uint8)
+    part.codes.copy_(pack_codes(codes, bits))
+    if part.method == "mse":
+        part.scale.copy_(torch.rand(shape[0], generator=g) * 0.1 + 1e-3)
+        part.zero.copy_(torch.randint(0, 2 ** bits, (shape[0],), generator=g))
+    else:
+        part.codebook.copy_(torch.randn(part.codebook.shape, generator=g))
+    return part.to(device)
+
+
+OPTIONS = [f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in (2, 3, 4, 5, 8)]
+# 1 weight per channel, 1x1 and 3x3 convolutions, Conv1d, rows that are not a multiple of 8 codes
+SHAPES = [(5, 12), (3, 7), (1, 1), (3, 1), (4, 3, 3, 3), (6, 5, 1, 1), (6, 5, 3), (33, 40)]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_decode_equals_the_eager_dequantization_bit_for_bit(device, option):
+    for i, shape in enumerate(SHAPES):
+        part = random_part(option, shape, seed=i, device=device)
+        for dtype in DTYPES[device.type]:
+            rows = shape[0]
+            out = torch.full((rows, part.numel // rows), float("nan"), device=device, dtype=dtype)  # poison
+            kernels.decode_into(part, out)
+            expected = part.dequantize(dtype).reshape(rows, -1)
+            assert torch.equal(out, expected), (option, shape, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_decode_writes_only_its_columns_of_a_split_layer(device):
+    """Two slices (one dense) side by side in one [C, total] buffer; columns of the other slice untouched."""
+    first, second = random_part("mse-3", (7, 5, 3), seed=1, device=device), random_part("fp16", (7, 4, 3), 2, device)
+    out = torch.full((7, 27), float("nan"), device=device, dtype=torch.float16)
+    kernels.decode_into(first, out, col_offset=0)
+    assert torch.isnan(out[:, 15:]).all() and not torch.isnan(out[:, :15]).any()
+    kernels.decode_into(second, out, col_offset=15)
+    expected = torch.cat([first.dequantize(torch.float16), second.dequantize(torch.float16)], dim=1)
+    assert torch.equal(out, expected.reshape(7, 27))
+
+
+def _layer(kind: str, device, options=("kmeans-4", "fp16")) -> torch.nn.Module:
+    dense = {"linear": torch.nn.Linear(10, 6), "conv2d": torch.nn.Conv2d(4, 6, 3, padding=1),
+             "conv1d": torch.nn.Conv1d(4, 6, 1)}[kind]
+    shape = tuple(dense.weight.shape)
+    cut = shape[1] // 2
+    if len(options) == 1:
+        parts = [random_part(options[0], shape, seed=3)]
+    else:
+        parts = [random_part(options[0], (shape[0], cut) + shape[2:], seed=3),
+                 random_part(options[1], (shape[0], shape[1] - cut) + shape[2:], seed=4)]
+    return packed_layer(dense, parts, torch.float16).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
+def test_fast_weight_of_a_layer_is_its_eager_weight_and_follows_new_buffers(device, kind):
+    layer = _layer(kind, device)
+    for dtype in (torch.float16, torch.float32):
+        fast = kernels.fast_weight(layer, dtype, device)
+        assert torch.equal(fast, layer.dequantize_weight(dtype))
+    plan = layer._fast_plan
+    assert kernels.fast_weight(layer, torch.float32, device) is plan.weight  # plan reused: same scratch view
+    # new buffer contents of the same tensors are read (plans hold tensors, not values)
+    layer.parts[0].codes.copy_(torch.randint_like(layer.parts[0].codes, 0, 256))
+    assert torch.equal(kernels.fast_weight(layer, torch.float32, device), layer.dequantize_weight(torch.float32))
+    # a replaced buffer object invalidates the plan
+    layer.parts[0].codes = layer.parts[0].codes.clone().flip(0)
+    assert torch.equal(kernels.fast_weight(layer, torch.float32, device), layer.dequantize_weight(torch.float32))
+    assert layer._fast_plan is not plan
+    layer.to(torch.float32)  # moving the module drops its plan (no pinned old tensors)
+    assert "_fast_plan" not in layer.__dict__
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_scratch_is_shared_grows_to_the_largest_layer_and_frees_the_old_buffer(device):
+    kernels.SCRATCH.release()
+    small, large = _layer("linear", device, ("mse-4",)), _layer("conv2d", device, ("mse-3",))
+    w_small = kernels.fast_weight(small, torch.float16, device)
+    expected_small = small.dequantize_weight(torch.float16)
+    assert torch.equal(w_small, expected_small)
+    kernels.fast_weight(large, torch.float16, device)
+    buffer = kernels.SCRATCH.buffers[(device, torch.float16)]
+    assert buffer.numel() == 6 * 4 * 9
+    assert small._fast_plan.weight is None  # its view of the outgrown buffer was dropped
+    # the small layer now decodes into the start of the same (larger) buffer
+    w_small = kernels.fast_weight(small, torch.float16, device)
+    assert w_small.data_ptr() == buffer.data_ptr() and torch.equal(w_small, expected_small)
+    kernels.SCRATCH.release()
+    assert not kernels.SCRATCH.buffers and small._fast_plan.weight is None
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_compile_op_traces_and_equals_the_eager_weight(device):
+    """Under torch.compile the decode is an opaque custom op returning a fresh tensor (fake impl for tracing)."""
+    torch._dynamo.reset()
+    layer = _layer("linear", device, ("mse-3", "kmeans_all-4"))
+    x = torch.randn(3, 10, device=device, dtype=torch.float32)
+
+    def forward(x):
+        return torch.nn.functional.linear(x, kernels._compiled_weight(layer, x.dtype), layer.bias)
+
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    expected = torch.nn.functional.linear(x, layer.dequantize_weight(torch.float32), layer.bias)
+    assert torch.equal(compiled(x), expected)
+    torch.library.opcheck(kernels.decode_packed, (layer.parts[0].codes, layer.parts[0].scale, layer.parts[0].zero,
+                                                  None, "mse", 3, 6, 5, torch.float16))
+
+
+def test_the_eager_path_is_used_off_cuda_and_when_disabled():
+    layer = _layer("linear", "cpu")
+    x = torch.randn(2, 10)
+    with kernels.use_packed_kernels(True):
+        layer(x)
+    assert "_fast_plan" not in layer.__dict__  # CPU input: never the fast path
+    with kernels.use_packed_kernels(False):
+        assert not kernels.kernels_enabled()
+    assert kernels.kernels_enabled() == (kernels._ENABLED[0] and kernels._triton() is not None)
+
+
+# -- GPU only -------------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_cuda_forward_takes_the_fast_path_and_equals_eager(kind):
+    layer = _layer(kind, "cuda", ("mse-4", "kmeans-3")).half()
+    x = torch.randn(4, *((10,) if kind == "linear" else (4, 9, 9)), device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        fast = layer(x)
+        assert "_fast_plan" in layer.__dict__
+        with kernels.use_packed_kernels(False):
+            eager = layer(x)
+    assert torch.equal(fast, eager)
+
+
+@gpu
+def test_cuda_graph_replay_equals_eager():
+    layers = torch.nn.Sequential(_layer("linear", "cuda", ("mse-4",)), torch.nn.ReLU(),
+                                 packed_layer(torch.nn.Linear(6, 10), [random_part("kmeans_all-3", (10, 6), 5)],
+                                              torch.float16).cuda()).half()
+    x = torch.randn(8, 10, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        with kernels.use_packed_kernels(False):
+            eager = layers(x)
+        layers(x)  # warm-up: compiles the kernel, sizes the scratch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layers(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        with kernels.use_packed_kernels(False):
+            eager = layers(x)
+    assert torch.equal(out, eager)
+
+
+@gpu
+def test_inductor_compiled_layer_equals_eager():
+    torch._dynamo.reset()
+    layer = _layer("linear", "cuda", ("mse-3", "fp16")).half()
+    x = torch.randn(16, 10, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        with kernels.use_packed_kernels(False):
+            eager = layer(x)
+    assert torch.equal(compiled, eager)

@@ -1,16 +1,21 @@
-"""Real savings of a packed export: size on disk, peak GPU memory and latency of one denoiser forward, exactness.
+"""Real savings of a packed export: size on disk, peak GPU memory and latency of one denoiser forward, exactness,
+for the fast packed path (multiquant/kernels.py) beside the eager reference path, and the whole pipeline's memory.
 
-    python benchmarks/export.py                  # GPU: full-size PixArt-alpha, random fp16 weights (~2-4 min)
-    python benchmarks/export.py --tiny           # CPU: the tiny model, seconds (checks the script)
+    python benchmarks/export.py                  # GPU: full-size PixArt-alpha and DiT-XL/2, random fp16 weights
+    python benchmarks/export.py --tiny           # CPU: the tiny models, seconds (checks the script)
 
-For each configuration (default: uniform UAQ 4-bit and a random ~3.5-bit mix of all six options) the
-denoiser is exported with ``export_quantized`` and loaded back with ``load_quantized``; the FP16 reference
-is the same denoiser's ``save_pretrained`` safetensors and its ordinary forward. Memory: peak of
-``torch.cuda.max_memory_allocated`` over one forward (batch 2, 512 px = 64x64 latents, 120 text tokens),
-with nothing else on the GPU, stats reset before each. Exactness: max abs difference of the packed
-forward vs the simulated configuration (``quantize_`` on the FP16 model) on the same inputs.
+Per model, each configuration (default: uniform UAQ-4, uniform K-Means-A-4, uniform K-Means-C-3 and a random
+~3.5-bit mix of all six options) is exported with ``export_quantized`` and loaded back with ``load_quantized``;
+the FP16 reference is the same denoiser's ``save_pretrained`` safetensors and its ordinary forward. Per shape
+(batch x resolution; PixArt with 120 text tokens): latency = median of ``--reps`` forwards after warm-up (eager
+path: ``--eager_reps``), each model alone on the GPU, all measured side by side in one run; memory = peak of
+``torch.cuda.max_memory_allocated`` over one forward, stats reset before it (the packed model's figure includes
+the shared decode scratch); exactness = max abs difference of the packed forward vs the simulated configuration
+(``quantize_`` on the FP16 model) on the same inputs. At batch 2 the forwards are also replayed as CUDA graphs
+(launch overhead removed), fast path vs FP16. Pipeline memory: the text encoder (PixArt: T5-XXL) and the VAE are
+measured alone (resident bytes + peak of one encode / decode) and combined with the denoiser's figures.
 Weights are random, so K-Means runs few iterations (``--kmeans_iters``): quality is not measured here.
-Writes benchmarks/results/export.json (export_tiny.json with --tiny).
+Writes benchmarks/results/export.json (export_tiny.json with --tiny), rewritten after every shape.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, 
                                read_export_info, safetensors_bytes, tensor_bytes)
 from multiquant.families import get_family  # noqa: E402
 from multiquant.families.inputs import example_inputs  # noqa: E402
+from multiquant.kernels import SCRATCH, use_packed_kernels  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
 
 
@@ -59,13 +65,14 @@ def forward_inputs(family, model, batch: int, tokens: int, resolution: int | Non
 
 
 def free_memory() -> None:
+    SCRATCH.release()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 @torch.no_grad()
-def measure_forward(model, inputs, reps: int, warmup: int = 2) -> tuple[torch.Tensor, dict]:
+def measure_forward(model, inputs, reps: int, warmup: int = 3) -> tuple[torch.Tensor, dict]:
     """Output, peak memory of one forward (CUDA), resident bytes and latency statistics."""
     cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     for _ in range(warmup):
@@ -90,6 +97,35 @@ def measure_forward(model, inputs, reps: int, warmup: int = 2) -> tuple[torch.Te
     return out, stats
 
 
+@torch.no_grad()
+def graph_latency(model, inputs, reps: int) -> dict:
+    """Median latency of CUDA-graph replays of one forward (launch overhead gone) and the replayed output."""
+    denoiser_output(model, inputs)  # warm-up outside capture (kernels compiled, scratch sized)
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = denoiser_output(model, inputs)
+    times = []
+    for _ in range(reps + 2):
+        _, seconds = timed(graph.replay)
+        times.append(seconds)
+    times = times[2:]
+    result = {"latency_ms_median": 1e3 * statistics.median(times), "output": out.clone()}
+    del graph
+    return result
+
+
+DEFAULT_SHAPES = {"pixart_alpha": "2x512,16x512,2x1024,16x1024", "dit": "2x512,16x512"}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int | None]]:
+    shapes = []
+    for item in text.split(","):
+        batch, _, res = item.strip().partition("x")
+        shapes.append((int(batch), int(res) if res else None))
+    return shapes
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="export_bench_"))
@@ -102,18 +138,31 @@ def main(argv=None) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="pixart_alpha")
-    ap.add_argument("--tiny", action="store_true", help="tiny random model (default on a machine without CUDA)")
+    ap.add_argument("--models", default="pixart_alpha,dit")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (default on a machine without CUDA)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--configs", default="uniform_mse-4,random_3.5")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--configs", default="uniform_mse-4,uniform_kmeans_all-4,uniform_kmeans-3,random_3.5")
+    ap.add_argument("--shapes", default=None,
+                    help="model:BxRES,... separated by ';' (default: PixArt 2/16 x 512/1024, DiT 2/16 x 512; "
+                         "tiny: 2 and 16 at the tiny model's own resolution)")
     ap.add_argument("--tokens", type=int, default=120, help="text tokens (PixArt)")
-    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: the family's; tiny: its own)")
-    ap.add_argument("--reps", type=int, default=20, help="timed forwards per model")
-    ap.add_argument("--kmeans_iters", type=int, default=10, help="random weights: few Lloyd iterations suffice")
+    ap.add_argument("--reps", type=int, default=20, help="timed forwards per model and shape (fast path, FP16)")
+    ap.add_argument("--eager_reps", type=int, default=5, help="timed forwards of the eager reference path")
+    ap.add_argument("--kmeans_iters", type=int, default=3, help="random weights: few Lloyd iterations suffice")
+    ap.add_argument("--no_pipeline", action="store_true", help="skip the text encoder / VAE memory figures")
     ap.add_argument("--workdir", default=None, help="where exports are written (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     return ap.parse_args(argv)
+
+
+def _shapes_for(args, model_name: str, tiny: bool) -> list[tuple[int, int | None]]:
+    if args.shapes:
+        for spec in args.shapes.split(";"):
+            name, _, shapes = spec.partition(":")
+            if name.strip() == model_name:
+                return parse_shapes(shapes)
+        return []
+    return [(2, None), (16, None)] if tiny else parse_shapes(DEFAULT_SHAPES.get(model_name, "2x512,16x512"))
 
 
 def run(args, workdir: Path) -> dict:
@@ -121,71 +170,260 @@ def run(args, workdir: Path) -> dict:
     tiny = args.tiny or device.type != "cuda"
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: threads only spin-wait each other on a shared CPU
-    family = get_family(args.model)
-    dtype = family.dtype if device.type == "cuda" else torch.float32  # fp16 matmuls are slow or missing on CPUs
-    resolution = args.resolution if args.resolution else (None if tiny else family.resolution)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    result = {**environment(), "architecture": "tiny" if tiny else "full-size",
+              "weights": "random (diffusers init), real shapes", "kmeans_iters": args.kmeans_iters,
+              "reps": args.reps, "eager_reps": args.eager_reps, "tokens": args.tokens,
+              "fast_path": "multiquant.kernels: Triton decode into a shared scratch buffer + cuBLAS",
+              "models": {}, "shapes": [], "pipeline_memory": []}
+    name = "export_tiny" if tiny else "export"
+    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        bench_model(args, model_name, device, tiny, workdir / model_name, result)
+        result["total_seconds"] = time.perf_counter() - started
+        write_result(name, result, args.out)
+    result["targets"] = target_summary(result)
+    result["total_seconds"] = time.perf_counter() - started
+    write_result(name, result, args.out)
+    return result
 
+
+def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result: dict) -> None:
+    family = get_family(model_name)
+    dtype = family.dtype if device.type == "cuda" else torch.float32  # fp16 matmuls are slow or missing on CPUs
+    shapes = _shapes_for(args, model_name, tiny)
+    workdir.mkdir(parents=True, exist_ok=True)
     model = family.build("tiny" if tiny else "full", device=device, dtype=dtype, seed=0)
     layers = quantizable_layers(model, family)
-    inputs = forward_inputs(family, model, args.batch, args.tokens, resolution)
-    result = {**environment(), "model": args.model, "architecture": "tiny" if tiny else "full-size",
-              "weights": "random (diffusers init), real shapes", "dtype": str(dtype).replace("torch.", ""),
-              "forward": {"batch": args.batch, "resolution": resolution, "tokens": args.tokens,
-                          "input_shapes": {k: list(v.shape) for k, v in inputs.items() if torch.is_tensor(v)}},
-              "num_layers": len(layers), "fp_bytes_quantizable": fp_bytes(layers, family.fp_prec)}
+    info = {"dtype": str(dtype).replace("torch.", ""), "num_layers": len(layers),
+            "fp_bytes_quantizable": fp_bytes(layers, family.fp_prec)}
+    shape_inputs = []
+    for batch, res in shapes:
+        resolution = res if res else (None if tiny else family.resolution)
+        shape_inputs.append((batch, resolution, forward_inputs(family, model, batch, args.tokens, resolution)))
 
     # FP16 reference: the stock safetensors and an ordinary forward, alone on the device
     fp_dir = workdir / "fp16"
     model.save_pretrained(fp_dir, safe_serialization=True)
-    fp_file_bytes = sum(p.stat().st_size for p in fp_dir.glob("*.safetensors"))
-    fp_out, fp_stats = measure_forward(model, inputs, args.reps)
-    result["fp16"] = {"file_bytes": fp_file_bytes, **fp_stats}
+    info["fp16_file_bytes"] = sum(p.stat().st_size for p in fp_dir.glob("*.safetensors"))
+    info["fp16_tensor_bytes"] = tensor_bytes(model)
+    rows = []
+    for batch, resolution, inputs in shape_inputs:
+        out, stats = measure_forward(model, inputs, args.reps)
+        if device.type == "cuda" and batch <= 2:
+            stats["cuda_graph"] = _graph(model, inputs, args.reps, out)
+        rows.append({"model": model_name, "batch": batch, "resolution": resolution,
+                     "input_shapes": {k: list(v.shape) for k, v in inputs.items() if torch.is_tensor(v)},
+                     "fp16": stats, "configs": {}, "_fp_out": out.float().cpu()})
+        free_memory()
 
     mq, build_s = timed(MultiQuantizer.build, model, family, kmeans_iters=args.kmeans_iters, show_progress=False)
-    result["multiquantizer_build_seconds"] = build_s
+    info["multiquantizer_build_seconds"] = build_s
     configs = make_configs([c.strip() for c in args.configs.split(",") if c.strip()], mq.layers)
-    simulated_out, records = {}, {}
-    for name, config in configs.items():  # export every configuration from the FP weights first
-        out_dir, export_s = timed(export_quantized, model, family, config, mq, workdir / name)
+    info["configs"] = {}
+    for cname, config in configs.items():  # export every configuration from the FP weights first
+        out_dir, export_s = timed(export_quantized, model, family, config, mq, workdir / cname)
         record = config_record(config, mq.table, mq.fp_prec, mq.fp_bytes)
-        info = read_export_info(out_dir)
-        records[name] = {"avg_bits": record["avg_bits"], "export_seconds": export_s,
-                         "stored_bits_per_quantized_weight": info["stored_bits_per_quantized_weight"],
-                         "file": safetensors_bytes(out_dir / WEIGHTS_NAME),
-                         "hand_computed_tensor_bytes": info["bytes"]["total"],
-                         # the reference's size formula (fp16 overheads) plus the non-quantized tensors
-                         "reference_formula_bytes": record["quantized_size"] + info["bytes"]["fp_tensors"]}
-        records[name]["file_bytes_match_hand_computed"] = (
-            records[name]["file"]["tensor_data"] == info["bytes"]["total"]
-            and records[name]["file"]["file"] == info["bytes"]["total"] + records[name]["file"]["header"])
-    for name, config in configs.items():
+        einfo = read_export_info(out_dir)
+        file = safetensors_bytes(out_dir / WEIGHTS_NAME)
+        info["configs"][cname] = {
+            "avg_bits": record["avg_bits"], "export_seconds": export_s,
+            "options": dict(sorted(_counts(config).items())),
+            "stored_bits_per_quantized_weight": einfo["stored_bits_per_quantized_weight"], "file": file,
+            "hand_computed_tensor_bytes": einfo["bytes"]["total"],
+            "file_bytes_match_hand_computed": (file["tensor_data"] == einfo["bytes"]["total"]
+                                               and file["file"] == einfo["bytes"]["total"] + file["header"]),
+            "disk_ratio_vs_fp16": file["file"] / info["fp16_file_bytes"]}
+    simulated = {}
+    for cname, config in configs.items():
         quantize_(model, config, mq)  # simulated configuration, for the exactness check
         with torch.no_grad():
-            simulated_out[name] = denoiser_output(model, inputs)
+            simulated[cname] = [denoiser_output(model, inputs).float().cpu() for _, _, inputs in shape_inputs]
     del model, mq
     free_memory()
+    result["models"][model_name] = info
 
-    for name in configs:
-        packed, load_s = timed(load_quantized, workdir / name, device=device, dtype=dtype)
-        out, stats = measure_forward(packed, inputs, args.reps)
-        rec = records[name]
-        rec.update(load_seconds=load_s, packed=stats,
-                   max_abs_diff_vs_simulated=float((out.float() - simulated_out[name].float()).abs().max()),
-                   max_abs_diff_vs_fp16=float((out.float() - fp_out.float()).abs().max()),
-                   disk_ratio_vs_fp16=rec["file"]["file"] / fp_file_bytes,
-                   memory_ratio_vs_fp16=stats["tensor_bytes"] / fp_stats["tensor_bytes"],
-                   latency_ratio_vs_fp16=stats["latency_ms_median"] / fp_stats["latency_ms_median"])
-        if "peak_allocated" in stats:
-            rec["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp_stats["peak_allocated"]
-        del packed, out
+    for cname in configs:
+        packed, load_s = timed(load_quantized, workdir / cname, device=device, dtype=dtype)
+        info["configs"][cname]["load_seconds"] = load_s
+        info["configs"][cname]["memory_ratio_vs_fp16"] = tensor_bytes(packed) / info["fp16_tensor_bytes"]
+        for row, (batch, resolution, inputs), sim in zip(rows, shape_inputs, simulated[cname]):
+            row["configs"][cname] = bench_packed(packed, inputs, row, sim, args, device, batch,
+                                                 info["configs"][cname]["disk_ratio_vs_fp16"])
+        del packed
         free_memory()
-    result["configs"] = records
-    result["total_seconds"] = time.perf_counter() - started
-    result["workdir"] = str(workdir) if args.workdir else None
-    write_result("export_tiny" if tiny else "export", result, args.out)
-    return result
+    for row in rows:
+        row.pop("_fp_out")
+        result["shapes"].append(row)
+    if not args.no_pipeline:
+        result["pipeline_memory"] += pipeline_memory(family, model_name, rows, info, device, dtype, tiny, args)
+
+
+def _counts(config: dict) -> dict:
+    counts = {}
+    for option in config.values():
+        counts[option] = counts.get(option, 0) + 1
+    return counts
+
+
+def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
+    try:
+        graphed = graph_latency(model, inputs, reps)
+    except Exception as e:  # a forward that syncs the host cannot be captured: say so, keep going
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    out = graphed.pop("output")
+    graphed["equals_eager_output"] = bool(torch.equal(out, eager_out))
+    return graphed
+
+
+def bench_packed(packed, inputs, row: dict, simulated_out: torch.Tensor, args, device, batch: int,
+                 disk_ratio: float) -> dict:
+    fp = row["fp16"]
+    entry = {"disk_ratio_vs_fp16": disk_ratio}
+    for path, reps in (("fast", args.reps), ("eager", args.eager_reps)):
+        with use_packed_kernels(path == "fast"):
+            out, stats = measure_forward(packed, inputs, reps)
+            if path == "fast" and device.type == "cuda" and batch <= 2:
+                stats["cuda_graph"] = _graph(packed, inputs, args.reps, out)
+                if "latency_ms_median" in stats["cuda_graph"] and "latency_ms_median" in fp.get("cuda_graph", {}):
+                    stats["cuda_graph"]["latency_ratio_vs_fp16"] = (stats["cuda_graph"]["latency_ms_median"]
+                                                                    / fp["cuda_graph"]["latency_ms_median"])
+        stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
+                     max_abs_diff_vs_fp16=float((out.float().cpu() - row["_fp_out"]).abs().max()),
+                     latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
+        if "peak_allocated" in stats:
+            stats["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp["peak_allocated"]
+        stats.pop("latency_ms_all")
+        entry[path] = stats
+        free_memory()
+    # the headline keys are the fast path's (the default on CUDA); the eager path's stay under "eager"
+    for key in ("latency_ratio_vs_fp16", "peak_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
+        if key in entry["fast"]:
+            entry[key] = entry["fast"][key]
+    return entry
+
+
+# ------------------------------------------------------------------------------------- pipeline memory
+def _t5_xxl(device, dtype, tiny: bool):
+    """PixArt's text encoder: T5 v1.1 XXL's architecture (4.8B parameters) with random weights, built on the
+    meta device and filled on ``device`` (no CPU init of billions of weights)."""
+    from transformers import T5Config, T5EncoderModel
+
+    if tiny:
+        cfg = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=100,
+                       feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    else:
+        cfg = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                       feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=g)
+    return model.eval(), cfg
+
+
+def _vae(device, dtype, tiny: bool):
+    """The latent diffusion VAE (the SD / PixArt / DiT AutoencoderKL architecture), random weights."""
+    if tiny:
+        from multiquant.pipelines.loading import tiny_vae
+
+        return tiny_vae().to(device=device, dtype=dtype)
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512)
+    return vae.to(dtype).eval()
+
+
+@torch.no_grad()
+def _stage_peak(fn) -> dict:
+    """Bytes allocated before ``fn`` and the extra peak over one call (stats reset before it)."""
+    free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return {"allocated_before": before, "extra_peak": torch.cuda.max_memory_allocated() - before}
+
+
+def pipeline_memory(family, model_name: str, rows: list, info: dict, device, dtype, tiny: bool, args) -> list:
+    """Whole-pipeline peak GPU memory, FP16 denoiser vs each packed configuration: measured resident bytes and
+    one-call peaks of the text encoder (text families), the denoiser (from the shape rows) and the VAE decoder,
+    combined as (a) everything resident on the GPU, peak = sum of residents + the largest stage peak, and
+    (b) model offload (each component moved to the GPU for its stage), peak = the largest resident + stage peak."""
+    if device.type != "cuda":
+        return []
+    encoder = None
+    text_stage = {}
+    if family.conditioning == "text":
+        free_memory()
+        before = torch.cuda.memory_allocated()
+        encoder, cfg = _t5_xxl(device, dtype, tiny)
+        text_stage["resident"] = torch.cuda.memory_allocated() - before
+        text_stage["parameters"] = sum(p.numel() for p in encoder.parameters())
+    vae_before = torch.cuda.memory_allocated()
+    vae = _vae(device, dtype, tiny)
+    vae_resident = torch.cuda.memory_allocated() - vae_before
+    out = []
+    for row in rows:
+        batch = row["batch"]
+        latent = row["input_shapes"].get("hidden_states", row["input_shapes"].get("sample"))
+        stages = {}
+        if encoder is not None:
+            ids = torch.randint(0, cfg.vocab_size, (batch, args.tokens), device=device)
+            stages["text_encoder"] = {"resident": text_stage["resident"],
+                                      "extra_peak": _stage_peak(lambda: encoder(input_ids=ids))["extra_peak"]}
+        z = torch.randn(batch, 4, latent[2], latent[3], device=device, dtype=dtype)
+        stages["vae_decode"] = {"resident": vae_resident,
+                                "extra_peak": _stage_peak(lambda: vae.decode(z / 0.18215))["extra_peak"]}
+        entry = {"model": model_name, "batch": batch, "resolution": row["resolution"], "stages": stages,
+                 "text_encoder_parameters": text_stage.get("parameters"), "denoisers": {}}
+        variants = {"fp16": row["fp16"]} | {c: v["fast"] for c, v in row["configs"].items()}
+        for vname, stats in variants.items():
+            den = {"resident": stats["allocated_before_forward"], "extra_peak": stats["forward_extra_peak"]}
+            parts = dict(stages, denoiser=den)
+            all_resident = sum(p["resident"] for p in parts.values()) + max(p["extra_peak"] for p in parts.values())
+            offload = max(p["resident"] + p["extra_peak"] for p in parts.values())
+            entry["denoisers"][vname] = {"denoiser_peak": stats["peak_allocated"],
+                                         "pipeline_peak_all_resident": all_resident,
+                                         "pipeline_peak_model_offload": offload}
+        fp = entry["denoisers"]["fp16"]
+        for vname, fig in entry["denoisers"].items():
+            fig["pipeline_peak_ratio_vs_fp16"] = fig["pipeline_peak_all_resident"] / fp["pipeline_peak_all_resident"]
+            fig["denoiser_peak_ratio_vs_fp16"] = fig["denoiser_peak"] / fp["denoiser_peak"]
+        out.append(entry)
+        free_memory()
+    del encoder, vae
+    free_memory()
+    return out
+
+
+def target_summary(result: dict) -> dict:
+    """The issue's targets, read off the shape rows: latency ratio <= 1.05, denoiser peak <= 0.30x FP16,
+    outputs identical to the simulated configuration."""
+    lat, peak, diff = [], [], []
+    for row in result["shapes"]:
+        for cname, entry in row["configs"].items():
+            where = f"{row['model']} b{row['batch']} {row['resolution']}px {cname}"
+            lat.append((entry.get("latency_ratio_vs_fp16", float("nan")), where))
+            if "peak_ratio_vs_fp16" in entry:
+                peak.append((entry["peak_ratio_vs_fp16"], where))
+            diff.append((entry["max_abs_diff_vs_simulated"], where))
+    summary = {}
+    for key, values, limit in (("latency_ratio_vs_fp16", lat, 1.05), ("peak_ratio_vs_fp16", peak, 0.30),
+                               ("max_abs_diff_vs_simulated", diff, 0.0)):
+        if values:
+            worst = max(values)
+            summary[key] = {"target": limit, "worst": worst[0], "worst_at": worst[1],
+                            "met_everywhere": all(v <= limit for v, _ in values),
+                            "missed_at": [w for v, w in values if not v <= limit]}
+    return summary
 
 
 if __name__ == "__main__":

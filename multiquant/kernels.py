@@ -232,14 +232,42 @@ class _Plan:
                 offset += width
             self.generation = SCRATCH.generation
         kernel = _jit(_interpret())
-        for launch in self.launches:
-            if launch[0] == "decode":
+        for i, launch in enumerate(self.launches):
+            if launch[0] == "direct":
+                launch[1](torch._C._cuda_getCurrentRawStream(self.device.index))
+            elif launch[0] == "decode":
                 _, grid, args, meta = launch
-                kernel[grid](*args, **meta, num_warps=4)
+                compiled = kernel[grid](*args, **meta, num_warps=4)
+                if DIRECT_LAUNCH[0] and self.device.type == "cuda":
+                    direct = _direct_launcher(compiled, grid, args + tuple(meta.values()))
+                    if direct is not None:
+                        self.launches[i] = ("direct", direct)
             else:
                 _, part, offset, width = launch
                 self.flat[:, offset:offset + width].copy_(part.dense.reshape(self.rows, width))
         return self.weight
+
+
+# Triton's ``kernel[grid](...)`` binds and specializes its arguments on every call (microseconds of Python per
+# launch; a batch-2 forward is launch-bound). After the first launch a layer calls the compiled kernel's
+# launcher directly with the same arguments (Triton >= 3.3 launcher signature; anything else: the plain call).
+DIRECT_LAUNCH = [os.environ.get("QUA2SEDIMO_DIRECT_LAUNCH", "1") != "0"]
+
+
+def _direct_launcher(compiled, grid: tuple, args: tuple):
+    try:
+        from triton import knobs
+        if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+            return None  # profilers' hooks want the full path
+        run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    except (ImportError, AttributeError):
+        return None
+    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+
+    def launch(stream: int) -> None:
+        run(g0, g1, g2, stream, function, packed, None, None, None, *args)
+
+    return launch
 
 
 def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

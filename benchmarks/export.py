@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -179,7 +180,12 @@ def run(args, workdir: Path) -> dict:
               "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        bench_model(args, model_name, device, tiny, workdir / model_name, result)
+        try:
+            bench_model(args, model_name, device, tiny, workdir / model_name, result)
+        except Exception as e:  # one run on a lent GPU: keep the other models' figures, record the failure
+            result.setdefault("errors", {})[model_name] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+            free_memory()
         result["total_seconds"] = time.perf_counter() - started
         write_result(name, result, args.out)
     result["targets"] = target_summary(result)
@@ -256,7 +262,12 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
         row.pop("_fp_out")
         result["shapes"].append(row)
     if not args.no_pipeline:
-        result["pipeline_memory"] += pipeline_memory(family, model_name, rows, info, device, dtype, tiny, args)
+        try:
+            result["pipeline_memory"] += pipeline_memory(family, model_name, rows, info, device, dtype, tiny, args)
+        except Exception as e:
+            result.setdefault("errors", {})[f"{model_name} pipeline_memory"] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+            free_memory()
 
 
 def _counts(config: dict) -> dict:

@@ -6,6 +6,8 @@
                                  other parameter / persistent buffer of the denoiser (FP, as exported)
         quantization.json        family, configuration, per-layer options / shapes / splits / ties,
                                  avg_bits, byte breakdown, multiquantizer hash, versions
+        interop.json             the configuration for other tools: torchao per-module map, the
+                                 modules_to_not_convert skip list, codebook layers (multiquant/interop.py)
     denoiser = load_quantized("out/pixart_35", device="cuda", dtype=torch.float16)
     swap_denoiser(pipe, denoiser)                                       # pipe.transformer / pipe.unet
 
@@ -39,6 +41,7 @@ from torch import nn
 from .checkpoint import MultiQuantizer, _versions
 from .config import config_record, validate_config
 from .families import FamilySpec
+from .interop import interop_plan, write_interop
 from .options import FP_OPTION, Option
 from .packed import KEEP_DTYPE, PACKED_CLASSES, PackedWeight, packed_layer
 from .packing import packed_nbytes
@@ -229,6 +232,7 @@ def export_quantized(denoiser: nn.Module, family: FamilySpec, config: dict, mq: 
             tmp.write_text(denoiser.to_json_string())
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "export_id": export_id})
+    write_interop(interop_plan(config, mq.layers, denoiser), out_dir)  # torchao map + skip list (interop.py)
     with atomic_path(out_dir / INFO_NAME) as tmp:  # written last: its presence marks a complete export
         tmp.write_text(json.dumps(info, indent=1))
     return out_dir

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .quantizers import FP_OPTION, parse_option
+from .options import FP_OPTION, Option
 from .utils import atomic_path
 
 INTEROP_NAME = "interop.json"
@@ -53,7 +53,7 @@ class InteropPlan:
     @property
     def codebook_layers(self) -> dict[str, list[str]]:
         return {p: m.options for p, m in self.modules.items()
-                if any(parse_option(o)[0] in ("kmeans", "kmeans_all") for o in m.options)}
+                if any(Option.parse(o).method in ("kmeans", "kmeans_all") for o in m.options)}
 
     @property
     def uniform_layers(self) -> dict[str, int]:
@@ -76,19 +76,19 @@ def interop_plan(config: dict, layers, model: nn.Module | None = None) -> Intero
     for path, refs in by_path.items():
         refs = sorted(refs, key=lambda r: r.cols or (0, 0))
         options = [config[r.key] for r in refs]
-        parsed = [parse_option(o) for o in options]
+        parsed = [Option.parse(o) for o in options]
         is_linear = model is None or isinstance(model.get_submodule(path), nn.Linear)
         torchao, reason = None, "uniform"
         if all(o == FP_OPTION for o in options):
             reason = "kept at 16 bits by the configuration"
-        elif any(m in ("kmeans", "kmeans_all") for m, _ in parsed):
+        elif any(o.method in ("kmeans", "kmeans_all") for o in parsed):
             reason = "best option is a codebook (K-Means): no torchao weight format holds it; use the packed export"
         elif len(set(options)) > 1:
             reason = f"split layer with slices {options}: torchao quantizes a module's weight as one"
         elif not is_linear:
             reason = "convolution: torchao's weight-only configs cover nn.Linear"
         else:
-            torchao = {"config": "IntxWeightOnlyConfig", "bits": parsed[0][1], "granularity": "PerAxis(0)",
+            torchao = {"config": "IntxWeightOnlyConfig", "bits": parsed[0].bits, "granularity": "PerAxis(0)",
                        "mapping_type": "ASYMMETRIC"}
         plan.modules[path] = ModulePlan(path, options, torchao, reason)
     return plan

@@ -112,3 +112,12 @@ def test_diffusers_loads_the_fp16_checkpoint_with_the_map_and_skip_list(tiny, tm
     quant = TorchAoConfig(torchao_config(plan), modules_to_not_convert=plan.modules_to_not_convert)
     loaded = type(model).from_pretrained(tmp_path / "fp", quantization_config=quant, torch_dtype=torch.float32)
     _check_torchao_model(loaded, model, plan)
+
+
+def test_export_writes_the_interop_file(tiny, tmp_path):
+    from multiquant.export import export_quantized
+
+    family, model, mq, config = tiny
+    out = export_quantized(model, family, config, mq, tmp_path / "export")
+    saved = json.loads((out / INTEROP_NAME).read_text())
+    assert saved == json.loads(json.dumps(interop_plan(config, mq.layers, model).to_json()))

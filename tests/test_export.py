@@ -191,7 +191,8 @@ def test_file_size_is_the_hand_computed_sum(exported):
     assert sizes["file"] == sizes["header"] + expected
     info = read_export_info(exported["out"])
     assert info["bytes"]["total"] == expected
-    assert sorted(p.name for p in exported["out"].iterdir()) == ["config.json", INFO_NAME, WEIGHTS_NAME]
+    names = sorted(p.name for p in exported["out"].iterdir())
+    assert names == ["config.json", "interop.json", INFO_NAME, WEIGHTS_NAME]
 
 
 def test_loaded_model_holds_no_dense_copy_of_a_quantized_weight(exported):

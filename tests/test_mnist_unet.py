@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -155,3 +156,26 @@ def test_shipped_weights_load_through_the_protocol_and_sample_digits(spec):
     images = DDPMSampler(steps=5)(model, labels, [200 + i for i in labels])  # the family's sampler, fewer steps
     _, preds = classifier_outputs(load_classifier(), images)
     assert np.mean(preds == np.array(labels)) >= 0.8
+
+
+def test_shipped_dataset_loads_with_500_records_of_the_schema(spec):
+    """quant_caches/mnist_unet: 500 random configurations x 1,000 images through the project's loader."""
+    from multiquant.layers import quantizable_layers
+    from multiquant.mnist.train_unet import SCORED_DIR
+    from multiquant.store import SCHEMA_KEYS, load_quant_cache
+
+    records = load_quant_cache(SCORED_DIR / "quant_cache.pkl")
+    assert len(records) == 500 and sorted(r["index"] for r in records) == list(range(500))
+    keys = {r.key for r in quantizable_layers(spec.build("full"), spec)}
+    options = {f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in (3, 4)}
+    for r in records:
+        assert tuple(r)[:len(SCHEMA_KEYS)] == SCHEMA_KEYS and r["architecture"] == "mnist_unet"
+        assert set(r["config"]) == keys and {entry[0] for entry in r["config"].values()} <= options  # [option, ...]
+        assert np.isfinite(r["FID-GT-1k"]) and r["FID-GT-1k"] > 0 and 3.0 <= r["avg_bits"] <= 4.8
+        assert r["num_images"] == 1000 and r["seed"] == 0
+    meta = json.loads((SCORED_DIR / "run_meta.json").read_text())
+    assert (meta["model"], meta["num_images"], meta["image_seed"], meta["seed"]) == ("mnist_unet", 1000, 42, 0)
+    # quantization hurts in order on the same protocol: FP16 < uniform 4-bit < uniform 3-bit, every method
+    base = {r["name"]: float(r["FID-GT-1k"]) for r in load_quant_cache(SCORED_DIR / "baselines.pkl")}
+    for method in ("mse", "kmeans", "kmeans_all"):
+        assert base["fp16"] < base[f"uniform_{method}-4"] < base[f"uniform_{method}-3"], method

@@ -27,6 +27,8 @@ from . import cards
 from .data import load_split, to_model_range
 from .unet import NOISE_SCHEDULE, DDPMSampler, MNISTUNet, alphas_cumprod
 
+# the shipped pre-scored dataset and uniform baselines (scored with `qua2sedimo eval-random / eval-configs`)
+SCORED_DIR = Path(__file__).resolve().parents[2] / "quant_caches" / "mnist_unet"
 DEFAULT_UNIFORM = ("mse-4", "kmeans-4", "kmeans_all-4", "mse-3", "kmeans-3", "kmeans_all-3")
 
 
@@ -270,7 +272,9 @@ def main(argv=None) -> dict:
         quality = quality_after_training(weights, args, info)
         cards.write_json(outdir / "quality.json", quality)
     cards.write_json(outdir / "training.json", info)
-    cards.write_text(outdir / "README.md", cards.unet_card(info, quality or cards.read_json(outdir / "quality.json")))
+    scored = cards.scored_summary(SCORED_DIR) if outdir.resolve() == ASSET_DIR.resolve() else None
+    cards.write_text(outdir / "README.md", cards.unet_card(info, quality or cards.read_json(outdir / "quality.json"),
+                                                           scored))
     return info
 
 

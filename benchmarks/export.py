@@ -69,6 +69,9 @@ def free_memory() -> None:
     SCRATCH.release()
     gc.collect()
     if torch.cuda.is_available():
+        # cuBLAS keeps a workspace per stream it ran on (graph capture runs on a side stream): drop them, so a
+        # model measured after a capture does not carry the previous one's workspace in its figures
+        torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
 
 
@@ -206,7 +209,8 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
     shape_inputs = []
     for batch, res in shapes:
         resolution = res if res else (None if tiny else family.resolution)
-        shape_inputs.append((batch, resolution, forward_inputs(family, model, batch, args.tokens, resolution)))
+        inputs = forward_inputs(family, model, batch, args.tokens, resolution)
+        shape_inputs.append((batch, resolution, _to(inputs, "cpu")))  # on the GPU only while measured
 
     # FP16 reference: the stock safetensors and an ordinary forward, alone on the device
     fp_dir = workdir / "fp16"
@@ -214,13 +218,15 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
     info["fp16_file_bytes"] = sum(p.stat().st_size for p in fp_dir.glob("*.safetensors"))
     info["fp16_tensor_bytes"] = tensor_bytes(model)
     rows = []
-    for batch, resolution, inputs in shape_inputs:
+    for batch, resolution, cpu_inputs in shape_inputs:
+        inputs = _to(cpu_inputs, device)
         out, stats = measure_forward(model, inputs, args.reps)
         if device.type == "cuda" and batch <= 2:
             stats["cuda_graph"] = _graph(model, inputs, args.reps, out)
         rows.append({"model": model_name, "batch": batch, "resolution": resolution,
                      "input_shapes": {k: list(v.shape) for k, v in inputs.items() if torch.is_tensor(v)},
                      "fp16": stats, "configs": {}, "_fp_out": out.float().cpu()})
+        del out, inputs  # nothing of this shape left on the GPU while the next one is measured
         free_memory()
 
     mq, build_s = timed(MultiQuantizer.build, model, family, kmeans_iters=args.kmeans_iters, show_progress=False)
@@ -244,7 +250,8 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
     for cname, config in configs.items():
         quantize_(model, config, mq)  # simulated configuration, for the exactness check
         with torch.no_grad():
-            simulated[cname] = [denoiser_output(model, inputs).float().cpu() for _, _, inputs in shape_inputs]
+            simulated[cname] = [denoiser_output(model, _to(inputs, device)).float().cpu()
+                                for _, _, inputs in shape_inputs]
     del model, mq
     free_memory()
     result["models"][model_name] = info
@@ -254,7 +261,7 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
         info["configs"][cname]["load_seconds"] = load_s
         info["configs"][cname]["memory_ratio_vs_fp16"] = tensor_bytes(packed) / info["fp16_tensor_bytes"]
         for row, (batch, resolution, inputs), sim in zip(rows, shape_inputs, simulated[cname]):
-            row["configs"][cname] = bench_packed(packed, inputs, row, sim, args, device, batch,
+            row["configs"][cname] = bench_packed(packed, _to(inputs, device), row, sim, args, device, batch,
                                                  info["configs"][cname]["disk_ratio_vs_fp16"])
         del packed
         free_memory()
@@ -268,6 +275,11 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
             result.setdefault("errors", {})[f"{model_name} pipeline_memory"] = f"{type(e).__name__}: {e}"[:2000]
             traceback.print_exc()
             free_memory()
+
+
+def _to(inputs: dict, device) -> dict:
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v
+            for k, v in inputs.items()}
 
 
 def _counts(config: dict) -> dict:
@@ -306,6 +318,7 @@ def bench_packed(packed, inputs, row: dict, simulated_out: torch.Tensor, args, d
             stats["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp["peak_allocated"]
         stats.pop("latency_ms_all")
         entry[path] = stats
+        del out
         free_memory()
     # the headline keys are the fast path's (the default on CUDA); the eager path's stay under "eager"
     for key in ("latency_ratio_vs_fp16", "peak_ratio_vs_fp16", "max_abs_diff_vs_simulated"):

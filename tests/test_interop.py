@@ -121,3 +121,29 @@ def test_export_writes_the_interop_file(tiny, tmp_path):
     out = export_quantized(model, family, config, mq, tmp_path / "export")
     saved = json.loads((out / INTEROP_NAME).read_text())
     assert saved == json.loads(json.dumps(interop_plan(config, mq.layers, model).to_json()))
+
+
+def test_a_stock_pipeline_loads_the_packed_denoiser_with_from_pretrained(tmp_path):
+    """``DiTPipeline.from_pretrained(dir, transformer=load_quantized(export))``: the packed denoiser goes in as
+    a component and generates the same images as the pipeline holding the simulated configuration."""
+    from multiquant.config import quantize_
+    from multiquant.export import export_quantized, load_quantized
+    from multiquant.pipelines.loading import tiny_pipeline
+
+    family = get_family("dit")
+    pipe = tiny_pipeline(family, seed=0)
+    pipe.save_pretrained(tmp_path / "pipe")
+    mq = MultiQuantizer.build(pipe.transformer, family, kmeans_iters=2, show_progress=False)
+    config = sample_random_config(mq.layers, seed=1, index=0)
+    export_quantized(pipe.transformer, family, config, mq, tmp_path / "export")
+    loaded = type(pipe).from_pretrained(tmp_path / "pipe", transformer=load_quantized(tmp_path / "export"))
+    assert any(type(m).__name__.startswith("Packed") for m in loaded.transformer.modules())
+    quantize_(pipe.transformer, config, mq)
+
+    def images(p):
+        p.set_progress_bar_config(disable=True)
+        # guidance 1: the tiny DiT has no null class for classifier-free guidance
+        return p(class_labels=[1, 3], num_inference_steps=2, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    assert (images(loaded) == images(pipe)).all()

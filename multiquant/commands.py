@@ -21,6 +21,21 @@ def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 
 
+def add_refiner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refiner", default=None, help="SDXL: local refiner pipeline directory or hub id "
+                                                   "(default: the family's refiner, kept FP16)")
+    p.add_argument("--no_refiner", action="store_true", help="SDXL: the base model runs the whole schedule")
+
+
+def refiner_arg(args):
+    """None (the family's protocol), False (--no_refiner) or the --refiner location."""
+    if getattr(args, "no_refiner", False):
+        if getattr(args, "refiner", None):
+            raise ValueError("give --refiner DIR or --no_refiner, not both")
+        return False
+    return getattr(args, "refiner", None)
+
+
 def _device(arg):
     import torch
 
@@ -115,6 +130,7 @@ def cmd_export_table(args) -> int:
 # ------------------------------------------------------------------------------------- evaluation
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
+    add_refiner_args(p)
     p.add_argument("--outdir", required=True, help="run directory: quant_cache.pkl, records/, run_meta.json")
     p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's 1000)")
     p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise (same for every config)")
@@ -140,7 +156,7 @@ def _scorer_from_args(args):
                         coco_path=args.coco_path, reference_dir=args.reference_dir, inception=args.inception,
                         random_features=args.random_features, proxies=not args.no_proxies,
                         save_images=Path(args.outdir) / "images" if args.save_images else None,
-                        clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"))
+                        clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"), refiner=refiner_arg(args))
 
 
 def _open_store(outdir, meta):
@@ -259,7 +275,8 @@ def cmd_infer(args) -> int:
     else:
         conditions = loaded.adapter.conditions(family, args.n_imgs)
     options = SamplerOptions(seed=args.seed, steps=args.steps, guidance=args.guidance, resolution=args.res,
-                             embed_seed=args.seed)
+                             embed_seed=args.seed,
+                             refiner=loaded.adapter.refiner(family, refiner_arg(args), loaded.device, args.tiny))
     sampler = loaded.adapter.sampler(family, loaded.pipe, conditions, options, tiny=args.tiny)
     images = sampler.generate(list(range(args.n_imgs)))
     out = Path(args.outdir) / tag
@@ -363,6 +380,7 @@ def register(sub) -> None:
     _add_model_args(p, model_required=False)
     p.add_argument("--q_config", default=None, help="quant_configs/<model>_<bits>.pkl or .json (default: FP16)")
     p.add_argument("--export", default=None, help="a packed export directory (qua2sedimo export): generate with it")
+    add_refiner_args(p)
     p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
     p.add_argument("--prompt", default="a lion riding a bike in Paris")

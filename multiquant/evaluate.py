@@ -282,13 +282,17 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
                  bops: bool = True, clip_dir=None, refiner=None, log=print) -> tuple[Scorer, dict]:
-    """Load everything once; returns the scorer and the protocol settings to record with every result."""
+    """Load everything once; returns the scorer and the protocol settings to record with every result.
+
+    ``refiner``: None = the family's protocol (SDXL: its FP refiner finishes the schedule), False = none,
+    a directory / hub id = that refiner."""
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
     num_images = num_images or family.num_images
     conditions = adapter.conditions(family, num_images, tiny=tiny, coco_path=coco_path)
     options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
-                             embed_cache_dir=embed_cache_dir, embed_seed=image_seed, refiner=refiner)
+                             embed_cache_dir=embed_cache_dir, embed_seed=image_seed,
+                             refiner=adapter.refiner(family, refiner, loaded.device, tiny))
     sampler = adapter.sampler(family, loaded.pipe, conditions, options, tiny=tiny)
     metric = adapter.metric(family, loaded.device, inception=inception, random_features=random_features,
                             reference_dir=reference_dir)

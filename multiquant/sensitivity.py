@@ -164,7 +164,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
                    embed_cache_dir=None, fid_against: str = "fp", reference_dir=None, inception=None,
                    random_features: bool = False, pixel_features: bool = False, clip_dir=None,
                    quant_seed: int = 0, kmeans_iters: int = 100, cache_weights: bool = False,
-                   with_reference: bool | None = None, log=print) -> tuple[ImageProtocol, dict]:
+                   with_reference: bool | None = None, refiner=None, log=print) -> tuple[ImageProtocol, dict]:
     """Load the pipeline and fix the image set; returns the protocol and its settings (for the records).
 
     ``with_reference`` also records FID-GT (default: only when ``fid_against="gt"`` needs it)."""
@@ -185,7 +185,8 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
         pool = adapter.conditions(family, max(num_prompts, family.num_images), tiny=tiny, coco_path=coco_path)
         conditions = shuffled_subset(pool, num_prompts, prompt_seed)
     options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
-                             embed_cache_dir=embed_cache_dir, embed_seed=prompt_seed)
+                             embed_cache_dir=embed_cache_dir, embed_seed=prompt_seed,
+                             refiner=adapter.refiner(family, refiner, loaded.device, tiny))
     sampler = adapter.sampler(family, loaded.pipe, conditions, options, tiny=tiny)
     with_reference = fid_against == "gt" or bool(with_reference)
     if pixel_features:  # named on the command line: the smoke-run features replace the family's metric
@@ -353,6 +354,7 @@ def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def cmd_sensitivity(args) -> int:
+    from .commands import refiner_arg
     from .families import get_family
 
     family = get_family(args.model)
@@ -361,7 +363,7 @@ def cmd_sensitivity(args) -> int:
         prompt_seed=args.prompt_seed, image_seed=args.image_seed, batch_size=args.batch_size,
         coco_path=args.coco_path, fid_against=args.fid_against, reference_dir=args.reference_dir,
         inception=args.inception, random_features=args.random_features, pixel_features=args.pixel_features,
-        clip_dir=args.clip_dir)
+        clip_dir=args.clip_dir, refiner=refiner_arg(args))
     run_sensitivity(protocol, settings, args.outdir, args.sensitivity_bits, args.method, args.max_layers)
     return 0
 
@@ -373,6 +375,9 @@ def add_sensitivity_parser(subparsers):
     p.add_argument("--model", required=True, help="model family (qua2sedimo families lists them)")
     p.add_argument("--pretrained", default=None, help="local pipeline/denoiser directory or hub id")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke runs, tests)")
+    from .commands import add_refiner_args
+
+    add_refiner_args(p)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--sensitivity_bits", type=int, default=4,
                    help="bit width of the quantized layer: 2..8, or 16 for FP16 rounding (default 4)")

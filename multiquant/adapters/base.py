@@ -45,6 +45,14 @@ class Adapter:
     def denoiser(self, pipe) -> nn.Module:
         raise NotImplementedError
 
+    def refiner(self, spec, source=None, device=None, tiny: bool = False):
+        """The FP pipeline that finishes the schedule after the quantized denoiser (SDXL), or None.
+
+        ``source``: None = the family's default, False = none, a path / hub id = that one."""
+        if source:
+            raise UserError(f"family {spec.name!r} has no refiner stage: leave out --refiner")
+        return None
+
     def with_denoiser(self, pipe, denoiser: nn.Module):
         """``pipe`` generating with ``denoiser`` in place of its own (e.g. a loaded packed export)."""
         raise NotImplementedError

@@ -37,6 +37,15 @@ class DiffusersAdapter(Adapter):
 
         return denoiser_of(pipe)
 
+    def refiner(self, spec, source=None, device=None, tiny: bool = False):
+        if source is False or (not source and spec.refiner_hub_id is None):
+            return None
+        if self.kind != "sdxl":
+            return super().refiner(spec, source, device, tiny)
+        from ..pipelines.loading import load_refiner, tiny_refiner
+
+        return tiny_refiner(spec).to(device) if tiny else load_refiner(spec, source or None, device=device)
+
     def with_denoiser(self, pipe, denoiser):
         from ..export import swap_denoiser
 
@@ -60,6 +69,11 @@ class DiffusersAdapter(Adapter):
             from ..pipelines.embeddings import random_prompt_embeds
 
             embeds = random_prompt_embeds(spec, pipe, len(conditions), seed=options.embed_seed)
+            if options.refiner is not None:
+                from ..pipelines.embeddings import REFINER_PREFIX
+
+                embeds.update({REFINER_PREFIX + k: v for k, v in random_prompt_embeds(
+                    spec, options.refiner, len(conditions), seed=options.embed_seed + 1).items()})
         return make_sampler(spec, pipe, num_images=len(conditions), seed=options.seed,
                             batch_size=options.batch_size, coco_path=options.coco_path,
                             embed_cache_dir=options.embed_cache_dir, prompt_embeds=embeds, conditions=conditions,

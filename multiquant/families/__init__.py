@@ -75,6 +75,7 @@ class FamilySpec:
     scheduler_kwargs: dict = field(default_factory=dict)
     pipeline_kwargs: dict = field(default_factory=dict)  # extra fixed kwargs of the pipeline call
     num_classes: int | None = None  # class-conditional families
+    refiner_hub_id: str | None = None  # SDXL: the FP refiner that finishes the schedule (reference protocol)
     # --- layer rules ------------------------------------------------------------------------------
     exclude: tuple[str, ...] = ()  # fnmatch patterns on module paths: layers that stay FP
     ties: tuple[tuple[str, str], ...] = ()  # (regex, replacement): path -> canonical path it copies

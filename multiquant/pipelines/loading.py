@@ -240,3 +240,57 @@ def tiny_pipeline(family: str | FamilySpec, seed: int = 0):
 
 def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# ------------------------------------------------------------------------------------------ SDXL refiner
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+
+
+def tiny_refiner(family: str | FamilySpec, seed: int = 1):
+    """A tiny random SDXL refiner (the family's tiny U-Net conditioned on an aesthetic score: 5 time ids), with a
+    tiny VAE and the family's scheduler, as :class:`PipelineParts` (no text encoders: feed prompt embeddings)."""
+    from types import SimpleNamespace
+
+    import diffusers
+
+    spec = family_spec(family)
+    cfg = dict(spec.tiny_config)
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    cfg["projection_class_embeddings_input_dim"] = pooled + 5 * cfg["addition_time_embed_dim"]
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**cfg).eval()
+    parts = PipelineParts(REFINER_PIPELINE, unet=unet, vae=tiny_vae(seed), scheduler=tiny_scheduler(spec))
+    parts.config = SimpleNamespace(requires_aesthetics_score=True)
+    return parts
+
+
+def load_refiner(family: str | FamilySpec, source: str | Path | None = None, device=None,
+                 dtype: torch.dtype | None = None):
+    """The family's SDXL refiner pipeline (``refiner_hub_id`` or ``source``), kept FP16 (never quantized),
+    with the family's scheduler; progress bars off."""
+    import diffusers
+
+    spec = family_spec(family)
+    source = source or spec.refiner_hub_id
+    if source is None:
+        raise ValueError(f"family {spec.name!r} has no refiner (refiner_hub_id): pass --refiner DIR or --no_refiner")
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = spec.dtype if device.type == "cuda" else torch.float32
+    cls = getattr(diffusers, REFINER_PIPELINE, None)
+    if cls is None or cls.__module__.startswith("diffusers.utils.dummy"):
+        raise RuntimeError(f"{REFINER_PIPELINE} needs transformers for its text encoder. {HUB_EXTRA_FIX}")
+    local = Path(str(source)).expanduser()
+    kwargs: dict = {"torch_dtype": dtype}
+    if spec.variant and dtype == torch.float16 and _may_have_variant(local, spec.variant):
+        kwargs["variant"] = spec.variant
+    try:
+        pipe = cls.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"could not load the {spec.name} refiner from {str(source)!r}: {err}\nFix: download "
+                           f"{spec.refiner_hub_id!r} and pass its local directory with --refiner DIR, or run the base "
+                           f"model alone with --no_refiner.") from err
+    swap_scheduler(spec, pipe)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

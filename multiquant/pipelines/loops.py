@@ -97,10 +97,22 @@ def _hunyuan_predictor(pipe, cond: dict, n: int, height: int, width: int, cfg: b
     return predict
 
 
-def sdxl_time_ids(pipe, height: int, width: int, pooled_dim: int) -> list:
-    """SDXL micro-conditioning ``original_size + crops_coords_top_left + target_size`` (base model), checked
-    against the U-Net's added-embedding width as the pipeline does."""
-    ids = [height, width, 0, 0, height, width]
+REFINER_AESTHETIC_SCORE, REFINER_NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the img2img pipeline's defaults
+
+
+def is_refiner(pipe) -> bool:
+    """An SDXL refiner conditions on an aesthetic score instead of the target size."""
+    return bool(getattr(getattr(pipe, "config", None), "requires_aesthetics_score", False))
+
+
+def sdxl_time_ids(pipe, height: int, width: int, pooled_dim: int, negative: bool = False) -> list:
+    """SDXL micro-conditioning: ``original_size + crops_coords_top_left + target_size`` (base model) or
+    ``original_size + crops_coords_top_left + (aesthetic score,)`` (refiner; 2.5 for the negative half), checked
+    against the U-Net's added-embedding width as the pipelines do."""
+    if is_refiner(pipe):
+        ids = [height, width, 0, 0, REFINER_NEGATIVE_AESTHETIC_SCORE if negative else REFINER_AESTHETIC_SCORE]
+    else:
+        ids = [height, width, 0, 0, height, width]
     unet = pipe.unet
     expected = unet.add_embedding.linear_1.in_features
     passed = unet.config.addition_time_embed_dim * len(ids) + pooled_dim
@@ -115,8 +127,12 @@ def _sdxl_predictor(pipe, cond: dict, n: int, height: int, width: int, cfg: bool
     unet = pipe.unet
     embeds = _with_negative(cond, "prompt_embeds", cfg)
     pooled = _with_negative(cond, "pooled_prompt_embeds", cfg)
-    ids = sdxl_time_ids(pipe, height, width, pooled.shape[-1])
-    time_ids = torch.tensor([ids], dtype=embeds.dtype).to(embeds.device).repeat(embeds.shape[0], 1)
+    ids = torch.tensor([sdxl_time_ids(pipe, height, width, pooled.shape[-1])], dtype=embeds.dtype).repeat(n, 1)
+    if cfg:
+        negative = torch.tensor([sdxl_time_ids(pipe, height, width, pooled.shape[-1], negative=True)],
+                                dtype=embeds.dtype).repeat(n, 1)
+        ids = torch.cat([negative, ids])
+    time_ids = ids.to(embeds.device)
     added = {"text_embeds": pooled, "time_ids": time_ids}
 
     def predict(x, t):
@@ -175,24 +191,37 @@ def _step_kwargs(scheduler, generators) -> dict:
     return kwargs
 
 
-def timesteps_for(scheduler, steps: int, device, denoising_end: float | None = None) -> torch.Tensor:
+def timesteps_for(scheduler, steps: int, device, denoising_end: float | None = None,
+                  denoising_start: float | None = None) -> torch.Tensor:
     """Set the scheduler up for ``steps`` steps; with ``denoising_end`` keep only the timesteps before that
-    fraction of the schedule (SDXL base handing over to the refiner)."""
+    fraction of the schedule (SDXL base handing over to the refiner), with ``denoising_start`` only those
+    after it (the refiner), as the SDXL pipelines cut them."""
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
+    begin = 0
+    train_steps = scheduler.config.num_train_timesteps
     if denoising_end is not None and 0 < denoising_end < 1:
-        train_steps = scheduler.config.num_train_timesteps
         cutoff = int(round(train_steps - denoising_end * train_steps))
         timesteps = timesteps[:int((timesteps >= cutoff).sum())]
+    if denoising_start is not None and 0 < denoising_start < 1:
+        cutoff = int(round(train_steps - denoising_start * train_steps))
+        count = int((timesteps < cutoff).sum())
+        if getattr(scheduler, "order", 1) == 2 and count % 2 == 0:
+            count += 1  # never stop between the two derivative evaluations of a 2nd-order step
+        begin = len(timesteps) - count
+        timesteps = timesteps[begin:]
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+        scheduler.set_begin_index(begin)
     return timesteps
 
 
 @torch.no_grad()
 def denoise(kind: str, pipe, cond: dict, generators: list[torch.Generator], steps: int, guidance: float,
-            height: int, width: int, denoising_end: float | None = None) -> torch.Tensor:
+            height: int, width: int, denoising_end: float | None = None, denoising_start: float | None = None,
+            latents: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse diffusion for one batch; returns the final latents (on the denoiser's device).
+
+    ``latents`` with ``denoising_start``: continue from a partly denoised batch (the SDXL refiner), no new noise.
 
     ``cond`` holds this batch's conditioning on the denoiser's device: the pipeline's keyword names
     (``prompt_embeds``, ``negative_prompt_embeds`` expanded to the batch, masks, pooled embeddings) or
@@ -206,9 +235,12 @@ def denoise(kind: str, pipe, cond: dict, generators: list[torch.Generator], step
 
     from diffusers.utils.torch_utils import randn_tensor
 
-    latents = randn_tensor(shape, generator=generators, device=param.device, dtype=param.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    timesteps = timesteps_for(scheduler, steps, param.device, denoising_end)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generators, device=param.device, dtype=param.dtype)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        latents = latents.to(device=param.device, dtype=param.dtype)
+    timesteps = timesteps_for(scheduler, steps, param.device, denoising_end, denoising_start)
     predict = PREDICTORS[kind](pipe, cond, n, height, width, cfg)
     uncond_first = UNCOND_FIRST.get(kind, True)
     step_kwargs = _step_kwargs(scheduler, generators)

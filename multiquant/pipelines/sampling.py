@@ -27,6 +27,7 @@ from ..seeds import SEED_RULE, image_generators, seed_for  # noqa: F401
 DEFAULT_BATCH_SIZE = {"dit": 25, "pixart_alpha": 16, "pixart_sigma": 4, "hunyuan": 4, "sdxl": 8,
                       "sdv15": 8, "sdv14": 8, "mnist_dit": 250}
 SDXL_REFINER_SPLIT = 0.8  # base denoises the first 80% of the schedule, the FP refiner the rest (reference)
+# (with the family's 40 steps: 32 quantized base steps, then 8 FP16 refiner steps)
 
 
 class Sampler:
@@ -123,11 +124,13 @@ class Sampler:
         return cond
 
     def _refine(self, latents: torch.Tensor, indices: list[int], generators) -> torch.Tensor:
-        """The reference's SDXL protocol: the (unquantized) refiner finishes the last 20% of the schedule."""
+        """The reference's SDXL protocol: the (unquantized) refiner finishes the last 20% of the schedule,
+        continuing from the base's latents (no new noise), as StableDiffusionXLImg2ImgPipeline does."""
         cond = self._batch_conditioning(indices, prefix=REFINER_PREFIX)
-        images = self.refiner(image=latents, num_inference_steps=self.steps, denoising_start=SDXL_REFINER_SPLIT,
-                              guidance_scale=self.guidance, generator=generators, output_type="pt", **cond).images
-        return to_uint8(images)
+        height = width = self.resolution
+        latents = denoise(self.kind, self.refiner, cond, generators, self.steps, self.guidance, height, width,
+                          denoising_start=SDXL_REFINER_SPLIT, latents=latents)
+        return to_uint8(decode(self.refiner, latents))
 
     def _render_mnist(self, indices: list[int]) -> torch.Tensor:
         images = self.pipe(class_labels=[self.conditions[i] for i in indices],
@@ -193,6 +196,8 @@ def make_sampler(family, pipe, num_images: int | None = None, seed: int = 42, ba
             _check_prompt_embeds("sdxl", prompt_embeds, len(conditions), prefix=REFINER_PREFIX)
     if kind == "sdxl":
         _upcast_vae_if_needed(pipe)
+        if refiner is not None:
+            _upcast_vae_if_needed(refiner)
     return Sampler(spec, pipe, conditions, seed=seed,
                    batch_size=batch_size or DEFAULT_BATCH_SIZE.get(spec.name, 8),
                    steps=steps or spec.steps, guidance=spec.guidance if guidance is None else guidance,

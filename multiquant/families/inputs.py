@@ -17,11 +17,11 @@ def _config(model: nn.Module) -> dict:
 def example_inputs(family: FamilySpec, model: nn.Module, batch: int = 1, device=None, dtype=None,
                    resolution: int | None = None, seed: int = 0) -> dict:
     """Keyword arguments for ``model(**kwargs)`` with random, non-zero tensors."""
-    if family.example_inputs is not None:
-        return family.example_inputs(model, batch)
     p = next(model.parameters())
     device = device or p.device
     dtype = dtype or p.dtype
+    if family.example_inputs is not None:  # the user's inputs, on the model's device and float dtype
+        return _moved(family.example_inputs(model, batch), device, dtype)
     cfg = _config(model)
     g = torch.Generator().manual_seed(seed)
 
@@ -63,6 +63,16 @@ def example_inputs(family: FamilySpec, model: nn.Module, batch: int = 1, device=
         return dict(hidden_states=x, timestep=t, class_labels=labels)
     raise NotImplementedError(
         f"no example inputs for {cls}: give the family an `example_inputs(model, batch)` callable")
+
+
+def _moved(value, device, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device, dtype) for v in value)
+    return value
 
 
 def _hunyuan_rope(cfg: dict, size: int, device, dtype):

@@ -228,44 +228,57 @@ class _Plan:
                     self.launches.append(("copy", part, offset, width))
                 else:
                     grid, args, meta = _decode_args(part, self.flat, PartGeometry(self.rows, width, offset))
-                    self.launches.append(("decode", grid, args, meta))
+                    self.launches.append(("decode", grid, args, meta, None))
                 offset += width
             self.generation = SCRATCH.generation
-        kernel = _jit(_interpret())
         for i, launch in enumerate(self.launches):
-            if launch[0] == "direct":
-                launch[1](torch._C._cuda_getCurrentRawStream(self.device.index))
-            elif launch[0] == "decode":
-                _, grid, args, meta = launch
-                compiled = kernel[grid](*args, **meta, num_warps=4)
-                if DIRECT_LAUNCH[0] and self.device.type == "cuda":
+            if launch[0] == "decode":
+                _, grid, args, meta, direct = launch
+                if direct is not None:
+                    try:
+                        direct(torch._C._cuda_getCurrentRawStream(self.device.index))
+                        continue
+                    except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
+                        DIRECT_LAUNCH[0] = False
+                        self.launches[i] = launch[:4] + (None,)
+                compiled = _jit(_interpret())[grid](*args, **meta, num_warps=4)
+                if direct is None and DIRECT_LAUNCH[0] and self.device.type == "cuda":
                     direct = _direct_launcher(compiled, grid, args + tuple(meta.values()))
-                    if direct is not None:
-                        self.launches[i] = ("direct", direct)
+                    self.launches[i] = launch[:4] + (direct,)
             else:
                 _, part, offset, width = launch
                 self.flat[:, offset:offset + width].copy_(part.dense.reshape(self.rows, width))
         return self.weight
 
 
-# Triton's ``kernel[grid](...)`` binds and specializes its arguments on every call (microseconds of Python per
-# launch; a batch-2 forward is launch-bound). After the first launch a layer calls the compiled kernel's
-# launcher directly with the same arguments (Triton >= 3.3 launcher signature; anything else: the plain call).
+# Triton's ``kernel[grid](...)`` binds and specializes its arguments, builds launch metadata and calls the
+# (empty) launch hooks on every call: tens of microseconds of Python per launch, and a batch-2 forward is bound
+# by launch time. After the first launch a layer calls the compiled kernel's launcher itself with the same
+# arguments, as Triton's own ``CompiledKernel[grid](...)`` runner does, minus the metadata and hooks while no
+# hook is registered (Triton 3.4+: hooks are HookChain objects; with a hook, the full path runs).
 DIRECT_LAUNCH = [os.environ.get("QUA2SEDIMO_DIRECT_LAUNCH", "1") != "0"]
 
 
 def _direct_launcher(compiled, grid: tuple, args: tuple):
+    """``launch(stream)`` for a compiled Triton kernel and fixed arguments (all of the kernel's parameters, in
+    signature order, constexprs included), or None where this Triton's launcher is not the expected one."""
     try:
         from triton import knobs
-        if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
-            return None  # profilers' hooks want the full path
+
+        enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
     except (ImportError, AttributeError):
         return None
+    if not (hasattr(enter, "calls") and hasattr(exit_, "calls")):
+        return None  # hooks of another kind (older Triton): keep the full path
     g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
 
     def launch(stream: int) -> None:
-        run(g0, g1, g2, stream, function, packed, None, None, None, *args)
+        if enter.calls or exit_.calls:  # a profiler registered hooks: give them their metadata
+            run(g0, g1, g2, stream, function, packed, compiled.launch_metadata(grid, stream, *args), enter, exit_,
+                *args)
+        else:
+            run(g0, g1, g2, stream, function, packed, None, None, None, *args)
 
     return launch
 

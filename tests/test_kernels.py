@@ -158,6 +158,37 @@ def test_the_eager_path_is_used_off_cuda_and_when_disabled():
     assert kernels.kernels_enabled() == (kernels._ENABLED[0] and kernels._triton() is not None)
 
 
+def test_direct_launch_passes_no_hooks_while_none_are_registered_and_the_full_path_otherwise():
+    """The launcher is called as Triton's own CompiledKernel runner calls it; with a registered launch hook
+    (profilers) the hooks and their metadata are passed on."""
+    from triton import knobs
+
+    calls = []
+
+    class Compiled:  # the attributes of triton.compiler.CompiledKernel the direct path reads
+        function, packed_metadata = 7, (4, 1, 0)
+
+        def run(self, *a):
+            calls.append(a)
+
+        def launch_metadata(self, grid, stream, *args):
+            return {"grid": grid}
+
+    launch = kernels._direct_launcher(Compiled(), (3, 2), ("x", 5, 9))
+    if not hasattr(knobs.runtime.launch_enter_hook, "calls"):
+        assert launch is None  # another hook type: the plain path
+        return
+    launch(11)
+    assert calls[-1] == (3, 2, 1, 11, 7, (4, 1, 0), None, None, None, "x", 5, 9)
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch(11)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert calls[-1][6] == {"grid": (3, 2)} and calls[-1][7] is knobs.runtime.launch_enter_hook
+
+
 # -- GPU only -------------------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -170,9 +201,12 @@ def test_cuda_forward_takes_the_fast_path_and_equals_eager(kind):
     with torch.no_grad():
         fast = layer(x)
         assert "_fast_plan" in layer.__dict__
+        again = layer(x)  # the second forward launches through the compiled kernel's launcher directly
         with kernels.use_packed_kernels(False):
             eager = layer(x)
-    assert torch.equal(fast, eager)
+    assert torch.equal(fast, eager) and torch.equal(again, eager)
+    launches = [launch for launch in layer._fast_plan.launches if launch[0] == "decode"]
+    assert launches and all(launch[4] is not None for launch in launches)
 
 
 @gpu

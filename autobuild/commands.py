@@ -35,6 +35,13 @@ def cmd_search(args) -> int:
     return run_search(args)
 
 
+def cmd_optimize(args) -> int:
+    from .optimize import run_optimize
+
+    run_optimize(args)
+    return 0
+
+
 def register(sub) -> None:
     """Add this half's subcommands to the ``qua2sedimo`` sub-parsers (each with ``func`` set)."""
     from .configs import add_build_config_arguments
@@ -67,3 +74,11 @@ def register(sub) -> None:
                        description="Closed-loop, measured search for budgeted configurations: Thompson sampling "
                                    "over a Bayesian linear model.")
     add_search_arguments(p).set_defaults(func=cmd_search)
+
+    from .optimize import add_optimize_arguments
+
+    p = sub.add_parser("optimize", help="robust budgeted optimiser: uniform anchors, one-layer sweeps, exact knapsack "
+                                        "per method, surrogate rounds (best-validated model), fresh-seed confirmation",
+                       description="One robust optimiser for budgeted configurations, measured with the dataset "
+                                   "protocol; returns per budget the best confirmed configuration.")
+    add_optimize_arguments(p).set_defaults(func=cmd_optimize)

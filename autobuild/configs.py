@@ -286,7 +286,7 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
 
     table = OptionTable.from_source(table)
     problem = knapsack_from_scores(scores, table)
-    front = []
+    front, previous = [], None
     for budget in sorted(float(b) for b in budgets):
         try:
             solution = solve_knapsack(problem, budget)
@@ -294,6 +294,10 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
             if log:
                 log(f"  skipped {budget}: {err}")
             continue
+        if previous is not None and solution.score < previous.score:  # a larger budget keeps the smaller's choice
+            solution = KnapsackSolution(previous.choice, previous.size, previous.avg_bits, previous.score, budget,
+                                        f"kept the {previous.budget:g}-bit choice ({solution.status} scored lower)")
+        previous = solution
         path = None
         if out_dir is not None and model:
             config = solution_config(scores, table, solution.choice)
@@ -399,6 +403,9 @@ def run_build_config(args) -> int:
         raise ValueError("give a budget (--avg_bits 3.5) or --pareto")
     model = args.model or predictor_family(Path(args.predictor))
     source = default_table_source(model, args.mq, args.cache)
+    target = json.loads((Path(args.predictor) / "ensemble.json").read_text()).get("target")
+    print(f"build-config: {args.level}-level unit scores of the predictor in {args.predictor} (target {target!r}); "
+          f"the other level: --level {'node' if args.level == 'block' else 'block'}")
     scores, table, spec = predictor_scores(args.predictor, source, model, args.level, args.size, log=print)
     out_dir = Path(args.out) if args.out else _default_config_dir()
     if args.avg_bits is not None:

@@ -23,7 +23,7 @@ measurements in its :class:`multiquant.store.RecordStore` (:class:`StoreMeasure`
 
 The result reports, per budget, the best *measured* configuration within the budget (the input records count
 too). Picking the minimum of many noisy measurements is biased low: re-score picks with other image seeds
-before comparing them with anything (``benchmarks/pareto_mnist_dit.py --search_rounds`` does).
+before comparing them with anything (``benchmarks/pareto.py`` does).
 
     qua2sedimo search --cache quant_caches/mnist_dit/quant_cache.pkl --model mnist_dit \\
         --budgets 3.3,3.5,3.7,3.9 --rounds 4 --per_budget 3 --out runs/search --device cuda

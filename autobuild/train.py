@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -63,11 +63,13 @@ class TrainOptions:
     k: int = 10  # NDCG cut-off (loss and metric)
     eval_batch: int = 512
     missing: str = "error"  # absent layer entries: "error" or "fp16"
-    linear_prior: bool = True  # the network learns the residual of a per-fold ridge on one-hot options
+    linear_prior: bool | str = True  # the network learns the residual of a per-fold ridge on one-hot options;
+    # "auto": per fold, with or without that prior, whichever validates better
     additive: bool = True  # a linear per-layer path beside the message-passing head (gnn.SensitivityGNN)
     learn: str = "auto"  # "auto": learn the one measured key (log) and read avg_bits & co exactly; "target"
     threads: int | None = 1  # torch CPU threads per fold: these small graphs run fastest on one
     workers: int = 1  # folds trained in parallel processes (e.g. 2 on a 2-core machine)
+    tabular_baselines: bool = False  # also report gradient-boosted trees (slow on 2 cores: benchmarks turn it on)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -227,6 +229,22 @@ def _fit_prior(features: np.ndarray, learned: np.ndarray, train_idx: np.ndarray)
             "alpha": float(model.alpha_)}
 
 
+def error_features(records: Sequence[Mapping], keys: Sequence[str]) -> np.ndarray:
+    """``[records, layers]`` log1p(100 x weight error) of each layer's chosen option (the GNN's numeric node
+    feature), for tabular models beside the one-hot options."""
+    return np.array([[math.log1p(100.0 * max(float(r["config"][k][3]), 0.0)) if k in r["config"] else 0.0
+                      for k in keys] for r in records], dtype=np.float64)
+
+
+def _fit_gbm(features: np.ndarray, learned: np.ndarray, train_idx: np.ndarray, seed: int, residual_of=None):
+    """Gradient-boosted trees (scikit-learn) of the learned value (or of the residual of ``residual_of``)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    target = learned[train_idx] - (0.0 if residual_of is None else residual_of[train_idx])
+    return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=10,
+                                         random_state=seed).fit(features[train_idx], target)
+
+
 def _prior_values(prior: Mapping | None, features: np.ndarray) -> torch.Tensor:
     if prior is None:
         return torch.zeros(len(features), dtype=torch.float64)
@@ -357,10 +375,20 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, features: np.ndarray, f: i
     try:
         started = time.perf_counter()
         rest = np.sort(np.concatenate([train_idx, val_idx]))  # as many records as the ridge baseline sees
-        prior = _fit_prior(features, labels.learned.numpy(), rest) if opts.linear_prior else None
-        base = _prior_values(prior, features)
-        model, info = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
-                                  opts, log)
+        fitted = _fit_prior(features, labels.learned.numpy(), rest) if opts.linear_prior else None
+        # "auto": the fold's validation split decides between the GNN on the ridge residual and the GNN alone
+        # (where log FID is far from additive, a prior it cannot leave holds the network back)
+        variants = [True, False] if opts.linear_prior == "auto" else [bool(opts.linear_prior)]
+        best = None
+        for use_prior in variants:
+            prior = fitted if use_prior else None
+            base = _prior_values(prior, features)
+            trained = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
+                                  replace(opts, linear_prior=use_prior), log)
+            if best is None or trained[1]["val_selection"] > best[1]["val_selection"]:
+                best = (*trained, prior, base)
+        model, info, prior, base = best
+        info["prior_used"] = prior is not None
         test = _predict(model, dataset, test_idx, device, opts.eval_batch)
         y_test, hop_y = labels.y[test_idx], labels.hop_y[test_idx]
         pred = labels.compose(test["pred"], test_idx, info["learned_mean"], info["learned_std"], base)
@@ -372,7 +400,8 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, features: np.ndarray, f: i
                                        labels.learned[test_idx]),
                   "hop_srcc": [srcc(hops[:, h], hop_y) for h in range(hops.shape[1])],
                   "hop_ndcg10": [ndcg_at_k(hops[:, h], hop_y, opts.k) for h in range(hops.shape[1])],
-                  "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"]}
+                  "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"],
+                  "prior_used": info["prior_used"]}
         moments = _moments(model, dataset, train_idx, device, opts.eval_batch)
         result["seconds"] = time.perf_counter() - started
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -425,7 +454,11 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
     exclude = set(getattr(target_fn, "names", ()))
     fixed_baselines = baseline_scores(kept, exclude)
     ridge_features, ridge_columns = option_features(kept, [k for k in template.keys if k])
-    ridge_names = ["ridge_options"] + (["ridge_learned"] if plan.key is not None else [])
+    ridge_names = ["ridge_options"] + (["ridge_learned", "gbm_learned", "ridge_gbm_learned"]
+                                       if plan.key is not None and opts.tabular_baselines else
+                                       ["ridge_learned"] if plan.key is not None else [])
+    tabular = (np.hstack([ridge_features, error_features(kept, [k for k in template.keys if k])])
+               if opts.tabular_baselines else None)
     baseline_folds: dict[str, list[dict]] = {name: [] for name in [*fixed_baselines, *ridge_names]}
 
     splits = []
@@ -477,6 +510,17 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
             learned = _prior_values(prior, ridge_features[test_idx])
             composed = plan.compose(learned, labels.known[test_idx]).numpy()
             baseline_folds["ridge_learned"].append(_fold_metrics(composed, y[test_idx], opts.k))
+            if tabular is not None:  # nonlinear tabular baselines: trees, and trees on the ridge residual
+                learned_all = labels.learned.numpy()
+                gbm = _fit_gbm(tabular, learned_all, rest, seed + f)
+                pred = torch.as_tensor(gbm.predict(tabular[test_idx]))
+                baseline_folds["gbm_learned"].append(_fold_metrics(
+                    plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
+                prior_all = _prior_values(prior, ridge_features).numpy()
+                residual = _fit_gbm(tabular, learned_all, rest, seed + f, residual_of=prior_all)
+                pred = torch.as_tensor(prior_all[test_idx] + residual.predict(tabular[test_idx]))
+                baseline_folds["ridge_gbm_learned"].append(_fold_metrics(
+                    plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
 
     metrics = {
         "target": target_expr, "learned": plan.to_json(), "loss": loss, "folds_k": folds, "seed": seed,
@@ -618,8 +662,10 @@ class Ensemble:
         learned = torch.stack(fold_learned)
         hop_scores = torch.stack(hop_z).sum(0)
         mean_learned = learned.mean(0)  # averaged in the learned space (log FID), then composed
+        # the folds' disagreement in the learned space: an uncertainty (e.g. for exploring where it is large)
         return {"pred": self.plan.compose(mean_learned, known_t).numpy(),
                 "learned": (mean_learned.exp() if self.plan.log else mean_learned).numpy(),
+                "learned_std": learned.std(0, unbiased=False).numpy(),
                 "score": hop_scores.sum(1).numpy(), "hop_scores": hop_scores.numpy(),
                 "fold_pred": torch.stack([self.plan.compose(v, known_t) for v in learned]).numpy()}
 

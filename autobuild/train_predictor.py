@@ -36,8 +36,9 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per fold")
     p.add_argument("--size", choices=("full", "tiny"), default="full",
                    help="denoiser size whose structure the DAG is traced from (full: on the meta device)")
-    p.add_argument("--unit-level", default=None,
-                   help="if set, hop read-outs use the outputs of autobuild.dag units(graph, LEVEL)")
+    p.add_argument("--unit-level", default="block", choices=("block", "node", "none"),
+                   help="hop read-outs use the outputs of autobuild.dag units(graph, LEVEL) (default block, as the "
+                        "demo and benchmarks do); none: global means over the layer nodes")
     p.add_argument("--learn", choices=("auto", "target"), default="auto",
                    help="auto: learn the target's one measured key (log FID) and read avg_bits & co exactly from "
                         "each configuration; target: learn the target expression itself (the reference)")
@@ -74,13 +75,11 @@ def family_graph(model: str, size: str = "full"):
 
 
 def _units(graph, level: str | None):
-    if level is None:
+    if level in (None, "none"):
         return None
-    from autobuild import dag
+    from autobuild.dag import units
 
-    if not hasattr(dag, "units"):
-        raise RuntimeError("autobuild.dag.units is not available yet; drop --unit-level")
-    return dag.units(graph, level)
+    return units(graph, level)
 
 
 def run_train_predictor(args) -> int:

@@ -1,0 +1,349 @@
+"""Every way of building a budgeted configuration, side by side, on one testbed (any family).
+
+    python benchmarks/pareto.py --model mnist_dit --cache quant_caches/mnist_dit/quant_cache.pkl --device cuda
+    python benchmarks/pareto.py --model mnist_dit --tiny --num_images 16 --sweep_images 8   # CPU smoke check
+
+All rows are scored by one scorer (the dataset's protocol: images, seeds, feature network, reference) into
+one resumable store keyed by configuration content, and re-scored with a fresh image seed
+(``--confirm_seed``) into a second one: ``fid`` / ``fid_confirm``. Rows (``budgets[].methods``):
+
+* ``uniform_<option>``: every uniform configuration of the option table that fits the budget;
+* ``greedy_<m>`` / ``exact_<m>``: greedy bang-for-buck and the exact MILP knapsack on the measured one-layer
+  sensitivities (``--sweep_images`` images per layer, FID-FP) of method ``m``, and ``_best`` over every
+  method per layer (:mod:`multiquant.knapsack`);
+* ``build_config_node`` / ``build_config_block``: the predictor's one-shot configurations (trained on the
+  dataset, quality target), at node and block level;
+* ``search``: the measured Thompson search from the dataset (``autobuild.search``);
+* ``random_best``: the best dataset configuration within the budget (no new scoring);
+* ``optimize``: :mod:`autobuild.optimize` from an empty dataset (its own measurements only).
+
+``evaluations`` counts full-protocol evaluations a row consumed: dataset configurations, one-layer
+measurements (at their image fraction) and proposals. ``predictor``: 5-fold held-out SRCC of the predictor on
+the dataset for the default and the quality-only target, with every baseline (``benchmarks/predictor.py``).
+Writes ``benchmarks/results/pareto_<model>.json`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, environment, write_result  # noqa: E402
+
+KEY = "FID-GT-1k"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="family, e.g. mnist_dit or mnist_unet")
+    p.add_argument("--cache", default=None, help="the scored random dataset (default quant_caches/<model>/"
+                                                 "quant_cache.pkl; --tiny: scored here)")
+    p.add_argument("--budgets", default="3.3,3.5,3.7,3.9")
+    p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's)")
+    p.add_argument("--image_seed", type=int, default=42)
+    p.add_argument("--confirm_seed", type=int, default=43)
+    p.add_argument("--sweep_images", type=int, default=100, help="images of each one-layer measurement")
+    p.add_argument("--max_evaluations", type=float, default=150, help="the optimiser's total")
+    p.add_argument("--optimize_seconds", type=float, default=None, help="no new optimiser round after this")
+    p.add_argument("--search_rounds", type=int, default=2, help="measured search from the dataset (0: off)")
+    p.add_argument("--search_per_budget", type=int, default=3)
+    p.add_argument("--predictor_json", default=None, help="benchmarks/predictor.py's result to merge (default "
+                                                          "benchmarks/results/predictor_<model>.json if present)")
+    p.add_argument("--predictor_dir", default=None, help="trained predictor (quality target) for build-config "
+                                                         "(default: the one predictor.py saved, else none)")
+    p.add_argument("--wait_predictor", type=float, default=0, help="seconds to wait for --predictor_json (it may be "
+                                                                   "trained beside this run)")
+    p.add_argument("--num_random", type=int, default=24, help="--tiny without --cache: random configurations")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--mq", default=None)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return p.parse_args(argv)
+
+
+def _row(record, confirm, evaluations: float, **extra) -> dict:
+    return {"avg_bits": float(record["avg_bits"]), "fid": float(record[KEY]),
+            "fid_confirm": None if confirm is None else float(confirm[KEY]), "evaluations": float(evaluations),
+            **extra}
+
+
+def knapsack_rows(space, sweeps, budget: float, sweep_cost: dict) -> dict:
+    """{name: choice} of greedy and exact knapsack on the one-layer sweeps, each method and the best per layer."""
+    import numpy as np
+
+    from multiquant import knapsack
+    from multiquant.knapsack import BudgetError
+
+    out = {}
+    value = -np.nan_to_num(sweeps.degradation, nan=0.0)
+    for method in [None, *space.methods]:
+        allowed = sweeps.allowed(method, space)
+        keep = [np.flatnonzero(allowed[r]) for r in range(len(space.layers))]
+        values = [value[r, k] for r, k in enumerate(keep)]
+        costs = [space.cost[r, k] for r, k in enumerate(keep)]
+        cost = sum(sweep_cost.values()) if method is None else sweep_cost[method]
+        for solver in ("greedy", "exact"):
+            try:
+                fn = knapsack.solve_greedy if solver == "greedy" else knapsack.solve_exact
+                sol = fn(values, costs, space.capacity(budget))
+            except BudgetError:
+                continue
+            out[f"{solver}_{method or 'best'}"] = (np.array([k[c] for k, c in zip(keep, sol.choice)]), cost + 1)
+    return out
+
+
+def main(argv=None) -> dict:
+    import numpy as np
+    import torch
+
+    from autobuild.optimize import ContentMeasure, Space, Sweeps, optimize, sweep_measure
+    from multiquant.evaluate import random_configs, score_into_store, setup_scorer
+    from multiquant.families import get_family
+    from multiquant.sensitivity import setup_protocol
+    from multiquant.store import RecordStore, load_quant_cache
+
+    args = parse_args(argv)
+    started = time.perf_counter()
+    log = print
+    family = get_family(args.model)
+    tag = f"pareto_{family.name}{'_tiny' if args.tiny else ''}"
+    out_dir = Path(args.out) if args.out else RESULTS
+    workdir = Path(args.workdir) if args.workdir else RESULTS / f"{tag}_work"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mq_path = Path(args.mq) if args.mq else (workdir / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
+    common = dict(tiny=args.tiny, device=device, mq_path=mq_path, num_images=args.num_images, log=log)
+    main_scorer = setup_scorer(family, image_seed=args.image_seed, **common)
+    confirm_scorer = setup_scorer(family, image_seed=args.confirm_seed, **common)
+    scorer, settings = main_scorer
+    ties = {r.key: r.tied_to for r in scorer.mq.layers if r.tied_to}
+    space = Space.of(scorer.mq, ties)
+    measure = ContentMeasure({"main": main_scorer, "confirm": confirm_scorer}, workdir / "scored", log=log)
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    if args.tiny:  # the tiny model's per-layer overhead puts it far above 3-4 bits
+        low = space.avg_bits(space.cost.argmin(axis=1))
+        budgets = [round(float(b), 2) for b in np.ceil(low * 10) / 10 + np.array([0.1, 0.3, 0.5, 0.7])]
+    timings = {"setup_s": time.perf_counter() - started}
+
+    # the dataset (for build-config, search, random_best)
+    cache = args.cache or (None if args.tiny else f"quant_caches/{family.name}/quant_cache.pkl")
+    if cache:
+        records = load_quant_cache(cache)
+    else:
+        store = RecordStore(workdir / "random", dict(settings, kind="random", seed=0, num_archs=args.num_random))
+        score_into_store(scorer, store, random_configs(scorer.mq.layers, 0, args.num_random), log=log)
+        records, cache = store.records(), str(store.cache_path)
+
+    # one-layer sweeps, shared by the knapsack rows and the optimiser
+    protocol, psettings = setup_protocol(family, tiny=args.tiny, device=device, num_prompts=args.sweep_images,
+                                         image_seed=args.image_seed, pixel_features=args.tiny, fid_against="fp",
+                                         log=log)
+    sweep_fn = sweep_measure(protocol, psettings, workdir / "sweeps", space, settings["num_images"], log)
+    sweep_results = {m: sweep_fn(m) for m in space.methods}
+    sweep_cost = {m: c for m, (_, c) in sweep_results.items()}
+    sweeps = Sweeps.of(space, {m: r for m, (r, _) in sweep_results.items()})
+    timings["sweeps_s"] = time.perf_counter() - started - sum(timings.values())
+
+    # the optimiser, from an empty dataset (its sweeps are the ones above: the store returns them)
+    opt = optimize(scorer.mq, budgets, measure, sweep_fn, ties, args.max_evaluations, seed=0, key=KEY,
+                   max_seconds=args.optimize_seconds, log=log)
+    timings["optimize_s"] = time.perf_counter() - started - sum(timings.values())
+
+    # the rows
+    named: dict[tuple[float, str], tuple[dict, float, dict]] = {}  # (budget, name) -> (config, evaluations, extra)
+    uniform = {o: space.config(np.full(len(space.layers), k)) for k, o in enumerate(space.options)}
+    for budget in budgets:
+        for o, config in uniform.items():
+            named[(budget, f"uniform_{o}")] = (config, 1, {})
+        for name, (choice, cost) in knapsack_rows(space, sweeps, budget, sweep_cost).items():
+            named[(budget, name)] = (space.config(choice), cost, {})
+    pred = _predictor_result(args, family)
+    pred_dir = Path(args.predictor_dir) if args.predictor_dir else (Path(pred["quality_dir"]) if pred.get("quality_dir")
+                                                                    else None)
+    if pred_dir is not None and pred_dir.exists():
+        try:
+            _build_rows(named, pred_dir, scorer, family, budgets, workdir, args, len(records))
+        except Exception as err:  # noqa: BLE001 - one failed row family must not lose the measured others
+            log(f"build-config rows failed: {type(err).__name__}: {err}")
+    search = None
+    if args.search_rounds > 0:
+        try:
+            search = _search_rows(named, scorer, settings, records, budgets, workdir, args, log)
+        except Exception as err:  # noqa: BLE001
+            log(f"search rows failed: {type(err).__name__}: {err}")
+    timings["rows_s"] = time.perf_counter() - started - sum(timings.values())
+
+    items = list(named.items())
+    configs = [c for _, (c, _, _) in items]
+    scored = measure(configs, "main")
+    confirmed = measure(configs, "confirm")
+    timings["scoring_s"] = time.perf_counter() - started - sum(timings.values())
+
+    rows = []
+    for budget in budgets:
+        methods = {}
+        for ((b, name), (config, cost, extra)), rec, conf in zip(items, scored, confirmed):
+            if b != budget or float(rec["avg_bits"]) > budget + 1e-9:
+                continue
+            methods[name] = _row(rec, conf, cost, **extra)
+        within = [r for r in records if float(r["avg_bits"]) <= budget + 1e-9]
+        if within:
+            best = min(within, key=lambda r: float(r[KEY]))
+            methods["random_best"] = _row(best, None, len(records), note="best dataset configuration within the "
+                                                                         "budget (not re-scored)")
+        pick = opt["best"].get(f"{budget:g}")
+        if pick is not None:
+            methods["optimize"] = {"avg_bits": pick["avg_bits"], "fid": pick["fid"], "fid_confirm": pick["fid_confirm"],
+                                   "evaluations": opt["evaluations"], "source": pick["source"]}
+        rows.append({"budget": budget, "methods": methods})
+    uniform4 = {n: m for n, m in zip([n for (_, n), _ in items], zip(scored, confirmed))
+                if n.startswith("uniform_") and n.endswith("-4")}
+    uniform_fid = {n[len("uniform_"):]: {"fid": float(r[KEY]), "fid_confirm": float(c[KEY]),
+                                         "avg_bits": float(r["avg_bits"])}
+                   for (b, n), r, c in zip([k for k, _ in items], scored, confirmed) if n.startswith("uniform_")}
+    fp16 = measure([{k: "fp16" for k in space.table.keys}], "main")[0] if not args.tiny else None
+    result = {
+        "model": family.name, "optimizer": "autobuild.optimize", "optimizer_evaluations": opt["evaluations"],
+        "optimizer_detail": {k: opt[k] for k in ("full_evaluations", "sweep_evaluations", "confirm_evaluations",
+                                                 "rounds", "settings")},
+        "uniform4_best_confirm": min(c[KEY] for _, c in uniform4.values()) if uniform4 else None,
+        "uniform": uniform_fid, "fp16_fid": float(fp16[KEY]) if fp16 else None,
+        "budgets": rows, "goals": _goals(rows, uniform4),
+        "predictor": {k: v for k, v in pred.items() if k not in ("quality_dir",)},
+        "sweeps": {"images": args.sweep_images, "metric": "FID-FP of the layer alone at the method's lowest width",
+                   "cost_evaluations": sweep_cost, "ranking": _sweep_ranking(space, sweeps)},
+        "dataset": {"n": len(records), "cache": str(cache)},
+        "settings": {"tiny": args.tiny, "num_images": settings["num_images"], "image_seed": args.image_seed,
+                     "confirm_seed": args.confirm_seed, "feature_net": settings.get("feature_net"),
+                     "device": device, "search_rounds": args.search_rounds},
+        "environment": environment(), "timings": timings, "seconds": time.perf_counter() - started,
+    }
+    history_path = workdir / "optimize_history.json"
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    history_path.write_text(json.dumps(opt, indent=1, default=float))
+    result["optimizer_history"] = str(history_path)
+    result["plot"] = str(plot(result, records if not args.tiny else [], out_dir / f"{tag}.png"))
+    write_result(tag, result, out_dir)
+    return result
+
+
+def _build_rows(named, pred_dir, scorer, family, budgets, workdir, args, n_records) -> None:
+    """build-config at node and block level from the dataset-trained predictor (the paper's one-shot path)."""
+    from autobuild.configs import BudgetError, build_config, predictor_scores
+
+    for level in ("node", "block"):
+        scores, table, _ = predictor_scores(pred_dir, scorer.mq, family, level, "tiny" if args.tiny else "full")
+        for budget in budgets:
+            try:
+                built = build_config(pred_dir, table, family, budget, level, out_dir=workdir / "configs",
+                                     name=f"build_{level}_{int(round(budget * 10))}", scores=scores)
+            except BudgetError:
+                continue
+            named[(budget, f"build_config_{level}")] = (built.config, n_records + 1,
+                                                         {"predicted_score": built.predicted_score})
+
+
+def _search_rows(named, scorer, settings, records, budgets, workdir, args, log) -> dict:
+    """The measured Thompson search (autobuild.search) from the dataset records."""
+    from autobuild.search import measured_search
+
+    search = measured_search(scorer, settings, records, budgets, workdir / "search", args.search_rounds,
+                             args.search_per_budget, seed=0, log=log)
+    for b, best in search["best"].items():
+        if best is not None:
+            named[(float(b), "search")] = (best["config"], len(records) + search["settings"]["n_search"],
+                                           {"source": best["source"]})
+    return search
+
+
+def _predictor_result(args, family) -> dict:
+    path = Path(args.predictor_json) if args.predictor_json else RESULTS / f"predictor_{family.name}.json"
+    deadline = time.perf_counter() + args.wait_predictor
+    while not path.exists() and time.perf_counter() < deadline:
+        time.sleep(2)
+    if not path.exists():
+        print(f"no predictor result at {path}: the build-config rows and the predictor figures are left out")
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("predictor", data)
+
+
+def _sweep_ranking(space, sweeps) -> list:
+    """Layers by their worst one-layer degradation over methods (most sensitive first)."""
+    import numpy as np
+
+    worst = np.nanmax(sweeps.degradation, axis=1)
+    order = np.argsort(-worst)
+    return [{"layer": space.layers[i], "degradation": float(worst[i])} for i in order]
+
+
+def _goals(rows, uniform4) -> dict:
+    """Issue goal: at every budget the optimiser's confirmed FID <= best uniform 4-bit and <= every other row."""
+    best_u4 = min((float(c[KEY]) for _, c in uniform4.values()), default=None)
+    out = {}
+    for row in rows:
+        opt = row["methods"].get("optimize")
+        others = [m["fid_confirm"] for n, m in row["methods"].items()
+                  if n not in ("optimize", "random_best") and m.get("fid_confirm") is not None]
+        if opt is None:
+            out[f"{row['budget']:g}"] = None
+            continue
+        out[f"{row['budget']:g}"] = {"optimize_confirm": opt["fid_confirm"], "best_uniform4_confirm": best_u4,
+                                     "best_other_confirm": min(others) if others else None,
+                                     "beats_uniform4": best_u4 is None or opt["fid_confirm"] <= best_u4,
+                                     "beats_every_other": not others or opt["fid_confirm"] <= min(others)}
+    return out
+
+
+def plot(result: dict, records, path: Path) -> Path:
+    """Confirmed FID vs average bits of every row at every budget, the dataset cloud behind them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from multiquant.utils import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    if records:
+        ax.scatter([float(r["avg_bits"]) for r in records], [float(r[KEY]) for r in records], s=6, c="0.8",
+                   label=f"dataset ({len(records)} random)", zorder=1)
+    groups: dict[str, list] = {}
+    for row in result["budgets"]:
+        for name, m in row["methods"].items():
+            if name == "random_best" or m.get("fid_confirm") is None:
+                continue
+            family = name.split("_")[0] if not name.startswith("build_config") else name
+            groups.setdefault(family, []).append((m["avg_bits"], m["fid_confirm"]))
+    styles = {"optimize": ("*", "tab:red", 14), "exact": ("s", "tab:blue", 6), "greedy": ("v", "tab:cyan", 6),
+              "uniform": ("o", "tab:gray", 6), "search": ("D", "tab:green", 6),
+              "build_config_node": ("^", "tab:purple", 6), "build_config_block": ("<", "tab:pink", 6)}
+    for name, points in groups.items():
+        marker, color, size = styles.get(name, ("x", "k", 6))
+        xs, ys = zip(*sorted(set(points)))
+        ax.plot(xs, ys, marker, color=color, ms=size, label=name, zorder=3 if name == "optimize" else 2,
+                linestyle="-" if name == "optimize" else "none")
+    if result.get("uniform4_best_confirm"):
+        ax.axhline(result["uniform4_best_confirm"], color="tab:gray", ls="--", lw=1, label="best uniform 4-bit")
+    if result.get("fp16_fid"):
+        ax.axhline(result["fp16_fid"], color="k", ls=":", lw=1, label="FP16")
+    ax.set_yscale("log")
+    ax.set_xlabel("average bits (overhead included)")
+    ax.set_ylabel(f"{KEY}, confirmation seed (log scale)")
+    budgets = ", ".join(f"{r['budget']:g}" for r in result["budgets"])
+    ax.set_title(f"{result['model']}: budgeted configurations at {budgets} bits")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ import numpy as np
 from multiquant import knapsack
 from multiquant.knapsack import BudgetError
 
-from .scores import OptionTable
+from multiquant.options import Option, OptionTable, avg_bits_of, option_of, size_budget
 
 __all__ = ["Space", "Sweeps", "SURROGATES", "fit_surrogate", "select_surrogate", "optimise_model", "optimize",
            "ContentMeasure", "run_optimize", "add_optimize_arguments", "DEFAULT_KEY"]
@@ -53,12 +53,12 @@ EPS = 1e-3  # floor of the summed degradation inside log()
 
 # ------------------------------------------------------------------------------------------ the space
 def _option(entry) -> str:
-    return str(entry[0]) if isinstance(entry, (list, tuple)) else str(entry)
+    return str(option_of(entry))
 
 
 def _method_bits(option: str) -> tuple[str, int]:
-    method, _, bits = option.rpartition("-")
-    return method, int(bits)
+    parsed = Option.parse(option)
+    return ("fp16" if parsed.method is None else parsed.method), parsed.bits
 
 
 @dataclass
@@ -90,10 +90,11 @@ class Space:
         return list(dict.fromkeys(_method_bits(o)[0] for o in self.options))
 
     def avg_bits(self, choice) -> float:
-        return self.table.fp_prec * float(self.cost[np.arange(len(self.layers)), choice].sum()) / self.table.fp_bytes
+        return avg_bits_of(int(self.cost[np.arange(len(self.layers)), choice].sum()), self.table.fp_bytes,
+                           self.table.fp_prec)
 
     def capacity(self, budget: float) -> float:
-        return math.floor(budget * self.table.fp_bytes / self.table.fp_prec + 1e-9)
+        return float(size_budget(budget, self.table.fp_bytes, self.table.fp_prec))
 
     def config(self, choice) -> dict:
         chosen = {k: self.options[int(c)] for k, c in zip(self.layers, choice)}

@@ -221,6 +221,10 @@ def main(argv=None) -> dict:
                      "device": device, "search_rounds": args.search_rounds},
         "environment": environment(), "timings": timings, "seconds": time.perf_counter() - started,
     }
+    try:
+        result["insights"] = dataset_insights(space, records, sweeps)
+    except Exception as err:  # noqa: BLE001 - the figures above stand without it
+        log(f"insights failed: {type(err).__name__}: {err}")
     history_path = workdir / "optimize_history.json"
     history_path.parent.mkdir(parents=True, exist_ok=True)
     history_path.write_text(json.dumps(opt, indent=1, default=float))
@@ -269,6 +273,60 @@ def _predictor_result(args, family) -> dict:
         return {}
     data = json.loads(path.read_text())
     return data.get("predictor", data)
+
+
+def dataset_insights(space, records, sweeps, seed: int = 0) -> dict:
+    """Which layers matter, by the better-validated of two models of the dataset's log FID (ridge on one-hot
+    options; gradient-boosted trees on one-hot + per-layer weight error), beside the one-layer sweeps:
+    per layer the mean predicted change of log FID when it goes from 4 to 3 bits with its method kept."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import RidgeCV
+
+    from autobuild.optimize import _method_bits
+
+    choices = np.stack([space.choice_of(r) for r in records])
+    y = np.log([float(r[KEY]) for r in records])
+    rows = np.arange(len(space.layers))
+
+    def design(c):
+        return np.hstack([space.one_hot(c), np.log1p(100 * space.error[rows[None, :], np.atleast_2d(c)])])
+
+    makers = {"ridge": lambda: RidgeCV(alphas=np.logspace(-3, 3, 13)),
+              "gbm": lambda: HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, max_leaf_nodes=15,
+                                                           min_samples_leaf=10, random_state=seed)}
+    folds = np.array_split(np.random.default_rng(seed).permutation(len(y)), 5)
+    cv = {}
+    for name, make in makers.items():
+        pred = np.zeros(len(y))
+        for chunk in folds:
+            train = np.setdiff1d(np.arange(len(y)), chunk)
+            pred[chunk] = make().fit(design(choices[train]), y[train]).predict(design(choices[chunk]))
+        cv[name] = float(spearmanr(pred, y).statistic)
+    best = max(cv, key=cv.get)
+    model = makers[best]().fit(design(choices), y)
+    # the same method at the other width: option index of (method, 3) and (method, 4)
+    index = {_method_bits(o): k for k, o in enumerate(space.options)}
+    effects = []
+    for layer in rows:
+        low, high = choices.copy(), choices.copy()
+        for i, k in enumerate(choices[:, layer]):
+            method = _method_bits(space.options[k])[0]
+            low[i, layer], high[i, layer] = index.get((method, 3), k), index.get((method, 4), k)
+        effects.append(float(np.mean(model.predict(design(low)) - model.predict(design(high)))))
+    order = np.argsort(effects)[::-1]
+    blocks = space.blocks()
+    parents = {}
+    for layer, b in zip(space.layers, blocks):
+        parents.setdefault(int(b), ".".join(layer.split(".")[:-2]))
+    block_effect = {parents[b]: float(sum(effects[i] for i in rows if blocks[i] == b)) for b in parents}
+    sweep = np.nanmax(sweeps.degradation, axis=1)
+    return {"best_model": best, "cv_srcc_log_fid": cv,
+            "layers_by_model": [{"layer": space.layers[i], "effect_4_to_3_log_fid": effects[i],
+                                 "sweep_degradation": float(sweep[i])} for i in order],
+            "blocks_by_model": dict(sorted(block_effect.items(), key=lambda kv: -kv[1])),
+            "model_vs_sweeps_srcc": float(spearmanr(effects, sweep).statistic)}
 
 
 def _sweep_ranking(space, sweeps) -> list:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autobuild import optimize as O
-from multiquant.quantizers import option_bytes
+from multiquant.options import Option
 
 OPTIONS = [f"{m}-{b}" for b in (4, 3) for m in ("mse", "kmeans_all")]
 PENALTY = {"mse-4": 0.10, "kmeans_all-4": 0.05, "mse-3": 0.60, "kmeans_all-3": 0.35}
@@ -18,8 +18,7 @@ def _table(layers: int = 10, seed: int = 0):
     for layer in range(layers):
         out, inp = int(rng.choice([64, 128, 256])), int(rng.choice([64, 128, 256]))
         key = f"model.blocks.{layer // 2}.part{layer % 2}.linear.weight_quantizer"  # two layers per block
-        table[key] = {o: [o, out * inp * 2, option_bytes(o.rsplit('-', 1)[0], int(o.rsplit('-', 1)[1]), out * inp,
-                                                         out, 16), PENALTY[o] * rng.uniform(0.8, 1.2)]
+        table[key] = {o: [o, out * inp * 2, Option.parse(o).nbytes(out * inp, out, 16), PENALTY[o] * rng.uniform(0.8, 1.2)]
                       for o in OPTIONS}
     return table
 

@@ -113,11 +113,21 @@ class Space:
         x[np.arange(n)[:, None], np.arange(len(self.layers))[None, :] * k + choices] = 1.0
         return x
 
+    def block_names(self) -> list[str]:
+        """Block of each layer: its module path up to the first numbered container (``model.down_blocks.0``,
+        ``model.transformer_blocks.3``), else its parent module (``model.pos_embed``)."""
+        names = []
+        for key in self.layers:
+            parts = key.split(".")[:-1]  # drop the quantizer's own name
+            cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+            names.append(".".join(parts[:max(cut, 1)]))
+        return names
+
     def blocks(self) -> np.ndarray:
-        """Block id per layer: layers sharing their parent module path (e.g. ``...blocks.3.attn``)."""
-        parents = [".".join(k.split(".")[:-2]) for k in self.layers]
-        ids = {p: i for i, p in enumerate(dict.fromkeys(parents))}
-        return np.array([ids[p] for p in parents], dtype=np.int64)
+        """Block id per layer (:meth:`block_names`, numbered in order of appearance)."""
+        names = self.block_names()
+        ids = {p: i for i, p in enumerate(dict.fromkeys(names))}
+        return np.array([ids[p] for p in names], dtype=np.int64)
 
     def solve(self, value: np.ndarray, budget: float, allowed: np.ndarray | None = None) -> np.ndarray | None:
         """Exact knapsack: maximise ``sum value[l, k_l]`` within ``budget``; ``allowed[l, k]`` masks options."""

@@ -316,11 +316,9 @@ def dataset_insights(space, records, sweeps, seed: int = 0) -> dict:
             low[i, layer], high[i, layer] = index.get((method, 3), k), index.get((method, 4), k)
         effects.append(float(np.mean(model.predict(design(low)) - model.predict(design(high)))))
     order = np.argsort(effects)[::-1]
-    blocks = space.blocks()
-    parents = {}
-    for layer, b in zip(space.layers, blocks):
-        parents.setdefault(int(b), ".".join(layer.split(".")[:-2]))
-    block_effect = {parents[b]: float(sum(effects[i] for i in rows if blocks[i] == b)) for b in parents}
+    block_effect = {}
+    for name, effect in zip(space.block_names(), effects):
+        block_effect[name] = block_effect.get(name, 0.0) + float(effect)
     sweep = np.nanmax(sweeps.degradation, axis=1)
     return {"best_model": best, "cv_srcc_log_fid": cv,
             "layers_by_model": [{"layer": space.layers[i], "effect_4_to_3_log_fid": effects[i],

@@ -10,3 +10,7 @@ class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named (or a command needs) does not exist; the message says how to get it."""

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from multiquant import knapsack
+from multiquant.errors import InputError, MissingFileError
 from multiquant.knapsack import BudgetError, pareto_prune
 from multiquant.options import OptionTable, avg_bits_of, option_of, size_budget
 
@@ -206,7 +207,7 @@ def _resolve_family(family, ensemble_template_family: str | None):
         return family
     name = family or ensemble_template_family
     if not name:
-        raise ValueError("the model family is unknown: pass --model")
+        raise InputError("the model family is unknown: pass --model")
     return get_family(name)
 
 
@@ -215,9 +216,16 @@ def predictor_family(predictor_dir: Path) -> str | None:
 
     path = predictor_dir / ENSEMBLE_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"{predictor_dir} holds no trained predictor ({ENSEMBLE_CONFIG} missing): train "
+        raise MissingFileError(f"{predictor_dir} holds no trained predictor ({ENSEMBLE_CONFIG} missing): train "
                                 f"one with `qua2sedimo train-predictor --cache ... --out {predictor_dir}`")
-    return json.loads(path.read_text())["template"].get("family")
+    from multiquant.utils import read_json
+
+    config = read_json(path, "predictor file")
+    template = config.get("template") if isinstance(config, dict) else None
+    if not isinstance(template, dict):
+        raise InputError(f"{path} is not a predictor ensemble file (no 'template'): train one with "
+                         f"`qua2sedimo train-predictor --cache ... --out {predictor_dir}`")
+    return template.get("family")
 
 
 def predictor_scores(predictor_dir, table, family=None, level: str = "block", size: str = "full",
@@ -394,13 +402,13 @@ def default_table_source(model: str, mq: str | None, cache: str | None):
         from multiquant.store import load_quant_cache
 
         return load_quant_cache(cache)
-    raise FileNotFoundError(f"no option table: {path} does not exist. Pass --mq (the multiquantizer) or --cache "
+    raise MissingFileError(f"no option table: {path} does not exist. Pass --mq (the multiquantizer) or --cache "
                             f"(a quant_cache.pkl whose records use every option of every layer)")
 
 
 def run_build_config(args) -> int:
     if args.avg_bits is None and not args.pareto:
-        raise ValueError("give a budget (--avg_bits 3.5) or --pareto")
+        raise InputError("give a budget (--avg_bits 3.5) or --pareto")
     model = args.model or predictor_family(Path(args.predictor))
     source = default_table_source(model, args.mq, args.cache)
     target = json.loads((Path(args.predictor) / "ensemble.json").read_text()).get("target")

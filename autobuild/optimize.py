@@ -636,7 +636,7 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     common = dict(pretrained=args.pretrained, tiny=args.tiny, device=device, mq_path=mq_path,
-                  num_images=args.num_images, log=log)
+                  num_images=args.num_images, log=log, build_mq=bool(args.tiny and not args.mq))
     main_scorer = setup_scorer(family, image_seed=args.image_seed, **common)
     confirm_scorer = setup_scorer(family, image_seed=args.confirm_seed, **common)
     scorer, settings = main_scorer

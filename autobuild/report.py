@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from multiquant.errors import InputError, MissingFileError
+
 from .configs import DEFAULT_PARETO_BUDGETS, plot_pareto, score_config
 
 __all__ = ["classify_scored", "load_scored", "plot_measured", "render_samples", "images_from_scored",
@@ -62,7 +64,7 @@ def load_scored(dirs: Iterable[str | os.PathLike], model: str) -> list[dict]:
         path = Path(source)
         cache = path / "quant_cache.pkl" if path.is_dir() else path
         if not cache.exists():
-            raise FileNotFoundError(f"{cache} does not exist: --scored takes eval-configs output directories")
+            raise MissingFileError(f"{cache} does not exist: --scored takes eval-configs output directories")
         for record in load_quant_cache(cache):
             name = str(record.get("name", f"{path.name}_{record.get('index')}"))
             kind, budget = classify_scored(record)
@@ -320,13 +322,15 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     graph = family_dag(model, size=size, device="meta" if size == "full" else "cpu")
     block, table, spec = predictor_scores(predictor_dir, source, model, "block", size, log=log, graph=graph)
     node, _, _ = predictor_scores(predictor_dir, table, spec, "node", size, log=log, graph=graph)
-    metrics = json.loads((predictor_dir / "metrics.json").read_text())
+    from multiquant.utils import read_json
+
+    metrics = read_json(predictor_dir / "metrics.json", "predictor metrics file")
 
     if log:
         log("predicted Pareto front")
     front = pareto_front(block, table, budgets, model=spec.name, out_dir=out / "configs", log=log)
     if not front:
-        raise ValueError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
+        raise InputError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
     for point in front:  # the page and report.json name the files relative to the report folder
         point["config_path"] = os.path.relpath(point["config_path"], out)
     front_png = plot_pareto(front, out / "pareto_predicted.png",

@@ -31,6 +31,7 @@ import networkx as nx
 import numpy as np
 import torch
 
+from multiquant.errors import InputError, MissingFileError
 from multiquant.options import OptionTable
 
 __all__ = ["UnitScores", "UnitScoreSet", "enumerate_variants", "score_units", "unit_scores_for",
@@ -120,11 +121,11 @@ class UnitScoreSet:
         stem = Path(str(stem).removesuffix(".json").removesuffix(".safetensors"))
         doc_path, arrays_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
         if not doc_path.exists() or not arrays_path.exists():
-            raise FileNotFoundError(f"unit scores {stem}.json/.safetensors not found: compute them with "
+            raise MissingFileError(f"unit scores {stem}.json/.safetensors not found: compute them with "
                                     f"autobuild.scores.unit_scores_for(predictor_dir, ...)")
         doc = json.loads(doc_path.read_text())
         if doc.get("format") != SCORES_FORMAT:
-            raise ValueError(f"{doc_path} is not a unit-score file (format {doc.get('format')!r})")
+            raise InputError(f"{doc_path} is not a unit-score file (format {doc.get('format')!r})")
         arrays = load_file(str(arrays_path))
         units = [UnitScores(name=m["name"], type=m["type"], block=int(m["block"]), hops=int(m["hops"]),
                             output=m["output"], keys=list(m["keys"]), ops=list(m["ops"]),
@@ -159,7 +160,7 @@ def _option_lookups(table: OptionTable, key: str, options: Sequence[str]) -> tup
     from .data import numeric_features, option_codes
 
     if key not in table.table:
-        raise KeyError(f"layer {key!r} of the graph is not in the option table: the table belongs to another "
+        raise InputError(f"layer {key!r} of the graph is not in the option table: the table belongs to another "
                        f"model (or the predictor to another family)")
     entries = [table.table[key][o] for o in options]
     codes = torch.tensor([option_codes(e[0]) for e in entries], dtype=torch.long)
@@ -299,7 +300,7 @@ def check_graph_matches(ensemble, graph: nx.DiGraph) -> None:
     """The predictor's training graph and ``graph`` must be the same DAG (node for node)."""
     nodes = [str(n) for n in graph.nodes]
     if nodes != list(ensemble.template.nodes):
-        raise ValueError(f"the predictor was trained on another graph ({ensemble.template.num_nodes} nodes, family "
+        raise InputError(f"the predictor was trained on another graph ({ensemble.template.num_nodes} nodes, family "
                          f"{ensemble.template.family!r}) than the one given ({len(nodes)} nodes, family "
                          f"{graph.graph.get('family')!r}): use the same family and size (--size full|tiny)")
 

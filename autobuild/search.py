@@ -423,7 +423,8 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     scorer, settings = setup_scorer(family, pretrained=args.pretrained, tiny=args.tiny, device=device,
-                                    mq_path=mq_path, num_images=args.num_images, image_seed=args.image_seed, log=log)
+                                    mq_path=mq_path, num_images=args.num_images, image_seed=args.image_seed,
+                                    build_mq=bool(args.tiny and not args.mq), log=log)
     records = _input_records(args, scorer, settings, out, OptionTable.from_source(scorer.mq), log)
     result = measured_search(scorer, settings, records, budgets, out, args.rounds, args.per_budget, args.seed,
                              args.key, log)

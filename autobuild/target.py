@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from multiquant.errors import UserError
+
 __all__ = ["DEFAULT_RECORD_KEYS", "CONFIG_KEYS", "Target", "TargetError", "LearningPlan", "learning_plan",
            "parse_target", "target_tag"]
 
@@ -44,7 +46,10 @@ _BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
 _UNARY = {ast.USub: lambda a: -a, ast.UAdd: lambda a: a}
 
 
-class TargetError(ValueError):
+_MAX_DEPTH = 200  # nesting of the expression tree (parentheses, unary signs, chained operators)
+
+
+class TargetError(UserError, ValueError):
     """The target expression is malformed, unsafe, or names an unknown record key."""
 
 
@@ -223,6 +228,13 @@ def _check(node: ast.AST, placeholders: Mapping[str, str]) -> None:
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _check(node.operand, placeholders)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        try:
+            ok = math.isfinite(float(node.value))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise TargetError(f"number {str(node.value)[:20]}... in the target expression is too large for a float; "
+                              f"use a smaller constant")
         return None
     if isinstance(node, ast.Name) and node.id in placeholders:
         return None
@@ -269,8 +281,23 @@ def parse_target(expr: str, keys: Iterable[str] | None = None) -> Target:
         tree = ast.parse(" ".join(pieces), mode="eval")
     except SyntaxError as err:
         raise TargetError(f"malformed target expression {expr!r}: {err.msg}") from None
+    except (RecursionError, MemoryError):
+        raise TargetError(f"the target expression is nested too deeply (at most {_MAX_DEPTH} levels)") from None
+    if _depth(tree) > _MAX_DEPTH:
+        raise TargetError(f"the target expression is nested too deeply (at most {_MAX_DEPTH} levels of "
+                          f"parentheses, signs and operators): simplify it")
     _check(tree, placeholders)
     return Target(expr=expr, names=tuple(key_to_placeholder), _tree=tree, _placeholders=placeholders)
+
+
+def _depth(tree: ast.AST) -> int:
+    """Depth of the tree, walked without recursion (the checks and evaluation recurse only on shallow trees)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def target_tag(expr: str) -> str:

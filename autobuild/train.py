@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +25,8 @@ import networkx as nx
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from multiquant.errors import InputError, MissingFileError, UserError
 
 from .data import ConfigDataset, GraphTemplate, cache_to_dataset, option_features
 from .gnn import SensitivityGNN
@@ -73,18 +74,6 @@ class TrainOptions:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _finite_or_none(obj):
     """NaN/inf -> None, so the files are strict JSON (a metric is NaN when e.g. a score is constant)."""
     if isinstance(obj, float):
@@ -97,12 +86,8 @@ def _finite_or_none(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(_finite_or_none(json.loads(json.dumps(obj, default=_json_default))), f, indent=1,
-                      allow_nan=False)
-
-    _atomic_write_bytes(path, write)
+    with open(path, "w") as f:
+        json.dump(_finite_or_none(json.loads(json.dumps(obj, default=_json_default))), f, indent=1, allow_nan=False)
 
 
 def _json_default(o):
@@ -143,7 +128,7 @@ def _target_ok(target, record: Mapping) -> bool:
 def make_folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
     """One seeded permutation of ``range(n)``; fold f = its f-th contiguous chunk (~n/folds)."""
     if folds < 2 or folds > n:
-        raise ValueError(f"need 2 <= folds <= number of records ({n}), got {folds}")
+        raise InputError(f"need 2 <= folds <= number of records ({n}), got {folds}")
     return [np.sort(c) for c in np.array_split(np.random.default_rng(seed).permutation(n), folds)]
 
 
@@ -433,18 +418,23 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
     ``target``: expression over record keys (higher = better), e.g. ``"-1*FID-GT-1k - avg_bits*150"``.
     ``units``: unit definitions (``.output``, ``.hops``) whose outputs form the hop read-out sets."""
     if loss not in ("srcc", "ndcg", "hybrid"):
-        raise ValueError(f"loss must be srcc, ndcg or hybrid, got {loss!r}")
+        raise InputError(f"loss must be srcc, ndcg or hybrid, got {loss!r}")
     opts = options or TrainOptions()
     device = torch.device(device)
     target_fn = _as_target(target, records)
     target_expr = target if isinstance(target, str) else getattr(target, "expr", getattr(target, "__name__", "custom"))
     valid = [i for i, r in enumerate(records) if _target_ok(target_fn, r)]
     if len(valid) < max(folds, 2) * 2:
-        raise ValueError(f"only {len(valid)} of {len(records)} records have a finite target {target_expr!r}")
+        if len(valid) == len(records):  # every target is fine: there are just too few records for the folds
+            raise InputError(f"{len(records)} records are too few for {folds}-fold cross-validation (at least "
+                             f"{max(folds, 2) * 2} needed): score more configurations or pass fewer --folds")
+        raise InputError(f"only {len(valid)} of {len(records)} records have a finite target {target_expr!r} "
+                         f"(at least {max(folds, 2) * 2} needed for {folds} folds): check the target's keys, "
+                         f"score more configurations or pass fewer --folds")
     kept = [records[i] for i in valid]
     template = graph if isinstance(graph, GraphTemplate) else GraphTemplate.from_graph(graph, units, opts.layers)
     if template.num_hops != opts.layers:
-        raise ValueError(f"graph template has {template.num_hops} hop levels, the model {opts.layers} layers")
+        raise InputError(f"graph template has {template.num_hops} hop levels, the model {opts.layers} layers")
     dataset = cache_to_dataset(kept, template, target_fn, missing=opts.missing)
     plan = learning_plan(target_fn, kept, opts.learn) if isinstance(target_fn, Target) else LearningPlan(target_fn)
     labels = Labels.of(plan, kept)
@@ -555,23 +545,29 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
 # ----------------------------------------------------------------------------------------------- ensemble
 def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tensor]], infos: Sequence[Mapping],
                   template: GraphTemplate, metrics: Mapping) -> Path:
+    """Write the three files as one set (a temporary directory renamed into place); ``ensemble.json`` and
+    ``metrics.json`` carry the weights' sha256, which :func:`load_ensemble` checks."""
     from safetensors.torch import save_file
 
+    from multiquant.utils import atomic_dir, check_writable_dir, file_sha256
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"fold{f}.{name}": t for f, state in enumerate(states) for name, t in state.items()}
-    _atomic_write_bytes(out / ENSEMBLE_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    check_writable_dir(out.parent, what="predictor output directory")
+    tensors = {f"fold{f}.{name}": t.contiguous() for f, state in enumerate(states) for name, t in state.items()}
     options = metrics["options"]
-    config = {"format": FORMAT, "version": 1,
-              "model": {"num_ops": template.num_ops, "num_blocks": template.num_blocks, "hidden": options["hidden"],
-                        "layers": options["layers"], "heads": options["heads"], "dropout": options["dropout"],
-                        "additive": options["additive"]},
-              "target": metrics["target"], "learned": metrics["learned"], "prior_columns": metrics["prior_columns"],
-              "loss": metrics["loss"],
-              "seed": metrics["seed"],
-              "folds": [dict(info) for info in infos], "template": template.to_json()}
-    _write_json(out / ENSEMBLE_CONFIG, config)
-    _write_json(out / METRICS_FILE, metrics)
+    with atomic_dir(out, (ENSEMBLE_WEIGHTS, ENSEMBLE_CONFIG, METRICS_FILE)) as tmp:
+        save_file(tensors, str(tmp / ENSEMBLE_WEIGHTS), metadata={"format": FORMAT})
+        digest = file_sha256(tmp / ENSEMBLE_WEIGHTS)
+        config = {"format": FORMAT, "version": 1,
+                  "model": {"num_ops": template.num_ops, "num_blocks": template.num_blocks, "hidden": options["hidden"],
+                            "layers": options["layers"], "heads": options["heads"], "dropout": options["dropout"],
+                            "additive": options["additive"]},
+                  "target": metrics["target"], "learned": metrics["learned"], "prior_columns": metrics["prior_columns"],
+                  "loss": metrics["loss"],
+                  "seed": metrics["seed"], "weights_sha256": digest,
+                  "folds": [dict(info) for info in infos], "template": template.to_json()}
+        _write_json(tmp / ENSEMBLE_CONFIG, config)
+        _write_json(tmp / METRICS_FILE, dict(metrics, weights_sha256=digest))
     return out
 
 
@@ -686,20 +682,44 @@ class Ensemble:
 
 
 def load_ensemble(directory: str | Path, device: str = "cpu") -> Ensemble:
-    """Load the fold ensemble written by :func:`train_predictor` (safetensors + JSON, no pickle)."""
+    """Load the fold ensemble written by :func:`train_predictor` (safetensors + JSON, no pickle), checking
+    that the three files belong to one save (shared weights sha256)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from multiquant.utils import file_sha256
+
     directory = Path(directory)
-    with open(directory / ENSEMBLE_CONFIG) as f:
-        config = json.load(f)
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{directory / ENSEMBLE_CONFIG} is not a predictor ensemble (format {config.get('format')!r})")
-    tensors = load_file(str(directory / ENSEMBLE_WEIGHTS), device=str(device))
-    models = []
-    for f in range(len(config["folds"])):
-        prefix = f"fold{f}."
-        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        model = SensitivityGNN(**config["model"]).to(device)
-        model.load_state_dict(state, strict=True)  # strict: a mismatch is an error, not a silent skip
-        models.append(model.eval())
-    return Ensemble(models, config["folds"], GraphTemplate.from_json(config["template"]), config, device)
+    retrain = "train it again with `qua2sedimo train-predictor ... --out DIR`"
+    if not (directory / ENSEMBLE_CONFIG).is_file():
+        left = sorted(p.name for p in directory.parent.glob(f".{directory.name}.old-*"))
+        raise MissingFileError(f"{directory} is not a predictor directory (no {ENSEMBLE_CONFIG})"
+                               + (f"; an interrupted save left {left[0]}: rename it back to {directory.name}"
+                                  if left else f": pass the --out of train-predictor, or {retrain}"))
+    try:
+        config = json.loads((directory / ENSEMBLE_CONFIG).read_text())
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError(f"format {config.get('format') if isinstance(config, dict) else None!r}")
+        digest = file_sha256(directory / ENSEMBLE_WEIGHTS)
+        if config.get("weights_sha256") not in (None, digest):
+            raise ValueError(f"{ENSEMBLE_WEIGHTS} is not the file this {ENSEMBLE_CONFIG} was saved with "
+                             f"(weights from another save or damaged)")
+        if (directory / METRICS_FILE).is_file():
+            metrics_digest = json.loads((directory / METRICS_FILE).read_text()).get("weights_sha256")
+            if metrics_digest not in (None, digest):
+                raise ValueError(f"{METRICS_FILE} belongs to another save than {ENSEMBLE_WEIGHTS}")
+        tensors = load_file(str(directory / ENSEMBLE_WEIGHTS), device=str(device))
+        models = []
+        for f in range(len(config["folds"])):
+            prefix = f"fold{f}."
+            state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            model = SensitivityGNN(**config["model"]).to(device)
+            model.load_state_dict(state, strict=True)  # strict: a mismatch is an error, not a silent skip
+            models.append(model.eval())
+        ensemble = Ensemble(models, config["folds"], GraphTemplate.from_json(config["template"]), config, device)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{directory} lacks {Path(err.filename or '?').name}: {retrain}") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"{directory} is not a consistent predictor ensemble ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else err!r:.200}): {retrain}") from None
+    return ensemble

@@ -12,6 +12,8 @@ import argparse
 import math
 from pathlib import Path
 
+from multiquant.errors import UserError
+
 __all__ = ["add_train_predictor_arguments", "run_train_predictor", "load_records", "family_graph"]
 
 
@@ -48,15 +50,10 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
 
 
 def load_records(path: Path) -> list[dict]:
-    """Read a quant_cache.pkl through the restricted unpickler (no arbitrary code on load)."""
-    from multiquant.safe_pickle import safe_load
+    """Read a quant_cache.pkl through the restricted unpickler (no arbitrary code on load), records checked."""
+    from multiquant.store import load_quant_cache
 
-    records = safe_load(path)
-    if isinstance(records, dict) and "records" in records:
-        records = records["records"]
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "config" in r for r in records):
-        raise ValueError(f"{path} is not a list of scored-configuration records with a 'config' each")
-    return records
+    return load_quant_cache(path, require_config=True)
 
 
 def family_graph(model: str, size: str = "full"):
@@ -67,8 +64,8 @@ def family_graph(model: str, size: str = "full"):
     try:
         from autobuild.dag import build_dag
     except ImportError as err:  # hook: the DAG builder is a separate module
-        raise RuntimeError("autobuild.dag.build_dag is not available; build the graph yourself and call "
-                           "autobuild.train.train_predictor(records, graph, ...) directly") from err
+        raise UserError("autobuild.dag.build_dag is not available; build the graph yourself and call "
+                        "autobuild.train.train_predictor(records, graph, ...) directly") from err
     family = get_family(model)
     denoiser = family.build(size, device="meta" if size == "full" else "cpu")
     return build_dag(denoiser, family)

@@ -115,7 +115,8 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir) if args.workdir else RESULTS / f"{tag}_work"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mq_path = Path(args.mq) if args.mq else (workdir / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
-    common = dict(tiny=args.tiny, device=device, mq_path=mq_path, num_images=args.num_images, log=log)
+    common = dict(tiny=args.tiny, device=device, mq_path=mq_path, num_images=args.num_images, log=log,
+                  build_mq=bool(args.tiny and not args.mq))  # the tiny model's scratch checkpoint
     main_scorer = setup_scorer(family, image_seed=args.image_seed, **common)
     confirm_scorer = setup_scorer(family, image_seed=args.confirm_seed, **common)
     scorer, settings = main_scorer

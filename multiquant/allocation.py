@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from . import knapsack
+from .errors import InputError
 from .knapsack import BudgetError
 from .options import DEFAULT_METHOD, FP_BITS, MAX_BITS, METHODS, MIN_BITS, Option
+from .utils import read_json
 
 __all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "bops_cost_table", "bytes_cost_table",
            "solve_greedy", "solve_exact", "LayerItem", "load_sensitivity_file", "load_flops_file",
@@ -183,36 +185,57 @@ class LayerItem:
 
 
 def _read_json(path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+    data = read_json(path, what)
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object")
+        raise InputError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_sensitivity_file(path) -> dict:
     """A ``sensitivity_analysis_*.json`` from ``qua2sedimo sensitivity``: settings and per-layer scores."""
     data = _read_json(path, "sensitivity file")
-    if "settings" not in data or not isinstance(data.get("layers"), list):
-        raise ValueError(f"{path} is not a sensitivity file (needs 'settings' and 'layers'); "
-                         f"write one with `qua2sedimo sensitivity --model ...`")
-    for entry in data["layers"]:
-        if "key" not in entry or "sensitivity" not in entry:
-            raise ValueError(f"{path}: every layer needs 'key' and 'sensitivity' (got {sorted(entry)})")
+    regenerate = "write one with `qua2sedimo sensitivity --model ...`"
+    if not isinstance(data.get("settings"), dict) or not isinstance(data.get("layers"), list):
+        raise InputError(f"{path} is not a sensitivity file (needs a 'settings' object and a 'layers' list): "
+                         f"{regenerate}")
+    if not isinstance(data["settings"].get("model"), str):
+        raise InputError(f"{path}: settings.model must name the model family: {regenerate}")
+    seen = set()
+    for i, entry in enumerate(data["layers"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or "sensitivity" not in entry:
+            raise InputError(f"{path}: layers[{i}] needs a string 'key' and a 'sensitivity' "
+                             f"(got {entry!r:.80}): {regenerate}")
+        if not _is_number(entry["sensitivity"]):
+            raise InputError(f"{path}: layer {entry['key']!r} has sensitivity {entry['sensitivity']!r}, not a finite "
+                             f"number: re-run `qua2sedimo sensitivity` for it or remove the entry")
+        if entry["key"] in seen:
+            raise InputError(f"{path}: layer {entry['key']!r} is listed twice: keep one entry")
+        seen.add(entry["key"])
     return data
 
 
 def load_flops_file(path) -> dict:
     """A ``flops_analysis_*.json`` from ``qua2sedimo flops``: per-layer shapes and MACs."""
     data = _read_json(path, "FLOPs file")
-    if "model" not in data or not isinstance(data.get("layers"), list):
-        raise ValueError(f"{path} is not a FLOPs file (needs 'model' and 'layers'); "
-                         f"write one with `qua2sedimo flops --model ...`")
+    regenerate = "write one with `qua2sedimo flops --model ...`"
+    if not isinstance(data.get("model"), str) or not isinstance(data.get("layers"), list):
+        raise InputError(f"{path} is not a FLOPs file (needs 'model' and a 'layers' list): {regenerate}")
+    seen = set()
+    for i, entry in enumerate(data["layers"]):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("key"), str)
+              and all(type(entry.get(k)) is int and entry[k] > 0 for k in ("numel", "channels"))
+              and (entry.get("macs") is None or _is_number(entry["macs"]) and entry["macs"] >= 0)
+              and (entry.get("tied_to") is None or isinstance(entry["tied_to"], str)))
+        if not ok:
+            raise InputError(f"{path}: layers[{i}] must have a string 'key', positive integer 'numel' and "
+                             f"'channels', non-negative 'macs' (got {entry!r:.100}): {regenerate}")
+        if entry["key"] in seen:
+            raise InputError(f"{path}: layer {entry['key']!r} is listed twice: {regenerate}")
+        seen.add(entry["key"])
     return data
 
 

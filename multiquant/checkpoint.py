@@ -3,7 +3,13 @@
 The file is a single safetensors file (no pickle): packed integer codes plus scale/zero-point (UAQ) or
 codebooks (K-Means) per layer and option, and a JSON manifest in the safetensors metadata that records the
 model id and revision, the layer list with shapes, tied aliases and exclusions, a hash of the FP weights,
-the per-option size and error table, the build settings and the library versions.
+the per-option size and error table, the build settings, the building device and the library versions.
+
+Integrity: at save time the manifest gets a sha256 of every tensor and the metadata a sha256 of the
+manifest; loading verifies both (flipped bytes in codes, an edited table entry) and rejects non-finite
+parameters. :attr:`MultiQuantizer.content_hash` (tensors + option table) identifies what the checkpoint
+computes: result stores are keyed by it, so records of two different builds never mix. Builds on different
+devices may differ (GPU and CPU reductions round differently); the manifest records the device.
 """
 from __future__ import annotations
 
@@ -18,21 +24,43 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UserError
+from .errors import MissingFileError, UserError
 from .families import FamilySpec
 from .layers import LayerRef, excluded_layers, fp_bytes, quantizable_layers
 from .packing import pack_codes, unpack_codes
 from .options import METHOD_NAMES, Option, options_for
-from .quantizers import dequantize, lp_error, quantize
+from .quantizers import ZERO_POINT_LIMIT, dequantize, lp_error, quantize
 from .utils import atomic_path, progress
 
 FORMAT = "qua2sedimo-multiquantizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor and manifest digests (version 1 files load, unverified)
+_STORED_DTYPES = {"zero": torch.int16}  # every other parameter is float32
 DEFAULT_BITS = (4, 3)
 
 
-class MultiQuantizerMismatch(ValueError):
+class MultiQuantizerMismatch(UserError, ValueError):
     """The checkpoint was built for another model, revision or set of weights."""
+
+
+class CheckpointCorruptError(UserError, ValueError):
+    """The checkpoint file is truncated, edited or holds non-finite parameters."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode())
+    h.update(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+    return h.hexdigest()
+
+
+def _manifest_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def weight_hash(model: nn.Module, layers: list[LayerRef]) -> str:
@@ -71,7 +99,8 @@ class MultiQuantizer:
 
     def __init__(self, manifest: dict, tensors: dict[str, torch.Tensor]):
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} checkpoint (format={manifest.get('format')!r})")
+            raise CheckpointCorruptError(f"not a {FORMAT} checkpoint (format={manifest.get('format')!r}): pass a file "
+                                         f"`qua2sedimo multiquantizer` wrote")
         self.manifest = manifest
         self.tensors = tensors
         self.layers = [LayerRef(d["key"], d["path"], tuple(d["cols"]) if d["cols"] else None, tuple(d["shape"]),
@@ -126,14 +155,18 @@ class MultiQuantizer:
             for option in options:
                 parsed = Option.parse(option)
                 codes, params = quantize(w, parsed.method, parsed.bits, iters=kmeans_iters, seed=seed)
-                w_hat = dequantize(parsed.method, codes, params).to(family.dtype)  # what the model will hold
+                if "zero" in params and float(params["zero"].abs().max()) > ZERO_POINT_LIMIT:
+                    raise AssertionError(f"{ref.key} {option}: UAQ zero-point beyond int16 (quantizers.uaq_params)")
+                params = {name: v.to(_STORED_DTYPES.get(name, torch.float32)) for name, v in params.items()}
+                # the error of what is stored (int16 zero-points, float32 scales) as the model will hold it
+                w_hat = dequantize(parsed.method, codes, params).to(family.dtype)
                 err = lp_error(w, w_hat)
                 mse[ref.key][option] = float((w.double() - w_hat.double()).square().mean())
                 table[ref.key][option] = [option, int(ref.numel * family.fp_prec / 8),
                                           parsed.nbytes(ref.numel, ref.channels, family.fp_prec), err]
                 tensors[f"{ref.key}|{option}|codes"] = pack_codes(codes, parsed.bits).cpu()
                 for name, value in params.items():
-                    tensors[f"{ref.key}|{option}|{name}"] = value.to(torch.int16 if name == "zero" else torch.float32).cpu()
+                    tensors[f"{ref.key}|{option}|{name}"] = value.cpu()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "family": family.name,
             "model_id": model_id or family.hub_id or (str(family.default_pretrained) if family.default_pretrained else None),
@@ -147,7 +180,7 @@ class MultiQuantizer:
             "table": table, "mse": mse, "error_definition": "sum(|w - w_hat|^2.4) / K, float64 (K = in*kh*kw)",
             "seed": seed, "kmeans_iters": kmeans_iters, "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": time.perf_counter() - start,
-            "device": str(device),
+            "device": str(device), "device_name": _device_name(device),
         }
         return cls(manifest, tensors)
 
@@ -161,9 +194,12 @@ class MultiQuantizer:
         if path.exists() and not overwrite:
             self._refuse_overwrite_of_other_weights(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        self.manifest = dict(self.manifest, format_version=FORMAT_VERSION, content_hash=self.content_hash,
+                             tensor_sha256=self.tensor_digests())
+        text = json.dumps(self.manifest)
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
-                      metadata={"manifest": json.dumps(self.manifest)})
+            save_file(tensors, str(tmp), metadata={"manifest": text, "manifest_sha256": _manifest_digest(text)})
         return path
 
     def _refuse_overwrite_of_other_weights(self, path: Path) -> None:
@@ -182,24 +218,90 @@ class MultiQuantizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device="cpu") -> "MultiQuantizer":
+        """Load and verify a checkpoint (digests, finiteness); raises :class:`CheckpointCorruptError`."""
         path = Path(path)
         if path.is_dir():
             found = sorted(path.glob("*_mq.safetensors"))
             if len(found) != 1:
-                raise FileNotFoundError(f"expected one *_mq.safetensors in {path}, found {len(found)}")
+                raise MissingFileError(f"expected one *_mq.safetensors in {path}, found {len(found)}: "
+                                       f"pass the file itself")
             path = found[0]
         if not path.exists():
-            raise FileNotFoundError(f"multiquantizer checkpoint {path} does not exist: build it with "
-                                    f"`qua2sedimo multiquantizer --model <family>`")
-        from safetensors import safe_open
+            raise MissingFileError(f"multiquantizer checkpoint {path} does not exist: check the path, or build it "
+                                   f"with `qua2sedimo multiquantizer --model <family>` (or pass --build_mq)")
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        rebuild = "rebuild it with `qua2sedimo multiquantizer --model <family> --overwrite`"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointCorruptError(f"{path} is not a readable safetensors file (truncated or damaged: "
+                                         f"{err}): {rebuild}") from None
         if "manifest" not in meta:
-            raise ValueError(f"{path} has no qua2sedimo manifest: is it a multiquantizer checkpoint?")
-        return cls(json.loads(meta["manifest"]), load_file(str(path), device=str(device)))
+            raise CheckpointCorruptError(f"{path} has no qua2sedimo manifest: pass a multiquantizer checkpoint "
+                                         f"(`qua2sedimo multiquantizer` writes one)")
+        if "manifest_sha256" in meta and _manifest_digest(meta["manifest"]) != meta["manifest_sha256"]:
+            raise CheckpointCorruptError(f"{path}: the manifest (option table, layer list) was edited or damaged "
+                                         f"after it was written: {rebuild}")
+        try:
+            manifest = json.loads(meta["manifest"])
+        except ValueError as err:
+            raise CheckpointCorruptError(f"{path}: the manifest is not valid JSON ({err}): {rebuild}") from None
+        try:
+            mq = cls(manifest, tensors)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CheckpointCorruptError(f"{path}: the manifest lacks or mangles {err}: {rebuild}") from None
+        mq.verify(source=str(path))
+        return mq.to(device)
+
+    # --------------------------------------------------------------------------------------- integrity
+    def tensor_digests(self) -> dict[str, str]:
+        """sha256 of every tensor (computed once, on the CPU copy)."""
+        if getattr(self, "_digests", None) is None:
+            self._digests = {k: tensor_digest(v.detach().cpu()) for k, v in sorted(self.tensors.items())}
+        return self._digests
+
+    @property
+    def content_hash(self) -> str:
+        """What this checkpoint computes: its tensors and its option table (not when or where it was built)."""
+        body = {"family": self.family, "options": self.options, "fp_prec": self.fp_prec, "table": self.table,
+                "layers": self.manifest["layers"], "tensors": self.tensor_digests()}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def verify(self, source: str = "checkpoint") -> None:
+        """Check the stored digests (when the file has them), the tensor set and that every parameter and
+        table error is finite."""
+        fix = "rebuild it with `qua2sedimo multiquantizer --model <family> --overwrite`"
+        stored = self.manifest.get("tensor_sha256")
+        if stored is not None:
+            actual = self.tensor_digests()
+            if set(stored) != set(actual):
+                diff = sorted(set(stored) ^ set(actual))
+                raise CheckpointCorruptError(f"{source}: tensor set differs from the manifest's "
+                                             f"({len(diff)} differ, e.g. {diff[0]!r}): {fix}")
+            bad = [k for k in stored if stored[k] != actual[k]]
+            if bad:
+                raise CheckpointCorruptError(f"{source}: {len(bad)} tensor(s) do not match their stored sha256 "
+                                             f"(e.g. {bad[0]!r}): the file was damaged or edited: {fix}")
+            if self.manifest.get("content_hash") not in (None, self.content_hash):
+                raise CheckpointCorruptError(f"{source}: content hash does not match the manifest's: {fix}")
+        for name, t in self.tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointCorruptError(f"{source}: parameter {name!r} holds NaN or inf values: {fix}")
+            if name.endswith("|scale") and not bool((t > 0).all()):
+                raise CheckpointCorruptError(f"{source}: UAQ scale {name!r} is not positive: {fix}")
+        for key, entries in self.table.items():
+            for option, entry in entries.items():
+                if not (isinstance(entry, list) and len(entry) == 4 and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+                        for v in entry[1:])):
+                    raise CheckpointCorruptError(f"{source}: option table entry {key!r} {option!r} is malformed or "
+                                                 f"non-finite ({entry!r:.80}): {fix}")
 
     def to(self, device) -> "MultiQuantizer":
+        self.tensor_digests()  # hash on the CPU before the tensors move (the identity stays with them)
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self
 

@@ -101,16 +101,20 @@ def cmd_families(args) -> int:
 # ----------------------------------------------------------------------------------- multiquantizer
 def cmd_multiquantizer(args) -> int:
     from .checkpoint import MultiQuantizer
+    from .families import get_family
+    from .utils import check_writable_dir, remove_stale_temps
 
+    # tiny random weights never take the real checkpoint's name (every loader looks for <model>_tiny_mq)
+    default_name = f"{get_family(args.model).name}{'_tiny' if args.tiny else ''}_mq.safetensors"
+    out = Path(args.out) if args.out else Path(constants.MULTIQUANTIZER_DIR) / default_name
+    if out.suffix != ".safetensors":
+        out = out / default_name
+    check_writable_dir(out.parent, what="--out directory")  # before the (long) model load and build
+    remove_stale_temps(out)  # a killed earlier build's partial file
     family, model = load_denoiser(args)
     bits = tuple(int(b) for b in args.bits.split(","))
     mq = MultiQuantizer.build(model, family, bits=bits, seed=args.seed, kmeans_iters=args.kmeans_iters,
                               model_id=args.pretrained, show_progress=True)
-    # tiny random weights never take the real checkpoint's name (every loader looks for <model>_tiny_mq)
-    default_name = f"{family.name}{'_tiny' if args.tiny else ''}_mq.safetensors"
-    out = Path(args.out) if args.out else Path(constants.MULTIQUANTIZER_DIR) / default_name
-    if out.suffix != ".safetensors":
-        out = out / default_name
     path = mq.save_pretrained(out, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(mq.layers)} layers, "
           f"{mq.manifest['build_seconds']:.1f} s)")
@@ -136,6 +140,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise (same for every config)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint (default multiquantizers/<model>_mq.safetensors)")
+    _add_build_mq_arg(p)
     p.add_argument("--coco_path", default=None, help="captions_val2017.json (default: constants / QUA2SEDIMO_COCO_CAPTIONS)")
     p.add_argument("--reference_dir", default=None, help="FID reference image folder (COCO val2017 / ImageNet val)")
     p.add_argument("--inception", default=None, help="clean-fid Inception torchscript file (or QUA2SEDIMO_INCEPTION)")
@@ -146,17 +151,26 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                                                     "(text families; or set QUA2SEDIMO_CLIP)")
 
 
+def _add_build_mq_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--build_mq", action="store_true",
+                   help="build the multiquantizer checkpoint (at --mq or the default path) if it does not exist; "
+                        "without it a missing checkpoint is an error")
+
+
 def _scorer_from_args(args):
     from .evaluate import setup_scorer
     from .families import get_family
+    from .utils import check_writable_dir
 
     family = get_family(args.model)
+    check_writable_dir(args.outdir, what="--outdir")  # before the model is loaded
     return setup_scorer(family, pretrained=args.pretrained, tiny=args.tiny, device=args.device, mq_path=args.mq,
                         num_images=args.num_images, image_seed=args.image_seed, batch_size=args.batch_size,
                         coco_path=args.coco_path, reference_dir=args.reference_dir, inception=args.inception,
                         random_features=args.random_features, proxies=not args.no_proxies,
                         save_images=Path(args.outdir) / "images" if args.save_images else None,
-                        clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"), refiner=refiner_arg(args))
+                        clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"), refiner=refiner_arg(args),
+                        build_mq=args.build_mq)
 
 
 def _open_store(outdir, meta):
@@ -259,7 +273,7 @@ def cmd_infer(args) -> int:
     denoiser = loaded.denoiser
     tag = f"export_{Path(args.export).name}" if args.export else "fp16"
     if args.q_config:
-        mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
+        mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny, build=args.build_mq)
         config = validate_config(load_config(args.q_config), mq.layers, options=mq.options, fill=args.fill)
         quantize_(denoiser, config, mq)
         tag = Path(args.q_config).stem
@@ -298,7 +312,7 @@ def cmd_export(args) -> int:
         raise ValueError("no configuration given: pass --q_config FILE (.pkl/.json) or --uniform mse-4")
     # the family's precision even on a CPU: export only packs, it runs no forward
     family, denoiser = load_denoiser(args, dtype=get_family(args.model).dtype)
-    mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny)
+    mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny, build=args.build_mq)
     config = load_config(args.q_config) if args.q_config else uniform_config(mq.layers, args.uniform)
     config = validate_config(config, mq.layers, options=mq.options, fill=args.fill)
     out = export_quantized(denoiser, family, config, mq, args.out)
@@ -322,7 +336,7 @@ def cmd_load_check(args) -> int:
     simulated = None
     if args.compare:  # the FP denoiser the export came from, with the configuration simulated in place
         family, simulated = load_denoiser(args, info["family"], dtype=getattr(torch, info["dtype"]))
-        mq = load_or_build_multiquantizer(family, simulated, args.mq, tiny=args.tiny)
+        mq = load_or_build_multiquantizer(family, simulated, args.mq, tiny=args.tiny, build=args.build_mq)
         quantize_(simulated, info["config"], mq)
     report = check_export(args.dir, device=device, dtype=dtype, simulated=simulated, batch=args.batch,
                           tolerance=args.tolerance)
@@ -383,6 +397,7 @@ def register(sub) -> None:
     add_refiner_args(p)
     p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
+    _add_build_mq_arg(p)
     p.add_argument("--prompt", default="a lion riding a bike in Paris")
     p.add_argument("--cls_id", type=int, default=None, help="class label (DiT: ImageNet id; mnist_dit: digit)")
     p.add_argument("--n_imgs", type=int, default=4)
@@ -401,6 +416,7 @@ def register(sub) -> None:
     p.add_argument("--uniform", default=None, help="or one option for every layer, e.g. mse-4")
     p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
+    _add_build_mq_arg(p)
     p.add_argument("--out", required=True, help="output directory (config.json, quantized.safetensors, quantization.json)")
     p.set_defaults(func=cmd_export)
 
@@ -413,6 +429,7 @@ def register(sub) -> None:
     p.add_argument("--pretrained", default=None, help="with --compare: the FP weights (default: the family's)")
     p.add_argument("--tiny", action="store_true", help="with --compare: the tiny random denoiser")
     p.add_argument("--mq", default=None, help="with --compare: multiquantizer checkpoint")
+    _add_build_mq_arg(p)
     p.add_argument("--tolerance", type=float, default=0.0, help="max abs difference allowed with --compare")
     p.set_defaults(func=cmd_load_check)
 

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MissingFileError, UserError
 from .layers import LayerRef
 from .options import FP_OPTION, METHOD_NAMES, Option, OptionTable, option_of
 from .safe_pickle import safe_load
-from .utils import atomic_path
+from .utils import atomic_path, read_json
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that does not fit the model (unknown, missing or malformed layer entries)."""
 
 
@@ -66,7 +67,12 @@ def validate_config(config: dict, layers: list[LayerRef], options=None, allow_mi
     out = OrderedDict()
     for ref in layers:
         # a tied copy missing from the file follows its canonical layer (AutoBuild writes only block 0's)
-        option = config.get(ref.key, config.get(ref.tied_to) if ref.tied_to else None) or fill
+        option = config.get(ref.key, config.get(ref.tied_to) if ref.tied_to else None)
+        if isinstance(option, (list, tuple)):  # quant_cache 'config' entries: [option, fp_bytes, q_bytes, err]
+            if not option:
+                raise ConfigError(f"layer {ref.key!r}: empty entry []; give an option string like 'mse-4'")
+            option = option[0]
+        option = option or fill
         if option is None:
             if allow_missing:
                 continue
@@ -96,15 +102,22 @@ def load_config(path: str | os.PathLike) -> dict[str, str]:
     """Read a configuration from the reference ``.pkl`` form (restricted unpickler) or ``.json``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"configuration file {path} does not exist")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else safe_load(path)
+        raise MissingFileError(f"configuration file {path} does not exist: check the path")
+    data = read_json(path, "configuration file") if path.suffix == ".json" else safe_load(path)
     if isinstance(data, dict) and "bit_allocation" in data and "config" not in data:
         data = data["bit_allocation"]
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a dict of layer -> 'method-bits', got {type(data).__name__}")
-    return OrderedDict((k, option_of(v)) for k, v in data.items())
+    out = OrderedDict()
+    for key, value in data.items():
+        option = value[0] if isinstance(value, (list, tuple)) and value else value
+        if not isinstance(key, str) or not isinstance(option, str):
+            raise ConfigError(f"{path}: layer {key!r:.80} has {value!r:.60}; every value must be an option string "
+                              f"like 'mse-4' (or the quant_cache form [option, fp_bytes, q_bytes, error])")
+        out[key] = option
+    return out
 
 
 def save_config(config: dict, path: str | os.PathLike, also_json: bool = True, origin: dict | None = None) -> Path:

@@ -94,6 +94,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_decides(flag: bool | None) -> bool:
+    """Rank 0's ``flag`` on every rank (other ranks pass anything); a single process gets ``flag``."""
+    if not _active():
+        return bool(flag)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([1 if (is_main() and flag) else 0], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def shard(indices: Sequence[T], rank: int, world: int) -> list[T]:
     """Rank ``rank``'s contiguous block of ``indices``; block sizes differ by at most one and the
     blocks, concatenated in rank order, give back ``indices``."""

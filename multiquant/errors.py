@@ -14,3 +14,7 @@ class UserError(Exception):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file the user named (or a command needs) does not exist; the message says how to get it."""
+
+
+class InputError(UserError, ValueError):
+    """A file or value the user gave has the wrong content (also a ValueError, for older callers)."""

@@ -25,6 +25,7 @@ from . import distributed as dist
 from .adapters import MissingReferenceError, SamplerOptions, adapter_for  # noqa: F401
 from .checkpoint import MultiQuantizer
 from .config import ConfigApplier, config_record, sample_random_config, uniform_config, validate_config
+from .errors import MissingFileError
 from .families import FamilySpec
 from .layers import LayerRef, fp_bytes
 from .metrics.fid import feature_stats
@@ -281,11 +282,14 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                  num_images: int | None = None, image_seed: int = 42, batch_size: int | None = None,
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
-                 bops: bool = True, clip_dir=None, refiner=None, log=print) -> tuple[Scorer, dict]:
+                 bops: bool = True, clip_dir=None, refiner=None, build_mq: bool = False,
+                 log=print) -> tuple[Scorer, dict]:
     """Load everything once; returns the scorer and the protocol settings to record with every result.
 
     ``refiner``: None = the family's protocol (SDXL: its FP refiner finishes the schedule), False = none,
-    a directory / hub id = that refiner."""
+    a directory / hub id = that refiner. The settings name the multiquantizer by its content hash: a run
+    directory only ever holds records of one checkpoint. ``build_mq``: build the checkpoint when there is
+    none at ``mq_path`` / the default."""
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
     num_images = num_images or family.num_images
@@ -298,7 +302,7 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                             reference_dir=reference_dir)
     if is_feature_metric(metric):
         metric.reference()  # fail now, not after the first configuration, when the reference set is missing
-    mq = load_or_build_multiquantizer(family, denoiser, mq_path, tiny=tiny, log=log)
+    mq = load_or_build_multiquantizer(family, denoiser, mq_path, tiny=tiny, build=build_mq, log=log)
     macs = adapter.macs(family, denoiser, tiny) if bops else None
     clip = None
     if clip_dir and family.conditioning == "text":  # CLIP weights given: fail loudly if they do not load
@@ -312,21 +316,37 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                 "feature_net": m["feature_net"], "reference": m["reference"], "fid_method": FID_METHOD,
                 **({"metric": m["metric"]} if "metric" in m else {}),
                 "clip": clip.name if clip is not None else None,
-                "multiquantizer_hash": mq.manifest.get("weight_hash"), "tiny": tiny,
-                "sampler": _settings_of(sampler), "world_size": dist.world_size()}
+                "multiquantizer_content_hash": mq.content_hash, "weights_hash": mq.manifest.get("weight_hash"),
+                "tiny": tiny, "sampler": _settings_of(sampler)}
+    # not the number of processes: G ranks give the same numbers as one, so a run resumes under any G
     return scorer, settings
 
 
-def load_or_build_multiquantizer(family, denoiser, mq_path=None, tiny: bool = False, log=print) -> MultiQuantizer:
-    """The family's checkpoint, checked against ``denoiser``; built (and saved) when there is none yet."""
-    path = Path(mq_path) if mq_path else Path(constants.MULTIQUANTIZER_DIR) / (
-        f"{family.name}{'_tiny' if tiny else ''}_mq.safetensors")
+def default_multiquantizer_path(family, tiny: bool = False) -> Path:
+    return Path(constants.MULTIQUANTIZER_DIR) / f"{family.name}{'_tiny' if tiny else ''}_mq.safetensors"
+
+
+def load_or_build_multiquantizer(family, denoiser, mq_path=None, tiny: bool = False, build: bool = False,
+                                 log=print) -> MultiQuantizer:
+    """The checkpoint at ``mq_path`` (default: the family's), checked against ``denoiser``. A missing file is
+    an error (a mistyped path never silently becomes a new checkpoint) unless ``build`` asks to build and
+    save it there."""
+    path = Path(mq_path) if mq_path else default_multiquantizer_path(family, tiny)
     device = next(denoiser.parameters()).device
     if path.exists():
         mq = MultiQuantizer.from_pretrained(path, device=device)
         mq.check_compatible(denoiser, family)
         return mq
-    log(f"no multiquantizer at {path}: building it now (one time)")
+    if not build:
+        where = "--mq path" if mq_path else "default multiquantizer"
+        raise MissingFileError(
+            f"the {where} {path} does not exist: check the path, build it with `qua2sedimo multiquantizer "
+            f"--model {family.name}{' --tiny' if tiny else ''}`{f' --out {path}' if mq_path else ''}, "
+            f"or pass --build_mq to build it now")
+    from .utils import check_writable_dir
+
+    check_writable_dir(path.parent, what="multiquantizer directory")
+    log(f"no multiquantizer at {path}: building it now (--build_mq)")
     mq = MultiQuantizer.build(denoiser, family)
     if dist.is_main():
         mq.save_pretrained(path)
@@ -341,22 +361,38 @@ def random_configs(layers, seed: int, num: int, a_l: float = 0.0, a_u: float = 1
 
 
 def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: {}, log=print) -> int:
-    """Score ``(index, config)`` items not yet in ``store`` (resume); returns how many were scored."""
-    done = store.done_indices() if store is not None else set()
+    """Score ``(index, config)`` items not yet in ``store`` (resume); returns how many were scored.
+
+    Each index is claimed in the store just before it is scored, so other processes on the same directory
+    (a second eval-random, say) share the work: what one committed or is scoring, the other skips."""
+    from .store import DuplicateRecordError
+    from .utils import progress
+
+    items = list(items)  # every rank walks the same list; rank 0 decides each index (claims are its)
+    done = store.done_indices() if dist.is_main() else set()
     todo = [(i, c) for i, c in items if i not in done]
     if done and dist.is_main():
         log(f"resuming: {len(done)} configuration(s) already scored, {len(todo)} to go")
-    from .utils import progress
-
-    scored = 0
-    for index, config in progress(todo, desc="scoring configurations", disable=not dist.is_main()):
+    scored = elsewhere = 0
+    for index, config in progress(items, desc="scoring configurations", disable=not dist.is_main()):
+        # every rank takes part in every decision (a broadcast); rank 0 refuses what is committed already
+        if not dist.main_decides(index not in done and store.claim(index) if dist.is_main() else None):
+            elsewhere += index not in done  # committed or being scored by another process sharing the directory
+            continue
         t0 = time.perf_counter()
         rec = scorer.record(config, index=index, **extra_of(index))
         rec["timings"]["total_s"] = time.perf_counter() - t0
         if dist.is_main():
-            store.commit(index, rec)
-            log(f"[{index}] avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}  "
-                f"({rec['timings']['total_s']:.1f} s)")
+            try:
+                store.commit(index, rec)
+            except DuplicateRecordError:  # a writer that does not claim got there first: same numbers, kept
+                log(f"[{index}] was committed meanwhile by another process; kept that record")
+                store.release(index)
+            else:
+                log(f"[{index}] avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}  "
+                    f"({rec['timings']['total_s']:.1f} s)")
         dist.barrier()
         scored += 1
+    if elsewhere and dist.is_main():
+        log(f"{elsewhere} configuration(s) were committed or are being scored by another process on {store.outdir}")
     return scored

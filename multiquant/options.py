@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import UserError
+from .errors import InputError, MissingFileError, UserError
 
 __all__ = ["Method", "METHODS", "METHOD_NAMES", "DEFAULT_METHOD", "Option", "OptionError", "FP_OPTION", "FP_BITS",
            "MIN_BITS", "MAX_BITS", "option_of", "options_for", "avg_bits_of", "size_budget", "OptionTable"]
@@ -265,15 +265,17 @@ class OptionTable:
     @classmethod
     def _from_path(cls, path: Path, fp_prec: int | None) -> "OptionTable":
         if not path.exists():
-            raise FileNotFoundError(f"option table {path} does not exist: pass the multiquantizer "
-                                    f"(multiquantizers/<model>_mq.safetensors) or its exported table")
+            raise MissingFileError(f"option table {path} does not exist: pass the multiquantizer "
+                                   f"(multiquantizers/<model>_mq.safetensors) or its exported table")
         if path.suffix == ".safetensors" or path.is_dir():
             from .checkpoint import MultiQuantizer  # the checkpoint builds on this module
 
             mq = MultiQuantizer.from_pretrained(path)
             return cls(dict(mq.table), int(mq.fp_prec))
         if path.suffix == ".json":
-            return cls(json.loads(path.read_text()), fp_prec or 16)
+            from .utils import read_json
+
+            return cls(read_json(path, "option table"), fp_prec or 16)
         from .safe_pickle import safe_load
 
         data = safe_load(path)
@@ -292,10 +294,10 @@ class OptionTable:
                 table.setdefault(key, {}).setdefault(str(entry[0]), [str(entry[0]), int(entry[1]), int(entry[2]),
                                                                      float(entry[3])])
         if not table:
-            raise ValueError("no configurations to collect an option table from")
+            raise InputError("no configurations to collect an option table from: pass the multiquantizer (--mq)")
         options = sorted({o for per_key in table.values() for o in per_key}, key=lambda o: Option.parse(o).sort_key())
         gaps = [(k, o) for k, per_key in table.items() for o in options if o not in per_key]
         if gaps:
-            raise ValueError(f"the records never use option {gaps[0][1]!r} for layer {gaps[0][0]!r} "
+            raise InputError(f"the records never use option {gaps[0][1]!r} for layer {gaps[0][0]!r} "
                              f"({len(gaps)} gaps): pass the multiquantizer (--mq) for the full option table")
         return cls({k: {o: per_key[o] for o in options} for k, per_key in table.items()}, fp_prec)

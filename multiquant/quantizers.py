@@ -28,6 +28,7 @@ UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider rang
 _CHUNK_ELEMENTS = 1 << 25  # bound temporaries of the batched grid search
 _SEED_SAMPLE = 1 << 14  # values per row used for k-means++ seeding
 _ZERO_POINT_RANGE = 2.0 ** -14  # smallest UAQ step relative to the channel's magnitude
+ZERO_POINT_LIMIT = 2 ** 14  # so |UAQ zero-point| <= 2^14: it fits the int16 it is stored in
 
 
 def check_bits(bits: int) -> int:

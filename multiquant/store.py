@@ -34,16 +34,20 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import UserError
 from .safe_pickle import safe_load, safe_loads
+from .utils import default_file_mode, pid_alive
 
 __all__ = ["RecordStore", "StoreError", "RunMetaMismatchError", "DuplicateRecordError",
-           "SCHEMA_KEYS", "atomic_write_bytes", "load_quant_cache", "to_reference_record"]
+           "SCHEMA_KEYS", "atomic_write_bytes", "load_quant_cache", "check_records", "to_reference_record"]
 
 PICKLE_PROTOCOL = 4  # the reference's quant_cache.pkl protocol; AutoBuild reads it
 # Keys of a quant_cache.pkl entry, in the reference's insertion order. `architecture` and extras follow.
 SCHEMA_KEYS = ("config", "quantized_size", "quantized_error", "FID-GT-1k", "avg_bits", "bops")
 _RECORD_NAME = re.compile(r"^(\d{6,})\.pkl$")
 _TMP_PREFIX = ".tmp-"
+# Settings that do not change a single number (runs written before this list may still carry them).
+NOT_RUN_IDENTITY = ("world_size",)
 _HOST = socket.gethostname().replace(".", "_")
 
 
@@ -52,7 +56,7 @@ def _tmp_prefix(name: str) -> str:
     return f"{_TMP_PREFIX}{name}.{_HOST}.{os.getpid()}."
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A result store cannot be opened or written (bad path, disk full, corrupt file...)."""
 
 
@@ -96,6 +100,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file")
     try:
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
         try:
+            os.fchmod(fd, default_file_mode())  # results are shared files: the umask's mode, not mkstemp's 0600
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
@@ -158,12 +163,49 @@ def _normalise_meta(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=default, sort_keys=True))
 
 
-def load_quant_cache(path: str | os.PathLike, allow_arrays: bool = False) -> list[dict]:
-    """Read a ``quant_cache.pkl`` (ours or the reference's) through the restricted unpickler."""
+def load_quant_cache(path: str | os.PathLike, allow_arrays: bool = False, require_config: bool = False) -> list[dict]:
+    """Read a ``quant_cache.pkl`` (ours or the reference's) through the restricted unpickler and check
+    its records (:func:`check_records`). ``{"records": [...]}`` is accepted too."""
     data = safe_load(path, allow_arrays=allow_arrays)
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise StoreError(f"{path} is not a quant_cache list of dicts (got {type(data).__name__})")
-    return data
+    if isinstance(data, dict) and "records" in data:
+        data = data["records"]
+    return check_records(data, str(path), require_config=require_config)
+
+
+def check_records(records, source: str = "records", require_config: bool = False) -> list[dict]:
+    """Refuse what would be silently wrong downstream: a non-list, non-dict records, a 'config' that is
+    not a layer -> entry dict, a FID that is a string, a bool or negative, an index given twice.
+    Non-finite FIDs stay (a diverged configuration is data; the predictor skips them)."""
+    fix = "re-create the file with `qua2sedimo eval-random` or fix the record"
+    if not isinstance(records, list):
+        raise StoreError(f"{source} is not a quant_cache list of records (got {type(records).__name__}): {fix}")
+    seen: dict[int, int] = {}
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise StoreError(f"{source}: record {i} is a {type(r).__name__}, not a dict: {fix}")
+        config = r.get("config")
+        if config is None and require_config:
+            raise StoreError(f"{source}: record {i} has no 'config' (layer -> option): {fix}")
+        if config is not None and not (isinstance(config, dict) and all(
+                isinstance(v, str) or isinstance(v, (list, tuple)) and v and isinstance(v[0], str)
+                for v in config.values())):
+            raise StoreError(f"{source}: record {i} 'config' must map layers to 'method-bits' entries: {fix}")
+        for key in ("FID-GT-1k", "FID-FP-1k"):
+            if key in r:
+                fid = r[key]
+                if isinstance(fid, (bool, np.bool_)) or not isinstance(fid, (int, float, np.integer, np.floating)):
+                    raise StoreError(f"{source}: record {i} {key} is {fid!r:.40} ({type(fid).__name__}), not a number: {fix}")
+                if float(fid) < 0:
+                    raise StoreError(f"{source}: record {i} {key} is negative ({float(fid)}); a FID is >= 0: {fix}")
+        if "index" in r:
+            index = r["index"]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+                raise StoreError(f"{source}: record {i} index is {index!r:.40}, not an integer: {fix}")
+            if int(index) in seen:
+                raise StoreError(f"{source}: records {seen[int(index)]} and {i} both carry index {int(index)} "
+                                 f"(duplicate configuration): keep one")
+            seen[int(index)] = i
+    return records
 
 
 class RecordStore:
@@ -177,6 +219,7 @@ class RecordStore:
 
     META_FILE = "run_meta.json"
     RECORD_DIR = "records"
+    CLAIM_DIR = "claims"  # claims/000042.claim: a live process is scoring configuration 42
     CACHE_FILE = "quant_cache.pkl"
     LOCK_FILE = ".lock"
 
@@ -208,6 +251,9 @@ class RecordStore:
     def record_path(self, index: int) -> Path:
         return self.record_dir / f"{index:06d}.pkl"
 
+    def claim_path(self, index: int) -> Path:
+        return self.outdir / self.CLAIM_DIR / f"{index:06d}.claim"
+
     # -- opening ---------------------------------------------------------------------------------------
     def _open_dirs(self) -> None:
         if self.outdir.exists() and not self.outdir.is_dir():
@@ -226,6 +272,7 @@ class RecordStore:
             # Create-if-absent atomically: link a complete temp file; losing the race to another rank is fine.
             fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(self.META_FILE), dir=self.outdir)
             try:
+                os.fchmod(fd, default_file_mode())
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -246,14 +293,20 @@ class RecordStore:
             stored = json.loads(meta_path.read_text())
         except (OSError, ValueError) as err:
             raise StoreError(f"cannot read run metadata {meta_path}: {err}") from err
-        differing = sorted(k for k in set(stored) | set(self.run_meta)
+        differing = sorted(k for k in (set(stored) | set(self.run_meta)) - set(NOT_RUN_IDENTITY)
                            if stored.get(k, _MISSING) != self.run_meta.get(k, _MISSING))
         if differing:
-            lines = [f"  {k}: stored {stored.get(k, '<absent>')!r}, given {self.run_meta.get(k, '<absent>')!r}"
-                     for k in differing]
+            def short(v):
+                text = repr(v)
+                return text if len(text) <= 70 else text[:67] + "..."
+
+            details = "; ".join(f"{k}: stored {short(stored.get(k, '<absent>'))}, given "
+                                f"{short(self.run_meta.get(k, '<absent>'))}" for k in differing)
+            hint = (" (records of another multiquantizer checkpoint never mix: pass the checkpoint this run used "
+                    "with --mq)" if any(k.startswith("multiquantizer") for k in differing) else "")
             raise RunMetaMismatchError(
-                f"{self.outdir} holds a run with different settings ({', '.join(differing)}):\n" + "\n".join(lines)
-                + "\nUse another output directory, or the same settings to resume.")
+                f"{self.outdir} holds a run with different settings ({', '.join(differing)}){hint}: {details}. "
+                f"Use another output directory, or the same settings to resume.")
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files of writers that died mid-write (same host, pid gone; or a day old)."""
@@ -261,7 +314,7 @@ class RecordStore:
             for p in directory.glob(_TMP_PREFIX + "*"):
                 parts = p.name.rsplit(".", 3)  # [.tmp-<name>, host, pid, random]
                 try:
-                    dead = parts[1] == _HOST and not _pid_alive(int(parts[2]))
+                    dead = parts[1] == _HOST and not pid_alive(int(parts[2]))
                 except (IndexError, ValueError):
                     dead = False
                 try:
@@ -338,7 +391,44 @@ class RecordStore:
             self._records[index] = record
             self._refresh()
             self._write_cache()
+        self.release(index)
         return path
+
+    # -- sharing one directory between processes ------------------------------------------------------
+    def claim(self, index: int) -> bool:
+        """Reserve configuration ``index`` for this process. False when it is committed already or another
+        live process holds it (a dead process's claim, same host, is taken over; any claim a day old too),
+        so several processes on one directory share the work and never score one index twice."""
+        path = self.claim_path(int(index))
+        with self._locked():
+            if self.record_path(int(index)).exists():
+                return False
+            try:
+                holder = path.read_text().split()
+            except (FileNotFoundError, ValueError):
+                holder = None
+            if holder and not self._mine(holder):
+                host, pid, since = (holder + ["", "0", "0"])[:3]
+                stale = (host == _HOST and pid.isdigit() and not pid_alive(int(pid))) or \
+                    time.time() - float(since or 0) > 86400
+                if not stale:
+                    return False
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, f"{_HOST} {os.getpid()} {time.time():.0f}".encode(), what=f"claim {index}")
+            return True
+
+    def release(self, index: int) -> None:
+        """Drop this process's claim on ``index`` (commit does it too)."""
+        path = self.claim_path(int(index))
+        try:
+            if self._mine(path.read_text().split()):
+                path.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+
+    @staticmethod
+    def _mine(holder: list[str]) -> bool:
+        return holder[:2] == [_HOST, str(os.getpid())]
 
     def _write_cache(self) -> None:
         records = [self._records[i] for i in sorted(self._records)]
@@ -346,13 +436,3 @@ class RecordStore:
 
 
 _MISSING = object()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

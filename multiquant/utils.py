@@ -4,21 +4,95 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import sys
+import time
 from pathlib import Path
+
+from .errors import UserError
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+_STALE_AFTER_S = 86400  # a temp file this old is a leftover even if its pid was reused
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process umask: what ``open()`` would give (``mkstemp`` gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_path(path: Path) -> Path:
+    # host and pid in the name let a later process tell a dead writer's leftovers from a live one's
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files that :func:`atomic_path` left beside ``path`` when its writer was killed
+    (same host and pid gone, or a day old). Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        tag = tmp.name[len(f".{path.name}.tmp-"):]
+        host, _, pid = tag.rpartition("-")
+        try:
+            dead = (host in (_HOST, "") and pid.isdigit() and not pid_alive(int(pid))
+                    or time.time() - tmp.stat().st_mtime > _STALE_AFTER_S)
+            if dead and int(pid or 0) != os.getpid():
+                if tmp.is_dir():
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+                removed.append(tmp)
+        except (OSError, ValueError):
+            pass
+    return removed
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create ``directory`` if needed and prove it writable with a real temp file, before any long work
+    (loading a model) is spent on results that could not be saved."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"the {what} {directory} exists but is not a directory: choose another path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UserError(f"the {what} {directory} is not writable ({err.strerror or err}): choose another path "
+                        f"or fix its permissions") from None
+    return directory
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, so readers
-    never see a half-written file."""
+    never see a half-written file. Leftovers of killed writers of the same file are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = _temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise OSError(err.errno, f"disk full while writing {path}: free space and re-run (finished work is kept)") from err
@@ -26,6 +100,93 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, names: tuple[str, ...]):
+    """Yield a temporary directory beside ``path``; on success its files ``names`` replace those of ``path``
+    as one set (rename of the whole directory, files and directory fsync'd), so a crash never leaves new
+    files beside old ones. Other entries of an existing ``path`` are moved over; leftovers of killed
+    writers are removed first."""
+    import shutil
+
+    path = Path(path)
+    remove_stale_temps(path)
+    tmp = _temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for name in names:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{_HOST}-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            for entry in old.iterdir():  # what else the user kept there stays
+                if entry.name not in names:
+                    os.replace(entry, path / entry.name)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """Parse a JSON file the user gave: a missing file, invalid JSON or a key given twice in one object
+    (which ``json`` would silently resolve to the last) raise one-line :class:`UserError`\ s."""
+    import json
+
+    from .errors import InputError, MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} does not exist: check the path")
+
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise InputError(f"{what} {path} gives key {key!r} twice in one object: keep one")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not UTF-8 text ({err.reason}): pass the JSON file itself") from None
+    except RecursionError:
+        raise InputError(f"{what} {path} is nested too deeply to be a {what}") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{what} {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}): "
+                         f"fix or regenerate it") from None
 
 
 def progress(iterable, desc: str = "", disable: bool = False, total: int | None = None):

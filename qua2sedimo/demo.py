@@ -44,7 +44,7 @@ def run_demo(outdir: Path, quick: bool = False, device: str | None = None, seed:
     mq_path = shipped if quick and shipped.exists() else outdir / "mnist_dit_mq.safetensors"
     _say(f"1/4 multiquantizer for {family.name} (UAQ, K-Means-C, K-Means-A at 3 and 4 bits, every layer)")
     scorer, settings = setup_scorer(family, device=device or "cpu", num_images=preset["num_images"],
-                                    mq_path=mq_path, log=_say)
+                                    mq_path=mq_path, build_mq=True, log=_say)
     _say(f"    {len(scorer.mq.layers)} layers: {mq_path}")
 
     _say(f"2/4 FP16 reference: {preset['num_images']} digits, MNIST-FID against held-out real digits")

@@ -12,7 +12,7 @@ from qua2sedimo.cli import main as cli_main
 from multiquant.store import load_quant_cache
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "6", "--batch_size", "3"]
+ARGS = ["--build_mq", "--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "6", "--batch_size", "3"]
 
 
 @pytest.fixture()
@@ -49,6 +49,7 @@ def test_eval_random_writes_reference_schema_and_resumes(env, capsys):
     assert cli_main(["eval-random", *ARGS[:-4], "--num_images", "4", "--outdir", str(out), "--num_archs", "3"]) == 2
     err = capsys.readouterr().err
     assert "different settings (num_images" in err and "Use another output directory" in err
+    assert len(err.strip().splitlines()) == 1  # one line naming the problem and the fix
     assert len(load_quant_cache(out / "quant_cache.pkl")) == 3
 
 
@@ -79,7 +80,11 @@ def test_torchrun_two_processes_match_one(env):
         assert float(a["FID-GT-1k"]) == pytest.approx(float(b["FID-GT-1k"]), rel=1e-5)
         assert a["psnr_fp"] == pytest.approx(b["psnr_fp"], rel=1e-6)
     meta = json.loads((env / "run2" / "run_meta.json").read_text())
-    assert "world_size" in json.dumps(meta)
+    assert meta == json.loads((env / "run1" / "run_meta.json").read_text())  # world_size is not the run's identity
+    # so the one-process run resumes under two processes (and would under any number)
+    proc = subprocess.run(cmd[:cmd.index("--outdir") + 1] + [str(env / "run1"), "--num_archs", "2"], cwd=REPO,
+                          env=environ, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "resuming: 2 configuration(s) already scored, 0 to go" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_text_family_records_clip_score_when_a_scorer_is_given(env):
@@ -96,7 +101,7 @@ def test_text_family_records_clip_score_when_a_scorer_is_given(env):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     scorer, settings = setup_scorer(get_family("pixart_alpha"), tiny=True, device="cpu", num_images=3,
-                                    reference_dir=ref, random_features=True, bops=False,
+                                    reference_dir=ref, random_features=True, bops=False, build_mq=True,
                                     log=lambda m: None)
     seen = []
 

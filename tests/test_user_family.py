@@ -24,8 +24,8 @@ def one_thread():
 
 
 def _scorer(tmp_path, family=toy.FAMILY, **kw):
-    return setup_scorer(family, tiny=True, device="cpu", mq_path=tmp_path / f"{family.name}_mq.safetensors", log=lambda *a: None,
-                        **kw)
+    return setup_scorer(family, tiny=True, device="cpu", mq_path=tmp_path / f"{family.name}_mq.safetensors",
+                        build_mq=True, log=lambda *a: None, **kw)
 
 
 def test_eval_random_scores_a_module_family_with_its_own_sampler_and_metric(tmp_path):

@@ -1,0 +1,214 @@
+"""Integrity of what runs write and read: checkpoint digests and content hash, UAQ zero-points that fit
+their storage, explicit paths, temp-file hygiene, result-store identity and concurrency."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from multiquant.checkpoint import CheckpointCorruptError, MultiQuantizer
+from multiquant.errors import UserError
+from multiquant.families import FamilySpec
+from multiquant.quantizers import ZERO_POINT_LIMIT, dequantize, lp_error, quantize
+
+
+class _Toy(nn.Module):
+    """Two linears and a 1x1 conv: enough layers for a checkpoint, built in milliseconds."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Linear(24, 16, bias=False)
+        self.b = nn.Linear(16, 8, bias=False)
+        self.c = nn.Conv2d(8, 4, 1, bias=False)
+        with torch.no_grad():
+            for m in (self.a, self.b, self.c):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
+
+
+TOY = FamilySpec(name="_integrity_toy", factory=lambda size: _Toy(), fp_prec=16)
+
+
+def _toy_mq(model=None, **kwargs) -> tuple[nn.Module, MultiQuantizer]:
+    model = model or _Toy()
+    return model, MultiQuantizer.build(model, TOY, show_progress=False, kmeans_iters=20, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- 5a zero-points
+def _rows_that_broke_int16(k: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    return torch.stack([
+        torch.full((k,), 0.05),  # constant, far from 0: the zero-point was ~ -4e36
+        torch.zeros(k),  # dead channel
+        100.0 + 1e-3 * torch.rand(k, generator=g),  # offset row: narrow range far from 0
+        -7.0 + 1e-4 * torch.rand(k, generator=g),  # negative offset row
+        torch.randn(k, generator=g) * 0.1,  # an ordinary row
+    ])
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+def test_uaq_zero_points_fit_int16_and_reconstruct_degenerate_rows(bits):
+    w = _rows_that_broke_int16()
+    codes, params = quantize(w, "mse", bits)
+    assert float(params["zero"].abs().max()) <= ZERO_POINT_LIMIT
+    stored = {"scale": params["scale"].float(), "zero": params["zero"].to(torch.int16)}
+    w_hat = dequantize("mse", codes, stored).double()
+    w64 = w.double()
+    # constant rows come back (the bug gave 0.0 for the 0.05 row); errors within half a floored step
+    assert float((w_hat[0] - 0.05).abs().max()) < 0.05 / ZERO_POINT_LIMIT
+    assert float(w_hat[1].abs().max()) == 0.0
+    for row in (2, 3):
+        step = float(params["scale"][row])
+        assert float((w_hat[row] - w64[row]).abs().max()) <= step / 2 + 1e-6 * abs(float(w64[row, 0]))
+    # an ordinary row is untouched by the floor: its step is (hi - lo) * shrink / levels
+    assert float(params["scale"][4]) <= float(w[4].max() - w[4].min()) / (2 ** bits - 1) + 1e-9
+
+
+def test_recorded_error_is_the_error_of_what_is_stored(tmp_path):
+    model = _Toy()
+    with torch.no_grad():
+        model.a.weight[:5] = _rows_that_broke_int16(24)
+    model, mq = _toy_mq(model)
+    loaded = MultiQuantizer.from_pretrained(mq.save_pretrained(tmp_path / "toy_mq.safetensors"))
+    w = model.a.weight.detach().float()
+    key = next(r.key for r in loaded.layers if r.path == "a")
+    for option in mq.options:
+        w_hat = loaded.dequantize(key, option).reshape(w.shape).half()
+        assert loaded.table[key][option][3] == pytest.approx(lp_error(w, w_hat), rel=1e-9, abs=1e-30)
+    assert loaded.tensors[f"{key}|mse-4|zero"].dtype == torch.int16
+    row = loaded.dequantize(key, "mse-4").reshape(w.shape)[0]
+    assert float((row - 0.05).abs().max()) < 1e-4  # was 0.0 (int16 overflow) with a recorded error of 1e-7
+
+
+# ------------------------------------------------------------------------------------- 2 digests
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory):
+    _, mq = _toy_mq()
+    return mq.save_pretrained(tmp_path_factory.mktemp("mq") / "toy_mq.safetensors"), mq
+
+
+def _header(path) -> tuple[int, dict]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return n, json.loads(raw[8:8 + n])
+
+
+def test_checkpoint_load_verifies_digests_and_finiteness(toy_file, tmp_path):
+    path, mq = toy_file
+    loaded = MultiQuantizer.from_pretrained(path)
+    assert loaded.content_hash == mq.content_hash == loaded.manifest["content_hash"]
+    n, header = _header(path)
+    raw = bytearray(path.read_bytes())
+    key = next(k for k in header if k.endswith("|codes"))
+    start = 8 + n + header[key]["data_offsets"][0]
+
+    flipped = bytearray(raw)
+    flipped[start] ^= 0x10  # one bit of packed codes
+    (tmp_path / "flipped.safetensors").write_bytes(flipped)
+    with pytest.raises(CheckpointCorruptError, match="do not match their stored sha256"):
+        MultiQuantizer.from_pretrained(tmp_path / "flipped.safetensors")
+
+    scale_key = next(k for k in header if k.endswith("|scale"))
+    nan = bytearray(raw)
+    s0 = 8 + n + header[scale_key]["data_offsets"][0]
+    nan[s0:s0 + 4] = struct.pack("<f", float("nan"))
+    (tmp_path / "nan.safetensors").write_bytes(nan)
+    with pytest.raises(CheckpointCorruptError):
+        MultiQuantizer.from_pretrained(tmp_path / "nan.safetensors")
+
+    # an edited table entry: same length, so the file stays a valid safetensors file
+    text = raw[8:8 + n].decode()
+    table_key = text.index('\\"table\\"')
+    digit = next(i for i in range(table_key, len(text)) if text[i] in "123456789")
+    edited = bytearray(raw)
+    edited[8 + digit] = ord("1" if text[digit] != "1" else "2")
+    (tmp_path / "edited.safetensors").write_bytes(edited)
+    with pytest.raises(CheckpointCorruptError, match="edited or damaged"):
+        MultiQuantizer.from_pretrained(tmp_path / "edited.safetensors")
+
+    for cut in (4, 100, len(raw) - 7):
+        (tmp_path / "cut.safetensors").write_bytes(raw[:cut])
+        with pytest.raises(CheckpointCorruptError, match="truncated or damaged"):
+            MultiQuantizer.from_pretrained(tmp_path / "cut.safetensors")
+
+
+def test_non_finite_parameter_without_digests_is_rejected(tmp_path):
+    model, mq = _toy_mq()
+    key = next(k for k in mq.tensors if k.endswith("|codebook"))
+    mq.tensors[key] = mq.tensors[key].clone()
+    mq.tensors[key][0, 0] = float("inf")
+    mq._digests = None
+    with pytest.raises(CheckpointCorruptError, match="NaN or inf"):
+        MultiQuantizer.from_pretrained(mq.save_pretrained(tmp_path / "inf_mq.safetensors"))
+
+
+def test_content_hash_tells_builds_apart_and_ignores_when_and_where(tmp_path):
+    model = _Toy()
+    _, a = _toy_mq(model)
+    _, b = _toy_mq(model)
+    assert a.content_hash == b.content_hash  # same weights, same settings: same computation
+    b.manifest = dict(b.manifest, created="another day", device="cuda:7", build_seconds=99.0)
+    assert a.content_hash == b.content_hash
+    _, c = _toy_mq(model, seed=1)  # another K-Means seed: other codes, another identity
+    assert c.content_hash != a.content_hash
+    assert a.manifest["device"] == "cpu" and a.manifest["device_name"]
+
+
+# ------------------------------------------------------------------------------------- 4 predictor set
+def _tiny_training(out, seed: int):
+    import numpy as np
+
+    from autobuild.train import TrainOptions, train_predictor
+    from tests.test_predictor import _hand_graph, _random_hand_records
+
+    g = _hand_graph()
+    records = _random_hand_records(g, np.random.default_rng(seed), 16)
+    for i, r in enumerate(records):
+        r["FID-GT-1k"] = 10.0 + i + float(np.random.default_rng(seed + i).random())
+    opts = TrainOptions(hidden=8, patience=2)
+    return train_predictor(records, g, "-1*FID-GT-1k", loss="srcc", folds=2, epochs=2, batch_size=0, seed=seed,
+                           out_dir=out, options=opts, log=None), records
+
+
+def test_predictor_directory_is_written_as_one_set_and_checked(tmp_path):
+    import os
+    import shutil
+
+    from autobuild.train import load_ensemble
+    from multiquant.utils import default_file_mode
+
+    out = tmp_path / "pred"
+    stale = tmp_path / ".pred.tmp-somehost-1"  # a killed save of another host's format is left alone
+    dead = tmp_path / f".pred.tmp-{__import__('multiquant.utils', fromlist=['_HOST'])._HOST}-999999999"
+    dead.mkdir()
+    (dead / "ensemble.safetensors").write_bytes(b"partial")
+    stale.mkdir()
+    _tiny_training(out, seed=1)
+    assert not dead.exists() and stale.exists()  # the dead writer's leftover directory is removed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".pred")) == [stale.name]
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert all(oct(p.stat().st_mode & 0o777) == oct(default_file_mode()) for p in out.iterdir())
+    load_ensemble(out)
+    (out / "notes.txt").write_text("mine")
+    _tiny_training(out, seed=2)  # retrain into the same directory: the set is replaced, other files stay
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "ensemble.safetensors").read_bytes() != first["ensemble.safetensors"]
+    load_ensemble(out)
+    # a crash between files used to leave new weights beside old metadata: now that is refused at load
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    (mixed / "ensemble.safetensors").write_bytes(first["ensemble.safetensors"])
+    with pytest.raises(UserError, match="not a consistent predictor ensemble.*another save"):
+        load_ensemble(mixed)
+    shutil.copytree(out, mixed, dirs_exist_ok=True)
+    (mixed / "metrics.json").write_bytes(first["metrics.json"])
+    with pytest.raises(UserError, match="metrics.json belongs to another save"):
+        load_ensemble(mixed)
+    with pytest.raises(UserError, match="not a predictor directory"):
+        load_ensemble(tmp_path / "nothing")
+    os.replace(out, tmp_path / f".pred.old-host-1")  # a save killed between its two renames
+    with pytest.raises(UserError, match="rename it back"):
+        load_ensemble(out)

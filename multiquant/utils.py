@@ -120,6 +120,7 @@ def atomic_dir(path: str | os.PathLike, names: tuple[str, ...]):
         for name in names:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp / name, default_file_mode())  # e.g. safetensors creates 0600
         _fsync_dir(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{_HOST}-{os.getpid()}")
@@ -161,7 +162,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     """Parse a JSON file the user gave: a missing file, invalid JSON or a key given twice in one object
-    (which ``json`` would silently resolve to the last) raise one-line :class:`UserError`\ s."""
+    (which ``json`` would silently resolve to the last) raise a one-line :class:`UserError` each."""
     import json
 
     from .errors import InputError, MissingFileError

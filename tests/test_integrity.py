@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from multiquant.checkpoint import CheckpointCorruptError, MultiQuantizer
 from multiquant.errors import UserError
 from multiquant.families import FamilySpec
 from multiquant.quantizers import ZERO_POINT_LIMIT, dequantize, lp_error, quantize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Toy(nn.Module):
@@ -212,3 +215,134 @@ def test_predictor_directory_is_written_as_one_set_and_checked(tmp_path):
     os.replace(out, tmp_path / f".pred.old-host-1")  # a save killed between its two renames
     with pytest.raises(UserError, match="rename it back"):
         load_ensemble(out)
+
+
+# ------------------------------------------------------------------------------------- 8 temp files, outdir
+def test_killed_writer_leaves_a_temp_that_the_next_start_removes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from multiquant.utils import atomic_path
+
+    target = tmp_path / "model_mq.safetensors"
+    code = ("import os, sys; from multiquant.utils import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'x' * 4096)\n    os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          timeout=300)
+    assert proc.returncode == -9
+    leftovers = list(tmp_path.glob(".model_mq.safetensors.tmp-*"))
+    assert len(leftovers) == 1 and not target.exists()
+    live = tmp_path / f".model_mq.safetensors.tmp-{leftovers[0].name.rsplit('-', 2)[1]}-{os.getppid()}"
+    live.write_bytes(b"a live writer's")  # a live process (our parent): its temp file stays
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"complete")
+    assert target.read_bytes() == b"complete"
+    assert sorted(tmp_path.iterdir()) == sorted([target, live])
+
+
+def test_multiquantizer_command_checks_the_outdir_before_loading(capsys, tmp_path):
+    from qua2sedimo.cli import main as cli_main
+
+    (tmp_path / "a_file").write_text("")
+    code = cli_main(["multiquantizer", "--model", "mnist_dit", "--pretrained", str(tmp_path / "no_weights"),
+                     "--out", str(tmp_path / "a_file" / "sub" / "mq.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not writable" in err and "no_weights" not in err  # refused before any loading
+    # a dead build's temp file in the output folder is removed at the start of the next build
+    out = tmp_path / "mq"
+    out.mkdir()
+    dead = out / ".mnist_dit_mq.safetensors.tmp-999999999"  # the earlier name form: pid only
+    dead.write_bytes(b"partial")
+    code = cli_main(["multiquantizer", "--model", "mnist_dit", "--pretrained", str(tmp_path / "no_weights"),
+                     "--device", "cpu", "--out", str(out)])
+    assert code == 2 and not dead.exists()
+
+
+def test_a_mistyped_mq_path_is_an_error_and_builds_nothing(capsys, tmp_path, monkeypatch):
+    import constants
+    from qua2sedimo.cli import main as cli_main
+
+    monkeypatch.setattr(constants, "MULTIQUANTIZER_DIR", tmp_path / "mq")
+    typo = tmp_path / "mnist_dit_tiny_mq.safetensor"
+    base = ["--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "2", "--batch_size", "2"]
+    assert cli_main(["eval-random", *base, "--mq", str(typo), "--outdir", str(tmp_path / "run"),
+                     "--num_archs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and "--build_mq" in err and len(err.splitlines()) == 1
+    assert not typo.exists() and not (tmp_path / "mq").exists()
+    # the default path too: built only when asked
+    assert cli_main(["eval-random", *base, "--outdir", str(tmp_path / "run"), "--num_archs", "1"]) == 2
+    assert "qua2sedimo multiquantizer --model mnist_dit --tiny" in capsys.readouterr().err
+    assert not (tmp_path / "mq").exists()
+
+
+# ------------------------------------------------------------------------------------- 1, 6, 7 store identity
+_META = {"model": "toy", "num_images": 4, "multiquantizer_content_hash": "a" * 64}
+
+
+def _rec(i: int) -> dict:
+    return {"config": {"a": ["mse-4", 10, 3, 0.5]}, "quantized_size": 3, "quantized_error": 0.5,
+            "FID-GT-1k": 10.0 + i, "avg_bits": 4.8, "bops": 1.0}
+
+
+def test_store_refuses_another_checkpoint_and_ignores_world_size(tmp_path):
+    from multiquant.store import RecordStore, RunMetaMismatchError
+    from multiquant.utils import default_file_mode
+
+    store = RecordStore(tmp_path / "run", dict(_META, world_size=2))  # a run written before world_size left
+    store.commit(0, _rec(0))
+    assert oct((tmp_path / "run" / "records" / "000000.pkl").stat().st_mode & 0o777) == oct(default_file_mode())
+    assert oct((tmp_path / "run" / "quant_cache.pkl").stat().st_mode & 0o777) == oct(default_file_mode())
+    assert len(RecordStore(tmp_path / "run", _META)) == 1  # resumed with any number of processes
+    with pytest.raises(RunMetaMismatchError, match="multiquantizer_content_hash.*another multiquantizer") as info:
+        RecordStore(tmp_path / "run", dict(_META, multiquantizer_content_hash="b" * 64))
+    assert "\n" not in str(info.value) and isinstance(info.value, UserError)
+
+
+_CLAIMER = """
+import json, sys, time
+from multiquant.store import RecordStore
+store = RecordStore(sys.argv[1], json.loads(sys.argv[2]))
+mine = []
+for i in range(int(sys.argv[3])):
+    if store.claim(i):
+        time.sleep(0.02)  # "scoring"
+        rec = {"config": {"a": ["mse-4", 10, 3, 0.5]}, "quantized_size": 3, "quantized_error": 0.5,
+               "FID-GT-1k": 10.0 + i, "avg_bits": 4.8, "bops": 1.0}
+        store.commit(i, rec)
+        mine.append(i)
+print(json.dumps(mine))
+"""
+
+
+def test_two_processes_on_one_outdir_share_the_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from multiquant.store import RecordStore
+
+    n = 30
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, str(tmp_path / "run"), json.dumps(_META), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    a, b = (set(json.loads(o[0].strip().splitlines()[-1])) for o in outs)
+    assert not a & b and a | b == set(range(n))  # every configuration scored exactly once
+    assert RecordStore(tmp_path / "run", _META).done_indices() == set(range(n))
+    assert not list((tmp_path / "run" / "claims").iterdir())  # claims are dropped at commit
+
+
+def test_a_dead_processs_claim_is_taken_over(tmp_path):
+    from multiquant.store import RecordStore
+    from multiquant.utils import _HOST
+
+    store = RecordStore(tmp_path / "run", _META)
+    store.claim_path(3).parent.mkdir(exist_ok=True)
+    store.claim_path(3).write_text(f"{_HOST} 999999999 {__import__('time').time():.0f}")  # dead pid
+    store.claim_path(4).write_text(f"otherhost 1 {__import__('time').time():.0f}")  # alive elsewhere
+    assert store.claim(3) and not store.claim(4)
+    store.commit(3, _rec(3))
+    assert not store.claim(3)  # committed

@@ -329,6 +329,16 @@ class _Window:
     def commit(self, index: int, record: dict):
         return self.store.commit(index, record)
 
+    def claim(self, index: int) -> bool:
+        return index in self.indices and self.store.claim(index)
+
+    def release(self, index: int) -> None:
+        self.store.release(index)
+
+    @property
+    def outdir(self):
+        return self.store.outdir
+
 
 def _digest_records(records: Sequence[Mapping], key: str) -> str:
     """Identity of the input dataset (its configurations and values), for the store's run metadata."""

@@ -376,7 +376,8 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
     scored = elsewhere = 0
     for index, config in progress(items, desc="scoring configurations", disable=not dist.is_main()):
         # every rank takes part in every decision (a broadcast); rank 0 refuses what is committed already
-        if not dist.main_decides(index not in done and store.claim(index) if dist.is_main() else None):
+        mine = index not in done and (store.claim(index) if hasattr(store, "claim") else True) if dist.is_main() else None
+        if not dist.main_decides(mine):
             elsewhere += index not in done  # committed or being scored by another process sharing the directory
             continue
         t0 = time.perf_counter()
@@ -387,12 +388,13 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
                 store.commit(index, rec)
             except DuplicateRecordError:  # a writer that does not claim got there first: same numbers, kept
                 log(f"[{index}] was committed meanwhile by another process; kept that record")
-                store.release(index)
+                getattr(store, "release", lambda i: None)(index)
             else:
                 log(f"[{index}] avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}  "
                     f"({rec['timings']['total_s']:.1f} s)")
         dist.barrier()
         scored += 1
     if elsewhere and dist.is_main():
-        log(f"{elsewhere} configuration(s) were committed or are being scored by another process on {store.outdir}")
+        log(f"{elsewhere} configuration(s) were committed or are being scored by another process on "
+            f"{getattr(store, 'outdir', 'the store')}")
     return scored

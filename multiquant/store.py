@@ -46,6 +46,7 @@ PICKLE_PROTOCOL = 4  # the reference's quant_cache.pkl protocol; AutoBuild reads
 SCHEMA_KEYS = ("config", "quantized_size", "quantized_error", "FID-GT-1k", "avg_bits", "bops")
 _RECORD_NAME = re.compile(r"^(\d{6,})\.pkl$")
 _TMP_PREFIX = ".tmp-"
+_FID_NOISE = 1e-3  # |FID| below this may come out negative from the matrix square root
 # Settings that do not change a single number (runs written before this list may still carry them).
 NOT_RUN_IDENTITY = ("world_size",)
 _HOST = socket.gethostname().replace(".", "_")
@@ -195,7 +196,7 @@ def check_records(records, source: str = "records", require_config: bool = False
                 fid = r[key]
                 if isinstance(fid, (bool, np.bool_)) or not isinstance(fid, (int, float, np.integer, np.floating)):
                     raise StoreError(f"{source}: record {i} {key} is {fid!r:.40} ({type(fid).__name__}), not a number: {fix}")
-                if float(fid) < 0:
+                if float(fid) < -_FID_NOISE:  # eigh gives ~ -1e-5 for identical sets; that is a zero
                     raise StoreError(f"{source}: record {i} {key} is negative ({float(fid)}); a FID is >= 0: {fix}")
         if "index" in r:
             index = r["index"]

@@ -40,7 +40,8 @@ def reference_dir(shared):
 def _scorer(tmp_path, reference_dir, **kw):
     return setup_scorer(get_family("sdxl"), tiny=True, device="cpu", num_images=2, batch_size=2,
                         reference_dir=reference_dir, random_features=True, bops=False,
-                        mq_path=reference_dir.parent / "sdxl_tiny_mq.safetensors", log=lambda *a: None, **kw)
+                        mq_path=reference_dir.parent / "sdxl_tiny_mq.safetensors", build_mq=True, log=lambda *a: None,
+                        **kw)
 
 
 def _timesteps_of(unet, seen):
@@ -94,4 +95,4 @@ def test_refiner_flags_parse_and_families_without_a_refiner_refuse_one(tmp_path,
     with pytest.raises(UserError, match="no refiner"):
         setup_scorer(get_family("dit"), tiny=True, device="cpu", num_images=2, refiner="some/dir",
                      random_features=True, reference_dir=reference_dir, bops=False,
-                     mq_path=tmp_path / "dit_tiny_mq.safetensors", log=lambda *a: None)
+                     mq_path=tmp_path / "dit_tiny_mq.safetensors", build_mq=True, log=lambda *a: None)

@@ -15,7 +15,7 @@ def run(argv: list[str]) -> None:
     assert rc == 0, f"qua2sedimo {' '.join(map(str, argv))} exited {rc}"
 
 
-def every_command(family: list[str], name: str, work: Path, cls_id: int = 1) -> dict:
+def every_command(family: list[str], name: str, work: Path, cls_id: int = 1, budget: float = 3.5) -> dict:
     """inspect ... load-check on ``family`` (tiny random weights); returns what the checks need."""
     mq = work / "mq" / f"{name}_tiny_mq.safetensors"
     tiny = [*family, "--tiny", "--device", "cpu"]
@@ -32,13 +32,13 @@ def every_command(family: list[str], name: str, work: Path, cls_id: int = 1) -> 
     run(["dag", *family, "--out", work / "dag"])
     run(["train-predictor", *family, "--cache", work / "random" / "quant_cache.pkl", "--out", work / "predictor",
          "--size", "tiny", "--epochs", 3, "--folds", 2, "--hidden", 8])
-    run(["build-config", *family, "--predictor", work / "predictor", "--mq", mq, "--size", "tiny", "--avg_bits", 3.5,
+    run(["build-config", *family, "--predictor", work / "predictor", "--mq", mq, "--size", "tiny", "--avg_bits", budget,
          "--out", work / "configs", "--name", "mine"])
     config = next((work / "configs").glob("*.json"))
-    run(["search", *tiny, "--cache", work / "random" / "quant_cache.pkl", "--mq", mq, "--budgets", 3.5,
+    run(["search", *tiny, "--cache", work / "random" / "quant_cache.pkl", "--mq", mq, "--budgets", budget,
          "--rounds", 1, "--per_budget", 1, "--num_images", 8, "--out", work / "search"])
     run(["report", *family, "--predictor", work / "predictor", "--cache", work / "random" / "quant_cache.pkl",
-         "--mq", mq, "--size", "tiny", "--out", work / "report"])
+         "--mq", mq, "--size", "tiny", "--budgets", budget, "--out", work / "report"])
     run(["infer", *tiny, "--q_config", config, "--mq", mq, "--cls_id", cls_id, "--n_imgs", 2,
          "--outdir", work / "samples"])
     run(["export", *tiny, "--q_config", config, "--mq", mq, "--out", work / "export"])

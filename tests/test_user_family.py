@@ -140,3 +140,24 @@ def test_a_module_family_export_loads_without_a_skeleton_and_infers(tmp_path, ca
     assert len(list((tmp_path / "samples" / "export_export").glob("0*.png"))) == 3
     assert main(["load-check", str(out), "--device", "cpu"]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_every_command_runs_on_a_module_family(tmp_path, monkeypatch):
+    """The toy denoiser through inspect ... load-check, with its own sampler and FeatureFID."""
+    from cli_every_command import every_command
+
+    monkeypatch.setenv("QUA2SEDIMO_STATS_CACHE", str(tmp_path / "stats"))
+    # tiny layers carry a large per-channel overhead: the smallest achievable average is about 5.4 bits
+    out = every_command(["--model", toy.FAMILY.name], toy.FAMILY.name, tmp_path, budget=8.0)
+    assert len(out["records"]) == 6 and {r["architecture"] for r in out["records"]} == {"tests_toy"}
+    names = {r["name"]: r for r in out["baselines"]}
+    assert names["fp16"]["FID-FP-1k"] == pytest.approx(0.0, abs=1e-6)
+    assert names["uniform_kmeans-3"]["FID-FP-1k"] > 1e-6
+    layers = out["sensitivity"]["layers"]
+    assert len(layers) == 3 and max(l["sensitivity"] for l in layers) == pytest.approx(1.0)
+    import json
+
+    dag = json.loads(out["dag"][0].read_text())
+    ops = {n["path"]: n["op"] for n in dag["nodes"] if n["kind"] == "layer"}
+    assert ops["time_mlp.0"] == "t-Embed" and ops["conv_in"] == "Conv-In" and dag["graph"]["derived_labels"]
+    assert (out["report"] / "index.html").exists() or any(out["report"].glob("*.html"))

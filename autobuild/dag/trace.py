@@ -45,7 +45,8 @@ from multiquant.families import FamilySpec, get_family
 from multiquant.families.inputs import example_inputs
 from multiquant.layers import LayerRef, quantizable_layers
 
-from .ops import block_lists, block_of, layer_op, scope_of, unet_down_count
+from .ops import (block_lists, block_of, derived_block_of, derived_block_scopes, derived_layer_op, layer_op,
+                  scope_of, unet_down_count)
 
 __all__ = ["build_dag", "family_dag", "ELEMENTWISE_COMBINES"]
 
@@ -313,10 +314,36 @@ def _fuse_elementwise(nodes: list[_Node]) -> None:
         node.alive = False
 
 
-def _to_graph(rec: _Recorder, family: str, model: nn.Module) -> nx.DiGraph:
+def _derived_blocks(rec: _Recorder, model: nn.Module) -> dict[str, int]:
+    """Block scope -> index in execution order, for a model without naming rules (plain module family)."""
+    scopes = derived_block_scopes(model)
+    index: dict[str, int] = {}
+    for node in rec.nodes:
+        if node.kind == "layer" and node.alive:
+            scope = derived_block_of(node.ref.path, scopes)
+            if scope is not None and scope not in index:
+                index[scope] = len(index)
+    return {"__scopes__": scopes, **index}
+
+
+def _to_graph(rec: _Recorder, family: str, model: nn.Module, derive: bool = False) -> nx.DiGraph:
+    """``derive``: the family gives no naming rules: blocks and op labels come from the module tree."""
     _fuse_elementwise(rec.nodes)
     lists = block_lists(model)
     n_down = unet_down_count(model)
+    derived = _derived_blocks(rec, model) if derive else None
+
+    def block_and_op(path: str, layer: bool) -> tuple[int, str | None]:
+        if derived is None:
+            return block_of(path, lists, n_down), None
+        scope = derived_block_of(path, derived["__scopes__"]) if path else None
+        block = derived.get(scope, -1) if scope is not None else -1
+        if not layer:
+            return block, None
+        op = layer_op(path, model.get_submodule(path))
+        if op in ("Linear", "Conv") or (block >= 0 and op in ("t-Embed", "c-Embed")):
+            op = derived_layer_op(path, model, in_block=block >= 0)
+        return block, op
     aliases: dict[str, list[str]] = defaultdict(list)
     for ref in rec.refs:
         if ref.tied_to:
@@ -328,6 +355,8 @@ def _to_graph(rec: _Recorder, family: str, model: nn.Module) -> nx.DiGraph:
 
     paths = {ref.key: ref.path for ref in rec.refs}
     graph = nx.DiGraph(family=family, model_class=type(model).__name__)
+    if derive:
+        graph.graph["derived_labels"] = True  # blocks and ops from the module tree (autobuild.dag.ops)
     names: dict[int, str] = {}
     counters: dict[tuple, int] = defaultdict(int)
     for i, node in enumerate(rec.nodes):
@@ -337,17 +366,17 @@ def _to_graph(rec: _Recorder, family: str, model: nn.Module) -> nx.DiGraph:
             ref = node.ref
             name = ref.key
             alias = sorted(aliases.get(ref.key, []))
-            scope, block = scope_of(ref.path, lists), block_of(ref.path, lists, n_down)
+            (block, op), scope = block_and_op(ref.path, True), scope_of(ref.path, lists)
             if any(scope_of(paths[a], lists) != scope for a in alias):  # shared by several blocks
                 scope, block = ref.path.rpartition(".")[0], -1
             half = -1 if ref.cols is None else int(ref.key.endswith("_0"))
-            attrs = dict(kind="layer", op=layer_op(ref.path, rec.model.get_submodule(ref.path)), block=block,
+            attrs = dict(kind="layer", op=op or layer_op(ref.path, rec.model.get_submodule(ref.path)), block=block,
                          path=ref.path, key=ref.key, aliases=alias, scope=scope, half=half)
         else:
             k = counters[(node.path, node.op)]
             counters[(node.path, node.op)] += 1
             name = f"{node.path or 'model'}:{node.op}{k}"
-            attrs = dict(kind="combine", op=node.op, block=block_of(node.path, lists, n_down), path=node.path,
+            attrs = dict(kind="combine", op=node.op, block=block_and_op(node.path, False)[0], path=node.path,
                          scope=scope_of(node.path, lists), aliases=[])
         names[i] = name
         graph.add_node(name, **attrs)
@@ -384,7 +413,7 @@ def build_dag(model: nn.Module, family: FamilySpec | str, batch: int = 1, inputs
     finally:
         for h in handles:
             h.remove()
-    return _to_graph(rec, spec.name, model)
+    return _to_graph(rec, spec.name, model, derive=spec.is_module)
 
 
 def family_dag(family: FamilySpec | str, size: str = "full", device: str = "meta", batch: int = 1) -> nx.DiGraph:

@@ -127,6 +127,15 @@ def _branch_of(graph, p, c, group, assigned) -> bool:
             and all(_is_layer(graph, q) and q not in assigned and _group(graph, q) == group for q in preds))
 
 
+_EMBEDDING_OPS = ("t-Embed", "c-Embed")
+
+
+def _mixes_embedding(graph, c) -> bool:
+    """``c`` joins an embedding layer's output with a non-embedding layer's."""
+    kinds = {graph.nodes[p]["op"] in _EMBEDDING_OPS for p in graph.predecessors(c) if _is_layer(graph, p)}
+    return len(kinds) > 1
+
+
 def _promote(graph, seed, assigned):
     out, group = seed, _group(graph, seed)
     while True:
@@ -138,6 +147,8 @@ def _promote(graph, seed, assigned):
             return out
         if not all(p == out or _branch_of(graph, p, c, group, assigned) for p in graph.predecessors(c)):
             return out
+        if graph.graph.get("derived_labels") and _mixes_embedding(graph, c):
+            return out  # the global time/condition MLP stays its own unit (no naming rules to say otherwise)
         out = c
 
 

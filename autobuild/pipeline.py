@@ -119,6 +119,6 @@ def predictor_stage(cache_path: str | Path, outdir: str | Path, model: str = "mn
 
 
 def demo_predictor_stage(cache_path: str | Path, outdir: str | Path, quick: bool = False,
-                         log: Callable[[str], None] | None = print) -> dict:
-    """``qua2sedimo demo``'s stage 4 on the shipped MNIST-DiT dataset (``quick``: lighter training)."""
-    return predictor_stage(cache_path, outdir, "mnist_dit", QUICK if quick else FULL, log=log)
+                         log: Callable[[str], None] | None = print, model: str = "mnist_dit") -> dict:
+    """``qua2sedimo demo``'s stage 4 on an embedded testbed's shipped dataset (``quick``: lighter training)."""
+    return predictor_stage(cache_path, outdir, model, QUICK if quick else FULL, log=log)

@@ -18,7 +18,7 @@ DASH_VALUE_FLAGS = ("--target",)
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(outdir=Path(args.outdir), quick=args.quick, device=args.device)
+    run_demo(outdir=Path(args.outdir), quick=args.quick, device=args.device, model=args.model)
     return 0
 
 
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     multiquant_commands.register(sub)
     autobuild_commands.register(sub)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST DiT, on a CPU")
+    p = sub.add_parser("demo", help="the whole pipeline on an embedded MNIST testbed, on a CPU")
+    p.add_argument("--model", default="mnist_dit", choices=("mnist_dit", "mnist_unet"),
+                   help="embedded testbed: the DiT (default) or the plain-module U-Net DDPM")
     p.add_argument("--outdir", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
     p.add_argument("--device", default=None)

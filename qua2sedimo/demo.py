@@ -1,4 +1,5 @@
-"""``qua2sedimo demo``: the whole pipeline on the embedded MNIST DiT, on a CPU, in minutes.
+"""``qua2sedimo demo``: the whole pipeline on an embedded testbed (the MNIST DiT by default, or ``--model
+mnist_unet``, the plain-module U-Net), on a CPU, in minutes.
 
 Stages (each prints what it wrote): multiquantizer -> FP16 reference -> a handful of scored random
 configurations (``quant_cache.pkl``) -> predictor, Pareto configurations and report (trained on the shipped
@@ -18,7 +19,11 @@ from multiquant.families import get_family
 from multiquant.store import RecordStore
 from multiquant.utils import atomic_path
 
-SHIPPED_CACHE = constants.REPO_ROOT / "quant_caches" / "mnist_dit" / "quant_cache.pkl"
+
+def shipped_cache(model: str) -> Path:
+    return constants.REPO_ROOT / "quant_caches" / model / "quant_cache.pkl"
+
+
 PRESETS = {  # images per configuration and random configurations scored
     "quick": {"num_images": 64, "num_configs": 2},
     "full": {"num_images": 1000, "num_configs": 4},  # the shipped dataset's protocol: comparable FIDs
@@ -29,19 +34,20 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_demo(outdir: Path, quick: bool = False, device: str | None = None, seed: int = 0) -> dict:
+def run_demo(outdir: Path, quick: bool = False, device: str | None = None, seed: int = 0,
+             model: str = "mnist_dit") -> dict:
     import torch
 
     torch.manual_seed(seed)
     preset = PRESETS["quick" if quick else "full"]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    family = get_family("mnist_dit")
+    family = get_family(model)
     start = time.perf_counter()
 
     # --quick reuses the shipped checkpoint (checked against the weights); the full demo builds its own
-    shipped = Path(constants.MULTIQUANTIZER_DIR) / "mnist_dit_mq.safetensors"
-    mq_path = shipped if quick and shipped.exists() else outdir / "mnist_dit_mq.safetensors"
+    shipped = Path(constants.MULTIQUANTIZER_DIR) / f"{model}_mq.safetensors"
+    mq_path = shipped if quick and shipped.exists() else outdir / f"{model}_mq.safetensors"
     _say(f"1/4 multiquantizer for {family.name} (UAQ, K-Means-C, K-Means-A at 3 and 4 bits, every layer)")
     scorer, settings = setup_scorer(family, device=device or "cpu", num_images=preset["num_images"],
                                     mq_path=mq_path, build_mq=True, log=_say)
@@ -65,7 +71,7 @@ def run_demo(outdir: Path, quick: bool = False, device: str | None = None, seed:
     }
 
     _say("4/4 predictor, Pareto configurations and report from the shipped pre-scored dataset")
-    summary.update(_predictor_stage(outdir, quick, log=_say))
+    summary.update(_predictor_stage(outdir, quick, model, log=_say))
 
     summary["seconds"] = time.perf_counter() - start
     with atomic_path(outdir / "summary.json") as tmp:
@@ -74,9 +80,10 @@ def run_demo(outdir: Path, quick: bool = False, device: str | None = None, seed:
     return summary
 
 
-def _predictor_stage(outdir: Path, quick: bool, log) -> dict:
+def _predictor_stage(outdir: Path, quick: bool, model: str, log) -> dict:
     """Train the GNN predictor on the shipped dataset and build budgeted configurations (when available)."""
-    if not SHIPPED_CACHE.exists():
-        log(f"    skipped: no shipped dataset at {SHIPPED_CACHE}")
+    cache = shipped_cache(model)
+    if not cache.exists():
+        log(f"    skipped: no shipped dataset at {cache}")
         return {}
-    return demo_predictor_stage(SHIPPED_CACHE, outdir, quick=quick, log=log)
+    return demo_predictor_stage(cache, outdir, quick=quick, log=log, model=model)

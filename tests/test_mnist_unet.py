@@ -179,3 +179,12 @@ def test_shipped_dataset_loads_with_500_records_of_the_schema(spec):
     base = {r["name"]: float(r["FID-GT-1k"]) for r in load_quant_cache(SCORED_DIR / "baselines.pkl")}
     for method in ("mse", "kmeans", "kmeans_all"):
         assert base["fp16"] < base[f"uniform_{method}-4"] < base[f"uniform_{method}-3"], method
+
+
+def test_demo_runs_on_either_testbed():
+    from qua2sedimo.cli import build_parser
+    from qua2sedimo.demo import shipped_cache
+
+    assert build_parser().parse_args(["demo", "--model", "mnist_unet", "--quick"]).model == "mnist_unet"
+    assert build_parser().parse_args(["demo"]).model == "mnist_dit"
+    assert shipped_cache("mnist_unet").is_file() and shipped_cache("mnist_dit").is_file()

@@ -60,10 +60,7 @@ def test_tiny_dag_contract(tiny, name):
         assert {"kind", "op", "block", "path", "scope", "aliases"} <= set(attrs)
         assert isinstance(attrs["block"], int)
         if attrs["kind"] == "layer":
-            # families built from diffusers parts get named ops (no generic fallback); a plain module's
-            # unknown names may fall back to "Linear"/"Conv"
-            assert attrs["key"] == n and attrs["op"] in (LAYER_OPS[:-2] if spec.model_class else LAYER_OPS), \
-                (n, attrs["op"])
+            assert attrs["key"] == n and attrs["op"] in LAYER_OPS[:-2], (n, attrs["op"])  # no generic fallback
             assert graph.degree(n) > 0, f"{n} was never called"
         else:
             assert attrs["op"] in COMBINE_OPS

@@ -279,9 +279,9 @@ def config_origin(kind: str, model: str, budget: float | None, avg_bits: float |
 
 
 def _default_config_dir() -> Path:
-    import constants
+    from multiquant.paths import constants
 
-    return Path(getattr(constants, "QUANT_CONFIG_DIR", constants.REPO_ROOT / "quant_configs"))
+    return Path(constants.QUANT_CONFIG_DIR)
 
 
 # ------------------------------------------------------------------------------------------ Pareto front
@@ -393,9 +393,9 @@ def default_table_source(model: str, mq: str | None, cache: str | None):
     """--mq, else the family's multiquantizer, else the table collected from --cache."""
     if mq:
         return mq
-    import constants
+    from multiquant.paths import multiquantizer_path
 
-    path = Path(constants.MULTIQUANTIZER_DIR) / f"{model}_mq.safetensors"
+    path = multiquantizer_path(f"{model}_mq.safetensors")
     if path.exists():
         return path
     if cache:

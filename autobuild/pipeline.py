@@ -105,9 +105,9 @@ def predictor_stage(cache_path: str | Path, outdir: str | Path, model: str = "mn
 
     mq_path = outdir / f"{spec.name}_mq.safetensors"
     if not mq_path.exists():  # the demo's --quick uses the shipped checkpoint
-        import constants
+        from multiquant.paths import multiquantizer_path
 
-        mq_path = Path(constants.MULTIQUANTIZER_DIR) / f"{spec.name}_mq.safetensors"
+        mq_path = multiquantizer_path(f"{spec.name}_mq.safetensors")
     report = build_report(predictor_dir, cache_path, outdir / "report", table=table, model=spec.name, size=size,
                           budgets=REPORT_BUDGETS, samples=settings.samples if mq_path.exists() else 0,
                           mq=mq_path if mq_path.exists() else None, log=None)

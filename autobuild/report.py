@@ -206,9 +206,9 @@ def _grid_columns(num: int) -> int:
 
 
 def _default_mq_path(model: str) -> Path:
-    import constants
+    from multiquant.paths import multiquantizer_path
 
-    return Path(constants.MULTIQUANTIZER_DIR) / f"{model}_mq.safetensors"
+    return multiquantizer_path(f"{model}_mq.safetensors")
 
 
 def images_from_scored(scored_dirs: Iterable[str | os.PathLike], names: Iterable[str], out_dir: str | os.PathLike,

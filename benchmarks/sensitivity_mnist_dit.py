@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import constants  # noqa: E402
+from multiquant.paths import constants  # noqa: E402
 from benchmarks.common import environment, write_result  # noqa: E402
 from multiquant.families import get_family  # noqa: E402
 from multiquant.options import FP_OPTION, Option, option_of  # noqa: E402

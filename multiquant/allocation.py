@@ -425,7 +425,7 @@ def print_allocation(report: dict, log=print, max_upgrades: int = 20) -> None:
 
 # --------------------------------------------------------------------------------------------- CLI
 def _default_flops_path(sens: dict) -> Path:
-    import constants
+    from multiquant.paths import constants
 
     from .flops import flops_path
 
@@ -507,7 +507,7 @@ def cmd_optimize_mixed_precision(args) -> int:
 
 
 def add_optimize_parser(subparsers):
-    import constants
+    from multiquant.paths import constants
 
     p = subparsers.add_parser(
         "optimize-mixed-precision",

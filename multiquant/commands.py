@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import constants
+from multiquant.paths import constants
 
 
 def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:

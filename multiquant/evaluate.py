@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import constants
+from .paths import multiquantizer_path
 
 from . import distributed as dist
 from .adapters import MissingReferenceError, SamplerOptions, adapter_for  # noqa: F401
@@ -323,7 +323,9 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
 
 
 def default_multiquantizer_path(family, tiny: bool = False) -> Path:
-    return Path(constants.MULTIQUANTIZER_DIR) / f"{family.name}{'_tiny' if tiny else ''}_mq.safetensors"
+    """``<MULTIQUANTIZER_DIR>/<family>[_tiny]_mq.safetensors``, or the shipped checkpoint of that name when the
+    user has none (multiquant.paths.multiquantizer_path)."""
+    return multiquantizer_path(f"{family.name}{'_tiny' if tiny else ''}_mq.safetensors")
 
 
 def load_or_build_multiquantizer(family, denoiser, mq_path=None, tiny: bool = False, build: bool = False,

@@ -69,7 +69,7 @@ def write_flops_file(table: dict, path: Path) -> Path:
 
 
 def cmd_flops(args) -> int:
-    import constants
+    from multiquant.paths import constants
 
     table = flops_table(args.model, tiny=args.tiny, resolution=args.resolution)
     out = Path(args.out) if args.out else flops_path(Path(constants.RESULTS_DIR), table["model"], args.tiny)

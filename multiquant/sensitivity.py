@@ -369,7 +369,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def add_sensitivity_parser(subparsers):
-    import constants
+    from multiquant.paths import constants
 
     p = subparsers.add_parser("sensitivity", help="per-layer quantization sensitivity: one layer quantized at a time")
     p.add_argument("--model", required=True, help="model family (qua2sedimo families lists them)")

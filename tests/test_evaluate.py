@@ -18,7 +18,7 @@ ARGS = ["--build_mq", "--model", "mnist_dit", "--tiny", "--device", "cpu", "--nu
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("QUA2SEDIMO_MULTIQUANTIZERS", str(tmp_path / "mq"))
-    import constants
+    from multiquant.paths import constants
 
     monkeypatch.setattr(constants, "MULTIQUANTIZER_DIR", tmp_path / "mq")
     return tmp_path

@@ -216,7 +216,7 @@ class _CountingNet:
 
 
 def test_reference_stats_cached_once(tmp_path, monkeypatch):
-    import constants
+    from multiquant.paths import constants
     from multiquant.metrics.stats import reference_stats, stats_cache_path
 
     monkeypatch.setattr(constants, "STATS_CACHE_DIR", tmp_path / "stats")

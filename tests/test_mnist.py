@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import constants
+from multiquant.paths import constants
 from multiquant.families import get_family
 from multiquant.layers import quantizable_layers
 from multiquant.mnist import data

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import constants
+from multiquant.paths import constants
 from multiquant.families import get_family
 from multiquant.mnist import data
 from multiquant.mnist.classifier import classifier_outputs, load_classifier

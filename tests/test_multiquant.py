@@ -171,7 +171,7 @@ def test_tiny_model_of_every_family_builds_a_multiquantizer(name):
 
 def test_tiny_build_never_overwrites_the_real_checkpoint(tmp_path, monkeypatch, tiny_pixart):
     """`multiquantizer --tiny` writes <model>_tiny_mq; a checkpoint of other weights is kept unless --overwrite."""
-    import constants
+    from multiquant.paths import constants
     from multiquant.errors import UserError
 
     family, model, mq = tiny_pixart

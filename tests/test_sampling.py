@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import constants
+from multiquant.paths import constants
 from multiquant.families import get_family
 from multiquant.pipelines import embeddings as emb_mod
 from multiquant.pipelines.embeddings import random_prompt_embeds

@@ -81,7 +81,7 @@ class DiffusersAdapter(Adapter):
                             refiner=options.refiner)
 
     def default_metric(self, spec, device, inception=None, random_features: bool = False, reference_dir=None):
-        import constants
+        from multiquant.paths import constants
 
         from ..metrics.features import InceptionFeatures, RandomInceptionFeatures
         from ..metrics.metric import FeatureFID
@@ -99,7 +99,7 @@ class DiffusersAdapter(Adapter):
 
 def _folder_stats(features, folder, name: str, env: str) -> dict:
     """Statistics of a reference image folder, cached under ``<name>-<folder name>`` (the key earlier runs used)."""
-    import constants
+    from multiquant.paths import constants
 
     from ..metrics.stats import iter_image_folder, reference_stats
 

@@ -35,7 +35,7 @@ def _safe_name(text: str) -> str:
 def stats_cache_path(ref_id: str, feature_name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the statistics of (reference set ``ref_id``, feature network ``feature_name``) live."""
     if cache_dir is None:
-        import constants
+        from multiquant.paths import constants
 
         cache_dir = constants.STATS_CACHE_DIR
     return Path(cache_dir) / f"{_safe_name(ref_id)}__{_safe_name(feature_name)}.npz"

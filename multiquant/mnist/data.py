@@ -24,6 +24,11 @@ import torch
 IMAGE_FILE = "t10k-images-idx3-ubyte.gz"
 LABEL_FILE = "t10k-labels-idx1-ubyte.gz"
 NUM_DIGITS = 10_000
+MNIST_FIX = (f"put the official MNIST test set ({IMAGE_FILE}, {LABEL_FILE}; e.g. from "
+             f"https://ossci-datasets.s3.amazonaws.com/mnist/, the mirror torchvision uses, or "
+             f"`python -c \"import torchvision; torchvision.datasets.MNIST('DIR', train=False, download=True)\"`, "
+             f"which writes them to DIR/MNIST/raw) into one folder and point to it with QUA2SEDIMO_MNIST=DIR "
+             f"(or QUA2SEDIMO_DATA=D holding D/mnist) or the --mnist-dir DIR flag")
 SPLITS = {
     "train": tuple(range(0, 7)),
     "reference": (7, 8),
@@ -36,16 +41,16 @@ SPLITS = {
 def mnist_dir(path: str | Path | None = None) -> Path:
     """The folder holding the idx files: ``path`` if given, else ``constants.MNIST_DIR``."""
     if path is None:
-        import constants
+        from multiquant.paths import constants
 
         path = constants.MNIST_DIR
+    if path is None:
+        raise FileNotFoundError(f"no MNIST folder given. Fix: {MNIST_FIX}")
     folder = Path(path).expanduser()
     missing = [name for name in (IMAGE_FILE, LABEL_FILE) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"MNIST test-set files {missing} not found in {folder}. Fix: download the official MNIST test set "
-            f"({IMAGE_FILE}, {LABEL_FILE}) into one folder and point to it with the environment variable "
-            f"QUA2SEDIMO_MNIST=DIR or the --mnist-dir DIR flag.")
+            f"MNIST test-set files {missing} not found in {folder}. Fix: {MNIST_FIX}")
     return folder
 
 

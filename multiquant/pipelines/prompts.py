@@ -25,7 +25,7 @@ def _family(family: str | FamilySpec) -> FamilySpec:
 def _resolve(path, default_attr: str) -> Path | None:
     if path is not None:
         return Path(path).expanduser()
-    import constants
+    from multiquant.paths import constants
 
     return getattr(constants, default_attr)
 

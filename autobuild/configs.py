@@ -338,13 +338,9 @@ def _point_labels(front: Sequence[Mapping]) -> list[tuple[str, tuple[float, floa
 
 def plot_pareto(front: Sequence[Mapping], path: str | os.PathLike, title: str = "Predicted Pareto front") -> Path:
     """Predicted score vs avg_bits of a swept front (PNG)."""
-    import matplotlib
+    from multiquant.utils import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     x = [p["avg_bits"] for p in front]
     y = [p["predicted_score"] for p in front]
@@ -360,12 +356,7 @@ def plot_pareto(front: Sequence[Mapping], path: str | os.PathLike, title: str = 
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    from multiquant.utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ CLI

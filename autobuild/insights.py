@@ -138,12 +138,9 @@ def op_of_keys(scores: UnitScoreSet) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ plots
 def _pyplot():
-    import matplotlib
+    from multiquant.utils import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _save(fig, path: Path) -> Path:

@@ -76,12 +76,9 @@ def load_scored(dirs: Iterable[str | os.PathLike], model: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ plots
 def _pyplot():
-    import matplotlib
+    from multiquant.utils import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +167,9 @@ def render_samples(family, configs: Mapping[str, Mapping[str, str]], out_dir: st
     from multiquant.config import ConfigApplier
     from multiquant.pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
     from multiquant.reporting import save_image_grid
+    from multiquant.utils import default_device
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     pipe = tiny_pipeline(family).to(device) if tiny else load_pipeline(family, pretrained, device=device)
     denoiser = denoiser_of(pipe)
     if mq is None or isinstance(mq, (str, os.PathLike)):
@@ -186,14 +184,13 @@ def render_samples(family, configs: Mapping[str, Mapping[str, str]], out_dir: st
     applier = ConfigApplier(denoiser, mq)
     out, grids = Path(out_dir), {}
     nrow = _grid_columns(num)
-    scale = max(1, 128 // max(1, getattr(pipe, "default_resolution", None) or family.resolution))
     for name, config in {"fp16": None, **configs}.items():
         if config is None:
             applier.restore()
         else:
             applier.apply(config)
         images = sampler.generate(list(range(num)))
-        grids[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow, scale=scale)
+        grids[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
         if log:
             log(f"  samples: {grids[name]}")
     applier.restore()
@@ -228,9 +225,7 @@ def images_from_scored(scored_dirs: Iterable[str | os.PathLike], names: Iterable
                 continue
             arrays = [np.array(Image.open(f).convert("RGB")) for f in files]
             images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-            scale = max(1, 128 // images.shape[-1])
-            grids[name] = save_image_grid(images, Path(out_dir) / f"{name}.png",
-                                          nrow=_grid_columns(len(files)), scale=scale)
+            grids[name] = save_image_grid(images, Path(out_dir) / f"{name}.png", nrow=_grid_columns(len(files)))
             break
     return grids
 

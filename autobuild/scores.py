@@ -134,10 +134,7 @@ class UnitScoreSet:
         return cls(level=doc["level"], options=list(doc["options"]), units=units, meta=dict(doc.get("meta", {})))
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+from multiquant.utils import json_default as _json_default  # noqa: E402  (the one encoder)
 
 
 # ------------------------------------------------------------------------------------------ features

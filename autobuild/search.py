@@ -42,6 +42,7 @@ import numpy as np
 from multiquant.options import OptionTable
 
 from .configs import Knapsack, config_name, config_origin, solve_knapsack
+from multiquant.utils import default_device
 
 __all__ = ["DEFAULT_KEY", "option_design", "encode", "signature", "Surrogate", "fit_surrogate", "Proposal",
            "propose", "search", "best_within", "StoreMeasure", "measured_search", "add_search_arguments", "run_search"]
@@ -430,7 +431,7 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
     out = Path(args.out)
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     family = get_family(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(default_device())
     mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     scorer, settings = setup_scorer(family, pretrained=args.pretrained, tiny=args.tiny, device=device,
                                     mq_path=mq_path, num_images=args.num_images, image_seed=args.image_seed,

@@ -90,14 +90,7 @@ def _write_json(path: Path, obj) -> None:
         json.dump(_finite_or_none(json.loads(json.dumps(obj, default=_json_default))), f, indent=1, allow_nan=False)
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+from multiquant.utils import json_default as _json_default  # noqa: E402  (the one encoder)
 
 
 def _nanmean(values: Iterable[float]) -> float:

@@ -41,6 +41,7 @@ from multiquant.families import get_family  # noqa: E402
 from multiquant.families.inputs import example_inputs  # noqa: E402
 from multiquant.kernels import SCRATCH, use_packed_kernels  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
+from multiquant.utils import default_device  # noqa: E402
 
 
 def make_configs(names: list[str], layers) -> dict[str, dict]:
@@ -170,7 +171,7 @@ def _shapes_for(args, model_name: str, tiny: bool) -> list[tuple[int, int | None
 
 
 def run(args, workdir: Path) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     tiny = args.tiny or device.type != "cuda"
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: threads only spin-wait each other on a shared CPU

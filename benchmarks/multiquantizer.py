@@ -24,6 +24,7 @@ from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import ConfigApplier, sample_random_config  # noqa: E402
 from multiquant.families import get_family  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
+from multiquant.utils import default_device  # noqa: E402
 
 
 def reference_uaq_channel(row: torch.Tensor, bits: int) -> float:
@@ -95,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--apply_trials", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(default_device())
     family = get_family(args.model)
     model = family.build("full" if device == "cuda" else "tiny", device=device, dtype=family.dtype if device == "cuda" else torch.float32)
     layers = quantizable_layers(model, family)

@@ -39,7 +39,9 @@ def refiner_arg(args):
 def _device(arg):
     import torch
 
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .utils import default_device
+
+    return str(default_device(arg)) if arg is None else arg
 
 
 def load_denoiser(args, family_name: str | None = None, dtype=None):
@@ -271,7 +273,10 @@ def cmd_infer(args) -> int:
         family = get_family(args.model)
         loaded = load_for_scoring(family, args.pretrained, args.tiny, _device(args.device))
     denoiser = loaded.denoiser
-    tag = f"export_{Path(args.export).name}" if args.export else "fp16"
+    # FP runs are named by the precision they really ran in (a CPU run computes in float32)
+    weight_dtype = next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), None)
+    fp_tag = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(weight_dtype), "fp16")
+    tag = f"export_{Path(args.export).name}" if args.export else fp_tag
     if args.q_config:
         mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny, build=args.build_mq)
         config = validate_config(load_config(args.q_config), mq.layers, options=mq.options, fill=args.fill)

@@ -32,6 +32,7 @@ from .metrics.fid import feature_stats
 from .metrics.metric import FID_METHOD, is_feature_metric  # noqa: F401
 from .metrics.proxy import psnr, ssim
 from .options import FP_OPTION
+from .utils import default_device
 
 
 # -------------------------------------------------------------------------------------------- scorer
@@ -255,7 +256,7 @@ class Loaded:
 def load_for_scoring(family: FamilySpec, pretrained=None, tiny: bool = False, device=None) -> Loaded:
     """Load (or build tiny) the family's pipeline / module through its adapter."""
     adapter = adapter_for(family)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     pipe = adapter.tiny(family, device) if tiny else adapter.load(family, pretrained, device)
     return Loaded(family, adapter, pipe, adapter.denoiser(pipe), device)
 

@@ -18,8 +18,16 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> t
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+MIN_TILE_PX = 112  # small samples (28 px digits) are upscaled to at least this size so the grid is legible
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
+    """Write a grid PNG; ``scale`` (nearest-neighbour) defaults to the smallest integer factor that makes each
+    tile at least :data:`MIN_TILE_PX` pixels high."""
     from PIL import Image
+
+    if scale is None:
+        scale = max(1, -(-MIN_TILE_PX // max(1, int(images.shape[-2]))))
 
     grid = image_grid(images, nrow)
     arr = grid.permute(1, 2, 0).numpy()

@@ -246,3 +246,48 @@ def cast_module(model, dtype):
     if isinstance(model, nn.Module) and not getattr(model, "_keep_in_fp32_modules", None):
         return nn.Module.to(model, dtype)
     return model.to(dtype)
+
+
+def default_device(device=None):
+    """``device`` as a ``torch.device``; when not given, CUDA if available, else the CPU (the one default)."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def json_default(o):
+    """``json.dumps(..., default=json_default)``: numpy scalars / arrays and tensors as plain numbers / lists,
+    paths as strings (the one encoder for every JSON file the project writes)."""
+    import numpy as np
+
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if type(o).__module__.startswith("torch") and hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); pair with :func:`save_figure`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_uint8(images, value_range: tuple[float, float] = (0.0, 1.0)):
+    """Float images in ``value_range`` ((0, 1) for decoded pipelines, (-1, 1) for model space) -> uint8 on the
+    CPU, clamped and rounded as diffusers does before saving a PNG (the one conversion)."""
+    import torch
+
+    low, high = value_range
+    scaled = (images.float() - low) * (255.0 / (high - low))
+    return scaled.round().clamp(0, 255).to(torch.uint8).cpu()

@@ -15,6 +15,7 @@ from multiquant.mnist.classifier import (MNISTClassifier, classifier_outputs, lo
                                          save_classifier)
 from multiquant.mnist.quality import evaluation_plan, score_digits
 from multiquant.pipelines import MNISTDiTPipeline, build_scheduler
+from multiquant.utils import to_uint8
 
 HAVE_MNIST = all((constants.MNIST_DIR / f).is_file() for f in (data.IMAGE_FILE, data.LABEL_FILE))
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test set not found in {constants.MNIST_DIR} "
@@ -64,7 +65,7 @@ def test_real_digits_load():
     assert set(np.unique(labels).tolist()) == set(range(10))
     x = data.to_model_range(images[:8])
     assert x.shape == (8, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(data.to_uint8(x)[:, 0], torch.from_numpy(images[:8]))
+    assert torch.equal(to_uint8(x, data.MODEL_RANGE)[:, 0], torch.from_numpy(images[:8]))
 
 
 # --- classifier and reference statistics ---------------------------------------------------------------

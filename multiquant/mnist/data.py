@@ -92,6 +92,4 @@ def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float ``[-1, 1]`` -> uint8 ``[0, 255]`` (clamped, rounded)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+MODEL_RANGE = (-1.0, 1.0)  # pixel range the MNIST models work in (multiquant.utils.to_uint8(x, MODEL_RANGE))

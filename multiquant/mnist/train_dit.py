@@ -26,6 +26,7 @@ from ..families import get_family
 from ..families.mnist_dit import ASSET_DIR, NOISE_SCHEDULE, SAMPLER_KWARGS
 from . import cards
 from .data import load_split, to_model_range
+from ..utils import default_device
 
 
 # --- model surgery ---------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ema", type=float, default=0.9995)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=str(default_device()))
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--eval-grid", default="", help="quality after training, e.g. '20:1.0,20:1.5,10:1.5' (steps:guidance)")
     p.add_argument("--eval-images", type=int, default=1000)

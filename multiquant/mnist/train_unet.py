@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..utils import atomic_path
 from . import cards
 from .data import load_split, to_model_range
+from ..utils import default_device
 from .unet import NOISE_SCHEDULE, DDPMSampler, MNISTUNet, alphas_cumprod
 
 # the shipped pre-scored dataset and uniform baselines (scored with `qua2sedimo eval-random / eval-configs`)
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--ema", type=float, default=0.9995)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=str(default_device()))
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--eval-grid", default="", help="sampler choices scored after training, e.g. '50:large,100:small'")
     p.add_argument("--eval-images", type=int, default=1000)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import to_uint8
+from ..utils import to_uint8
+from .data import MODEL_RANGE
 
 # Training noise process: the classic DDPM one (linear betas, epsilon prediction).
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -233,4 +234,4 @@ class DDPMSampler:
             x = c["c_x0"] * x0 + c["c_xt"] * x
             if c["sigma"] > 0:
                 x = x + c["sigma"] * noise[i + 1]
-        return to_uint8(x).cpu()
+        return to_uint8(x, MODEL_RANGE)

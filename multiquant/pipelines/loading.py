@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..families import FamilySpec, get_family
+from .. import utils
 from ..utils import from_pretrained_kwargs
 
 TINY_LATENT_SIZE = 8
@@ -121,8 +122,7 @@ def _mnist_pipeline_class():
     return MNISTDiTPipeline
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+default_device = utils.default_device  # re-exported: callers import it from here
 
 
 def swap_scheduler(spec: FamilySpec, pipe) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .loading import denoiser_of, vae_scale_factor
+from ..utils import to_uint8  # noqa: F401  (re-exported: the one conversion)
 
 # Hunyuan-DiT's default micro-conditioning (HunyuanDiTPipeline: original_size=(1024, 1024), crops at (0, 0)).
 HUNYUAN_ORIGINAL_SIZE = (1024, 1024)
@@ -274,7 +275,3 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     images = vae.decode(latents, return_dict=False)[0]
     return (images / 2 + 0.5).clamp(0, 1)
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> uint8 on the CPU, rounded as diffusers does before saving a PNG."""
-    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from ..mnist.data import to_uint8
+from ..mnist.data import MODEL_RANGE
+from ..utils import to_uint8
 
 
 class MNISTDiTPipeline(DiffusionPipeline):
@@ -92,7 +93,7 @@ class MNISTDiTPipeline(DiffusionPipeline):
         chunks = [self._generate(labels[i:i + batch_size], seeds[i:i + batch_size], num_inference_steps,
                                  guidance_scale, progress) for i in range(0, len(labels), batch_size)]
         images = torch.cat(chunks) if chunks else torch.empty(0, 1, 28, 28)
-        return to_uint8(images) if output_type == "uint8" else images
+        return to_uint8(images, MODEL_RANGE) if output_type == "uint8" else images
 
     def _generate(self, labels, seeds, steps, guidance_scale, progress) -> torch.Tensor:
         device = self.device

@@ -633,7 +633,9 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
     out = Path(args.out)
     budgets = [float(b) for b in str(args.budgets).split(",") if b.strip()]
     family = get_family(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from multiquant.utils import default_device
+
+    device = args.device or str(default_device())
     mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     common = dict(pretrained=args.pretrained, tiny=args.tiny, device=device, mq_path=mq_path,
                   num_images=args.num_images, log=log, build_mq=bool(args.tiny and not args.mq))

@@ -113,7 +113,9 @@ def main(argv=None) -> dict:
     tag = f"pareto_{family.name}{'_tiny' if args.tiny else ''}"
     out_dir = Path(args.out) if args.out else RESULTS
     workdir = Path(args.workdir) if args.workdir else RESULTS / f"{tag}_work"
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from multiquant.utils import default_device
+
+    device = args.device or str(default_device())
     mq_path = Path(args.mq) if args.mq else (workdir / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     common = dict(tiny=args.tiny, device=device, mq_path=mq_path, num_images=args.num_images, log=log,
                   build_mq=bool(args.tiny and not args.mq))  # the tiny model's scratch checkpoint

@@ -17,7 +17,8 @@ from multiquant.mnist.quality import evaluation_plan, score_digits
 from multiquant.pipelines import MNISTDiTPipeline, build_scheduler
 from multiquant.utils import to_uint8
 
-HAVE_MNIST = all((constants.MNIST_DIR / f).is_file() for f in (data.IMAGE_FILE, data.LABEL_FILE))
+HAVE_MNIST = constants.MNIST_DIR is not None and all((constants.MNIST_DIR / f).is_file()
+                                                     for f in (data.IMAGE_FILE, data.LABEL_FILE))
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test set not found in {constants.MNIST_DIR} "
                                                         "(set QUA2SEDIMO_MNIST)")
 

@@ -14,7 +14,8 @@ from multiquant.mnist import data
 from multiquant.mnist.classifier import classifier_outputs, load_classifier
 from multiquant.mnist.unet import (NOISE_SCHEDULE, DDPMSampler, MNISTUNet, example_inputs, strided_timesteps)
 
-HAVE_MNIST = all((constants.MNIST_DIR / f).is_file() for f in (data.IMAGE_FILE, data.LABEL_FILE))
+HAVE_MNIST = constants.MNIST_DIR is not None and all((constants.MNIST_DIR / f).is_file()
+                                                     for f in (data.IMAGE_FILE, data.LABEL_FILE))
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test set not found in {constants.MNIST_DIR} "
                                                         "(set QUA2SEDIMO_MNIST)")
 

@@ -34,6 +34,8 @@ def test_pip_install_target_ships_data_and_writes_nothing_into_site_packages(tmp
     assert (shipped / "multiquantizers" / "mnist_dit_mq.safetensors").stat().st_size > 10e6
     assert (shipped / "quant_caches" / "mnist_dit" / "quant_cache.pkl").is_file()
     assert (shipped / "quant_configs" / "mnist_dit_35_search.pkl").is_file()
+    assert (shipped / "multiquantizers" / "mnist_unet_mq.safetensors").is_file()
+    assert (shipped / "quant_caches" / "mnist_unet" / "quant_cache.pkl").is_file()
     assert (target / "multiquant" / "assets" / "mnist_dit" / "diffusion_pytorch_model.safetensors").is_file()
     script = ("from pathlib import Path\n"
               "from multiquant.paths import constants, multiquantizer_path, shipped_cache\n"

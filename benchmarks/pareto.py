@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep_images", type=int, default=100, help="images of each one-layer measurement")
     p.add_argument("--max_evaluations", type=float, default=150, help="the optimiser's total")
     p.add_argument("--optimize_seconds", type=float, default=None, help="no new optimiser round after this")
+    p.add_argument("--deadline_s", type=float, default=None, help="no new row scored after this many seconds "
+                                                                  "from the start (rows left are listed)")
     p.add_argument("--search_rounds", type=int, default=2, help="measured search from the dataset (0: off)")
     p.add_argument("--search_per_budget", type=int, default=3)
     p.add_argument("--predictor_json", default=None, help="benchmarks/predictor.py's result to merge (default "
@@ -154,6 +156,9 @@ def main(argv=None) -> dict:
     opt = optimize(scorer.mq, budgets, measure, sweep_fn, ties, args.max_evaluations, seed=0, key=KEY,
                    max_seconds=args.optimize_seconds, log=log)
     timings["optimize_s"] = time.perf_counter() - started - sum(timings.values())
+    partial = workdir / "optimize_history.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(opt, indent=1, default=float))  # kept even if the rows run out of time
 
     # the rows
     named: dict[tuple[float, str], tuple[dict, float, dict]] = {}  # (budget, name) -> (config, evaluations, extra)
@@ -179,17 +184,25 @@ def main(argv=None) -> dict:
             log(f"search rows failed: {type(err).__name__}: {err}")
     timings["rows_s"] = time.perf_counter() - started - sum(timings.values())
 
-    items = list(named.items())
-    configs = [c for _, (c, _, _) in items]
-    scored = measure(configs, "main")
-    confirmed = measure(configs, "confirm")
+    # score in order of importance, in chunks, until the deadline (what is left is listed, not guessed)
+    items = sorted(named.items(), key=lambda kv: (_priority(kv[0][1]), kv[0][0]))
+    scored, confirmed = [None] * len(items), [None] * len(items)
+    deadline = started + args.deadline_s if args.deadline_s else float("inf")
+    for start in range(0, len(items), 6):
+        if time.perf_counter() > deadline:
+            log(f"deadline reached: {len(items) - start} row(s) not scored")
+            break
+        chunk = [c for _, (c, _, _) in items[start:start + 6]]
+        scored[start:start + 6] = measure(chunk, "main")
+        confirmed[start:start + 6] = measure(chunk, "confirm")
+    not_scored = sorted({f"{b:g}:{n}" for ((b, n), _), r in zip(items, scored) if r is None})
     timings["scoring_s"] = time.perf_counter() - started - sum(timings.values())
 
     rows = []
     for budget in budgets:
         methods = {}
         for ((b, name), (config, cost, extra)), rec, conf in zip(items, scored, confirmed):
-            if b != budget or float(rec["avg_bits"]) > budget + 1e-9:
+            if rec is None or b != budget or float(rec["avg_bits"]) > budget + 1e-9:
                 continue
             methods[name] = _row(rec, conf, cost, **extra)
         within = [r for r in records if float(r["avg_bits"]) <= budget + 1e-9]
@@ -203,18 +216,20 @@ def main(argv=None) -> dict:
                                    "evaluations": opt["evaluations"], "source": pick["source"]}
         rows.append({"budget": budget, "methods": methods})
     uniform4 = {n: m for n, m in zip([n for (_, n), _ in items], zip(scored, confirmed))
-                if n.startswith("uniform_") and n.endswith("-4")}
+                if n.startswith("uniform_") and n.endswith("-4") and m[0] is not None}
     uniform_fid = {n[len("uniform_"):]: {"fid": float(r[KEY]), "fid_confirm": float(c[KEY]),
                                          "avg_bits": float(r["avg_bits"])}
-                   for (b, n), r, c in zip([k for k, _ in items], scored, confirmed) if n.startswith("uniform_")}
-    fp16 = measure([{k: "fp16" for k in space.table.keys}], "main")[0] if not args.tiny else None
+                   for (b, n), r, c in zip([k for k, _ in items], scored, confirmed)
+                   if n.startswith("uniform_") and r is not None}
+    fp16 = (measure([{k: "fp16" for k in space.table.keys}], "main")[0]
+            if not args.tiny and time.perf_counter() < deadline else None)
     result = {
         "model": family.name, "optimizer": "autobuild.optimize", "optimizer_evaluations": opt["evaluations"],
         "optimizer_detail": {k: opt[k] for k in ("full_evaluations", "sweep_evaluations", "confirm_evaluations",
                                                  "rounds", "settings")},
         "uniform4_best_confirm": min(c[KEY] for _, c in uniform4.values()) if uniform4 else None,
         "uniform": uniform_fid, "fp16_fid": float(fp16[KEY]) if fp16 else None,
-        "budgets": rows, "goals": _goals(rows, uniform4),
+        "budgets": rows, "goals": _goals(rows, uniform4), "not_scored": not_scored,
         "predictor": {k: v for k, v in pred.items() if k not in ("quality_dir",)},
         "sweeps": {"images": args.sweep_images, "metric": "FID-FP of the layer alone at the method's lowest width",
                    "cost_evaluations": sweep_cost, "ranking": _sweep_ranking(space, sweeps)},
@@ -235,6 +250,13 @@ def main(argv=None) -> dict:
     result["plot"] = str(plot(result, records if not args.tiny else [], out_dir / f"{tag}.png"))
     write_result(tag, result, out_dir)
     return result
+
+
+PRIORITY = ("uniform_", "exact_best", "greedy_best", "build_config", "search", "exact_", "greedy_")
+
+
+def _priority(name: str) -> int:
+    return next((i for i, p in enumerate(PRIORITY) if name.startswith(p)), len(PRIORITY))
 
 
 def _build_rows(named, pred_dir, scorer, family, budgets, workdir, args, n_records) -> None:

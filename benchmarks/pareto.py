@@ -239,6 +239,7 @@ def main(argv=None) -> dict:
                      "device": device, "search_rounds": args.search_rounds},
         "environment": environment(), "timings": timings, "seconds": time.perf_counter() - started,
     }
+    fill_from_history(result, opt)
     try:
         result["insights"] = dataset_insights(space, records, sweeps)
     except Exception as err:  # noqa: BLE001 - the figures above stand without it
@@ -286,6 +287,38 @@ def _search_rows(named, scorer, settings, records, budgets, workdir, args, log) 
             named[(float(b), "search")] = (best["config"], len(records) + search["settings"]["n_search"],
                                            {"source": best["source"]})
     return search
+
+
+def fill_from_history(result: dict, history: dict) -> dict:
+    """Rows the deadline left unscored whose configuration the optimiser measured itself (its uniform anchors
+    are the ``uniform_*`` rows, its knapsack seeds the ``exact_*`` rows: the same solver on the same sweeps):
+    their seed FID from the optimiser's record (same scorer, same protocol), ``fid_confirm`` only where the
+    optimiser confirmed them. Marked ``from_optimizer_history``."""
+    sweep_cost = result["sweeps"]["cost_evaluations"]
+    for row in result["budgets"]:
+        budget = row["budget"]
+        for entry in history["history"]:
+            source = entry["source"]
+            if source.startswith("uniform_") and entry["avg_bits"] <= budget + 1e-9:
+                name, cost = source, 1.0
+            elif source.startswith("knapsack_") and entry["budget"] == budget:
+                method = source[len("knapsack_"):]
+                name = f"exact_{method}"
+                cost = (sum(sweep_cost.values()) if method == "best" else sweep_cost.get(method, 0.0)) + 1
+            else:
+                continue
+            if name not in row["methods"]:
+                row["methods"][name] = {"avg_bits": entry["avg_bits"], "fid": entry["fid"],
+                                        "fid_confirm": entry.get("fid_confirm"), "evaluations": cost,
+                                        "from_optimizer_history": True}
+    for entry in history["history"]:
+        if entry["source"].startswith("uniform_"):
+            result.setdefault("uniform", {}).setdefault(entry["source"][len("uniform_"):], {
+                "fid": entry["fid"], "fid_confirm": entry.get("fid_confirm"), "avg_bits": entry["avg_bits"],
+                "from_optimizer_history": True})
+    seeds = [u["fid"] for o, u in result.get("uniform", {}).items() if o.endswith("-4")]
+    result["uniform4_best_seed"] = min(seeds) if seeds else None
+    return result
 
 
 def _predictor_result(args, family) -> dict:
@@ -426,5 +459,17 @@ def plot(result: dict, records, path: Path) -> Path:
     return path
 
 
+def refill(result_path: str, history_path: str) -> dict:
+    """``python benchmarks/pareto.py --refill RESULT.json HISTORY.json``: apply :func:`fill_from_history` to a
+    result written before it existed (the rows are marked; nothing is re-scored)."""
+    result = json.loads(Path(result_path).read_text())
+    fill_from_history(result, json.loads(Path(history_path).read_text()))
+    Path(result_path).write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--refill":
+        refill(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -44,6 +44,10 @@ def main(argv=None) -> dict:
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--keep", default=None, help="where the quality-target ensemble goes (default "
                                                 "benchmarks/results/predictor_<model>_work/quality)")
+    p.add_argument("--targets", default="default,quality", help="comma list of: default, quality")
+    p.add_argument("--prior", default="auto", choices=("auto", "ridge", "none"),
+                   help="the GNN's ridge prior: per fold with or without by validation (auto), always, never")
+    p.add_argument("--merge", action="store_true", help="keep the targets already in the result file")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from autobuild.dag import units
@@ -56,20 +60,26 @@ def main(argv=None) -> dict:
     keep = Path(args.keep) if args.keep else RESULTS / f"predictor_{args.model}_work" / "quality"
     started = time.perf_counter()
     out = {}
-    for name, target in TARGETS.items():
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    prior = {"auto": "auto", "ridge": True, "none": False}[args.prior]
+    for name, target in ((n, TARGETS[n]) for n in wanted):
         metrics = train_predictor(records, graph, target, folds=args.folds, epochs=args.epochs, seed=12345,
                                   device=args.device, out_dir=keep if name == "quality" else keep.parent / name,
                                   units=units(graph, "block"), log=None,
                                   options=TrainOptions(workers=args.workers, tabular_baselines=True,
-                                                       linear_prior="auto"))
-        out[name] = (summary(metrics), {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"]}
-                                        for b, v in metrics["baselines"].items()})
+                                                       linear_prior=prior))
+        out[name] = (dict(summary(metrics), prior=args.prior, device=args.device),
+                     {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"]} for b, v in metrics["baselines"].items()})
         print(f"{name}: SRCC {metrics['srcc_mean']:.4f}; " + ", ".join(f"{b} {v['srcc_mean']:.4f}"
                                                                      for b, v in metrics["baselines"].items()))
+    path = (Path(args.out) if args.out else RESULTS) / f"predictor_{args.model}.json"
+    old = json.loads(path.read_text()).get("predictor", {}) if args.merge and path.exists() else {}
+    predictor = {name: old[name] for name in TARGETS if name in old and name not in out}
+    predictor.update({name: s for name, (s, _) in out.items()})
+    baselines = dict(old.get("baselines", {}))
+    baselines.update({name: b for name, (_, b) in out.items()})
     result = {"model": args.model, "dataset": cache, "num_configs": len(records),
-              "predictor": {"default": out["default"][0], "quality": out["quality"][0],
-                            "baselines": {name: b for name, (_, b) in out.items()},
-                            "quality_dir": str(keep)},
+              "predictor": {**predictor, "baselines": baselines, "quality_dir": str(keep)},
               "goals": {"srcc": ">= 0.9 on both targets",
                         "gnn_vs_ridge": "where ridge_learned < 0.85, the GNN beats it by >= 0.05"},
               "environment": environment(), "seconds": time.perf_counter() - started}

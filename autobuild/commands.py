@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from multiquant.errors import UserError
+
 
 def cmd_dag(args) -> int:
     from .dag.cli import run_dag
 
-    run_dag(args.model, full_size=args.full_size, out=args.out, render=not args.no_render)
+    if args.tiny and args.full_size:
+        raise UserError("dag: --tiny and --full-size contradict each other: pass one")
+    run_dag(args.model, full_size=not args.tiny, out=args.out, render=not args.no_render, pretrained=args.pretrained)
     return 0
 
 

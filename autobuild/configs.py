@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from multiquant import knapsack
+from multiquant.cli_flags import add_model_flags
 from multiquant.errors import InputError, MissingFileError
 from multiquant.knapsack import BudgetError, pareto_prune
 from multiquant.options import OptionTable, avg_bits_of, option_of, size_budget
@@ -367,12 +368,14 @@ def add_build_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentP
                                               "(default multiquantizers/<model>_mq.safetensors)")
     p.add_argument("--cache", default=None, help="quant_cache.pkl to take the option table from when there is "
                                                  "no multiquantizer")
-    p.add_argument("--model", default=None, help="model family (default: the predictor's)")
+    add_model_flags(p, required=False, weights=False, device=False, model_help="model family (default: the "
+                    "predictor's)", tiny_help="= --size tiny")
     p.add_argument("--avg_bits", type=float, default=None, help="budget: average bits incl. overhead, e.g. 3.5")
     p.add_argument("--pareto", action="store_true", help="sweep --budgets into a front (JSON + PNG + configs)")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS),
                    help="comma list of budgets for --pareto")
-    p.add_argument("--level", choices=("block", "node"), default="block")
+    p.add_argument("--level", choices=("block", "node"), default="block",
+                   help="unit level of the scores: block (default) or node (one unit per layer)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size the predictor's DAG "
                                                                           "was traced from")
     p.add_argument("--out", default=None, help="output directory (default quant_configs/)")
@@ -405,7 +408,8 @@ def run_build_config(args) -> int:
     target = json.loads((Path(args.predictor) / "ensemble.json").read_text()).get("target")
     print(f"build-config: {args.level}-level unit scores of the predictor in {args.predictor} (target {target!r}); "
           f"the other level: --level {'node' if args.level == 'block' else 'block'}")
-    scores, table, spec = predictor_scores(args.predictor, source, model, args.level, args.size, log=print)
+    size = "tiny" if args.tiny else args.size
+    scores, table, spec = predictor_scores(args.predictor, source, model, args.level, size, log=print)
     out_dir = Path(args.out) if args.out else _default_config_dir()
     if args.avg_bits is not None:
         build_config(args.predictor, table, spec, args.avg_bits, args.level, out_dir, args.name, scores=scores,

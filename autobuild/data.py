@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from .pyg import Data
 
+from multiquant.errors import UserError
 from multiquant.options import FP_BITS, FP_OPTION, Option
 
 __all__ = ["QUANT_CODES", "BIT_CODES", "NUM_QUANT_CODES", "NUM_BIT_CODES", "option_codes", "GraphTemplate",
@@ -57,6 +58,13 @@ def numeric_features(entry: Sequence) -> tuple[float, float]:
     ratio = fp_bytes / quant_bytes if quant_bytes > 0 else 1.0
     error = error if math.isfinite(error) and error > 0 else 0.0
     return ratio, math.log1p(100.0 * error)
+
+
+class LayerMismatchError(UserError, KeyError):
+    """A configuration lacks a layer of the DAG: records and DAG are of different models (a KeyError too)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0])
 
 
 @dataclass
@@ -141,8 +149,10 @@ class GraphTemplate:
                 return config[key]
         if missing == "fp16":
             return ("fp16", 1.0, 1.0, 0.0)
-        raise KeyError(f"configuration has no entry for layer {self.keys[i]!r} (node {self.nodes[i]!r}); "
-                       f"pass missing='fp16' to treat absent layers as unquantized")
+        raise LayerMismatchError(
+            f"a configuration has no entry for layer {self.keys[i]!r} (node {self.nodes[i]!r}): the records are of "
+            f"another model than the DAG's ({self.family or 'unnamed'}; check --model/--family and --tiny/--size); if layers "
+            f"were left out on purpose, train-predictor --missing fp16 treats them as unquantized")
 
     def encode(self, config: Mapping, missing: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-config features: (quant/bit codes [N, 2] long, numeric [N, 2] float)."""

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from multiquant.cli_flags import add_model_flags
 from multiquant.errors import InputError, MissingFileError
 
 from .configs import DEFAULT_PARETO_BUDGETS, plot_pareto, score_config
@@ -463,14 +464,13 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (index.html)")
     p.add_argument("--mq", default=None, help="multiquantizer or option table (default multiquantizers/<model>_mq."
                                               "safetensors, else the table seen in --cache)")
-    p.add_argument("--model", default=None, help="model family (default: the predictor's)")
+    add_model_flags(p, required=False, model_help="model family (default: the predictor's)",
+                    tiny_help="tiny random denoiser for the samples (smoke tests)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size of the predictor's DAG")
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS))
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS),
+                   help="comma list of average-bit budgets of the predicted Pareto front")
     p.add_argument("--samples", type=int, default=0, help="render this many FP16 vs quantized samples (0: only use "
                                                           "images saved by eval-configs --save_images)")
-    p.add_argument("--pretrained", default=None)
-    p.add_argument("--tiny", action="store_true", help="tiny random denoiser for the samples (smoke tests)")
-    p.add_argument("--device", default=None)
     p.add_argument("--no_embed", action="store_true", help="link the PNGs instead of embedding them")
     return p
 

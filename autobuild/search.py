@@ -39,6 +39,8 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from multiquant.cli_flags import add_model_flags
+from multiquant.errors import InputError
 from multiquant.options import OptionTable
 
 from .configs import Knapsack, config_name, config_origin, solve_knapsack
@@ -135,7 +137,7 @@ def _log_targets(records: Sequence[Mapping], key: str) -> np.ndarray:
     values = np.array([float(r[key]) if key in r else np.nan for r in records], dtype=np.float64)
     bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
     if len(bad):
-        raise ValueError(f"{len(bad)} record(s) have no finite positive {key!r} (first: record {bad[0]}, value "
+        raise InputError(f"{len(bad)} record(s) have no finite positive {key!r} (first: record {bad[0]}, value "
                          f"{values[bad[0]]}): the surrogate models log({key}); drop or re-score those records")
     return np.log(values)
 
@@ -146,7 +148,7 @@ def fit_surrogate(records: Sequence[Mapping], columns: Sequence[tuple[str, str]]
     from sklearn.linear_model import BayesianRidge
 
     if len(records) < 2:
-        raise ValueError("the surrogate needs at least 2 measured configurations to start from")
+        raise InputError("the surrogate needs at least 2 measured configurations to start from")
     model = BayesianRidge().fit(encode(records, columns), _log_targets(records, key))
     return Surrogate(model, list(columns), dict(ties or {}), len(records))
 
@@ -377,22 +379,19 @@ def add_search_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                  "(same protocol as this scorer)")
     p.add_argument("--num_random", type=int, default=0, help="also score this many random configurations (seed 0) "
                                                              "as starting data, e.g. without --cache (--tiny)")
-    p.add_argument("--model", required=True, help="model family, e.g. mnist_dit")
+    add_model_flags(p, model_help="model family, e.g. mnist_dit", tiny_help="tiny random denoiser (smoke runs)")
     p.add_argument("--budgets", default="3.3,3.5,3.7,3.9", help="comma list of average-bit budgets")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=4, help="rounds of fit, propose, measure")
     p.add_argument("--per_budget", type=int, default=3, help="new configurations per budget per round")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the search")
     p.add_argument("--key", default=DEFAULT_KEY, help="metric to minimise (modelled as log(key); must be > 0)")
     p.add_argument("--out", required=True, help="run directory: scored records (resumable), search.json")
     p.add_argument("--config_dir", default=None, help="where the best configurations go (default OUT/configs)")
-    p.add_argument("--device", default=None)
     p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's, "
                                                                 "the dataset's protocol)")
-    p.add_argument("--image_seed", type=int, default=42)
-    p.add_argument("--tiny", action="store_true", help="tiny random denoiser (smoke runs)")
+    p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise")
     p.add_argument("--mq", default=None, help="multiquantizer (default multiquantizers/<model>_mq.safetensors; "
                                               "--tiny: OUT/<model>_tiny_mq.safetensors)")
-    p.add_argument("--pretrained", default=None)
     return p
 
 
@@ -406,10 +405,10 @@ def _input_records(args, scorer, settings, out: Path, table: OptionTable, log) -
         score_into_store(scorer, store, random_configs(scorer.mq.layers, 0, args.num_random), log=log)
         records += store.records()
     if not records:
-        raise ValueError("no configurations to start from: pass --cache (the scored dataset) or --num_random N")
+        raise InputError("no configurations to start from: pass --cache (the scored dataset) or --num_random N")
     wrong = next((r for r in records if set(r["config"]) != set(table.keys)), None)
     if wrong is not None:
-        raise ValueError(f"{args.cache}: its configurations have other layers ({len(wrong['config'])}) than the "
+        raise InputError(f"{args.cache}: its configurations have other layers ({len(wrong['config'])}) than the "
                          f"{'tiny ' if args.tiny else ''}{args.model} multiquantizer ({len(table.keys)}): use the "
                          f"cache of this model")
     counts = {r.get("num_images") for r in records} - {None}

@@ -12,6 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
+from multiquant.cli_flags import add_model_flags
 from multiquant.errors import UserError
 
 __all__ = ["add_train_predictor_arguments", "run_train_predictor", "load_records", "family_graph"]
@@ -20,20 +21,21 @@ __all__ = ["add_train_predictor_arguments", "run_train_predictor", "load_records
 def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train-predictor`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
     p.add_argument("--cache", required=True, type=Path, help="quant_cache.pkl (list of scored-config records)")
-    p.add_argument("--model", required=True, help="model family of the cache, e.g. mnist_dit, dit, pixart_alpha")
+    add_model_flags(p, weights=False, device=False, model_help="model family of the cache, e.g. mnist_dit, dit, "
+                                                               "pixart_alpha", tiny_help="= --size tiny")
     p.add_argument("--target", default="-1*FID-GT-1k - avg_bits*150",
                    help="expression over record keys; higher = better configuration")
-    p.add_argument("--loss", choices=("srcc", "ndcg", "hybrid"), default="srcc")
+    p.add_argument("--loss", choices=("srcc", "ndcg", "hybrid"), default="srcc", help="ranking loss")
     p.add_argument("--out", required=True, type=Path, help="output directory (ensemble + metrics.json)")
     p.add_argument("--epochs", type=int, default=300, help="maximum epochs per fold (early stopping on validation)")
-    p.add_argument("--patience", type=int, default=40)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--patience", type=int, default=40, help="epochs without validation gain before a fold stops")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (= ensemble members)")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the fold split and every initialisation")
+    p.add_argument("--device", default="cpu", help="training device")
     p.add_argument("--batch-size", type=int, default=128, help="graphs per step (0 = the whole training part)")
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=64, help="hidden width of the GNN")
     p.add_argument("--layers", type=int, default=4, help="GATv2 layers = hop levels - 1")
-    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--heads", type=int, default=1, help="attention heads per GATv2 layer")
     p.add_argument("--workers", type=int, default=1, help="folds trained in parallel processes (CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per fold")
     p.add_argument("--size", choices=("full", "tiny"), default="full",
@@ -61,11 +63,8 @@ def family_graph(model: str, size: str = "full"):
     device, or the tiny one on the CPU."""
     from multiquant.families import get_family
 
-    try:
-        from autobuild.dag import build_dag
-    except ImportError as err:  # hook: the DAG builder is a separate module
-        raise UserError("autobuild.dag.build_dag is not available; build the graph yourself and call "
-                        "autobuild.train.train_predictor(records, graph, ...) directly") from err
+    from autobuild.dag import build_dag
+
     family = get_family(model)
     denoiser = family.build(size, device="meta" if size == "full" else "cpu")
     return build_dag(denoiser, family)
@@ -83,7 +82,7 @@ def run_train_predictor(args) -> int:
     from autobuild.train import TrainOptions, train_predictor
 
     records = load_records(args.cache)
-    graph = family_graph(args.model, args.size)
+    graph = family_graph(args.model, "tiny" if args.tiny else args.size)
     options = TrainOptions(hidden=args.hidden, layers=args.layers, heads=args.heads, patience=args.patience,
                            workers=args.workers, threads=args.threads, missing=args.missing, learn=args.learn)
     print(f"{len(records)} records, graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges")

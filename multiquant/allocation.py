@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import knapsack
+from .cli_flags import add_model_flags
 from .errors import InputError
 from .knapsack import BudgetError
 from .options import DEFAULT_METHOD, FP_BITS, MAX_BITS, METHODS, MIN_BITS, Option
@@ -244,16 +245,16 @@ def check_same_model(sens: dict, flops: dict, sens_path, flops_path, model: str 
     s_model, s_tiny = sens["settings"].get("model"), bool(sens["settings"].get("tiny", False))
     f_model, f_tiny = flops.get("model"), bool(flops.get("tiny", False))
     if model is not None and model != s_model:
-        raise ValueError(f"the sensitivity file {sens_path} is for model {s_model!r}, not {model!r}. "
+        raise InputError(f"the sensitivity file {sens_path} is for model {s_model!r}, not {model!r}. "
                          f"Fix: pass that model's file (qua2sedimo sensitivity --model {model})")
     if (s_model, s_tiny) != (f_model, f_tiny):
-        raise ValueError(f"the sensitivity file {sens_path} is for {s_model!r}{' (tiny)' if s_tiny else ''} but the "
+        raise InputError(f"the sensitivity file {sens_path} is for {s_model!r}{' (tiny)' if s_tiny else ''} but the "
                          f"FLOPs file {flops_path} is for {f_model!r}{' (tiny)' if f_tiny else ''}. Fix: "
                          f"`qua2sedimo flops --model {s_model}{' --tiny' if s_tiny else ''}` and pass its file")
     flops_keys = {entry["key"] for entry in flops["layers"]}
     unknown = [e["key"] for e in sens["layers"] if e["key"] not in flops_keys]
     if unknown:
-        raise ValueError(f"{len(unknown)} layer(s) of the sensitivity file {sens_path} are not in the model of "
+        raise InputError(f"{len(unknown)} layer(s) of the sensitivity file {sens_path} are not in the model of "
                          f"{flops_path} (e.g. {unknown[0]!r}): the files come from different architectures. "
                          f"Fix: regenerate one of them for the same model")
 
@@ -279,10 +280,10 @@ def parse_bits(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     try:
         bits = tuple(sorted({int(b) for b in str(text).split(",") if b.strip()}))
     except ValueError:
-        raise ValueError(f"--bits must be a comma list of integers like 4,8,16, got {text!r}") from None
+        raise InputError(f"--bits must be a comma list of integers like 4,8,16, got {text!r}") from None
     bad = [b for b in bits if not (MIN_BITS <= b <= MAX_BITS or b == FP_BITS)]
     if not bits or bad:
-        raise ValueError(f"--bits must list widths in 2..8 or 16 (fp16), got {text!r}")
+        raise InputError(f"--bits must list widths in 2..8 or 16 (fp16), got {text!r}")
     return bits
 
 
@@ -312,15 +313,15 @@ def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_mult
                   act_bits: int = ACT_BITS) -> Problem:
     """The knapsack of ``sens`` x ``flops`` for a BOPs budget (``budget_multiplier``) or an average-bits one."""
     if (budget_multiplier is None) == (budget_bits is None):
-        raise ValueError("give exactly one of --budget_multiplier X (BOPs) and --budget_bits B (average bits)")
+        raise InputError("give exactly one of --budget_multiplier X (BOPs) and --budget_bits B (average bits)")
     scores = {e["key"]: float(e["sensitivity"]) for e in sens["layers"]}
     all_items = search_items(flops)
     items = [it for it in all_items if it.key in scores]
     fixed = [it for it in all_items if it.key not in scores]
     if not items:
-        raise ValueError("no layer of the sensitivity file is a search layer of the model (are they tied copies?)")
+        raise InputError("no layer of the sensitivity file is a search layer of the model (are they tied copies?)")
     if unmeasured not in ("highest", "lowest"):
-        raise ValueError(f"unmeasured must be 'highest' or 'lowest', got {unmeasured!r}")
+        raise InputError(f"unmeasured must be 'highest' or 'lowest', got {unmeasured!r}")
     fixed_bits = bits[-1] if unmeasured == "highest" else bits[0]
     values = value_table([scores[it.key] for it in items], bits)
     if budget_multiplier is not None:
@@ -330,7 +331,7 @@ def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_mult
         fixed_cost = float(sum(it.macs for it in fixed) * fixed_bits * act_bits)
         reference = float(sum(it.macs for it in all_items) * FP_BITS * act_bits)
         if reference <= 0:
-            raise ValueError("the FLOPs file has no MACs for these layers: re-run `qua2sedimo flops`")
+            raise InputError("the FLOPs file has no MACs for these layers: re-run `qua2sedimo flops`")
         budget = budget_multiplier * reference
         unit, scale = _unit_for(reference)
     else:
@@ -530,7 +531,9 @@ def add_optimize_parser(subparsers):
                    help="greedy bang-for-buck (default) or the exact MILP optimum (scipy HiGHS)")
     p.add_argument("--unmeasured", default="highest", choices=["highest", "lowest"],
                    help="bit width of layers the sensitivity file does not cover (e.g. after --max_layers)")
-    p.add_argument("--model", default=None, help="optional check: refuse a sensitivity file of another model")
-    p.add_argument("--outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"))
+    add_model_flags(p, required=False, weights=False, tiny=False, device=False,
+                    model_help="optional check: refuse a sensitivity file of another model")
+    p.add_argument("--outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
+                   help="output folder of the allocation JSON (and the configuration with --budget_bits)")
     p.set_defaults(func=cmd_optimize_mixed_precision)
     return p

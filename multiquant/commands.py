@@ -14,34 +14,9 @@ from pathlib import Path
 from multiquant.paths import constants
 
 
-def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--model", required=model_required, help="model family (qua2sedimo families lists them)")
-    p.add_argument("--pretrained", default=None, help="local pipeline/denoiser directory or hub id (default: the family's)")
-    p.add_argument("--tiny", action="store_true", help="use a tiny random denoiser (tests, smoke runs)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-
-
-def add_refiner_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refiner", default=None, help="SDXL: local refiner pipeline directory or hub id "
-                                                   "(default: the family's refiner, kept FP16)")
-    p.add_argument("--no_refiner", action="store_true", help="SDXL: the base model runs the whole schedule")
-
-
-def refiner_arg(args):
-    """None (the family's protocol), False (--no_refiner) or the --refiner location."""
-    if getattr(args, "no_refiner", False):
-        if getattr(args, "refiner", None):
-            raise ValueError("give --refiner DIR or --no_refiner, not both")
-        return False
-    return getattr(args, "refiner", None)
-
-
-def _device(arg):
-    import torch
-
-    from .utils import default_device
-
-    return str(default_device(arg)) if arg is None else arg
+from .cli_flags import add_model_flags, add_refiner_args, refiner_arg
+from .cli_flags import default_device as _device
+from .errors import InputError, UserError
 
 
 def load_denoiser(args, family_name: str | None = None, dtype=None):
@@ -135,12 +110,12 @@ def cmd_export_table(args) -> int:
 
 # ------------------------------------------------------------------------------------- evaluation
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
+    add_model_flags(p)
     add_refiner_args(p)
     p.add_argument("--outdir", required=True, help="run directory: quant_cache.pkl, records/, run_meta.json")
     p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's 1000)")
     p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise (same for every config)")
-    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=None, help="images per denoiser batch (default: the family's)")
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint (default multiquantizers/<model>_mq.safetensors)")
     _add_build_mq_arg(p)
     p.add_argument("--coco_path", default=None, help="captions_val2017.json (default: constants / QUA2SEDIMO_COCO_CAPTIONS)")
@@ -214,7 +189,7 @@ def named_configs(args, layers) -> list[tuple[str, dict, dict | None]]:
     if args.fp16:
         items.append(("fp16", uniform_config(layers, "fp16"), {"kind": "fp16"}))
     if not items:
-        raise ValueError("no configurations given: pass --configs FILE..., --uniform mse-4,kmeans-4,... or --fp16")
+        raise InputError("no configurations given: pass --configs FILE..., --uniform mse-4,kmeans-4,... or --fp16")
     return items
 
 
@@ -256,9 +231,9 @@ def cmd_infer(args) -> int:
 
         info = read_export_info(args.export)
         if args.model and args.model != info["family"]:
-            raise ValueError(f"--export {args.export} holds family {info['family']!r}, not --model {args.model!r}")
+            raise InputError(f"--export {args.export} holds family {info['family']!r}, not --model {args.model!r}")
         if args.q_config:
-            raise ValueError("--export already holds its configuration: leave out --q_config")
+            raise InputError("--export already holds its configuration: leave out --q_config")
         family = get_family(info["family"])
         device = _device(args.device)
         packed = load_quantized(args.export, device=device)
@@ -269,7 +244,7 @@ def cmd_infer(args) -> int:
         loaded = Loaded(family, adapter, adapter.with_denoiser(pipe, packed), packed, device)
     else:
         if not args.model:
-            raise ValueError("give --model (or --export DIR)")
+            raise InputError("give --model (or --export DIR)")
         family = get_family(args.model)
         loaded = load_for_scoring(family, args.pretrained, args.tiny, _device(args.device))
     denoiser = loaded.denoiser
@@ -314,7 +289,7 @@ def cmd_export(args) -> int:
     from .families import get_family
 
     if not (args.q_config or args.uniform):
-        raise ValueError("no configuration given: pass --q_config FILE (.pkl/.json) or --uniform mse-4")
+        raise InputError("no configuration given: pass --q_config FILE (.pkl/.json) or --uniform mse-4")
     # the family's precision even on a CPU: export only packs, it runs no forward
     family, denoiser = load_denoiser(args, dtype=get_family(args.model).dtype)
     mq = load_or_build_multiquantizer(family, denoiser, args.mq, tiny=args.tiny, build=args.build_mq)
@@ -336,6 +311,9 @@ def cmd_load_check(args) -> int:
     from .export import check_export, read_export_info
 
     info = read_export_info(args.dir)
+    if args.model and args.model != info["family"]:
+        raise UserError(f"{args.dir} was exported from family {info['family']!r}, not {args.model!r}: pass that "
+                        f"family, or no --model/--family")
     device = _device(args.device)
     dtype = getattr(torch, args.dtype or info["dtype"])  # default: the dtype it was exported in (exact)
     simulated = None
@@ -357,17 +335,17 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_families)
 
     p = sub.add_parser("inspect", help="quantizable layers and FP size of a denoiser")
-    _add_model_args(p)
+    add_model_flags(p)
     p.add_argument("--full-size", action="store_true", help="full-size architecture on the meta device (no weights)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
     p.add_argument("--layers", action="store_true", help="also list every layer")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("multiquantizer", help="build the multiquantizer checkpoint (all options of all layers)")
-    _add_model_args(p)
-    p.add_argument("--bits", default="4,3")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kmeans_iters", type=int, default=100)
+    add_model_flags(p)
+    p.add_argument("--bits", default="4,3", help="comma list of bit widths to build every method at (default 4,3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the K-Means initialisation (default 0)")
+    p.add_argument("--kmeans_iters", type=int, default=100, help="K-Means iterations per layer (default 100)")
     p.add_argument("--out", default=None, help="file or directory (default multiquantizers/<model>_mq.safetensors; "
                                                "--tiny: <model>_tiny_mq.safetensors)")
     p.add_argument("--overwrite", action="store_true",
@@ -376,13 +354,13 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_multiquantizer)
 
     p = sub.add_parser("export-table", help="write a checkpoint's per-layer option table (_mq.pkl / .json)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="multiquantizer checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, help="output file: .pkl (the reference's _mq.pkl) or .json")
     p.set_defaults(func=cmd_export_table)
 
     p = sub.add_parser("eval-random", help="score random configurations into quant_cache.pkl (resumable, torchrun-able)")
     _add_eval_args(p)
-    p.add_argument("--num_archs", type=int, default=500)
+    p.add_argument("--num_archs", type=int, default=500, help="random configurations to score (default 500)")
     p.add_argument("--seed", type=int, default=42, help="configuration seed: config i is a function of (seed, i)")
     p.add_argument("--a_l", type=float, default=0.0, help="lower bound of the per-config 3-bit probability")
     p.add_argument("--a_u", type=float, default=1.0, help="upper bound of the per-config 3-bit probability")
@@ -396,27 +374,27 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval_configs)
 
     p = sub.add_parser("infer", help="generate images with a quantization configuration or a packed export")
-    _add_model_args(p, model_required=False)
+    add_model_flags(p, required=False, model_help="model family (default with --export: the export's)")
     p.add_argument("--q_config", default=None, help="quant_configs/<model>_<bits>.pkl or .json (default: FP16)")
     p.add_argument("--export", default=None, help="a packed export directory (qua2sedimo export): generate with it")
     add_refiner_args(p)
     p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
     p.add_argument("--mq", default=None, help="multiquantizer checkpoint")
     _add_build_mq_arg(p)
-    p.add_argument("--prompt", default="a lion riding a bike in Paris")
+    p.add_argument("--prompt", default="a lion riding a bike in Paris", help="text prompt (text families)")
     p.add_argument("--cls_id", type=int, default=None, help="class label (DiT: ImageNet id; mnist_dit: digit)")
-    p.add_argument("--n_imgs", type=int, default=4)
-    p.add_argument("--outdir", default="samples")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--n_imgs", type=int, default=4, help="number of images (default 4)")
+    p.add_argument("--outdir", default="samples", help="output folder; images go to OUTDIR/<config name> (default samples)")
+    p.add_argument("--seed", type=int, default=42, help="base seed of the per-image noise (default 42)")
     p.add_argument("--res", type=int, default=None, help="resolution (default: the family's)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's)")
     p.add_argument("--quant_act", action="store_true", help="online token-wise activation quantization")
-    p.add_argument("--act_bit", type=int, default=8, choices=[8, 6, 4])
+    p.add_argument("--act_bit", type=int, default=8, choices=[8, 6, 4], help="activation bits with --quant_act (default 8)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("export", help="write a configuration as a packed model (real sub-4-bit weights)")
-    _add_model_args(p)
+    add_model_flags(p)
     p.add_argument("--q_config", default=None, help="configuration file (.pkl/.json)")
     p.add_argument("--uniform", default=None, help="or one option for every layer, e.g. mse-4")
     p.add_argument("--fill", default=None, help="option for layers missing from the file (default: error)")
@@ -427,12 +405,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("load-check", help="load a packed export and run one forward (optionally vs the simulation)")
     p.add_argument("dir", help="export directory")
-    p.add_argument("--device", default=None)
+    add_model_flags(p, required=False, model_help="the export's family (default: the one it records; give --family "
+                                                  "for your own)", tiny_help="with --compare: the tiny random denoiser")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 (default: the exported one)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="batch size of the test forward")
     p.add_argument("--compare", action="store_true", help="also build the simulated configuration and compare")
-    p.add_argument("--pretrained", default=None, help="with --compare: the FP weights (default: the family's)")
-    p.add_argument("--tiny", action="store_true", help="with --compare: the tiny random denoiser")
     p.add_argument("--mq", default=None, help="with --compare: multiquantizer checkpoint")
     _add_build_mq_arg(p)
     p.add_argument("--tolerance", type=float, default=0.0, help="max abs difference allowed with --compare")

@@ -40,6 +40,7 @@ from torch import nn
 
 from .checkpoint import MultiQuantizer, _versions
 from .config import config_record, validate_config
+from .errors import UserError
 from .families import FamilySpec
 from .interop import interop_plan, write_interop
 from .options import FP_OPTION, Option
@@ -54,7 +55,7 @@ INFO_NAME = "quantization.json"
 CONFIG_NAME = "config.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export directory that cannot be loaded (missing, incomplete, from another model or version)."""
 
 

@@ -16,6 +16,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .cli_flags import add_model_flags
+
 __all__ = ["flops_table", "layer_mac_rows", "flops_path", "write_flops_file", "cmd_flops", "add_flops_parser"]
 
 
@@ -86,8 +88,7 @@ def cmd_flops(args) -> int:
 
 def add_flops_parser(subparsers):
     p = subparsers.add_parser("flops", help="per-layer MACs at the family's resolution (meta device, no weights)")
-    p.add_argument("--model", required=True, help="model family (qua2sedimo families lists them)")
-    p.add_argument("--tiny", action="store_true", help="the tiny test architecture instead of the full-size one")
+    add_model_flags(p, weights=False, device=False, tiny_help="the tiny test architecture instead of the full-size one")
     p.add_argument("--resolution", type=int, default=None, help="image resolution (default: the family's)")
     p.add_argument("--out", default=None,
                    help="output file (default results/flops_analysis/flops_analysis_<model>[_tiny].json)")

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli_flags import add_model_flags, add_refiner_args
+from .errors import InputError
 from .layers import LayerRef
 from .options import DEFAULT_METHOD, FP_BITS, MAX_BITS, METHODS, MIN_BITS
 from .quantizers import dequantize, lp_error, quantize
@@ -81,9 +83,9 @@ def combine_sensitivity(fid_degradation, second_degradation, fid_weight: float =
 def shuffled_subset(pool: list, n: int, seed: int) -> list:
     """The first ``n`` items of a ``seed``-permuted ``pool`` (reproducible, without repetition)."""
     if n < 2:
-        raise ValueError(f"need at least 2 prompts for FID statistics, got {n}")
+        raise InputError(f"need at least 2 prompts for FID statistics, got {n}")
     if n > len(pool):
-        raise ValueError(f"asked for {n} prompts but the pool holds only {len(pool)}")
+        raise InputError(f"asked for {n} prompts but the pool holds only {len(pool)}")
     order = np.random.default_rng(seed).permutation(len(pool))[:n]
     return [pool[i] for i in order]
 
@@ -105,7 +107,7 @@ def fake_quantize(weight: torch.Tensor, method: str, bits: int, seed: int = 0, i
         w_hat = w2d.half().float()
     else:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+            raise InputError(f"unknown method {method!r}; expected one of {METHODS}")
         codes, params = quantize(w2d, method, bits, iters=iters, seed=seed)
         w_hat = dequantize(method, codes, params)
     return w_hat.to(weight.dtype).reshape(weight.shape), lp_error(w2d, w_hat)
@@ -175,7 +177,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     from .metrics.metric import FeatureFID
 
     if fid_against not in ("fp", "gt"):
-        raise ValueError(f"fid_against must be 'fp' (quantized vs FP images) or 'gt' (reference set), not {fid_against!r}")
+        raise InputError(f"fid_against must be 'fp' (quantized vs FP images) or 'gt' (reference set), not {fid_against!r}")
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
     text_tiny = tiny and family.conditioning == "text"  # rows of random embeddings: nothing to shuffle
@@ -192,7 +194,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     if pixel_features:  # named on the command line: the smoke-run features replace the family's metric
         metric = FeatureFID(PixelFeatures())
         if with_reference:
-            raise ValueError("--pixel_features has no reference set: use it with --fid_against fp")
+            raise InputError("--pixel_features has no reference set: use it with --fid_against fp")
     else:
         metric = adapter.metric(family, loaded.device, inception=inception, random_features=random_features,
                                 reference_dir=reference_dir)
@@ -324,11 +326,11 @@ def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, 
     from .utils import atomic_path
 
     if not (MIN_BITS <= bits <= MAX_BITS or bits == FP_BITS):
-        raise ValueError(f"--sensitivity_bits must be 2..8 or 16 (FP16 rounding), got {bits}")
+        raise InputError(f"--sensitivity_bits must be 2..8 or 16 (FP16 rounding), got {bits}")
     groups = search_groups(protocol.layers)
     if max_layers is not None:
         if max_layers < 1:
-            raise ValueError(f"--max_layers must be >= 1, got {max_layers}")
+            raise InputError(f"--max_layers must be >= 1, got {max_layers}")
         groups = groups[:max_layers]
     if bits == FP_BITS:
         method = "fp16"
@@ -372,13 +374,8 @@ def add_sensitivity_parser(subparsers):
     from multiquant.paths import constants
 
     p = subparsers.add_parser("sensitivity", help="per-layer quantization sensitivity: one layer quantized at a time")
-    p.add_argument("--model", required=True, help="model family (qua2sedimo families lists them)")
-    p.add_argument("--pretrained", default=None, help="local pipeline/denoiser directory or hub id")
-    p.add_argument("--tiny", action="store_true", help="tiny random model (smoke runs, tests)")
-    from .commands import add_refiner_args
-
+    add_model_flags(p)
     add_refiner_args(p)
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--sensitivity_bits", type=int, default=4,
                    help="bit width of the quantized layer: 2..8, or 16 for FP16 rounding (default 4)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
@@ -387,7 +384,7 @@ def add_sensitivity_parser(subparsers):
     p.add_argument("--num_prompts", type=int, default=100, help="images per layer (default 100)")
     p.add_argument("--prompt_seed", type=int, default=42, help="seed of the prompt subset / order")
     p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise")
-    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=None, help="images per denoiser batch (default: the family's)")
     p.add_argument("--coco_path", default=None, help="captions_val2017.json (default: QUA2SEDIMO_COCO_CAPTIONS)")
     p.add_argument("--fid_against", default="fp", choices=["fp", "gt"],
                    help="fp: FID of quantized vs FP images (default, no reference set needed); "

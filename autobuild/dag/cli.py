@@ -1,9 +1,11 @@
-"""``qua2sedimo dag --model M [--full-size] [--out DIR]``: trace a denoiser's DAG, report it, render it."""
+"""``qua2sedimo dag --model M [--tiny] [--out DIR]``: trace a denoiser's DAG, report it, render it."""
 from __future__ import annotations
 
 import argparse
 from collections import Counter
 from pathlib import Path
+
+from multiquant.cli_flags import add_model_flags
 
 from .counts import REFERENCE_NODE_COUNTS, count_nodes
 from .io import save_dag
@@ -14,14 +16,27 @@ from .units import units
 __all__ = ["run_dag", "add_dag_arguments"]
 
 
-def run_dag(model: str, full_size: bool = False, out: str | Path | None = None, render: bool = True) -> dict:
-    """Trace family ``model`` (tiny on the CPU, or ``full_size`` on the meta device), print node and unit
-    counts, and write ``<out>/<model>[_tiny].dag.json`` plus ``.png``/``.svg`` renders. ``out`` defaults to
-    ``constants.DAG_PLOT_DIR``. Returns a summary dict."""
+def run_dag(model: str, full_size: bool = True, out: str | Path | None = None, render: bool = True,
+            pretrained: str | None = None) -> dict:
+    """Trace family ``model`` (the real, full-size architecture on the meta device; the architecture of the
+    ``pretrained`` weights when given; or, with ``full_size=False``, the tiny random one on the CPU), print node
+    and unit counts, and write ``<out>/<model>[_tiny].dag.json`` plus ``.png``/``.svg`` renders (the title says
+    "tiny" for the tiny one). ``out`` defaults to ``constants.DAG_PLOT_DIR``. Returns a summary dict."""
     if out is None:
         from constants import DAG_PLOT_DIR as out
     out = Path(out)
-    graph = family_dag(model, "full" if full_size else "tiny", "meta" if full_size else "cpu")
+    if pretrained is not None and full_size:
+        import torch
+
+        from multiquant.families import get_family
+
+        from .trace import build_dag
+
+        spec = get_family(model)
+        graph = build_dag(spec.load(pretrained, dtype=torch.float32, device="cpu"), spec)
+    else:
+        graph = family_dag(model, "full" if full_size else "tiny", "meta" if full_size else "cpu")
+    graph.graph["size"] = "full" if full_size else "tiny"
     counts = count_nodes(graph)
     block_units = units(graph, "block")
     stem = model if full_size else f"{model}_tiny"
@@ -44,8 +59,10 @@ def run_dag(model: str, full_size: bool = False, out: str | Path | None = None, 
 
 
 def add_dag_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="model family (qua2sedimo families)")
-    parser.add_argument("--full-size", action="store_true", help="full-size denoiser on the meta device")
+    """The ``dag`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
+    add_model_flags(parser, device=False, tiny_help="the tiny random architecture (tests) instead of the real one")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the real, full-size architecture on the meta device (the default; kept for old scripts)")
     parser.add_argument("--out", default=None, help="output folder (default: constants.DAG_PLOT_DIR)")
     parser.add_argument("--no-render", action="store_true", help="skip the PNG/SVG renders")
     return parser

@@ -285,6 +285,8 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
     """Draw ``graph`` to PNG and/or SVG. ``collapse_blocks``: None = collapse when the graph has more than
     ``max_full_nodes`` nodes. Returns the matplotlib figure."""
     family = graph.graph.get("family", "")
+    if graph.graph.get("size") == "tiny":  # never a tiny random architecture under the real model's name alone
+        family = f"{family} (tiny random architecture)"
     n_layers = sum(1 for _, a in graph.nodes(data=True) if a.get("kind") == "layer")
     header = (f"{family}: {graph.number_of_nodes()} nodes ({n_layers} layers, "
               f"{graph.number_of_nodes() - n_layers} combine)")

@@ -240,11 +240,19 @@ def register_family(spec: FamilySpec, overwrite: bool = False) -> FamilySpec:
     return spec
 
 
+class UnknownFamilyError(UserError, KeyError):
+    """No family of that name is registered (a KeyError too, as a registry lookup)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0])
+
+
 def get_family(name: str) -> FamilySpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model family {name!r}; known: {', '.join(list_families())}") from None
+        raise UnknownFamilyError(f"unknown model family {name!r}; known: {', '.join(list_families())}. Your own: "
+                                 f"--family pkg.module:ATTR or path/to/file.py:ATTR") from None
 
 
 def list_families() -> list[str]:
@@ -253,3 +261,4 @@ def list_families() -> list[str]:
 
 # Built-in families register themselves on import.
 from . import pixart, hunyuan, unet, dit, mnist_dit, mnist_unet  # noqa: E402,F401
+from .resolve import resolve_family  # noqa: E402,F401

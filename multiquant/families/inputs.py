@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
 from . import FamilySpec
 
 
@@ -61,8 +62,8 @@ def example_inputs(family: FamilySpec, model: nn.Module, batch: int = 1, device=
         n_classes = cfg.get("num_embeds_ada_norm") or 1000
         labels = torch.arange(batch, device=device) % n_classes
         return dict(hidden_states=x, timestep=t, class_labels=labels)
-    raise NotImplementedError(
-        f"no example inputs for {cls}: give the family an `example_inputs(model, batch)` callable")
+    raise UserError(f"no example inputs for {cls}: give the family an example_inputs(model, batch) callable "
+                    f"(FamilySpec(example_inputs=...))")
 
 
 def _moved(value, device, dtype):

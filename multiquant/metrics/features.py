@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = ["FeatureNet", "InceptionFeatures", "RandomInceptionFeatures", "ModuleFeatures",
            "InceptionWeightsMissing", "clean_resize", "inception_weights_path", "INCEPTION_ENV", "INCEPTION_FILE"]
 
@@ -31,7 +33,7 @@ INCEPTION_SIZE = 299
 Images = torch.Tensor | Sequence[torch.Tensor]
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class InceptionWeightsMissing(UserError, FileNotFoundError):
     """The Inception torchscript is not available locally and could not be downloaded."""
 
 

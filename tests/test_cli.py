@@ -251,3 +251,42 @@ def test_a_configuration_of_another_model_names_the_cli_cause():
         template.encode({"not.a.layer": "mse-4"})
     message = str(caught.value)
     assert "--model" in message and "missing=" not in message and "--missing fp16" in message
+
+
+def test_family_from_the_entry_point_group(tmp_path, monkeypatch, capsys):
+    """A package that publishes its family in the ``qua2sedimo.families`` entry-point group is found by name."""
+    (tmp_path / "fd_ep_family.py").write_text(USER_FAMILY.replace("{name}", "fd_entry_point"))
+    dist = tmp_path / "fd_ep_family-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fd-ep-family\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qua2sedimo.families]\nfd_entry_point = fd_ep_family:make_family\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _inspect(["--model", "fd_entry_point"], capsys)["model"] == "fd_entry_point"
+
+
+def test_train_predictor_finds_a_user_family(tmp_path, capsys):
+    """train-predictor on records of a --family model (it used to stop with a raw KeyError)."""
+    import pickle
+
+    import numpy as np
+
+    from multiquant.families import resolve_family
+    from multiquant.layers import quantizable_layers
+
+    path = tmp_path / "fd_user_train.py"
+    path.write_text(USER_FAMILY.replace("{name}", "fd_user_train"))
+    family = resolve_family(f"{path}:FAMILY")
+    layers = quantizable_layers(family.build("tiny"), family)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(16):
+        config = {ref.key: [f"{['mse', 'kmeans'][rng.integers(2)]}-{3 + rng.integers(2)}", ref.numel * 4,
+                            ref.numel, float(rng.uniform(0.01, 0.1))] for ref in layers}
+        records.append({"config": config, "FID-GT-1k": float(rng.uniform(5, 50)),
+                        "avg_bits": float(rng.uniform(3, 4)), "index": i})
+    (tmp_path / "cache.pkl").write_bytes(pickle.dumps(records))
+    argv = ["train-predictor", "--cache", str(tmp_path / "cache.pkl"), "--family", f"{path}:FAMILY", "--tiny",
+            "--target", "-1*FID-GT-1k", "--out", str(tmp_path / "pred"), "--epochs", "2", "--folds", "2",
+            "--hidden", "8"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "pred" / "metrics.json").read_text())["folds_k"] == 2

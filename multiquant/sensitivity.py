@@ -356,7 +356,7 @@ def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def cmd_sensitivity(args) -> int:
-    from .commands import refiner_arg
+    from .cli_flags import refiner_arg
     from .families import get_family
 
     family = get_family(args.model)

@@ -40,6 +40,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from multiquant import knapsack
+from multiquant.cli_flags import add_model_flags
 from multiquant.knapsack import BudgetError
 
 from multiquant.options import Option, OptionTable, avg_bits_of, option_of, size_budget
@@ -564,7 +565,7 @@ def sweep_measure(protocol, settings: dict, outdir: Path, space: Space, num_imag
 
 def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``optimize`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
-    p.add_argument("--model", required=True, help="model family, e.g. mnist_dit")
+    add_model_flags(p, model_help="model family, e.g. mnist_dit", tiny_help="tiny random denoiser (smoke runs)")
     p.add_argument("--budgets", default="3.3,3.5,3.7,3.9", help="comma list of average-bit budgets")
     p.add_argument("--max_evaluations", type=float, default=150, help="full-protocol evaluations in all "
                                                                      "(sweeps count at their image fraction)")
@@ -575,16 +576,13 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--predictor_source", action="store_true", help="also train the predictor on the measured "
                                                                    "configurations and measure its node- and "
                                                                    "block-level one-shot configurations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image_seed", type=int, default=42)
-    p.add_argument("--confirm_seed", type=int, default=43)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the optimiser")
+    p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise")
+    p.add_argument("--confirm_seed", type=int, default=43, help="image seed of the confirmation re-scores")
     p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's)")
-    p.add_argument("--key", default=DEFAULT_KEY)
+    p.add_argument("--key", default=DEFAULT_KEY, help="metric to minimise")
     p.add_argument("--out", required=True, help="run directory (resumable stores, optimize.json, configs/)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--tiny", action="store_true", help="tiny random denoiser (smoke runs)")
     p.add_argument("--mq", default=None, help="multiquantizer (default multiquantizers/<model>_mq.safetensors)")
-    p.add_argument("--pretrained", default=None)
     return p
 
 

@@ -625,7 +625,7 @@ class Ensemble:
                              "pass records (dicts with 'config')")
         if known is None and self.plan.known:
             if not is_records:
-                raise ValueError(f"this predictor composes its target with {', '.join(self.plan.known)}: pass "
+                raise InputError(f"this predictor composes its target with {', '.join(self.plan.known)}: pass "
                                  f"records (dicts with 'config' and those keys) or known=[n, {len(self.plan.known)}]")
             known = self.plan.known_values(items)
         features = (option_features(items, [k for k in self.template.keys if k], columns)[0]
@@ -695,12 +695,12 @@ def load_ensemble(directory: str | Path, device: str = "cpu") -> Ensemble:
             raise ValueError(f"format {config.get('format') if isinstance(config, dict) else None!r}")
         digest = file_sha256(directory / ENSEMBLE_WEIGHTS)
         if config.get("weights_sha256") not in (None, digest):
-            raise ValueError(f"{ENSEMBLE_WEIGHTS} is not the file this {ENSEMBLE_CONFIG} was saved with "
+            raise InputError(f"{ENSEMBLE_WEIGHTS} is not the file this {ENSEMBLE_CONFIG} was saved with "
                              f"(weights from another save or damaged)")
         if (directory / METRICS_FILE).is_file():
             metrics_digest = json.loads((directory / METRICS_FILE).read_text()).get("weights_sha256")
             if metrics_digest not in (None, digest):
-                raise ValueError(f"{METRICS_FILE} belongs to another save than {ENSEMBLE_WEIGHTS}")
+                raise InputError(f"{METRICS_FILE} belongs to another save than {ENSEMBLE_WEIGHTS}")
         tensors = load_file(str(directory / ENSEMBLE_WEIGHTS), device=str(device))
         models = []
         for f in range(len(config["folds"])):

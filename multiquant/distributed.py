@@ -20,6 +20,8 @@ from typing import Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .errors import SetupError
+
 __all__ = ["DistInfo", "init_from_env", "shard", "gather_features", "is_main", "barrier", "rank", "world_size",
            "cleanup"]
 
@@ -58,7 +60,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> Dist
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
-            raise RuntimeError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun")
+            raise SetupError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun")
     backend = backend or ("nccl" if use_cuda else "gloo")
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)

@@ -18,3 +18,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class InputError(UserError, ValueError):
     """A file or value the user gave has the wrong content (also a ValueError, for older callers)."""
+
+
+class SetupError(UserError, RuntimeError):
+    """What a command needs is not there (weights that do not load, an optional package, a launcher setting);
+    the message says how to provide it (also a RuntimeError, for older callers)."""

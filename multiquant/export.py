@@ -40,7 +40,7 @@ from torch import nn
 
 from .checkpoint import MultiQuantizer, _versions
 from .config import config_record, validate_config
-from .errors import UserError
+from .errors import InputError, UserError
 from .families import FamilySpec
 from .interop import interop_plan, write_interop
 from .options import FP_OPTION, Option
@@ -160,7 +160,7 @@ def _parse_dtype(name) -> torch.dtype:
         return name
     dtype = getattr(torch, str(name).replace("torch.", ""), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use e.g. float16, bfloat16, float32")
+        raise InputError(f"unknown dtype {name!r}; use e.g. float16, bfloat16, float32")
     return dtype
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SetupError, UserError
 from ..utils import cast_module, from_pretrained_kwargs
 
 _REGISTRY: dict[str, "FamilySpec"] = {}
@@ -182,7 +182,7 @@ class FamilySpec:
         try:
             model = cls.from_pretrained(str(source), subfolder=subfolder, **kwargs)
         except (OSError, ValueError) as err:
-            raise RuntimeError(
+            raise SetupError(
                 f"could not load the {self.name} denoiser from {source!r}: {err}\n"
                 f"Fix: download the pipeline (hub id {self.hub_id!r}) and pass its local directory "
                 f"with --pretrained DIR, or set HF_HOME to a cache that holds it.") from err

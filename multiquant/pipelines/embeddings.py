@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SetupError
 from ..utils import atomic_path
 from .loading import denoiser_of, family_spec, pipeline_kind
 
@@ -90,7 +91,7 @@ def encode_prompts(family, pipe, prompts: list[str], chunk_size: int = 32, devic
     Returns CPU tensors: per-prompt fields [N, ...] and ``negative_*`` fields [1, ...]."""
     kind = kind or pipeline_kind(family)
     if all(getattr(pipe, name, None) is None for name in ("text_encoder", "text_encoder_2")):
-        raise RuntimeError(f"{type(pipe).__name__} has no text encoder to encode the prompts with: load the full "
+        raise SetupError(f"{type(pipe).__name__} has no text encoder to encode the prompts with: load the full "
                            "pipeline (load_pipeline) or pass prompt embeddings (make_sampler(prompt_embeds=...), "
                            "layout as random_prompt_embeds())")
     settings = encode_settings(family)

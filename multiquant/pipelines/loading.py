@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError, SetupError
 from ..families import FamilySpec, get_family
 from .. import utils
 from ..utils import from_pretrained_kwargs
@@ -92,7 +93,7 @@ class PipelineParts:
         return self
 
     def encode_prompt(self, *args, **kwargs):
-        raise RuntimeError(f"this {self.pipeline_class} has no text encoder (tiny test pipeline): pass prompt "
+        raise SetupError(f"this {self.pipeline_class} has no text encoder (tiny test pipeline): pass prompt "
                            f"embeddings to make_sampler(prompt_embeds=...), e.g. from random_prompt_embeds()")
 
     def set_progress_bar_config(self, **kwargs):
@@ -110,7 +111,7 @@ def stock_pipeline_class(spec: FamilySpec, required: bool = True):
     cls = getattr(diffusers, spec.pipeline_class, None)
     if cls is None or cls.__module__.startswith("diffusers.utils.dummy"):
         if required:
-            raise RuntimeError(f"{spec.pipeline_class} (family {spec.name!r}) needs transformers for its text "
+            raise SetupError(f"{spec.pipeline_class} (family {spec.name!r}) needs transformers for its text "
                                f"encoders, which is not installed. {HUB_EXTRA_FIX}")
         return None
     return cls
@@ -154,7 +155,7 @@ def load_pipeline(family: str | FamilySpec, pretrained: str | Path | None = None
     cls = stock_pipeline_class(spec)
     source = pretrained or spec.hub_id
     if source is None:
-        raise ValueError(f"family {spec.name!r} has no hub id: pass pretrained=DIR (--pretrained)")
+        raise InputError(f"family {spec.name!r} has no hub id: pass pretrained=DIR (--pretrained)")
     kwargs: dict = from_pretrained_kwargs(dtype)
     local = Path(str(source)).expanduser()
     if local.is_dir() and (local / "config.json").is_file() and not (local / "model_index.json").is_file():
@@ -171,7 +172,7 @@ def load_pipeline(family: str | FamilySpec, pretrained: str | Path | None = None
     try:
         pipe = cls.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError) as err:
-        raise RuntimeError(
+        raise SetupError(
             f"could not load the {spec.name} pipeline from {str(source)!r}: {err}\n"
             f"Fix: download the pipeline (hub id {spec.hub_id!r}) and pass its local directory with "
             f"--pretrained DIR, or set HF_HOME to a cache that holds it.") from err
@@ -273,13 +274,13 @@ def load_refiner(family: str | FamilySpec, source: str | Path | None = None, dev
     spec = family_spec(family)
     source = source or spec.refiner_hub_id
     if source is None:
-        raise ValueError(f"family {spec.name!r} has no refiner (refiner_hub_id): pass --refiner DIR or --no_refiner")
+        raise InputError(f"family {spec.name!r} has no refiner (refiner_hub_id): pass --refiner DIR or --no_refiner")
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = spec.dtype if device.type == "cuda" else torch.float32
     cls = getattr(diffusers, REFINER_PIPELINE, None)
     if cls is None or cls.__module__.startswith("diffusers.utils.dummy"):
-        raise RuntimeError(f"{REFINER_PIPELINE} needs transformers for its text encoder. {HUB_EXTRA_FIX}")
+        raise SetupError(f"{REFINER_PIPELINE} needs transformers for its text encoder. {HUB_EXTRA_FIX}")
     local = Path(str(source)).expanduser()
     kwargs: dict = {"torch_dtype": dtype}
     if spec.variant and dtype == torch.float16 and _may_have_variant(local, spec.variant):
@@ -287,7 +288,7 @@ def load_refiner(family: str | FamilySpec, source: str | Path | None = None, dev
     try:
         pipe = cls.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError) as err:
-        raise RuntimeError(f"could not load the {spec.name} refiner from {str(source)!r}: {err}\nFix: download "
+        raise SetupError(f"could not load the {spec.name} refiner from {str(source)!r}: {err}\nFix: download "
                            f"{spec.refiner_hub_id!r} and pass its local directory with --refiner DIR, or run the base "
                            f"model alone with --no_refiner.") from err
     swap_scheduler(spec, pipe)

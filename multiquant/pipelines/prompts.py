@@ -10,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..errors import InputError
 from ..families import FamilySpec, get_family
 
 COCO_FIX = ("Fix: download the COCO 2017 annotations (annotations_trainval2017.zip) and point to "
@@ -42,9 +43,9 @@ def coco_prompts(n: int = 1000, path: str | Path | None = None) -> list[str]:
     try:
         annotations = data["annotations"]
     except (KeyError, TypeError):
-        raise ValueError(f"{path} has no 'annotations' list: is it a COCO captions file? {COCO_FIX}") from None
+        raise InputError(f"{path} has no 'annotations' list: is it a COCO captions file? {COCO_FIX}") from None
     if n > len(annotations):
-        raise ValueError(f"asked for {n} COCO prompts but {path} holds only {len(annotations)} captions")
+        raise InputError(f"asked for {n} COCO prompts but {path} holds only {len(annotations)} captions")
     return [entry["caption"] for entry in annotations[:n]]
 
 
@@ -56,11 +57,11 @@ def parti_prompts(n: int | None = None, path: str | Path | None = None, category
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if rows and "Prompt" not in rows[0]:
-        raise ValueError(f"{path} has no 'Prompt' column: is it PartiPrompts.tsv? {PARTI_FIX}")
+        raise InputError(f"{path} has no 'Prompt' column: is it PartiPrompts.tsv? {PARTI_FIX}")
     prompts = [row["Prompt"] for row in rows if category is None or row.get("Category") == category]
     if n is not None:
         if n > len(prompts):
-            raise ValueError(f"asked for {n} PartiPrompts but {path} holds only {len(prompts)}"
+            raise InputError(f"asked for {n} PartiPrompts but {path} holds only {len(prompts)}"
                              + (f" in category {category!r}" if category else ""))
         prompts = prompts[:n]
     return prompts

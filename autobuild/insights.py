@@ -12,8 +12,11 @@
       sensitivity = max over high-bit options of s  -  min over low-bit options of s
 
   i.e. the drop from the layer's best 4-bit option to its worst 3-bit option in the 3/4-bit space (in
-  general: best at the highest bit width present minus worst at the lowest). ``spread`` = max - min over
-  all options. An operation type's sensitivity is the mean over its layers (also reported: median, max).
+  general: best at the highest bit width present minus worst at the lowest). It splits into two parts that
+  answer different questions: ``bit_drop`` = best high-bit minus best low-bit score (what dropping the bits
+  costs with the layer's best method) and ``method_spread`` = best minus worst low-bit score (how much the
+  choice of method matters at the low bit width); ``sensitivity = bit_drop + method_spread``. An operation
+  type's sensitivity is the mean over its layers (also reported: median, max).
 
 Scores are §7 unit scores (sum over folds of SRCC-weighted z-scores), so units of different hop counts
 are on one scale; the absolute numbers mean nothing outside one predictor.
@@ -92,7 +95,7 @@ def scores_by_op(node_scores: UnitScoreSet) -> "OrderedDict[str, np.ndarray]":
 # ------------------------------------------------------------------------------------------ sensitivity
 def layer_sensitivity(node_scores: UnitScoreSet) -> list[dict]:
     """Per layer (canonical key): best high-bit score, worst low-bit score, their difference (the
-    sensitivity, see module doc) and the spread; sorted most sensitive first."""
+    sensitivity, see module doc) and its two parts (bit drop, method spread); sorted most sensitive first."""
     if node_scores.level != "node":
         raise ValueError("layer_sensitivity needs node-level scores")
     bits = np.array([Option.parse(o).bits for o in node_scores.options])
@@ -102,10 +105,12 @@ def layer_sensitivity(node_scores: UnitScoreSet) -> list[dict]:
         per_option = np.full(len(node_scores.options), np.nan)
         per_option[unit.variants[:, 0].astype(int)] = unit.scores
         best_high, worst_low = float(np.nanmax(per_option[high])), float(np.nanmin(per_option[low]))
+        best_low = float(np.nanmax(per_option[low]))
         best_option = node_scores.options[int(np.nanargmax(per_option))]
         rows.append({"key": unit.keys[0], "op": unit.ops[0], "block": unit.block, "best_high_bits": best_high,
                      "worst_low_bits": worst_low, "sensitivity": best_high - worst_low,
-                     "spread": float(np.nanmax(per_option) - np.nanmin(per_option)), "best_option": best_option,
+                     "bit_drop": best_high - best_low, "method_spread": best_low - worst_low,
+                     "best_option": best_option,
                      "tied_copies": len(unit.aliases[0])})
     return sorted(rows, key=lambda r: -r["sensitivity"])
 

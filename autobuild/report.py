@@ -69,7 +69,7 @@ def load_scored(dirs: Iterable[str | os.PathLike], model: str) -> list[dict]:
         for record in load_quant_cache(cache):
             name = str(record.get("name", f"{path.name}_{record.get('index')}"))
             kind, budget = classify_scored(record)
-            rows.append({"name": name, "kind": kind, "budget": budget, "origin": record.get("origin"),
+            rows.append({"name": name, "kind": kind, "budget": budget, "origin": record.get("origin"), "record": record,
                          "avg_bits": float(record["avg_bits"]),
                          "fid": float(record["FID-GT-1k"]), "config": record.get("config"), "source": str(cache)})
     return rows
@@ -331,7 +331,8 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
         point["config_path"] = os.path.relpath(point["config_path"], out)
     front_png = plot_pareto(front, out / "pareto_predicted.png",
                             title=f"{spec.name}: predicted Pareto front (block-level unit scores)")
-    scored = _with_predicted_scores(load_scored(scored_dirs, spec.name), block)
+    scored, learned_key = _with_predictions(_with_predicted_scores(load_scored(scored_dirs, spec.name), block),
+                                            predictor_dir, records)
     measured_png = (plot_measured(records, scored, out / "pareto_measured.png",
                                   f"{spec.name}: measured FID vs average bits") if records or scored else None)
 
@@ -354,7 +355,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
 
     sections = [_predictor_section(metrics), _front_section(front, front_png, embed)]
     if measured_png is not None:
-        sections.append(_measured_section(scored, measured_png, embed))
+        sections.append(_measured_section(scored, measured_png, embed, str(metrics.get("target") or ""), learned_key))
     sections.append(_insights_section(insights, SENSITIVITY_DEFINITION, embed))
     if grids:
         sections.append(_samples_section(grids, bits_of, embed))
@@ -389,6 +390,43 @@ def _with_predicted_scores(scored: list[dict], block) -> list[dict]:
     return scored
 
 
+def _with_predictions(scored: list[dict], predictor_dir, train_records: Sequence[Mapping]) -> tuple[list[dict], str | None]:
+    """Each scored configuration's predicted target and predicted learned key (e.g. FID), in their units, and
+    ``outside_training``: why the prediction is an extrapolation (avg_bits outside the training records' range,
+    or per-layer options no training record used), empty when it is not."""
+    from .train import load_ensemble
+
+    if not scored:
+        return scored, None
+    ensemble = load_ensemble(predictor_dir)
+    plan = ensemble.plan
+    seen: dict[str, set] = {}
+    for rec in train_records:
+        for key, entry in (rec.get("config") or {}).items():
+            seen.setdefault(key, set()).add(entry[0] if isinstance(entry, (list, tuple)) else entry)
+    bits = [float(r["avg_bits"]) for r in train_records]
+    predictable = [r for r in scored if r.get("config")]
+    try:
+        out = ensemble.predict([r["record"] for r in predictable]) if predictable else {}
+    except (KeyError, ValueError):  # options or keys the predictor cannot encode
+        out, predictable = {}, []
+    for i, row in enumerate(predictable):
+        row["predicted_target"] = float(out["pred"][i])
+        if plan.key:
+            row[f"predicted_{plan.key}"] = float(out["learned"][i])
+    for row in scored:
+        row.pop("record", None)
+        reasons = []
+        if bits and not min(bits) <= row["avg_bits"] <= max(bits):
+            reasons.append(f"avg_bits {row['avg_bits']:.2f} outside the training range {min(bits):.2f}-{max(bits):.2f}")
+        unseen = [k for k, e in (row.get("config") or {}).items()
+                  if seen and (e[0] if isinstance(e, (list, tuple)) else e) not in seen.get(k, ())]
+        if unseen:
+            reasons.append(f"{len(unseen)} layer option(s) no training configuration used")
+        row["outside_training"] = "; ".join(reasons)
+    return scored, plan.key
+
+
 def _front_section(front, png: Path, embed) -> str:
     return ("<h2>Pareto front (predicted)</h2><p>For each budget B the configuration maximising the summed "
             "block-level unit scores subject to avg_bits &le; B (exact multiple-choice knapsack, "
@@ -398,13 +436,25 @@ def _front_section(front, png: Path, embed) -> str:
                              ("config_path", "file")], left=["config_path"]))
 
 
-def _measured_section(scored, png: Path, embed) -> str:
+def _measured_section(scored, png: Path, embed, target: str = "", learned_key: str | None = None) -> str:
     note = ("" if scored else "<p class='note'>No eval-configs results given (--scored): only the random "
                               "configurations are shown. Score the configurations in <code>configs/</code> with "
                               "<code>qua2sedimo eval-configs</code>.</p>")
     rows = sorted(scored, key=lambda r: (r["kind"], r["avg_bits"]))
-    table = _table(rows, [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"), ("fid", "FID"),
-                          ("predicted_score", "predicted score")], left=["name", "kind"]) if scored else ""
+    columns = [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"), ("fid", "measured FID")]
+    if learned_key:
+        columns.append((f"predicted_{learned_key}", f"predicted {learned_key}"))
+    columns += [("predicted_target", f"predicted target ({target})" if target else "predicted target"),
+                ("predicted_score", "unit-score sum (no unit)"), ("outside_training", "warning")]
+    far = [r["name"] for r in scored if r.get("outside_training")]
+    if scored:
+        note += ("<p class='note'>Predicted target and predicted " + html.escape(learned_key or "value") +
+                 " are the trained ensemble's predictions, in the target's units; the unit-score sum is the "
+                 "knapsack's objective (a sum of z-scores: it ranks configurations, it has no unit).</p>")
+    if far:
+        note += (f"<p class='note'><b>Warning:</b> {len(far)} configuration(s) lie outside the training data "
+                 f"({html.escape(', '.join(far[:6]))}): their predictions are extrapolations.</p>")
+    table = _table(rows, columns, left=["name", "kind", "outside_training"]) if scored else ""
     return "<h2>Measured FID vs average bits</h2>" + note + _img(png, "measured front", embed) + table
 
 
@@ -448,7 +498,8 @@ def _insights_section(insights: Mapping, definition: str, embed: bool) -> str:
         layers = [{**row, "block": row["block"] if row["block"] >= 0 else "global"} for row in insights["layers"][:15]]
         parts.append("<h3>Most sensitive layers</h3>"
                      + _table(layers, [("key", "layer"), ("op", "op"), ("block", "block"),
-                                                        ("sensitivity", "sensitivity"), ("spread", "spread"),
+                                                        ("sensitivity", "sensitivity"), ("bit_drop", "bit drop"),
+                                                        ("method_spread", "method spread (low bits)"),
                                                         ("best_option", "best option")], left=["key", "op",
                                                                                                "best_option"]))
     return "".join(parts)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pickle
 
 import numpy as np
@@ -261,6 +262,10 @@ def test_insights_sensitivity_definition_and_plots(trained, tmp_path):
     for row in rows[:3]:
         s = per_layer[row["key"]]
         assert row["sensitivity"] == pytest.approx(s[:3].max() - s[3:].min())  # best 4-bit - worst 3-bit
+        assert row["bit_drop"] == pytest.approx(s[:3].max() - s[3:].max())  # best 4-bit - best 3-bit
+        assert row["method_spread"] == pytest.approx(s[3:].max() - s[3:].min())  # best - worst 3-bit
+    # the two report columns are the two parts of the sensitivity, not one number twice
+    assert any(abs(r["bit_drop"] - r["method_spread"]) > 1e-9 for r in rows)
     assert [r["sensitivity"] for r in rows] == sorted((r["sensitivity"] for r in rows), reverse=True)
     ops = op_sensitivity(rows)
     assert {o["op"] for o in ops} >= {"SA-Q", "FF1", "t-Embed", "Out"}
@@ -296,6 +301,11 @@ def test_report_html(trained, tmp_path):
         assert needle in text
     summary = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [p["budget"] for p in summary["pareto"]] == [3.4, 3.8]
+    # predictions in the target's units beside the unitless unit-score sum, and a warning off the training data
+    assert "predicted target (" in text and "unit-score sum (no unit)" in text
+    rows = {r["name"]: r for r in summary["scored"]}
+    assert math.isfinite(rows["uniform_mse-4"]["predicted_target"])
+    assert "outside the training data" in text and rows["fp16"]["outside_training"]
     assert (tmp_path / "report" / "configs" / "mnist_dit_34.pkl").exists()
 
 

@@ -27,12 +27,7 @@ FAMILIES = ["mnist_dit", "pixart_alpha", "dit", "sdxl", "hunyuan"]  # sdxl: spli
 N, STEPS = 2, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; threads only spin-wait on a shared 2-core machine
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mixed_config(layers) -> "OrderedDict[str, str]":

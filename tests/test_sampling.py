@@ -34,14 +34,7 @@ needs_transformers = pytest.mark.skipif(not transformers_available(),
                                         reason="stock text-to-image pipelines need transformers (pip install '.[hub]')")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads spin-wait
-    # each other into 10-50x slower kernels.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- prompts --------------------------------------------------------------------------------------------------

@@ -15,13 +15,7 @@ from multiquant.sensitivity import (PROXY_NAME, add_parsers, band_of, build_repo
                                     run_sensitivity, search_groups, setup_protocol, shuffled_subset)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core CPU: one thread avoids oversubscription stalls (no effect on results)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------ normalisation, bands

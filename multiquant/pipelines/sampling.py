@@ -22,6 +22,7 @@ from .loading import denoiser_of, family_spec, load_pipeline, pipeline_kind, tin
 from .loops import decode, denoise, to_uint8
 from .prompts import conditions_for
 from ..seeds import SEED_RULE, image_generators, seed_for  # noqa: F401
+from ..utils import progress
 
 # Images per denoiser call (CFG doubles the denoiser batch); any value gives the same images.
 DEFAULT_BATCH_SIZE = {"dit": 25, "pixart_alpha": 16, "pixart_sigma": 4, "hunyuan": 4, "sdxl": 8,
@@ -81,7 +82,9 @@ class Sampler:
         if not indices:
             raise ValueError("generate() needs at least one image index")
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return torch.cat([self._render(batch) for batch in batches])
+        # per-batch progress: one configuration of 1,000 images takes minutes (quiet for a single batch)
+        return torch.cat([self._render(batch) for batch in progress(batches, desc=f"  images ({len(indices)})",
+                                                                    unit="batch", disable=len(batches) < 2)])
 
     def __call__(self, indices) -> torch.Tensor:
         return self.generate(indices)

@@ -130,7 +130,10 @@ def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], 
                    label="other given configurations", zorder=4)
     for r in (r for r in scored if r["kind"] == "fp16"):
         ax.axhline(r["fid"], color="tab:green", ls=":", lw=1.5, label=f"FP16 (FID {r['fid']:.2f})", zorder=3)
-    _clip_y(ax, random_records, scored)
+    clipped = _clip_y(ax, random_records, scored)
+    if clipped:
+        ax.text(0.99, 0.99, f"{clipped} point(s) above the top of the plot, not shown", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="0.3")
     ax.set_xlabel("average bits (overhead included)")
     ax.set_ylabel("FID (lower = better)")
     ax.set_title(title)
@@ -139,15 +142,18 @@ def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], 
     return _save(fig, Path(path))
 
 
-def _clip_y(ax, random_records, scored) -> None:
-    """Keep the interesting range: a few catastrophic random configurations would flatten everything else."""
+def _clip_y(ax, random_records, scored) -> int:
+    """Keep the interesting range: a few catastrophic random configurations would flatten everything else.
+    Returns how many points fall above the shown range (the plot says so)."""
     values = [float(r["FID-GT-1k"]) for r in random_records] + [r["fid"] for r in scored]
     values = [v for v in values if math.isfinite(v)]
     if len(values) < 5:
-        return
+        return 0
     top = max(np.percentile(values, 95), max((r["fid"] for r in scored), default=0))
     low = min(values)
-    ax.set_ylim(low - 0.05 * (top - low), top + 0.08 * (top - low))
+    upper = top + 0.08 * (top - low)
+    ax.set_ylim(low - 0.05 * (top - low), upper)
+    return sum(v > upper for v in values)
 
 
 def _save(fig, path: Path) -> Path:

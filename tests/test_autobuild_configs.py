@@ -393,3 +393,18 @@ def test_scored_configurations_are_classified_by_the_origin_their_files_record(t
     assert kinds == {"mnist_dit_35_search": ("search", 3.5), "greedy_looking_name": ("built", 3.3),
                      "mnist_dit_mse_37bits": ("greedy", 3.7), "hand_made": ("other", None),
                      "uniform_kmeans-4": ("uniform", None), "fp16": ("fp16", None)}
+
+
+def test_measured_plot_says_how_many_points_it_clips(tmp_path):
+    from autobuild.report import _clip_y, plot_measured
+    from multiquant.utils import pyplot
+
+    rng = np.random.default_rng(3)
+    records = [{"avg_bits": float(b), "FID-GT-1k": float(f)}
+               for b, f in zip(rng.uniform(3.1, 4.5, 120), np.concatenate([rng.uniform(50, 150, 114), [4e3] * 6]))]
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    assert _clip_y(ax, records, []) == 6  # the six catastrophic ones sit above the 95th percentile
+    assert ax.get_ylim()[1] < 4e3
+    plt.close(fig)
+    assert plot_measured(records, [], tmp_path / "m.png", "t").stat().st_size > 1000

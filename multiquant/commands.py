@@ -100,6 +100,15 @@ def cmd_multiquantizer(args) -> int:
     return 0
 
 
+def cmd_scores_table(args) -> int:
+    from .tables import records_frame, write_table
+
+    cache = Path(args.cache)
+    frame = records_frame(cache / "quant_cache.pkl" if cache.is_dir() else cache, layer_options=args.layers)
+    print(f"wrote {write_table(frame, args.out)} ({len(frame)} configurations, {len(frame.columns)} columns)")
+    return 0
+
+
 def cmd_export_table(args) -> int:
     from .checkpoint import MultiQuantizer
 
@@ -352,6 +361,12 @@ def register(sub) -> None:
                    help="replace an existing checkpoint even if it was built from other weights")
     p.add_argument("--export_table", default=None, help="also write the option table (<model>_mq.pkl or .json)")
     p.set_defaults(func=cmd_multiquantizer)
+
+    p = sub.add_parser("scores-table", help="a quant_cache.pkl as one table (CSV / Parquet): a row per configuration")
+    p.add_argument("--cache", required=True, help="quant_cache.pkl (or an eval run directory holding one)")
+    p.add_argument("--out", required=True, help="output file: .csv or .parquet")
+    p.add_argument("--layers", action="store_true", help="also one column per layer with its option")
+    p.set_defaults(func=cmd_scores_table)
 
     p = sub.add_parser("export-table", help="write a checkpoint's per-layer option table (_mq.pkl / .json)")
     p.add_argument("--checkpoint", required=True, help="multiquantizer checkpoint (.safetensors)")

@@ -224,3 +224,28 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert [r["index"] for r in cache] == list(range(total))  # no loss, no duplicates
     assert not list(outdir.rglob(".tmp-*"))  # temp files of killed writers are cleaned on reopening
     assert all(r["FID-GT-1k"] == make_record(r["index"], n_layers=1500)["FID-GT-1k"] for r in cache)
+
+
+def test_scored_records_as_a_dataframe_and_csv(tmp_path):
+    """pandas' job: the shipped dataset as one table, exported as CSV with the same numbers."""
+    import pandas as pd
+
+    from multiquant.paths import shipped_cache
+    from multiquant.tables import records_frame, write_table
+    from qua2sedimo.cli import main as cli_main
+
+    records = load_quant_cache(shipped_cache("mnist_dit"))
+    frame = records_frame(shipped_cache("mnist_dit"), layer_options=True)
+    assert len(frame) == len(records) == 500
+    assert frame["FID-GT-1k"].tolist() == [float(r["FID-GT-1k"]) for r in records]
+    option_counts = frame[[c for c in frame.columns if c.startswith("n_")]].sum(axis=1)
+    assert (option_counts == len(records[0]["config"])).all()
+    key = next(iter(records[7]["config"]))
+    assert frame.loc[7, key] == records[7]["config"][key][0]
+    assert cli_main(["scores-table", "--cache", str(shipped_cache("mnist_dit")), "--out", str(tmp_path / "s.csv")]) == 0
+    back = pd.read_csv(tmp_path / "s.csv")
+    assert back["avg_bits"].tolist() == pytest.approx(frame["avg_bits"].tolist(), rel=1e-12)
+    from multiquant.errors import UserError
+
+    with pytest.raises(UserError, match=".csv or .parquet"):
+        write_table(frame, tmp_path / "t.xlsx")

@@ -1,7 +1,7 @@
 """Quantization configurations under an explicit bit budget, from the predictor's unit scores.
 
 The reference has no budget: its configurations take every unit's top-1 variant and their bit width just
-happens (autobuild.md §8). Here a target average precision ``B`` is a constraint:
+happens (docs/design.md §6). Here a target average precision ``B`` is a constraint:
 
     maximise  sum over units u of score(u, v_u)      (v_u: the variant chosen for unit u)
     subject to  avg_bits = fp_prec * sum(quant_bytes) / fp_bytes <= B

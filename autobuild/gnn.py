@@ -1,6 +1,6 @@
 """GATv2 sensitivity predictor over configuration graphs.
 
-Layout (after the reference, autobuild.md §3, with its hard-coded index tables replaced by per-graph
+Layout (after the reference, docs/design.md §3, with its hard-coded index tables replaced by per-graph
 read-out masks):
 
 * :class:`NodeEncoder`: embeddings of the categorical codes (quant, bits, op, block) + a linear map of

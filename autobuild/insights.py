@@ -1,4 +1,4 @@
-"""Sensitivity insights from unit scores (autobuild.md §9, with explicit groupings and one definition).
+"""Sensitivity insights from unit scores (docs/design.md §7: explicit groupings, one definition).
 
 * **Box plots** of unit scores: per block (block-level units; every variant of every unit of the block,
   global units by their type: t-Embed, c-Embed, Patchify, Out Proj...), per unit type (Self-Attn,
@@ -18,7 +18,7 @@
   choice of method matters at the low bit width); ``sensitivity = bit_drop + method_spread``. An operation
   type's sensitivity is the mean over its layers (also reported: median, max).
 
-Scores are §7 unit scores (sum over folds of SRCC-weighted z-scores), so units of different hop counts
+Scores are unit scores (docs/design.md §5) (sum over folds of SRCC-weighted z-scores), so units of different hop counts
 are on one scale; the absolute numbers mean nothing outside one predictor.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Unit scores (autobuild.md §7, batched): every option assignment of every unit, scored by the fold ensemble.
+"""Unit scores (docs/design.md §5, batched): every option assignment of every unit, scored by the fold ensemble.
 
 A *unit* is a subgraph of the denoiser DAG (``autobuild.dag.units``): at node level one layer, at block level
 a small group of layers (at most 6, so at most 6^6 = 46,656 variants). A *variant* assigns one option
-(e.g. ``"kmeans-3"``) to each of the unit's layers; its score is the §7 unit score: per fold, the L1 norm of
+(e.g. ``"kmeans-3"``) to each of the unit's layers; its score is the unit score (docs/design.md §5): per fold, the L1 norm of
 the unit output's hop-``hops`` embedding, z-scored by that fold's training moments and weighted by the
 fold's test SRCC of that hop, summed over folds (``Ensemble.score_nodes``). Higher = better (the target's
 orientation).

@@ -1,29 +1,8 @@
-"""Closed-loop, measured search for budgeted configurations: Thompson sampling over a Bayesian linear model.
-
-Why: on the scored mnist_dit dataset, log(FID) is almost additive over per-layer options (a ridge model on
-one-hot ``(layer, option)`` features ranks held-out configurations with Spearman ~0.99), yet solving the
-budgeted knapsack once on such a model's coefficients exploits its errors: the solver goes exactly where the
-model is too optimistic. Measuring what the solver proposes and refitting closes that loop. This is the BOCS
-idea (Baptista & Poloczek 2018, Bayesian optimisation of combinatorial structures) with the exact
-multiple-choice knapsack as the acquisition optimiser:
-
-    repeat for ``rounds``:
-        fit  log(FID) ~ BayesianRidge(one-hot(layer, option))        on every configuration measured so far
-        for each budget B:
-            the posterior-mean knapsack solution                      (exploitation)
-            then Thompson draws  w ~ N(coef_, sigma_)  ->  knapsack   (exploration), until ``per_budget`` new ones
-        measure the new configurations (the real scorer), append them
-
-Each knapsack maximises ``sum(-w[layer, option])`` (lower log FID is better) under ``avg_bits <= B``
-(``autobuild.configs.solve_knapsack``, exact MILP). Tied copies of a layer (diffusers' repeated DiT timestep
-embedders) share their canonical layer's option: one feature group and one knapsack group with the summed
-bytes. Every random choice comes from ``numpy.random.default_rng([seed, round])`` and each Thompson draw from
-its own recorded seed, so a run is reproducible; a resumed run re-proposes the same sequence and finds the
-measurements in its :class:`multiquant.store.RecordStore` (:class:`StoreMeasure`).
+"""Closed-loop, measured search for budgeted configurations: Thompson sampling over a Bayesian linear model of
+log FID, an exact knapsack per proposal, every proposal measured (why and how: docs/design.md §8).
 
 The result reports, per budget, the best *measured* configuration within the budget (the input records count
-too). Picking the minimum of many noisy measurements is biased low: re-score picks with other image seeds
-before comparing them with anything (``benchmarks/pareto.py`` does).
+too); the best of many noisy measurements is biased low, so re-score picks with other image seeds.
 
     qua2sedimo search --cache quant_caches/mnist_dit/quant_cache.pkl --model mnist_dit \\
         --budgets 3.3,3.5,3.7,3.9 --rounds 4 --per_budget 3 --out runs/search --device cuda

@@ -1,6 +1,6 @@
 """K-fold training of the sensitivity GNN, baselines on the same folds, and the saved fold ensemble.
 
-Protocol (fixes of autobuild.md §5-§6): one seeded permutation of the valid records, folds = its
+Protocol (docs/design.md §4): one seeded permutation of the valid records, folds = its
 contiguous chunks (recorded); per fold a validation split carved from the training part drives early
 stopping (the test fold is never looked at before the final evaluation); AdamW + cosine schedule,
 gradient clipping, one backward per step with ``zero_grad`` before it; ranking losses are returned
@@ -568,7 +568,7 @@ class Ensemble:
     """The K fold models of one training run.
 
     ``predict`` gives ``pred`` (target units: the fold-mean learned value composed with the records'
-    exact configuration keys, see :class:`autobuild.target.LearningPlan`) and ``score`` (autobuild.md §7
+    exact configuration keys, see :class:`autobuild.target.LearningPlan`) and ``score`` (docs/design.md §5
     style: the sum over folds and hops of the training-z-scored hop score times that fold's test SRCC of
     the hop)."""
 
@@ -660,7 +660,7 @@ class Ensemble:
 
     @torch.no_grad()
     def score_nodes(self, batch, node_index: torch.Tensor, hops: int | torch.Tensor) -> np.ndarray:
-        """Unit scores (autobuild.md §7): for each given node (e.g. each unit variant's output node, by
+        """Unit scores (docs/design.md §5): for each given node (e.g. each unit variant's output node, by
         global index into ``batch``), sum over folds of ``(||h_hop(v)||_1 - mu_f) / sigma_f * srcc_f[hop]``."""
         node_index = torch.as_tensor(node_index, dtype=torch.long)
         hops = torch.as_tensor(hops, dtype=torch.long).expand_as(node_index)

@@ -169,7 +169,7 @@ def test_full_size_counts(name, variants):
     # documented differences to the reference's hand-written graphs (autobuild/dag/counts.py)
     assert counts["nodes"] - REFERENCE_NODE_COUNTS[name] == {"dit": 1, "pixart_alpha": -28}[name]
     found = units(graph, "block")
-    assert sum(u.num_variants() for u in found) == variants  # the reference's unit totals (autobuild.md §2.3)
+    assert sum(u.num_variants() for u in found) == variants  # the reference's unit totals (docs/design.md §1)
     assert max(u.hops for u in found) == (4 if name == "dit" else 3)
 
 

@@ -1,4 +1,4 @@
-"""Units: the subgraphs whose quantization variants are scored (autobuild.md §2.3).
+"""Units: the subgraphs whose quantization variants are scored (docs/design.md §1).
 
 A unit is an output node and its ``hops``-deep upstream receptive field; the layer nodes inside are the
 unit's own, and units partition the layer nodes. Residual ``add`` nodes (other than the output) bound

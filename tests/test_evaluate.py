@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from qua2sedimo.cli import main as cli_main
@@ -88,20 +89,20 @@ def test_torchrun_two_processes_match_one(env):
 
 
 def test_text_family_records_clip_score_when_a_scorer_is_given(env):
-    """Tiny PixArt, random-weight Inception (timing-only features) and a stand-in CLIP scorer."""
-    from PIL import Image
+    """Tiny PixArt, a small injected feature network for FID (the CLIP plumbing is what is tested, not Inception)
+    and a stand-in CLIP scorer."""
+    import dataclasses
 
     from multiquant.config import sample_random_config
     from multiquant.evaluate import setup_scorer
     from multiquant.families import get_family
+    from multiquant.metrics.metric import FeatureFID
 
-    ref = env / "ref"
-    ref.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i}.png")
-    scorer, settings = setup_scorer(get_family("pixart_alpha"), tiny=True, device="cpu", num_images=3,
-                                    reference_dir=ref, random_features=True, bops=False, build_mq=True,
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 6))
+    reference = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
+    family = dataclasses.replace(get_family("pixart_alpha"), metric=FeatureFID(features, reference_images=reference))
+    scorer, settings = setup_scorer(family, tiny=True, device="cpu", num_images=3, bops=False, build_mq=True,
                                     log=lambda m: None)
     seen = []
 
@@ -113,4 +114,4 @@ def test_text_family_records_clip_score_when_a_scorer_is_given(env):
     rec = scorer.record(sample_random_config(scorer.mq.layers, 0, 0), index=0)
     assert seen[0][0][0] == 3 and seen[0][1] == [0, 1, 2]
     assert rec["clip_score"] == pytest.approx(0.2)
-    assert settings["feature_net"].startswith("inception-v3-random")
+    assert np.isfinite(rec["FID-GT-1k"])

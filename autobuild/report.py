@@ -168,26 +168,20 @@ def render_samples(family, configs: Mapping[str, Mapping[str, str]], out_dir: st
                    log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """FP16 and each configuration's images of the same ``num`` conditions and seeds, one grid each
     (``<out_dir>/<name>.png``). ``mq``: the multiquantizer (checked against the weights) or its path."""
-    import torch
-
+    from multiquant.adapters import SamplerOptions
     from multiquant.checkpoint import MultiQuantizer
     from multiquant.config import ConfigApplier
-    from multiquant.pipelines.sampling import denoiser_of, load_pipeline, make_sampler, tiny_pipeline
+    from multiquant.evaluate import load_for_scoring
     from multiquant.reporting import save_image_grid
     from multiquant.utils import default_device
 
-    device = default_device(device)
-    pipe = tiny_pipeline(family).to(device) if tiny else load_pipeline(family, pretrained, device=device)
-    denoiser = denoiser_of(pipe)
+    loaded = load_for_scoring(family, pretrained, tiny, default_device(device))  # any family, any kind
+    pipe, denoiser = loaded.pipe, loaded.denoiser
     if mq is None or isinstance(mq, (str, os.PathLike)):
-        mq = MultiQuantizer.from_pretrained(mq or _default_mq_path(family.name), device=device)
+        mq = MultiQuantizer.from_pretrained(mq or _default_mq_path(family.name), device=loaded.device)
     mq.check_compatible(denoiser, family)
-    extra = {}
-    if tiny and family.conditioning == "text":  # no text encoders in a tiny pipeline: random embeddings
-        from multiquant.pipelines.embeddings import random_prompt_embeds
-
-        extra = {"prompt_embeds": random_prompt_embeds(family, pipe, num, seed=seed), "conditions": list(range(num))}
-    sampler = make_sampler(family, pipe, num_images=num, seed=seed, **extra)
+    conditions = loaded.adapter.conditions(family, num, tiny=tiny)
+    sampler = loaded.adapter.sampler(family, pipe, conditions, SamplerOptions(seed=seed, embed_seed=seed), tiny=tiny)
     applier = ConfigApplier(denoiser, mq)
     out, grids = Path(out_dir), {}
     nrow = _grid_columns(num)

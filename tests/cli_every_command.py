@@ -38,7 +38,8 @@ def every_command(family: list[str], name: str, work: Path, cls_id: int = 1, bud
     run(["search", *tiny, "--cache", work / "random" / "quant_cache.pkl", "--mq", mq, "--budgets", budget,
          "--rounds", 1, "--per_budget", 1, "--num_images", 8, "--out", work / "search"])
     run(["report", *family, "--predictor", work / "predictor", "--cache", work / "random" / "quant_cache.pkl",
-         "--mq", mq, "--size", "tiny", "--budgets", budget, "--out", work / "report"])
+         "--mq", mq, "--size", "tiny", "--budgets", budget, "--samples", 2, "--tiny", "--device", "cpu",
+         "--out", work / "report"])
     run(["infer", *tiny, "--q_config", config, "--mq", mq, "--cls_id", cls_id, "--n_imgs", 2,
          "--outdir", work / "samples"])
     run(["export", *tiny, "--q_config", config, "--mq", mq, "--out", work / "export"])

@@ -85,7 +85,7 @@ class ModuleAdapter(Adapter):
         return spec.default_conditions(n)
 
     def sampler(self, spec, pipe, conditions, options: SamplerOptions, tiny: bool = False):
-        return ModuleSampler(spec, pipe, conditions, options.seed, options.batch_size or DEFAULT_BATCH_SIZE)
+        return ModuleSampler(spec, pipe, conditions, options.seed, options.batch_size or spec.batch_size or DEFAULT_BATCH_SIZE)
 
     def macs(self, spec, denoiser, tiny):
         if spec.example_inputs is None:

@@ -76,6 +76,8 @@ class FamilySpec:
     pipeline_kwargs: dict = field(default_factory=dict)  # extra fixed kwargs of the pipeline call
     num_classes: int | None = None  # class-conditional families
     refiner_hub_id: str | None = None  # SDXL: the FP refiner that finishes the schedule (reference protocol)
+    batch_size: int | None = None  # images per denoiser call while scoring (any value renders the same images)
+    text_tokens: int | None = None  # text families: cross-attention length the MACs (BOPs) are counted at
     # --- layer rules ------------------------------------------------------------------------------
     exclude: tuple[str, ...] = ()  # fnmatch patterns on module paths: layers that stay FP
     ties: tuple[tuple[str, str], ...] = ()  # (regex, replacement): path -> canonical path it copies

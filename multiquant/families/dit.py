@@ -7,7 +7,7 @@ DIT_TIES = ((r"transformer_blocks\.[1-9]\d*\.norm1\.emb\.timestep_embedder\.(lin
 
 register_family(FamilySpec(
     name="dit", model_class="DiTTransformer2DModel", hub_id="facebook/DiT-XL-2-512", subfolder="transformer",
-    pipeline_class="DiTPipeline", fp_prec=16, reference_fp_bytes=1_433_972_736, architecture="DiT",
+    pipeline_class="DiTPipeline", batch_size=25, fp_prec=16, reference_fp_bytes=1_433_972_736, architecture="DiT",
     conditioning="class", prompt_source="imagenet_classes", num_classes=1000, resolution=512, steps=250,
     guidance=4.0, scheduler="DPMSolverMultistepScheduler",
     full_config=dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,

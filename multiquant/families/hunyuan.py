@@ -12,7 +12,7 @@ def _skip_linear_splits(model: nn.Module) -> dict[str, int]:
 
 register_family(FamilySpec(
     name="hunyuan", model_class="HunyuanDiT2DModel", hub_id="Tencent-Hunyuan/HunyuanDiT-Diffusers",
-    subfolder="transformer", pipeline_class="HunyuanDiTPipeline", fp_prec=16,
+    subfolder="transformer", pipeline_class="HunyuanDiTPipeline", batch_size=4, fp_prec=16,
     reference_fp_bytes=2_999_291_904, architecture="hunyuan", resolution=1024, steps=50, guidance=5.0,
     full_config=dict(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2,
                      activation_fn="gelu-approximate", sample_size=128, hidden_size=1408, num_layers=40,

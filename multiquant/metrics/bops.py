@@ -36,11 +36,10 @@ from torch.overrides import TorchFunctionMode
 from ..layers import QUANTIZABLE_TYPES, LayerRef
 from ..options import Option, option_of
 
-__all__ = ["layer_macs", "config_bops", "weight_bits", "DEFAULT_TEXT_TOKENS", "ATTENTION_SUFFIXES"]
+__all__ = ["layer_macs", "config_bops", "weight_bits", "ATTENTION_SUFFIXES"]
 
 # Text-encoder sequence lengths of the generation protocols (cross-attention MACs depend on them).
 # Hunyuan's inputs already use its config's text_len (77 CLIP) and text_len_t5 (256).
-DEFAULT_TEXT_TOKENS = {"pixart_alpha": 120, "pixart_sigma": 300, "sdxl": 77, "sdv15": 77, "sdv14": 77}
 ATTENTION_SUFFIXES = ("::qk", "::av", "::matmul")
 _OTHER_SUFFIXES = ("::linear",)
 
@@ -131,14 +130,14 @@ def layer_macs(model: nn.Module, family, resolution: int | None = None, batch: i
     """MACs of one denoiser forward, per module path (see module doc for the key scheme).
 
     ``resolution`` defaults to the family's protocol resolution; ``text_tokens`` (cross-attention
-    length) to :data:`DEFAULT_TEXT_TOKENS`; ``inputs`` overrides the forward kwargs entirely.
+    length) to the family's ``text_tokens``; ``inputs`` overrides the forward kwargs entirely.
     One forward = one denoiser evaluation at ``batch`` (classifier-free guidance doubles it).
     Works on the meta device."""
     from ..families.inputs import example_inputs
 
     if inputs is None:
         inputs = example_inputs(family, model, batch, resolution=resolution or family.resolution)
-        tokens = text_tokens if text_tokens is not None else DEFAULT_TEXT_TOKENS.get(family.name)
+        tokens = text_tokens if text_tokens is not None else family.text_tokens
         if tokens is not None:
             inputs = _with_text_tokens(inputs, tokens)
 

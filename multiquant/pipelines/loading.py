@@ -21,16 +21,7 @@ from ..utils import from_pretrained_kwargs
 TINY_LATENT_SIZE = 8
 HUB_EXTRA_FIX = "Fix: pip install 'qua2sedimo[hub]' (transformers, accelerate, sentencepiece, ftfy, beautifulsoup4)."
 
-# Which denoising loop serves which pipeline class (see loops.py).
-KIND_OF_PIPELINE = {
-    "PixArtAlphaPipeline": "pixart",
-    "PixArtSigmaPipeline": "pixart",
-    "HunyuanDiTPipeline": "hunyuan",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionPipeline": "sd",
-    "DiTPipeline": "dit",
-    "MNISTDiTPipeline": "mnist",
-}
+from ..adapters import KIND_OF_PIPELINE  # noqa: E402,F401  (one kind table: the adapters' registry)
 
 # Noise schedules of the hub repos' scheduler configs, for tiny pipelines (full ones read the repo's own).
 _TINY_SCHEDULE = {

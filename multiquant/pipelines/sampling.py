@@ -24,9 +24,9 @@ from .prompts import conditions_for
 from ..seeds import SEED_RULE, image_generators, seed_for  # noqa: F401
 from ..utils import progress
 
-# Images per denoiser call (CFG doubles the denoiser batch); any value gives the same images.
-DEFAULT_BATCH_SIZE = {"dit": 25, "pixart_alpha": 16, "pixart_sigma": 4, "hunyuan": 4, "sdxl": 8,
-                      "sdv15": 8, "sdv14": 8, "mnist_dit": 250}
+# Images per denoiser call when the family gives no batch_size (CFG doubles the denoiser batch); any value
+# gives the same images.
+DEFAULT_BATCH_SIZE = 8
 SDXL_REFINER_SPLIT = 0.8  # base denoises the first 80% of the schedule, the FP refiner the rest (reference)
 # (with the family's 40 steps: 32 quantized base steps, then 8 FP16 refiner steps)
 
@@ -202,7 +202,7 @@ def make_sampler(family, pipe, num_images: int | None = None, seed: int = 42, ba
         if refiner is not None:
             _upcast_vae_if_needed(refiner)
     return Sampler(spec, pipe, conditions, seed=seed,
-                   batch_size=batch_size or DEFAULT_BATCH_SIZE.get(spec.name, 8),
+                   batch_size=batch_size or spec.batch_size or DEFAULT_BATCH_SIZE,
                    steps=steps or spec.steps, guidance=spec.guidance if guidance is None else guidance,
                    resolution=resolution, prompt_embeds=prompt_embeds, refiner=refiner, channels=str(channels))
 

@@ -12,8 +12,8 @@ from torch import nn
 
 # Layer op labels, in a fixed order (stable codes for embeddings).
 LAYER_OPS = ("t-Embed", "c-Embed", "Patchify", "AdaLN", "SA-Q", "SA-K", "SA-V", "SA-Out", "CA-Q", "CA-K", "CA-V",
-             "CA-Out", "FF1", "FF2", "Res-In", "Res-tEmb", "Res-cEmb", "Res-Out", "Res-Skip", "Proj-In", "Proj-Out", "Skip",
-             "Down", "Up", "Conv-In", "Conv-Out", "Out", "Linear", "Conv")
+             "CA-Out", "FF1", "FF2", "Res-In", "Res-tEmb", "Res-cEmb", "Res-Out", "Res-Skip", "Proj-In", "Proj-Out",
+             "Skip", "Down", "Up", "Conv-In", "Conv-Out", "Out", "Linear", "Conv")
 # Combine op labels. "mul" (a product of two different layers' outputs, e.g. a SwiGLU gate) does not occur
 # in the built-in families.
 COMBINE_OPS = ("add", "matmul", "norm", "cat", "embed", "mul")

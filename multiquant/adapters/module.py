@@ -48,8 +48,8 @@ class ModuleSampler:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
                 or images.shape[0] != len(indices):
             got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
-            raise UserError(f"family {self.family.name!r}: sampler must return a uint8 tensor [{len(indices)}, C, H, W] "
-                            f"for {len(indices)} seeds, got {got}")
+            raise UserError(f"family {self.family.name!r}: sampler must return a uint8 tensor "
+                            f"[{len(indices)}, C, H, W] for {len(indices)} seeds, got {got}")
         return images.cpu()
 
     def generate(self, indices) -> torch.Tensor:
@@ -85,7 +85,8 @@ class ModuleAdapter(Adapter):
         return spec.default_conditions(n)
 
     def sampler(self, spec, pipe, conditions, options: SamplerOptions, tiny: bool = False):
-        return ModuleSampler(spec, pipe, conditions, options.seed, options.batch_size or spec.batch_size or DEFAULT_BATCH_SIZE)
+        batch_size = options.batch_size or spec.batch_size or DEFAULT_BATCH_SIZE
+        return ModuleSampler(spec, pipe, conditions, options.seed, batch_size)
 
     def macs(self, spec, denoiser, tiny):
         if spec.example_inputs is None:

@@ -12,11 +12,13 @@ _COMMON = dict(model_class="PixArtTransformer2DModel", subfolder="transformer", 
                guidance=4.5, tiny_config=_TINY)
 
 register_family(FamilySpec(
-    name="pixart_alpha", hub_id="PixArt-alpha/PixArt-XL-2-512x512", pipeline_class="PixArtAlphaPipeline", batch_size=16, text_tokens=120,
+    name="pixart_alpha", hub_id="PixArt-alpha/PixArt-XL-2-512x512", pipeline_class="PixArtAlphaPipeline",
+    batch_size=16, text_tokens=120,
     full_config=dict(_FULL, sample_size=64), resolution=512, architecture="alpha",
     scheduler="DPMSolverMultistepScheduler", **_COMMON))
 
 register_family(FamilySpec(
-    name="pixart_sigma", hub_id="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", pipeline_class="PixArtSigmaPipeline", batch_size=4, text_tokens=300,
+    name="pixart_sigma", hub_id="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", pipeline_class="PixArtSigmaPipeline",
+    batch_size=4, text_tokens=300,
     full_config=dict(_FULL, sample_size=128), resolution=1024, architecture="sigma",
     scheduler="DPMSolverMultistepScheduler", pipeline_kwargs={"max_sequence_length": 300}, **_COMMON))

@@ -31,7 +31,8 @@ _SD1_FULL = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 _SD1_TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4)
-_SD1 = dict(model_class="UNet2DConditionModel", subfolder="unet", pipeline_class="StableDiffusionPipeline", batch_size=8, text_tokens=77,
+_SD1 = dict(model_class="UNet2DConditionModel", subfolder="unet", pipeline_class="StableDiffusionPipeline",
+            batch_size=8, text_tokens=77,
             fp_prec=32, reference_fp_bytes=3_436_308_480, architecture="SDv1.5", resolution=512, steps=50,
             guidance=7.5, scheduler="PNDMScheduler", scheduler_kwargs={"skip_prk_steps": True},
             full_config=_SD1_FULL, tiny_config=_SD1_TINY,
@@ -44,7 +45,8 @@ register_family(FamilySpec(name="sdv14", hub_id="CompVis/stable-diffusion-v1-4",
 
 register_family(FamilySpec(
     name="sdxl", model_class="UNet2DConditionModel", hub_id="stabilityai/stable-diffusion-xl-base-1.0",
-    subfolder="unet", variant="fp16", pipeline_class="StableDiffusionXLPipeline", fp_prec=16, batch_size=8, text_tokens=77,
+    subfolder="unet", variant="fp16", pipeline_class="StableDiffusionXLPipeline", fp_prec=16,
+    batch_size=8, text_tokens=77,
     reference_fp_bytes=5_131_760_640, architecture="SDXL", resolution=512, steps=40, guidance=5.0,
     scheduler="EulerDiscreteScheduler",
     full_config=dict(sample_size=128, in_channels=4, out_channels=4,

@@ -43,8 +43,9 @@ def every_command(family: list[str], name: str, work: Path, cls_id: int = 1, bud
     run(["infer", *tiny, "--q_config", config, "--mq", mq, "--cls_id", cls_id, "--n_imgs", 2,
          "--outdir", work / "samples"])
     run(["export", *tiny, "--q_config", config, "--mq", mq, "--out", work / "export"])
-    run(["load-check", work / "export", "--tiny", "--device", "cpu", "--compare", "--mq", mq, "--tolerance", 1e-5])
-    run(["infer", "--export", work / "export", "--device", "cpu", "--n_imgs", 2, "--outdir", work / "samples"])
+    run(["load-check", work / "export", *family, "--tiny", "--device", "cpu", "--compare", "--mq", mq,
+         "--tolerance", 1e-5])
+    run(["infer", *family, "--export", work / "export", "--device", "cpu", "--n_imgs", 2, "--outdir", work / "samples"])
     return {"records": load_quant_cache(work / "random" / "quant_cache.pkl"),
             "baselines": load_quant_cache(work / "baselines" / "quant_cache.pkl"),
             "sensitivity": json.loads(sens.read_text()), "dag": sorted((work / "dag").glob("*.dag.json")),

@@ -37,7 +37,7 @@ def test_every_command_runs_on_the_readme_example(tmp_path, monkeypatch):
 
     torch.save(my_denoiser.MyDenoiser(32).state_dict(), tmp_path / "my_denoiser.pt")
     assert my_denoiser.FAMILY.load().conv_in.weight.shape == (32, 1, 3, 3)  # the weights field, weights_only
-    out = every_command(["--model", "my_denoiser"], "my_denoiser", tmp_path / "work")
+    out = every_command(["--family", "examples.my_denoiser:FAMILY"], "my_denoiser", tmp_path / "work")
     records = out["records"]
     assert len(records) == 6 and all(np.isfinite(float(r["FID-GT-1k"])) for r in records)
     by_name = {r["name"]: r for r in out["baselines"]}

@@ -1,6 +1,8 @@
 """A plain nn.Module family with its own sampler and metric is scored like the built-in ones."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,7 +150,8 @@ def test_every_command_runs_on_a_module_family(tmp_path, monkeypatch):
 
     monkeypatch.setenv("QUA2SEDIMO_STATS_CACHE", str(tmp_path / "stats"))
     # tiny layers carry a large per-channel overhead: the smallest achievable average is about 5.4 bits
-    out = every_command(["--model", toy.FAMILY.name], toy.FAMILY.name, tmp_path, budget=8.0)
+    family = ["--family", f"{Path(toy.__file__).resolve()}:FAMILY"]  # imported by the CLI from its file
+    out = every_command(family, toy.FAMILY.name, tmp_path, budget=8.0)
     assert len(out["records"]) == 6 and {r["architecture"] for r in out["records"]} == {"tests_toy"}
     names = {r["name"]: r for r in out["baselines"]}
     assert names["fp16"]["FID-FP-1k"] == pytest.approx(0.0, abs=1e-6)

@@ -164,3 +164,37 @@ def test_every_command_runs_on_a_module_family(tmp_path, monkeypatch):
     ops = {n["path"]: n["op"] for n in dag["nodes"] if n["kind"] == "layer"}
     assert ops["time_mlp.0"] == "t-Embed" and ops["conv_in"] == "Conv-In" and dag["graph"]["derived_labels"]
     assert (out["report"] / "index.html").exists() or any(out["report"].glob("*.html"))
+
+
+def test_feature_fid_caches_reference_statistics_by_content(tmp_path):
+    """Same features and images: one cached file, same numbers; edited features or images: new statistics."""
+    from multiquant.metrics import FeatureFID
+
+    images = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+
+    def pooled(x):
+        return torch.nn.functional.avg_pool2d(x.float() / 255, 2).flatten(1)
+
+    def pooled_more(x):
+        return torch.nn.functional.avg_pool2d(x.float() / 255, 4).flatten(1)
+
+    first = FeatureFID(pooled, reference_images=images, cache_dir=tmp_path)
+    ref = first.reference()
+    feats = pooled(images).double().numpy()
+    np.testing.assert_allclose(ref["mu"], feats.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(ref["sigma"], np.cov(feats, rowvar=False), rtol=1e-10)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    again = FeatureFID(pooled, reference_images=images.clone(), cache_dir=tmp_path)
+    assert again.reference_id == first.reference_id and again.feature_name == first.feature_name
+    assert len(list(tmp_path.glob("*.npz"))) == 1  # read back, not recomputed
+    other = FeatureFID(pooled_more, reference_images=images, cache_dir=tmp_path)
+    assert other.feature_name != first.feature_name and other.reference()["mu"].shape == (4,)
+    changed = images.clone()
+    changed[0, 0, 0, 0] ^= 1
+    assert FeatureFID(pooled, reference_images=changed, cache_dir=tmp_path).reference_id != first.reference_id
+    generated = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    g = pooled(generated).double().numpy()
+    from multiquant.metrics.fid import frechet_distance
+
+    expected = frechet_distance(g.mean(0), np.cov(g, rowvar=False), feats.mean(0), np.cov(feats, rowvar=False))
+    assert first(generated) == pytest.approx(expected, rel=1e-6)

@@ -37,6 +37,18 @@ def _callable_name(fn) -> str:
     return getattr(fn, "name", None) or getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
+def _function_digest(fn) -> str | None:
+    """Content hash of a plain function's code (bytecode and constants), so that cached reference statistics
+    of an edited feature function are never reused; None for other callables."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    h = hashlib.sha256(code.co_code)
+    h.update(repr(code.co_consts).encode())
+    h.update(repr(code.co_names).encode())
+    return h.hexdigest()[:12]
+
+
 def _module_digest(module: nn.Module) -> str:
     """Content hash of a module's parameters and buffers (names, shapes, bytes)."""
     h = hashlib.sha256()
@@ -106,7 +118,8 @@ class FeatureFID:
                 if not callable(f):
                     raise UserError(f"FeatureFID features must be a feature network, an nn.Module or a callable, "
                                     f"not {type(f).__name__}")
-                f = _CallableFeatures(f, _callable_name(f))
+                digest = _function_digest(f)
+                f = _CallableFeatures(f, _callable_name(f) + (f"-{digest}" if digest else ""))
             self._features = f
         return self._features
 

@@ -196,11 +196,22 @@ class ConfigApplier:
         self.apply(OrderedDict((ref.key, FP_OPTION) for ref in self.layers))
 
 
-def quantize_(model: nn.Module, config: dict, mq) -> nn.Module:
-    """Apply a configuration in place (the first call keeps a copy of the FP weights on the model)."""
-    applier = getattr(model, "_qua2sedimo_applier", None)
+_HANDLE = "_qua2sedimo_applier"  # the model owns its handle (and so its FP copy): freed with the model
+
+
+def quantize_(model: nn.Module, config: dict, mq) -> ConfigApplier:
+    """Apply a configuration in place and return its handle, the :class:`ConfigApplier` that holds the model's
+    FP weights (``.model``, ``.current``, ``.apply(other)``, ``.restore()``). The first call on a model copies
+    its FP weights; later calls with the same checkpoint reuse that handle (:func:`applier_of`), so switching
+    configurations never takes an already-quantized weight for the FP one."""
+    applier = applier_of(model)
     if applier is None or applier.mq is not mq:
         applier = ConfigApplier(model, mq)
-        object.__setattr__(model, "_qua2sedimo_applier", applier)
+        object.__setattr__(model, _HANDLE, applier)  # not a registered submodule or parameter
     applier.apply(config)
-    return model
+    return applier
+
+
+def applier_of(model: nn.Module) -> ConfigApplier | None:
+    """The handle :func:`quantize_` made for ``model`` (``None`` if it never quantized it)."""
+    return getattr(model, _HANDLE, None)

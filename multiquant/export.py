@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .checkpoint import MultiQuantizer, _versions
-from .config import config_record, validate_config
+from .config import applier_of, config_record, validate_config
 from .errors import InputError, UserError
 from .families import FamilySpec
 from .interop import interop_plan, write_interop
@@ -188,7 +188,7 @@ def export_quantized(denoiser: nn.Module, family: FamilySpec, config: dict, mq: 
     (export an fp16 denoiser for an fp16 model). ``config``: ``{key: "method-bits" | "fp16"}``, validated
     against the checkpoint (missing tied copies follow their canonical layer). A denoiser holding a
     simulated configuration (``quantize_``) is exported from its FP weights and left as it was."""
-    applier = getattr(denoiser, "_qua2sedimo_applier", None)
+    applier = applier_of(denoiser)
     if applier is not None and any(option != FP_OPTION for option in applier.current.values()):
         simulated = OrderedDict(applier.current)
         applier.restore()

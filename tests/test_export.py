@@ -234,7 +234,7 @@ def test_fp16_export_is_exact_in_fp16_and_keeps_scales_float32(tmp_path, tiny_pi
     config = mixed_config(mq.layers)
     export_quantized(model, family, config, mq, tmp_path)
     packed = load_quantized(tmp_path)
-    simulated = quantize_(family.build("tiny", seed=2, dtype=torch.float16), config, mq)
+    simulated = quantize_(family.build("tiny", seed=2, dtype=torch.float16), config, mq).model
     parts = [m for m in packed.modules() if isinstance(m, PackedWeight)]
     assert {p.method for p in parts} == {"mse", "kmeans", "kmeans_all"}
     for part in parts:
@@ -299,7 +299,7 @@ def test_export_keeps_the_dtype_of_every_buffer_and_load_check_says_pass_or_fail
     export_quantized(model, family, config, mq, tmp_path / "export")
     loaded = load_quantized(tmp_path / "export")
     assert loaded.pos_embed.pos_embed.dtype == torch.float32
-    simulated = quantize_(type(fp32).from_pretrained(tmp_path / "fp", torch_dtype=torch.float16), config, mq)
+    simulated = quantize_(type(fp32).from_pretrained(tmp_path / "fp", torch_dtype=torch.float16), config, mq).model
     report = check_export(tmp_path / "export", simulated=simulated, batch=1)
     assert report["passed"] and report["max_abs_diff_vs_simulated"] == 0.0 and report["dtype_differences"] == []
     # a simulated model whose table was cast differs: FAIL, naming the buffer

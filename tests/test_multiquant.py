@@ -193,3 +193,19 @@ def test_tiny_build_never_overwrites_the_real_checkpoint(tmp_path, monkeypatch, 
     assert MultiQuantizer.from_pretrained(real).manifest["weight_hash"] == tiny.manifest["weight_hash"]
     mq.save_pretrained(tmp_path / "same.safetensors")  # the same weights may be rebuilt in place
     mq.save_pretrained(tmp_path / "same.safetensors")
+
+
+def test_quantize_returns_the_handle_that_switches_and_restores(tiny_pixart):
+    from multiquant.config import ConfigApplier, applier_of
+
+    family, _, mq = tiny_pixart
+    model = family.build("tiny", seed=1)
+    fp = {r.key: r.weight(model).detach().clone() for r in mq.layers}
+    first = sample_random_config(mq.layers, seed=0, index=1)
+    handle = quantize_(model, first, mq)
+    assert isinstance(handle, ConfigApplier) and handle.model is model and applier_of(model) is handle
+    assert dict(handle.current) == dict(validate_config(first, mq.layers))
+    # a second configuration reuses the handle: the FP copy is the original, not the quantized weights
+    assert quantize_(model, sample_random_config(mq.layers, seed=0, index=2), mq) is handle
+    handle.restore()
+    assert all(torch.equal(r.weight(model), fp[r.key]) for r in mq.layers)

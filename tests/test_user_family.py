@@ -133,7 +133,7 @@ def test_a_module_family_export_loads_without_a_skeleton_and_infers(tmp_path, ca
     out = export_quantized(model, family, config, mq, tmp_path / "export")
     assert read_export_info(out)["module_size"] == "tiny"
     packed = load_quantized(out)
-    simulated = quantize_(family.build("tiny", seed=5), config, mq)
+    simulated = quantize_(family.build("tiny", seed=5), config, mq).model
     inputs = toy._example_inputs(simulated, 3)
     with torch.no_grad():
         torch.testing.assert_close(packed(**inputs), simulated(**inputs), rtol=0, atol=1e-6)

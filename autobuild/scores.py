@@ -35,7 +35,7 @@ from multiquant.errors import InputError, MissingFileError
 from multiquant.options import OptionTable
 
 __all__ = ["UnitScores", "UnitScoreSet", "enumerate_variants", "score_units", "unit_scores_for",
-           "load_unit_scores", "scores_path", "check_graph_matches", "SCORES_FORMAT"]
+           "scores_path", "check_graph_matches", "SCORES_FORMAT"]
 
 SCORES_FORMAT = "qua2sedimo-unit-scores"
 MAX_VARIANTS = 2_000_000  # per unit; 6 options x 6 layers = 46,656
@@ -308,10 +308,6 @@ def _same_units(cached: UnitScoreSet, graph: nx.DiGraph, level: str) -> bool:
 
     current = make_units(graph, level)
     return [(u.name, str(u.output)) for u in current] == [(u.name, u.output) for u in cached.units]
-
-
-def load_unit_scores(stem: str | os.PathLike) -> UnitScoreSet:
-    return UnitScoreSet.load(stem)
 
 
 def unit_scores_for(predictor_dir: str | os.PathLike, graph: nx.DiGraph, table, level: str = "block",

@@ -40,8 +40,6 @@ ENSEMBLE_WEIGHTS = "ensemble.safetensors"
 ENSEMBLE_CONFIG = "ensemble.json"
 METRICS_FILE = "metrics.json"
 FORMAT = "qua2sedimo-predictor-ensemble"
-_BASE_KEYS = {"config", "architecture", "seed", "index", "avg_bits", "bops", "quantized_size", "quantized_error",
-              "FID-GT-1k"}
 
 
 @dataclass

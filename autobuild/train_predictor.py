@@ -15,7 +15,7 @@ from pathlib import Path
 from multiquant.cli_flags import add_model_flags
 from multiquant.errors import UserError
 
-__all__ = ["add_train_predictor_arguments", "run_train_predictor", "load_records", "family_graph"]
+__all__ = ["add_train_predictor_arguments", "run_train_predictor", "family_graph"]
 
 
 def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,13 +51,6 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
     return p
 
 
-def load_records(path: Path) -> list[dict]:
-    """Read a quant_cache.pkl through the restricted unpickler (no arbitrary code on load), records checked."""
-    from multiquant.store import load_quant_cache
-
-    return load_quant_cache(path, require_config=True)
-
-
 def family_graph(model: str, size: str = "full"):
     """The family's DAG (``autobuild.dag.build_dag``): traced from the full-size denoiser on the meta
     device, or the tiny one on the CPU."""
@@ -81,7 +74,9 @@ def _units(graph, level: str | None):
 def run_train_predictor(args) -> int:
     from autobuild.train import TrainOptions, train_predictor
 
-    records = load_records(args.cache)
+    from multiquant.store import load_quant_cache
+
+    records = load_quant_cache(args.cache, require_config=True)  # restricted unpickler, records checked
     graph = family_graph(args.model, "tiny" if args.tiny else args.size)
     options = TrainOptions(hidden=args.hidden, layers=args.layers, heads=args.heads, patience=args.patience,
                            workers=args.workers, threads=args.threads, missing=args.missing, learn=args.learn)

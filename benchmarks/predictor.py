@@ -52,10 +52,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     from autobuild.dag import units
     from autobuild.train import TrainOptions, train_predictor
-    from autobuild.train_predictor import family_graph, load_records
+    from autobuild.train_predictor import family_graph
+    from multiquant.store import load_quant_cache
 
     cache = args.cache or f"quant_caches/{args.model}/quant_cache.pkl"
-    records = load_records(cache)
+    records = load_quant_cache(cache, require_config=True)
     graph = family_graph(args.model, args.size)
     keep = Path(args.keep) if args.keep else RESULTS / f"predictor_{args.model}_work" / "quality"
     started = time.perf_counter()

@@ -32,12 +32,13 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "predictor_mnist_dit.json"))
     args = ap.parse_args(argv)
     from autobuild.train import TrainOptions, train_predictor
-    from autobuild.train_predictor import family_graph, load_records
+    from autobuild.train_predictor import family_graph
+    from multiquant.store import load_quant_cache
 
     additive = None if args.additive is None else bool(args.additive)
     overrides = {k: v for k, v in (("mse_weight", args.mse_weight), ("additive", additive)) if v is not None}
     options = TrainOptions(workers=args.workers, learn=args.learn, **overrides)
-    records = load_records(CACHE)
+    records = load_quant_cache(CACHE, require_config=True)
     graph = family_graph("mnist_dit", "full")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

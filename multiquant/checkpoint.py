@@ -129,9 +129,6 @@ class MultiQuantizer:
     def fp_bytes(self) -> int:
         return self.manifest["fp_bytes"]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
     # ----------------------------------------------------------------------------------------- build
     @classmethod
     def build(cls, model: nn.Module, family: FamilySpec, methods=METHOD_NAMES, bits=DEFAULT_BITS, device=None,

@@ -22,7 +22,7 @@ FULL_CONFIG = dict(num_attention_heads=6, attention_head_dim=32, in_channels=1, 
 TINY_CONFIG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=2,
                    sample_size=28, patch_size=4, num_embeds_ada_norm=10)
 
-MNIST_DIT = register_family(FamilySpec(
+register_family(FamilySpec(
     name="mnist_dit", model_class="DiTTransformer2DModel", pipeline_class="MNISTDiTPipeline", batch_size=250,
     default_pretrained=ASSET_DIR, fp_prec=16, architecture="mnist_dit",
     conditioning="class", prompt_source="mnist_classes", num_classes=10, num_images=1000, resolution=28,

@@ -41,7 +41,6 @@ __all__ = ["layer_macs", "config_bops", "weight_bits", "ATTENTION_SUFFIXES"]
 # Text-encoder sequence lengths of the generation protocols (cross-attention MACs depend on them).
 # Hunyuan's inputs already use its config's text_len (77 CLIP) and text_len_t5 (256).
 ATTENTION_SUFFIXES = ("::qk", "::av", "::matmul")
-_OTHER_SUFFIXES = ("::linear",)
 
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
             torch.mm, torch.Tensor.mm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm,

@@ -428,25 +428,35 @@ def plot(result: dict, records, path: Path) -> Path:
     groups: dict[str, list] = {}
     for row in result["budgets"]:
         for name, m in row["methods"].items():
-            if name == "random_best" or m.get("fid_confirm") is None:
+            if name == "random_best":
                 continue
             family = name.split("_")[0] if not name.startswith("build_config") else name
-            groups.setdefault(family, []).append((m["avg_bits"], m["fid_confirm"]))
+            confirmed = m.get("fid_confirm") is not None
+            groups.setdefault(family, []).append((m["avg_bits"], m["fid_confirm"] if confirmed else m["fid"],
+                                                  confirmed))
     styles = {"optimize": ("*", "tab:red", 14), "exact": ("s", "tab:blue", 6), "greedy": ("v", "tab:cyan", 6),
               "uniform": ("o", "tab:gray", 6), "search": ("D", "tab:green", 6),
               "build_config_node": ("^", "tab:purple", 6), "build_config_block": ("<", "tab:pink", 6)}
     for name, points in groups.items():
         marker, color, size = styles.get(name, ("x", "k", 6))
-        xs, ys = zip(*sorted(set(points)))
-        ax.plot(xs, ys, marker, color=color, ms=size, label=name, zorder=3 if name == "optimize" else 2,
-                linestyle="-" if name == "optimize" else "none")
-    if result.get("uniform4_best_confirm"):
-        ax.axhline(result["uniform4_best_confirm"], color="tab:gray", ls="--", lw=1, label="best uniform 4-bit")
+        points = sorted(set(points))
+        xs, ys, confirmed = zip(*points)
+        ax.plot(xs, ys, color=color, linestyle="-" if name == "optimize" else "none", zorder=3 if name == "optimize" else 2)
+        for fill in (True, False):  # filled: confirmation-seed FID; open: the main seed only
+            sel = [(x, y) for x, y, c in points if c == fill]
+            if sel:
+                ax.plot(*zip(*sel), marker, color=color, ms=size, linestyle="none",
+                        markerfacecolor=color if fill else "none", zorder=3 if name == "optimize" else 2,
+                        label=name if fill or not any(confirmed) else None)
+    u4 = result.get("uniform4_best_confirm") or result.get("uniform4_best_seed")
+    if u4:
+        ax.axhline(u4, color="tab:gray", ls="--", lw=1, label="best uniform 4-bit" + (
+            "" if result.get("uniform4_best_confirm") else " (main seed)"))
     if result.get("fp16_fid"):
         ax.axhline(result["fp16_fid"], color="k", ls=":", lw=1, label="FP16")
     ax.set_yscale("log")
     ax.set_xlabel("average bits (overhead included)")
-    ax.set_ylabel(f"{KEY}, confirmation seed (log scale)")
+    ax.set_ylabel(f"{KEY} (filled: confirmation seed; open: main seed only; log scale)")
     budgets = ", ".join(f"{r['budget']:g}" for r in result["budgets"])
     ax.set_title(f"{result['model']}: budgeted configurations at {budgets} bits")
     ax.grid(alpha=0.3, which="both")
@@ -462,9 +472,14 @@ def plot(result: dict, records, path: Path) -> Path:
 def refill(result_path: str, history_path: str) -> dict:
     """``python benchmarks/pareto.py --refill RESULT.json HISTORY.json``: apply :func:`fill_from_history` to a
     result written before it existed (the rows are marked; nothing is re-scored)."""
+    from multiquant.store import load_quant_cache
+
     result = json.loads(Path(result_path).read_text())
     fill_from_history(result, json.loads(Path(history_path).read_text()))
     Path(result_path).write_text(json.dumps(result, indent=1, default=float))
+    cache = result["dataset"]["cache"]
+    records = load_quant_cache(cache) if Path(cache).exists() and not result["settings"]["tiny"] else []
+    plot(result, records, Path(result_path).with_suffix(".png"))
     return result
 
 

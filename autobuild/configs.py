@@ -213,7 +213,7 @@ def _resolve_family(family, ensemble_template_family: str | None):
 
 
 def predictor_family(predictor_dir: Path) -> str | None:
-    from .train import ENSEMBLE_CONFIG
+    from .ensemble import ENSEMBLE_CONFIG
 
     path = predictor_dir / ENSEMBLE_CONFIG
     if not path.exists():

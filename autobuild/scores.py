@@ -250,7 +250,7 @@ def _score_all_nodes(ensemble, template, table, options, variants) -> np.ndarray
 def score_units(ensemble, graph: nx.DiGraph, table, level: str = "block", unit_list: Iterable | None = None,
                 batch_variants: int = 4096, log: Callable[[str], None] | None = None) -> UnitScoreSet:
     """Score every variant of every unit of ``graph`` at ``level`` with ``ensemble`` (a loaded
-    :class:`autobuild.train.Ensemble`). ``table``: anything :meth:`OptionTable.from_source` reads.
+    :class:`autobuild.ensemble.Ensemble`). ``table``: anything :meth:`OptionTable.from_source` reads.
     ``unit_list`` overrides ``autobuild.dag.units(graph, level)``."""
     from .dag import units as make_units
 
@@ -284,7 +284,7 @@ def scores_path(predictor_dir: str | os.PathLike, level: str) -> Path:
 
 
 def _ensemble_digest(predictor_dir: Path) -> str:
-    from .train import ENSEMBLE_WEIGHTS
+    from .ensemble import ENSEMBLE_WEIGHTS
 
     h = hashlib.sha256()
     with open(predictor_dir / ENSEMBLE_WEIGHTS, "rb") as f:
@@ -315,7 +315,7 @@ def unit_scores_for(predictor_dir: str | os.PathLike, graph: nx.DiGraph, table, 
                     log: Callable[[str], None] | None = None) -> UnitScoreSet:
     """The unit scores of a trained predictor, computed once and cached beside it (``scores_path``); a
     cached file is reused only if it was made from the same ensemble weights and option table."""
-    from .train import load_ensemble
+    from .ensemble import load_ensemble
 
     predictor_dir = Path(predictor_dir)
     table = OptionTable.from_source(table)

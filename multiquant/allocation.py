@@ -450,11 +450,107 @@ def _tag(x: float) -> str:
     return f"{x:g}"
 
 
+def optimize_per_layer_method(args, paths: list, log=print) -> dict:
+    """Several sensitivity files, one per method, and no ``--method``: each layer's method *and* width come
+    from measurement. Choices per layer: every (method, width) on offer (fp16 once); predicted damage
+    ``D = d_l,m x 2^(b_measured - b)`` (the documented noise-amplitude model on the raw FID degradation, which
+    is comparable across methods: same images, same metric), cost as in the one-method form; the knapsack
+    (:mod:`multiquant.knapsack`) minimises the summed damage within the budget."""
+    from . import knapsack as ks
+    from .config import save_config
+    from .utils import atomic_path
+
+    sens_list = [load_sensitivity_file(p) for p in paths]
+    methods = [s["settings"].get("method", DEFAULT_METHOD) for s in sens_list]
+    if len(set(methods)) != len(methods):
+        raise BudgetError(f"the sensitivity files repeat a method ({methods}): pass one file per method")
+    flops, flops_source = _flops_for(args, sens_list[0])
+    for sens, path in zip(sens_list, paths):
+        check_same_model(sens, flops, path, flops_source, getattr(args, "model", None))
+    by_bits = args.budget_bits is not None
+    bits = parse_bits(args.bits, (3, 4) if by_bits else (4, 8, 16))
+    raw = [{e["key"]: float(e.get("fid_degradation", e["sensitivity"])) for e in s["layers"]} for s in sens_list]
+    measured_bits = [int(s["settings"].get("bits", bits[0])) for s in sens_list]
+    all_items = search_items(flops)
+    items = [it for it in all_items if all(it.key in r for r in raw)]
+    fixed = [it for it in all_items if it not in items]
+    fp_prec = int(flops.get("fp_prec", 16))
+    choices = [("fp16", FP_BITS)] if FP_BITS in bits else []
+    choices = [(m, b) for b in bits if b != FP_BITS for m in methods] + choices
+    damage = np.array([[0.0 if b == FP_BITS else max(raw[methods.index(m)][it.key], 0.0) *
+                        2.0 ** (measured_bits[methods.index(m)] - b) for m, b in choices] for it in items])
+    if by_bits:
+        cost = np.stack([bytes_cost_table(items, (b,), methods[0] if m == "fp16" else m, fp_prec)[:, 0]
+                         for m, b in choices], axis=1)
+        reference = float(sum(int(n * fp_prec / 8) for it in all_items for n, _ in it.shapes))
+        fixed_cost = float(sum(bytes_cost_table([it], (bits[-1],), methods[0], fp_prec)[0, 0] for it in fixed))
+        budget, unit, scale = args.budget_bits * reference / fp_prec, "avg bits", reference / fp_prec
+    else:
+        cost = np.stack([bops_cost_table([it.macs for it in items], (b,))[:, 0] for m, b in choices], axis=1)
+        reference = float(sum(it.macs for it in all_items) * FP_BITS * ACT_BITS)
+        fixed_cost = float(sum(it.macs for it in fixed) * bits[-1] * ACT_BITS)
+        budget = args.budget_multiplier * reference
+        unit, scale = _unit_for(reference)
+    solve = ks.solve_greedy if args.solver == "greedy" else ks.solve_exact
+    solution = solve(list(-damage), list(cost), budget - fixed_cost)
+    picked = {it.key: choices[c] for it, c in zip(items, solution.choice)}
+    allocation, per_method, quant = OrderedDict(), OrderedDict(), OrderedDict()
+    for it in all_items:
+        m, b = picked.get(it.key, (methods[0], bits[-1]))
+        for key in it.copies:
+            allocation[key], per_method[key] = int(b), m
+            quant[key] = {"method": m, "weight_bits": int(b), "act_bits": min(int(b) + 4, FP_BITS)}
+    final = solution.cost + fixed_cost
+    totals = {"unit": unit, "budget": budget / scale, "final_cost": final / scale, "reference_cost": reference / scale,
+              "utilisation": final / budget if budget > 0 else None, "predicted_damage": float(-solution.value),
+              "search_layers": len(items), "unmeasured_layers": len(fixed),
+              "bit_distribution": dict(Counter(str(b) for m, b in picked.values())),
+              "method_distribution": dict(Counter(m for m, b in picked.values()))}
+    metadata = {"model": sens_list[0]["settings"].get("model"), "tiny": bool(sens_list[0]["settings"].get("tiny")),
+                "sensitivity_files": [str(p) for p in paths], "flops_file": flops_source, "methods": methods,
+                "method": "per layer, from measurement", "bits": list(bits), "solver": solution.status,
+                "value_model": "damage d_l,m x 2^(b_measured - b) on the raw FID degradation of each file",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    report = {"metadata": metadata, "bit_allocation": allocation, "method_allocation": per_method,
+              "quantization_config": quant, "totals": totals, "upgrades": solution.trail}
+    log(f"mixed precision for {metadata['model']}: method and width per layer from {len(paths)} sensitivity files "
+        f"({', '.join(methods)}), solver {solution.status}")
+    log(f"  budget {totals['budget']:.6g} {unit}, final {totals['final_cost']:.6g} {unit}, utilisation "
+        f"{100 * (totals['utilisation'] or 0):.1f}%")
+    log("  bit widths: " + ", ".join(f"{b} bits x {n}" for b, n in totals["bit_distribution"].items())
+        + "; methods: " + ", ".join(f"{m} x {n}" for m, n in totals["method_distribution"].items()))
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{_tag(args.budget_bits)}bits" if by_bits else _tag(args.budget_multiplier)
+    path = outdir / f"quantization_config_{tag}_per_layer_method{'' if args.solver == 'greedy' else '_' + args.solver}.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=float))
+    log(f"wrote {path}")
+    if by_bits:
+        ref_path = path.with_name(f"{metadata['model']}{'_tiny' if metadata['tiny'] else ''}_best_{tag}.pkl")
+        config = OrderedDict((k, FP_OPTION if b == FP_BITS else f"{per_method[k]}-{b}") for k, b in allocation.items())
+        save_config(config, ref_path, origin={"kind": "greedy" if args.solver == "greedy" else "sensitivity_exact",
+                                              "model": metadata["model"], "budget": float(args.budget_bits),
+                                              "solver": solution.status, "method": "per-layer"})
+        report["reference_config"] = str(ref_path)
+    report["path"] = str(path)
+    return report
+
+
 def optimize(args, log=print) -> dict:
     """Solve the knapsack the flags describe, print it and write the configuration file(s)."""
     from .config import save_config
     from .utils import atomic_path
 
+    paths = args.sensitivity_file if isinstance(args.sensitivity_file, (list, tuple)) else [args.sensitivity_file]
+    if len(paths) > 1 and args.method is None:
+        return optimize_per_layer_method(args, list(paths), log)
+    if len(paths) > 1:  # --method given: use that method's file
+        chosen = [p for p in paths if load_sensitivity_file(p)["settings"].get("method") == args.method]
+        if not chosen:
+            raise BudgetError(f"no sensitivity file measures --method {args.method}: pass its file or drop --method")
+        paths = chosen[:1]
+    args.sensitivity_file = paths[0]
     sens = load_sensitivity_file(args.sensitivity_file)
     flops, flops_source = _flops_for(args, sens)
     check_same_model(sens, flops, args.sensitivity_file, flops_source, getattr(args, "model", None))
@@ -513,7 +609,9 @@ def add_optimize_parser(subparsers):
     p = subparsers.add_parser(
         "optimize-mixed-precision",
         help="greedy bang-for-buck bit allocation under a BOPs or average-bits budget, from a sensitivity file")
-    p.add_argument("--sensitivity_file", required=True, help="results/sensitivity_analysis_<model>_<bits>bit.json")
+    p.add_argument("--sensitivity_file", required=True, nargs="+",
+                   help="results/sensitivity_analysis_<model>_<bits>bit[_<method>].json; several files (one per "
+                        "method) without --method: each layer's method and width are chosen from measurement")
     p.add_argument("--flops_file", default=None,
                    help="results/flops_analysis/flops_analysis_<model>.json (default: that file, else measured now)")
     budget = p.add_mutually_exclusive_group(required=True)
@@ -525,8 +623,8 @@ def add_optimize_parser(subparsers):
     p.add_argument("--bits", default=None, help="bit widths on offer, comma list; 16 = fp16 "
                                                 "(default 4,8,16 for BOPs, 3,4 for --budget_bits)")
     p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="quantizer of the average-bits cost and of the written configuration "
-                        "(default: the sensitivity file's)")
+                   help="quantizer of the average-bits cost and of the written configuration (default: the "
+                        "sensitivity file's; with several files: per layer, from measurement)")
     p.add_argument("--solver", default="greedy", choices=sorted(SOLVERS),
                    help="greedy bang-for-buck (default) or the exact MILP optimum (scipy HiGHS)")
     p.add_argument("--unmeasured", default="highest", choices=["highest", "lowest"],

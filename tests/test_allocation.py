@@ -180,3 +180,28 @@ def test_cli_bops_form_writes_the_allocation(tmp_path):
     assert report["totals"]["unit"] == "kBOPs"
     assert sum(report["totals"]["bit_distribution"].values()) == 3
     assert report["bit_allocation"]["model.l0.weight_quantizer"] >= report["bit_allocation"]["model.l1.weight_quantizer"]
+
+
+def test_several_sensitivity_files_choose_the_method_per_layer_from_measurement(tmp_path):
+    flops = flops_table("mnist_dit", tiny=True)
+    keys = [r["key"] for r in flops["layers"] if not r["tied_to"]]
+    (tmp_path / "f.json").write_text(json.dumps(flops))
+    for method, even, odd in (("mse", 0.1, 10.0), ("kmeans_all", 10.0, 0.1)):  # each method hurts half the layers
+        sens = {"settings": {"model": "mnist_dit", "tiny": True, "method": method, "bits": 3},
+                "layers": [{"key": k, "sensitivity": 0.5, "fid_degradation": even if i % 2 == 0 else odd}
+                           for i, k in enumerate(keys)]}
+        (tmp_path / f"{method}.json").write_text(json.dumps(sens))
+    files = [str(tmp_path / "mse.json"), str(tmp_path / "kmeans_all.json")]
+    assert _cli(["optimize-mixed-precision", "--sensitivity_file", *files, "--flops_file", str(tmp_path / "f.json"),
+                 "--budget_bits", "12", "--outdir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "quantization_config_12bits_per_layer_method.json").read_text())
+    methods = report["method_allocation"]
+    assert all(methods[k] == ("mse" if i % 2 == 0 else "kmeans_all") for i, k in enumerate(keys))
+    assert set(report["bit_allocation"].values()) == {4}  # a generous budget: every layer at its best option
+    assert report["quantization_config"][keys[0]] == {"method": "mse", "weight_bits": 4, "act_bits": 8}
+    assert report["totals"]["final_cost"] <= 12 + 1e-9
+    # told otherwise: --method picks that file and that method everywhere
+    assert _cli(["optimize-mixed-precision", "--sensitivity_file", *files, "--flops_file", str(tmp_path / "f.json"),
+                 "--budget_bits", "12", "--method", "kmeans_all", "--outdir", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "quantization_config_12bits.json").read_text())
+    assert one["metadata"]["method"] == "kmeans_all"

@@ -86,7 +86,7 @@ class Ensemble:
     """The K fold models of one training run.
 
     ``predict`` gives ``pred`` (target units: the fold-mean learned value composed with the records'
-    exact configuration keys, see :class:`autobuild.target.LearningPlan`) and ``score`` (autobuild.md §7
+    exact configuration keys, see :class:`autobuild.target.LearningPlan`) and ``score`` (docs/design.md §5
     style: the sum over folds and hops of the training-z-scored hop score times that fold's test SRCC of
     the hop)."""
 
@@ -178,7 +178,7 @@ class Ensemble:
 
     @torch.no_grad()
     def score_nodes(self, batch, node_index: torch.Tensor, hops: int | torch.Tensor) -> np.ndarray:
-        """Unit scores (autobuild.md §7): for each given node (e.g. each unit variant's output node, by
+        """Unit scores (docs/design.md §5): for each given node (e.g. each unit variant's output node, by
         global index into ``batch``), sum over folds of ``(||h_hop(v)||_1 - mu_f) / sigma_f * srcc_f[hop]``."""
         node_index = torch.as_tensor(node_index, dtype=torch.long)
         hops = torch.as_tensor(hops, dtype=torch.long).expand_as(node_index)

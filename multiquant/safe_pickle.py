@@ -59,6 +59,17 @@ class _NDArrayType:
 _NDARRAY = _NDArrayType()
 
 
+def _short(value) -> str:
+    """A bounded repr for messages: values from a hostile pickle can share references so that their full
+    repr is exponentially long (the f-string ``!r:.80`` would build it all before cutting)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 2, 40, 40, 40
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = 4
+    return r.repr(value)[:120]
+
+
 def _numpy_parts(module: str, name: str) -> tuple[str, str] | None:
     # numpy 1.x pickles "numpy.core.<sub>", numpy 2.x "numpy._core.<sub>"; both resolve here.
     if module == "numpy":
@@ -75,7 +86,7 @@ _NUMPY_ARRAYS = frozenset({("multiarray", "_reconstruct"), ("", "ndarray"), ("nu
 
 def _dtype_name(name: Any) -> str:
     if not isinstance(name, str) or name.lstrip("<>|=") not in _PLAIN_DTYPES:
-        raise UnsafePickleError(f"refusing numpy dtype {name!r}: only plain numeric dtypes are allowed")
+        raise UnsafePickleError(f"refusing numpy dtype {_short(name)}: only plain numeric dtypes are allowed")
     return name
 
 
@@ -84,14 +95,14 @@ def _checked_dtype(dtype: Any):
 
     if not isinstance(dtype, np.dtype) or dtype.fields is not None or dtype.subdtype is not None \
             or dtype.metadata is not None or dtype.str.lstrip("<>|=") not in _PLAIN_DTYPES:
-        raise UnsafePickleError(f"refusing numpy value of dtype {dtype!r}: only plain numeric dtypes are allowed")
+        raise UnsafePickleError(f"refusing numpy value of dtype {_short(dtype)}: only plain numeric dtypes are allowed")
     return dtype
 
 
 def _checked_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, tuple) or len(shape) > _MAX_NDIM or not all(
             type(d) is int and 0 <= d < 1 << 48 for d in shape):
-        raise UnsafePickleError(f"refusing numpy array shape {shape!r}")
+        raise UnsafePickleError(f"refusing numpy array shape {_short(shape)}")
     return shape
 
 
@@ -120,7 +131,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _container(self, kind):
         def build(*args):
             if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, set, frozenset, str, bytes))):
-                raise UnsafePickleError(f"refusing {kind.__name__}{args!r:.80}: only built from a list")
+                raise UnsafePickleError(f"refusing {kind.__name__}{_short(args)}: only built from a list")
             if args:
                 self._spend(len(args[0]) * 8)
             return self._sized(kind(*args))
@@ -138,7 +149,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def _complex(self, *args):
         if len(args) > 2 or not all(type(a) in (int, float) for a in args):
-            raise UnsafePickleError(f"refusing complex{args!r:.80}")
+            raise UnsafePickleError(f"refusing complex{_short(args)}")
         return complex(*args)
 
     def _encode(self, obj, encoding="utf-8", *rest):
@@ -153,7 +164,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         import numpy as np
 
         if type(align) is not bool or type(copy) is not bool:
-            raise UnsafePickleError(f"refusing numpy dtype arguments {(name, align, copy)!r:.80}")
+            raise UnsafePickleError(f"refusing numpy dtype arguments {_short((name, align, copy))}")
         return np.dtype(_dtype_name(name))
 
     def _scalar(self, dtype, data=None):
@@ -169,7 +180,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         import numpy as np
 
         if subtype is not _NDARRAY or shape != (0,) or typecode != b"b":
-            raise UnsafePickleError(f"refusing numpy _reconstruct{(subtype, shape, typecode)!r:.80}")
+            raise UnsafePickleError(f"refusing numpy _reconstruct{_short((subtype, shape, typecode))}")
         return np.empty(0, dtype="b")  # an empty array whose content BUILD fills in (checked there)
 
     def _frombuffer(self, buf, dtype, shape, order):
@@ -205,7 +216,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         raise UnsafePickleError(f"refusing to unpickle global '{module}.{name}': not in the allow-list{hint}")
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f"refusing to unpickle persistent id {pid!r:.80}")
+        raise UnsafePickleError(f"refusing to unpickle persistent id {_short(pid)}")
 
     # --------------------------------------------------------------------------- checked opcodes
     def load_reduce(self):
@@ -217,7 +228,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             if args:
                 self._spend(len(args[0]) * 16)
         elif not callable(func) or func is _NDARRAY:
-            raise UnsafePickleError(f"refusing to call {func!r:.80}")
+            raise UnsafePickleError(f"refusing to call {_short(func)}")
         super().load_reduce()
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -226,7 +237,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         args = self.stack[-1]
         cls = self.stack[-2]
         if cls is not OrderedDict or args != ():
-            raise UnsafePickleError(f"refusing to create {cls!r:.80} (NEWOBJ)")
+            raise UnsafePickleError(f"refusing to create {_short(cls)} (NEWOBJ)")
         super().load_newobj()
 
     dispatch[pickle.NEWOBJ[0]] = load_newobj
@@ -256,10 +267,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
             # (fields, offsets, sizes, flags) is attacker-controlled layout that numpy trusts.
             if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in _BYTEORDERS
                     and state[2:5] == (None, None, None) and state[5:] == (-1, -1, 0)):
-                raise UnsafePickleError(f"refusing numpy dtype state {state!r:.120}")
+                raise UnsafePickleError(f"refusing numpy dtype state {_short(state)}")
         elif isinstance(inst, np.ndarray) and self.allow_arrays and inst.size == 0 and inst.dtype == np.int8:
             if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
-                raise UnsafePickleError(f"refusing numpy array state {state!r:.120}")
+                raise UnsafePickleError(f"refusing numpy array state {_short(state)}")
             _, shape, dtype, fortran, raw = state
             shape, dtype = _checked_shape(shape), _checked_dtype(dtype)
             n = 1

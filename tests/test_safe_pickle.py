@@ -46,7 +46,21 @@ def _crafted_plain_dtype_with_state(state: bytes) -> bytes:
     return _frame(_global("numpy", "dtype") + b"\x8c\x02f8\x89\x88\x87R" + state + b"b")
 
 
+def _exponential_repr() -> bytes:
+    """complex(L40) where L(k+1) = [Lk, Lk]: 2**40 elements by shared references in ~500 bytes; an error
+    message that printed the argument's full repr would never finish (or fill the memory)."""
+    nested = [None]
+    for _ in range(40):
+        nested = [nested, nested]
+    body = pickle.dumps(nested, protocol=4)
+    body = body[2:-1]  # strip PROTO and STOP
+    if body[:1] == pickle.FRAME:
+        body = body[9:]
+    return _frame(_global("builtins", "complex") + body + pickle.TUPLE1 + pickle.REDUCE)
+
+
 CRAFTED = {
+    "exponential_repr_in_message": _exponential_repr(),
     "dtype_field_offset_out_of_bounds": _crafted_dtype_offsets(),
     "dtype_f8_with_fields_state": _crafted_plain_dtype_with_state(
         b"(K\x03\x8c\x01<N}\x8c\x01a" + b"N\x8a\x05\x00\x00\x00\x00\x01\x86s" + b"NJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"),

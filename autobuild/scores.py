@@ -197,8 +197,10 @@ def _score_variants(ensemble, template, table, options, variants, out_pos: int, 
 def _score_block_units(ensemble, graph, table, options, unit_list, batch_variants, log) -> list[UnitScores]:
     from .dag import unit_subgraph
 
+    from multiquant.utils import progress
+
     out = []
-    for unit in unit_list:
+    for unit in progress(unit_list, desc=f"unit scores ({len(unit_list)} units)", unit="unit"):
         started = time.perf_counter()
         template = ensemble.template_for(unit_subgraph(graph, unit))
         if template.nodes[-1] != str(unit.output) and template.nodes[-1] != unit.output:

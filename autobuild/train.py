@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from multiquant.errors import InputError
+from multiquant.utils import progress_line
 
 from .data import ConfigDataset, GraphTemplate, cache_to_dataset, option_features
 from .ensemble import (ENSEMBLE_CONFIG, ENSEMBLE_WEIGHTS, METRICS_FILE, Ensemble, _prior_values,  # noqa: F401
@@ -433,16 +434,21 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                 log(f"fold {job[3] + 1}/{folds}: train {len(job[4])}, validation {len(job[5])}, test {len(job[6])}")
             outcomes.append(_run_fold(*job, log=log))
             _log_fold(log, outcomes[-1][0])
+            if log:
+                log(progress_line("folds", len(outcomes), folds, time.perf_counter() - started_all, "fold"))
     else:  # folds in parallel processes, one torch thread each (CPU)
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         if log:
             log(f"training {folds} folds in {workers} processes")
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            outcomes = list(pool.map(_run_fold_job, jobs))
-        for outcome in outcomes:
-            _log_fold(log, outcome[0])
+            futures = [pool.submit(_run_fold_job, job) for job in jobs]
+            for done, future in enumerate(as_completed(futures), 1):
+                _log_fold(log, future.result()[0])
+                if log:
+                    log(progress_line("folds", done, folds, time.perf_counter() - started_all, "fold"))
+            outcomes = [future.result() for future in futures]  # fold order
     wall = time.perf_counter() - started_all
     fold_results = [o[0] for o in outcomes]
     fold_states = [o[1] for o in outcomes]

@@ -519,6 +519,8 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
         f"{100 * (totals['utilisation'] or 0):.1f}%")
     log("  bit widths: " + ", ".join(f"{b} bits x {n}" for b, n in totals["bit_distribution"].items())
         + "; methods: " + ", ".join(f"{m} x {n}" for m, n in totals["method_distribution"].items()))
+    if getattr(args, "no_save", False):
+        return report
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     tag = f"{_tag(args.budget_bits)}bits" if by_bits else _tag(args.budget_multiplier)
@@ -577,6 +579,8 @@ def optimize(args, log=print) -> dict:
     }
     report = allocation_report(problem, alloc, metadata)
     print_allocation(report, log=log)
+    if getattr(args, "no_save", False):
+        return report
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     name = f"quantization_config_{_tag(args.budget_bits)}bits" if by_bits else f"quantization_config_{_tag(args.budget_multiplier)}"
@@ -599,7 +603,7 @@ def optimize(args, log=print) -> dict:
 
 
 def cmd_optimize_mixed_precision(args) -> int:
-    optimize(args)
+    optimize(args, log=(lambda msg: None) if getattr(args, "quiet", False) else print)
     return 0
 
 
@@ -631,7 +635,9 @@ def add_optimize_parser(subparsers):
                    help="bit width of layers the sensitivity file does not cover (e.g. after --max_layers)")
     add_model_flags(p, required=False, weights=False, tiny=False, device=False,
                     model_help="optional check: refuse a sensitivity file of another model")
-    p.add_argument("--outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
+    p.add_argument("--outdir", "--output_dir", dest="outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
                    help="output folder of the allocation JSON (and the configuration with --budget_bits)")
+    p.add_argument("--no_save", action="store_true", help="print the allocation, write nothing")
+    p.add_argument("--quiet", action="store_true", help="print nothing (the files are still written)")
     p.set_defaults(func=cmd_optimize_mixed_precision)
     return p

@@ -290,3 +290,14 @@ def test_train_predictor_finds_a_user_family(tmp_path, capsys):
             "--hidden", "8"]
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "pred" / "metrics.json").read_text())["folds_k"] == 2
+
+
+def test_every_command_that_takes_a_model_accepts_family():
+    commands = _subcommands()
+    takes_model = ["inspect", "multiquantizer", "eval-random", "eval-configs", "sensitivity", "flops",
+                   "optimize-mixed-precision", "dag", "train-predictor", "build-config", "search", "report", "infer",
+                   "export", "load-check", "optimize"]
+    for name in takes_model:
+        flags = commands[name]._option_string_actions
+        assert "--family" in flags and "--model" in flags, name
+        assert flags["--family"].help.startswith("your own family"), name

@@ -6,12 +6,38 @@
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
-try:  # installed
-    from ._top import constants
-except ImportError:  # a source checkout: the repository root is on sys.path
-    import constants
+def _load_constants():
+    try:  # a regular install: multiquant/_top/constants.py
+        from ._top import constants as module
+
+        return module
+    except ImportError:
+        pass
+    # a source checkout or an editable install: constants.py beside the multiquant folder. Reuse it if it is
+    # already imported under its top-level name (one module object), else load it from its file.
+    source = Path(__file__).resolve().parent.parent / "constants.py"
+    loaded = sys.modules.get("constants")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == source:
+        return loaded
+    spec = importlib.util.find_spec("constants") if loaded is None else None
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == source:
+        return importlib.import_module("constants")
+    spec = importlib.util.spec_from_file_location("multiquant._top.constants", source)
+    if spec is None or not source.is_file():
+        raise ImportError(f"qua2sedimo's constants.py is neither installed (multiquant/_top) nor at {source}: "
+                          f"reinstall the package")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+constants = _load_constants()
 
 __all__ = ["constants", "multiquantizer_path", "shipped_cache"]
 

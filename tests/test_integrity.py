@@ -260,7 +260,7 @@ def test_multiquantizer_command_checks_the_outdir_before_loading(capsys, tmp_pat
 
 
 def test_a_mistyped_mq_path_is_an_error_and_builds_nothing(capsys, tmp_path, monkeypatch):
-    import constants
+    from multiquant.paths import constants
     from qua2sedimo.cli import main as cli_main
 
     monkeypatch.setattr(constants, "MULTIQUANTIZER_DIR", tmp_path / "mq")

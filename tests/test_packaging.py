@@ -61,3 +61,28 @@ def test_pip_install_target_ships_data_and_writes_nothing_into_site_packages(tmp
     assert run.returncode == 0, run.stderr
     assert (work / "multiquantizers" / "mnist_dit_tiny_mq.safetensors").is_file()
     assert sorted(p for p in target.rglob("*") if "__pycache__" not in p.parts) == before
+
+
+def test_code_reads_the_paths_module_through_multiquant_paths():
+    """``import constants`` works only in a source checkout; installed, the module is multiquant._top.constants."""
+    import re
+
+    offenders = [str(p.relative_to(ROOT)) for folder in ("multiquant", "autobuild", "qua2sedimo", "benchmarks", "tests")
+                 for p in (ROOT / folder).rglob("*.py") if p.name != "paths.py"
+                 and re.search(r"^\s*(import constants|from constants import)", p.read_text(), re.M)]
+    assert not offenders, f"use `from multiquant.paths import constants` in {offenders}"
+
+
+def test_paths_module_is_found_when_only_the_packages_are_importable(tmp_path):
+    """An editable install maps the package folders, not the repository root: constants.py is read from beside
+    the multiquant folder, and no top-level ``constants`` is needed."""
+    for name in ("multiquant", "autobuild", "qua2sedimo"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    script = ("import sys\nfrom multiquant.paths import constants, shipped_cache\n"
+              "print(constants.__file__)\nprint(shipped_cache('mnist_dit').is_file())\nprint('constants' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUA2SEDIMO_")}
+    env["PYTHONPATH"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(ROOT / "constants.py"), "True", "False"]

@@ -23,7 +23,9 @@ def run_dag(model: str, full_size: bool = True, out: str | Path | None = None, r
     and unit counts, and write ``<out>/<model>[_tiny].dag.json`` plus ``.png``/``.svg`` renders (the title says
     "tiny" for the tiny one). ``out`` defaults to ``constants.DAG_PLOT_DIR``. Returns a summary dict."""
     if out is None:
-        from constants import DAG_PLOT_DIR as out
+        from multiquant.paths import constants
+
+        out = constants.DAG_PLOT_DIR
     out = Path(out)
     if pretrained is not None and full_size:
         import torch

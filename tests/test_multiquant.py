@@ -9,7 +9,7 @@ from multiquant.checkpoint import MultiQuantizer, MultiQuantizerMismatch
 from qua2sedimo.cli import main as cli_main
 from multiquant.config import (ConfigError, config_record, load_config, quantize_, sample_random_config, save_config,
                                uniform_config, validate_config)
-from multiquant.families import get_family, list_families
+from multiquant.families import BUILTIN_FAMILIES, get_family, list_families
 from multiquant.layers import fp_bytes, quantizable_layers
 from multiquant.safe_pickle import UnsafePickleError
 
@@ -158,7 +158,8 @@ def test_bad_configs_name_the_layer(tiny_pixart):
     assert validate_config(missing, layers, fill="fp16")[key] == "fp16"
 
 
-@pytest.mark.parametrize("name", [n for n in list_families() if n not in ("mnist_dit",)])
+# Built-in families only: toy user families registered by other test modules have layers too small for this range.
+@pytest.mark.parametrize("name", sorted(BUILTIN_FAMILIES - {"mnist_dit"}))
 def test_tiny_model_of_every_family_builds_a_multiquantizer(name):
     family = get_family(name)
     model = family.build("tiny")

@@ -263,4 +263,6 @@ def list_families() -> list[str]:
 
 # Built-in families register themselves on import.
 from . import pixart, hunyuan, unet, dit, mnist_dit, mnist_unet  # noqa: E402,F401
+
+BUILTIN_FAMILIES = frozenset(_REGISTRY)  # the families this package ships (users register more)
 from .resolve import resolve_family  # noqa: E402,F401

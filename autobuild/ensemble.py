@@ -185,7 +185,10 @@ class Ensemble:
         total = torch.zeros(len(node_index), dtype=torch.float64)
         for f, model in enumerate(self.models):
             info = self.folds[f]
-            norms = model.node_hop_norms(batch.to(self.device)).cpu()[node_index, hops].double()
+            all_norms = model.node_hop_norms(batch.to(self.device)).cpu()
+            # A unit deeper than the network's receptive field reads the deepest hop the network has.
+            hops = hops.clamp_max(all_norms.shape[1] - 1)
+            norms = all_norms[node_index, hops].double()
             mean = torch.tensor(info["node_norm_mean"], dtype=torch.float64)[hops]
             std = torch.tensor(info["node_norm_std"], dtype=torch.float64)[hops]
             total += (norms - mean) / std * self._weights(f).double()[hops]

@@ -408,3 +408,19 @@ def test_measured_plot_says_how_many_points_it_clips(tmp_path):
     assert ax.get_ylim()[1] < 4e3
     plt.close(fig)
     assert plot_measured(records, [], tmp_path / "m.png", "t").stat().st_size > 1000
+
+
+def test_units_deeper_than_a_shallow_network_read_its_deepest_hop(tmp_path):
+    """A 1-layer GNN has hop levels 0 and 1 only; block units span more hops and read hop 1 instead of failing."""
+    from autobuild.dag import family_dag, units
+    from autobuild.scores import unit_scores_for
+    from autobuild.train import TrainOptions, train_predictor
+
+    family, layers, table, records = _tiny_cache(24, seed=3)
+    graph = family_dag("mnist_dit", "tiny")
+    block_units = units(graph, "block")
+    assert max(u.hops for u in block_units) > 1
+    train_predictor(records, graph, "-1*FID-GT-1k", folds=2, epochs=2, batch_size=12, seed=0, out_dir=tmp_path / "p",
+                    units=block_units, log=None, options=TrainOptions(hidden=8, layers=1, patience=2))
+    scores = unit_scores_for(tmp_path / "p", graph, table, "block", batch_variants=8192)
+    assert all(np.isfinite(u.scores).all() and u.scores.std() > 0 for u in scores.units if len(u.scores) > 1)

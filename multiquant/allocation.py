@@ -635,7 +635,7 @@ def add_optimize_parser(subparsers):
                    help="bit width of layers the sensitivity file does not cover (e.g. after --max_layers)")
     add_model_flags(p, required=False, weights=False, tiny=False, device=False,
                     model_help="optional check: refuse a sensitivity file of another model")
-    p.add_argument("--outdir", "--output_dir", dest="outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
+    p.add_argument("--outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
                    help="output folder of the allocation JSON (and the configuration with --budget_bits)")
     p.add_argument("--no_save", action="store_true", help="print the allocation, write nothing")
     p.add_argument("--quiet", action="store_true", help="print nothing (the files are still written)")

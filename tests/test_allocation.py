@@ -207,13 +207,13 @@ def test_several_sensitivity_files_choose_the_method_per_layer_from_measurement(
     assert one["metadata"]["method"] == "kmeans_all"
 
 
-def test_output_dir_no_save_and_quiet(tmp_path, capsys):
+def test_no_save_and_quiet(tmp_path, capsys):
     (tmp_path / "s.json").write_text(json.dumps(_sens()))
     (tmp_path / "f.json").write_text(json.dumps(_flops()))
     base = ["optimize-mixed-precision", "--sensitivity_file", str(tmp_path / "s.json"), "--flops_file",
             str(tmp_path / "f.json"), "--budget_multiplier", "0.5"]
-    assert _cli(base + ["--output_dir", str(tmp_path / "a"), "--quiet"]) == 0
+    assert _cli(base + ["--outdir", str(tmp_path / "a"), "--quiet"]) == 0
     assert (tmp_path / "a" / "quantization_config_0.5.json").is_file()
     assert "budget" not in capsys.readouterr().out
-    assert _cli(base + ["--output_dir", str(tmp_path / "b"), "--no_save"]) == 0
+    assert _cli(base + ["--outdir", str(tmp_path / "b"), "--no_save"]) == 0
     assert "utilisation" in capsys.readouterr().out and not (tmp_path / "b").exists()

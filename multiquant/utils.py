@@ -223,15 +223,15 @@ def progress_line(desc: str, done: int, total: int | None, elapsed: float, unit:
 
 def _logged_progress(iterable, desc: str, total: int | None, unit: str, interval: float):
     start = last = time.monotonic()
-    done = 0
+    done = shown = 0
     for item in iterable:
         yield item
         done += 1
         now = time.monotonic()
         if now - last >= interval:
-            last = now
+            last, shown = now, done
             print(progress_line(desc, done, total, now - start, unit), file=sys.stderr, flush=True)
-    if done and time.monotonic() - start >= interval:
+    if done and shown != done and time.monotonic() - start >= interval:
         print(progress_line(desc, done, total, time.monotonic() - start, unit), file=sys.stderr, flush=True)
 
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mnist_dit", choices=("mnist_dit", "mnist_unet"),
                    help="embedded testbed: the DiT (default) or the plain-module U-Net DDPM")
     p.add_argument("--outdir", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--quick", action="store_true", help="200 digits per configuration instead of 400 (noisier FID)")
+    p.add_argument("--quick", action="store_true", help="128 digits per configuration instead of 256 (noisier FID)")
     p.add_argument("--full", action="store_true", help="the dataset's 1,000 digits, and train the predictor on the "
                                                        "shipped dataset (several minutes)")
     p.add_argument("--num_images", type=int, default=None, help="digits per configuration (overrides the presets)")

@@ -25,7 +25,7 @@ from multiquant.utils import write_text_atomic
 
 BUDGET = 3.5  # average bits of "the best configuration at about 3.5 bits"
 UNIFORM_4BIT = ("kmeans-4", "mse-4")  # K-Means-C 4-bit: the best uniform 4-bit FID; UAQ 4-bit: the fewest bits
-PRESETS = {"quick": 200, "default": 400, "full": 1000}  # images per configuration
+PRESETS = {"quick": 128, "default": 256, "full": 1000}  # images per configuration
 SAMPLES = 8  # digits per configuration in the grid
 # seed-to-seed spread of MNIST-FID at 1,000 images: uniform K-Means-C 4-bit scored 55.9, and 58.2 with fresh
 # image seeds (benchmarks/results/pareto_mnist_dit.json); differences below this are noise

@@ -42,7 +42,7 @@ def test_progress_off_a_terminal_is_plain_lines_with_rate_and_eta(capsys, monkey
     monkeypatch.delenv("QUA2SEDIMO_PROGRESS", raising=False)
     assert list(progress(range(4), desc="images", unit="batch", interval=0.0)) == [0, 1, 2, 3]
     lines = capsys.readouterr().err.strip().splitlines()  # stderr is captured: not a terminal
-    assert len(lines) == 5 and lines[0].startswith("images: 1/4 (25%)") and "batch/s, ETA " in lines[0]
+    assert len(lines) == 4 and lines[0].startswith("images: 1/4 (25%)") and "batch/s, ETA " in lines[0]
     assert "done in" in lines[-1]
     assert progress_line("x", 30, 120, 10.0) == "x: 30/120 (25%) 3.00 it/s, ETA 0:00:30"
     monkeypatch.setenv("QUA2SEDIMO_PROGRESS", "0")

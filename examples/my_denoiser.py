@@ -39,6 +39,6 @@ def features(images):  # any images -> [N, D] features; here 4x4-pooled pixels
 FAMILY = register_family(FamilySpec(
     name="my_denoiser", factory=lambda size: MyDenoiser(16 if size == "tiny" else 32), weights="my_denoiser.pt",
     sampler=sample, num_classes=10, conditioning="class", resolution=16, steps=10, num_images=100, fp_prec=32,
-    metric=FeatureFID(features, reference_images=lambda: torch.load("real_digits.pt"), name="FID-pooled"),
+    metric=FeatureFID(features, reference_images=lambda: torch.load("real_digits.pt", weights_only=True), name="FID-pooled"),
     example_inputs=lambda m, n: {"x": torch.randn(n, 1, 16, 16), "t": torch.rand(n) * 999, "y": torch.arange(n) % 10}),
     overwrite=True)

@@ -19,3 +19,14 @@ def seed_for(seed: int, index: int) -> int:
 
 def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed_for(seed, i)) for i in indices]
+
+
+def checked_indices(indices, num_images: int) -> list[int]:
+    """``indices`` as ints, each an image of a protocol of ``num_images`` images, at least one."""
+    indices = [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < num_images]
+    if bad:
+        raise IndexError(f"image indices {bad[:5]} are outside 0..{num_images - 1}")
+    if not indices:
+        raise ValueError("generate() needs at least one image index")
+    return indices

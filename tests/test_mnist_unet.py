@@ -20,12 +20,7 @@ needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test set not fou
                                                         "(set QUA2SEDIMO_MNIST)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

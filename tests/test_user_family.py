@@ -17,12 +17,7 @@ from multiquant.sensitivity import run_sensitivity, search_groups, setup_protoco
 from multiquant.store import RecordStore, SCHEMA_KEYS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _scorer(tmp_path, family=toy.FAMILY, **kw):

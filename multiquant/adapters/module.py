@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..seeds import SEED_RULE, seed_for
+from ..seeds import SEED_RULE, checked_indices, seed_for
 from .base import Adapter, SamplerOptions
 
 DEFAULT_BATCH_SIZE = 64
@@ -53,12 +53,7 @@ class ModuleSampler:
         return images.cpu()
 
     def generate(self, indices) -> torch.Tensor:
-        indices = [int(i) for i in indices]
-        bad = [i for i in indices if not 0 <= i < self.num_images]
-        if bad:
-            raise IndexError(f"image indices {bad[:5]} are outside 0..{self.num_images - 1}")
-        if not indices:
-            raise ValueError("generate() needs at least one image index")
+        indices = checked_indices(indices, self.num_images)
         return torch.cat([self._render(indices[i:i + self.batch_size])
                           for i in range(0, len(indices), self.batch_size)])
 

@@ -21,7 +21,7 @@ from .embeddings import (REFINER_PREFIX, PROMPT_FIELDS, cached_prompt_embeds, em
 from .loading import denoiser_of, family_spec, load_pipeline, pipeline_kind, tiny_pipeline  # noqa: F401
 from .loops import decode, denoise, to_uint8
 from .prompts import conditions_for
-from ..seeds import SEED_RULE, image_generators, seed_for  # noqa: F401
+from ..seeds import SEED_RULE, checked_indices, image_generators, seed_for  # noqa: F401
 from ..utils import progress
 
 # Images per denoiser call when the family gives no batch_size (CFG doubles the denoiser batch); any value
@@ -75,12 +75,7 @@ class Sampler:
 
     def generate(self, indices) -> torch.Tensor:
         """uint8 images [len(indices), C, H, W] on the CPU (C = 3; MNIST: 1 unless channels=3)."""
-        indices = [int(i) for i in indices]
-        bad = [i for i in indices if not 0 <= i < self.num_images]
-        if bad:
-            raise IndexError(f"image indices {bad[:5]} are outside 0..{self.num_images - 1}")
-        if not indices:
-            raise ValueError("generate() needs at least one image index")
+        indices = checked_indices(indices, self.num_images)
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         # per-batch progress: one configuration of 1,000 images takes minutes (quiet for a single batch)
         return torch.cat([self._render(batch) for batch in progress(batches, desc=f"  images ({len(indices)})",

@@ -73,7 +73,7 @@ def test_bad_caches_for_train_predictor(capsys, pkl, tmp_path):
 
 @pytest.fixture(scope="module")
 def three_records(tmp_path_factory):
-    from tests.test_predictor import _synthetic_cache
+    from test_predictor import _synthetic_cache
 
     _, _, records = _synthetic_cache(3, seed=4)
     path = tmp_path_factory.mktemp("cache") / "quant_cache.pkl"

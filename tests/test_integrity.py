@@ -165,7 +165,7 @@ def _tiny_training(out, seed: int):
     import numpy as np
 
     from autobuild.train import TrainOptions, train_predictor
-    from tests.test_predictor import _hand_graph, _random_hand_records
+    from test_predictor import _hand_graph, _random_hand_records
 
     g = _hand_graph()
     records = _random_hand_records(g, np.random.default_rng(seed), 16)

@@ -14,6 +14,9 @@ complete file, never a torn one. A record is *committed* once its ``records/`` f
 case the process died between the two steps), so it always is a complete, readable list.
 Several processes (e.g. torchrun ranks scoring different indices) may share one directory: the
 rebuild runs under a file lock and re-reads records written by the others.
+A directory that holds only ``quant_cache.pkl`` and its ``run_meta.json`` (a dataset shipped as one file) is
+continued: its records become the committed ones. A ``quant_cache.pkl`` without ``run_meta.json`` is never
+added to (nothing says which settings scored it).
 """
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ _TMP_PREFIX = ".tmp-"
 _FID_NOISE = 1e-3  # |FID| below this may come out negative from the matrix square root
 # Settings that do not change a single number (runs written before this list may still carry them).
 NOT_RUN_IDENTITY = ("world_size",)
+# Settings that later versions added to run_meta.json, with the value that a run written before them had
+# without saying so (the setting did not exist yet): a stored run that lacks the key compares as that value,
+# so it resumes; a run that records another value does not. clip: older versions never scored CLIP.
+ADDED_RUN_KEYS = {"clip": None}
 _HOST = socket.gethostname().replace(".", "_")
 
 
@@ -237,6 +244,8 @@ class RecordStore:
         self._check_or_write_meta()
         self._remove_stale_temps()
         with self._locked():
+            if not self._scan() and self.cache_path.exists():
+                self._adopt_cache()
             self._refresh()
             self._write_cache()  # the previous process may have died between record and cache
 
@@ -269,6 +278,9 @@ class RecordStore:
     def _check_or_write_meta(self) -> None:
         meta_path = self.outdir / self.META_FILE
         if not meta_path.exists():
+            if self.cache_path.exists() and not self._scan():
+                raise StoreError(f"{self.outdir} holds {self.CACHE_FILE} but no {self.META_FILE}: nothing says which "
+                                 f"settings scored it, so no run may add to it. Use another output directory.")
             data = (json.dumps(self.run_meta, indent=2, sort_keys=True) + "\n").encode()
             # Create-if-absent atomically: link a complete temp file; losing the race to another rank is fine.
             fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(self.META_FILE), dir=self.outdir)
@@ -294,8 +306,11 @@ class RecordStore:
             stored = json.loads(meta_path.read_text())
         except (OSError, ValueError) as err:
             raise StoreError(f"cannot read run metadata {meta_path}: {err}") from err
+        def value(meta, key):
+            return meta.get(key, ADDED_RUN_KEYS.get(key, _MISSING))
+
         differing = sorted(k for k in (set(stored) | set(self.run_meta)) - set(NOT_RUN_IDENTITY)
-                           if stored.get(k, _MISSING) != self.run_meta.get(k, _MISSING))
+                           if value(stored, k) != value(self.run_meta, k))
         if differing:
             def short(v):
                 text = repr(v)
@@ -308,6 +323,19 @@ class RecordStore:
             raise RunMetaMismatchError(
                 f"{self.outdir} holds a run with different settings ({', '.join(differing)}){hint}: {details}. "
                 f"Use another output directory, or the same settings to resume.")
+
+    def _adopt_cache(self) -> None:
+        """A run directory that holds only ``quant_cache.pkl`` (a dataset shipped as one file): its records become
+        the committed ones, so a resumed run scores only what is missing and never writes a shorter cache over
+        it. Its run_meta.json has been checked against this run's settings already."""
+        written: set[int] = set()
+        for position, record in enumerate(load_quant_cache(self.cache_path, allow_arrays=self.allow_arrays)):
+            index = int(record.get("index", position))  # the reference's caches are in index order, unindexed
+            if index in written:
+                raise StoreError(f"{self.cache_path}: two records would be configuration {index}: keep one")
+            written.add(index)
+            atomic_write_bytes(self.record_path(index), pickle.dumps(record, protocol=PICKLE_PROTOCOL),
+                               what=f"record {index}")
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files of writers that died mid-write (same host, pid gone; or a day old)."""

@@ -1,6 +1,7 @@
 """Scoring configurations end to end on the tiny MNIST DiT: records, resume, torchrun equivalence."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,32 @@ def test_eval_random_writes_reference_schema_and_resumes(env, capsys):
     assert "different settings (num_images" in err and "Use another output directory" in err
     assert len(err.strip().splitlines()) == 1  # one line naming the problem and the fix
     assert len(load_quant_cache(out / "quant_cache.pkl")) == 3
+
+
+def test_a_run_shaped_like_the_shipped_dataset_resumes(env, capsys):
+    """quant_caches/mnist_dit was written by an older version: its run_meta.json lacks `clip` and it ships only
+    quant_cache.pkl (no records/). A tiny run given that shape resumes: only the missing configuration is
+    scored, the others are kept as they were; another protocol is still refused."""
+    shipped = json.loads((REPO / "quant_caches" / "mnist_dit" / "run_meta.json").read_text())
+    out = env / "run"
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]) == 0
+    meta = json.loads((out / "run_meta.json").read_text())
+    # today's version records every key of the shipped metadata, and one more: clip (None, class-conditioned)
+    assert set(meta) - set(shipped) == {"clip"} and set(shipped) <= set(meta) and meta["clip"] is None
+    del meta["clip"]
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(out / "records")
+    before = load_quant_cache(out / "quant_cache.pkl")
+    capsys.readouterr()
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "3"]) == 0
+    assert "resuming: 2 configuration(s) already scored, 1 to go" in capsys.readouterr().out
+    after = load_quant_cache(out / "quant_cache.pkl")
+    assert [r["index"] for r in after] == [0, 1, 2] and after[:2] == before  # timings too: not scored again
+    assert json.loads((out / "run_meta.json").read_text()) == meta
+    capsys.readouterr()
+    assert cli_main(["eval-random", *ARGS, "--image_seed", "7", "--outdir", str(out), "--num_archs", "4"]) == 2
+    assert "different settings (image_seed, sampler)" in capsys.readouterr().err
+    assert load_quant_cache(out / "quant_cache.pkl") == after
 
 
 def test_eval_configs_uniform_baselines(env):

@@ -134,6 +134,36 @@ def test_run_meta_mismatch_names_the_key(tmp_path):
         RecordStore(tmp_path, dict(META, steps=20))
 
 
+def test_the_shipped_dataset_opens_for_resuming_with_every_record(tmp_path):
+    """quant_caches/mnist_dit ships one quant_cache.pkl (no records/) and a run_meta.json written before the `clip`
+    key: opened with the settings today's version records for that protocol (clip None: a class-conditioned
+    family), every configuration counts as scored and the cache keeps all of them."""
+    import json
+    import shutil
+
+    shipped = Path(__file__).resolve().parents[1] / "quant_caches" / "mnist_dit"
+    for name in ("run_meta.json", "quant_cache.pkl"):
+        shutil.copy(shipped / name, tmp_path / name)
+    meta = json.loads((shipped / "run_meta.json").read_text())
+    assert "clip" not in meta
+    records = load_quant_cache(shipped / "quant_cache.pkl")
+    store = RecordStore(tmp_path, dict(meta, clip=None))
+    assert store.done_indices() == {r["index"] for r in records} and len(records) == 500
+    assert store.records() == records and load_quant_cache(tmp_path / "quant_cache.pkl") == records
+    assert json.loads((tmp_path / "run_meta.json").read_text()) == meta  # the stored identity is not rewritten
+    with pytest.raises(RunMetaMismatchError, match=r"settings \(clip\)"):  # a CLIP-scored run is another protocol
+        RecordStore(tmp_path, dict(meta, clip="clip-vit-large-patch14"))
+
+
+def test_a_cache_without_run_meta_is_never_added_to(tmp_path):
+    """Nothing says which settings scored a bare quant_cache.pkl: refused, and the file is left as it was."""
+    pickle_bytes = pickle.dumps([make_record(0)], protocol=4)
+    (tmp_path / "quant_cache.pkl").write_bytes(pickle_bytes)
+    with pytest.raises(StoreError, match="no run_meta.json"):
+        RecordStore(tmp_path, META)
+    assert (tmp_path / "quant_cache.pkl").read_bytes() == pickle_bytes and not (tmp_path / "run_meta.json").exists()
+
+
 def test_bad_paths_are_clear_errors(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(StoreError, match="not a directory"):

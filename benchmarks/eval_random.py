@@ -148,9 +148,7 @@ def main(argv=None):
     if args.smoke:
         RES, STEPS, TOKENS = 64, 2, 8
     info = dist.init_from_env()
-    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = info.device  # this rank's GPU (already made current), else the CPU
     family, pipe = full_size_pipeline(device, args.smoke)
     layers = quantizable_layers(pipe.transformer, family)
     embeds = random_prompt_embeds(family, pipe, args.num_images, seed=0, seq_len=TOKENS)

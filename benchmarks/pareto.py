@@ -414,13 +414,9 @@ def _goals(rows, uniform4) -> dict:
 
 def plot(result: dict, records, path: Path) -> Path:
     """Confirmed FID vs average bits of every row at every budget, the dataset cloud behind them."""
-    import matplotlib
+    from multiquant.utils import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from multiquant.utils import atomic_path
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     if records:
         ax.scatter([float(r["avg_bits"]) for r in records], [float(r[KEY]) for r in records], s=6, c="0.8",
@@ -462,11 +458,7 @@ def plot(result: dict, records, path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches=None)
 
 
 def refill(result_path: str, history_path: str) -> dict:

@@ -23,7 +23,7 @@ from .errors import MissingFileError, UserError
 from .layers import LayerRef
 from .options import FP_OPTION, METHOD_NAMES, Option, OptionTable, option_of
 from .safe_pickle import safe_load
-from .utils import atomic_path, read_json
+from .utils import atomic_path, json_default, read_json
 
 
 class ConfigError(UserError, ValueError):
@@ -135,7 +135,7 @@ def save_config(config: dict, path: str | os.PathLike, also_json: bool = True, o
         with atomic_path(target) as tmp:
             if target.suffix == ".json":
                 body = plain if origin is None else {"origin": dict(origin), "config": plain}
-                tmp.write_text(json.dumps(body, indent=1, default=str))
+                tmp.write_text(json.dumps(body, indent=1, default=json_default))
             else:
                 with open(tmp, "wb") as f:
                     pickle.dump(plain, f, protocol=4)

@@ -23,3 +23,12 @@ class InputError(UserError, ValueError):
 class SetupError(UserError, RuntimeError):
     """What a command needs is not there (weights that do not load, an optional package, a launcher setting);
     the message says how to provide it (also a RuntimeError, for older callers)."""
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (disk full, quota, no permission, read-only file system): nothing was
+    replaced; the message says what to free or fix (also an OSError with the cause's ``errno``, for older
+    callers)."""
+
+    def __str__(self) -> str:  # the one line, not OSError's "[Errno N] ..." form
+        return str(self.args[0]) if self.args else ""

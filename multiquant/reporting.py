@@ -21,20 +21,24 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> t
 MIN_TILE_PX = 112  # small samples (28 px digits) are upscaled to at least this size so the grid is legible
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
-    """Write a grid PNG; ``scale`` (nearest-neighbour) defaults to the smallest integer factor that makes each
-    tile at least :data:`MIN_TILE_PX` pixels high."""
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None,
+                    pad: int = 2) -> Path:
+    """Write a grid PNG (atomically); ``scale`` (nearest-neighbour) defaults to the smallest integer factor that
+    makes each tile at least :data:`MIN_TILE_PX` pixels high; ``pad=0`` butts the tiles together."""
     from PIL import Image
+
+    from .utils import atomic_path
 
     if scale is None:
         scale = max(1, -(-MIN_TILE_PX // max(1, int(images.shape[-2]))))
 
-    grid = image_grid(images, nrow)
+    grid = image_grid(images, nrow, pad)
     arr = grid.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_path(path, "sample grid") as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -7,8 +7,8 @@ Layout of a run directory::
       records/000042.pkl   one committed record per configuration index (pickle protocol 4)
       quant_cache.pkl      every committed record, in index order, in the reference schema
 
-Every file is written to a temporary name, fsync'd and renamed over its final name
-(:func:`atomic_write_bytes`), so a crash or SIGKILL at any moment leaves either the old or the new
+Every file is written to a temporary name, fsync'd and renamed over its final name (the project's one
+atomic writer, :func:`multiquant.utils.atomic_path`), so a crash or SIGKILL at any moment leaves either the old or the new
 complete file, never a torn one. A record is *committed* once its ``records/`` file exists;
 ``quant_cache.pkl`` is rebuilt from the committed records after each commit (and on reopening, in
 case the process died between the two steps), so it always is a complete, readable list.
@@ -20,7 +20,6 @@ added to (nothing says which settings scored it).
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
@@ -28,7 +27,6 @@ import os
 import pickle
 import re
 import socket
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -37,18 +35,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, WriteError
 from .safe_pickle import safe_load, safe_loads
-from .utils import default_file_mode, pid_alive
+from .utils import atomic_write_bytes, json_default, pid_alive, remove_stale_temps_in
 
 __all__ = ["RecordStore", "StoreError", "RunMetaMismatchError", "DuplicateRecordError",
-           "SCHEMA_KEYS", "atomic_write_bytes", "load_quant_cache", "check_records", "to_reference_record"]
+           "SCHEMA_KEYS", "load_quant_cache", "check_records", "to_reference_record"]
 
 PICKLE_PROTOCOL = 4  # the reference's quant_cache.pkl protocol; AutoBuild reads it
 # Keys of a quant_cache.pkl entry, in the reference's insertion order. `architecture` and extras follow.
 SCHEMA_KEYS = ("config", "quantized_size", "quantized_error", "FID-GT-1k", "avg_bits", "bops")
 _RECORD_NAME = re.compile(r"^(\d{6,})\.pkl$")
-_TMP_PREFIX = ".tmp-"
 _FID_NOISE = 1e-3  # |FID| below this may come out negative from the matrix square root
 # Settings that do not change a single number (runs written before this list may still carry them).
 NOT_RUN_IDENTITY = ("world_size",)
@@ -56,12 +53,7 @@ NOT_RUN_IDENTITY = ("world_size",)
 # without saying so (the setting did not exist yet): a stored run that lacks the key compares as that value,
 # so it resumes; a run that records another value does not. clip: older versions never scored CLIP.
 ADDED_RUN_KEYS = {"clip": None}
-_HOST = socket.gethostname().replace(".", "_")
-
-
-def _tmp_prefix(name: str) -> str:
-    # Host and pid in the name let a later process tell a dead writer's leftovers from a live one's.
-    return f"{_TMP_PREFIX}{name}.{_HOST}.{os.getpid()}."
+_HOST = socket.gethostname().replace(".", "_")  # in claim files (their written format)
 
 
 class StoreError(UserError, RuntimeError):
@@ -78,55 +70,14 @@ class DuplicateRecordError(StoreError):
 
 # ----------------------------------------------------------------------------------------------------
 # atomic files
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _write(path: Path, data: bytes, what: str, exclusive: bool = False) -> None:
+    """:func:`multiquant.utils.atomic_write_bytes`, every failure as a :class:`StoreError` (nothing replaced)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _explain_oserror(err: OSError, path: Path, what: str) -> StoreError:
-    if err.errno == errno.ENOSPC:
-        return StoreError(f"disk full while writing {what} to {path}: nothing was replaced; "
-                          f"free some space on that file system and run again (committed records are kept)")
-    if err.errno == errno.EDQUOT:
-        return StoreError(f"disk quota exceeded while writing {what} to {path}; nothing was replaced")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StoreError(f"no permission to write {what} to {path}: {err.strerror}")
-    return StoreError(f"could not write {what} to {path}: {err}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file") -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one.
-
-    Temp file in the same directory, fsync, ``os.replace``, fsync of the directory (so the rename
-    itself survives a power loss). Raises :class:`StoreError` with a clear message on failure
-    (disk full, permission) after removing the temp file."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
-        try:
-            os.fchmod(fd, default_file_mode())  # results are shared files: the umask's mode, not mkstemp's 0600
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        atomic_write_bytes(path, data, what=what, exclusive=exclusive)
+    except WriteError as err:
+        raise StoreError(str(err)) from err
     except OSError as err:
-        raise _explain_oserror(err, path, what) from err
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        raise StoreError(f"could not write {what} to {path}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,14 +112,7 @@ def to_reference_record(record: dict, index: int | None = None) -> dict:
 
 def _normalise_meta(meta: dict) -> dict:
     """JSON round trip, so that tuples/lists and numpy numbers compare as they will be stored."""
-    def default(obj):
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, os.PathLike):
-            return os.fspath(obj)
-        raise TypeError(f"run_meta value {obj!r} of type {type(obj).__name__} is not JSON serialisable")
-
-    return json.loads(json.dumps(meta, default=default, sort_keys=True))
+    return json.loads(json.dumps(meta, default=json_default, sort_keys=True))
 
 
 def load_quant_cache(path: str | os.PathLike, allow_arrays: bool = False, require_config: bool = False) -> list[dict]:
@@ -282,26 +226,8 @@ class RecordStore:
                 raise StoreError(f"{self.outdir} holds {self.CACHE_FILE} but no {self.META_FILE}: nothing says which "
                                  f"settings scored it, so no run may add to it. Use another output directory.")
             data = (json.dumps(self.run_meta, indent=2, sort_keys=True) + "\n").encode()
-            # Create-if-absent atomically: link a complete temp file; losing the race to another rank is fine.
-            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(self.META_FILE), dir=self.outdir)
-            try:
-                os.fchmod(fd, default_file_mode())
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    os.link(tmp, meta_path)
-                    _fsync_dir(self.outdir)
-                except FileExistsError:
-                    pass
-            except OSError as err:
-                raise _explain_oserror(err, meta_path, "run metadata") from err
-            finally:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            # Create-if-absent atomically: losing the race to another rank is fine (its file is the same).
+            _write(meta_path, data, "run metadata", exclusive=True)
         try:
             stored = json.loads(meta_path.read_text())
         except (OSError, ValueError) as err:
@@ -340,17 +266,7 @@ class RecordStore:
     def _remove_stale_temps(self) -> None:
         """Delete temp files of writers that died mid-write (same host, pid gone; or a day old)."""
         for directory in (self.outdir, self.record_dir):
-            for p in directory.glob(_TMP_PREFIX + "*"):
-                parts = p.name.rsplit(".", 3)  # [.tmp-<name>, host, pid, random]
-                try:
-                    dead = parts[1] == _HOST and not pid_alive(int(parts[2]))
-                except (IndexError, ValueError):
-                    dead = False
-                try:
-                    if dead or time.time() - p.stat().st_mtime > 86400:
-                        p.unlink()
-                except OSError:
-                    pass
+            remove_stale_temps_in(directory)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -416,7 +332,7 @@ class RecordStore:
         with self._locked():
             if path.exists() and not overwrite:
                 raise DuplicateRecordError(f"configuration {index} is already committed in {path}")
-            atomic_write_bytes(path, data, what=f"record {index}")
+            _write(path, data, f"record {index}")
             self._records[index] = record
             self._refresh()
             self._write_cache()
@@ -443,7 +359,7 @@ class RecordStore:
                 if not stale:
                     return False
             path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, f"{_HOST} {os.getpid()} {time.time():.0f}".encode(), what=f"claim {index}")
+            _write(path, f"{_HOST} {os.getpid()} {time.time():.0f}".encode(), f"claim {index}")
             return True
 
     def release(self, index: int) -> None:
@@ -461,7 +377,7 @@ class RecordStore:
 
     def _write_cache(self) -> None:
         records = [self._records[i] for i in sorted(self._records)]
-        atomic_write_bytes(self.cache_path, pickle.dumps(records, protocol=PICKLE_PROTOCOL), what="quant_cache")
+        _write(self.cache_path, pickle.dumps(records, protocol=PICKLE_PROTOCOL), "quant_cache")
 
 
 _MISSING = object()

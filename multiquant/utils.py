@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and progress bars."""
+"""Small shared helpers: the one atomic file writer, progress lines, JSON, figures, devices, images."""
 from __future__ import annotations
 
 import contextlib
@@ -6,10 +6,11 @@ import errno
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, WriteError
 
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_")
 _STALE_AFTER_S = 86400  # a temp file this old is a leftover even if its pid was reused
@@ -33,18 +34,19 @@ def default_file_mode() -> int:
 
 
 def _temp_path(path: Path) -> Path:
-    # host and pid in the name let a later process tell a dead writer's leftovers from a live one's
-    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+    # host and pid in the name let a later process tell a dead writer's leftovers from a live one's; a thread
+    # other than the main one adds its id, so two threads writing one file never share a temp file
+    tag = f"{_HOST}-{os.getpid()}"
+    if threading.current_thread() is not threading.main_thread():
+        tag += f".{threading.get_ident()}"
+    return path.with_name(f".{path.name}.tmp-{tag}")
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete temp files that :func:`atomic_path` left beside ``path`` when its writer was killed
-    (same host and pid gone, or a day old). Returns what was removed."""
-    path = Path(path)
+def _remove_dead_temps(candidates) -> list[Path]:
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        tag = tmp.name[len(f".{path.name}.tmp-"):]
-        host, _, pid = tag.rpartition("-")
+    for tmp in candidates:
+        host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        pid = pid.partition(".")[0]  # drop a thread id
         try:
             dead = (host in (_HOST, "") and pid.isdigit() and not pid_alive(int(pid))
                     or time.time() - tmp.stat().st_mtime > _STALE_AFTER_S)
@@ -59,6 +61,18 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         except (OSError, ValueError):
             pass
     return removed
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files that :func:`atomic_path` left beside ``path`` when its writer was killed
+    (same host and pid gone, or a day old). Returns what was removed."""
+    path = Path(path)
+    return _remove_dead_temps(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def remove_stale_temps_in(directory: str | os.PathLike) -> list[Path]:
+    """:func:`remove_stale_temps` for every file of ``directory`` (a result store's folders)."""
+    return _remove_dead_temps(Path(directory).glob(".*.tmp-*"))
 
 
 def check_writable_dir(directory: str | os.PathLike, what: str = "output directory") -> Path:
@@ -79,10 +93,30 @@ def check_writable_dir(directory: str | os.PathLike, what: str = "output directo
     return directory
 
 
+def write_error(err: OSError, path: Path, what: str = "file") -> WriteError | None:
+    """The one-line :class:`WriteError` for a failed write the user can fix (disk full, quota, permission,
+    read-only file system); ``None`` for other errors, which keep their own type."""
+    fixes = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
+    if err.errno in fixes:
+        message = (f"{fixes[err.errno]} while writing {what} {path}: nothing was replaced; free some space on that "
+                   f"file system and run again (finished work is kept)")
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message = (f"no permission to write {what} {path} ({err.strerror or err}): choose another path or fix "
+                   f"its permissions")
+    else:
+        return None
+    explained = WriteError(message)
+    explained.errno, explained.filename = err.errno, str(path)
+    return explained
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, what: str = "file", exclusive: bool = False):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, so readers
-    never see a half-written file. Leftovers of killed writers of the same file are removed first."""
+    never see a half-written file, not even after a crash or power loss (the file and then its directory are
+    fsync'd). ``exclusive``: create ``path`` only if absent (a hard link, so a file another process put
+    there first stays whole and wins). Leftovers of killed writers of the same file are removed first;
+    a disk-full or permission failure raises a one-line :class:`WriteError` (``what`` names the file)."""
     path = Path(path)
     remove_stale_temps(path)
     tmp = _temp_path(path)
@@ -90,16 +124,35 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        os.chmod(tmp, default_file_mode())  # results are shared files: the umask's mode, not e.g. mkstemp's 0600
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        else:
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise OSError(err.errno, f"disk full while writing {path}: free space and re-run (finished work is kept)") from err
-        raise
+        explained = write_error(err, path, what)
+        if explained is None:
+            raise
+        raise explained from err
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file", exclusive: bool = False) -> None:
+    """Write ``data`` through :func:`atomic_path`: readers see the old file or the complete new one."""
+    with atomic_path(path, what, exclusive=exclusive) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -148,14 +201,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename in it survives a power loss; file systems that cannot open or sync a
+    directory (EACCES on a write-only folder, EINVAL) are let be: the rename itself is still atomic."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
@@ -244,15 +300,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
+def save_figure(fig, path: str | os.PathLike, close: bool = True, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix, PNG by default; ``savefig_kwargs`` go to
+    ``savefig``, tight bounding box unless given) and close it unless ``close`` is False (the one figure saver)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    savefig_kwargs.setdefault("bbox_inches", "tight")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", **savefig_kwargs)
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return path
 
 

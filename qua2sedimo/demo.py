@@ -21,7 +21,7 @@ from multiquant.evaluate import score_into_store, setup_scorer
 from multiquant.families import get_family
 from multiquant.paths import constants, multiquantizer_path, shipped_cache
 from multiquant.store import RecordStore
-from multiquant.utils import write_text_atomic
+from multiquant.utils import json_default, write_text_atomic
 
 BUDGET = 3.5  # average bits of "the best configuration at about 3.5 bits"
 UNIFORM_4BIT = ("kmeans-4", "mse-4")  # K-Means-C 4-bit: the best uniform 4-bit FID; UAQ 4-bit: the fewest bits
@@ -81,7 +81,7 @@ def run_demo(outdir: Path, quick: bool = False, full: bool = False, device: str 
     report = write_demo_report(outdir / "report", rows, summary, outdir / "images")
     summary["report"] = str(report)
     summary["seconds"] = time.perf_counter() - start
-    write_text_atomic(outdir / "summary.json", json.dumps(summary, indent=1, default=float))
+    write_text_atomic(outdir / "summary.json", json.dumps(summary, indent=1, default=json_default))
     for line in answer_lines(rows, num_images):
         _say(line)
     _say(f"done in {summary['seconds']:.0f} s: {report}, {outdir / 'summary.json'}")

@@ -241,6 +241,33 @@ def test_killed_writer_leaves_a_temp_that_the_next_start_removes(tmp_path):
     assert sorted(tmp_path.iterdir()) == sorted([target, live])
 
 
+def test_the_one_atomic_writer_keeps_the_old_file_on_a_full_disk_and_creates_exclusively(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from multiquant.errors import UserError
+    from multiquant.utils import atomic_write_bytes
+
+    target = tmp_path / "quant_cache.pkl"
+    atomic_write_bytes(target, b"old complete file")
+    real_write = os.write
+
+    def full_disk(fd, data):
+        real_write(fd, bytes(data[:3]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(UserError, match="disk full while writing scores .*quant_cache.pkl: nothing was replaced") as info:
+        atomic_write_bytes(target, b"new bytes that do not fit", what="scores")
+    monkeypatch.setattr(os, "write", real_write)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC and "[Errno" not in str(info.value)
+    assert target.read_bytes() == b"old complete file" and sorted(tmp_path.iterdir()) == [target]
+    # create-if-absent: the file another writer put there first stays whole
+    atomic_write_bytes(tmp_path / "meta.json", b"first", exclusive=True)
+    atomic_write_bytes(tmp_path / "meta.json", b"second", exclusive=True)
+    assert (tmp_path / "meta.json").read_bytes() == b"first" and len(list(tmp_path.iterdir())) == 2
+
+
 def test_multiquantizer_command_checks_the_outdir_before_loading(capsys, tmp_path):
     from qua2sedimo.cli import main as cli_main
 

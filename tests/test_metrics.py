@@ -246,7 +246,7 @@ def test_reference_stats_cached_once(tmp_path, monkeypatch):
     reference_stats("coco/val2017 (5k)", _CountingNet("other-net"), images_fn)
     reference_stats("coco/val2017_(5k)", net, images_fn)
     assert len(calls) == 3
-    assert not list((tmp_path / "stats").glob(".tmp-*"))
+    assert not list((tmp_path / "stats").glob("*.tmp-*"))
 
 
 def test_reference_stats_from_folder_batches(tmp_path):

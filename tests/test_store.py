@@ -190,7 +190,7 @@ def test_disk_full_keeps_previous_state(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod.os, "write", real_write)
     assert store.done_indices() == {0}
     assert (tmp_path / "quant_cache.pkl").read_bytes() == before
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob("*.tmp-*"))
     store.commit(1, make_record(1))  # space is back: resume works
     assert [r["index"] for r in load_quant_cache(tmp_path / "quant_cache.pkl")] == [0, 1]
 
@@ -252,7 +252,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert _check_consistent(outdir, total) == set(range(total))
     cache = load_quant_cache(outdir / "quant_cache.pkl")
     assert [r["index"] for r in cache] == list(range(total))  # no loss, no duplicates
-    assert not list(outdir.rglob(".tmp-*"))  # temp files of killed writers are cleaned on reopening
+    assert not list(outdir.rglob("*.tmp-*"))  # temp files of killed writers are cleaned on reopening
     assert all(r["FID-GT-1k"] == make_record(r["index"], n_layers=1500)["FID-GT-1k"] for r in cache)
 
 

@@ -17,6 +17,8 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 from matplotlib.patches import Patch
 
+from multiquant.utils import save_figure
+
 __all__ = ["render_dag", "layered_layout"]
 
 _COLORS = {
@@ -318,8 +320,8 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 0.97))
     for path in (path_png, path_svg):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             svg = str(path).endswith(".svg")
             with rc_context({"svg.hashsalt": "qua2sedimo"}):  # reproducible files: fixed ids, no date
-                fig.savefig(path, dpi=None if svg else 110, metadata={"Date": None} if svg else None)
+                save_figure(fig, path, close=False, bbox_inches=None, dpi=None if svg else 110,
+                            metadata={"Date": None} if svg else None)
     return fig

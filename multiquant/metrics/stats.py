@@ -68,7 +68,7 @@ def reference_stats(ref_id: str, feature_net, images_fn: Callable[[], object],
     ``images_fn()`` is only called on a cache miss; it returns the reference images (see
     :func:`extract_features`), e.g. ``lambda: iter_image_folder(constants.COCO_2017_IMAGES)``.
     The cache key is (``ref_id``, ``feature_net.name``): give different reference sets different ids."""
-    from ..store import atomic_write_bytes
+    from ..utils import atomic_write_bytes
 
     path = stats_cache_path(ref_id, feature_net.name, cache_dir)
     cached = load_cached_stats(path)

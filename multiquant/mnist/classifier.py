@@ -10,7 +10,6 @@ Shipped as ``multiquant/assets/mnist_classifier/`` (``config.json`` + ``model.sa
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from ..utils import write_text_atomic
+from ..utils import atomic_path, write_text_atomic
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 CLASSIFIER_DIR = ASSETS_DIR / "mnist_classifier"
@@ -69,9 +68,8 @@ def save_classifier(model: MNISTClassifier, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    with atomic_path(folder / WEIGHTS_FILE, "classifier weights") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_text_atomic(folder / CONFIG_FILE, json.dumps(model.config, indent=2) + "\n")
     return folder
 
@@ -107,11 +105,10 @@ def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, in
                          split: str) -> Path:
     """``ref_stats.npz``: feature mean/covariance (float64), N, and which test-set digits they come from."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(len(indices)),
-             indices=np.asarray(indices, np.int64), split=np.str_(split),
-             source=np.str_("MNIST t10k test set, official idx files"))
-    os.replace(tmp, path)
+    with atomic_path(path, "reference statistics") as tmp, open(tmp, "wb") as f:  # a file: savez adds no suffix
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(len(indices)),
+                 indices=np.asarray(indices, np.int64), split=np.str_(split),
+                 source=np.str_("MNIST t10k test set, official idx files"))
     return path
 
 

@@ -10,7 +10,6 @@ quantization configurations (every layer at one option, through the multiquantiz
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 from pathlib import Path
 
@@ -77,9 +76,8 @@ def uniform_results(pipe, mq, options, kwargs: dict, log=print) -> dict:
 
 def sample_grid(pipe, mq, options, path, steps: int, guidance: float, per_row: int = 10) -> Path:
     """PNG with one row of digits 0..9 (plan images 0..9) per configuration: FP first, then ``options``."""
-    from PIL import Image
-
     from ..config import quantize_, uniform_config
+    from ..reporting import save_image_grid
     from ..options import FP_OPTION
 
     labels, seeds = evaluation_plan(per_row)
@@ -87,16 +85,10 @@ def sample_grid(pipe, mq, options, path, steps: int, guidance: float, per_row: i
     for option in (FP_OPTION, *options):
         if mq is not None:
             quantize_(pipe.transformer, uniform_config(mq.layers, option), mq)
-        images = pipe(labels, seeds, num_inference_steps=steps, guidance_scale=guidance)[:, 0]
-        rows.append(torch.cat(list(images), dim=1))  # [28, 28 * per_row]
+        rows.append(pipe(labels, seeds, num_inference_steps=steps, guidance_scale=guidance)[:, :1])
     if mq is not None:
         quantize_(pipe.transformer, uniform_config(mq.layers, FP_OPTION), mq)
-    grid = torch.cat(rows, dim=0).numpy()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_image_grid(torch.cat(rows), path, nrow=per_row, scale=2, pad=0)
 
 
 def main(argv=None) -> dict:

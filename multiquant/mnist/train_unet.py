@@ -166,28 +166,20 @@ def uniform_results(model, family, sampler, options, num_images, classifier, ref
 def sample_grid(model, sampler, path, rows_per_seed: int = 4, mq=None, options=()) -> Path:
     """PNG: ``rows_per_seed`` rows of digits 0..9 (plan images 0..39) of the FP16 weights, then one row per
     uniform option (plan images 0..9)."""
-    import os
-
-    from PIL import Image
-
+    from ..reporting import save_image_grid
     from .quality import evaluation_plan
 
     labels, seeds = evaluation_plan(10 * rows_per_seed)
-    rows = [torch.cat(list(img), dim=1) for img in sampler(model, labels, seeds)[:, 0].split(10)]
+    digits = [sampler(model, labels, seeds)]
     if mq is not None:
         from ..config import quantize_, uniform_config
         from ..options import FP_OPTION
 
         for option in options:
             quantize_(model, uniform_config(mq.layers, option), mq)
-            rows.append(torch.cat(list(sampler(model, labels[:10], seeds[:10])[:, 0]), dim=1))
+            digits.append(sampler(model, labels[:10], seeds[:10]))
         quantize_(model, uniform_config(mq.layers, FP_OPTION), mq)
-    grid = torch.cat(rows, dim=0).numpy()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_image_grid(torch.cat(digits)[:, :1], path, nrow=10, scale=3, pad=0)
 
 
 def quality_after_training(weights: Path, args, info: dict, log=print) -> dict:

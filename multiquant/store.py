@@ -260,8 +260,7 @@ class RecordStore:
             if index in written:
                 raise StoreError(f"{self.cache_path}: two records would be configuration {index}: keep one")
             written.add(index)
-            atomic_write_bytes(self.record_path(index), pickle.dumps(record, protocol=PICKLE_PROTOCOL),
-                               what=f"record {index}")
+            _write(self.record_path(index), pickle.dumps(record, protocol=PICKLE_PROTOCOL), f"record {index}")
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files of writers that died mid-write (same host, pid gone; or a day old)."""

@@ -10,7 +10,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InputError
 from .layers import QUANTIZABLE_TYPES
+
+ACT_BITS_CHOICES = (8, 6, 4)
+SCHEME = ("online token-wise asymmetric min-max of the inputs of every Linear/Conv layer; attention matmuls "
+          "(Q K^T, softmax x V) not quantized")
+
+
+def check_act_bits(bits: int | None) -> int | None:
+    """``bits`` if it is a supported activation width (or None: FP activations), else a one-line error."""
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise InputError(f"activation bits must be an integer in 2..16 (e.g. 8 or 6), got {bits!r}")
+    return bits
 
 
 def quantize_rows(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,10 +12,19 @@ output in proportion to its quantization-noise amplitude, which halves with ever
 
 so maximising the total value minimises the predicted total degradation ``sum_l s_l * 2^(b0 - b_l)``.
 
+The seed allocator as its document describes it (``--allocator documented``, the default of the BOPs form)
+values an upgrade by the layer's sensitivity alone: every layer starts at 4 bits (the lowest width on offer),
+the efficiency of an upgrade to the next width is ``s_l / cost added``, weighted x0.2 for 8 -> 16, and the most
+efficient upgrade that fits is taken until none fits (:func:`solve_documented`). As a knapsack its values are
+the weighted steps summed: ``v(4) = 0, v(8) = s, v(16) = 1.2 s``; ``--solver exact`` gives their optimum.
+
 Costs (one unit per mode):
 
-* ``bops``: ``MACs x weight bits x activation bits (16)`` per layer (the weight GEMMs of one denoiser
-  forward); budget = X x (every layer at 16 bits).
+* ``bops``: ``MACs x weight bits x activation bits`` per layer (the weight GEMMs of one denoiser forward);
+  budget = X x (every layer at 16 bits, W16A16). The activation bits of the cost follow ``--act_cost``:
+  ``weight`` (A = W: all-4-bit costs 1/16 of the maximum, the numbers of the seed document; the documented
+  allocator's default), ``plus4`` (A = min(W + 4, 16), the activations its ``quantization_config`` names:
+  all-4-bit = 1/8) or ``a16`` (weight-only quantization, A16: all-4-bit = 1/4; the noise model's default).
 * ``bytes``: the quantized bytes of :meth:`multiquant.options.Option.nbytes` (codes + overhead; fp16 =
   the FP bytes), reported as average bits ``fp_prec x bytes / fp_bytes``, the avg_bits the rest of the
   system uses; budget = B average bits.
@@ -42,12 +51,21 @@ from .knapsack import BudgetError
 from .options import DEFAULT_METHOD, FP_BITS, MAX_BITS, METHODS, MIN_BITS, Option
 from .utils import read_json
 
-__all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "bops_cost_table", "bytes_cost_table",
-           "solve_greedy", "solve_exact", "LayerItem", "load_sensitivity_file", "load_flops_file",
-           "search_items", "optimize", "cmd_optimize_mixed_precision", "add_optimize_parser"]
+__all__ = ["Knapsack", "Allocation", "BudgetError", "value_table", "documented_value_table", "act_bits_of",
+           "bops_cost_table", "bytes_cost_table", "solve_greedy", "solve_documented", "solve_exact", "LayerItem",
+           "load_sensitivity_file", "load_flops_file", "search_items", "quantization_config", "optimize",
+           "cmd_optimize_mixed_precision", "add_optimize_parser", "ALLOCATORS", "ACT_COST_RULES"]
 
 ACT_BITS = 16
 VALUE_MODEL = "value(l, b) = s_l * (1 - 2^(b_min - b)): degradation avoided, noise amplitude ~ 2^-b"
+DOCUMENTED_STEP_WEIGHTS = {(8, 16): 0.2}  # the seed document: 8 -> 16 upgrades count a fifth
+DOCUMENTED_VALUE_MODEL = ("efficiency = s_l / cost added per upgrade to the next width, x0.2 for 8 -> 16 "
+                          "(knapsack values v(b_k) = sum of s_l x step weight up to b_k)")
+ALLOCATORS = ("documented", "noise")
+ACT_COST_RULES = {"weight": "A = W: all-4-bit = 1/16 of W16A16", "plus4": "A = min(W + 4, 16)",
+                  "a16": "A = 16: weight-only"}
+DEFAULT_ACT_COST = {"documented": "weight", "noise": "a16"}
+DEFAULT_BUDGET_MULTIPLIER = 0.5
 
 
 
@@ -117,10 +135,42 @@ def value_table(sensitivity, bits) -> np.ndarray:
     return s[:, None] * (1.0 - np.exp2(b.min() - b))[None, :]
 
 
-def bops_cost_table(macs, bits, act_bits: int = ACT_BITS) -> np.ndarray:
-    """``[items, choices]`` BOPs: MACs x weight bits x activation bits."""
+def documented_value_table(sensitivity, bits) -> np.ndarray:
+    """``[items, choices]`` values of the documented allocator: the step to the next width gains ``s`` (x0.2
+    for 8 -> 16), summed from the lowest width (0 there)."""
+    s = np.asarray(sensitivity, dtype=np.float64)
+    if s.ndim != 1 or not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError("sensitivities must be a 1-D array of finite, non-negative numbers")
+    steps = [0.0] + [DOCUMENTED_STEP_WEIGHTS.get((a, b), 1.0) for a, b in zip(bits[:-1], bits[1:])]
+    return s[:, None] * np.cumsum(steps)[None, :]
+
+
+def act_bits_of(bits, rule: str | int = "a16") -> np.ndarray:
+    """Activation bits that go with weight ``bits`` in the BOPs cost: ``weight`` (A = W), ``plus4``
+    (min(W + 4, 16)), ``a16`` (16), or a fixed integer."""
+    b = np.asarray(bits, dtype=np.int64)
+    if isinstance(rule, (int, np.integer)) and not isinstance(rule, bool):
+        return np.full_like(b, int(rule))
+    if rule == "weight":
+        return b.copy()
+    if rule == "plus4":
+        return np.minimum(b + 4, FP_BITS)
+    if rule == "a16":
+        return np.full_like(b, ACT_BITS)
+    raise InputError(f"--act_cost must be one of {', '.join(ACT_COST_RULES)}, got {rule!r}")
+
+
+def bops_cost_table(macs, bits, act_bits: int | str = ACT_BITS) -> np.ndarray:
+    """``[items, choices]`` BOPs: MACs x weight bits x activation bits (``act_bits``: see :func:`act_bits_of`)."""
     m = np.asarray(macs, dtype=np.float64)
-    return m[:, None] * np.asarray(bits, dtype=np.float64)[None, :] * act_bits
+    return m[:, None] * (np.asarray(bits, dtype=np.float64) * act_bits_of(bits, act_bits))[None, :]
+
+
+def quantization_config(bit_allocation: dict, method_of) -> dict:
+    """``{layer: {method, weight_bits, act_bits}}`` with the document's ``act_bits = min(wbit + 4, 16)``;
+    ``method_of(key)`` names the quantizer (16 bits: ``fp16``)."""
+    return OrderedDict((key, {"method": "fp16" if b == FP_BITS else method_of(key), "weight_bits": int(b),
+                              "act_bits": min(int(b) + 4, FP_BITS)}) for key, b in bit_allocation.items())
 
 
 def bytes_cost_table(items: list["LayerItem"], bits, method: str, fp_prec: int) -> np.ndarray:
@@ -171,7 +221,25 @@ def solve_exact(problem: Knapsack, time_limit: float | None = 60.0) -> Allocatio
     return _allocation(problem, solution, "exact" if solution.status == "unconstrained optimum" else None)
 
 
+def solve_documented(problem: Knapsack) -> Allocation:
+    """The seed document's greedy: every layer at the lowest width, then repeatedly the fitting upgrade to a
+    layer's next width with the highest efficiency (value gained per cost added; the values of
+    :func:`documented_value_table` carry the x0.2 of 8 -> 16), until none fits. No safeguard; an upgrade of a
+    layer with sensitivity 0 is taken last, while the budget lasts (efficiency 0)."""
+    _check_feasible(problem, problem.lowest_cost, "the cost with every layer at the lowest bit width")
+    solution = knapsack.solve_greedy(list(problem.value), list(problem.cost), problem.budget, names=problem.names,
+                                     safeguard=False, one_step=True, spend=True)
+    return _allocation(problem, solution, "greedy (documented)")
+
+
 SOLVERS = {"greedy": solve_greedy, "exact": solve_exact}
+
+
+def solver_for(allocator: str, solver: str):
+    """The solve function of ``--allocator`` x ``--solver`` (the exact MILP serves both value models)."""
+    if allocator == "documented" and solver == "greedy":
+        return solve_documented
+    return SOLVERS[solver]
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -299,6 +367,19 @@ class Problem:
     unit: str
     scale: float  # cost / scale = number in ``unit``
     reference_cost: float  # what the budget is relative to (every layer at 16 bits / the FP bytes)
+    allocator: str = "noise"
+    act_cost: str | None = None  # the BOPs cost's activation rule (None: the average-bits form)
+
+    @property
+    def min_cost(self) -> float:
+        """Every search layer at its lowest width, the unmeasured ones at their fixed width."""
+        return self.knapsack.lowest_cost + self.fixed_cost
+
+    @property
+    def max_cost(self) -> float:
+        """Every layer of the model counted: the search layers at their highest width, the unmeasured ones at
+        their fixed width."""
+        return self.knapsack.max_cost + self.fixed_cost
 
 
 def _unit_for(total: float) -> tuple[str, float]:
@@ -310,10 +391,17 @@ def _unit_for(total: float) -> tuple[str, float]:
 
 def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_multiplier: float | None = None,
                   budget_bits: float | None = None, method: str | None = None, unmeasured: str = "highest",
-                  act_bits: int = ACT_BITS) -> Problem:
-    """The knapsack of ``sens`` x ``flops`` for a BOPs budget (``budget_multiplier``) or an average-bits one."""
+                  allocator: str = "noise", act_cost: str | None = None) -> Problem:
+    """The knapsack of ``sens`` x ``flops`` for a BOPs budget (``budget_multiplier``) or an average-bits one;
+    ``allocator``: ``noise`` (the noise-amplitude value model) or ``documented`` (the seed document's);
+    ``act_cost``: the activation rule of the BOPs cost (default: the allocator's, see the module doc)."""
     if (budget_multiplier is None) == (budget_bits is None):
         raise InputError("give exactly one of --budget_multiplier X (BOPs) and --budget_bits B (average bits)")
+    if allocator not in ALLOCATORS:
+        raise InputError(f"--allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    if allocator == "documented" and budget_bits is not None:
+        raise InputError("the documented allocator has a BOPs budget (--budget_multiplier X); for an average-bits "
+                         "budget use --allocator noise")
     scores = {e["key"]: float(e["sensitivity"]) for e in sens["layers"]}
     all_items = search_items(flops)
     items = [it for it in all_items if it.key in scores]
@@ -323,18 +411,23 @@ def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_mult
     if unmeasured not in ("highest", "lowest"):
         raise InputError(f"unmeasured must be 'highest' or 'lowest', got {unmeasured!r}")
     fixed_bits = bits[-1] if unmeasured == "highest" else bits[0]
-    values = value_table([scores[it.key] for it in items], bits)
+    values = (documented_value_table if allocator == "documented" else value_table)(
+        [scores[it.key] for it in items], bits)
     if budget_multiplier is not None:
         if budget_multiplier < 0 or not math.isfinite(budget_multiplier):
             raise BudgetError(f"--budget_multiplier must be a finite number >= 0, got {budget_multiplier}")
-        costs = bops_cost_table([it.macs for it in items], bits, act_bits)
-        fixed_cost = float(sum(it.macs for it in fixed) * fixed_bits * act_bits)
-        reference = float(sum(it.macs for it in all_items) * FP_BITS * act_bits)
+        act_cost = act_cost or DEFAULT_ACT_COST[allocator]
+        costs = bops_cost_table([it.macs for it in items], bits, act_cost)
+        fixed_cost = float(bops_cost_table([it.macs for it in fixed], (fixed_bits,), act_cost).sum())
+        reference = float(bops_cost_table([sum(it.macs for it in all_items)], (FP_BITS,), act_cost)[0, 0])
         if reference <= 0:
             raise InputError("the FLOPs file has no MACs for these layers: re-run `qua2sedimo flops`")
         budget = budget_multiplier * reference
         unit, scale = _unit_for(reference)
     else:
+        if act_cost is not None:
+            raise InputError("--act_cost sets the activation bits of the BOPs cost: it does not apply to "
+                             "--budget_bits (the cost there is the weights' bytes)")
         method = method or sens["settings"].get("method", DEFAULT_METHOD)
         fp_prec = int(flops.get("fp_prec", 16))
         costs = bytes_cost_table(items, bits, method, fp_prec)
@@ -345,13 +438,13 @@ def build_problem(sens: dict, flops: dict, bits: tuple[int, ...], *, budget_mult
         budget = budget_bits * reference / fp_prec
         unit, scale = "avg bits", reference / fp_prec  # bytes / scale = average bits
     knapsack = Knapsack(tuple(it.key for it in items), bits, values, costs, budget - fixed_cost)
-    return Problem(knapsack, items, fixed, fixed_bits, fixed_cost, unit, scale, reference)
+    return Problem(knapsack, items, fixed, fixed_bits, fixed_cost, unit, scale, reference, allocator, act_cost)
 
 
 def check_budget(problem: Problem, solver: str = "greedy") -> None:
     """Refuse, in the report's unit, a budget below what the solver must start from."""
     ks = problem.knapsack
-    floor = (ks.lowest_cost if solver == "greedy" else ks.min_cost) + problem.fixed_cost
+    floor = problem.min_cost if solver == "greedy" else ks.min_cost + problem.fixed_cost
     budget = ks.budget + problem.fixed_cost
     if floor > budget + ks.tolerance():
         held = (f" ({len(problem.fixed)} unmeasured layer(s) held at {problem.fixed_bits} bits included; "
@@ -361,8 +454,9 @@ def check_budget(problem: Problem, solver: str = "greedy") -> None:
                           f"Fix: raise the budget to at least that, or offer a lower bit width (--bits)")
 
 
-def allocation_report(problem: Problem, alloc: Allocation, metadata: dict) -> dict:
-    """The JSON written for an allocation: inputs, ``bit_allocation`` {layer key: bits}, totals, trail."""
+def allocation_report(problem: Problem, alloc: Allocation, metadata: dict, method: str = DEFAULT_METHOD) -> dict:
+    """The JSON written for an allocation: inputs, ``bit_allocation`` {layer key: bits}, ``quantization_config``
+    {layer key: {method, weight_bits, act_bits}}, totals, trail."""
     ks, scale = problem.knapsack, problem.scale
     bits_by_key = OrderedDict()
     for item, k in zip(problem.items, alloc.choice):
@@ -376,20 +470,23 @@ def allocation_report(problem: Problem, alloc: Allocation, metadata: dict) -> di
     distribution = Counter(int(ks.bits[k]) for k in alloc.choice)
     distribution.update({int(problem.fixed_bits): len(problem.fixed)} if problem.fixed else {})
     totals = {
-        "unit": problem.unit, "budget": budget / scale, "min_cost": (ks.lowest_cost + problem.fixed_cost) / scale,
-        "max_cost": (ks.max_cost + problem.fixed_cost) / scale, "final_cost": final / scale,
+        "unit": problem.unit, "budget": budget / scale, "min_cost": problem.min_cost / scale,
+        "max_cost": problem.max_cost / scale, "final_cost": final / scale,
         "reference_cost": problem.reference_cost / scale, "utilisation": final / budget if budget > 0 else None,
         "value": alloc.value, "max_value": float(ks.value[:, -1].sum()),
         "predicted_degradation": float(sum(ks.value[i, -1] - ks.value[i, k] for i, k in enumerate(alloc.choice))),
         "upgrades_taken": len(alloc.upgrades), "search_layers": len(problem.items),
         "unmeasured_layers": len(problem.fixed),
         "bit_distribution": {str(b): distribution.get(b, 0) for b in ks.bits},
-        "raw_cost": {"budget": budget, "final_cost": final, "reference_cost": problem.reference_cost},
+        "raw_cost": {"budget": budget, "final_cost": final, "reference_cost": problem.reference_cost,
+                     "min_cost": problem.min_cost, "max_cost": problem.max_cost},
     }
     # the trail in the report's unit: cost added in `unit`, ratio = value gained per `unit`
     upgrades = [dict(u, cost_added=u["cost_added"] / scale, ratio=None if u["ratio"] is None else u["ratio"] * scale)
                 for u in alloc.upgrades]
-    return {"metadata": metadata, "bit_allocation": bits_by_key, "totals": totals, "upgrades": upgrades}
+    return {"metadata": metadata, "bit_allocation": bits_by_key,
+            "quantization_config": quantization_config(bits_by_key, lambda key: method),
+            "totals": totals, "upgrades": upgrades}
 
 
 def reference_config(report: dict, method: str) -> dict[str, str]:
@@ -403,9 +500,11 @@ def print_allocation(report: dict, log=print, max_upgrades: int = 20) -> None:
     u = t["unit"]
     log(f"mixed precision for {meta['model']}{' (tiny)' if meta.get('tiny') else ''}: bits {meta['bits']}, "
         f"cost = {meta['cost_model']}, solver {meta['solver']}")
+    held = (f", the {t['unmeasured_layers']} unmeasured at {meta['unmeasured_bits']}" if t["unmeasured_layers"]
+            else "")
     log(f"  budget     {t['budget']:.6g} {u}   ({meta['budget']})")
-    log(f"  min cost   {t['min_cost']:.6g} {u}   (every layer at {meta['bits'][0]} bits)")
-    log(f"  max cost   {t['max_cost']:.6g} {u}   (every layer at {meta['bits'][-1]} bits)")
+    log(f"  min cost   {t['min_cost']:.6g} {u}   (every layer of the model at {meta['bits'][0]} bits{held})")
+    log(f"  max cost   {t['max_cost']:.6g} {u}   (every layer of the model at {meta['bits'][-1]} bits{held})")
     if t["unmeasured_layers"]:
         log(f"  {t['unmeasured_layers']} layer(s) without a sensitivity held at {meta['unmeasured_bits']} bits")
     ups = report["upgrades"]
@@ -421,7 +520,8 @@ def print_allocation(report: dict, log=print, max_upgrades: int = 20) -> None:
         log("  upgrades taken: none")
     util = "n/a" if t["utilisation"] is None else f"{100 * t['utilisation']:.1f}%"
     log(f"  final cost {t['final_cost']:.6g} {u}   utilisation {util}   value {t['value']:.4f} of {t['max_value']:.4f}")
-    log("  bit widths (search layers): " + ", ".join(f"{b} bits x {n}" for b, n in t["bit_distribution"].items()))
+    log(f"  bit widths ({t['search_layers'] + t['unmeasured_layers']} layers, tied copies once): "
+        + ", ".join(f"{b} bits x {n}" for b, n in t["bit_distribution"].items()))
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -469,11 +569,16 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
         check_same_model(sens, flops, path, flops_source, getattr(args, "model", None))
     by_bits = args.budget_bits is not None
     bits = parse_bits(args.bits, (3, 4) if by_bits else (4, 8, 16))
+    act_cost = getattr(args, "act_cost", None)
+    if by_bits and act_cost is not None:
+        raise InputError("--act_cost sets the activation bits of the BOPs cost: it does not apply to --budget_bits")
+    act_cost = act_cost or DEFAULT_ACT_COST["noise"]
     raw = [{e["key"]: float(e.get("fid_degradation", e["sensitivity"])) for e in s["layers"]} for s in sens_list]
     measured_bits = [int(s["settings"].get("bits", bits[0])) for s in sens_list]
     all_items = search_items(flops)
     items = [it for it in all_items if all(it.key in r for r in raw)]
     fixed = [it for it in all_items if it not in items]
+    fixed_bits = bits[-1] if getattr(args, "unmeasured", "highest") == "highest" else bits[0]
     fp_prec = int(flops.get("fp_prec", 16))
     choices = [("fp16", FP_BITS)] if FP_BITS in bits else []
     choices = [(m, b) for b in bits if b != FP_BITS for m in methods] + choices
@@ -483,25 +588,28 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
         cost = np.stack([bytes_cost_table(items, (b,), methods[0] if m == "fp16" else m, fp_prec)[:, 0]
                          for m, b in choices], axis=1)
         reference = float(sum(int(n * fp_prec / 8) for it in all_items for n, _ in it.shapes))
-        fixed_cost = float(sum(bytes_cost_table([it], (bits[-1],), methods[0], fp_prec)[0, 0] for it in fixed))
+        fixed_cost = float(sum(bytes_cost_table([it], (fixed_bits,), methods[0], fp_prec)[0, 0] for it in fixed))
         budget, unit, scale = args.budget_bits * reference / fp_prec, "avg bits", reference / fp_prec
     else:
-        cost = np.stack([bops_cost_table([it.macs for it in items], (b,))[:, 0] for m, b in choices], axis=1)
-        reference = float(sum(it.macs for it in all_items) * FP_BITS * ACT_BITS)
-        fixed_cost = float(sum(it.macs for it in fixed) * bits[-1] * ACT_BITS)
+        cost = np.stack([bops_cost_table([it.macs for it in items], (b,), act_cost)[:, 0] for m, b in choices], axis=1)
+        reference = float(bops_cost_table([sum(it.macs for it in all_items)], (FP_BITS,), act_cost)[0, 0])
+        fixed_cost = float(bops_cost_table([it.macs for it in fixed], (fixed_bits,), act_cost).sum())
         budget = args.budget_multiplier * reference
         unit, scale = _unit_for(reference)
     solve = ks.solve_greedy if args.solver == "greedy" else ks.solve_exact
     solution = solve(list(-damage), list(cost), budget - fixed_cost)
     picked = {it.key: choices[c] for it, c in zip(items, solution.choice)}
-    allocation, per_method, quant = OrderedDict(), OrderedDict(), OrderedDict()
+    allocation, per_method = OrderedDict(), OrderedDict()
     for it in all_items:
-        m, b = picked.get(it.key, (methods[0], bits[-1]))
+        m, b = picked.get(it.key, (methods[0], fixed_bits))
         for key in it.copies:
             allocation[key], per_method[key] = int(b), m
-            quant[key] = {"method": m, "weight_bits": int(b), "act_bits": min(int(b) + 4, FP_BITS)}
+    quant = quantization_config(allocation, per_method.get)
     final = solution.cost + fixed_cost
-    totals = {"unit": unit, "budget": budget / scale, "final_cost": final / scale, "reference_cost": reference / scale,
+    min_cost = float(cost.min(axis=1).sum()) + fixed_cost
+    max_cost = float(cost.max(axis=1).sum()) + fixed_cost  # every layer counted, the unmeasured at their width
+    totals = {"unit": unit, "budget": budget / scale, "min_cost": min_cost / scale, "max_cost": max_cost / scale,
+              "final_cost": final / scale, "reference_cost": reference / scale,
               "utilisation": final / budget if budget > 0 else None, "predicted_damage": float(-solution.value),
               "search_layers": len(items), "unmeasured_layers": len(fixed),
               "bit_distribution": dict(Counter(str(b) for m, b in picked.values())),
@@ -509,14 +617,19 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
     metadata = {"model": sens_list[0]["settings"].get("model"), "tiny": bool(sens_list[0]["settings"].get("tiny")),
                 "sensitivity_files": [str(p) for p in paths], "flops_file": flops_source, "methods": methods,
                 "method": "per layer, from measurement", "bits": list(bits), "solver": solution.status,
+                "allocator": "noise",
                 "value_model": "damage d_l,m x 2^(b_measured - b) on the raw FID degradation of each file",
+                "cost_model": ("average bits (Option.nbytes, overhead included; 16 = fp16)" if by_bits else
+                               f"BOPs = MACs x weight bits x activation bits, {ACT_COST_RULES[act_cost]}"),
+                "act_cost": None if by_bits else act_cost,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     report = {"metadata": metadata, "bit_allocation": allocation, "method_allocation": per_method,
               "quantization_config": quant, "totals": totals, "upgrades": solution.trail}
     log(f"mixed precision for {metadata['model']}: method and width per layer from {len(paths)} sensitivity files "
         f"({', '.join(methods)}), solver {solution.status}")
-    log(f"  budget {totals['budget']:.6g} {unit}, final {totals['final_cost']:.6g} {unit}, utilisation "
-        f"{100 * (totals['utilisation'] or 0):.1f}%")
+    log(f"  budget {totals['budget']:.6g} {unit}, min cost {totals['min_cost']:.6g} {unit}, max cost "
+        f"{totals['max_cost']:.6g} {unit} (every layer of the model), final {totals['final_cost']:.6g} {unit}, "
+        f"utilisation {100 * (totals['utilisation'] or 0):.1f}%")
     log("  bit widths: " + ", ".join(f"{b} bits x {n}" for b, n in totals["bit_distribution"].items())
         + "; methods: " + ", ".join(f"{m} x {n}" for m, n in totals["method_distribution"].items()))
     if getattr(args, "no_save", False):
@@ -539,12 +652,34 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
     return report
 
 
+def resolve_allocator(args, several_files: bool) -> str:
+    """``--allocator``, or its default: the seed document's for a BOPs budget on one method's sensitivities
+    (what the document describes), the noise model for ``--budget_bits`` and for the method per layer from
+    several files (neither is in the document; the noise model compares widths and methods on one scale)."""
+    chosen = getattr(args, "allocator", None)
+    per_layer = several_files and args.method is None
+    if chosen is None:
+        return "noise" if args.budget_bits is not None or per_layer else "documented"
+    if chosen not in ALLOCATORS:
+        raise InputError(f"--allocator must be one of {', '.join(ALLOCATORS)}, got {chosen!r}")
+    if chosen == "documented" and args.budget_bits is not None:
+        raise InputError("the documented allocator has a BOPs budget (--budget_multiplier X); for an average-bits "
+                         "budget use --allocator noise")
+    if chosen == "documented" and per_layer:
+        raise InputError("the documented allocator reads one method's sensitivities: pass --method M to use that "
+                         "file, or --allocator noise to choose the method per layer from all of them")
+    return chosen
+
+
 def optimize(args, log=print) -> dict:
     """Solve the knapsack the flags describe, print it and write the configuration file(s)."""
     from .config import save_config
     from .utils import atomic_path
 
+    if args.budget_multiplier is None and args.budget_bits is None:
+        args.budget_multiplier = DEFAULT_BUDGET_MULTIPLIER
     paths = args.sensitivity_file if isinstance(args.sensitivity_file, (list, tuple)) else [args.sensitivity_file]
+    allocator = resolve_allocator(args, len(paths) > 1)
     if len(paths) > 1 and args.method is None:
         return optimize_per_layer_method(args, list(paths), log)
     if len(paths) > 1:  # --method given: use that method's file
@@ -560,31 +695,36 @@ def optimize(args, log=print) -> dict:
     bits = parse_bits(args.bits, (3, 4) if by_bits else (4, 8, 16))
     method = args.method or sens["settings"].get("method", DEFAULT_METHOD)
     problem = build_problem(sens, flops, bits, budget_multiplier=None if by_bits else args.budget_multiplier,
-                            budget_bits=args.budget_bits, method=method, unmeasured=args.unmeasured)
+                            budget_bits=args.budget_bits, method=method, unmeasured=args.unmeasured,
+                            allocator=allocator, act_cost=getattr(args, "act_cost", None))
     check_budget(problem, args.solver)
-    alloc = SOLVERS[args.solver](problem.knapsack)
+    alloc = solver_for(allocator, args.solver)(problem.knapsack)
     metadata = {
         "model": sens["settings"].get("model"), "tiny": bool(sens["settings"].get("tiny")),
         "sensitivity_file": str(args.sensitivity_file), "flops_file": flops_source,
         "sensitivity_settings": {k: sens["settings"].get(k) for k in ("bits", "method", "num_prompts", "prompt_seed")},
-        "bits": list(bits), "solver": alloc.solver, "value_model": VALUE_MODEL,
+        "bits": list(bits), "solver": alloc.solver, "allocator": allocator,
+        "value_model": DOCUMENTED_VALUE_MODEL if allocator == "documented" else VALUE_MODEL,
         "cost_model": (f"average bits (Option.nbytes with {method}, overhead included; 16 = fp16)" if by_bits
-                       else f"BOPs = MACs x weight bits x {ACT_BITS}-bit activations"),
+                       else f"BOPs = MACs x weight bits x activation bits, {ACT_COST_RULES[problem.act_cost]}"),
+        "act_cost": problem.act_cost,
         "budget": (f"{args.budget_bits} average bits" if by_bits
                    else f"{args.budget_multiplier} x cost with every layer at 16 bits"),
         "budget_multiplier": None if by_bits else args.budget_multiplier,
-        "budget_bits": args.budget_bits, "method": method if by_bits else None,
+        "budget_bits": args.budget_bits, "method": method,
         "unmeasured": args.unmeasured, "unmeasured_bits": problem.fixed_bits,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    report = allocation_report(problem, alloc, metadata)
+    report = allocation_report(problem, alloc, metadata, method)
     print_allocation(report, log=log)
     if getattr(args, "no_save", False):
         return report
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     name = f"quantization_config_{_tag(args.budget_bits)}bits" if by_bits else f"quantization_config_{_tag(args.budget_multiplier)}"
-    name += "" if args.solver == "greedy" else f"_{args.solver}"  # both solvers' results can sit side by side
+    # every allocator's and solver's results can sit side by side; the defaults keep the document's name
+    name += "" if by_bits or allocator == "documented" else f"_{allocator}"
+    name += "" if args.solver == "greedy" else f"_{args.solver}"
     path = outdir / f"{name}.json"
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
@@ -612,15 +752,21 @@ def add_optimize_parser(subparsers):
 
     p = subparsers.add_parser(
         "optimize-mixed-precision",
-        help="greedy bang-for-buck bit allocation under a BOPs or average-bits budget, from a sensitivity file")
+        help="greedy bang-for-buck bit allocation under a BOPs or average-bits budget, from a sensitivity file",
+        description="Bit widths per layer under a budget, from one-layer sensitivities. BOPs form "
+                    "(--budget_multiplier X, default 0.5): budget = X x the cost with every layer at 16 bits; the "
+                    "default allocator is the seed document's (every layer at 4 bits, then the most efficient "
+                    "upgrade that fits, sensitivity per BOP added, 8 -> 16 weighted x0.2). Average-bits form "
+                    "(--budget_bits B): the noise-model knapsack, which also writes the configuration.")
     p.add_argument("--sensitivity_file", required=True, nargs="+",
                    help="results/sensitivity_analysis_<model>_<bits>bit[_<method>].json; several files (one per "
                         "method) without --method: each layer's method and width are chosen from measurement")
     p.add_argument("--flops_file", default=None,
                    help="results/flops_analysis/flops_analysis_<model>.json (default: that file, else measured now)")
-    budget = p.add_mutually_exclusive_group(required=True)
+    budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget_multiplier", type=float, default=None,
-                        help="BOPs budget as a fraction of the cost with every layer at 16 bits (e.g. 0.4)")
+                        help=f"BOPs budget as a fraction of the cost with every layer at 16 bits (W16A16); "
+                             f"default {DEFAULT_BUDGET_MULTIPLIER} when --budget_bits is not given")
     budget.add_argument("--budget_bits", type=float, default=None,
                         help="average weight bits incl. overhead (e.g. 3.5), the Qua2SeDiMo space; also writes "
                              "the {layer: 'method-bits'} configuration (.pkl + .json)")
@@ -629,13 +775,25 @@ def add_optimize_parser(subparsers):
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help="quantizer of the average-bits cost and of the written configuration (default: the "
                         "sensitivity file's; with several files: per layer, from measurement)")
+    p.add_argument("--allocator", default=None, choices=ALLOCATORS,
+                   help="documented: the seed document's allocator (value of an upgrade = the layer's sensitivity, "
+                        "8 -> 16 x0.2; one width at a time; BOPs budgets only); noise: the noise-amplitude value "
+                        "model s x (1 - 2^(b_min - b)) with the single-upgrade safeguard, which also takes "
+                        "--budget_bits and chooses the method per layer from several files. Default: documented "
+                        "for a BOPs budget on one method's file (it is what the document promises and reproduces "
+                        "its numbers); noise otherwise (the document defines neither form)")
+    p.add_argument("--act_cost", default=None, choices=list(ACT_COST_RULES),
+                   help="activation bits of the BOPs cost: weight (A = W, all-4-bit = 1/16 of W16A16, the "
+                        "document's numbers; default of documented), plus4 (A = min(W + 4, 16), the act_bits the "
+                        "quantization_config names), a16 (weight-only; default of noise)")
     p.add_argument("--solver", default="greedy", choices=sorted(SOLVERS),
-                   help="greedy bang-for-buck (default) or the exact MILP optimum (scipy HiGHS)")
+                   help="greedy bang-for-buck (default; for documented its own greedy) or the exact MILP optimum "
+                        "of the same values (scipy HiGHS)")
     p.add_argument("--unmeasured", default="highest", choices=["highest", "lowest"],
                    help="bit width of layers the sensitivity file does not cover (e.g. after --max_layers)")
     add_model_flags(p, required=False, weights=False, tiny=False, device=False,
                     model_help="optional check: refuse a sensitivity file of another model")
-    p.add_argument("--outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
+    p.add_argument("--outdir", "--output_dir", dest="outdir", default=str(Path(constants.RESULTS_DIR) / "mixed_precision"),
                    help="output folder of the allocation JSON (and the configuration with --budget_bits)")
     p.add_argument("--no_save", action="store_true", help="print the allocation, write nothing")
     p.add_argument("--quiet", action="store_true", help="print nothing (the files are still written)")

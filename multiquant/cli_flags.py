@@ -8,6 +8,20 @@ from __future__ import annotations
 
 import argparse
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one change: an abbreviation shared only by spellings of one flag (``--out`` for ``--outdir``,
+    ``--output_dir`` and ``--output-dir``) names that flag instead of being refused as ambiguous; abbreviations of
+    different flags stay ambiguous. Subparsers inherit the class."""
+
+    def _get_option_tuples(self, option_string):
+        seen, unique = set(), []
+        for option in super()._get_option_tuples(option_string):  # (action, flag, ...) per matching spelling
+            if id(option[0]) not in seen:
+                seen.add(id(option[0]))
+                unique.append(option)
+        return unique
+
+
 FAMILY_HELP = ("your own family: pkg.module:ATTR or path/to/file.py:ATTR (a FamilySpec, or a callable returning one), "
                "or a name published in the 'qua2sedimo.families' entry-point group")
 
@@ -28,6 +42,22 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True, weights: 
     if device:
         p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     return p
+
+
+def add_activation_args(p: argparse.ArgumentParser) -> None:
+    """``--quant_act`` and ``--act_bit``: online token-wise quantization of every Linear/Conv input."""
+    from .activations import ACT_BITS_CHOICES
+
+    p.add_argument("--quant_act", action="store_true",
+                   help="online token-wise activation quantization of every Linear/Conv input (attention matmuls "
+                        "stay FP)")
+    p.add_argument("--act_bit", type=int, default=8, choices=list(ACT_BITS_CHOICES),
+                   help="activation bits with --quant_act (default 8)")
+
+
+def act_bits_arg(args) -> int | None:
+    """The activation bits the flags ask for (None: FP activations)."""
+    return args.act_bit if getattr(args, "quant_act", False) else None
 
 
 def add_refiner_args(p: argparse.ArgumentParser) -> None:

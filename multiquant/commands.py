@@ -14,7 +14,7 @@ from pathlib import Path
 from multiquant.paths import constants
 
 
-from .cli_flags import add_model_flags, add_refiner_args, refiner_arg
+from .cli_flags import act_bits_arg, add_activation_args, add_model_flags, add_refiner_args, refiner_arg
 from .cli_flags import default_device as _device
 from .errors import InputError, UserError
 
@@ -135,6 +135,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_proxies", action="store_true", help="skip FID-FP / PSNR / SSIM against the FP images")
     p.add_argument("--clip_dir", default=None, help="local CLIP model directory: also record the CLIP score "
                                                     "(text families; or set QUA2SEDIMO_CLIP)")
+    add_activation_args(p)  # W-x A-y scores: every record says its act_bits, the run directory too
 
 
 def _add_build_mq_arg(p: argparse.ArgumentParser) -> None:
@@ -156,7 +157,7 @@ def _scorer_from_args(args):
                         random_features=args.random_features, proxies=not args.no_proxies,
                         save_images=Path(args.outdir) / "images" if args.save_images else None,
                         clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"), refiner=refiner_arg(args),
-                        build_mq=args.build_mq)
+                        build_mq=args.build_mq, act_bits=act_bits_arg(args))
 
 
 def _open_store(outdir, meta):
@@ -219,7 +220,8 @@ def cmd_eval_configs(args) -> int:
     score_into_store(scorer, store, [(i, c) for i, (_, c, _) in enumerate(items)], extra_of=extra_of)
     if dist.is_main():
         for rec in store.records():
-            print(f"{rec.get('name', ''):>28}  avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}")
+            act = f"  A{rec['act_bits']}" if rec.get("act_bits", 16) != 16 else ""
+            print(f"{rec.get('name', ''):>28}  avg_bits {rec['avg_bits']:.3f}{act}  FID {float(rec['FID-GT-1k']):.3f}")
         print(f"wrote {store.cache_path}")
     dist.cleanup()
     return 0
@@ -404,8 +406,7 @@ def register(sub) -> None:
     p.add_argument("--res", type=int, default=None, help="resolution (default: the family's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's)")
-    p.add_argument("--quant_act", action="store_true", help="online token-wise activation quantization")
-    p.add_argument("--act_bit", type=int, default=8, choices=[8, 6, 4], help="activation bits with --quant_act (default 8)")
+    add_activation_args(p)
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("export", help="write a configuration as a packed model (real sub-4-bit weights)")

@@ -7,12 +7,18 @@ through the family's adapter (:mod:`multiquant.adapters`); the FP images are ren
   one weight swap from the multiquantizer, the image set, one metric pass -> a ``quant_cache.pkl`` entry;
 * :meth:`Scorer.measure` scores fake-quantized layers with all others FP (sensitivity).
 
+With ``act_bits`` (``eval-configs --quant_act --act_bit 8``) a configuration's images are rendered with the
+inputs of every quantizable layer (Linear / Conv) fake-quantized online, token-wise
+(:mod:`multiquant.activations`); the attention matmuls (Q K^T, softmax x V) and everything outside those layers
+stay FP. The FP reference images of the proxies stay fully FP (weights and activations).
+
 Under ``torchrun`` each rank renders its shard of the images and the features (or, for a callable metric,
 the images) are gathered, so G processes give the same numbers as one.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +37,11 @@ from .layers import LayerRef, fp_bytes
 from .metrics.fid import feature_stats
 from .metrics.metric import FID_METHOD, is_feature_metric  # noqa: F401
 from .metrics.proxy import psnr, ssim
+from .activations import SCHEME as ACT_QUANT_SCHEME
 from .options import FP_OPTION
 from .utils import default_device
+
+ACT_FP_BITS = 16  # what a record's act_bits says when the activations were not quantized
 
 
 # -------------------------------------------------------------------------------------------- scorer
@@ -55,6 +64,7 @@ class Scorer:
     quant_seed: int = 0  # measure(): fake-quantization seed / K-Means iterations
     kmeans_iters: int = 100
     weight_cache: dict | None = None  # measure(): (key, method, bits) -> (w_hat, error); None: no caching
+    act_bits: int | None = None  # record()/score(): quantize the layers' input activations (None: FP)
     fp: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -73,11 +83,27 @@ class Scorer:
     def _generate(self) -> torch.Tensor:
         return self.sampler.generate(self.local) if self.local else torch.zeros(0, dtype=torch.uint8)
 
+    @contextmanager
+    def activations_quantized(self):
+        """Inputs of every quantizable layer fake-quantized to ``act_bits`` inside the block (nothing if None)."""
+        if self.act_bits is None:
+            yield
+            return
+        from .activations import enable_activation_quant
+
+        handles = enable_activation_quant(self.denoiser, self.act_bits)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _render(self, config: dict) -> tuple[torch.Tensor, dict]:
         t0 = time.perf_counter()
         self.applier.apply(config)
         t1 = time.perf_counter()
-        images = self._generate()
+        with self.activations_quantized():
+            images = self._generate()
         return images, {"apply_s": t1 - t0, "generate_s": time.perf_counter() - t1}
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
@@ -172,6 +198,7 @@ class Scorer:
         rec.update(extra)
         rec.update(metrics)
         rec["num_images"] = self.num_images
+        rec["act_bits"] = int(self.act_bits or ACT_FP_BITS)
         return rec
 
     # -- single layers (sensitivity) ------------------------------------------------------------------
@@ -284,13 +311,17 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
                  bops: bool = True, clip_dir=None, refiner=None, build_mq: bool = False,
-                 log=print) -> tuple[Scorer, dict]:
+                 act_bits: int | None = None, log=print) -> tuple[Scorer, dict]:
     """Load everything once; returns the scorer and the protocol settings to record with every result.
 
     ``refiner``: None = the family's protocol (SDXL: its FP refiner finishes the schedule), False = none,
     a directory / hub id = that refiner. The settings name the multiquantizer by its content hash: a run
     directory only ever holds records of one checkpoint. ``build_mq``: build the checkpoint when there is
-    none at ``mq_path`` / the default."""
+    none at ``mq_path`` / the default. ``act_bits``: quantize the layers' input activations of every scored
+    configuration (recorded in the settings, so a run directory never mixes them with FP-activation results)."""
+    from .activations import check_act_bits
+
+    act_bits = check_act_bits(act_bits)
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
     num_images = num_images or family.num_images
@@ -311,7 +342,7 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
 
         clip = ClipScorer(clip_dir, device=loaded.device)
     scorer = Scorer(family, denoiser, sampler, metric, mq=mq, macs=macs, proxies=proxies,
-                    image_dir=Path(save_images) if save_images else None, clip=clip)
+                    image_dir=Path(save_images) if save_images else None, clip=clip, act_bits=act_bits)
     m = metric_settings(metric)
     settings = {"model": family.name, "num_images": num_images, "image_seed": image_seed,
                 "feature_net": m["feature_net"], "reference": m["reference"], "fid_method": FID_METHOD,
@@ -319,6 +350,9 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                 "clip": clip.name if clip is not None else None,
                 "multiquantizer_content_hash": mq.content_hash, "weights_hash": mq.manifest.get("weight_hash"),
                 "tiny": tiny, "sampler": _settings_of(sampler)}
+    if act_bits is not None:  # absent for FP activations: earlier runs' settings stay the same
+        settings["act_bits"] = act_bits
+        settings["act_quant"] = ACT_QUANT_SCHEME
     # not the number of processes: G ranks give the same numbers as one, so a run resumes under any G
     return scorer, settings
 

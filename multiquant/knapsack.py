@@ -12,7 +12,11 @@ searches (:mod:`autobuild.search`, :mod:`autobuild.optimize`). Groups are ragged
   switch with the largest value gained per cost added is taken (a switch that adds no cost and gains is
   taken first; ties go to the larger gain, then the earlier group and choice); it stops when none fits.
   The single-upgrade safeguard then keeps the better of that and "one group upgraded alone" (a few cheap
-  upgrades can crowd out one valuable one; the safeguard bounds the worst case).
+  upgrades can crowd out one valuable one; the safeguard bounds the worst case). Two switches serve the seed
+  allocator as its document describes it (:mod:`multiquant.allocation`, ``--allocator documented``):
+  ``one_step`` climbs each group's choices in the order given, one at a time (from its first choice), and
+  ``spend`` also takes switches that add cost and gain nothing, once nothing that gains fits (efficiency 0 is
+  the last to be taken, not never).
 """
 from __future__ import annotations
 
@@ -121,13 +125,17 @@ def solve_exact(values: Sequence, costs: Sequence, capacity: float, time_limit: 
 
 
 def solve_greedy(values: Sequence, costs: Sequence, capacity: float, names: Sequence[str] | None = None,
-                 safeguard: bool = True) -> Solution:
+                 safeguard: bool = True, one_step: bool = False, spend: bool = False) -> Solution:
     """Bang for buck from the cheapest choice of every group, plus the single-upgrade safeguard (module doc).
-    ``trail`` entries: ``group`` (name or index), ``from``/``to`` (choice indices), ``value_gain``,
-    ``cost_added``, ``ratio`` (None for a free switch)."""
+    ``one_step``: start every group at its first choice and only switch to the next one; ``spend``: switches
+    that add cost without gaining are taken too (last). ``trail`` entries: ``group`` (name or index),
+    ``from``/``to`` (choice indices), ``value_gain``, ``cost_added``, ``ratio`` (None for a free switch)."""
     values, costs = _as_groups(values, costs)
     names = list(names) if names is not None else list(range(len(values)))
-    start = [int(np.lexsort((-v, c))[0]) for v, c in zip(values, costs)]  # cheapest, best value on ties
+    if one_step:
+        start = [0] * len(values)
+    else:
+        start = [int(np.lexsort((-v, c))[0]) for v, c in zip(values, costs)]  # cheapest, best value on ties
     _check_capacity(capacity, float(sum(c[i] for c, i in zip(costs, start))))
     tol = _tolerance(capacity)
     width = max(len(v) for v in values)
@@ -140,7 +148,10 @@ def solve_greedy(values: Sequence, costs: Sequence, capacity: float, names: Sequ
     while True:
         gain = value - value[rows, choice][:, None]
         added = cost - cost[rows, choice][:, None]
-        fits = np.isfinite(added) & (added <= capacity - spent + tol) & (gain > 0)
+        worth = (gain > 0) | ((gain >= 0) & (added > 0)) if spend else gain > 0
+        fits = np.isfinite(added) & (added <= capacity - spent + tol) & worth
+        if one_step:
+            fits &= np.arange(width)[None, :] == choice[:, None] + 1
         if not fits.any():
             break
         with np.errstate(divide="ignore", invalid="ignore"):

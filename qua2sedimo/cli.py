@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from autobuild import commands as autobuild_commands
     from multiquant import commands as multiquant_commands
 
-    parser = argparse.ArgumentParser(prog="qua2sedimo", description=__doc__.splitlines()[0])
+    from multiquant.cli_flags import ArgumentParser
+
+    parser = ArgumentParser(prog="qua2sedimo", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     multiquant_commands.register(sub)

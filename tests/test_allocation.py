@@ -8,7 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from multiquant.allocation import (BudgetError, Knapsack, bops_cost_table, build_problem, check_same_model,
+from multiquant.allocation import (BudgetError, Knapsack, act_bits_of, allocation_report, bops_cost_table,
+                                   build_problem, check_same_model, documented_value_table, solve_documented,
                                    solve_exact, solve_greedy, value_table)
 from multiquant.flops import flops_table
 from multiquant.sensitivity import add_parsers
@@ -217,3 +218,141 @@ def test_no_save_and_quiet(tmp_path, capsys):
     assert "budget" not in capsys.readouterr().out
     assert _cli(base + ["--outdir", str(tmp_path / "b"), "--no_save"]) == 0
     assert "utilisation" in capsys.readouterr().out and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------ the seed allocator as documented
+def _two_layers(scores=(1.0, 0.5), macs=(100, 300)):
+    keys = ("model.a.weight_quantizer", "model.b.weight_quantizer")
+    sens = {"settings": {"model": "m", "tiny": False, "method": "kmeans", "bits": 4},
+            "layers": [{"key": k, "sensitivity": s} for k, s in zip(keys, scores)]}
+    flops = {"model": "m", "tiny": False, "fp_prec": 16,
+             "layers": [{"key": k, "numel": 64, "channels": 8, "macs": m, "tied_to": None} for k, m in zip(keys, macs)]}
+    return sens, flops, keys
+
+
+def test_documented_values_and_cost_rules_by_hand():
+    # steps 4 -> 8 gain s, 8 -> 16 gain 0.2 s (summed); 3 -> 4 is an ordinary step
+    np.testing.assert_allclose(documented_value_table([1.0, 0.5], (4, 8, 16)), [[0, 1.0, 1.2], [0, 0.5, 0.6]])
+    np.testing.assert_allclose(documented_value_table([0.3], (3, 4, 8)), [[0, 0.3, 0.6]])
+    assert act_bits_of((4, 8, 16), "weight").tolist() == [4, 8, 16]
+    assert act_bits_of((4, 8, 16), "plus4").tolist() == [8, 12, 16]
+    assert act_bits_of((4, 8, 16), "a16").tolist() == [16, 16, 16]
+    # all-4-bit as a fraction of W16A16 under each rule: 1/16 (the document's numbers), 1/8, 1/4
+    for rule, fraction in (("weight", 1 / 16), ("plus4", 1 / 8), ("a16", 1 / 4)):
+        cost = bops_cost_table([7.0], (4, 8, 16), rule)[0]
+        assert cost[0] / cost[-1] == pytest.approx(fraction)
+
+
+def test_documented_allocator_on_a_two_layer_instance_by_hand():
+    sens, flops, (a, b) = _two_layers()
+    problem = build_problem(sens, flops, (4, 8, 16), budget_multiplier=0.5, allocator="documented")
+    # A = W: a costs 100 x (16, 64, 256) = 1600 / 6400 / 25600, b 300 x the same = 4800 / 19200 / 76800
+    np.testing.assert_allclose(problem.knapsack.cost, [[1600, 6400, 25600], [4800, 19200, 76800]])
+    assert problem.reference_cost == 102400 and problem.max_cost == 102400  # every layer at W16A16
+    assert problem.min_cost == 6400 == problem.reference_cost / 16
+    assert problem.knapsack.budget == 51200
+    alloc = solve_documented(problem.knapsack)
+    # efficiencies: a 4->8 1/4800; b 4->8 0.5/14400; a 8->16 0.2/19200 (fits: 44800); b 8->16 0.1/57600 does not fit
+    assert [(u["layer"], u["from_bits"], u["to_bits"]) for u in alloc.upgrades] == [(a, 4, 8), (b, 4, 8), (a, 8, 16)]
+    np.testing.assert_allclose([u["ratio"] for u in alloc.upgrades], [1 / 4800, 0.5 / 14400, 0.2 / 19200])
+    assert alloc.bits_of(problem.knapsack) == {a: 16, b: 8}
+    assert alloc.cost == 44800 and alloc.value == pytest.approx(1.7)
+    report = allocation_report(problem, alloc, {"model": "m", "bits": [4, 8, 16]}, "kmeans")
+    t = report["totals"]
+    assert t["utilisation"] == pytest.approx(44800 / 51200) and t["bit_distribution"] == {"4": 0, "8": 1, "16": 1}
+    assert report["quantization_config"] == {a: {"method": "fp16", "weight_bits": 16, "act_bits": 16},
+                                             b: {"method": "kmeans", "weight_bits": 8, "act_bits": 12}}
+    # the noise model on A16 costs (a: 6400 / 12800 / 25600, b: 19200 / 38400 / 76800) takes a 4->8 (ratio
+    # 0.9375/6400), then b 4->8 (0.46875/19200 beats a 8->16's 0.0623/12800) and fills the budget exactly
+    noise = build_problem(sens, flops, (4, 8, 16), budget_multiplier=0.5)
+    assert noise.min_cost == noise.reference_cost / 4
+    assert solve_greedy(noise.knapsack).bits_of(noise.knapsack) == {a: 8, b: 8}
+
+
+def test_documented_allocator_climbs_one_width_at_a_time_and_spends_on_insensitive_layers():
+    sens, flops, (a, b) = _two_layers(scores=(0.0, 0.8), macs=(50, 400))
+    problem = build_problem(sens, flops, (4, 8, 16), budget_multiplier=0.5, allocator="documented")
+    alloc = solve_documented(problem.knapsack)
+    assert all(problem.knapsack.bits.index(u["to_bits"]) == problem.knapsack.bits.index(u["from_bits"]) + 1
+               for u in alloc.upgrades)
+    assert alloc.upgrades[-1]["layer"] == a and alloc.upgrades[-1]["ratio"] == 0  # efficiency 0: taken last
+    assert alloc.bits_of(problem.knapsack)[a] > 4
+    # the noise model never pays for a layer that does not matter
+    noise = build_problem(sens, flops, (4, 8, 16), budget_multiplier=0.5)
+    assert solve_greedy(noise.knapsack).bits_of(noise.knapsack)[a] == 4
+
+
+def test_documented_greedy_is_feasible_and_below_the_exact_optimum_of_its_values():
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        n = int(rng.integers(3, 12))
+        keys = [f"model.l{i}.weight_quantizer" for i in range(n)]
+        sens = {"settings": {"model": "m", "method": "mse"},
+                "layers": [{"key": k, "sensitivity": float(rng.random())} for k in keys]}
+        flops = {"model": "m", "fp_prec": 16, "layers": [{"key": k, "numel": 64, "channels": 8,
+                                                          "macs": float(rng.integers(10, 5000))} for k in keys]}
+        problem = build_problem(sens, flops, (4, 8, 16), budget_multiplier=float(rng.uniform(0.07, 1.0)),
+                                allocator="documented")
+        greedy, exact = solve_documented(problem.knapsack), solve_exact(problem.knapsack)
+        assert greedy.cost <= problem.knapsack.budget * (1 + 1e-9)
+        assert greedy.value <= exact.value + 1e-9
+
+
+def _main(argv):
+    from qua2sedimo.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_defaults_documented_allocator_half_budget_and_output_dir_spellings(tmp_path, capsys):
+    sens, flops, (a, b) = _two_layers()
+    (tmp_path / "s.json").write_text(json.dumps(sens))
+    (tmp_path / "f.json").write_text(json.dumps(flops))
+    base = ["optimize-mixed-precision", "--sensitivity_file", tmp_path / "s.json", "--flops_file", tmp_path / "f.json"]
+    assert _main(base + ["--output_dir", tmp_path / "a"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "quantization_config_0.5.json").read_text())
+    assert set(report) >= {"metadata", "bit_allocation", "quantization_config"}
+    assert report["metadata"]["allocator"] == "documented" and report["metadata"]["budget_multiplier"] == 0.5
+    assert report["bit_allocation"] == {a: 16, b: 8}  # the hand-computed instance above
+    assert report["totals"]["max_cost"] == pytest.approx(102.4) and report["totals"]["unit"] == "kBOPs"
+    assert "max cost   102.4 kBOPs" in out and "min cost   6.4 kBOPs" in out and "utilisation 87.5%" in out
+    assert "8 bits x 1, 16 bits x 1" in out
+    for spelling in ("--outdir", "--output-dir", "--out"):  # --out: a prefix of one flag's spellings only
+        assert _main(base + [spelling, tmp_path / spelling.strip("-"), "--allocator", "noise", "--quiet"]) == 0
+        assert (tmp_path / spelling.strip("-") / "quantization_config_0.5_noise.json").is_file()
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit):  # a prefix of two different flags stays ambiguous
+        _main(base + ["--budget", "0.5"])
+    assert "ambiguous option" in capsys.readouterr().err
+    assert _main(base + ["--budget_bits", "4", "--allocator", "documented", "--no_save"]) == 2
+    assert "documented allocator has a BOPs budget" in capsys.readouterr().err
+    assert _main(base + ["--act_cost", "plus4", "--no_save"]) == 0
+    assert "A = min(W + 4, 16)" in capsys.readouterr().out and not (tmp_path / "optimize").exists()
+
+
+def test_max_cost_counts_every_layer_of_the_model(tmp_path):
+    sens = _sens(scores=(0.9, 0.1))  # l2 (3000 MACs) has no sensitivity
+    for unmeasured, l2_bits in (("highest", 16), ("lowest", 4)):
+        problem = build_problem(sens, _flops(), (4, 8, 16), budget_multiplier=0.6, allocator="documented",
+                                unmeasured=unmeasured)
+        assert problem.fixed_cost == 3000 * l2_bits * l2_bits
+        assert problem.max_cost == (1000 + 2000) * 256 + 3000 * l2_bits * l2_bits
+        assert problem.min_cost == (1000 + 2000) * 16 + 3000 * l2_bits * l2_bits
+        assert problem.reference_cost == 6000 * 256
+    # the method-per-layer form reports the same totals
+    flops = _flops()
+    (tmp_path / "f.json").write_text(json.dumps(flops))
+    for method in ("mse", "kmeans"):
+        (tmp_path / f"{method}.json").write_text(json.dumps(dict(_sens(scores=(0.9, 0.1)), settings={
+            "model": "m", "method": method, "bits": 4})))
+    for unmeasured, l2_bits in (("highest", 16), ("lowest", 4)):
+        assert _cli(["optimize-mixed-precision", "--sensitivity_file", str(tmp_path / "mse.json"),
+                     str(tmp_path / "kmeans.json"), "--flops_file", str(tmp_path / "f.json"), "--outdir",
+                     str(tmp_path / unmeasured), "--budget_multiplier", "0.8", "--unmeasured", unmeasured]) == 0
+        report = json.loads((tmp_path / unmeasured / "quantization_config_0.8_per_layer_method.json").read_text())
+        t = report["totals"]  # A16 costs, kBOPs
+        assert t["max_cost"] == pytest.approx((3000 * 16 + 3000 * l2_bits) * 16 / 1e3)
+        assert t["min_cost"] == pytest.approx((3000 * 4 + 3000 * l2_bits) * 16 / 1e3)
+        assert report["bit_allocation"]["model.l2.weight_quantizer"] == l2_bits
+        assert report["metadata"]["allocator"] == "noise"

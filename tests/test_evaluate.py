@@ -142,3 +142,27 @@ def test_text_family_records_clip_score_when_a_scorer_is_given(env):
     assert seen[0][0][0] == 3 and seen[0][1] == [0, 1, 2]
     assert rec["clip_score"] == pytest.approx(0.2)
     assert np.isfinite(rec["FID-GT-1k"])
+
+
+def test_eval_configs_scores_token_wise_activation_quantization_through_the_scorer(env, capsys):
+    """--quant_act --act_bit: the same scorer renders with quantized Linear/Conv inputs; records and the run
+    directory say the activation bits, and a directory of A8 results refuses A16 ones."""
+    runs = {}
+    for act in (None, 8, 6):
+        out = env / f"a{act or 16}"
+        flags = [] if act is None else ["--quant_act", "--act_bit", str(act)]
+        assert cli_main(["eval-configs", *ARGS, "--outdir", str(out), "--uniform", "mse-4", "--fp16", *flags]) == 0
+        runs[act] = {r["name"]: r for r in load_quant_cache(out / "quant_cache.pkl")}
+        meta = json.loads((out / "run_meta.json").read_text())
+        assert meta.get("act_bits") == act and ("act_quant" in meta) == (act is not None)
+    assert {r["act_bits"] for act, recs in runs.items() for r in recs.values()} == {16, 8, 6}
+    assert all(r["act_bits"] == (act or 16) for act, recs in runs.items() for r in recs.values())
+    # FP weights: A16 reproduces the FP reference images exactly; quantized activations change them, 6 bits
+    # more than 8 (the proxies compare with fully FP images)
+    psnr = {act: runs[act]["fp16"]["psnr_fp"] for act in runs}
+    assert psnr[None] == 100.0 and psnr[8] < 100.0 and psnr[6] < psnr[8]
+    assert runs[8]["fp16"]["avg_bits"] == 16.0 and runs[8]["uniform_mse-4"]["config"] == runs[None]["uniform_mse-4"]["config"]
+    assert "A8" in capsys.readouterr().out
+    # one directory never mixes activation settings of one configuration
+    assert cli_main(["eval-configs", *ARGS, "--outdir", str(env / "a8"), "--uniform", "mse-4", "--fp16"]) == 2
+    assert "different settings (act_bits" in capsys.readouterr().err

@@ -166,5 +166,8 @@ def test_cli_parsers_register_the_three_commands():
     assert callable(parser.parse_args(["flops", "--model", "dit"]).func)
     args = parser.parse_args(["optimize-mixed-precision", "--sensitivity_file", "s.json", "--budget_multiplier", "0.5"])
     assert args.solver == "greedy" and callable(args.func)
-    with pytest.raises(SystemExit):  # a budget is required, and only one form of it
-        parser.parse_args(["optimize-mixed-precision", "--sensitivity_file", "s.json"])
+    # no budget: the document's default multiplier 0.5 applies when the command runs; only one form of it
+    assert parser.parse_args(["optimize-mixed-precision", "--sensitivity_file", "s.json"]).budget_multiplier is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["optimize-mixed-precision", "--sensitivity_file", "s.json", "--budget_multiplier", "0.5",
+                           "--budget_bits", "4"])

@@ -349,9 +349,8 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                 **({"metric": m["metric"]} if "metric" in m else {}),
                 "clip": clip.name if clip is not None else None,
                 "multiquantizer_content_hash": mq.content_hash, "weights_hash": mq.manifest.get("weight_hash"),
-                "tiny": tiny, "sampler": _settings_of(sampler)}
-    if act_bits is not None:  # absent for FP activations: earlier runs' settings stay the same
-        settings["act_bits"] = act_bits
+                "tiny": tiny, "sampler": _settings_of(sampler), "act_bits": act_bits}  # None: FP activations
+    if act_bits is not None:
         settings["act_quant"] = ACT_QUANT_SCHEME
     # not the number of processes: G ranks give the same numbers as one, so a run resumes under any G
     return scorer, settings

@@ -51,8 +51,9 @@ _FID_NOISE = 1e-3  # |FID| below this may come out negative from the matrix squa
 NOT_RUN_IDENTITY = ("world_size",)
 # Settings that later versions added to run_meta.json, with the value that a run written before them had
 # without saying so (the setting did not exist yet): a stored run that lacks the key compares as that value,
-# so it resumes; a run that records another value does not. clip: older versions never scored CLIP.
-ADDED_RUN_KEYS = {"clip": None}
+# so it resumes; a run that records another value does not. clip: older versions never scored CLIP; act_bits:
+# nor quantized activations.
+ADDED_RUN_KEYS = {"clip": None, "act_bits": None}
 _HOST = socket.gethostname().replace(".", "_")  # in claim files (their written format)
 
 

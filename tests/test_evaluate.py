@@ -63,9 +63,11 @@ def test_a_run_shaped_like_the_shipped_dataset_resumes(env, capsys):
     out = env / "run"
     assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]) == 0
     meta = json.loads((out / "run_meta.json").read_text())
-    # today's version records every key of the shipped metadata, and one more: clip (None, class-conditioned)
-    assert set(meta) - set(shipped) == {"clip"} and set(shipped) <= set(meta) and meta["clip"] is None
-    del meta["clip"]
+    # today's version records every key of the shipped metadata, and two more: clip (None, class-conditioned)
+    # and act_bits (None, FP activations)
+    assert set(meta) - set(shipped) == {"clip", "act_bits"} and set(shipped) <= set(meta)
+    assert meta["clip"] is None and meta["act_bits"] is None
+    del meta["clip"], meta["act_bits"]
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out / "records")
     before = load_quant_cache(out / "quant_cache.pkl")
@@ -166,3 +168,10 @@ def test_eval_configs_scores_token_wise_activation_quantization_through_the_scor
     # one directory never mixes activation settings of one configuration
     assert cli_main(["eval-configs", *ARGS, "--outdir", str(env / "a8"), "--uniform", "mse-4", "--fp16"]) == 2
     assert "different settings (act_bits" in capsys.readouterr().err
+    # a run written before act_bits was recorded had FP activations: it resumes as A16, not as A8
+    meta_path = env / "a16" / "run_meta.json"
+    meta_path.write_text(json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "act_bits"}))
+    assert cli_main(["eval-configs", *ARGS, "--outdir", str(env / "a16"), "--uniform", "mse-4", "--fp16"]) == 0
+    assert "resuming: 2 configuration(s) already scored, 0 to go" in capsys.readouterr().out
+    assert cli_main(["eval-configs", *ARGS, "--outdir", str(env / "a16"), "--uniform", "mse-4", "--fp16",
+                     "--quant_act"]) == 2

@@ -36,7 +36,7 @@ from .scores import UnitScoreSet
 
 __all__ = ["OPTION_ORDER", "OPTION_COLORS", "option_label", "scores_by_block", "scores_by_unit_type",
            "scores_by_op", "layer_sensitivity", "op_sensitivity", "config_mix_by_op", "box_plot", "mix_bar_plot",
-           "write_insights", "SENSITIVITY_DEFINITION"]
+           "write_insights", "SENSITIVITY_DEFINITION", "percentile_plot"]
 
 SENSITIVITY_DEFINITION = ("sensitivity = node-level score of the layer's best option at the highest bit width "
                           "(4-bit) minus that of its worst option at the lowest bit width (3-bit); higher = the "
@@ -48,7 +48,7 @@ OPTION_COLORS = {"kmeans-4": "#1f5fa8", "kmeans_all-4": "#5b9bd5", "mse-4": "#a9
 # global (block -1) groups before the blocks, the rest after them
 _LEADING_GLOBALS = ("t-Embed", "c-Embed", "Patchify", "Conv In", "AdaLN")
 _OP_ORDER = ("t-Embed", "c-Embed", "Patchify", "AdaLN", "SA-Q", "SA-K", "SA-V", "SA-Out", "CA-Q", "CA-K", "CA-V",
-             "CA-Out", "FF1", "FF2", "Res-In", "Res-tEmb", "Res-Out", "Res-Skip", "Proj-In", "Proj-Out", "Skip",
+             "CA-Out", "FF1", "FF2", "Res-In", "Res-tEmb", "Res-cEmb", "Res-Out", "Res-Skip", "Proj-In", "Proj-Out", "Skip",
              "Down", "Up", "Conv-In", "Conv-Out", "Out", "Linear", "Conv")
 
 
@@ -195,6 +195,35 @@ def mix_bar_plot(mix: Mapping[str, Counter], path: str | os.PathLike, title: str
     ax.set_ylabel("fraction of the op's layers")
     ax.set_title(title)
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
+    return _save(fig, Path(path))
+
+
+def percentile_plot(parts: Mapping[str, Mapping], path: str | os.PathLike, title: str) -> Path:
+    """Mean sensitivity percentile of each layer op type, one bar per evidence source (``parts``: the
+    ``sensitive_parts`` of :mod:`autobuild.claims`); 1 = the most sensitive layers, 0.5 = the middle."""
+    plt = _pyplot()
+    sources = list(parts)
+    ops = sorted({o["name"] for p in parts.values() for o in p["ops"]}, key=_op_rank)
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * len(ops) * max(1, len(sources)) + 1.5), 3.8), dpi=110)
+    width = 0.8 / max(1, len(sources))
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:gray")
+    for i, name in enumerate(sources):
+        value = {o["name"]: o["mean_percentile"] for o in parts[name]["ops"]}
+        xs = [j + (i - (len(sources) - 1) / 2) * width for j in range(len(ops))]
+        label = name + ("" if parts[name].get("primary", True) else " (shown, not used for verdicts)")
+        ax.bar(xs, [value.get(op, np.nan) for op in ops], width=width, color=colors[i % len(colors)], label=label)
+    counts = {o["name"]: o["layers"] for o in next(iter(parts.values()))["ops"]} if parts else {}
+    ax.set_xticks(range(len(ops)))
+    ax.set_xticklabels([f"{op}\n({counts.get(op, '?')})" for op in ops], fontsize=8,
+                       rotation=0 if len(ops) <= 10 else 45, ha="center" if len(ops) <= 10 else "right")
+    ax.axhline(0.5, color="0.5", lw=0.8, ls=":")
+    ax.axhline(2 / 3, color="tab:red", lw=0.8, ls="--", label="top third (claim rule: sensitive)")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("mean sensitivity percentile\n(1 = most sensitive layer)")
+    ax.set_xlabel("layer operation (layers in brackets)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path))
 
 

@@ -7,7 +7,9 @@ Sections: predictor quality (held-out SRCC / NDCG@10 against the training-free b
 Pareto front (exact knapsack per budget; the configurations are written to ``<out>/configs``), the measured
 front where ``eval-configs`` results exist (FID vs avg_bits: random configurations as a cloud, the built
 configurations, uniform 4-bit baselines, the greedy knapsack, FP16), sensitivity insights (box plots, method
-x bits mixes, ranked tables) and FP16 vs quantized sample grids (optional). Images are PNGs beside the page
+x bits mixes, ranked tables), the paper's qualitative claims checked against this testbed's evidence
+(``autobuild.claims``: holds / does not hold / inconclusive, with the figures behind each) and FP16 vs quantized
+sample grids (optional). Images are PNGs beside the page
 and embedded in it (base64), so ``index.html`` alone can be mailed around.
 
 Scored configurations are classified by the ``origin`` their configuration file records (``build-config``,
@@ -295,7 +297,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
                  scored_dirs: Sequence[str | os.PathLike] = (), table=None, model: str | None = None,
                  size: str = "full", budgets: Sequence[float] = DEFAULT_PARETO_BUDGETS, samples: int = 0,
                  pretrained=None, tiny: bool = False, device: str | None = None, embed: bool = True,
-                 mq=None, log: Callable[[str], None] | None = print) -> Path:
+                 mq=None, sweeps: Sequence[str | os.PathLike] = (), log: Callable[[str], None] | None = print) -> Path:
     """Write ``<out_dir>/index.html`` (and its PNGs, configurations and ``report.json``); returns the page.
 
     ``table``: the option table source (see ``OptionTable.from_source``; default: the family's
@@ -304,7 +306,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     from multiquant.store import load_quant_cache
 
     from .configs import predictor_family, default_table_source, pareto_front, predictor_scores
-    from .insights import SENSITIVITY_DEFINITION, write_insights
+    from .insights import SENSITIVITY_DEFINITION, percentile_plot, write_insights
 
     started = time.perf_counter()
     predictor_dir, out = Path(predictor_dir), Path(out_dir)
@@ -342,6 +344,9 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     chosen_configs = {Path(p["config_path"]).stem: load_config(out / p["config_path"]) for p in chosen[:GRID_BUDGETS]}
     bits_of = {Path(p["config_path"]).stem: p["avg_bits"] for p in front}
     insights = write_insights(out / "insights", node, block, chosen_configs, model=spec.name)
+    claims = _claims(graph, node, table, records, scored, metrics, sweeps, log)
+    claims_png = percentile_plot(claims["sensitive_parts"], out / "insights" / "percentile_by_op.png",
+                                 f"{spec.name}: sensitivity by layer operation, per evidence source")
 
     grids = images_from_scored(scored_dirs, ["fp16", *chosen_configs], out / "samples")
     if samples and len(grids) < 1 + len(chosen_configs):
@@ -356,6 +361,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     sections = [_predictor_section(metrics), _front_section(front, front_png, embed)]
     if measured_png is not None:
         sections.append(_measured_section(scored, measured_png, embed, str(metrics.get("target") or ""), learned_key))
+    sections.append(_claims_section(claims, claims_png, embed))
     sections.append(_insights_section(insights, SENSITIVITY_DEFINITION, embed))
     if grids:
         sections.append(_samples_section(grids, bits_of, embed))
@@ -371,13 +377,90 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
     summary = {"model": spec.name, "predictor": {"srcc_mean": metrics.get("srcc_mean"),
                                                  "ndcg10_mean": metrics.get("ndcg10_mean")},
                "pareto": front, "scored": [{k: v for k, v in r.items() if k != "config"} for r in scored],
-               "top_layers": insights["layers"][:10], "ops": insights["ops"],
+               "top_layers": insights["layers"][:10], "ops": insights["ops"], "insights": claims,
                "seconds": time.perf_counter() - started}
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
     if log:
         log(f"wrote {page}")
     return page
+
+
+def _claims(graph, node, table, records, scored, metrics, sweep_paths, log) -> dict:
+    """The paper's claims against this testbed's evidence (``autobuild.claims``): the predictor's node scores and
+    the dataset model (the better-validated one is primary), the one-layer sweeps and the measured uniform
+    configurations."""
+    from .evidence import (dataset_model, dataset_sources, layer_roles, load_sweeps, node_score_evidence,
+                           testbed_insights)
+
+    ops, blocks = layer_roles(graph)
+    srcc = metrics.get("srcc_mean")
+    validation = (f"{metrics.get('folds_k') or '?'}-fold SRCC {srcc:.3f} on {metrics.get('target')}"
+                  if srcc is not None else "not validated")
+    layer, method = node_score_evidence(node, validation, True)
+    models = [(layer, method, srcc)]
+    notes = []
+    if records:
+        from .optimize import Space
+
+        ties = {alias: attrs["key"] for _, attrs in graph.nodes(data=True) if attrs.get("kind") == "layer"
+                for alias in attrs.get("aliases", [])}
+        try:
+            fit = dataset_model(Space.of(table, ties), records)
+            models.append((*dataset_sources(fit), fit["cv_srcc_log_fid"][fit["best_model"]]))
+        except (InputError, KeyError, ValueError) as err:  # e.g. records of another table: say why, go on
+            notes.append(f"dataset model left out: {err}")
+    uniform = {}
+    for row in scored:
+        option = (row.get("origin") or {}).get("option")
+        if option is None and row["kind"] == "uniform":  # the configuration says it: one option everywhere
+            seen = {str(e[0] if isinstance(e, (list, tuple)) else e) for e in (row.get("config") or {}).values()}
+            option = seen.pop() if len(seen) == 1 else None
+        if row["kind"] == "uniform" and option:
+            uniform[option] = {"fid": row["fid"], "avg_bits": row["avg_bits"]}
+    sweeps = load_sweeps(sweep_paths) if sweep_paths else None
+    if not sweep_paths:
+        notes.append("no one-layer sweeps given (--sweeps): the verdicts rest on the models and the uniform "
+                     "configurations")
+    if log:
+        log("checking the paper's claims")
+    return {**testbed_insights(ops, blocks, models, sweeps, uniform), "notes": notes}
+
+
+_VERDICT_COLOR = {"holds": "#2e7d32", "does not hold": "#c62828", "inconclusive": "#8d6e00",
+                  "not applicable": "#777"}
+
+
+def _claims_section(claims: Mapping, png: Path, embed) -> str:
+    parts = ["<h2>What is sensitive, and the paper's claims</h2>",
+             f"<p>Backbone from the DAG's layer operations: <b>{html.escape(claims['backbone'])}</b>. Evidence: "
+             f"the best-validated model (<b>{html.escape(str(claims['best_validated_model']))}</b>) and the one-layer "
+             "sweeps decide; other models are shown beside them. A layer's percentile is the fraction of the other "
+             "layers it out-ranks (1 = the most sensitive). Rules: "
+             f"{html.escape(claims['rules'])}.</p>"]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in claims.get("notes", [])]
+    rows = []
+    for c in claims["claims"]:
+        color = _VERDICT_COLOR.get(c["verdict"], "#222")
+        evidence = "<br>".join(f"{'<b>' if s['primary'] else '<i>'}{html.escape(s['source'])}"
+                               f"{'</b>' if s['primary'] else ' (not used for the verdict)</i>'}: "
+                               f"{html.escape(s['verdict'])}; {html.escape(s['summary'])}" for s in c["by_source"])
+        rows.append(f"<tr><td class='l'>{html.escape(c['claim'])}</td><td class='l' style='color:{color}'>"
+                    f"<b>{html.escape(c['verdict'])}</b><br><small>{html.escape(c['summary'])}</small></td>"
+                    f"<td class='l' style='font-family:inherit'>{evidence}</td></tr>")
+    parts.append("<table><tr><th class='l'>claim (paper)</th><th class='l'>verdict here</th>"
+                 "<th class='l'>figures per source</th></tr>" + "".join(rows) + "</table>")
+    parts.append("<h3>Most sensitive parts per source</h3>" + _img(png, "percentile by op", embed))
+    table = []
+    for name, p in claims["sensitive_parts"].items():
+        table.append({"source": name + ("" if p["primary"] else " (shown)"),
+                      "layers": ", ".join(f"{l['layer'].removeprefix('model.').removesuffix('.weight_quantizer')}"
+                                          for l in p["layers"]),
+                      "ops": ", ".join(f"{o['name']} {o['mean_percentile']:.2f}" for o in p["ops"][:4]),
+                      "blocks": ", ".join(f"{b['name']} {b['mean_percentile']:.2f}" for b in p["blocks"][:4])})
+    parts.append(_table(table, [("source", "source"), ("layers", "top layers"), ("ops", "top op types (mean pct)"),
+                                ("blocks", "top blocks (mean pct)")], left=["source", "layers", "ops", "blocks"]))
+    return "".join(parts)
 
 
 def _with_predicted_scores(scored: list[dict], block) -> list[dict]:
@@ -523,6 +606,9 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0, help="render this many FP16 vs quantized samples (0: only use "
                                                           "images saved by eval-configs --save_images)")
     p.add_argument("--no_embed", action="store_true", help="link the PNGs instead of embedding them")
+    p.add_argument("--sweeps", nargs="*", default=[], help="one-layer sweeps for the claim checks: `qua2sedimo "
+                                                           "sensitivity` JSON files (one per method) or "
+                                                           "benchmarks/results/pareto_<model>.json")
     return p
 
 
@@ -537,5 +623,6 @@ def run_report(args) -> int:
     source = default_table_source(model, args.mq, args.cache)
     build_report(args.predictor, args.cache, args.out, args.scored, table=source, model=model, size=args.size,
                  budgets=[float(b) for b in args.budgets.split(",") if b.strip()], samples=args.samples,
-                 pretrained=args.pretrained, tiny=args.tiny, device=args.device, embed=not args.no_embed)
+                 pretrained=args.pretrained, tiny=args.tiny, device=args.device, embed=not args.no_embed,
+                 sweeps=args.sweeps)
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -232,7 +233,8 @@ def main(argv=None) -> dict:
         "budgets": rows, "goals": _goals(rows, uniform4), "not_scored": not_scored,
         "predictor": {k: v for k, v in pred.items() if k not in ("quality_dir",)},
         "sweeps": {"images": args.sweep_images, "metric": "FID-FP of the layer alone at the method's lowest width",
-                   "cost_evaluations": sweep_cost, "ranking": _sweep_ranking(space, sweeps)},
+                   "cost_evaluations": sweep_cost, "ranking": _sweep_ranking(space, sweeps),
+                   "per_method": _sweeps_doc(space, sweeps)["per_method"]},
         "dataset": {"n": len(records), "cache": str(cache)},
         "settings": {"tiny": args.tiny, "num_images": settings["num_images"], "image_seed": args.image_seed,
                      "confirm_seed": args.confirm_seed, "feature_net": settings.get("feature_net"),
@@ -241,7 +243,7 @@ def main(argv=None) -> dict:
     }
     fill_from_history(result, opt)
     try:
-        result["insights"] = dataset_insights(space, records, sweeps)
+        result["insights"] = dataset_insights(space, records, _sweeps_doc(space, sweeps), family, result.get("uniform"))
     except Exception as err:  # noqa: BLE001 - the figures above stand without it
         log(f"insights failed: {type(err).__name__}: {err}")
     history_path = workdir / "optimize_history.json"
@@ -333,56 +335,100 @@ def _predictor_result(args, family) -> dict:
     return data.get("predictor", data)
 
 
-def dataset_insights(space, records, sweeps, seed: int = 0) -> dict:
-    """Which layers matter, by the better-validated of two models of the dataset's log FID (ridge on one-hot
-    options; gradient-boosted trees on one-hot + per-layer weight error), beside the one-layer sweeps:
-    per layer the mean predicted change of log FID when it goes from 4 to 3 bits with its method kept."""
-    import numpy as np
+def dataset_insights(space, records, sweeps: dict, family, uniform: dict | None = None, seed: int = 0) -> dict:
+    """Which layers matter and where the paper's qualitative claims hold (``autobuild.claims``), from the
+    better-validated of two models of the dataset's log FID (``autobuild.evidence.dataset_model``: per layer the
+    mean predicted change of log FID from 4 to 3 bits, its method kept) and the one-layer sweeps
+    (``autobuild.evidence.load_sweeps`` form), and the measured uniform configurations."""
     from scipy.stats import spearmanr
-    from sklearn.ensemble import HistGradientBoostingRegressor
-    from sklearn.linear_model import RidgeCV
 
-    from autobuild.optimize import _method_bits
+    from autobuild.dag import family_dag
+    from autobuild.evidence import dataset_model, dataset_sources, layer_roles, testbed_insights
 
-    choices = np.stack([space.choice_of(r) for r in records])
-    y = np.log([float(r[KEY]) for r in records])
-    rows = np.arange(len(space.layers))
-
-    def design(c):
-        return np.hstack([space.one_hot(c), np.log1p(100 * space.error[rows[None, :], np.atleast_2d(c)])])
-
-    makers = {"ridge": lambda: RidgeCV(alphas=np.logspace(-3, 3, 13)),
-              "gbm": lambda: HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, max_leaf_nodes=15,
-                                                           min_samples_leaf=10, random_state=seed)}
-    folds = np.array_split(np.random.default_rng(seed).permutation(len(y)), 5)
-    cv = {}
-    for name, make in makers.items():
-        pred = np.zeros(len(y))
-        for chunk in folds:
-            train = np.setdiff1d(np.arange(len(y)), chunk)
-            pred[chunk] = make().fit(design(choices[train]), y[train]).predict(design(choices[chunk]))
-        cv[name] = float(spearmanr(pred, y).statistic)
-    best = max(cv, key=cv.get)
-    model = makers[best]().fit(design(choices), y)
-    # the same method at the other width: option index of (method, 3) and (method, 4)
-    index = {_method_bits(o): k for k, o in enumerate(space.options)}
-    effects = []
-    for layer in rows:
-        low, high = choices.copy(), choices.copy()
-        for i, k in enumerate(choices[:, layer]):
-            method = _method_bits(space.options[k])[0]
-            low[i, layer], high[i, layer] = index.get((method, 3), k), index.get((method, 4), k)
-        effects.append(float(np.mean(model.predict(design(low)) - model.predict(design(high)))))
-    order = np.argsort(effects)[::-1]
-    block_effect = {}
-    for name, effect in zip(space.block_names(), effects):
-        block_effect[name] = block_effect.get(name, 0.0) + float(effect)
-    sweep = np.nanmax(sweeps.degradation, axis=1)
-    return {"best_model": best, "cv_srcc_log_fid": cv,
-            "layers_by_model": [{"layer": space.layers[i], "effect_4_to_3_log_fid": effects[i],
-                                 "sweep_degradation": float(sweep[i])} for i in order],
+    fit = dataset_model(space, records, KEY, seed=seed)
+    layer, method = dataset_sources(fit)
+    ops, blocks = layer_roles(family_dag(family, "full", device="meta"))
+    checked = testbed_insights(ops, blocks, [(layer, method, fit["cv_srcc_log_fid"][fit["best_model"]])], sweeps,
+                               uniform, sweep_bits=3)
+    effects, worst = fit["effects"], sweeps.get("worst", {})
+    order = sorted(effects, key=lambda k: -effects[k])
+    block_effect: dict = {}
+    for name, key in zip(space.block_names(), space.layers):
+        block_effect[name] = block_effect.get(name, 0.0) + effects[key]
+    shared = [k for k in space.layers if k in worst]
+    return {"best_model": fit["best_model"], "cv_srcc_log_fid": fit["cv_srcc_log_fid"],
+            "layers_by_model": [{"layer": k, "effect_4_to_3_log_fid": effects[k], "sweep_degradation": worst.get(k)}
+                                for k in order],
             "blocks_by_model": dict(sorted(block_effect.items(), key=lambda kv: -kv[1])),
-            "model_vs_sweeps_srcc": float(spearmanr(effects, sweep).statistic)}
+            "model_vs_sweeps_srcc": (float(spearmanr([effects[k] for k in shared], [worst[k] for k in shared]).statistic)
+                                     if len(shared) > 2 else None),
+            **checked}
+
+
+def _sweeps_doc(space, sweeps) -> dict:
+    """The sweeps as ``autobuild.evidence.load_sweeps`` returns them (raw per-method degradations)."""
+    import numpy as np
+
+    worst = np.nanmax(sweeps.degradation, axis=1)
+    return {"worst": {k: float(w) for k, w in zip(space.layers, worst)},
+            "per_method": {m: {k: float(v) for k, v in d.items()} for m, d in sweeps.measured.items()},
+            "metric": "FID-FP of the layer alone at the method's lowest width"}
+
+
+def recompute_insights(models, results: Path = RESULTS) -> dict:
+    """``python benchmarks/pareto.py --insights mnist_dit mnist_unet``: recompute ``insights`` of each
+    ``pareto_<model>.json`` on the CPU from what is shipped (the scored dataset, the multiquantizer, the sweeps
+    stored in the result and ``sensitivity_<model>.json`` where present), without scoring anything, and compare
+    the testbeds. Records what was recomputed, where and when in ``insights.recomputed``."""
+    import hashlib
+    import platform
+
+    from autobuild.claims import compare_testbeds
+    from autobuild.optimize import Space
+    from multiquant.checkpoint import MultiQuantizer
+    from multiquant.families import get_family
+    from multiquant.paths import multiquantizer_path
+    from multiquant.store import load_quant_cache
+    from multiquant.utils import atomic_path
+
+    def digest(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+    done = {}
+    for model in models:
+        path = results / f"pareto_{model}.json"
+        result = json.loads(path.read_text())
+        family = get_family(model)
+        mq_path = multiquantizer_path(f"{family.name}_mq.safetensors")
+        mq = MultiQuantizer.from_pretrained(mq_path)
+        space = Space.of(mq, {r.key: r.tied_to for r in mq.layers if r.tied_to})
+        cache = Path(result["dataset"]["cache"])
+        records = load_quant_cache(cache)
+        from autobuild.evidence import load_sweeps
+
+        files = [path] + [p for p in [results / f"sensitivity_{family.name}.json"] if p.exists()]
+        sweeps = load_sweeps(files)
+        started = time.perf_counter()
+        insights = dataset_insights(space, records, sweeps, family, result.get("uniform"))
+        insights["recomputed"] = {
+            "where": f"CPU ({platform.machine()}, {os.cpu_count()} cores), no scoring", "when":
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": time.perf_counter() - started,
+            "how": "python benchmarks/pareto.py --insights " + " ".join(models),
+            "inputs": {str(cache): digest(cache), str(mq_path.relative_to(Path(__file__).resolve().parents[1])
+                                                      if mq_path.is_absolute() else mq_path): digest(mq_path),
+                       **{str(p.relative_to(Path(__file__).resolve().parents[1]) if p.is_absolute() else p):
+                          "sweeps" + (" and uniform FIDs (measured on the GPU run)" if p == path else "")
+                          for p in files}},
+            "sweeps_from": sweeps["files"], "sweep_methods": sorted(sweeps["per_method"])}
+        result["insights"] = insights
+        done[model] = (path, result)
+    cross = compare_testbeds({m: r["insights"] for m, (_, r) in done.items()})
+    for model, (path, result) in done.items():
+        result["insights"]["across_testbeds"] = {**cross, "testbeds": sorted(done)}
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result, indent=1, default=float))
+        print(f"wrote insights of {path}")
+    return {m: r["insights"] for m, (_, r) in done.items()}
 
 
 def _sweep_ranking(space, sweeps) -> list:
@@ -478,5 +524,7 @@ def refill(result_path: str, history_path: str) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--refill":
         refill(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "--insights":
+        recompute_insights(sys.argv[2:])
     else:
         main()

@@ -266,6 +266,7 @@ def test_insights_sensitivity_definition_and_plots(trained, tmp_path):
         assert row["method_spread"] == pytest.approx(s[3:].max() - s[3:].min())  # best - worst 3-bit
     # the two report columns are the two parts of the sensitivity, not one number twice
     assert any(abs(r["bit_drop"] - r["method_spread"]) > 1e-9 for r in rows)
+    assert any(abs(r["sensitivity"] - r["method_spread"]) > 1e-9 for r in rows)  # issue 18: not one column twice
     assert [r["sensitivity"] for r in rows] == sorted((r["sensitivity"] for r in rows), reverse=True)
     ops = op_sensitivity(rows)
     assert {o["op"] for o in ops} >= {"SA-Q", "FF1", "t-Embed", "Out"}
@@ -293,9 +294,26 @@ def test_report_html(trained, tmp_path):
         scored.append({**record, "FID-GT-1k": 12.0, "name": name, "origin": {"kind": name.split("_")[0]}})
     (tmp_path / "scored").mkdir()
     (tmp_path / "scored" / "quant_cache.pkl").write_bytes(pickle.dumps(scored))
+    # one-layer sweeps in which the time embedding is the most damaging part: the sweeps' verdict must say so
+    from autobuild.dag import family_dag
+    from autobuild.evidence import layer_roles
+
+    ops, _ = layer_roles(family_dag("mnist_dit", "tiny"))
+    rng = np.random.default_rng(5)
+    sweep = {"settings": {"method": "mse", "bits": 3},
+             "layers": [{"key": k, "fid_degradation": 50.0 + rng.uniform() if op == "t-Embed" else rng.uniform()}
+                        for k, op in ops.items()]}
+    (tmp_path / "sweeps.json").write_text(json.dumps(sweep))
     page = build_report(trained["pred"], trained["cache"], tmp_path / "report", [tmp_path / "scored"], table=table,
-                        model="mnist_dit", size="tiny", budgets=[3.4, 3.8], log=None)
+                        model="mnist_dit", size="tiny", budgets=[3.4, 3.8], log=None, sweeps=[tmp_path / "sweeps.json"])
     text = page.read_text()
+    assert "the paper's claims" in text and "holds" in text
+    claims = {c["id"]: c for c in json.loads((tmp_path / "report" / "report.json").read_text())["insights"]["claims"]}
+    assert set(claims) == {"t_embed", "c_embed", "methods", "resblocks", "out_head", "sa_q_k"}
+    sweeps_view = next(s for s in claims["t_embed"]["by_source"] if s["source"] == "one-layer sweeps")
+    assert sweeps_view["verdict"] == "holds"
+    assert sorted(r["rank"] for r in sweeps_view["figures"]["layers"].values()) == [1, 2]  # the two t-Embed layers
+    assert claims["resblocks"]["verdict"] == "not applicable"  # a DiT has no ResNet blocks
     for needle in ("Predictor", "Pareto front (predicted)", "Measured FID", "Sensitivity insights",
                    "data:image/png;base64", "uniform_mse-4", "Most sensitive layers"):
         assert needle in text

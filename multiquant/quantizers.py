@@ -27,6 +27,7 @@ LP_NORM = 2.4
 UAQ_SHRINKS = tuple(1.0 - 0.1 * i for i in range(10))  # 1.0 ... 0.1 (wider range first wins ties)
 _CHUNK_ELEMENTS = 1 << 25  # bound temporaries of the batched grid search
 _SEED_SAMPLE = 1 << 14  # values per row used for k-means++ seeding
+_CHECK_EVERY = 8  # Lloyd iterations between convergence checks (each check is one host sync)
 _ZERO_POINT_RANGE = 2.0 ** -14  # smallest UAQ step relative to the channel's magnitude
 ZERO_POINT_LIMIT = 2 ** 14  # so |UAQ zero-point| <= 2^14: it fits the int16 it is stored in
 
@@ -78,37 +79,46 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
               tol: float = 1e-7) -> torch.Tensor:
     """Row-wise 1-D K-Means. ``x``: [R, N]; returns sorted centroids [R, k] (float32).
 
-    Runs ``n_init`` seeded greedy k-means++ starts plus a quantile start side by side (as extra rows)
-    and keeps, per row, the run with the lowest SSE."""
+    Runs ``n_init`` seeded greedy k-means++ starts plus a quantile start side by side and keeps, per row,
+    the run with the lowest SSE. Rows leave the Lloyd loop once every run of theirs has converged (checked
+    every ``_CHECK_EVERY`` iterations: one host sync per check, not per iteration)."""
     R, N = x.shape
-    xs, _ = torch.sort(x.float(), dim=1)
+    xs = torch.sort(x.float(), dim=1).values
     k_eff = min(k, N)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     qpos = ((torch.arange(k_eff, device=x.device, dtype=torch.float64) + 0.5) / k_eff * N).long().clamp_max(N - 1)
     # Seeding only needs the shape of the distribution: seed on an evenly strided subsample of the sorted
-    # values (at most _SEED_SAMPLE per row), then run Lloyd on all of them.
+    # values (at most _SEED_SAMPLE per row), all starts in one batched call, then run Lloyd on every value.
     seed_rows = xs[:, :: max(1, -(-N // _SEED_SAMPLE))]
-    starts = [xs[:, qpos]] + [_kmeans_pp(seed_rows, k_eff, gen) for _ in range(n_init)]
-    runs = len(starts)
-    cents = torch.cat(starts).double()  # [runs*R, k]
-    xs_r = xs.repeat(runs, 1)
-    cums = torch.nn.functional.pad(xs_r.double().cumsum(dim=1), (1, 0))  # prefix sums: cluster sums in O(k)
-    sq_cums = torch.nn.functional.pad(xs_r.double().square().cumsum(dim=1), (1, 0))
-    scale = float(xs.abs().max()) + 1e-30
-    for _ in range(iters):
-        cents, _ = torch.sort(cents, dim=1)
-        bounds = _run_bounds(xs_r, cents)
-        sums = cums.gather(1, bounds[:, 1:]) - cums.gather(1, bounds[:, :-1])
-        counts = (bounds[:, 1:] - bounds[:, :-1]).double()
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # an empty cluster keeps its centroid
-        shift = float((new - cents).abs().max())
-        cents = new
-        if shift <= tol * scale:
-            break
-    cents, _ = torch.sort(cents, dim=1)
-    sse = _sorted_sse(xs_r, cums, sq_cums, cents).view(runs, R)
-    best = sse.argmin(dim=0)  # first run (quantile start) wins ties: deterministic
-    chosen = cents.view(runs, R, k_eff)[best, torch.arange(R, device=x.device)].float()
+    starts = [xs[:, qpos].unsqueeze(1)]
+    if n_init > 0:
+        starts.append(_kmeans_pp(seed_rows.repeat(n_init, 1), k_eff, gen).view(n_init, R, k_eff).transpose(0, 1))
+    cents = torch.sort(torch.cat(starts, dim=1).double(), dim=2).values  # [R, runs, k]
+    runs = cents.shape[1]
+    cums = torch.nn.functional.pad(xs.double().cumsum(dim=1), (1, 0))  # prefix sums: cluster sums in O(k)
+    sq_cums = torch.nn.functional.pad(xs.double().square().cumsum(dim=1), (1, 0))
+    limit = tol * (xs.abs().amax(dim=1) + 1e-30).double()  # [R]: convergence threshold per row
+    final = torch.empty_like(cents)
+    rows = torch.arange(R, device=x.device)  # original index of each row still iterating
+    xs_a, cums_a, lim_a, done = xs, cums, limit, 0
+    while rows.numel() and done < iters:
+        for _ in range(min(_CHECK_EVERY, iters - done)):
+            bounds = _run_bounds(xs_a, cents)
+            sums = _run_sums(cums_a, bounds)
+            counts = (bounds[..., 1:] - bounds[..., :-1]).double()
+            new = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # an empty cluster keeps its centroid
+            shift = (new - cents).abs().amax(dim=(1, 2))
+            cents = torch.sort(new, dim=2).values
+        done += _CHECK_EVERY
+        moving = shift > lim_a
+        if done < iters and bool(moving.all()):
+            continue
+        final[rows[~moving]] = cents[~moving]
+        rows, cents, xs_a, cums_a, lim_a = rows[moving], cents[moving], xs_a[moving], cums_a[moving], lim_a[moving]
+    final[rows] = cents  # rows that used up ``iters``
+    sse = _sorted_sse(xs, cums, sq_cums, final)  # [R, runs]
+    best = sse.argmin(dim=1)  # first run (quantile start) wins ties: deterministic
+    chosen = final[torch.arange(R, device=x.device), best].float()
     if k_eff < k:  # fewer values than centroids: repeat the last centroid (codes never use it)
         chosen = torch.cat([chosen, chosen[:, -1:].expand(-1, k - k_eff)], dim=1)
     return chosen
@@ -136,21 +146,29 @@ def _kmeans_pp(xs: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
-    """Cluster i is the run xs[:, b[i]:b[i+1]] of the sorted values (nearest sorted centroid)."""
-    N = xs.shape[1]
-    mids = ((cents[:, 1:] + cents[:, :-1]) / 2).to(xs.dtype).contiguous()
-    edges = torch.searchsorted(xs, mids)
-    # first/last bound from the row count, not from edges[:, :1]: with one centroid edges has no column
-    first = torch.zeros(edges.shape[0], 1, dtype=edges.dtype, device=edges.device)
-    return torch.cat([first, edges, torch.full_like(first, N)], dim=1)
+    """Cluster i of run r is the slice xs[row, b[row, r, i]:b[row, r, i+1]] of the sorted values (nearest
+    sorted centroid). ``xs`` [R, N], ``cents`` [R, runs, k] -> bounds [R, runs, k+1]."""
+    R, N = xs.shape
+    mids = ((cents[..., 1:] + cents[..., :-1]) / 2).to(xs.dtype)
+    # every run's midpoints of a row in one search over that row (searched values need not be sorted)
+    edges = torch.searchsorted(xs, mids.reshape(R, -1).contiguous()).view(mids.shape)
+    # first/last bound from the row count, not from edges: with one centroid edges has no column
+    first = torch.zeros(*edges.shape[:2], 1, dtype=edges.dtype, device=edges.device)
+    return torch.cat([first, edges, torch.full_like(first, N)], dim=2)
+
+
+def _run_sums(cums: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Per-cluster sums from row prefix sums ``cums`` [R, N+1] and ``bounds`` [R, runs, k+1]."""
+    flat = cums.gather(1, bounds.reshape(bounds.shape[0], -1)).view(bounds.shape)
+    return flat[..., 1:] - flat[..., :-1]
 
 
 def _sorted_sse(xs, cums, sq_cums, cents):
+    """SSE of every run: ``cents`` [R, runs, k] -> [R, runs]."""
     bounds = _run_bounds(xs, cents)
-    s1 = cums.gather(1, bounds[:, 1:]) - cums.gather(1, bounds[:, :-1])
-    s2 = sq_cums.gather(1, bounds[:, 1:]) - sq_cums.gather(1, bounds[:, :-1])
-    n = (bounds[:, 1:] - bounds[:, :-1]).double()
-    return (s2 - 2 * cents * s1 + n * cents.square()).sum(dim=1)
+    s1, s2 = _run_sums(cums, bounds), _run_sums(sq_cums, bounds)
+    n = (bounds[..., 1:] - bounds[..., :-1]).double()
+    return (s2 - 2 * cents * s1 + n * cents.square()).sum(dim=2)
 
 
 def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -165,7 +183,7 @@ def kmeans_params(w: torch.Tensor, bits: int, per_channel: bool, iters: int = 10
     """Codebook [C, 2^b] (K-Means-C) or [1, 2^b] (K-Means-A)."""
     check_bits(bits)
     if per_channel:
-        return kmeans_1d(w.float(), 2 ** bits, iters=iters, seed=seed)
+        return kmeans_1d(w.float(), 2 ** bits, iters=iters, seed=seed, n_init=4)
     # one row only: afford as many starts as scikit-learn's classic n_init=10
     return kmeans_1d(w.float().reshape(1, -1), 2 ** bits, iters=iters, seed=seed, n_init=10)
 

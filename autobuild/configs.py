@@ -263,7 +263,8 @@ def build_config(predictor_dir, table, family=None, avg_bits: float = 3.5, level
     path = Path(out_dir or _default_config_dir()) / f"{name or config_name(spec.name, avg_bits)}.pkl"
     save_config(config, path, origin=config_origin("built", spec.name, avg_bits, solution.avg_bits,
                                                    predictor=str(predictor_dir) if predictor_dir else None,
-                                                   level=scores.level, predicted_score=solution.score))
+                                                   level=scores.level, target=scores.meta.get("target"),
+                                                   predicted_score=solution.score))
     if log:
         log(f"{path}: {solution.avg_bits:.4f} avg bits (budget {avg_bits}), predicted score {solution.score:.3f}")
     return BuiltConfig(config=config, budget=float(avg_bits), avg_bits=solution.avg_bits,
@@ -312,6 +313,7 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
             config = solution_config(scores, table, solution.choice)
             path = save_config(config, Path(out_dir) / f"{config_name(model, budget)}.pkl",
                                origin=config_origin("built", model, budget, solution.avg_bits, level=scores.level,
+                                                    target=scores.meta.get("target"),
                                                     predicted_score=solution.score))
         front.append({"budget": budget, "avg_bits": solution.avg_bits, "predicted_score": solution.score,
                       "config_path": str(path) if path else None, "level": scores.level})

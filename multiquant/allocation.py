@@ -597,6 +597,12 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
         budget = args.budget_multiplier * reference
         unit, scale = _unit_for(reference)
     solve = ks.solve_greedy if args.solver == "greedy" else ks.solve_exact
+    floor = float(cost.min(axis=1).sum()) + fixed_cost
+    if floor > budget * (1 + 1e-9):  # in the report's unit, like the one-method form
+        held = f" ({len(fixed)} unmeasured layer(s) at {fixed_bits} bits included)" if fixed else ""
+        raise BudgetError(f"budget {budget / scale:.6g} {unit} is below the cheapest allocation "
+                          f"{floor / scale:.6g} {unit}{held}: no allocation fits. Fix: raise the budget to at least "
+                          f"that, or offer a lower bit width (--bits)")
     solution = solve(list(-damage), list(cost), budget - fixed_cost)
     picked = {it.key: choices[c] for it, c in zip(items, solution.choice)}
     allocation, per_method = OrderedDict(), OrderedDict()

@@ -366,8 +366,22 @@ def cmd_sensitivity(args) -> int:
         coco_path=args.coco_path, fid_against=args.fid_against, reference_dir=args.reference_dir,
         inception=args.inception, random_features=args.random_features, pixel_features=args.pixel_features,
         clip_dir=args.clip_dir, refiner=refiner_arg(args))
-    run_sensitivity(protocol, settings, args.outdir, args.sensitivity_bits, args.method, args.max_layers)
+    methods = parse_methods(args.method)
+    paths = [run_sensitivity(protocol, settings, args.outdir, args.sensitivity_bits, m, args.max_layers)["path"]
+             for m in methods]
+    if len(paths) > 1:
+        print("each layer's method and width from these measurements: qua2sedimo optimize-mixed-precision "
+              "--sensitivity_file " + " ".join(paths))
     return 0
+
+
+def parse_methods(text: str) -> list[str]:
+    """``--method``: one method, a comma list, or ``all`` (every method, one report each)."""
+    names = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if not names or bad:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, a comma list of them, or all; got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def add_sensitivity_parser(subparsers):
@@ -378,8 +392,10 @@ def add_sensitivity_parser(subparsers):
     add_refiner_args(p)
     p.add_argument("--sensitivity_bits", type=int, default=4,
                    help="bit width of the quantized layer: 2..8, or 16 for FP16 rounding (default 4)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
-                   help="quantizer: mse = UAQ, kmeans = K-Means-C, kmeans_all = K-Means-A (default mse)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help="quantizer: mse = UAQ, kmeans = K-Means-C, kmeans_all = K-Means-A (default mse); a comma "
+                        "list or 'all' measures each (one report per method, the FP images rendered once), from "
+                        "which optimize-mixed-precision picks each layer's method")
     p.add_argument("--max_layers", type=int, default=None, help="analyse only the first N search layers")
     p.add_argument("--num_prompts", type=int, default=100, help="images per layer (default 100)")
     p.add_argument("--prompt_seed", type=int, default=42, help="seed of the prompt subset / order")

@@ -442,3 +442,27 @@ def test_units_deeper_than_a_shallow_network_read_its_deepest_hop(tmp_path):
                     units=block_units, log=None, options=TrainOptions(hidden=8, layers=1, patience=2))
     scores = unit_scores_for(tmp_path / "p", graph, table, "block", batch_variants=8192)
     assert all(np.isfinite(u.scores).all() and u.scores.std() > 0 for u in scores.units if len(u.scores) > 1)
+
+
+def test_block_level_predicted_scores_never_drop_as_the_budget_grows(trained, tmp_path, capsys):
+    """A larger budget can always keep the smaller budget's choice: at block level, alone or swept, the predicted
+    score of the built configuration never drops; build-config says which level and target it used."""
+    from multiquant.config import load_config_origin
+    from qua2sedimo.cli import main
+
+    block, table = trained["block"], trained["table"]
+    budgets = [3.3 + 0.05 * i for i in range(19)]
+    alone = [config_for_budget(block, table, b)[1].score for b in budgets]
+    assert all(b >= a - 1e-9 for a, b in zip(alone, alone[1:]))
+    assert alone[-1] > alone[0]  # the budget binds: the check can fail
+    front = pareto_front(block, table, budgets)
+    assert [p["level"] for p in front] == ["block"] * len(budgets)
+    assert all(q["predicted_score"] >= p["predicted_score"] - 1e-9 for p, q in zip(front, front[1:]))
+    (tmp_path / "table.json").write_text(json.dumps(table.table))
+    capsys.readouterr()
+    assert main(["build-config", "--predictor", str(trained["pred"]), "--mq", str(tmp_path / "table.json"),
+                 "--size", "tiny", "--avg_bits", "3.6", "--out", str(tmp_path), "--name", "b36"]) == 0
+    out = capsys.readouterr().out
+    assert "block-level unit scores" in out and "(target '-1*FID-GT-1k')" in out
+    origin = load_config_origin(tmp_path / "b36.pkl")
+    assert (origin["level"], origin["target"]) == ("block", "-1*FID-GT-1k")

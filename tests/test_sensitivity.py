@@ -171,3 +171,27 @@ def test_cli_parsers_register_the_three_commands():
     with pytest.raises(SystemExit):
         parser.parse_args(["optimize-mixed-precision", "--sensitivity_file", "s.json", "--budget_multiplier", "0.5",
                            "--budget_bits", "4"])
+
+
+def test_cli_measures_several_methods_and_the_allocator_picks_each_layers_method(tmp_path, capsys):
+    from qua2sedimo.cli import main
+
+    base = ["sensitivity", "--model", "mnist_dit", "--tiny", "--device", "cpu", "--pixel_features", "--num_prompts",
+            "4", "--max_layers", "3", "--sensitivity_bits", "3", "--outdir", str(tmp_path)]
+    assert main(base + ["--method", "mse,kmeans_all"]) == 0
+    files = [report_path(tmp_path, "mnist_dit", 3, m, tiny=True) for m in ("mse", "kmeans_all")]
+    assert all(f.is_file() for f in files)
+    assert json.loads(files[1].read_text())["settings"]["method"] == "kmeans_all"
+    assert "optimize-mixed-precision --sensitivity_file" in capsys.readouterr().out
+    # told nothing else, the allocator chooses among the measured methods per layer (from the measurements)
+    alloc = ["optimize-mixed-precision", "--sensitivity_file", *map(str, files), "--unmeasured", "lowest",
+             "--outdir", str(tmp_path / "alloc"), "--quiet", "--budget_bits"]
+    assert main(alloc + ["1"]) == 2  # tiny layers: the overhead alone is more than 1 bit
+    assert "below the cheapest allocation" in (err := capsys.readouterr().err) and "avg bits" in err
+    assert main(alloc + ["8"]) == 0
+    report = json.loads((tmp_path / "alloc" / "quantization_config_8bits_per_layer_method.json").read_text())
+    assert report["metadata"]["method"] == "per layer, from measurement"
+    assert report["metadata"]["methods"] == ["mse", "kmeans_all"]
+    assert set(report["method_allocation"].values()) <= {"mse", "kmeans_all"}
+    assert main(base + ["--method", "mse,uaq"]) == 2
+    assert "--method must be one of" in capsys.readouterr().err

@@ -547,6 +547,38 @@ class ContentMeasure:
         return [known[self.signature(c)] for c in configs]
 
 
+@dataclass
+class MeasuredSetup:
+    """What the optimiser measures with: the main-seed scorer and its protocol settings, the option space,
+    the tied layers, and the two-seed measure (``main`` and ``confirm``) over resumable stores in ``workdir``."""
+    scorer: object
+    settings: dict
+    ties: dict[str, str]
+    space: Space
+    measure: ContentMeasure
+    device: str
+
+
+def measured_setup(family, workdir: Path, *, pretrained: str | None = None, tiny: bool = False,
+                   device: str | None = None, mq: str | None = None, num_images: int | None = None,
+                   image_seed: int = 42, confirm_seed: int = 43, log: Callable[[str], None] = print) -> MeasuredSetup:
+    """Scorers at the main and the confirmation image seeds (the tiny model builds its scratch multiquantizer
+    in ``workdir`` unless ``mq`` names one) and the :class:`ContentMeasure` over them."""
+    from multiquant.evaluate import setup_scorer
+    from multiquant.utils import default_device
+
+    device = device or str(default_device())
+    mq_path = Path(mq) if mq else (workdir / f"{family.name}_tiny_mq.safetensors" if tiny else None)
+    common = dict(pretrained=pretrained, tiny=tiny, device=device, mq_path=mq_path, num_images=num_images, log=log,
+                  build_mq=bool(tiny and not mq))
+    main_scorer = setup_scorer(family, image_seed=image_seed, **common)
+    confirm_scorer = setup_scorer(family, image_seed=confirm_seed, **common)
+    scorer, settings = main_scorer
+    ties = {r.key: r.tied_to for r in scorer.mq.layers if r.tied_to}
+    measure = ContentMeasure({"main": main_scorer, "confirm": confirm_scorer}, workdir / "scored", log=log)
+    return MeasuredSetup(scorer, settings, ties, Space.of(scorer.mq, ties), measure, device)
+
+
 def sweep_measure(protocol, settings: dict, outdir: Path, space: Space, num_images_full: int,
                   log: Callable[[str], None] = print) -> Callable:
     """``measure_layers(method)`` over :func:`multiquant.sensitivity.run_sensitivity` (resumable): raw
@@ -617,13 +649,10 @@ def predictor_source(family, size: str, workdir: Path, log: Callable[[str], None
 
 
 def run_optimize(args, log: Callable[[str], None] = print) -> dict:
-    import torch
-
     from multiquant.config import save_config
-    from multiquant.evaluate import setup_scorer
     from multiquant.families import get_family
     from multiquant.sensitivity import setup_protocol
-    from multiquant.utils import write_text_atomic
+    from multiquant.utils import json_default, write_text_atomic
 
     from .configs import config_name
 
@@ -631,18 +660,11 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
     out = Path(args.out)
     budgets = [float(b) for b in str(args.budgets).split(",") if b.strip()]
     family = get_family(args.model)
-    from multiquant.utils import default_device
-
-    device = args.device or str(default_device())
-    mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
-    common = dict(pretrained=args.pretrained, tiny=args.tiny, device=device, mq_path=mq_path,
-                  num_images=args.num_images, log=log, build_mq=bool(args.tiny and not args.mq))
-    main_scorer = setup_scorer(family, image_seed=args.image_seed, **common)
-    confirm_scorer = setup_scorer(family, image_seed=args.confirm_seed, **common)
-    scorer, settings = main_scorer
-    ties = {r.key: r.tied_to for r in scorer.mq.layers if r.tied_to}
-    space = Space.of(scorer.mq, ties)
-    measure = ContentMeasure({"main": main_scorer, "confirm": confirm_scorer}, out / "scored", log=log)
+    setup = measured_setup(family, out, pretrained=args.pretrained, tiny=args.tiny, device=args.device, mq=args.mq,
+                           num_images=args.num_images, image_seed=args.image_seed, confirm_seed=args.confirm_seed,
+                           log=log)
+    scorer, settings, ties, space, measure, device = (setup.scorer, setup.settings, setup.ties, setup.space,
+                                                      setup.measure, setup.device)
     measure_layers = None
     if args.sweep_images:
         protocol, psettings = setup_protocol(family, pretrained=args.pretrained, tiny=args.tiny, device=device,
@@ -660,6 +682,6 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
                 f"{best['avg_bits']:.3f} bits, from {best['source']} -> {path}")
     result.update(model=family.name, protocol=settings, device=device, seconds=time.perf_counter() - started,
                   scored_this_run=measure.scored)
-    path = write_text_atomic(out / "optimize.json", json.dumps(result, indent=1, default=float))
+    path = write_text_atomic(out / "optimize.json", json.dumps(result, indent=1, default=json_default))
     log(f"wrote {path}: {result['evaluations']:.1f} full-protocol evaluations")
     return result

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from multiquant.utils import json_default, write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -42,6 +44,7 @@ def write_result(name: str, result: dict, out_dir: str | Path | None = None) -> 
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1, default=float))
-    print(json.dumps(result, indent=1, default=float))
+    text = json.dumps(result, indent=1, default=json_default)
+    write_text_atomic(path, text)
+    print(text)
     return path

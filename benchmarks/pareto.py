@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, environment, write_result  # noqa: E402
+from multiquant.utils import json_default, write_text_atomic  # noqa: E402
 
 KEY = "FID-GT-1k"
 
@@ -101,10 +102,9 @@ def knapsack_rows(space, sweeps, budget: float, sweep_cost: dict) -> dict:
 
 def main(argv=None) -> dict:
     import numpy as np
-    import torch
 
-    from autobuild.optimize import ContentMeasure, Space, Sweeps, optimize, sweep_measure
-    from multiquant.evaluate import random_configs, score_into_store, setup_scorer
+    from autobuild.optimize import Sweeps, measured_setup, optimize, sweep_measure
+    from multiquant.evaluate import random_configs, score_into_store
     from multiquant.families import get_family
     from multiquant.sensitivity import setup_protocol
     from multiquant.store import RecordStore, load_quant_cache
@@ -116,18 +116,11 @@ def main(argv=None) -> dict:
     tag = f"pareto_{family.name}{'_tiny' if args.tiny else ''}"
     out_dir = Path(args.out) if args.out else RESULTS
     workdir = Path(args.workdir) if args.workdir else RESULTS / f"{tag}_work"
-    from multiquant.utils import default_device
-
-    device = args.device or str(default_device())
-    mq_path = Path(args.mq) if args.mq else (workdir / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
-    common = dict(tiny=args.tiny, device=device, mq_path=mq_path, num_images=args.num_images, log=log,
-                  build_mq=bool(args.tiny and not args.mq))  # the tiny model's scratch checkpoint
-    main_scorer = setup_scorer(family, image_seed=args.image_seed, **common)
-    confirm_scorer = setup_scorer(family, image_seed=args.confirm_seed, **common)
-    scorer, settings = main_scorer
-    ties = {r.key: r.tied_to for r in scorer.mq.layers if r.tied_to}
-    space = Space.of(scorer.mq, ties)
-    measure = ContentMeasure({"main": main_scorer, "confirm": confirm_scorer}, workdir / "scored", log=log)
+    setup = measured_setup(family, workdir, tiny=args.tiny, device=args.device, mq=args.mq,
+                           num_images=args.num_images, image_seed=args.image_seed, confirm_seed=args.confirm_seed,
+                           log=log)
+    scorer, settings, ties, space, measure, device = (setup.scorer, setup.settings, setup.ties, setup.space,
+                                                      setup.measure, setup.device)
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if args.tiny:  # the tiny model's per-layer overhead puts it far above 3-4 bits
         low = space.avg_bits(space.cost.argmin(axis=1))
@@ -159,7 +152,7 @@ def main(argv=None) -> dict:
     timings["optimize_s"] = time.perf_counter() - started - sum(timings.values())
     partial = workdir / "optimize_history.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text(json.dumps(opt, indent=1, default=float))  # kept even if the rows run out of time
+    write_text_atomic(partial, json.dumps(opt, indent=1, default=json_default))  # kept even if the rows run out of time
 
     # the rows
     named: dict[tuple[float, str], tuple[dict, float, dict]] = {}  # (budget, name) -> (config, evaluations, extra)
@@ -248,7 +241,7 @@ def main(argv=None) -> dict:
         log(f"insights failed: {type(err).__name__}: {err}")
     history_path = workdir / "optimize_history.json"
     history_path.parent.mkdir(parents=True, exist_ok=True)
-    history_path.write_text(json.dumps(opt, indent=1, default=float))
+    write_text_atomic(history_path, json.dumps(opt, indent=1, default=json_default))
     result["optimizer_history"] = str(history_path)
     result["plot"] = str(plot(result, records if not args.tiny else [], out_dir / f"{tag}.png"))
     write_result(tag, result, out_dir)
@@ -514,7 +507,7 @@ def refill(result_path: str, history_path: str) -> dict:
 
     result = json.loads(Path(result_path).read_text())
     fill_from_history(result, json.loads(Path(history_path).read_text()))
-    Path(result_path).write_text(json.dumps(result, indent=1, default=float))
+    write_text_atomic(Path(result_path), json.dumps(result, indent=1, default=json_default))
     cache = result["dataset"]["cache"]
     records = load_quant_cache(cache) if Path(cache).exists() and not result["settings"]["tiny"] else []
     plot(result, records, Path(result_path).with_suffix(".png"))

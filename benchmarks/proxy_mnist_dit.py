@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, environment  # noqa: E402
 from multiquant.store import load_quant_cache  # noqa: E402
+from multiquant.utils import json_default, write_text_atomic  # noqa: E402
 
 
 def main(argv=None):
@@ -58,8 +59,8 @@ def main(argv=None):
     merged = json.loads(out.read_text()) if out.exists() else {}
     merged.update(figures)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged, indent=1, default=float))
-    print(json.dumps(figures, indent=1, default=float))
+    write_text_atomic(out, json.dumps(merged, indent=1, default=json_default))
+    print(json.dumps(figures, indent=1, default=json_default))
 
 
 if __name__ == "__main__":

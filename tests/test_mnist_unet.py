@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from multiquant.paths import constants
 from multiquant.families import get_family
-from multiquant.mnist import data
 from multiquant.mnist.classifier import classifier_outputs, load_classifier
 from multiquant.mnist.unet import (NOISE_SCHEDULE, DDPMSampler, MNISTUNet, example_inputs, strided_timesteps)
 
-HAVE_MNIST = constants.MNIST_DIR is not None and all((constants.MNIST_DIR / f).is_file()
-                                                     for f in (data.IMAGE_FILE, data.LABEL_FILE))
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test set not found in {constants.MNIST_DIR} "
-                                                        "(set QUA2SEDIMO_MNIST)")
+from mnist_data import needs_mnist  # tests/mnist_data.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -11,10 +11,7 @@ saved in fp16 with ``save_pretrained`` together with the sampler's ``scheduler_c
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import platform
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +22,7 @@ from torch.nn import functional as F
 from ..families import get_family
 from ..families.mnist_dit import ASSET_DIR, NOISE_SCHEDULE, SAMPLER_KWARGS
 from . import cards
-from .data import load_split, to_model_range
-from ..utils import default_device
+from .training import fit, parse_training_args, training_parser
 
 
 # --- model surgery ---------------------------------------------------------------------------------
@@ -82,65 +78,24 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, alphas_cumprod
     return F.mse_loss(pred.float(), v)
 
 
-@torch.no_grad()
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
 def train(args, log=print) -> tuple[torch.nn.Module, dict]:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    spec = get_family("mnist_dit")
-    images, labels = load_split("train", args.mnist_dir)
-    x_all = to_model_range(images).to(device)
-    y_all = torch.from_numpy(labels).to(device)
-
-    model = spec.build(args.size, device=device, seed=args.seed)
+    model = get_family("mnist_dit").build(args.size, device=device, seed=args.seed)
     init_dit_weights(model)
     tie_block_embedders(model)
     disable_builtin_label_dropout(model)
-    model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
     alphas_cumprod = DDPMScheduler(**NOISE_SCHEDULE).alphas_cumprod.to(device)
     null_class = model.config.num_embeds_ada_norm
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99),
-                            **({"fused": True} if device.type == "cuda" else {}))
-    gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    history, window, t0, step = [], [], time.time(), 0
-    while step < args.steps:
-        if args.time_budget_s and time.time() - t0 > args.time_budget_s:
-            log(f"time budget of {args.time_budget_s}s reached at step {step}")
-            break
-        for group in opt.param_groups:  # linear warm-up, then constant (EMA does the averaging)
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen, device=device)
-        loss = diffusion_loss(model, x_all[idx], y_all[idx], alphas_cumprod, gen, args.p_uncond, null_class)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema_params, params, min(args.ema, (1 + step) / (10 + step)))
-        window.append(loss.detach())
-        step += 1
-        if step % args.log_every == 0 or step == args.steps:
-            mean = torch.stack(window).mean().item()
-            window = []
-            history.append([step, round(mean, 5), round(time.time() - t0, 1)])
-            log(f"step {step}  loss {mean:.4f}  {time.time() - t0:.0f}s")
-    wall = time.time() - t0
-    info = {
-        "data": "MNIST t10k test set, train split (i % 10 in 0..6): 7,000 digits",
-        "size": args.size, "config": dict(model.config), "parameters": sum(p.numel() for p in params),
-        "steps": step, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
-        "p_uncond": args.p_uncond, "seed": args.seed, "time_budget_s": args.time_budget_s, "noise_schedule": NOISE_SCHEDULE,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "wall_time_s": round(wall, 1), "loss_history": history,
-    }
+    def loss(model, x0, labels, gen):
+        return diffusion_loss(model, x0, labels, alphas_cumprod, gen, args.p_uncond, null_class)
+
+    ema, info = fit(model.train(), loss, args, device, log)
+    info.update(p_uncond=args.p_uncond, noise_schedule=NOISE_SCHEDULE)
     return ema, info
 
 
@@ -170,24 +125,11 @@ def quick_quality(outdir: Path, device: str, grid: list[tuple[int, float]], num_
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mnist-dir", default=None, help="folder of the MNIST t10k idx files (default: QUA2SEDIMO_MNIST)")
-    p.add_argument("--outdir", default=str(ASSET_DIR))
-    p.add_argument("--size", default="full", choices=["full", "tiny"])
-    p.add_argument("--steps", type=int, default=40_000)
-    p.add_argument("--time-budget-s", type=float, default=0, help="stop early after this many seconds (0: none)")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--ema", type=float, default=0.9995)
+    p = training_parser(__doc__, ASSET_DIR, steps=40_000, batch_size=512, lr=4e-4,
+                        eval_grid_help="quality after training, e.g. '20:1.0,20:1.5,10:1.5' (steps:guidance)",
+                        classifier_help="classifier dir for --eval-grid (default: the shipped one)")
     p.add_argument("--p-uncond", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=str(default_device()))
-    p.add_argument("--log-every", type=int, default=500)
-    p.add_argument("--eval-grid", default="", help="quality after training, e.g. '20:1.0,20:1.5,10:1.5' (steps:guidance)")
-    p.add_argument("--eval-images", type=int, default=1000)
-    p.add_argument("--classifier", default=None, help="classifier dir for --eval-grid (default: the shipped one)")
-    args = p.parse_args(argv)
+    args = parse_training_args(p, argv)
 
     ema, info = train(args)
     outdir = Path(args.outdir)

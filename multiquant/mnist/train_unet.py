@@ -10,10 +10,7 @@ saved weights with the family's own sampler on the 1,000-image plan for several 
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -24,8 +21,7 @@ from torch.nn import functional as F
 from ..errors import UserError
 from ..utils import atomic_path
 from . import cards
-from .data import load_split, to_model_range
-from ..utils import default_device
+from .training import device_label, fit, parse_training_args, training_parser
 from .unet import NOISE_SCHEDULE, DDPMSampler, MNISTUNet, alphas_cumprod
 
 # the shipped pre-scored dataset and uniform baselines (scored with `qua2sedimo eval-random / eval-configs`)
@@ -45,11 +41,6 @@ def diffusion_loss(model, x0: torch.Tensor, labels: torch.Tensor, ab: torch.Tens
     return F.mse_loss(pred.float(), noise)
 
 
-@torch.no_grad()
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
 def build_model(size: str) -> MNISTUNet:
     from ..families.mnist_unet import build_unet
 
@@ -61,49 +52,15 @@ def train(args, log=print) -> tuple[MNISTUNet, dict]:
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    images, labels = load_split("train", args.mnist_dir)
-    x_all = to_model_range(images).to(device)
-    y_all = torch.from_numpy(labels).to(device)
-
-    model = build_model(args.size).to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
+    model = build_model(args.size).to(device)
     ab = alphas_cumprod(**NOISE_SCHEDULE).float().to(device)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99),
-                            **({"fused": True} if device.type == "cuda" else {}))
-    gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    history, window, t0, step = [], [], time.time(), 0
-    while step < args.steps:
-        if args.time_budget_s and time.time() - t0 > args.time_budget_s:
-            log(f"time budget of {args.time_budget_s}s reached at step {step}")
-            break
-        for group in opt.param_groups:  # linear warm-up, then constant (EMA does the averaging)
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen, device=device)
-        loss = diffusion_loss(model, x_all[idx], y_all[idx], ab, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema_params, params, min(args.ema, (1 + step) / (10 + step)))
-        window.append(loss.detach())
-        step += 1
-        if step % args.log_every == 0 or step == args.steps:
-            mean = torch.stack(window).mean().item()
-            window = []
-            history.append([step, round(mean, 5), round(time.time() - t0, 1)])
-            log(f"step {step}  loss {mean:.4f}  {time.time() - t0:.0f}s")
-    wall = time.time() - t0
-    info = {
-        "data": "MNIST t10k test set, train split (i % 10 in 0..6): 7,000 digits",
-        "size": args.size, "config": dict(model.config), "parameters": sum(p.numel() for p in params),
-        "steps": step, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
-        "seed": args.seed, "time_budget_s": args.time_budget_s, "noise_schedule": NOISE_SCHEDULE,
-        "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "wall_time_s": round(wall, 1), "loss_history": history,
-    }
+    def loss(model, x0, labels, gen):
+        return diffusion_loss(model, x0, labels, ab, gen)
+
+    ema, info = fit(model.train(), loss, args, device, log)
+    info.update(noise_schedule=NOISE_SCHEDULE,
+                precision="bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32")
     return ema, info
 
 
@@ -210,7 +167,7 @@ def quality_after_training(weights: Path, args, info: dict, log=print) -> dict:
     quality = {"protocol": dict(num_images=args.eval_images, seed=0, plan="image i: class i % 10, seed i",
                                 dtype=str(dtype).replace("torch.", ""), **sampler.describe(),
                                 reference=f"{ref['n']} held-out digits ({ref['split']} split)"),
-               "device": info["device"] if device.type == "cuda" else f"cpu ({platform.machine()})",
+               "device": info["device"] if device.type == "cuda" else device_label(device),
                "torch": torch.__version__, "fp": fp, "fid_floor": floor["fid"], "floor_accuracy": floor["accuracy"],
                "fid_reference_subset": floor.get("fid_reference_subset")}
     options = DEFAULT_UNIFORM if args.uniform == "all" else [o for o in args.uniform.split(",") if o]
@@ -227,28 +184,15 @@ def quality_after_training(weights: Path, args, info: dict, log=print) -> dict:
 def main(argv=None) -> dict:
     from ..families.mnist_unet import ASSET_DIR
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mnist-dir", default=None, help="folder of the MNIST t10k idx files (default: QUA2SEDIMO_MNIST)")
-    p.add_argument("--outdir", default=str(ASSET_DIR))
-    p.add_argument("--size", default="full", choices=["full", "tiny"])
-    p.add_argument("--steps", type=int, default=30_000)
-    p.add_argument("--time-budget-s", type=float, default=0, help="stop early after this many seconds (0: none)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--ema", type=float, default=0.9995)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=str(default_device()))
-    p.add_argument("--log-every", type=int, default=500)
-    p.add_argument("--eval-grid", default="", help="sampler choices scored after training, e.g. '50:large,100:small'")
-    p.add_argument("--eval-images", type=int, default=1000)
+    p = training_parser(__doc__, ASSET_DIR, steps=30_000, batch_size=256, lr=5e-4,
+                        eval_grid_help="sampler choices scored after training, e.g. '50:large,100:small'",
+                        classifier_help="classifier dir for the scores (default: the shipped one)")
     p.add_argument("--uniform", default="", help=f"uniform options to score, or 'all' for {','.join(DEFAULT_UNIFORM)}")
     p.add_argument("--grid", action="store_true", help="write samples.png and quality.json")
-    p.add_argument("--classifier", default=None, help="classifier dir for the scores (default: the shipped one)")
     p.add_argument("--mq", default=None, help="multiquantizer file for --uniform (default: build one in memory)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: score the weights already in --outdir (with --eval-grid/--uniform/--grid)")
-    args = p.parse_args(argv)
+    args = parse_training_args(p, argv)
 
     outdir = Path(args.outdir)
     weights = outdir / "model.safetensors"

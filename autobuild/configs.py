@@ -34,6 +34,7 @@ from multiquant.cli_flags import add_model_flags
 from multiquant.errors import InputError, MissingFileError
 from multiquant.knapsack import BudgetError, pareto_prune
 from multiquant.options import OptionTable, avg_bits_of, option_of, size_budget
+from multiquant.utils import progress_line
 
 from .scores import UnitScoreSet
 
@@ -296,8 +297,9 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
 
     table = OptionTable.from_source(table)
     problem = knapsack_from_scores(scores, table)
-    front, previous = [], None
-    for budget in sorted(float(b) for b in budgets):
+    front, previous, started = [], None, time.perf_counter()
+    budgets = sorted(float(b) for b in budgets)
+    for done, budget in enumerate(budgets, 1):
         try:
             solution = solve_knapsack(problem, budget)
         except BudgetError as err:
@@ -318,7 +320,8 @@ def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT
         front.append({"budget": budget, "avg_bits": solution.avg_bits, "predicted_score": solution.score,
                       "config_path": str(path) if path else None, "level": scores.level})
         if log:
-            log(f"  budget {budget:.2f}: {solution.avg_bits:.4f} avg bits, predicted score {solution.score:.3f}")
+            log(f"  budget {budget:.2f}: {solution.avg_bits:.4f} avg bits, predicted score {solution.score:.3f} "
+                f"({progress_line('budgets', done, len(budgets), time.perf_counter() - started, 'budget')})")
     return front
 
 

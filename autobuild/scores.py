@@ -179,7 +179,8 @@ def _variant_features(template, table: OptionTable, options, variants: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def _score_variants(ensemble, template, table, options, variants, out_pos: int, hops: int, batch_variants: int):
+def _score_variants(ensemble, template, table, options, variants, out_pos: int, hops: int, batch_variants: int,
+                    on_batch: Callable[[int], None] = lambda n: None):
     from .data import ConfigDataset
 
     codes, numeric = _variant_features(template, table, options, variants)
@@ -191,16 +192,20 @@ def _score_variants(ensemble, template, table, options, variants, out_pos: int, 
         batch = dataset.collate(index)
         outputs = torch.arange(len(index)) * n + out_pos
         scores.append(ensemble.score_nodes(batch, outputs, hops))
+        on_batch(len(index))
     return np.concatenate(scores).astype(np.float32)
 
 
 def _score_block_units(ensemble, graph, table, options, unit_list, batch_variants, log) -> list[UnitScores]:
     from .dag import unit_subgraph
 
-    from multiquant.utils import progress
+    from multiquant.utils import Progress
 
     out = []
-    for unit in progress(unit_list, desc=f"unit scores ({len(unit_list)} units)", unit="unit"):
+    # counted in variants, not units: one large block can hold most of the work (minutes on a CPU)
+    counter = Progress(sum(len(options) ** len(unit.layers) for unit in unit_list),
+                       desc=f"unit scores ({len(unit_list)} units)", unit="variant")
+    for unit in unit_list:
         started = time.perf_counter()
         template = ensemble.template_for(unit_subgraph(graph, unit))
         if template.nodes[-1] != str(unit.output) and template.nodes[-1] != unit.output:
@@ -208,11 +213,12 @@ def _score_block_units(ensemble, graph, table, options, unit_list, batch_variant
         columns = template.layer_index
         variants = enumerate_variants(len(columns), len(options))
         scores = _score_variants(ensemble, template, table, options, variants, template.num_nodes - 1, unit.hops,
-                                 batch_variants)
+                                 batch_variants, counter.update)
         out.append(_unit_record(unit, [template.keys[i] for i in columns], [template.ops[i] for i in columns],
                                 [template.aliases[i] for i in columns], variants, scores))
         if log:
             log(f"  {unit.name}: {len(variants):,} variants in {time.perf_counter() - started:.2f} s")
+    counter.close()
     return out
 
 

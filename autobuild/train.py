@@ -274,7 +274,7 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
                     layer.bias.zero_()
             model.head[-1].bias.fill_(-u_mean / u_std)  # z * std + mean = 0: the prediction is the prior
     best = (validation_score() if opts.linear_prior else -math.inf, copy.deepcopy(model.state_dict()), 0)
-    stale, epoch, last_objective = 0, 0, float("nan")
+    stale, epoch, last_objective, started = 0, 0, float("nan"), time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=generator)]
@@ -305,7 +305,9 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
         else:
             stale += 1
         if log and (epoch == 1 or epoch % 25 == 0):
-            log(f"  epoch {epoch}: objective {last_objective:.4f}, validation {score:.4f}")
+            log(f"  epoch {epoch}: objective {last_objective:.4f}, validation {score:.4f} "
+                f"({progress_line('epochs', epoch, epochs, time.perf_counter() - started, 'epoch')}"
+                f"{'' if epoch >= epochs else ' at most: early stopping may end the fold sooner'})")
         if stale >= opts.patience and epoch >= opts.min_epochs:
             break
     model.load_state_dict(best[1])

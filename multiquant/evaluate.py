@@ -402,7 +402,7 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
     Each index is claimed in the store just before it is scored, so other processes on the same directory
     (a second eval-random, say) share the work: what one committed or is scoring, the other skips."""
     from .store import DuplicateRecordError
-    from .utils import progress
+    from .utils import Progress
 
     items = list(items)  # every rank walks the same list; rank 0 decides each index (claims are its)
     done = store.done_indices() if dist.is_main() else set()
@@ -410,11 +410,14 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
     if done and dist.is_main():
         log(f"resuming: {len(done)} configuration(s) already scored, {len(todo)} to go")
     scored = elsewhere = 0
-    for index, config in progress(items, desc="scoring configurations", disable=not dist.is_main()):
+    # counts what is scored now (a resumed run's committed configurations would make the rate and ETA lie)
+    counter = Progress(len(todo), desc="scoring configurations", unit="config", disable=not dist.is_main())
+    for index, config in items:
         # every rank takes part in every decision (a broadcast); rank 0 refuses what is committed already
         mine = index not in done and (store.claim(index) if hasattr(store, "claim") else True) if dist.is_main() else None
         if not dist.main_decides(mine):
             elsewhere += index not in done  # committed or being scored by another process sharing the directory
+            counter.drop(index not in done)
             continue
         t0 = time.perf_counter()
         rec = scorer.record(config, index=index, **extra_of(index))
@@ -430,6 +433,8 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
                     f"({rec['timings']['total_s']:.1f} s)")
         dist.barrier()
         scored += 1
+        counter.update()
+    counter.close()
     if elsewhere and dist.is_main():
         log(f"{elsewhere} configuration(s) were committed or are being scored by another process on "
             f"{getattr(store, 'outdir', 'the store')}")

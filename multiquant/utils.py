@@ -246,12 +246,21 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
                          f"fix or regenerate it") from None
 
 
+def _progress_off() -> bool:
+    return os.environ.get("QUA2SEDIMO_PROGRESS") == "0"
+
+
+def _progress_interval(interval: float | None) -> float:
+    return float(os.environ.get("QUA2SEDIMO_PROGRESS_INTERVAL", "30")) if interval is None else interval
+
+
 def progress(iterable, desc: str = "", disable: bool = False, total: int | None = None, unit: str = "it",
              interval: float | None = None):
     """Progress of a long loop, with rate and ETA: a tqdm bar on a terminal; elsewhere (piped, logged) one plain
     line on stderr at most every ``interval`` seconds (default 30; env ``QUA2SEDIMO_PROGRESS_INTERVAL``) and a
-    last line when done. ``QUA2SEDIMO_PROGRESS=0`` silences both."""
-    if disable or os.environ.get("QUA2SEDIMO_PROGRESS") == "0":
+    last line when done. ``QUA2SEDIMO_PROGRESS=0`` silences both. :class:`Progress` counts work done in
+    chunks (variants, images) instead of loop items."""
+    if disable or _progress_off():
         return iterable
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
@@ -259,9 +268,7 @@ def progress(iterable, desc: str = "", disable: bool = False, total: int | None 
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=desc, total=total, unit=unit, mininterval=1.0)
-    if interval is None:
-        interval = float(os.environ.get("QUA2SEDIMO_PROGRESS_INTERVAL", "30"))
-    return _logged_progress(iterable, desc, total, unit, interval)
+    return _logged_progress(iterable, Progress(total, desc, unit, interval))
 
 
 def progress_line(desc: str, done: int, total: int | None, elapsed: float, unit: str = "it") -> str:
@@ -277,18 +284,62 @@ def progress_line(desc: str, done: int, total: int | None, elapsed: float, unit:
     return line
 
 
-def _logged_progress(iterable, desc: str, total: int | None, unit: str, interval: float):
-    start = last = time.monotonic()
-    done = shown = 0
+class Progress:
+    """Progress of work counted in chunks (``update(n)``: n variants scored, n images made), with rate and ETA:
+    a tqdm bar on a terminal, else a plain :func:`progress_line` on stderr at most every ``interval`` seconds
+    and a last one at :meth:`close` (when any was printed or the work took that long). A context manager."""
+
+    def __init__(self, total: int | None, desc: str = "", unit: str = "it", interval: float | None = None,
+                 disable: bool = False):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.interval = _progress_interval(interval)
+        self.off = disable or _progress_off()
+        self.bar = None
+        if not self.off and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc=desc, total=total, unit=unit, mininterval=1.0)
+        self.start = self.last = time.monotonic()
+        self.done = self.shown = 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if not self.off and now - self.last >= self.interval:
+            self.last, self.shown = now, self.done
+            self._print(now)
+
+    def drop(self, n: int = 1) -> None:
+        """``n`` of the total will not be done here after all (another process did them)."""
+        self.total = None if self.total is None else self.total - n
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif not self.off and self.done and self.shown != self.done and time.monotonic() - self.start >= self.interval:
+            self._print(time.monotonic())
+
+    def _print(self, now: float) -> None:
+        print(progress_line(self.desc, self.done, self.total, now - self.start, self.unit), file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _logged_progress(iterable, counter: Progress):
     for item in iterable:
         yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= interval:
-            last, shown = now, done
-            print(progress_line(desc, done, total, now - start, unit), file=sys.stderr, flush=True)
-    if done and shown != done and time.monotonic() - start >= interval:
-        print(progress_line(desc, done, total, time.monotonic() - start, unit), file=sys.stderr, flush=True)
+        counter.update()
+    counter.close()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -342,6 +342,34 @@ def test_cli_build_config(trained, tmp_path, capsys):
     assert "error: " in (err := capsys.readouterr().err) and "below the smallest achievable" in err
 
 
+def test_build_config_and_training_print_progress_with_eta_off_a_terminal(trained, tmp_path, capsys, monkeypatch):
+    """Piped output (capsys: not a terminal) gets plain progress lines with rate and ETA: unit scoring counted in
+    variants (a large unit is most of the work), each Pareto budget, the epochs of a fold."""
+    from autobuild.configs import pareto_front
+    from autobuild.scores import unit_scores_for
+    from autobuild.train import TrainOptions, train_predictor
+
+    monkeypatch.setenv("QUA2SEDIMO_PROGRESS_INTERVAL", "0")
+    monkeypatch.delenv("QUA2SEDIMO_PROGRESS", raising=False)
+    capsys.readouterr()
+    scores = unit_scores_for(trained["pred"], trained["graph"], trained["table"], "block", path=tmp_path / "scores",
+                             recompute=True, batch_variants=8192, log=None)
+    total = sum(len(u.scores) for u in scores.units)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unit scores (")]
+    assert len(lines) > len(scores.units)  # a line per batch of variants (the 46,656-variant unit: six)
+    assert f"/{total} (" in lines[0] and " variant/s, ETA " in lines[0]
+    assert lines[-1].endswith(" s") and f": {total}/{total} (100%)" in lines[-1] and "done in" in lines[-1]
+    pareto_front(scores, trained["table"], [3.4, 3.6, 3.8], log=print)
+    out = capsys.readouterr().out
+    assert "(budgets: 1/3 (33%)" in out and ", ETA " in out and "(budgets: 3/3 (100%)" in out
+    _, _, _, records = _tiny_cache(20, seed=4)
+    train_predictor(records, trained["graph"], "-1*FID-GT-1k", folds=2, epochs=3, batch_size=10, seed=0,
+                    out_dir=tmp_path / "pred", log=print, options=TrainOptions(hidden=8, patience=5))
+    out = capsys.readouterr().out
+    assert "(epochs: 1/3 (33%)" in out and "epoch/s, ETA " in out and "early stopping may end the fold sooner" in out
+    assert "folds: 2/2 (100%)" in out
+
+
 def test_predictor_stage_tiny(tmp_path):
     from autobuild.pipeline import StageSettings, predictor_stage
 

@@ -55,6 +55,24 @@ def test_eval_random_writes_reference_schema_and_resumes(env, capsys):
     assert len(load_quant_cache(out / "quant_cache.pkl")) == 3
 
 
+def test_eval_random_off_a_terminal_prints_per_batch_and_per_configuration_progress(env, capsys, monkeypatch):
+    """Piped output (capsys: not a terminal): plain lines with rate and ETA for the image batches of each
+    configuration and for the configurations; a resumed run counts only what it scores."""
+    monkeypatch.setenv("QUA2SEDIMO_PROGRESS_INTERVAL", "0")
+    monkeypatch.delenv("QUA2SEDIMO_PROGRESS", raising=False)
+    out = env / "run"
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    batches = [line for line in err if line.startswith("  images (6): ")]  # 6 images in batches of 3
+    assert any(line.startswith("  images (6): 1/2 (50%)") and " batch/s, ETA " in line for line in batches)
+    configs = [line for line in err if line.startswith("scoring configurations: ")]
+    assert configs[0].startswith("scoring configurations: 1/2 (50%)") and " config/s, ETA " in configs[0]
+    assert configs[-1].startswith("scoring configurations: 2/2 (100%)") and "done in" in configs[-1]
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(out), "--num_archs", "3"]) == 0
+    configs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("scoring configurations: ")]
+    assert configs and all(line.startswith("scoring configurations: 1/1 (100%)") for line in configs)
+
+
 def test_a_run_shaped_like_the_shipped_dataset_resumes(env, capsys):
     """quant_caches/mnist_dit was written by an older version: its run_meta.json lacks `clip` and it ships only
     quant_cache.pkl (no records/). A tiny run given that shape resumes: only the missing configuration is

@@ -25,9 +25,9 @@ from multiquant.families import get_family  # noqa: E402
 from multiquant.layers import quantizable_layers  # noqa: E402
 from multiquant.metrics.features import RandomInceptionFeatures  # noqa: E402
 from multiquant.metrics.fid import feature_stats, frechet_distance  # noqa: E402
-from multiquant.pipelines.embeddings import random_prompt_embeds  # noqa: E402
-from multiquant.pipelines.loading import PipelineParts  # noqa: E402
-from multiquant.pipelines.sampling import make_sampler  # noqa: E402
+from multiquant.adapters.diffusers.embeddings import random_prompt_embeds  # noqa: E402
+from multiquant.adapters.diffusers.loading import PipelineParts  # noqa: E402
+from multiquant.adapters.diffusers.sampling import make_sampler  # noqa: E402
 
 RES, STEPS, GUIDANCE, TOKENS = 512, 20, 4.5, 120
 
@@ -37,7 +37,7 @@ def full_size_pipeline(device, smoke: bool = False):
 
     family = get_family("pixart_alpha")
     if smoke:  # CPU check of the script itself: tiny pipeline, tiny images
-        from multiquant.pipelines.loading import tiny_pipeline
+        from multiquant.adapters.diffusers.loading import tiny_pipeline
 
         return family, tiny_pipeline(family).to(device)
     transformer = family.build("full", device=device, dtype=torch.float16)

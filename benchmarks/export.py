@@ -38,7 +38,7 @@ from multiquant.config import config_record, quantize_, sample_random_config, un
 from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, load_quantized,  # noqa: E402
                                read_export_info, safetensors_bytes, tensor_bytes)
 from multiquant.families import get_family  # noqa: E402
-from multiquant.families.inputs import example_inputs  # noqa: E402
+from multiquant.adapters import example_inputs  # noqa: E402
 from multiquant.kernels import SCRATCH, use_packed_kernels  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
 from multiquant.utils import default_device  # noqa: E402
@@ -353,7 +353,7 @@ def _t5_xxl(device, dtype, tiny: bool):
 def _vae(device, dtype, tiny: bool):
     """The latent diffusion VAE (the SD / PixArt / DiT AutoencoderKL architecture), random weights."""
     if tiny:
-        from multiquant.pipelines.loading import tiny_vae
+        from multiquant.adapters.diffusers.loading import tiny_vae
 
         return tiny_vae().to(device=device, dtype=dtype)
     from diffusers import AutoencoderKL

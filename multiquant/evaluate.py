@@ -335,7 +335,11 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
     if is_feature_metric(metric):
         metric.reference()  # fail now, not after the first configuration, when the reference set is missing
     mq = load_or_build_multiquantizer(family, denoiser, mq_path, tiny=tiny, build=build_mq, log=log)
-    macs = adapter.macs(family, denoiser, tiny) if bops else None
+    macs = None
+    if bops and adapter.counts_macs(family):
+        from .metrics.bops import layer_macs
+
+        macs = layer_macs(denoiser, family, resolution=None if tiny else family.resolution)
     clip = None
     if clip_dir and family.conditioning == "text":  # CLIP weights given: fail loudly if they do not load
         from .metrics.clip import ClipScorer

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters.diffusers.loading import swap_denoiser  # noqa: F401  (public here: a pipeline takes an export)
 from .checkpoint import MultiQuantizer, _versions
 from .config import applier_of, config_record, validate_config
 from .errors import InputError, UserError
@@ -465,15 +466,6 @@ def pack_(denoiser: nn.Module, family: FamilySpec, config: dict, mq: MultiQuanti
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def swap_denoiser(pipe, denoiser: nn.Module) -> None:
-    """Put ``denoiser`` in the pipeline in place of its own (``pipe.transformer`` or ``pipe.unet``)."""
-    for name in ("transformer", "unet"):
-        if isinstance(getattr(pipe, name, None), nn.Module):
-            setattr(pipe, name, denoiser)
-            return
-    raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet to replace")
-
-
 def safetensors_bytes(path: str | os.PathLike) -> dict:
     """Size of a safetensors file split into its JSON header and tensor data, by tensor category."""
     path = Path(path)
@@ -532,7 +524,7 @@ def check_export(out_dir: str | os.PathLike, device="cpu", dtype=None, simulated
     simulated configuration ``simulated`` = FP denoiser after ``quantize_``, the max abs difference and the
     tensors whose dtype differs). ``passed`` and ``reason`` give the verdict."""
     from .families import get_family
-    from .families.inputs import example_inputs
+    from .adapters import example_inputs
 
     info = read_export_info(out_dir)
     family = get_family(info["family"])

@@ -4,7 +4,7 @@ Protocol (``qua2sedimo sensitivity``):
 
 * a fixed image set: ``--num_prompts`` conditions drawn reproducibly from the family's protocol set (the
   first 1,000 COCO captions, or the class ids) by a permutation seeded with ``--prompt_seed``; image ``i``
-  starts from the noise of ``seed_for(image_seed, i)`` (the sampler of :mod:`multiquant.pipelines.sampling`),
+  starts from the noise of ``seed_for(image_seed, i)`` (the samplers of :mod:`multiquant.adapters`),
   so every layer is judged on exactly the same prompts and noise (common random numbers);
 * the FP images once, then for every search layer (a canonical layer with its tied copies, which share one
   quantizer): write its fake-quantized weight (:func:`multiquant.quantizers.quantize` / ``dequantize``,

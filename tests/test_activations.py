@@ -3,7 +3,7 @@ import torch
 
 from multiquant.activations import enable_activation_quant, quantize_activation, quantize_rows
 from multiquant.families import get_family
-from multiquant.families.inputs import example_inputs
+from multiquant.adapters import example_inputs
 
 
 def test_rowwise_error_is_half_a_step():

@@ -15,12 +15,12 @@ from multiquant.export import (INFO_NAME, WEIGHTS_NAME, ExportError, denoiser_ou
                                load_quantized, pack_, read_export_info, safetensors_bytes, swap_denoiser,
                                tensor_bytes)
 from multiquant.families import get_family
-from multiquant.families.inputs import example_inputs
+from multiquant.adapters import example_inputs
 from multiquant.packed import PACKED_TYPES, PackedWeight, packed_layer, unpack_codes_lean
 from multiquant.packing import pack_codes, packed_nbytes, unpack_codes
-from multiquant.pipelines.embeddings import random_prompt_embeds
-from multiquant.pipelines.loading import denoiser_of, tiny_pipeline
-from multiquant.pipelines.sampling import make_sampler
+from multiquant.adapters.diffusers.embeddings import random_prompt_embeds
+from multiquant.adapters.diffusers.loading import denoiser_of, tiny_pipeline
+from multiquant.adapters.diffusers.sampling import make_sampler
 from multiquant.quantizers import dequantize, quantize
 
 FAMILIES = ["mnist_dit", "pixart_alpha", "dit", "sdxl", "hunyuan"]  # sdxl: split convs; hunyuan: split linears

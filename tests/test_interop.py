@@ -13,7 +13,7 @@ import torch
 from multiquant.checkpoint import MultiQuantizer
 from multiquant.config import sample_random_config
 from multiquant.families import get_family
-from multiquant.families.inputs import example_inputs
+from multiquant.adapters import example_inputs
 from multiquant.interop import INTEROP_NAME, interop_plan, torchao_config, write_interop
 
 
@@ -128,7 +128,7 @@ def test_a_stock_pipeline_loads_the_packed_denoiser_with_from_pretrained(tmp_pat
     a component and generates the same images as the pipeline holding the simulated configuration."""
     from multiquant.config import quantize_
     from multiquant.export import export_quantized, load_quantized
-    from multiquant.pipelines.loading import tiny_pipeline
+    from multiquant.adapters.diffusers.loading import tiny_pipeline
 
     family = get_family("dit")
     pipe = tiny_pipeline(family, seed=0)

@@ -13,7 +13,7 @@ from multiquant.mnist import data
 from multiquant.mnist.classifier import (MNISTClassifier, classifier_outputs, load_classifier, load_reference_stats,
                                          save_classifier)
 from multiquant.mnist.quality import evaluation_plan, score_digits
-from multiquant.pipelines import MNISTDiTPipeline, build_scheduler
+from multiquant.mnist.pipeline import MNISTDiTPipeline, build_scheduler
 from multiquant.utils import to_uint8
 
 from mnist_data import needs_mnist  # tests/mnist_data.py

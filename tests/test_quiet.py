@@ -17,7 +17,7 @@ from multiquant.families import get_family
 family = get_family("mnist_dit")
 family.load(dtype=torch.float16)                        # diffusers from_pretrained
 get_family("pixart_alpha").build("tiny", dtype=torch.float16)   # a cast diffusers would warn about
-from multiquant.pipelines.loading import load_pipeline
+from multiquant.adapters.diffusers.loading import load_pipeline
 load_pipeline(family, device="cpu")
 import autobuild.train, autobuild.gnn                   # torch_geometric
 from multiquant.knapsack import solve_exact

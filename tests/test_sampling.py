@@ -11,12 +11,13 @@ from torch import nn
 
 from multiquant.paths import constants
 from multiquant.families import get_family
-from multiquant.pipelines import embeddings as emb_mod
-from multiquant.pipelines.embeddings import random_prompt_embeds
-from multiquant.pipelines.loading import denoiser_of, stock_pipeline_class, tiny_pipeline
-from multiquant.pipelines.loops import to_uint8
-from multiquant.pipelines.prompts import class_labels, coco_prompts, conditions_for, parti_prompts
-from multiquant.pipelines.sampling import image_generators, make_sampler, seed_for
+from multiquant.adapters.diffusers import embeddings as emb_mod
+from multiquant.adapters.diffusers.embeddings import random_prompt_embeds
+from multiquant.adapters.diffusers.loading import denoiser_of, stock_pipeline_class, tiny_pipeline
+from multiquant.adapters.diffusers.prompts import class_labels, coco_prompts, conditions_for, parti_prompts
+from multiquant.adapters.diffusers.sampling import make_sampler
+from multiquant.seeds import image_generators, seed_for
+from multiquant.utils import to_uint8
 
 TEXT_FAMILIES = ["pixart_alpha", "pixart_sigma", "hunyuan", "sdxl", "sdv15"]
 ALL_FAMILIES = TEXT_FAMILIES + ["dit", "mnist_dit"]
@@ -334,7 +335,7 @@ def test_encoding_prompts_matches_the_stock_pipeline(family, tmp_path):
 def test_load_pipeline_from_a_local_directory_swaps_in_the_family_scheduler(tmp_path):
     from diffusers import DDIMScheduler
 
-    from multiquant.pipelines.loading import load_pipeline
+    from multiquant.adapters.diffusers.loading import load_pipeline
 
     pipe = tiny_pipeline("dit")
     pipe.scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0002, beta_end=0.03)
@@ -350,7 +351,7 @@ def test_load_pipeline_from_a_local_directory_swaps_in_the_family_scheduler(tmp_
 
 @pytest.mark.skipif(transformers_available(), reason="checks the message shown when transformers is missing")
 def test_load_pipeline_without_transformers_names_the_fix():
-    from multiquant.pipelines.loading import load_pipeline
+    from multiquant.adapters.diffusers.loading import load_pipeline
 
     with pytest.raises(RuntimeError, match=r"qua2sedimo\[hub\]"):
         load_pipeline("pixart_alpha", device="cpu")
@@ -360,7 +361,7 @@ def test_load_pipeline_without_transformers_names_the_fix():
 def test_sdxl_refiner_finishes_the_schedule_like_the_stock_pipelines():
     import diffusers
 
-    from multiquant.pipelines.loading import tiny_scheduler, tiny_vae
+    from multiquant.adapters.diffusers.loading import tiny_scheduler, tiny_vae
 
     base = tiny_pipeline("sdxl")
     torch.manual_seed(1)  # refiner U-Net: 5 micro-conditioning ids (aesthetic score) + pooled 32

@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from multiquant.families import FamilySpec, get_family
-from multiquant.families.inputs import example_inputs
+from multiquant.adapters import example_inputs
 from multiquant.layers import LayerRef, quantizable_layers
 
 from .ops import (block_lists, block_of, derived_block_of, derived_block_scopes, derived_layer_op, layer_op,

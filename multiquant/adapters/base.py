@@ -2,7 +2,7 @@
 
 An adapter loads a family's generation object ("pipe": a diffusers pipeline, or the plain module itself),
 names its denoiser, fixes the conditions of an image set, builds the sampler that renders images
-``indices`` with the denoiser's current weights, and gives the family's metric. The scorer
+``indices`` with the denoiser's current weights, gives the family's metric and example denoiser inputs. The scorer
 (:mod:`multiquant.evaluate`) only talks to this interface, so a plain ``nn.Module`` family and a diffusers
 pipeline are scored by the same code.
 """
@@ -83,8 +83,38 @@ class Adapter:
                                          reference_dir=reference_dir)
         return metric.to(device) if hasattr(metric, "to") else metric
 
-    def macs(self, spec, denoiser: nn.Module, tiny: bool) -> dict | None:
-        """MACs per layer for the BOPs column (None when the kind cannot count them)."""
-        from ..metrics.bops import layer_macs
+    def counts_macs(self, spec) -> bool:
+        """Whether the BOPs column can be measured: one forward with :meth:`example_inputs` is possible."""
+        return True
 
-        return layer_macs(denoiser, spec, resolution=None if tiny else spec.resolution)
+    def example_inputs(self, spec, model: nn.Module, batch: int = 1, device=None, dtype=None,
+                       resolution: int | None = None, seed: int = 0) -> dict:
+        """Keyword arguments for ``model(**kwargs)`` with random, non-zero tensors (tracing, MAC counting, smoke
+        tests): the family's own ``example_inputs(model, batch)`` when it gives one, on the model's device and
+        float dtype; else the kind's (:meth:`denoiser_inputs`)."""
+        p = next(model.parameters())
+        device = device or p.device
+        dtype = dtype or p.dtype
+        if spec.example_inputs is not None:
+            return moved(spec.example_inputs(model, batch), device, dtype)
+        return self.denoiser_inputs(spec, model, batch, device, dtype, resolution, seed)
+
+    def denoiser_inputs(self, spec, model: nn.Module, batch: int, device, dtype, resolution: int | None,
+                        seed: int) -> dict:
+        raise no_example_inputs(model)
+
+
+def no_example_inputs(model: nn.Module) -> UserError:
+    return UserError(f"no example inputs for {type(model).__name__}: give the family an example_inputs(model, batch) "
+                     f"callable (FamilySpec(example_inputs=...))")
+
+
+def moved(value, device, dtype):
+    """Tensors of ``value`` (nested in dicts, lists, tuples) on ``device``, floating ones in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, dict):
+        return {k: moved(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(moved(v, device, dtype) for v in value)
+    return value

@@ -83,7 +83,5 @@ class ModuleAdapter(Adapter):
         batch_size = options.batch_size or spec.batch_size or DEFAULT_BATCH_SIZE
         return ModuleSampler(spec, pipe, conditions, options.seed, batch_size)
 
-    def macs(self, spec, denoiser, tiny):
-        if spec.example_inputs is None:
-            return None  # no forward to count MACs with: BOPs stay NaN (the other columns do not need them)
-        return super().macs(spec, denoiser, tiny)
+    def counts_macs(self, spec) -> bool:
+        return spec.example_inputs is not None  # no forward to count MACs with: BOPs stay NaN (nothing else needs them)

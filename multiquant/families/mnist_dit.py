@@ -29,6 +29,6 @@ register_family(FamilySpec(
     steps=20, guidance=1.0, scheduler="DPMSolverMultistepScheduler", scheduler_kwargs=SAMPLER_KWARGS,
     full_config=FULL_CONFIG, tiny_config=TINY_CONFIG, ties=DIT_TIES,
     metric=mnist_fid(),  # declared, never implied by prompt_source: the shipped classifier vs held-out digits
-    notes="Embedded default: pixel-space DiT on MNIST (multiquant.pipelines.MNISTDiTPipeline); 100 images per "
+    notes="Embedded default: pixel-space DiT on MNIST (multiquant.mnist.pipeline.MNISTDiTPipeline); 100 images per "
           "digit, image i gets class i % 10 and seed i; MNIST-FID vs held-out digits.",
 ))

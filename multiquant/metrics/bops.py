@@ -132,7 +132,7 @@ def layer_macs(model: nn.Module, family, resolution: int | None = None, batch: i
     length) to the family's ``text_tokens``; ``inputs`` overrides the forward kwargs entirely.
     One forward = one denoiser evaluation at ``batch`` (classifier-free guidance doubles it).
     Works on the meta device."""
-    from ..families.inputs import example_inputs
+    from ..adapters import example_inputs
 
     if inputs is None:
         inputs = example_inputs(family, model, batch, resolution=resolution or family.resolution)

@@ -87,7 +87,7 @@ parameters, weights stored in fp16. Class-conditional on the 10 digits; label in
 classifier-free guidance. The {cfg['num_layers']} per-block timestep/label embedders are identical copies (trained as one
 shared module, like the original DiT), which the family's tie rule (`DIT_TIES`) exploits.
 
-Sample with `multiquant.pipelines.MNISTDiTPipeline.from_family()` (DPM-Solver++ 2M, `scheduler_config.json`).
+Sample with `multiquant.mnist.pipeline.MNISTDiTPipeline.from_family()` (DPM-Solver++ 2M, `scheduler_config.json`).
 
 ## Data
 {SPLIT_TEXT}

@@ -92,7 +92,7 @@ def sample_grid(pipe, mq, options, path, steps: int, guidance: float, per_row: i
 
 
 def main(argv=None) -> dict:
-    from ..pipelines import MNISTDiTPipeline
+    from .pipeline import MNISTDiTPipeline
 
     spec = get_family("mnist_dit")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

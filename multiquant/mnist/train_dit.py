@@ -109,7 +109,7 @@ def save_denoiser(ema: torch.nn.Module, outdir: Path) -> None:
 def quick_quality(outdir: Path, device: str, grid: list[tuple[int, float]], num_images: int,
                   classifier_dir: str | None = None) -> list[dict]:
     """Score the saved weights on the evaluation plan for each (steps, guidance) in ``grid``."""
-    from ..pipelines import MNISTDiTPipeline
+    from .pipeline import MNISTDiTPipeline
     from .classifier import REF_STATS_FILE, load_classifier, load_reference_stats
     from .quality import evaluate_pipeline
 

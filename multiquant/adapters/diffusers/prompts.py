@@ -10,8 +10,8 @@ import csv
 import json
 from pathlib import Path
 
-from ..errors import InputError
-from ..families import FamilySpec, get_family
+from ...errors import InputError
+from ...families import FamilySpec, get_family
 
 COCO_FIX = ("Fix: download the COCO 2017 annotations (annotations_trainval2017.zip) and point to "
             "captions_val2017.json with QUA2SEDIMO_COCO_CAPTIONS=/path/to/captions_val2017.json or --coco_path PATH.")

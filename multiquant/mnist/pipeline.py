@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from ..mnist.data import MODEL_RANGE
+from .data import MODEL_RANGE
 from ..utils import to_uint8
 
 

@@ -387,3 +387,31 @@ def test_sdxl_refiner_finishes_the_schedule_like_the_stock_pipelines():
     stock = refiner(image=latents, **expand("refiner_"), num_inference_steps=5, denoising_start=0.8,
                     guidance_scale=sampler.guidance, generator=generators, output_type="pt").images
     assert torch.equal(ours, to_uint8(stock))
+
+
+# -- layout: one module per kind --------------------------------------------------------------------------------
+
+def test_the_shared_diffusers_modules_reach_a_kind_only_through_its_adapter():
+    """Everything one pipeline kind needs lives in its own module of multiquant/adapters/diffusers/; the shared
+    base, loading, embeddings, loop, sampler and prompt sets never import a kind (docs/design.md §9)."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "multiquant" / "adapters" / "diffusers"
+    shared = {"__init__", "base", "loading", "embeddings", "loop", "sampling", "prompts"}
+    kinds = {p.stem for p in folder.glob("*.py")} - shared
+    assert kinds == {"pixart", "hunyuan", "sdxl", "sd", "dit", "mnist_dit"}
+    package = "multiquant.adapters.diffusers"
+    for name in sorted(shared - {"__init__"}):
+        reached = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                reached.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(package + "."):
+                reached.add(node.module[len(package) + 1:].split(".")[0])
+            elif isinstance(node, ast.Import):
+                reached.update(a.name[len(package) + 1:].split(".")[0] for a in node.names
+                               if a.name.startswith(package + "."))
+        assert not reached & kinds, f"{name}.py imports the kind module(s) {sorted(reached & kinds)}"
+    from multiquant.adapters import ADAPTERS
+
+    assert {type(a).__module__.rsplit(".", 1)[-1] for kind, a in ADAPTERS.items() if kind != "module"} == kinds

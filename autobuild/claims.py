@@ -28,7 +28,8 @@ and *not sensitive* at or below 1/2; a comparison holds when the difference of m
 0.25 (``c_embed``, ``resblocks``) or the paired win rate is at least 2/3 (``sa_q_k``); a preference holds at a
 win rate of at least 0.6 and is contradicted at or below 0.4. In between: inconclusive. Sources are combined by
 :func:`combine`: a definite verdict stands when no primary source gives the opposite one; contradicting sources
-make the claim inconclusive.
+make the claim inconclusive. Models whose held-out SRCC is within ``srcc_tie`` (0.01) of the best are all primary:
+a thousandth of SRCC does not decide which model's reading counts.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ __all__ = ["LayerSource", "MethodSource", "Claim", "RULES", "HOLDS", "FAILS", "U
 
 HOLDS, FAILS, UNSURE, NOT_APPLICABLE = "holds", "does not hold", "inconclusive", "not applicable"
 RULES = {"sensitive": 2 / 3, "not_sensitive": 1 / 2, "difference": 0.25, "paired": 2 / 3, "prefer": 0.6,
-         "permutations": 5000, "seed": 0}
+         "srcc_tie": 0.01, "permutations": 5000, "seed": 0}
 TIME_OPS, COND_OPS = ("t-Embed", "Res-tEmb"), ("c-Embed", "Res-cEmb")
 OUT_OPS = ("Out", "Conv-Out")
 RES_PREFIX = "Res-"
@@ -189,7 +190,7 @@ def _group_difference(source: LayerSource, ops, high, low, high_name: str, low_n
     a, b = _group(ops, pct, high), _group(ops, pct, low)
     if not a or not b:
         missing = high_name if not a else low_name
-        return {"verdict": NOT_APPLICABLE, "summary": f"no {missing} layer", "figures": {}}
+        return {"verdict": NOT_APPLICABLE, "summary": f"no {missing}", "figures": {}}
     ma, mb = float(np.mean([pct[k] for k in a])), float(np.mean([pct[k] for k in b]))
     diff = ma - mb
     verdict = HOLDS if diff >= RULES["difference"] else FAILS if diff <= 0 else UNSURE

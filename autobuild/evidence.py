@@ -132,6 +132,8 @@ def load_sweeps(paths: Sequence[str | os.PathLike]) -> dict:
             raise InputError(f"cannot read sweeps {path}: {err}; pass a sensitivity JSON or a pareto result") from err
         if isinstance(doc.get("layers"), list) and doc.get("settings", {}).get("method"):
             method = doc["settings"]["method"]
+            if method == "fp16":  # 16-bit rounding, not a quantizer: no evidence about low bits
+                continue
             per_method.setdefault(method, {}).update({l["key"]: float(l["fid_degradation"]) for l in doc["layers"]})
             metrics.append(doc.get("metrics", {}).get("fid", {}).get("name", "FID degradation"))
         elif isinstance(doc.get("rankings"), Mapping):
@@ -226,11 +228,14 @@ def testbed_insights(ops: Mapping[str, str], blocks: Mapping[str, str],
 
     from .claims import backbone_kind, check_claims, sensitive_parts
 
+    from .claims import RULES
+
     scored = [m for m in models if m[2] is not None and np.isfinite(m[2])]
     best = max(scored, key=lambda m: m[2]) if scored else (models[0] if models else None)
     layer_sources, method_sources = [], []
-    for layer, method, _ in models:
-        primary = best is not None and layer is best[0]
+    for layer, method, srcc in models:  # near-ties (RULES["srcc_tie"]) are primary too
+        primary = best is not None and (layer is best[0] or (srcc is not None and best[2] is not None
+                                                             and srcc >= best[2] - RULES["srcc_tie"]))
         layer_sources.append(replace(layer, primary=primary))
         if method is not None:
             method_sources.append(replace(method, primary=primary))
@@ -243,11 +248,14 @@ def testbed_insights(ops: Mapping[str, str], blocks: Mapping[str, str],
     if measured is not None:
         method_sources.insert(0, measured)
     claims = check_claims(ops, layer_sources, method_sources, blocks)
+    primary_models = [s.name for s in layer_sources if s.primary and s.name != "one-layer sweeps"]
     return {"backbone": backbone_kind(ops), "best_validated_model": best[0].name if best else None,
+            "primary_models": primary_models,
             "claims": [c.as_dict() for c in claims],
             "sensitive_parts": sensitive_parts(ops, blocks, layer_sources),
             "rules": "autobuild/claims.py (module docstring): top third = sensitive, bottom half = not; "
-                     "differences >= 0.25 percentile; preference win rate >= 0.6; sources combined by agreement"}
+                     "differences >= 0.25 percentile; preference win rate >= 0.6; models within 0.01 SRCC of the "
+                     "best count too; an inconclusive source does not veto, contradicting sources give inconclusive"}
 
 
 def claims_lines(insights: Mapping) -> list[str]:

@@ -418,6 +418,9 @@ def _claims(graph, node, table, records, scored, metrics, sweep_paths, log) -> d
             option = seen.pop() if len(seen) == 1 else None
         if row["kind"] == "uniform" and option:
             uniform[option] = {"fid": row["fid"], "avg_bits": row["avg_bits"]}
+    if not uniform:
+        notes.append("no measured uniform configurations given (--scored with eval-configs --uniform results): the "
+                     "quantizer-preference verdict rests on the models and the sweeps")
     sweeps = load_sweeps(sweep_paths) if sweep_paths else None
     if not sweep_paths:
         notes.append("no one-layer sweeps given (--sweeps): the verdicts rest on the models and the uniform "
@@ -434,8 +437,8 @@ _VERDICT_COLOR = {"holds": "#2e7d32", "does not hold": "#c62828", "inconclusive"
 def _claims_section(claims: Mapping, png: Path, embed) -> str:
     parts = ["<h2>What is sensitive, and the paper's claims</h2>",
              f"<p>Backbone from the DAG's layer operations: <b>{html.escape(claims['backbone'])}</b>. Evidence: "
-             f"the best-validated model (<b>{html.escape(str(claims['best_validated_model']))}</b>) and the one-layer "
-             "sweeps decide; other models are shown beside them. A layer's percentile is the fraction of the other "
+             f"the best-validated model(s) (<b>{html.escape('; '.join(claims.get('primary_models') or [str(claims['best_validated_model'])]))}</b>) "
+             "and the one-layer sweeps decide; other models are shown beside them. A layer's percentile is the fraction of the other "
              "layers it out-ranks (1 = the most sensitive). Rules: "
              f"{html.escape(claims['rules'])}.</p>"]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in claims.get("notes", [])]

@@ -206,3 +206,16 @@ def test_layer_roles_of_a_plain_module(one_thread):
     claims = check_claims(ops, [LayerSource("sweeps", values)], blocks=blocks)
     assert _claim(claims, "t_embed").verdict == FAILS
     assert _claim(claims, "methods").verdict == NOT_APPLICABLE  # neither a U-Net nor a transformer
+
+
+def test_near_tied_models_both_decide():
+    """Two models validated within 0.01 SRCC of each other both count; a clearly worse one is only shown."""
+    from autobuild.evidence import testbed_insights
+
+    top, bottom = _values(UNET_OPS, high=("t0", "t1")), _values(UNET_OPS, low=("t0", "t1"))
+    tied = testbed_insights(UNET_OPS, {}, [(LayerSource("a", top), None, 0.986), (LayerSource("b", bottom), None, 0.985)])
+    claim = next(c for c in tied["claims"] if c["id"] == "t_embed")
+    assert claim["verdict"] == UNSURE and tied["primary_models"] == ["a", "b"]
+    apart = testbed_insights(UNET_OPS, {}, [(LayerSource("a", top), None, 0.80), (LayerSource("b", bottom), None, 0.63)])
+    assert next(c for c in apart["claims"] if c["id"] == "t_embed")["verdict"] == HOLDS
+    assert apart["primary_models"] == ["a"]

@@ -382,7 +382,6 @@ def recompute_insights(models, results: Path = RESULTS) -> dict:
     from multiquant.families import get_family
     from multiquant.paths import multiquantizer_path
     from multiquant.store import load_quant_cache
-    from multiquant.utils import atomic_path
 
     def digest(path):
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -418,8 +417,7 @@ def recompute_insights(models, results: Path = RESULTS) -> dict:
     cross = compare_testbeds({m: r["insights"] for m, (_, r) in done.items()})
     for model, (path, result) in done.items():
         result["insights"]["across_testbeds"] = {**cross, "testbeds": sorted(done)}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(result, indent=1, default=float))
+        write_text_atomic(path, json.dumps(result, indent=1, default=json_default))
         print(f"wrote insights of {path}")
     return {m: r["insights"] for m, (_, r) in done.items()}
 

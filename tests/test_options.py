@@ -93,13 +93,13 @@ def test_option_table_record_by_hand():
 
 
 # ------------------------------------------------------------------------------------------ shipped files
-@pytest.fixture(scope="module")
-def shipped():
+@pytest.fixture(scope="module", params=["mnist_dit", "mnist_unet"])
+def shipped(request):
     from multiquant.checkpoint import MultiQuantizer
     from multiquant.store import load_quant_cache
 
-    mq = MultiQuantizer.from_pretrained(ROOT / "multiquantizers" / "mnist_dit_mq.safetensors")
-    records = load_quant_cache(ROOT / "quant_caches" / "mnist_dit" / "quant_cache.pkl")
+    mq = MultiQuantizer.from_pretrained(ROOT / "multiquantizers" / f"{request.param}_mq.safetensors")
+    records = load_quant_cache(ROOT / "quant_caches" / request.param / "quant_cache.pkl")
     return mq, records
 
 
@@ -130,10 +130,25 @@ def test_shipped_records_recompute_exactly(shipped):
     assert OptionTable.from_records(records, mq.fp_prec).table == {k: dict(v) for k, v in mq.table.items()}
 
 
+def test_shipped_run_meta_names_the_shipped_checkpoint(shipped):
+    """The dataset's run metadata names the checkpoint its records were scored with (the records' per-layer
+    errors are that checkpoint's, above) by content hash and weights hash, the keys a resumed run compares."""
+    mq, _ = shipped
+    for name in ("run_meta.json", "baselines_run_meta.json"):
+        path = ROOT / "quant_caches" / mq.family / name
+        if path.exists():
+            meta = json.loads(path.read_text())
+            assert meta["model"] == mq.family
+            assert meta["multiquantizer_content_hash"] == mq.content_hash
+            assert meta["weights_hash"] == mq.manifest["weight_hash"]
+
+
 def test_shipped_configs_load_and_match_the_search_results(shipped):
     from multiquant.config import load_config, validate_config
 
     mq, _ = shipped
+    if mq.family != "mnist_dit":
+        pytest.skip("searched configurations are shipped for mnist_dit only")
     table = OptionTable.from_source(mq)
     best = json.loads((ROOT / "benchmarks" / "results" / "pareto_mnist_dit_search.json").read_text())["best"]
     for tag, budget in (("33", "3.3"), ("35", "3.5"), ("37", "3.7")):

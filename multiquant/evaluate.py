@@ -42,6 +42,13 @@ from .options import FP_OPTION
 from .utils import default_device
 
 ACT_FP_BITS = 16  # what a record's act_bits says when the activations were not quantized
+# --random_features without a reference image set: what the label is measured against, and what it means
+SMOKE_REFERENCE = "fp16 images of this run (smoke run: random features, no reference set)"
+SMOKE_NOTE = ("smoke run (--random_features, no reference images): FID-GT-1k in these records is the FID of each "
+              "configuration's images against this run's FP16 images under random-weight Inception features, in "
+              "arbitrary units (0 = the FP16 images; larger = further from them). It checks the pipeline end to end "
+              "and orders configurations by how much quantization changes the images; it is not an image-quality "
+              "figure. psnr_fp / ssim_fp: per-image PSNR (dB) / SSIM against the FP16 images.")
 
 
 # -------------------------------------------------------------------------------------------- scorer
@@ -58,6 +65,7 @@ class Scorer:
     macs: dict | None = None
     proxies: bool = True  # FID-FP / PSNR / SSIM against the FP images
     with_reference: bool = True  # the label against the metric's reference set (FID-GT)
+    label_vs_fp: bool = False  # the label is the FID against the FP images instead (data-free smoke runs)
     image_dir: Path | None = None  # save PNGs of every configuration here (--save_images)
     clip: object = None  # metrics.clip.ClipScorer for text families, when CLIP weights are given
     prompts: list | None = None  # what CLIP compares with (default: the sampler's conditions)
@@ -162,9 +170,9 @@ class Scorer:
         """Metrics of one configuration (on every rank; identical on all ranks)."""
         images, timing = self._render(config)
         t2 = time.perf_counter()
-        fp = self.fp_reference() if self.proxies else None
+        fp = self.fp_reference() if self.proxies or self.label_vs_fp else None
         m = self.evaluate(images, fp)
-        out = {"FID-GT-1k": np.float64(m["label"])}
+        out = {"FID-GT-1k": np.float64(m["vs_fp"] if self.label_vs_fp else m["label"])}
         if self.proxies:
             if is_feature_metric(self.metric):
                 out["FID-FP-1k"] = float(m["vs_fp"])
@@ -296,7 +304,10 @@ def _settings_of(sampler) -> dict:
 def metric_settings(metric, with_reference: bool = True) -> dict:
     """The metric's run_meta fields: feature network and reference (as earlier runs recorded them), plus the
     metric's name for metrics that are not a feature FID."""
-    settings = dict(metric.settings)
+    if not with_reference and is_feature_metric(metric):  # its settings would load the reference set
+        settings = {"feature_net": metric.feature_name, "reference": None}
+    else:
+        settings = dict(metric.settings)
     if not with_reference:
         settings["reference"] = None
     out = {"feature_net": settings["feature_net"], "reference": settings["reference"]}
@@ -332,8 +343,16 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
     sampler = adapter.sampler(family, loaded.pipe, conditions, options, tiny=tiny)
     metric = adapter.metric(family, loaded.device, inception=inception, random_features=random_features,
                             reference_dir=reference_dir)
+    smoke = False
     if is_feature_metric(metric):
-        metric.reference()  # fail now, not after the first configuration, when the reference set is missing
+        try:
+            metric.reference()  # fail now, not after the first configuration, when the reference set is missing
+        except MissingReferenceError:
+            # random features mean nothing against real images anyway: a data-free smoke run compares with FP16
+            if not random_features:
+                raise
+            smoke = True
+            log(SMOKE_NOTE)
     mq = load_or_build_multiquantizer(family, denoiser, mq_path, tiny=tiny, build=build_mq, log=log)
     macs = None
     if bops and adapter.counts_macs(family):
@@ -346,8 +365,11 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
 
         clip = ClipScorer(clip_dir, device=loaded.device)
     scorer = Scorer(family, denoiser, sampler, metric, mq=mq, macs=macs, proxies=proxies,
-                    image_dir=Path(save_images) if save_images else None, clip=clip, act_bits=act_bits)
-    m = metric_settings(metric)
+                    image_dir=Path(save_images) if save_images else None, clip=clip, act_bits=act_bits,
+                    with_reference=not smoke, label_vs_fp=smoke)
+    m = metric_settings(metric, with_reference=not smoke)
+    if smoke:
+        m["reference"] = SMOKE_REFERENCE
     settings = {"model": family.name, "num_images": num_images, "image_seed": image_seed,
                 "feature_net": m["feature_net"], "reference": m["reference"], "fid_method": FID_METHOD,
                 **({"metric": m["metric"]} if "metric" in m else {}),

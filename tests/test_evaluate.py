@@ -101,6 +101,30 @@ def test_a_run_shaped_like_the_shipped_dataset_resumes(env, capsys):
     assert load_quant_cache(out / "quant_cache.pkl") == after
 
 
+@pytest.mark.slow
+def test_a_data_free_smoke_run_of_a_text_family_scores_against_its_fp16_images(env, capsys, monkeypatch):
+    """--random_features and no reference images: no error; the label is the FID against this run's FP16 images
+    (random features, arbitrary units, not degenerate), the output and run_meta say so."""
+    from multiquant.evaluate import SMOKE_REFERENCE
+    from multiquant.paths import constants
+
+    monkeypatch.setattr(constants, "COCO_2017_IMAGES", None)
+    monkeypatch.delenv("QUA2SEDIMO_COCO_IMAGES", raising=False)
+    out = env / "smoke"
+    assert cli_main(["eval-configs", "--build_mq", "--model", "pixart_alpha", "--tiny", "--device", "cpu",
+                     "--random_features", "--num_images", "2", "--batch_size", "2", "--uniform", "mse-3", "--fp16",
+                     "--outdir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "smoke run (--random_features, no reference images)" in printed and "not an image-quality figure" in printed
+    records = {r["name"]: r for r in load_quant_cache(out / "quant_cache.pkl")}
+    quantized, fp16 = records["uniform_mse-3"], records["fp16"]
+    assert quantized["FID-GT-1k"] == quantized["FID-FP-1k"] and fp16["FID-GT-1k"] == pytest.approx(0.0, abs=1e-4)  # eigh noise
+    assert quantized["FID-GT-1k"] > 1e-3  # the raw random features gave about 1e-15 for everything
+    assert quantized["psnr_fp"] < 100.0 and quantized["ssim_fp"] < 1.0
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["reference"] == SMOKE_REFERENCE and "random" in meta["feature_net"]
+
+
 def test_eval_configs_uniform_baselines(env):
     out = env / "given"
     assert cli_main(["eval-configs", *ARGS, "--outdir", str(out), "--uniform", "mse-4,kmeans_all-3", "--fp16"]) == 0

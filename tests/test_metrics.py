@@ -182,8 +182,11 @@ def test_random_inception_is_labelled_random():
 
     net = RandomInceptionFeatures(batch_size=2, seed=3)
     assert "random" in net.name
-    feats = net(_random_images(1, h=32, w=32))  # one image: a full Inception forward is slow on 2 cores
-    assert feats.shape == (1, 2048) and feats.dtype == np.float64 and np.isfinite(feats).all()
+    feats = net(_random_images(2, h=32, w=32))  # two images: a full Inception forward is slow on 2 cores
+    assert feats.shape == (2, 2048) and feats.dtype == np.float64 and np.isfinite(feats).all()
+    # not degenerate: each vector rescaled to norm sqrt(2048) (raw random features are ~1e-8), images told apart
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 2048 ** 0.5, rtol=1e-9)
+    assert np.abs(feats[0] - feats[1]).max() > 1e-3
 
 
 def test_module_features_batched_float64():

@@ -197,16 +197,19 @@ def _load_inception_torchscript(path: Path, device: torch.device) -> nn.Module:
 class RandomInceptionFeatures(FeatureNet):
     """Inception-v3 (torchvision architecture, 2048-d pool features) with **random** weights.
 
-    Same resize and roughly the same compute as :class:`InceptionFeatures`; for timing benchmarks
-    and pipeline tests only. Its FID values mean nothing; its ``name`` says "random" so cached
-    statistics never mix with real ones."""
+    Same resize and roughly the same compute as :class:`InceptionFeatures`; for timing benchmarks, pipeline
+    tests and data-free smoke runs. A random-weight Inception shrinks its activations layer by layer (raw
+    features are about 1e-8, so every FID came out 0.000): each feature vector is rescaled to norm sqrt(2048),
+    which keeps its direction, so FIDs come out in a readable range and grow with how far images move. They are
+    in arbitrary units, never comparable with Inception FIDs; the ``name`` says "random" so cached statistics
+    never mix with real ones."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
                  resize_workers: int = 1):
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
-        self.name = f"inception-v3-random-seed{seed}"
+        self.name = f"inception-v3-random-seed{seed}-unitnorm"
         self.resize_workers = resize_workers
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -216,7 +219,8 @@ class RandomInceptionFeatures(FeatureNet):
 
     def _forward(self, images):
         x = clean_resize(images, INCEPTION_SIZE, self.resize_workers).to(self.device)
-        return self.model((x - 128) / 128)
+        feats = self.model((x - 128) / 128).double()
+        return feats * feats.shape[1] ** 0.5 / feats.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 class ModuleFeatures(FeatureNet):

@@ -2,6 +2,7 @@
 
     from multiquant import get_family, MultiQuantizer, quantize_, load_config
 """
+from . import quiet  # noqa: F401  (before anything imports diffusers or torchao)
 from .checkpoint import MultiQuantizer
 from .config import load_config, quantize_, sample_random_config, save_config, uniform_config
 from .families import FamilySpec, get_family, list_families, register_family, resolve_family

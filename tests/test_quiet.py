@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOISE = ("accelerate", "torch_dtype", "kept in float32", "torch.jit.script", "HiGHS")
+NOISE = ("accelerate", "torch_dtype", "kept in float32", "torch.jit.script", "HiGHS", "torchao", "natively supported")
 
 SCRIPT = """
 import warnings

@@ -34,7 +34,8 @@ from multiquant.errors import UserError
 from multiquant.options import FP_BITS, FP_OPTION, Option
 
 __all__ = ["QUANT_CODES", "BIT_CODES", "NUM_QUANT_CODES", "NUM_BIT_CODES", "option_codes", "GraphTemplate",
-           "ConfigDataset", "record_to_data", "cache_to_dataset", "option_features", "sequential_graph"]
+           "ConfigDataset", "record_to_data", "cache_to_dataset", "option_name", "config_of", "Column", "as_column",
+           "column_to_json", "option_columns", "pair_columns", "encode_options", "sequential_graph"]
 
 # The codes are part of a trained predictor: a new method or width gets the next free code, none is renumbered.
 QUANT_CODES = {"combine": 0, "mse": 1, "kmeans": 2, "kmeans_all": 3, FP_OPTION: 4}
@@ -88,7 +89,8 @@ class GraphTemplate:
                    op_vocab: Sequence[str] | None = None) -> "GraphTemplate":
         """``units``: objects with ``.output`` (node id) and ``.hops``; unit outputs with ``hops == k``
         form the read-out set of hop k (as the reference's S_k). Hop 0 always also reads every layer
-        node; a hop with no read-out node reads all nodes (global mean)."""
+        node; a hop no unit has reads the outputs of the deeper units (or of every unit when none is
+        deeper); only without units does a hop read all nodes (global mean)."""
         nodes = list(graph.nodes)
         index = {n: i for i, n in enumerate(nodes)}
         attrs = [graph.nodes[n] for n in nodes]
@@ -106,10 +108,21 @@ class GraphTemplate:
                       else torch.zeros(2, 0, dtype=torch.long))
         hop_mask = torch.zeros(len(nodes), num_hops + 1, dtype=torch.bool)
         hop_mask[:, 0] = torch.tensor([k == "layer" for k in kinds])
-        for unit in units or ():
+        units = list(units or ())
+        for unit in units:
             if 0 <= int(unit.hops) <= num_hops:
                 hop_mask[index[unit.output], int(unit.hops)] = True
-        empty = ~hop_mask.any(dim=0)
+        outputs = torch.zeros(len(nodes), dtype=torch.bool)
+        for unit in units:
+            outputs[index[unit.output]] = True
+        for hop in range(1, num_hops + 1):  # a depth no unit has reads the unit structure, not a global mean:
+            if not hop_mask[:, hop].any() and units:  # the outputs of the deeper units (they see k hops), else all
+                deeper = torch.zeros(len(nodes), dtype=torch.bool)
+                for unit in units:
+                    if int(unit.hops) > hop:
+                        deeper[index[unit.output]] = True
+                hop_mask[:, hop] = deeper if deeper.any() else outputs
+        empty = ~hop_mask.any(dim=0)  # no units at all: global means
         hop_mask[:, empty] = True
         return cls(nodes=nodes, kinds=kinds, keys=[a.get("key") if k == "layer" else None for a, k in zip(attrs, kinds)],
                    aliases=[list(a.get("aliases", []) or []) for a in attrs], ops=ops, blocks=blocks,
@@ -267,30 +280,92 @@ def cache_to_dataset(records: Sequence[Mapping], graph: nx.DiGraph | GraphTempla
     return ConfigDataset(template, codes_t, numeric_t, y)
 
 
-def option_features(records: Sequence[Mapping], keys: Sequence[str] | None = None,
-                    columns: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """One-hot per-layer option features (``key=option`` columns) for linear models. ``columns``: a fixed
-    column list (e.g. a saved model's); options outside it get no column."""
+def option_name(entry) -> str:
+    """The option of a configuration entry: ``[option, fp_bytes, quant_bytes, error]`` or a plain option string."""
+    return str(entry[0]) if isinstance(entry, (list, tuple)) else str(entry)
+
+
+def config_of(item: Mapping) -> Mapping:
+    """A record's ``config`` or a plain ``{key: option}`` configuration."""
+    return item["config"] if isinstance(item.get("config"), Mapping) else item
+
+
+Term = tuple[str, str]  # (layer key, option)
+Column = tuple[Term, ...]  # the product of one term (a one-hot option) or of two (a pair of layers' options)
+
+
+def as_column(column) -> Column:
+    """``("key", "option")`` or ``"key=option"`` (one term), or a sequence of such terms -> a :data:`Column`."""
+    if isinstance(column, str):
+        key, _, option = column.rpartition("=")
+        return ((key, option),)
+    if len(column) == 2 and all(isinstance(c, str) for c in column):
+        return ((str(column[0]), str(column[1])),)
+    return tuple(term for part in column for term in as_column(part))
+
+
+def column_to_json(column) -> str | list:
+    """A single term as ``"key=option"`` (the form saved predictors use), a product as ``[[key, option], ...]``."""
+    column = as_column(column)
+    return f"{column[0][0]}={column[0][1]}" if len(column) == 1 else [list(term) for term in column]
+
+
+def option_columns(items: Sequence[Mapping], keys: Sequence[str] | None = None) -> list[Column]:
+    """One-term columns of every (layer, option) the items use, layer-major over ``keys`` (default: every
+    key, sorted), options in order of first use."""
     if keys is None:
-        keys = sorted({k for r in records for k in r["config"]})
-    index: dict[str, int] = {c: i for i, c in enumerate(columns)} if columns is not None else {}
-    rows = []
-    for r in records:
-        row = []
-        for key in keys:
-            entry = r["config"].get(key)
-            if entry is None:
-                continue
-            name = f"{key}={entry[0] if isinstance(entry, (list, tuple)) else entry}"
-            if columns is None:
-                row.append(index.setdefault(name, len(index)))
-            elif name in index:
-                row.append(index[name])
-        rows.append(row)
-    features = np.zeros((len(records), len(index)), dtype=np.float32)
-    for i, row in enumerate(rows):
-        features[i, row] = 1.0
-    return features, list(index)
+        keys = sorted({k for item in items for k in config_of(item)})
+    seen: dict[Column, None] = {}
+    for key in keys:
+        for item in items:
+            entry = config_of(item).get(key)
+            if entry is not None:
+                seen.setdefault(((key, option_name(entry)),), None)
+    return list(seen)
+
+
+def pair_columns(items: Sequence[Mapping], keys: Sequence[str]) -> list[Column]:
+    """Two-term columns for every pair of the given layers and every option combination the items use."""
+    seen: dict[Column, None] = {}
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            for item in items:
+                config = config_of(item)
+                if a in config and b in config:
+                    seen.setdefault(((a, option_name(config[a])), (b, option_name(config[b]))), None)
+    return list(seen)
+
+
+def encode_options(items: Sequence[Mapping], columns: Sequence, strict: bool = False) -> np.ndarray:
+    """The one encoder of configurations for linear models: ``[len(items), len(columns)]`` rows of records or
+    plain configurations, 1 where every term of the column is the item's choice (see :data:`Column`).
+
+    ``strict``: an item without an entry for a column's layer, or with an option that has no one-term column
+    of its layer, is an error (a search space's columns cover all its options); otherwise such choices just
+    light no column (e.g. a saved model's columns on new configurations)."""
+    columns = [as_column(c) for c in columns]
+    x = np.zeros((len(items), len(columns)), dtype=np.float64)
+    singles = {c[0]: j for j, c in enumerate(columns) if len(c) == 1}
+    products = [(j, c) for j, c in enumerate(columns) if len(c) > 1]
+    layers = list(dict.fromkeys(term[0] for c in columns for term in c))
+    for i, item in enumerate(items):
+        config = config_of(item)
+        chosen = {}
+        for key in layers:
+            if key in config:
+                chosen[key] = option_name(config[key])
+            elif strict:
+                raise ValueError(f"configuration {i} has no entry for layer {key!r}: it belongs to another model")
+        for key, option in chosen.items():
+            j = singles.get((key, option))
+            if j is not None:
+                x[i, j] = 1.0
+            elif strict:
+                raise ValueError(f"configuration {i}: layer {key!r} uses {option!r}, which is not an option of the "
+                                 f"table (the search space is the table's options)")
+        for j, column in products:
+            x[i, j] = float(all(chosen.get(key) == option for key, option in column))
+    return x
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ import torch
 
 from multiquant.errors import InputError, MissingFileError, UserError
 
-from .data import ConfigDataset, GraphTemplate, cache_to_dataset, option_features
+from .data import ConfigDataset, GraphTemplate, cache_to_dataset, encode_options
 from .gnn import SensitivityGNN
 from .target import LearningPlan
 
-__all__ = ["Ensemble", "load_ensemble", "save_ensemble", "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
+__all__ = ["Ensemble", "load_ensemble", "save_ensemble", "prior_values", "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
 
 ENSEMBLE_WEIGHTS = "ensemble.safetensors"
 ENSEMBLE_CONFIG = "ensemble.json"
@@ -48,10 +48,14 @@ def _write_json(path: Path, obj) -> None:
 from multiquant.utils import json_default as _json_default  # noqa: E402  (the one encoder)
 
 
-def _prior_values(prior: Mapping | None, features: np.ndarray) -> torch.Tensor:
+def prior_values(prior: Mapping | None, records: Sequence[Mapping], columns: Sequence | None = None) -> torch.Tensor:
+    """A fold's linear prior on records: ``coef`` over its own ``columns`` (one-hot and pair terms,
+    :func:`autobuild.data.encode_options`); priors saved before they carried columns use the ensemble's
+    ``prior_columns``. No prior: zeros."""
     if prior is None:
-        return torch.zeros(len(features), dtype=torch.float64)
-    return torch.as_tensor(features.astype(np.float64) @ np.asarray(prior["coef"]) + prior["intercept"])
+        return torch.zeros(len(records), dtype=torch.float64)
+    x = encode_options(records, prior.get("columns") or columns or ())
+    return torch.as_tensor(x @ np.asarray(prior["coef"], dtype=np.float64) + prior["intercept"])
 
 
 def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tensor]], infos: Sequence[Mapping],
@@ -146,8 +150,6 @@ class Ensemble:
                 raise InputError(f"this predictor composes its target with {', '.join(self.plan.known)}: pass "
                                  f"records (dicts with 'config' and those keys) or known=[n, {len(self.plan.known)}]")
             known = self.plan.known_values(items)
-        features = (option_features(items, [k for k in self.template.keys if k], columns)[0]
-                    if columns is not None else np.zeros((0, 0)))
         known_t = torch.as_tensor(np.zeros((0, 0)) if known is None else np.asarray(known, dtype=np.float64))
         fold_learned, hop_z = [], []
         batches = list(self._batches(items, batch_size))
@@ -163,7 +165,7 @@ class Ensemble:
                 zs.append((out["hop_scores"] - mean) / std * self._weights(f))
             learned_f = torch.cat(preds)
             if columns is not None:
-                learned_f = learned_f + _prior_values(info.get("prior"), features)
+                learned_f = learned_f + prior_values(info.get("prior"), items, columns)
             fold_learned.append(learned_f)
             hop_z.append(torch.cat(zs))
         learned = torch.stack(fold_learned)

@@ -23,6 +23,7 @@ from multiquant.errors import InputError
 from multiquant.options import OptionTable
 
 from .configs import Knapsack, config_name, config_origin, solve_knapsack
+from .data import config_of as _plain, encode_options, option_name as _option
 from multiquant.utils import default_device
 
 __all__ = ["DEFAULT_KEY", "option_design", "encode", "signature", "Surrogate", "fit_surrogate", "Proposal",
@@ -48,32 +49,10 @@ def option_design(table: OptionTable, ties: Mapping[str, str] | None = None) -> 
     return [(k, o) for k in _canonical_keys(table, ties) for o in table.options]
 
 
-def _option(entry) -> str:
-    return str(entry[0]) if isinstance(entry, (list, tuple)) else str(entry)
-
-
-def _plain(item: Mapping) -> Mapping:
-    """A record's ``config`` (entries ``[option, fp_bytes, quant_bytes, error]``) or a plain ``{key: option}``."""
-    return item["config"] if isinstance(item.get("config"), Mapping) else item
-
-
 def encode(items: Sequence[Mapping], columns: Sequence[tuple[str, str]]) -> np.ndarray:
-    """One-hot rows ``[len(items), len(columns)]`` of records or plain configurations (keys not in
-    ``columns``, e.g. tied copies, are ignored; a column layer without an entry is an error)."""
-    index = {c: j for j, c in enumerate(columns)}
-    layers = list(dict.fromkeys(k for k, _ in columns))
-    x = np.zeros((len(items), len(columns)))
-    for i, item in enumerate(items):
-        config = _plain(item)
-        for key in layers:
-            if key not in config:
-                raise ValueError(f"configuration {i} has no entry for layer {key!r}: it belongs to another model")
-            j = index.get((key, _option(config[key])))
-            if j is None:
-                raise ValueError(f"configuration {i}: layer {key!r} uses {_option(config[key])!r}, which is not an "
-                                 f"option of the table (the search space is the table's options)")
-            x[i, j] = 1.0
-    return x
+    """One-hot rows ``[len(items), len(columns)]`` of records or plain configurations over a search space's
+    columns (:func:`autobuild.data.encode_options`, strict: every layer and option must be in the space)."""
+    return encode_options(items, columns, strict=True)
 
 
 def signature(item: Mapping, keys: Sequence[str]) -> tuple[str, ...]:

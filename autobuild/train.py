@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from multiquant.errors import InputError
 from multiquant.utils import progress_line
 
-from .data import ConfigDataset, GraphTemplate, cache_to_dataset, option_features
-from .ensemble import (ENSEMBLE_CONFIG, ENSEMBLE_WEIGHTS, METRICS_FILE, Ensemble, _prior_values,  # noqa: F401
-                       load_ensemble, save_ensemble)
+from .data import ConfigDataset, GraphTemplate, cache_to_dataset, column_to_json, encode_options, option_columns, pair_columns
+from .ensemble import (ENSEMBLE_CONFIG, ENSEMBLE_WEIGHTS, METRICS_FILE, Ensemble, load_ensemble,  # noqa: F401
+                       prior_values, save_ensemble)
 from .gnn import SensitivityGNN
 from .losses import ndcg_at_k, ranking_loss, srcc
 from .target import LearningPlan, Target, learning_plan, parse_target
@@ -175,13 +175,82 @@ class Labels:
         return self.plan.compose(learned, self.known[index].to(pred_z.device))
 
 
-def _fit_prior(features: np.ndarray, learned: np.ndarray, train_idx: np.ndarray) -> dict:
-    """Ridge (alpha by internal CV) of the learned value on one-hot per-layer options, training part only."""
-    from sklearn.linear_model import RidgeCV
+PRIOR_PAIR_LAYERS = 6  # pair terms among this many layers with the largest sparse main effects
+PRIOR_INNER_FOLDS = 5
+RIDGE_ALPHAS = np.logspace(-3, 3, 13)
 
-    model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(features[train_idx], learned[train_idx])
-    return {"coef": model.coef_.astype(np.float64).tolist(), "intercept": float(model.intercept_),
-            "alpha": float(model.alpha_)}
+
+def _fit_ridge(x: np.ndarray, target: np.ndarray, seed: int | None = None):
+    """RidgeCV over :data:`RIDGE_ALPHAS`; with ``seed``, alpha by seeded K-fold MSE (comparable with the lasso
+    candidates), else by the efficient leave-one-out."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+
+    if seed is None:
+        return RidgeCV(alphas=RIDGE_ALPHAS).fit(x, target)
+    return RidgeCV(alphas=RIDGE_ALPHAS, cv=KFold(PRIOR_INNER_FOLDS, shuffle=True, random_state=seed),
+                   scoring="neg_mean_squared_error").fit(x, target)
+
+
+def _fit_lasso(x: np.ndarray, target: np.ndarray, seed: int):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LassoCV
+    from sklearn.model_selection import KFold
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LassoCV(alphas=30, cv=KFold(PRIOR_INNER_FOLDS, shuffle=True, random_state=seed), max_iter=5000,
+                       random_state=seed).fit(x, target)
+
+
+def _prior_entry(kind: str, model, columns, cv_mse: dict) -> dict:
+    return {"kind": kind, "coef": model.coef_.astype(np.float64).tolist(), "intercept": float(model.intercept_),
+            "alpha": float(model.alpha_), "columns": [column_to_json(c) for c in columns],
+            "cv_mse": {k: float(v) for k, v in cv_mse.items()}}
+
+
+def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.ndarray, keys: Sequence[str],
+              seed: int = 0, kinds: Sequence[str] = ("ridge", "lasso", "lasso_pairs")) -> dict:
+    """The linear prior of the learned value, fitted on ``train_idx`` only: of ridge on one-hot (layer, option),
+    lasso on the same columns (few layers matter), and lasso with pair terms (every option combination of every
+    pair of the :data:`PRIOR_PAIR_LAYERS` layers with the largest lasso main effects), the one with the lowest
+    seeded inner K-fold MSE. Where log FID is additive (mnist_dit) ridge or lasso win; where a few layers
+    interact (mnist_unet's output layers, docs/design.md §4) the pair terms do."""
+    train_idx = np.asarray(train_idx)
+    part = [records[i] for i in train_idx]
+    singles = option_columns(part, keys)
+    x = encode_options(part, singles)
+    target = np.asarray(learned, dtype=np.float64)[train_idx]
+    fitted: dict[str, tuple] = {}
+    if "ridge" in kinds:
+        model = _fit_ridge(x, target, seed)
+        fitted["ridge"] = (model, singles, -float(model.best_score_))
+    if "lasso" in kinds or "lasso_pairs" in kinds:
+        model = _fit_lasso(x, target, seed)
+        fitted["lasso"] = (model, singles, float(model.mse_path_.mean(axis=1).min()))
+        if "lasso_pairs" in kinds:
+            effect: dict[str, list[float]] = {}
+            for (term,), c in zip(singles, model.coef_):
+                effect.setdefault(term[0], []).append(float(c))
+            ranked = sorted((k for k in effect if np.ptp(effect[k]) > 0), key=lambda k: -np.ptp(effect[k]))
+            top = [k for k in keys if k in ranked[:PRIOR_PAIR_LAYERS]]
+            if len(top) >= 2:
+                columns = singles + pair_columns(part, top)
+                model = _fit_lasso(encode_options(part, columns), target, seed)
+                fitted["lasso_pairs"] = (model, columns, float(model.mse_path_.mean(axis=1).min()))
+    cv_mse = {kind: item[2] for kind, item in fitted.items()}
+    best = min((k for k in kinds if k in fitted), key=cv_mse.__getitem__)
+    return _prior_entry(best, fitted[best][0], fitted[best][1], cv_mse)
+
+
+def ridge_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.ndarray, keys: Sequence[str]) -> dict:
+    """Ridge on one-hot (layer, option) alone (alpha by leave-one-out): the additive reference baseline."""
+    part = [records[i] for i in np.asarray(train_idx)]
+    singles = option_columns(part, keys)
+    model = _fit_ridge(encode_options(part, singles), np.asarray(learned, dtype=np.float64)[np.asarray(train_idx)])
+    return _prior_entry("ridge", model, singles, {})
 
 
 def error_features(records: Sequence[Mapping], keys: Sequence[str]) -> np.ndarray:
@@ -316,7 +385,7 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
                    "val_selection": best[0]}
 
 
-def _run_fold(dataset: ConfigDataset, labels: Labels, features: np.ndarray, f: int, train_idx: np.ndarray,
+def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping], f: int, train_idx: np.ndarray,
               val_idx: np.ndarray, test_idx: np.ndarray, loss: str, epochs: int, batch_size: int, seed: int,
               device: str, opts: TrainOptions, log: Callable[[str], None] | None = None):
     """Train one fold and evaluate it on its test chunk: (result, CPU state dict, ensemble info)."""
@@ -325,21 +394,28 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, features: np.ndarray, f: i
         torch.set_num_threads(opts.threads)
     try:
         started = time.perf_counter()
-        rest = np.sort(np.concatenate([train_idx, val_idx]))  # as many records as the ridge baseline sees
-        fitted = _fit_prior(features, labels.learned.numpy(), rest) if opts.linear_prior else None
-        # "auto": the fold's validation split decides between the GNN on the ridge residual and the GNN alone
+        keys = [k for k in dataset.template.keys if k]
+        learned = labels.learned.numpy()
+        # The prior the network trains against sees the training part only: fitted on the validation split too,
+        # its validation residuals would be too small for any network epoch to look better than epoch 0.
+        fitted = fit_prior(records, learned, train_idx, keys, seed) if opts.linear_prior else None
+        # "auto": the fold's validation split decides between the GNN on the prior's residual and the GNN alone
         # (where log FID is far from additive, a prior it cannot leave holds the network back)
         variants = [True, False] if opts.linear_prior == "auto" else [bool(opts.linear_prior)]
         best = None
         for use_prior in variants:
             prior = fitted if use_prior else None
-            base = _prior_values(prior, features)
+            base = prior_values(prior, records)
             trained = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
                                   replace(opts, linear_prior=use_prior), log)
             if best is None or trained[1]["val_selection"] > best[1]["val_selection"]:
                 best = (*trained, prior, base)
         model, info, prior, base = best
         info["prior_used"] = prior is not None
+        if prior is not None:  # the kept prior of the same kind, refitted on training + validation part
+            rest = np.sort(np.concatenate([train_idx, val_idx]))
+            prior = fit_prior(records, learned, rest, keys, seed, kinds=(prior["kind"],))
+            base = prior_values(prior, records)
         test = _predict(model, dataset, test_idx, device, opts.eval_batch)
         y_test, hop_y = labels.y[test_idx], labels.hop_y[test_idx]
         pred = labels.compose(test["pred"], test_idx, info["learned_mean"], info["learned_std"], base)
@@ -352,7 +428,7 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, features: np.ndarray, f: i
                   "hop_srcc": [srcc(hops[:, h], hop_y) for h in range(hops.shape[1])],
                   "hop_ndcg10": [ndcg_at_k(hops[:, h], hop_y, opts.k) for h in range(hops.shape[1])],
                   "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"],
-                  "prior_used": info["prior_used"]}
+                  "prior_used": info["prior_used"], "prior_kind": None if prior is None else prior["kind"]}
         moments = _moments(model, dataset, train_idx, device, opts.eval_batch)
         result["seconds"] = time.perf_counter() - started
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -409,12 +485,12 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
 
     exclude = set(getattr(target_fn, "names", ()))
     fixed_baselines = baseline_scores(kept, exclude)
-    ridge_features, ridge_columns = option_features(kept, [k for k in template.keys if k])
-    ridge_names = ["ridge_options"] + (["ridge_learned", "gbm_learned", "ridge_gbm_learned"]
-                                       if plan.key is not None and opts.tabular_baselines else
-                                       ["ridge_learned"] if plan.key is not None else [])
-    tabular = (np.hstack([ridge_features, error_features(kept, [k for k in template.keys if k])])
-               if opts.tabular_baselines else None)
+    layer_keys = [k for k in template.keys if k]
+    singles = option_columns(kept, layer_keys)
+    onehot = encode_options(kept, singles)
+    ridge_names = ["ridge_options"] + (["ridge_learned", "prior_learned"] if plan.key is not None else []) + (
+        ["gbm_learned", "ridge_gbm_learned"] if plan.key is not None and opts.tabular_baselines else [])
+    tabular = np.hstack([onehot, error_features(kept, layer_keys)]) if opts.tabular_baselines else None
     baseline_folds: dict[str, list[dict]] = {name: [] for name in [*fixed_baselines, *ridge_names]}
 
     splits = []
@@ -426,7 +502,7 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
         splits.append((f, np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val]), test_idx))
 
     started_all = time.perf_counter()
-    jobs = [(dataset, labels, ridge_features, f, train_idx, val_idx, test_idx, loss, epochs, batch_size, seed + f, str(device), opts)
+    jobs = [(dataset, labels, kept, f, train_idx, val_idx, test_idx, loss, epochs, batch_size, seed + f, str(device), opts)
             for f, train_idx, val_idx, test_idx in splits]
     workers = max(1, min(int(opts.workers), folds))
     if workers == 1:
@@ -463,21 +539,23 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
             rho = srcc(torch.as_tensor(score[rest]), torch.as_tensor(y[rest]))
             sign = -1.0 if (not math.isnan(rho) and rho < 0) else 1.0
             baseline_folds[name].append({**_fold_metrics(sign * score[test_idx], y[test_idx], opts.k), "sign": sign})
-        ridge = _prior_values(_fit_prior(ridge_features, y, rest), ridge_features[test_idx]).numpy()
+        test_records = [kept[i] for i in test_idx]
+        ridge = prior_values(ridge_prior(kept, y, rest, layer_keys), test_records).numpy()
         baseline_folds["ridge_options"].append(_fold_metrics(ridge, y[test_idx], opts.k))
-        if plan.key is not None:  # the same split as the GNN's: ridge on the learned key, composed exactly
-            # the fold's own prior (same records) when the network used one
-            prior = fold_infos[f]["prior"] or _fit_prior(ridge_features, labels.learned.numpy(), rest)
-            learned = _prior_values(prior, ridge_features[test_idx])
-            composed = plan.compose(learned, labels.known[test_idx]).numpy()
-            baseline_folds["ridge_learned"].append(_fold_metrics(composed, y[test_idx], opts.k))
+        if plan.key is not None:  # the same split as the GNN's: linear models of the learned key, composed exactly
+            learned_all = labels.learned.numpy()
+            ridge = ridge_prior(kept, learned_all, rest, layer_keys)
+            for name, linear in (("ridge_learned", ridge),  # additive reference; then the GNN's prior alone
+                                 ("prior_learned", fold_infos[f]["prior"] or fit_prior(kept, learned_all, rest,
+                                                                                       layer_keys, seed + f))):
+                composed = plan.compose(prior_values(linear, test_records), labels.known[test_idx]).numpy()
+                baseline_folds[name].append({**_fold_metrics(composed, y[test_idx], opts.k), "kind": linear["kind"]})
             if tabular is not None:  # nonlinear tabular baselines: trees, and trees on the ridge residual
-                learned_all = labels.learned.numpy()
                 gbm = _fit_gbm(tabular, learned_all, rest, seed + f)
                 pred = torch.as_tensor(gbm.predict(tabular[test_idx]))
                 baseline_folds["gbm_learned"].append(_fold_metrics(
                     plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
-                prior_all = _prior_values(prior, ridge_features).numpy()
+                prior_all = prior_values(ridge, kept).numpy()
                 residual = _fit_gbm(tabular, learned_all, rest, seed + f, residual_of=prior_all)
                 pred = torch.as_tensor(prior_all[test_idx] + residual.predict(tabular[test_idx]))
                 baseline_folds["ridge_gbm_learned"].append(_fold_metrics(
@@ -485,7 +563,7 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
 
     metrics = {
         "target": target_expr, "learned": plan.to_json(), "loss": loss, "folds_k": folds, "seed": seed,
-        "device": str(device), "prior_columns": ridge_columns if opts.linear_prior else None,
+        "device": str(device), "prior_columns": [column_to_json(c) for c in singles] if opts.linear_prior else None,
         "n_records": len(records), "n_valid": len(kept), "dropped_records": sorted(set(range(len(records))) - set(valid)),
         "srcc_mean": _nanmean(r["srcc"] for r in fold_results),
         "ndcg10_mean": _nanmean(r["ndcg10"] for r in fold_results),
@@ -498,7 +576,8 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
         "baselines": {name: {"srcc_mean": _nanmean(m["srcc"] for m in ms),
                              "ndcg10_mean": _nanmean(m["ndcg10"] for m in ms),
                              "srcc": [m["srcc"] for m in ms], "ndcg10": [m["ndcg10"] for m in ms],
-                             "sign": [m.get("sign", 1.0) for m in ms]}
+                             "sign": [m.get("sign", 1.0) for m in ms],
+                             **({"kind": [m["kind"] for m in ms]} if ms and "kind" in ms[0] else {})}
                       for name, ms in baseline_folds.items()},
         "timings": {"seconds_per_fold": [r["seconds"] for r in fold_results],
                     "seconds_total": float(sum(r["seconds"] for r in fold_results)), "wall_seconds": wall,

@@ -29,7 +29,10 @@ def summary(metrics: dict) -> dict:
             "fold_srcc": [f["srcc"] for f in metrics["folds"]],
             "best_epochs": [f["best_epoch"] for f in metrics["folds"]],
             "folds_at_prior": sum(1 for f in metrics["folds"] if f["best_epoch"] == 0),
+            "prior_kinds": [f.get("prior_kind") for f in metrics["folds"]],
             "ridge_learned": ridge, "gain_over_ridge": None if ridge is None else metrics["srcc_mean"] - ridge,
+            "prior_learned": base.get("prior_learned", {}).get("srcc_mean"),
+            "gbm_learned": base.get("gbm_learned", {}).get("srcc_mean"),
             "seconds": metrics["timings"]["wall_seconds"]}
 
 
@@ -45,8 +48,9 @@ def main(argv=None) -> dict:
     p.add_argument("--keep", default=None, help="where the quality-target ensemble goes (default "
                                                 "benchmarks/results/predictor_<model>_work/quality)")
     p.add_argument("--targets", default="default,quality", help="comma list of: default, quality")
-    p.add_argument("--prior", default="auto", choices=("auto", "ridge", "none"),
-                   help="the GNN's ridge prior: per fold with or without by validation (auto), always, never")
+    p.add_argument("--prior", default="linear", choices=("linear", "auto", "none"),
+                   help="the GNN's linear prior (autobuild.train.fit_prior): always (linear, the default of "
+                        "train-predictor), per fold with or without by validation (auto), never")
     p.add_argument("--merge", action="store_true", help="keep the targets already in the result file")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -60,17 +64,20 @@ def main(argv=None) -> dict:
     graph = family_graph(args.model, args.size)
     keep = Path(args.keep) if args.keep else RESULTS / f"predictor_{args.model}_work" / "quality"
     started = time.perf_counter()
+    env = environment()
+    measured = f"re-measured on {env['device']} ({args.workers} fold process(es), 1 torch thread each), {env['date']}"
     out = {}
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
-    prior = {"auto": "auto", "ridge": True, "none": False}[args.prior]
+    prior = {"auto": "auto", "linear": True, "none": False}[args.prior]
     for name, target in ((n, TARGETS[n]) for n in wanted):
         metrics = train_predictor(records, graph, target, folds=args.folds, epochs=args.epochs, seed=12345,
                                   device=args.device, out_dir=keep if name == "quality" else keep.parent / name,
                                   units=units(graph, "block"), log=None,
                                   options=TrainOptions(workers=args.workers, tabular_baselines=True,
                                                        linear_prior=prior))
-        out[name] = (dict(summary(metrics), prior=args.prior, device=args.device),
-                     {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"]} for b, v in metrics["baselines"].items()})
+        out[name] = (dict(summary(metrics), prior=args.prior, device=args.device, measured=measured),
+                     {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"], **({"kind": v["kind"]} if "kind" in v else {})}
+                      for b, v in metrics["baselines"].items()})
         print(f"{name}: SRCC {metrics['srcc_mean']:.4f}; " + ", ".join(f"{b} {v['srcc_mean']:.4f}"
                                                                      for b, v in metrics["baselines"].items()))
     path = (Path(args.out) if args.out else RESULTS) / f"predictor_{args.model}.json"
@@ -83,7 +90,7 @@ def main(argv=None) -> dict:
               "predictor": {**predictor, "baselines": baselines, "quality_dir": str(keep)},
               "goals": {"srcc": ">= 0.9 on both targets",
                         "gnn_vs_ridge": "where ridge_learned < 0.85, the GNN beats it by >= 0.05"},
-              "environment": environment(), "seconds": time.perf_counter() - started}
+              "measured": measured, "environment": env, "seconds": time.perf_counter() - started}
     write_result(f"predictor_{args.model}", result, Path(args.out) if args.out else RESULTS)
     return result
 

@@ -439,8 +439,7 @@ def test_auto_prior_and_tabular_baselines_on_an_interaction(tmp_path):
     assert all(isinstance(f["prior_used"], bool) for f in metrics["folds"])
     # the prior's pair terms hold the AND: prior alone and the predictor (with it where kept) beat ridge
     assert base["prior_learned"]["kind"] == ["lasso_pairs"] * 2
-    print("SRCC", base["prior_learned"]["srcc_mean"], metrics["srcc_mean"], base["ridge_learned"]["srcc_mean"])
     assert base["prior_learned"]["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.02  # seen: 0.781 vs 0.745
-    assert metrics["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.02
+    assert metrics["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.02  # seen: 0.781 (the prior kept)
     out = load_ensemble(tmp_path).predict(records[:10])
     assert out["learned_std"].shape == (10,) and (out["learned_std"] >= 0).all()

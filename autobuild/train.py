@@ -199,9 +199,14 @@ def _fit_lasso(x: np.ndarray, target: np.ndarray, seed: int):
     from sklearn.linear_model import LassoCV
     from sklearn.model_selection import KFold
 
+    # scikit-learn's own path (30 alphas from the smallest that zeroes every coefficient down to 1e-3 of it),
+    # spelled out: scikit-learn >= 1.3 is supported and only 1.7 takes a number of alphas as ``alphas``
+    centred = target - target.mean()
+    alpha_max = float(np.abs((x - x.mean(axis=0)).T @ centred).max()) / len(target)
+    alphas = np.geomspace(alpha_max, alpha_max * 1e-3, 30) if alpha_max > 0 else np.array([1e-6])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return LassoCV(alphas=30, cv=KFold(PRIOR_INNER_FOLDS, shuffle=True, random_state=seed), max_iter=5000,
+        return LassoCV(alphas=alphas, cv=KFold(PRIOR_INNER_FOLDS, shuffle=True, random_state=seed), max_iter=5000,
                        random_state=seed).fit(x, target)
 
 

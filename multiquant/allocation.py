@@ -4,7 +4,7 @@ Every *search layer* (a canonical layer together with its tied copies, which mus
 item; its choices are bit widths. Picking ``b`` bits for layer ``l`` costs ``cost[l, b]`` and is worth
 ``value[l, b]``; the total cost must stay within the budget.
 
-Value model (documented, used everywhere): a layer measured at sensitivity ``s`` in [0, 1] degrades the
+The noise model (``--allocator noise``; the value model of the rest of the system): a layer measured at sensitivity ``s`` in [0, 1] degrades the
 output in proportion to its quantization-noise amplitude, which halves with every extra bit (step size
 ``~ 2^-b``). Relative to the lowest width ``b0`` on offer, the degradation *avoided* by ``b`` bits is
 
@@ -29,9 +29,11 @@ Costs (one unit per mode):
   the FP bytes), reported as average bits ``fp_prec x bytes / fp_bytes``, the avg_bits the rest of the
   system uses; budget = B average bits.
 
-Solvers: :func:`solve_greedy` (bang for buck: start at the lowest width everywhere, repeatedly take the
-upgrade with the largest value gained per unit of cost added that still fits, stop when none fits) and
-:func:`solve_exact` (the same problem as a MILP, scipy's HiGHS), the yardstick for the greedy one.
+Solvers (all of them :mod:`multiquant.knapsack`): :func:`solve_greedy` (bang for buck: start at the lowest
+width everywhere, repeatedly take the upgrade with the largest value gained per unit of cost added that still
+fits, stop when none fits; plus the single-upgrade safeguard), :func:`solve_documented` (the document's greedy:
+one width at a time, no safeguard) and :func:`solve_exact` (the same problem as a MILP, scipy's HiGHS), the
+yardstick for the greedy ones.
 """
 from __future__ import annotations
 

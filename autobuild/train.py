@@ -180,6 +180,10 @@ PRIOR_INNER_FOLDS = 5
 RIDGE_ALPHAS = np.logspace(-3, 3, 13)
 
 
+def _inner_folds(n: int) -> int:
+    return min(PRIOR_INNER_FOLDS, n)
+
+
 def _fit_ridge(x: np.ndarray, target: np.ndarray, seed: int | None = None):
     """RidgeCV over :data:`RIDGE_ALPHAS`; with ``seed``, alpha by seeded K-fold MSE (comparable with the lasso
     candidates), else by the efficient leave-one-out."""
@@ -188,7 +192,7 @@ def _fit_ridge(x: np.ndarray, target: np.ndarray, seed: int | None = None):
 
     if seed is None:
         return RidgeCV(alphas=RIDGE_ALPHAS).fit(x, target)
-    return RidgeCV(alphas=RIDGE_ALPHAS, cv=KFold(PRIOR_INNER_FOLDS, shuffle=True, random_state=seed),
+    return RidgeCV(alphas=RIDGE_ALPHAS, cv=KFold(_inner_folds(len(target)), shuffle=True, random_state=seed),
                    scoring="neg_mean_squared_error").fit(x, target)
 
 
@@ -206,7 +210,7 @@ def _fit_lasso(x: np.ndarray, target: np.ndarray, seed: int):
     alphas = np.geomspace(alpha_max, alpha_max * 1e-3, 30) if alpha_max > 0 else np.array([1e-6])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return LassoCV(alphas=alphas, cv=KFold(PRIOR_INNER_FOLDS, shuffle=True, random_state=seed), max_iter=5000,
+        return LassoCV(alphas=alphas, cv=KFold(_inner_folds(len(target)), shuffle=True, random_state=seed), max_iter=5000,
                        random_state=seed).fit(x, target)
 
 
@@ -224,6 +228,8 @@ def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.nda
     seeded inner K-fold MSE. Where log FID is additive (mnist_dit) ridge or lasso win; where a few layers
     interact (mnist_unet's output layers, docs/design.md §4) the pair terms do."""
     train_idx = np.asarray(train_idx)
+    if _inner_folds(len(train_idx)) < 3:  # too few records to compare candidates: the additive reference
+        return ridge_prior(records, learned, train_idx, keys)
     part = [records[i] for i in train_idx]
     singles = option_columns(part, keys)
     x = encode_options(part, singles)

@@ -443,3 +443,12 @@ def test_auto_prior_and_tabular_baselines_on_an_interaction(tmp_path):
     assert metrics["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.02  # seen: 0.781 (the prior kept)
     out = load_ensemble(tmp_path).predict(records[:10])
     assert out["learned_std"].shape == (10,) and (out["learned_std"] >= 0).all()
+
+
+def test_prior_on_a_training_part_too_small_for_inner_folds_is_ridge():
+    from autobuild.train import fit_prior
+
+    records, learned, keys = _interaction_records(4, seed=2, interaction=1.0)
+    prior = fit_prior(records, learned, np.arange(2), keys)
+    assert prior["kind"] == "ridge" and len(prior["coef"]) == len(prior["columns"])
+    assert fit_prior(records, learned, np.arange(4), keys)["kind"] in ("ridge", "lasso", "lasso_pairs")

@@ -338,10 +338,14 @@ def optimize(table, budgets: Sequence[float], measure: Callable, measure_layers:
     budgets_ok = [b for b in budgets if b >= floor - 1e-9]
     if not budgets_ok:
         raise BudgetError(f"every budget is below the smallest achievable {floor:.4f} average bits: ask for more")
+    reserve = confirm_top * len(budgets_ok)
+    needed = len(space.options) + reserve  # the uniform anchors, then the confirmations held back
+    if max_evaluations < needed:
+        raise BudgetError(f"--max_evaluations {max_evaluations:g} cannot cover the {len(space.options)} uniform "
+                          f"anchors and {reserve} confirmations ({confirm_top} per budget): give at least {needed}")
     entries: list[_Entry] = []
     seen: dict[tuple, _Entry] = {}
     spent = {"evaluations": 0.0, "full": 0, "sweep_cost": 0.0, "confirm": 0}
-    reserve = confirm_top * len(budgets_ok)
     rounds_log: list[dict] = []
 
     def measure_new(items: list[tuple[str, float | None, np.ndarray, float | None]], round_index: int) -> list:

@@ -96,6 +96,10 @@ def test_optimiser_is_reproducible_and_every_budget_below_the_floor_is_refused()
     assert [h["config"] for h in runs[0]["history"]] == [h["config"] for h in runs[1]["history"]]
     with pytest.raises(O.BudgetError, match="below the smallest achievable"):
         O.optimize(table, [2.0], Oracle(table).measure, None, max_evaluations=10, log=None)
+    oracle = Oracle(table)
+    with pytest.raises(O.BudgetError, match="cannot cover the 4 uniform anchors and 2 confirmations.*at least 6"):
+        O.optimize(table, [3.6], oracle.measure, None, max_evaluations=5, log=None)  # 4 + 2 per budget needed
+    assert oracle.calls == []  # refused before anything was measured
 
 
 def test_sequential_linearisation_finds_the_optimum_of_a_pairwise_model_within_budget():

@@ -599,11 +599,12 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
         budget = args.budget_multiplier * reference
         unit, scale = _unit_for(reference)
     solve = ks.solve_greedy if args.solver == "greedy" else ks.solve_exact
-    floor = float(cost.min(axis=1).sum()) + fixed_cost
-    if floor > budget * (1 + 1e-9):  # in the report's unit, like the one-method form
+    min_cost = float(cost.min(axis=1).sum()) + fixed_cost
+    max_cost = float(cost.max(axis=1).sum()) + fixed_cost  # every layer counted, the unmeasured at their width
+    if min_cost > budget * (1 + 1e-9):  # in the report's unit, like the one-method form
         held = f" ({len(fixed)} unmeasured layer(s) at {fixed_bits} bits included)" if fixed else ""
         raise BudgetError(f"budget {budget / scale:.6g} {unit} is below the cheapest allocation "
-                          f"{floor / scale:.6g} {unit}{held}: no allocation fits. Fix: raise the budget to at least "
+                          f"{min_cost / scale:.6g} {unit}{held}: no allocation fits. Fix: raise the budget to at least "
                           f"that, or offer a lower bit width (--bits)")
     solution = solve(list(-damage), list(cost), budget - fixed_cost)
     picked = {it.key: choices[c] for it, c in zip(items, solution.choice)}
@@ -614,8 +615,6 @@ def optimize_per_layer_method(args, paths: list, log=print) -> dict:
             allocation[key], per_method[key] = int(b), m
     quant = quantization_config(allocation, per_method.get)
     final = solution.cost + fixed_cost
-    min_cost = float(cost.min(axis=1).sum()) + fixed_cost
-    max_cost = float(cost.max(axis=1).sum()) + fixed_cost  # every layer counted, the unmeasured at their width
     totals = {"unit": unit, "budget": budget / scale, "min_cost": min_cost / scale, "max_cost": max_cost / scale,
               "final_cost": final / scale, "reference_cost": reference / scale,
               "utilisation": final / budget if budget > 0 else None, "predicted_damage": float(-solution.value),

@@ -11,6 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _isolated_env(pythonpath: Path) -> dict:
+    """This environment without the project's variables, importing only from ``pythonpath``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUA2SEDIMO_")}
+    env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def _python(script: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
 def test_every_package_is_listed_for_the_install():
     from setuptools import find_packages
 
@@ -44,10 +55,8 @@ def test_pip_install_target_ships_data_and_writes_nothing_into_site_packages(tmp
               "print(multiquantizer_path('mnist_dit_mq.safetensors'))\n"
               "print(len(load_quant_cache(shipped_cache('mnist_dit'))))\n"
               "print(Path(constants.MULTIQUANTIZER_DIR).resolve(), Path(constants.RESULTS_DIR).resolve())\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUA2SEDIMO_")}
-    env["PYTHONPATH"] = str(target)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=work, env=env,
-                         timeout=300)
+    env = _isolated_env(target)
+    run = _python(script, cwd=work, env=env)
     assert run.returncode == 0, run.stderr
     home, mq, records, outputs = run.stdout.strip().splitlines()
     assert Path(home) == shipped and Path(mq) == shipped / "multiquantizers" / "mnist_dit_mq.safetensors"
@@ -80,9 +89,6 @@ def test_paths_module_is_found_when_only_the_packages_are_importable(tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     script = ("import sys\nfrom multiquant.paths import constants, shipped_cache\n"
               "print(constants.__file__)\nprint(shipped_cache('mnist_dit').is_file())\nprint('constants' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUA2SEDIMO_")}
-    env["PYTHONPATH"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
+    run = _python(script, cwd=tmp_path, env=_isolated_env(tmp_path))
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(ROOT / "constants.py"), "True", "False"]

@@ -144,8 +144,13 @@ def main(argv=None):
         del model, layers
         if device == "cuda":
             torch.cuda.empty_cache()
+        # written after every family: a run stopped by its time limit keeps the families it finished
+        write_result("multiquantizer", summarize(names, families, ref), args.out)
+
+
+def summarize(names: list[str], families: dict, ref: dict) -> dict:
     first = families[names[0]]
-    result = {
+    return {
         **environment(), "model": names[0], "architecture": first["architecture"],
         "weights": "random (diffusers init), real shapes",
         **{k: first[k] for k in ("num_layers", "fp16_bytes", "build_seconds", "checkpoint_bytes", "checkpoint_ratio",
@@ -153,11 +158,10 @@ def main(argv=None):
         "reference_style_seconds": ref["total"], "reference_style_breakdown": ref, "speedup": ref["total"] / first["build_seconds"],
         "sdxl_build_seconds": families.get("sdxl", {}).get("build_seconds"),
         "sdxl_peak_gpu_bytes": families.get("sdxl", {}).get("peak_gpu_bytes"),
-        "families": families,
+        "families": families, "not_built": [n for n in names if n not in families],
         "targets": {"build_seconds": "<= 6 (pixart_alpha, one H200)", "sdxl_build_seconds": "full size, one GPU, one go",
                     "checkpoint_ratio": "<= 1.6", "apply_config_seconds": "< 1"},
     }
-    write_result("multiquantizer", result, args.out)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ _RECORD_NAME = re.compile(r"^(\d{6,})\.pkl$")
 _FID_NOISE = 1e-3  # |FID| below this may come out negative from the matrix square root
 # Settings that do not change a single number (runs written before this list may still carry them).
 NOT_RUN_IDENTITY = ("world_size",)
+# Nested settings of the same kind: the sampler's batch size only bounds memory (every image's noise comes from
+# its own seed, multiquant.seeds), so a run resumes at another batch size (the shipped datasets were scored at
+# 1000 images per call).
+NOT_RUN_IDENTITY_NESTED = {"sampler": ("batch_size",)}
 # Settings that later versions added to run_meta.json, with the value that a run written before them had
 # without saying so (the setting did not exist yet): a stored run that lacks the key compares as that value,
 # so it resumes; a run that records another value does not. clip: older versions never scored CLIP; act_bits:
@@ -234,7 +238,10 @@ class RecordStore:
         except (OSError, ValueError) as err:
             raise StoreError(f"cannot read run metadata {meta_path}: {err}") from err
         def value(meta, key):
-            return meta.get(key, ADDED_RUN_KEYS.get(key, _MISSING))
+            found = meta.get(key, ADDED_RUN_KEYS.get(key, _MISSING))
+            if isinstance(found, dict) and key in NOT_RUN_IDENTITY_NESTED:
+                found = {k: v for k, v in found.items() if k not in NOT_RUN_IDENTITY_NESTED[key]}
+            return found
 
         differing = sorted(k for k in (set(stored) | set(self.run_meta)) - set(NOT_RUN_IDENTITY)
                            if value(stored, k) != value(self.run_meta, k))

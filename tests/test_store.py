@@ -134,6 +134,16 @@ def test_run_meta_mismatch_names_the_key(tmp_path):
         RecordStore(tmp_path, dict(META, steps=20))
 
 
+def test_a_run_resumes_at_another_sampler_batch_size_but_not_other_sampler_settings(tmp_path):
+    """The batch size bounds memory only (each image's noise comes from its own seed): it never splits a run."""
+    sampler = {"batch_size": 64, "steps": 50, "seed": 42}
+    RecordStore(tmp_path, dict(META, sampler=sampler)).commit(0, make_record(0))
+    resumed = RecordStore(tmp_path, dict(META, sampler=dict(sampler, batch_size=1000)))
+    assert resumed.done_indices() == {0}
+    with pytest.raises(RunMetaMismatchError, match=r"settings \(sampler\)"):
+        RecordStore(tmp_path, dict(META, sampler=dict(sampler, steps=20)))
+
+
 def test_the_shipped_dataset_opens_for_resuming_with_every_record(tmp_path):
     """quant_caches/mnist_dit ships one quant_cache.pkl (no records/) and a run_meta.json written before the `clip`
     key: opened with the settings today's version records for that protocol (clip None: a class-conditioned

@@ -39,6 +39,7 @@ MNIST_UNET = register_family(FamilySpec(
     num_images=1000, resolution=28, steps=SAMPLER.steps, guidance=1.0,
     # all of a configuration's images in one sampler call (which bounds its own memory): at 64 per call, one
     # configuration took ~3 s on an H200, launch-bound; 1,000 images in one call sample in 0.31 s
+    # (benchmarks/results/sampler_layout_mnist_unet.json)
     batch_size=SAMPLER.batch_size,
     notes="Embedded testbed 2: plain nn.Module U-Net DDPM on MNIST with its own 50-step ancestral sampler; "
           "image i gets digit i % 10; MNIST-FID vs held-out digits.",

@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from multiquant import knapsack
-from multiquant.cli_flags import add_model_flags
+from multiquant.cli_flags import act_bits_arg, add_activation_args, add_model_flags
 from multiquant.knapsack import BudgetError
 
 from multiquant.options import Option, OptionTable, avg_bits_of, option_of, size_budget
@@ -565,16 +565,18 @@ class MeasuredSetup:
 
 def measured_setup(family, workdir: Path, *, pretrained: str | None = None, tiny: bool = False,
                    device: str | None = None, mq: str | None = None, num_images: int | None = None,
-                   image_seed: int = 42, confirm_seed: int = 43, log: Callable[[str], None] = print) -> MeasuredSetup:
+                   image_seed: int = 42, confirm_seed: int = 43, act_bits: int | None = None,
+                   log: Callable[[str], None] = print) -> MeasuredSetup:
     """Scorers at the main and the confirmation image seeds (the tiny model builds its scratch multiquantizer
-    in ``workdir`` unless ``mq`` names one) and the :class:`ContentMeasure` over them."""
+    in ``workdir`` unless ``mq`` names one) and the :class:`ContentMeasure` over them. ``act_bits``: every
+    configuration is scored with its layers' input activations quantized (W-x A-y)."""
     from multiquant.evaluate import setup_scorer
     from multiquant.utils import default_device
 
     device = device or str(default_device())
     mq_path = Path(mq) if mq else (workdir / f"{family.name}_tiny_mq.safetensors" if tiny else None)
     common = dict(pretrained=pretrained, tiny=tiny, device=device, mq_path=mq_path, num_images=num_images, log=log,
-                  build_mq=bool(tiny and not mq))
+                  build_mq=bool(tiny and not mq), act_bits=act_bits)
     main_scorer = setup_scorer(family, image_seed=image_seed, **common)
     confirm_scorer = setup_scorer(family, image_seed=confirm_seed, **common)
     scorer, settings = main_scorer
@@ -619,6 +621,7 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--key", default=DEFAULT_KEY, help="metric to minimise")
     p.add_argument("--out", required=True, help="run directory (resumable stores, optimize.json, configs/)")
     p.add_argument("--mq", default=None, help="multiquantizer (default multiquantizers/<model>_mq.safetensors)")
+    add_activation_args(p)  # W-x A-y: the one-layer sweeps still measure weights alone (a ranking, not a score)
     return p
 
 
@@ -666,7 +669,7 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
     family = get_family(args.model)
     setup = measured_setup(family, out, pretrained=args.pretrained, tiny=args.tiny, device=args.device, mq=args.mq,
                            num_images=args.num_images, image_seed=args.image_seed, confirm_seed=args.confirm_seed,
-                           log=log)
+                           act_bits=act_bits_arg(args), log=log)
     scorer, settings, ties, space, measure, device = (setup.scorer, setup.settings, setup.ties, setup.space,
                                                       setup.measure, setup.device)
     measure_layers = None

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from multiquant.cli_flags import add_model_flags
+from multiquant.cli_flags import act_bits_arg, add_activation_args, add_model_flags
 from multiquant.errors import InputError
 from multiquant.options import OptionTable
 
@@ -350,11 +350,12 @@ def add_search_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image_seed", type=int, default=42, help="base seed of the per-image noise")
     p.add_argument("--mq", default=None, help="multiquantizer (default multiquantizers/<model>_mq.safetensors; "
                                               "--tiny: OUT/<model>_tiny_mq.safetensors)")
+    add_activation_args(p)  # the dataset must have been scored with the same activation bits
     return p
 
 
 def _input_records(args, scorer, settings, out: Path, table: OptionTable, log) -> list[dict]:
-    from multiquant.evaluate import random_configs, score_into_store
+    from multiquant.evaluate import ACT_FP_BITS, random_configs, score_into_store
     from multiquant.store import RecordStore, load_quant_cache
 
     records = load_quant_cache(args.cache) if args.cache else []
@@ -369,6 +370,12 @@ def _input_records(args, scorer, settings, out: Path, table: OptionTable, log) -
         raise InputError(f"{args.cache}: its configurations have other layers ({len(wrong['config'])}) than the "
                          f"{'tiny ' if args.tiny else ''}{args.model} multiquantizer ({len(table.keys)}): use the "
                          f"cache of this model")
+    acts = {int(r.get("act_bits") or ACT_FP_BITS) for r in records}
+    act = int(settings.get("act_bits") or ACT_FP_BITS)
+    if acts != {act}:
+        raise InputError(f"the dataset was scored with activations at {'/'.join(f'A{a}' for a in sorted(acts))}, this "
+                         f"search at A{act}: pass a dataset scored with the same --quant_act --act_bit "
+                         f"(eval-random), or {'drop --quant_act' if act != ACT_FP_BITS else 'add them'}")
     counts = {r.get("num_images") for r in records} - {None}
     if counts and counts != {settings["num_images"]}:
         log(f"warning: the dataset was scored on {sorted(counts)} images, this search on {settings['num_images']}: "
@@ -392,7 +399,7 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
     mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     scorer, settings = setup_scorer(family, pretrained=args.pretrained, tiny=args.tiny, device=device,
                                     mq_path=mq_path, num_images=args.num_images, image_seed=args.image_seed,
-                                    build_mq=bool(args.tiny and not args.mq), log=log)
+                                    build_mq=bool(args.tiny and not args.mq), act_bits=act_bits_arg(args), log=log)
     records = _input_records(args, scorer, settings, out, OptionTable.from_source(scorer.mq), log)
     result = measured_search(scorer, settings, records, budgets, out, args.rounds, args.per_budget, args.seed,
                              args.key, log)

@@ -2,6 +2,8 @@
 confirmation, content-keyed resume."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,20 @@ def test_content_measure_resumes_by_content_not_by_order(tmp_path):
     second = again([c, b], "main")  # another order, one new configuration
     assert scorer.scored == 3
     assert second[1]["FID-GT-1k"] == first[1]["FID-GT-1k"]
+
+
+def test_cli_scores_every_configuration_with_quantized_activations(tmp_path):
+    """`optimize --quant_act --act_bit 8` on the tiny DiT: every record of both seeds' stores is an A8 score and
+    the protocol of optimize.json says so."""
+    from qua2sedimo.cli import main as cli_main
+    from multiquant.store import load_quant_cache
+
+    out = tmp_path / "opt"
+    assert cli_main(["optimize", "--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "4",
+                     "--budgets", "6", "--sweep_images", "0", "--max_evaluations", "12", "--per_budget", "1",
+                     "--confirm_top", "1", "--quant_act", "--act_bit", "8", "--out", str(out)]) == 0
+    result = json.loads((out / "optimize.json").read_text())
+    assert result["protocol"]["act_bits"] == 8 and result["evaluations"] <= 12
+    for seed in ("main", "confirm"):
+        records = load_quant_cache(out / "scored" / seed / "quant_cache.pkl")
+        assert records and {r["act_bits"] for r in records} == {8}

@@ -241,3 +241,25 @@ def test_cli_on_the_tiny_model(tmp_path, capsys):
     assert again["scored_this_run"] == 0 and again["rounds"] == result["rounds"]
     assert cli_main([*argv[:-2], "--seed", "3", "--out", str(out)]) == 2  # another search in the same directory
     assert "different settings (seed)" in capsys.readouterr().err
+
+
+def test_cli_scores_with_quantized_activations_and_refuses_a_dataset_of_other_activation_bits(tmp_path, capsys):
+    """`search --quant_act --act_bit 8`: its own random start and every proposal are scored at A8 (the records
+    and the protocol say so); started from that dataset without --quant_act, it refuses in one line."""
+    from qua2sedimo.cli import main as cli_main
+    from multiquant.store import load_quant_cache
+
+    out = tmp_path / "a8"
+    argv = ["search", "--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "4", "--budgets", "6",
+            "--rounds", "1", "--per_budget", "1"]
+    assert cli_main([*argv, "--num_random", "4", "--quant_act", "--act_bit", "8", "--out", str(out)]) == 0
+    result = json.loads((out / "search.json").read_text())
+    assert result["protocol"]["act_bits"] == 8
+    start = load_quant_cache(out / "random" / "quant_cache.pkl")
+    assert len(start) == 4 and {r["act_bits"] for r in start} == {8}
+    capsys.readouterr()
+    fp_out = tmp_path / "a16"
+    assert cli_main([*argv, "--cache", str(out / "random" / "quant_cache.pkl"), "--mq",
+                     str(out / "mnist_dit_tiny_mq.safetensors"), "--out", str(fp_out)]) == 2
+    err = capsys.readouterr().err
+    assert "activations at A8, this search at A16" in err and "Traceback" not in err

@@ -1,92 +1,137 @@
-"""Benchmark configuration scoring against the denoiser floor and the reference loop, side by side.
+"""Benchmark configuration scoring on every built-in diffusers family: the bare denoiser floor, our scorer and
+(PixArt-alpha) the reference loop, side by side in one run.
 
-    python benchmarks/eval_random.py                       # one GPU: floor, ours, reference loop
-    torchrun --nproc-per-node 2 benchmarks/eval_random.py --scaling_only --num_images 512
+    python benchmarks/eval_random.py --deadline_s 480      # one GPU: all six families, cheapest first
+    torchrun --nproc-per-node 2 benchmarks/eval_random.py --families pixart_alpha --scaling_only --num_images 512
 
-Full-size PixArt-alpha architecture with random fp16 weights, 512x512, 20 DPM-Solver steps, CFG 4.5,
-random prompt embeddings (120 tokens) and a random-weight Inception (labelled: timing only).
+Each family goes through its own adapter with its protocol (resolution, steps, guidance, scheduler, batch size,
+text tokens from the FamilySpec): on CUDA the full-size denoiser with random weights in the family's precision and
+a full-size random VAE; without CUDA the tiny architecture (a check of the script). Random prompt embeddings
+(class ids for DiT), a random-weight Inception (timing only). SDXL's base model runs all 40 steps (no random
+refiner). Per family, written after every family (a run stopped by its time limit keeps what it measured):
+
+* ``floor_seconds_per_config``: bare batched denoiser calls (the adapter's own call) for the same images and
+  timesteps, classifier-free guidance included; nothing else;
+* ``seconds_per_config``: the scorer (multiquant.evaluate.Scorer) on a random configuration: weight swap,
+  generation, features, FID; ``overhead_fraction`` = (ours - floor) / ours;
+* achieved denoiser TFLOP/s (multiquant.flops MACs x 2 x forwards / floor) and ``floor_peak_fraction`` against
+  ``--peak_tflops``;
+* the same figures at the protocol's image count (``*_at_protocol``: the weight swap and the Frechet distance
+  are fixed costs, the rest scales with the images), which ``configs_per_hour`` is quoted at.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, sync, write_result  # noqa: E402
+from benchmarks.common import RESULTS, environment, sync, timed, write_result  # noqa: E402
 from multiquant import distributed as dist  # noqa: E402
-from multiquant.config import ConfigApplier, sample_random_config, uniform_config  # noqa: E402
-from multiquant.families import get_family  # noqa: E402
-from multiquant.layers import quantizable_layers  # noqa: E402
-from multiquant.metrics.features import RandomInceptionFeatures  # noqa: E402
-from multiquant.metrics.fid import feature_stats, frechet_distance  # noqa: E402
+from multiquant.adapters import adapter_for  # noqa: E402
 from multiquant.adapters.diffusers.embeddings import random_prompt_embeds  # noqa: E402
-from multiquant.adapters.diffusers.loading import PipelineParts  # noqa: E402
+from multiquant.adapters.diffusers.loop import timesteps_for  # noqa: E402
 from multiquant.adapters.diffusers.sampling import make_sampler  # noqa: E402
+from multiquant.checkpoint import MultiQuantizer  # noqa: E402
+from multiquant.config import sample_random_config  # noqa: E402
+from multiquant.evaluate import Scorer  # noqa: E402
+from multiquant.families import get_family  # noqa: E402
+from multiquant.flops import flops_table  # noqa: E402
+from multiquant.metrics import FeatureFID  # noqa: E402
+from multiquant.metrics.features import RandomInceptionFeatures  # noqa: E402
+from multiquant.metrics.fid import feature_stats  # noqa: E402
 
-RES, STEPS, GUIDANCE, TOKENS = 512, 20, 4.5, 120
+# cheapest first, so that a run stopped by its time limit has measured as many families as it could
+FAMILIES = "pixart_alpha,sdxl,sdv15,pixart_sigma,dit,hunyuan"
+HEADLINE = "pixart_alpha"  # the family whose figures the top-level keys repeat (the issue's targets)
+H100_DENSE_FP16_TFLOPS = 989.4  # H100/H200 SXM dense fp16/bf16 tensor-core rate
+# keys other runs merge into eval_random.json (benchmarks/proxy_mnist_dit.py, the 2-GPU scaling run): kept
+MERGED_ELSEWHERE = ("proxy_", "fid_", "two_gpu_")
 
 
-def full_size_pipeline(device, smoke: bool = False):
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+def random_pipeline(spec, device, full: bool):
+    """The family's tiny pipeline (its adapter's), on CUDA with the full-size random denoiser in the family's
+    precision and a full-size random VAE (the 8x, 4-channel AutoencoderKL every family here decodes with)."""
+    from diffusers import AutoencoderKL
 
-    family = get_family("pixart_alpha")
-    if smoke:  # CPU check of the script itself: tiny pipeline, tiny images
-        from multiquant.adapters.diffusers.loading import tiny_pipeline
+    adapter = adapter_for(spec)
+    pipe = adapter.tiny_pipeline(spec)
+    if full:
+        adapter.with_denoiser(pipe, spec.build("full", device=device, dtype=spec.dtype))
+        with torch.device(device):
+            pipe.vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                     down_block_types=("DownEncoderBlock2D",) * 4,
+                                     up_block_types=("UpDecoderBlock2D",) * 4,
+                                     sample_size=spec.resolution).to(spec.dtype).eval()
+        pipe.default_resolution = None  # the family's protocol resolution, not the tiny pipelines' 64 px
+    return pipe.to(device)
 
-        return family, tiny_pipeline(family).to(device)
-    transformer = family.build("full", device=device, dtype=torch.float16)
-    with torch.device(device):
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=RES).to(torch.float16).eval()
-    return family, PipelineParts("PixArtAlphaPipeline", transformer=transformer, vae=vae,
-                                 scheduler=DPMSolverMultistepScheduler())
+
+def random_metric(device, dim: int = 2048) -> FeatureFID:
+    """FID under random-weight Inception features against random reference statistics (timing only)."""
+    return FeatureFID(RandomInceptionFeatures(device=device, batch_size=100),
+                      reference_stats=feature_stats(np.random.default_rng(0).standard_normal((2 * dim, dim))))
+
+
+def build_scorer(spec, device, full: bool, num_images: int, batch_size: int | None, methods,
+                 metric) -> tuple[Scorer, float]:
+    """The scorer of one family: its sampler (random prompt embeddings of the family's text length) and a
+    multiquantizer of ``methods`` at the default bit widths, on the device as a scoring run loads it; and the
+    multiquantizer's build seconds."""
+    adapter = adapter_for(spec)
+    pipe = random_pipeline(spec, device, full)
+    text = bool(adapter.prompt_fields)
+    conditions = list(range(num_images)) if text else adapter.conditions(spec, num_images)  # text: embedding rows
+    embeds = random_prompt_embeds(spec, pipe, num_images, seed=0, seq_len=spec.text_tokens or 8) if text else None
+    sampler = make_sampler(spec, pipe, num_images=num_images, conditions=conditions, prompt_embeds=embeds,
+                           batch_size=batch_size)
+    denoiser = adapter.denoiser(pipe)
+    mq, build_s = timed(MultiQuantizer.build, denoiser, spec, methods=methods, show_progress=False)
+    return Scorer(spec, denoiser, sampler, metric, mq=mq.to(device), proxies=False), build_s
 
 
 @torch.no_grad()
-def floor_seconds(pipe, embeds, num_images: int, batch: int, device) -> float:
-    """Bare batched denoiser calls for the same images: STEPS x (2*batch) forwards per batch, nothing else."""
-    tr = pipe.transformer
-    dtype = next(tr.parameters()).dtype
-    cond = embeds["prompt_embeds"][:batch].to(device, dtype)
-    unc = embeds["negative_prompt_embeds"].to(device, dtype).expand(batch, -1, -1)
-    text = torch.cat([unc, cond])
-    x = torch.randn(2 * batch, 4, RES // 8, RES // 8, device=device, dtype=dtype)
-    t = torch.full((2 * batch,), 500.0, device=device, dtype=dtype)
-    tr(hidden_states=x, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+def floor_seconds(sampler, indices: list[int]) -> tuple[float, int]:
+    """Bare batched denoiser calls for images ``indices``: the adapter's denoiser call on each batch's
+    conditioning at every timestep of the schedule, CFG-doubled batches; no scheduler step, no VAE. Returns the
+    seconds and the number of denoiser forwards (one image, one half of the guidance pair each)."""
+    adapter, pipe, size = sampler.adapter, sampler.pipe, sampler.resolution
+    cfg = sampler.guidance > 1.0
+    device, dtype = sampler.denoiser_device(), sampler.denoiser_dtype()
+    timesteps = timesteps_for(pipe.scheduler, sampler.steps, device)
+    calls = []
+    for start in range(0, len(indices), sampler.batch_size):
+        batch = indices[start:start + sampler.batch_size]
+        predict = adapter.predictor(pipe, sampler.batch_conditioning(batch), len(batch), size, size, cfg)
+        x = torch.randn(adapter.latent_shape(pipe, len(batch) * (1 + cfg), size, size), device=device, dtype=dtype)
+        calls.append((predict, x))
+    for predict, x in (calls[0], calls[-1]):  # warm-up: each batch shape once
+        predict(x, timesteps[0])
     sync()
     start = time.perf_counter()
-    for _ in range(0, num_images, batch):
-        for _ in range(STEPS):
-            tr(hidden_states=x, encoder_hidden_states=text, timestep=t,
-               added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    for predict, x in calls:
+        for t in timesteps:
+            predict(x, t)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, len(indices) * len(timesteps) * (1 + cfg)
 
 
-def ours_seconds(config, sampler, feats_net, ref, indices, applier) -> dict:
-    """One configuration through our path: swap weights, batched sampling, in-memory features, FID."""
+def ours_seconds(scorer: Scorer, config: dict) -> dict:
+    """One configuration through the scorer: weight swap, batched sampling, features, FID (its own timings)."""
     sync()
     t0 = time.perf_counter()
-    applier.apply(config)
+    timings = scorer.score(config)["timings"]
     sync()
-    t1 = time.perf_counter()
-    images = sampler.generate(indices)
-    sync()
-    t2 = time.perf_counter()
-    local = torch.from_numpy(np.asarray(feats_net(images), dtype=np.float64))
-    feats = dist.gather_features(local).numpy()
-    mu, sigma = feature_stats(feats)
-    frechet_distance(mu, sigma, ref[0], ref[1], method="eigh")
-    sync()
-    t3 = time.perf_counter()
-    return {"apply_s": t1 - t0, "generate_s": t2 - t1, "features_fid_s": t3 - t2, "total_s": t3 - t0}
+    return {**timings, "total_s": time.perf_counter() - t0}
 
 
 def _write_png(img: torch.Tensor, path: Path) -> None:
@@ -102,94 +147,159 @@ def _read_pngs(paths) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths])
 
 
-def reference_loop_seconds(pipe, embeds, feats_net, device, n_images: int, n_ref_feats: int) -> dict:
+def reference_loop_seconds(sampler, feats_net, n_images: int, n_ref_feats: int) -> dict:
     """The reference loop on a few images: batch 1, PNG written then re-read, reference set re-encoded."""
-    sampler = make_sampler("pixart_alpha", pipe, num_images=n_images, conditions=list(range(n_images)),
-                           prompt_embeds={k: v[:n_images] if not k.startswith("negative") else v for k, v in embeds.items()},
-                           batch_size=1, resolution=RES, steps=STEPS, guidance=GUIDANCE)
+    one = dataclasses.replace(sampler, batch_size=1)
+    res = sampler.resolution
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sync()
         t0 = time.perf_counter()
         for i in range(n_images):
-            _write_png(sampler.generate([i])[0], tmp / f"{i}.png")
+            _write_png(one.generate([i])[0], tmp / f"{i}.png")
         sync()
         t1 = time.perf_counter()
         feats_net(_read_pngs([tmp / f"{i}.png" for i in range(n_images)]))
         sync()
         t2 = time.perf_counter()
         # the reference re-encodes its 5,000-image reference folder for every configuration
-        ref_imgs = torch.randint(0, 256, (n_ref_feats, 3, RES, RES), dtype=torch.uint8)
+        ref_imgs = torch.randint(0, 256, (n_ref_feats, 3, res, res), dtype=torch.uint8)
         for i, img in enumerate(ref_imgs):
             _write_png(img, tmp / f"ref{i}.png")
         t3 = time.perf_counter()
         feats_net(_read_pngs([tmp / f"ref{i}.png" for i in range(n_ref_feats)]))
         sync()
         t4 = time.perf_counter()
-    per_image_gen = (t1 - t0) / n_images
-    per_image_feat = (t2 - t1) / n_images
-    per_ref_feat = (t4 - t3) / n_ref_feats
-    return {"per_image_generate_png_s": per_image_gen, "per_image_reread_features_s": per_image_feat,
-            "per_reference_image_features_s": per_ref_feat, "measured_images": n_images,
+    return {"per_image_generate_png_s": (t1 - t0) / n_images, "per_image_reread_features_s": (t2 - t1) / n_images,
+            "per_reference_image_features_s": (t4 - t3) / n_ref_feats, "measured_images": n_images,
             "measured_reference_images": n_ref_feats}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--num_images", type=int, default=1000)
-    ap.add_argument("--batch_size", type=int, default=16)
+def measure_family(name: str, args, metric, device) -> dict:
+    """Every figure of one family (see the module doc), measured side by side."""
+    spec = get_family(name)
+    full = torch.device(device).type == "cuda"
+    if full:
+        torch.cuda.reset_peak_memory_stats()
+    batch = args.batch_size or spec.batch_size
+    num_images = args.num_images or 2 * batch  # default: two full batches of the family's batch size
+    scorer, build_s = build_scorer(spec, device, full, num_images, batch, args.mq_methods.split(","), metric)
+    sampler, local = scorer.sampler, scorer.local
+    config = sample_random_config(scorer.layers, seed=0, index=1, methods=scorer.mq.manifest["methods"])
+    # warm-up: kernels, allocator, VAE and feature network, on a couple of images
+    metric.features(sampler.generate(local[:2]))
+    dist.barrier()
+    t_start = time.perf_counter()
+    ours = ours_seconds(scorer, config)
+    tokens = {field: int(value.shape[1]) for field, value in (sampler.prompt_embeds or {}).items()
+              if value.ndim == 3 and not field.startswith("negative_")}  # the embeddings' sequence lengths
+    entry = {"architecture": "full-size" if full else "tiny",
+             "parameters": sum(p.numel() for p in scorer.denoiser.parameters()),
+             "settings": sampler.settings, "text_tokens": tokens,
+             "images_per_config": num_images, "protocol_images": spec.num_images, "batch_size": sampler.batch_size,
+             "multiquantizer_methods": scorer.mq.manifest["methods"], "multiquantizer_build_s": build_s,
+             "ours": ours, "seconds_per_config": ours["total_s"]}
+    if args.scaling_only:
+        dist.barrier()  # every rank's shard is done: the slowest rank sets the time
+        entry["ours"]["total_s_all_ranks"] = time.perf_counter() - t_start
+    else:
+        floor, forwards = floor_seconds(sampler, local)
+        table = flops_table(name, tiny=not full, resolution=sampler.resolution)
+        macs = table["total_layer_macs"] + table["total_other_macs"]
+        achieved = 2 * macs * forwards / floor / 1e12
+        # fixed costs of a configuration: the weight swap and the Frechet distance; the rest scales with images
+        fid_s = timed(metric.distance, metric.reference()["mu"], metric.reference()["sigma"])[1]
+        scale = spec.num_images / num_images
+        ours_protocol = ours["apply_s"] + fid_s + (ours["total_s"] - ours["apply_s"] - fid_s) * scale
+        entry.update(floor_seconds_per_config=floor, overhead_fraction=(ours["total_s"] - floor) / ours["total_s"],
+                     macs_per_forward=macs, forwards_per_config=forwards, achieved_tflops=achieved,
+                     floor_peak_fraction=achieved / args.peak_tflops, fid_distance_s=fid_s,
+                     seconds_per_config_at_protocol=ours_protocol, floor_seconds_at_protocol=floor * scale,
+                     overhead_fraction_at_protocol=(ours_protocol - floor * scale) / ours_protocol,
+                     configs_per_hour=3600 / ours_protocol, floor_configs_per_hour=3600 / (floor * scale))
+        if name in args.reference_loop.split(","):
+            n_ref = min(args.ref_images, num_images)
+            ref = reference_loop_seconds(sampler, metric.feature_net, n_ref, n_ref * 4)
+            ref_cfg_s = (spec.num_images * (ref["per_image_generate_png_s"] + ref["per_image_reread_features_s"])
+                         + args.reference_set * ref["per_reference_image_features_s"])
+            entry.update(reference_loop=ref, reference_loop_seconds_per_config=ref_cfg_s,
+                         reference_loop_configs_per_hour=3600 / ref_cfg_s, speedup=ref_cfg_s / ours_protocol)
+    if full:
+        entry["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return entry
+
+
+def summarize(args, names: list[str], families: dict, failed: dict) -> dict:
+    head = families.get(HEADLINE, {})
+    return {**environment(), "weights": "random (diffusers init), full-size architectures on CUDA, tiny on the CPU",
+            "feature_net": "inception-v3 (random weights: timing only)", "world_size": dist.world_size(),
+            "peak_tflops": args.peak_tflops, "num_images_arg": args.num_images,
+            "headline_family": HEADLINE,
+            **{k: head.get(k) for k in ("overhead_fraction", "floor_peak_fraction", "achieved_tflops",
+                                        "seconds_per_config", "floor_seconds_per_config",
+                                        "overhead_fraction_at_protocol", "configs_per_hour", "speedup")},
+            "families": families, "failed": failed,
+            "not_measured": [n for n in names if n not in families and n not in failed],
+            "targets": {"overhead_fraction_at_protocol": "<= 0.02", "floor_peak_fraction": ">= 0.6 (pixart_alpha)",
+                        "two_gpu_scaling": ">= 1.8"}}
+
+
+def write(name: str, result: dict, out_dir) -> None:
+    path = Path(out_dir or RESULTS) / f"{name}.json"
+    if path.is_file():  # figures other runs merged into this file stay
+        old = json.loads(path.read_text())
+        result = {**result, **{k: v for k, v in old.items() if k.startswith(MERGED_ELSEWHERE)}}
+    write_result(name, result, out_dir)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default=FAMILIES, help="comma-separated family names, measured in this order")
+    ap.add_argument("--num_images", type=int, default=None,
+                    help="images per configuration (default: two batches of the family's batch size)")
+    ap.add_argument("--batch_size", type=int, default=None, help="images per denoiser call (default: the family's)")
+    ap.add_argument("--mq_methods", default="mse",
+                    help="multiquantizer methods the random configuration draws from (all: mse,kmeans,kmeans_all)")
+    ap.add_argument("--peak_tflops", type=float, default=H100_DENSE_FP16_TFLOPS,
+                    help="the GPU's dense fp16 rate floor_peak_fraction is measured against")
+    ap.add_argument("--deadline_s", type=float, default=None,
+                    help="start no family after this many seconds (the rest are listed in not_measured)")
+    ap.add_argument("--reference_loop", default="pixart_alpha", help="families timed in the reference loop too")
     ap.add_argument("--ref_images", type=int, default=16, help="images timed for the reference loop")
     ap.add_argument("--reference_set", type=int, default=5000, help="reference images re-encoded per config")
     ap.add_argument("--scaling_only", action="store_true", help="time our path only (for torchrun runs)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny pipeline on the CPU: checks the script only")
-    args = ap.parse_args(argv)
-    global RES, STEPS, TOKENS
-    if args.smoke:
-        RES, STEPS, TOKENS = 64, 2, 8
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
     info = dist.init_from_env()
     device = info.device  # this rank's GPU (already made current), else the CPU
-    family, pipe = full_size_pipeline(device, args.smoke)
-    layers = quantizable_layers(pipe.transformer, family)
-    embeds = random_prompt_embeds(family, pipe, args.num_images, seed=0, seq_len=TOKENS)
-    from multiquant.checkpoint import MultiQuantizer
-
-    # scaling runs time the scoring path only: a one-option checkpoint keeps their set-up short
-    light = dict(methods=("mse",), bits=(4,)) if args.scaling_only else {}
-    mq = MultiQuantizer.build(pipe.transformer, family, show_progress=False, **light)
-    applier = ConfigApplier(pipe.transformer, mq)
-    sampler = make_sampler(family, pipe, num_images=args.num_images, conditions=list(range(args.num_images)),
-                           prompt_embeds=embeds, batch_size=args.batch_size, resolution=RES, steps=STEPS,
-                           guidance=GUIDANCE)
-    feats_net = RandomInceptionFeatures(device=device, batch_size=100)
-    ref = feature_stats(np.random.default_rng(0).standard_normal((4096, 2048)))
-    indices = dist.shard(list(range(args.num_images)), dist.rank(), dist.world_size())
-    # warm-up on a couple of images (kernels, allocator)
-    sampler.generate(indices[:2])
-    dist.barrier()
-    t_start = time.perf_counter()
-    config = uniform_config(layers, "mse-4") if args.scaling_only else sample_random_config(layers, seed=0, index=1)
-    ours = ours_seconds(config, sampler, feats_net, ref, indices, applier)
-    result = {**environment(), "model": "pixart_alpha (full-size architecture, random fp16 weights)",
-              "resolution": RES, "steps": STEPS, "guidance": GUIDANCE, "images_per_config": args.num_images,
-              "batch_size": args.batch_size, "feature_net": feats_net.name + " (random weights: timing only)",
-              "world_size": dist.world_size(), "ours": ours, "configs_per_hour": 3600 / ours["total_s"]}
-    if not args.scaling_only:
-        floor = floor_seconds(pipe, embeds, args.num_images, args.batch_size, device)
-        ref_loop = reference_loop_seconds(pipe, embeds, feats_net, device, args.ref_images, args.ref_images * 4)
-        ref_cfg_s = (args.num_images * (ref_loop["per_image_generate_png_s"] + ref_loop["per_image_reread_features_s"])
-                     + args.reference_set * ref_loop["per_reference_image_features_s"])
-        result.update(floor_seconds_per_config=floor, floor_configs_per_hour=3600 / floor,
-                      reference_loop=ref_loop, reference_loop_seconds_per_config=ref_cfg_s,
-                      reference_loop_configs_per_hour=3600 / ref_cfg_s, speedup=ref_cfg_s / ours["total_s"],
-                      floor_fraction=floor / ours["total_s"],
-                      targets={"floor_fraction": ">= 0.8", "two_gpu_scaling": ">= 1.8"})
-    if args.scaling_only:
-        dist.barrier()  # every rank's shard is done: the slowest rank sets the time
-        result["ours"]["total_s_all_ranks"] = time.perf_counter() - t_start
-    if dist.is_main():
-        name = "eval_random" if not args.scaling_only else f"eval_random_scaling_{dist.world_size()}gpu"
-        write_result(name, result, args.out)
+    names = [n.strip() for n in args.families.split(",") if n.strip()]
+    metric = random_metric(device)
+    name = f"eval_random_scaling_{dist.world_size()}gpu" if args.scaling_only else "eval_random"
+    families, failed = {}, {}
+    for family in names:
+        if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
+            break
+        print(f"{family}: measuring", flush=True)
+        try:
+            families[family] = entry = measure_family(family, args, metric, device)
+        except Exception as err:  # one family's failure (e.g. out of memory) must not cost the others' figures
+            failed[family] = f"{type(err).__name__}: {err}"[:500]
+            traceback.print_exc()
+            print(f"{family}: FAILED {failed[family]}", flush=True)
+        else:
+            print(f"{family}: ours {entry['seconds_per_config']:.2f} s, floor {entry.get('floor_seconds_per_config')}"
+                  f" s for {entry['images_per_config']} images ({time.perf_counter() - start:.0f} s so far)",
+                  flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if dist.is_main():  # after every family: a run stopped by its time limit keeps what it measured
+            write(name, summarize(args, names, families, failed), args.out)
     dist.cleanup()
 
 

@@ -1,0 +1,54 @@
+"""benchmarks/eval_random.py's per-family measurement on a tiny family, on the CPU: every figure is there and the
+figures agree with each other and with the family's protocol."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multiquant.families import get_family
+from multiquant.flops import flops_table
+from multiquant.metrics import FeatureFID
+from multiquant.metrics.fid import feature_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("eval_random_benchmark", ROOT / "benchmarks" / "eval_random.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_family_tiny_pixart_alpha(one_thread):
+    bench = _benchmark()
+    # a small feature network (3 channels x 2 x 2 pooled) against fresh random reference statistics
+    features = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    metric = FeatureFID(features, reference_stats=feature_stats(np.random.default_rng(7).standard_normal((50, 12))))
+    args = bench.parse_args(["--num_images", "3", "--batch_size", "2", "--ref_images", "2", "--peak_tflops", "2.5"])
+    entry = bench.measure_family("pixart_alpha", args, metric, torch.device("cpu"))
+    spec = get_family("pixart_alpha")
+
+    assert entry["architecture"] == "tiny" and entry["images_per_config"] == 3 and entry["batch_size"] == 2
+    settings = entry["settings"]
+    assert (settings["steps"], settings["guidance"]) == (spec.steps, spec.guidance)
+    assert entry["text_tokens"] == {"prompt_embeds": spec.text_tokens} and entry["protocol_images"] == spec.num_images
+    ours, floor = entry["seconds_per_config"], entry["floor_seconds_per_config"]
+    assert 0 < floor <= ours
+    assert entry["overhead_fraction"] == pytest.approx((ours - floor) / ours)
+    # 3 images x 20 DPM-Solver timesteps x 2 (classifier-free guidance), at the tiny model's MACs
+    assert entry["forwards_per_config"] == 3 * 20 * 2
+    table = flops_table("pixart_alpha", tiny=True, resolution=settings["resolution"])
+    macs = table["total_layer_macs"] + table["total_other_macs"]
+    assert entry["macs_per_forward"] == macs > 0
+    assert entry["achieved_tflops"] == pytest.approx(2 * macs * 120 / floor / 1e12)
+    assert entry["floor_peak_fraction"] == pytest.approx(entry["achieved_tflops"] / 2.5)
+    fixed = entry["ours"]["apply_s"] + entry["fid_distance_s"]
+    assert entry["seconds_per_config_at_protocol"] == pytest.approx(fixed + (ours - fixed) * spec.num_images / 3)
+    assert entry["configs_per_hour"] == pytest.approx(3600 / entry["seconds_per_config_at_protocol"])
+    assert entry["reference_loop"]["measured_images"] == 2 and entry["speedup"] > 0

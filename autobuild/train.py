@@ -67,6 +67,9 @@ class TrainOptions:
     threads: int | None = 1  # torch CPU threads per fold: these small graphs run fastest on one
     workers: int = 1  # folds trained in parallel processes (e.g. 2 on a 2-core machine)
     tabular_baselines: bool = False  # also report gradient-boosted trees (slow on 2 cores: benchmarks turn it on)
+    # {layer: {option: per-channel output shift}} (autobuild.output_shift): with tabular_baselines, also report
+    # ridge and trees with the configuration's summed shift as features
+    output_shifts: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -502,6 +505,13 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
     ridge_names = ["ridge_options"] + (["ridge_learned", "prior_learned"] if plan.key is not None else []) + (
         ["gbm_learned", "ridge_gbm_learned"] if plan.key is not None and opts.tabular_baselines else [])
     tabular = np.hstack([onehot, error_features(kept, layer_keys)]) if opts.tabular_baselines else None
+    shifted = None
+    if tabular is not None and plan.key is not None and opts.output_shifts:
+        from .output_shift import shift_features
+
+        shifts = shift_features(kept, opts.output_shifts)
+        shifted = (np.hstack([onehot, shifts]), np.hstack([tabular, shifts]))
+        ridge_names += ["ridge_shift_learned", "gbm_shift_learned"]
     baseline_folds: dict[str, list[dict]] = {name: [] for name in [*fixed_baselines, *ridge_names]}
 
     splits = []
@@ -571,6 +581,13 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                 pred = torch.as_tensor(prior_all[test_idx] + residual.predict(tabular[test_idx]))
                 baseline_folds["ridge_gbm_learned"].append(_fold_metrics(
                     plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
+            if shifted is not None:  # the same models with the summed output shift beside the options
+                for name, features, fit in (
+                        ("ridge_shift_learned", shifted[0], lambda x, t, idx: _fit_ridge(x[idx], t[idx])),
+                        ("gbm_shift_learned", shifted[1], lambda x, t, idx: _fit_gbm(x, t, idx, seed + f))):
+                    pred = torch.as_tensor(fit(features, learned_all, rest).predict(features[test_idx]))
+                    baseline_folds[name].append(_fold_metrics(
+                        plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
 
     metrics = {
         "target": target_expr, "learned": plan.to_json(), "loss": loss, "folds_k": folds, "seed": seed,

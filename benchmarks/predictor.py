@@ -52,6 +52,9 @@ def main(argv=None) -> dict:
                    help="the GNN's linear prior (autobuild.train.fit_prior): always (linear, the default of "
                         "train-predictor), per fold with or without by validation (auto), never")
     p.add_argument("--merge", action="store_true", help="keep the targets already in the result file")
+    p.add_argument("--output_shifts", action="store_true",
+                   help="also the baselines with each configuration's summed output shift (autobuild.output_shift), "
+                        "measured with the shipped weights and multiquantizer (CPU, fp32, seed 0)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from autobuild.dag import units
@@ -69,12 +72,13 @@ def main(argv=None) -> dict:
     out = {}
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     prior = {"auto": "auto", "linear": True, "none": False}[args.prior]
+    shifts, shift_info = measured_shifts(args.model) if args.output_shifts else (None, None)
     for name, target in ((n, TARGETS[n]) for n in wanted):
         metrics = train_predictor(records, graph, target, folds=args.folds, epochs=args.epochs, seed=12345,
                                   device=args.device, out_dir=keep if name == "quality" else keep.parent / name,
                                   units=units(graph, "block"), log=None,
                                   options=TrainOptions(workers=args.workers, tabular_baselines=True,
-                                                       linear_prior=prior))
+                                                       linear_prior=prior, output_shifts=shifts))
         out[name] = (dict(summary(metrics), prior=args.prior, device=args.device, measured=measured),
                      {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"], **({"kind": v["kind"]} if "kind" in v else {})}
                       for b, v in metrics["baselines"].items()})
@@ -91,8 +95,29 @@ def main(argv=None) -> dict:
               "goals": {"srcc": ">= 0.9 on both targets",
                         "gnn_vs_ridge": "where ridge_learned < 0.85, the GNN beats it by >= 0.05"},
               "measured": measured, "environment": env, "seconds": time.perf_counter() - started}
+    if shift_info is not None:
+        result["output_shifts"] = shift_info
     write_result(f"predictor_{args.model}", result, Path(args.out) if args.out else RESULTS)
     return result
+
+
+def measured_shifts(model: str) -> tuple[dict, dict]:
+    """The output-shift table of the family's trained weights and shipped multiquantizer (fp32 on the CPU, 16
+    example inputs, seed 0), and how it was measured."""
+    import torch
+
+    from autobuild.output_shift import output_shifts
+    from multiquant.checkpoint import MultiQuantizer
+    from multiquant.families import get_family
+    from multiquant.evaluate import default_multiquantizer_path
+
+    family = get_family(model)
+    net = family.load(dtype=torch.float32, device="cpu").eval()
+    mq_path = default_multiquantizer_path(family)
+    started = time.perf_counter()
+    table = output_shifts(net, MultiQuantizer.from_pretrained(mq_path), family, batch=16, seed=0)
+    return table, {"multiquantizer": str(mq_path), "dtype": "float32", "device": "cpu",
+                   "inputs": "the family's example inputs, batch 16, seed 0", "seconds": time.perf_counter() - started}
 
 
 if __name__ == "__main__":

@@ -452,3 +452,27 @@ def test_prior_on_a_training_part_too_small_for_inner_folds_is_ridge():
     prior = fit_prior(records, learned, np.arange(2), keys)
     assert prior["kind"] == "ridge" and len(prior["coef"]) == len(prior["columns"])
     assert fit_prior(records, learned, np.arange(4), keys)["kind"] in ("ridge", "lasso", "lasso_pairs")
+
+
+def test_output_shift_baselines_hold_a_cancellation_that_one_hot_models_cannot(tmp_path):
+    """FID grows with |shift(a) + shift(b)|: one layer's signed shift alone hurts, both together cancel (the
+    mnist_unet conv_out / skip pattern). The baselines given the configurations' summed shift rank it far better
+    than ridge on the options."""
+    model, family, records = _synthetic_cache(160, seed=4)
+    keys = [k for k in records[0]["config"]]
+    a, b = keys[0], keys[1]
+    options = sorted({r["config"][k][0] for r in records for k in keys})
+    table = {k: {o: [0.0] for o in options} for k in keys}
+    for o in options:
+        if o.startswith("mse"):
+            table[a][o], table[b][o] = [1.0], [-1.0]
+    rng = np.random.default_rng(6)
+    for r in records:
+        shift = table[a][r["config"][a][0]][0] + table[b][r["config"][b][0]][0]
+        r["FID-GT-1k"] = 10.0 + 40.0 * abs(shift) + rng.normal(0, 0.5)
+    opts = TrainOptions(hidden=16, patience=2, tabular_baselines=True, output_shifts=table)
+    metrics = train_predictor(records, sequential_graph(model, family), "-1*FID-GT-1k", folds=2, epochs=2,
+                              batch_size=64, seed=0, out_dir=tmp_path, options=opts, log=None)
+    base = metrics["baselines"]
+    assert base["ridge_shift_learned"]["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.1
+    assert base["gbm_shift_learned"]["srcc_mean"] > base["gbm_learned"]["srcc_mean"] + 0.1, base

@@ -95,8 +95,10 @@ class Adapter:
         p = next(model.parameters())
         device = device or p.device
         dtype = dtype or p.dtype
-        if spec.example_inputs is not None:
-            return moved(spec.example_inputs(model, batch), device, dtype)
+        if spec.example_inputs is not None:  # it draws from the global generator: seeded here, state kept
+            with torch.random.fork_rng(devices=[p.device.index or 0] if p.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                return moved(spec.example_inputs(model, batch), device, dtype)
         return self.denoiser_inputs(spec, model, batch, device, dtype, resolution, seed)
 
     def denoiser_inputs(self, spec, model: nn.Module, batch: int, device, dtype, resolution: int | None,

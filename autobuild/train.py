@@ -582,10 +582,11 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                 baseline_folds["ridge_gbm_learned"].append(_fold_metrics(
                     plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
             if shifted is not None:  # the same models with the summed output shift beside the options
-                for name, features, fit in (
-                        ("ridge_shift_learned", shifted[0], lambda x, t, idx: _fit_ridge(x[idx], t[idx])),
-                        ("gbm_shift_learned", shifted[1], lambda x, t, idx: _fit_gbm(x, t, idx, seed + f))):
-                    pred = torch.as_tensor(fit(features, learned_all, rest).predict(features[test_idx]))
+                ridge_x, gbm_x = shifted
+                for name, fitted, features in (
+                        ("ridge_shift_learned", _fit_ridge(ridge_x[rest], learned_all[rest]), ridge_x),
+                        ("gbm_shift_learned", _fit_gbm(gbm_x, learned_all, rest, seed + f), gbm_x)):
+                    pred = torch.as_tensor(fitted.predict(features[test_idx]))
                     baseline_folds[name].append(_fold_metrics(
                         plan.compose(pred, labels.known[test_idx]).numpy(), y[test_idx], opts.k))
 

@@ -249,10 +249,8 @@ def cmd_infer(args) -> int:
         device = _device(args.device)
         packed = load_quantized(args.export, device=device)
         adapter = adapter_for(family)
-        # a plain module is its own generator; a diffusers pipeline needs its other parts (VAE, scheduler ...)
-        pipe = packed if family.is_module else (
-            adapter.tiny(family, device) if args.tiny else adapter.load(family, args.pretrained, device))
-        loaded = Loaded(family, adapter, adapter.with_denoiser(pipe, packed), packed, device)
+        loaded = Loaded(family, adapter, adapter.pipeline_with(family, packed, args.pretrained, device, args.tiny),
+                        packed, device)
     else:
         if not args.model:
             raise InputError("give --model (or --export DIR)")

@@ -311,3 +311,20 @@ def test_export_keeps_the_dtype_of_every_buffer_and_load_check_says_pass_or_fail
                      "--mq", str(mq_path), "--device", "cpu", "--batch", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "PASS: finite output equal to the simulated configuration" in out
+
+
+def test_infer_renders_with_a_packed_export_of_a_diffusers_family(tmp_path):
+    """`infer --export` on a diffusers kind: the adapter loads the pipeline's other parts around the packed
+    denoiser (a plain module family is its own generator: tests/test_user_family.py)."""
+    from PIL import Image
+
+    from qua2sedimo.cli import main
+
+    mq, export, samples = tmp_path / "mq.safetensors", tmp_path / "export", tmp_path / "samples"
+    tiny = ["--model", "mnist_dit", "--tiny", "--device", "cpu"]
+    assert main(["multiquantizer", *tiny, "--out", str(mq)]) == 0
+    assert main(["export", *tiny, "--uniform", "mse-4", "--mq", str(mq), "--out", str(export)]) == 0
+    assert main(["infer", "--export", str(export), "--tiny", "--device", "cpu", "--n_imgs", "2", "--cls_id", "3",
+                 "--outdir", str(samples)]) == 0
+    pngs = sorted((samples / "export_export").glob("0*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size[0] > 0 for p in pngs)

@@ -57,6 +57,12 @@ class Adapter:
         """``pipe`` generating with ``denoiser`` in place of its own (e.g. a loaded packed export)."""
         raise NotImplementedError
 
+    def pipeline_with(self, spec, denoiser: nn.Module, pretrained=None, device=None, tiny: bool = False):
+        """The generation object that renders with ``denoiser`` (e.g. a loaded packed export): the kind's
+        pipeline, its other parts (VAE, scheduler, text encoders) loaded, with this denoiser in place of its own."""
+        pipe = self.tiny(spec, device) if tiny else self.load(spec, pretrained, device)
+        return self.with_denoiser(pipe, denoiser)
+
     def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
         """The family's first ``n`` conditions (prompts, class ids, or the user's ``conditions(n)``)."""
         raise NotImplementedError

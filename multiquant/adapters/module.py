@@ -76,6 +76,9 @@ class ModuleAdapter(Adapter):
     def with_denoiser(self, pipe, denoiser):
         return denoiser
 
+    def pipeline_with(self, spec, denoiser, pretrained=None, device=None, tiny: bool = False):
+        return denoiser  # a plain module is its own generator: nothing else to load
+
     def conditions(self, spec, n: int, tiny: bool = False, coco_path=None) -> list:
         return spec.default_conditions(n)
 

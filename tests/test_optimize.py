@@ -147,18 +147,35 @@ def test_content_measure_resumes_by_content_not_by_order(tmp_path):
     assert second[1]["FID-GT-1k"] == first[1]["FID-GT-1k"]
 
 
-def test_cli_scores_every_configuration_with_quantized_activations(tmp_path):
-    """`optimize --quant_act --act_bit 8` on the tiny DiT: every record of both seeds' stores is an A8 score and
-    the protocol of optimize.json says so."""
+def test_cli_scores_every_configuration_with_quantized_activations_and_output_shifts(tmp_path):
+    """`optimize --quant_act --act_bit 8 --output_shifts` on the tiny DiT: every record of both seeds' stores is an
+    A8 score and the protocol of optimize.json says so; the settings say the trees saw the output shifts."""
     from qua2sedimo.cli import main as cli_main
     from multiquant.store import load_quant_cache
 
     out = tmp_path / "opt"
     assert cli_main(["optimize", "--model", "mnist_dit", "--tiny", "--device", "cpu", "--num_images", "4",
                      "--budgets", "6", "--sweep_images", "0", "--max_evaluations", "12", "--per_budget", "1",
-                     "--confirm_top", "1", "--quant_act", "--act_bit", "8", "--out", str(out)]) == 0
+                     "--confirm_top", "1", "--quant_act", "--act_bit", "8", "--output_shifts", "--out", str(out)]) == 0
     result = json.loads((out / "optimize.json").read_text())
     assert result["protocol"]["act_bits"] == 8 and result["evaluations"] <= 12
+    assert result["settings"]["output_shifts"] is True
     for seed in ("main", "confirm"):
         records = load_quant_cache(out / "scored" / seed / "quant_cache.pkl")
         assert records and {r["act_bits"] for r in records} == {8}
+
+
+def test_trees_surrogate_reads_the_summed_output_shift_by_hand():
+    """With output shifts, the trees' features end with |sum of shifts| and the summed shift per channel."""
+    space = O.Space(table=None, ties={}, layers=["a", "b"], options=["mse-3", "mse-4"],
+                    cost=np.ones((2, 2)), error=np.full((2, 2), 0.1))
+    shifted = space.with_shifts({"a": {"mse-3": [0.3, -0.1], "mse-4": [0.05, 0.0]},
+                                 "b": {"mse-3": [-0.5, 0.2], "mse-4": [0.0, 0.1]}})
+    assert shifted.shift.shape == (2, 2, 2) and space.shift is None
+    choices = np.array([[0, 0], [1, 1]])
+    space.blocks = shifted.blocks = lambda: np.array([0, 0])  # one block (blocks() reads the option table)
+    plain, with_shift = O._features("trees", space, None, choices), O._features("trees", shifted, None, choices)
+    assert with_shift.shape[1] == plain.shape[1] + 3
+    np.testing.assert_allclose(with_shift[:, :plain.shape[1]], plain)
+    np.testing.assert_allclose(with_shift[:, -2:], [[-0.2, 0.1], [0.05, 0.1]], atol=1e-12)
+    np.testing.assert_allclose(with_shift[:, -3], [np.hypot(-0.2, 0.1), np.hypot(0.05, 0.1)], atol=1e-12)

@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--mq", default=None)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--output_shifts", action="store_true", help="the optimiser's trees also read output shifts "
+                                                                "(qua2sedimo optimize --output_shifts)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -147,8 +149,13 @@ def main(argv=None) -> dict:
     timings["sweeps_s"] = time.perf_counter() - started - sum(timings.values())
 
     # the optimiser, from an empty dataset (its sweeps are the ones above: the store returns them)
+    shifts = None
+    if args.output_shifts:
+        from autobuild.output_shift import output_shifts
+
+        shifts = output_shifts(scorer.denoiser, scorer.mq, family, seed=0, log=log)
     opt = optimize(scorer.mq, budgets, measure, sweep_fn, ties, args.max_evaluations, seed=0, key=KEY,
-                   max_seconds=args.optimize_seconds, log=log)
+                   max_seconds=args.optimize_seconds, shifts=shifts, log=log)
     timings["optimize_s"] = time.perf_counter() - started - sum(timings.values())
     partial = workdir / "optimize_history.json"
     partial.parent.mkdir(parents=True, exist_ok=True)

@@ -354,10 +354,14 @@ def optimize(table, budgets: Sequence[float], measure: Callable, measure_layers:
     if not budgets_ok:
         raise BudgetError(f"every budget is below the smallest achievable {floor:.4f} average bits: ask for more")
     reserve = confirm_top * len(budgets_ok)
-    needed = len(space.options) + reserve  # the uniform anchors, then the confirmations held back
+    sweeps_cost = getattr(measure_layers, "cost_per_method", 0.0) * len(space.methods) if measure_layers else 0.0
+    needed = len(space.options) + reserve + sweeps_cost  # the uniform anchors, the sweeps, the confirmations
     if max_evaluations < needed:
+        sweeps = f", the one-layer sweeps ({sweeps_cost:g} evaluations: fewer --sweep_images cost less)" \
+            if sweeps_cost else ""
         raise BudgetError(f"--max_evaluations {max_evaluations:g} cannot cover the {len(space.options)} uniform "
-                          f"anchors and {reserve} confirmations ({confirm_top} per budget): give at least {needed}")
+                          f"anchors{sweeps} and {reserve} confirmations ({confirm_top} per budget): give at least "
+                          f"{needed:g}")
     entries: list[_Entry] = []
     seen: dict[tuple, _Entry] = {}
     spent = {"evaluations": 0.0, "full": 0, "sweep_cost": 0.0, "confirm": 0}
@@ -614,6 +618,7 @@ def sweep_measure(protocol, settings: dict, outdir: Path, space: Space, num_imag
         log(f"  sweep {method}-{bits}: {len(per_layer)} layers")
         return per_layer, len(per_layer) * protocol.sampler.num_images / num_images_full
 
+    measure_layers.cost_per_method = len(space.layers) * protocol.sampler.num_images / num_images_full  # checked up front
     return measure_layers
 
 

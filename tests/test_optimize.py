@@ -103,6 +103,14 @@ def test_optimiser_is_reproducible_and_every_budget_below_the_floor_is_refused()
         O.optimize(table, [3.6], oracle.measure, None, max_evaluations=5, log=None)  # 4 + 2 per budget needed
     assert oracle.calls == []  # refused before anything was measured
 
+    def sweeps_of_full_images(method):  # one-layer sweeps at the full protocol's image count: 1 per layer
+        raise AssertionError("refused before any sweep ran")
+
+    sweeps_of_full_images.cost_per_method = 6.0  # 6 layers x (full images / full images), as sweep_measure sets
+    with pytest.raises(O.BudgetError, match=r"one-layer sweeps \(12 evaluations.*at least 18"):
+        O.optimize(table, [3.6], oracle.measure, sweeps_of_full_images, max_evaluations=17, log=None)  # 4+12+2
+    assert oracle.calls == []
+
 
 def test_sequential_linearisation_finds_the_optimum_of_a_pairwise_model_within_budget():
     table = _table(layers=6, seed=1)

@@ -226,9 +226,7 @@ def testbed_insights(ops: Mapping[str, str], blocks: Mapping[str, str],
     configurations (primary method evidence)."""
     from dataclasses import replace
 
-    from .claims import backbone_kind, check_claims, sensitive_parts
-
-    from .claims import RULES
+    from .claims import RULES, backbone_kind, check_claims, sensitive_parts
 
     scored = [m for m in models if m[2] is not None and np.isfinite(m[2])]
     best = max(scored, key=lambda m: m[2]) if scored else (models[0] if models else None)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import config_of, option_name
+
 __all__ = ["output_shifts", "shift_features"]
 
 
@@ -62,9 +64,8 @@ def shift_features(records: Sequence[Mapping], table: Mapping[str, Mapping[str, 
     rows = []
     for r in records:
         total = np.zeros(width)
-        for key, entry in r["config"].items():
-            option = entry[0] if isinstance(entry, (list, tuple)) else entry
-            shift = table.get(key, {}).get(option)
+        for key, entry in config_of(r).items():
+            shift = table.get(key, {}).get(option_name(entry))
             if shift is not None:
                 total += np.asarray(shift, dtype=np.float64)
         rows.append(np.concatenate([[np.linalg.norm(total)], total]))

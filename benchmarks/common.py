@@ -27,6 +27,20 @@ def environment() -> dict:
     return info
 
 
+def full_size_vae(device, dtype, sample_size: int = 512):
+    """The latent-diffusion VAE every family here decodes with (SD / PixArt / DiT AutoencoderKL: 8x, 4 latent
+    channels), full size with seeded random weights."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device(device):
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=sample_size)
+    return vae.to(dtype).eval()
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

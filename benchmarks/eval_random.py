@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, sync, timed, write_result  # noqa: E402
+from benchmarks.common import RESULTS, environment, full_size_vae, sync, timed, write_result  # noqa: E402
 from multiquant import distributed as dist  # noqa: E402
 from multiquant.adapters import adapter_for  # noqa: E402
 from multiquant.adapters.diffusers.embeddings import random_prompt_embeds  # noqa: E402
@@ -61,17 +61,11 @@ MERGED_ELSEWHERE = ("proxy_", "fid_", "two_gpu_")
 def random_pipeline(spec, device, full: bool):
     """The family's tiny pipeline (its adapter's), on CUDA with the full-size random denoiser in the family's
     precision and a full-size random VAE (the 8x, 4-channel AutoencoderKL every family here decodes with)."""
-    from diffusers import AutoencoderKL
-
     adapter = adapter_for(spec)
     pipe = adapter.tiny_pipeline(spec)
     if full:
         adapter.with_denoiser(pipe, spec.build("full", device=device, dtype=spec.dtype))
-        with torch.device(device):
-            pipe.vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                     down_block_types=("DownEncoderBlock2D",) * 4,
-                                     up_block_types=("UpDecoderBlock2D",) * 4,
-                                     sample_size=spec.resolution).to(spec.dtype).eval()
+        pipe.vae = full_size_vae(device, spec.dtype, sample_size=spec.resolution)
         pipe.default_resolution = None  # the family's protocol resolution, not the tiny pipelines' 64 px
     return pipe.to(device)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, sync, timed, write_result  # noqa: E402
+from benchmarks.common import environment, full_size_vae, sync, timed, write_result  # noqa: E402
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import config_record, quantize_, sample_random_config, uniform_config  # noqa: E402
 from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, load_quantized,  # noqa: E402
@@ -356,14 +356,7 @@ def _vae(device, dtype, tiny: bool):
         from multiquant.adapters.diffusers.loading import tiny_vae
 
         return tiny_vae().to(device=device, dtype=dtype)
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512)
-    return vae.to(dtype).eval()
+    return full_size_vae(device, dtype)
 
 
 @torch.no_grad()

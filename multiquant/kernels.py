@@ -1,6 +1,6 @@
 """Fast packed layers on NVIDIA GPUs: one Triton kernel per layer decodes the packed codes through the layer's
 table straight into a reused dense scratch buffer, then the stock cuBLAS GEMM (``F.linear`` / convolution) runs
-on it.
+on it; layers run on few rows take a fused table-lookup GEMM on the packed codes instead.
 
 Why this shape: the eager path of :mod:`multiquant.packed` runs about ten PyTorch kernels per layer with
 weight-sized int16/int32 temporaries. Here a layer costs one decode launch (reads b/8 bytes and writes 2 bytes
@@ -9,15 +9,25 @@ per weight, memory-bound) plus the same GEMM the FP16 model runs; no temporary b
 Exactness: the decoded weight equals the eager path's bit for bit (UAQ: ``(code - zero) * scale`` in float32,
 one round-to-nearest-even to the compute dtype, as :func:`multiquant.packed.lookup_table`; K-Means: a gather
 of the codebook, then the cast), and the GEMM is the same cuBLAS call on the same shapes, so a fast packed
-model reproduces the eager one (and the simulated configuration) exactly.
+model reproduces the eager one (and the simulated configuration) exactly, small-M layers aside (below).
 
     use_packed_kernels(False)      # context manager: force the eager path (reference, benchmarks)
     QUA2SEDIMO_PACKED_KERNELS=0    # environment: the same, process-wide
 
+Small-M layers (a PackedLinear on at most ``small_m_max()`` rows: text-token K/V, timestep and adaLN MLPs at
+M = batch) skip the dense weight: a fused table-lookup GEMM reads the packed codes, decodes tiles in registers
+and multiplies with ``tl.dot`` (split-K, one launch), so they read b/16 of the FP16 weight bytes. Its weight is
+the same, its float32 accumulation order is not cuBLAS's: results are within the bound stated in
+:func:`packed_linear`, not bit-exact.
+
+    small_m_threshold(0)           # context manager: every layer decodes + cuBLAS (bit-exact with eager)
+    QUA2SEDIMO_SMALL_M_MAX=512     # environment: the default threshold (SMALL_M_MAX rows)
+
 The fast path is taken automatically for CUDA inputs when Triton imports. It is single-stream: the scratch
 buffer is shared by every layer of one (device, dtype), so two layers must not run concurrently on different
-streams. Under ``torch.compile`` the decode is a custom op (``qua2sedimo::decode_packed``) that returns a fresh
-tensor, so Inductor plans its memory; CUDA-graph capture records the eager path as it is (warm up once first,
+streams (the fused kernel's split-K counters likewise). Under ``torch.compile`` the decode and the fused
+product are custom ops (``qua2sedimo::decode_packed``, ``qua2sedimo::packed_linear``) returning fresh tensors,
+so Inductor plans their memory; CUDA-graph capture records the eager path as it is (warm up once first,
 as capture always requires, so the scratch exists before capture).
 """
 from __future__ import annotations
@@ -95,7 +105,75 @@ def _jit(interpret: bool):
         tl.store(out_ptr + r[:, None] * out_stride + col_offset + k[None, :],
                  value.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
-    return decode_kernel
+    @triton.jit
+    def packed_linear_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, book_ptr, bias_ptr, out_ptr, partial_ptr,
+                             counter_ptr, M, N, K, stride_xm, stride_om, k_per_split,
+                             BITS: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             IEEE: tl.constexpr):
+        # out[M, N] = x[M, K] @ W^T (+ bias): one [BLOCK_M, BLOCK_N] tile, over this program's K range. The
+        # [BLOCK_K, BLOCK_N] tile of W^T is decoded in registers exactly as decode_kernel decodes W (weight
+        # (n, k) is code n*K + k of the flat packed weight), rounded to x's dtype, then tl.dot (fp32 accumulator)
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = m < M, n < N
+        if MODE == 0:
+            scale = tl.load(scale_ptr + n, mask=n_ok, other=0.0)
+            zero = tl.load(zero_ptr + n, mask=n_ok, other=0).to(tl.float32)
+        # tl.full, not tl.zeros: a jit helper of triton.language, unusable by the interpreter when Triton was
+        # imported before TRITON_INTERPRET=1 was set (the CPU tests)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        k_start = pid_k * k_per_split
+        for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            flat = n[None, :] * K + k[:, None]
+            bit = (flat & 7) * BITS
+            byte = (flat >> 3) * BITS + (bit >> 3)
+            shift = bit & 7
+            lo = tl.load(codes_ptr + byte, mask=w_ok, other=0).to(tl.int32)
+            hi = tl.load(codes_ptr + byte + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
+            code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
+            if MODE == 0:
+                value = (code.to(tl.float32) - zero[None, :]) * scale[None, :]
+            elif MODE == 1:
+                value = tl.load(book_ptr + n[None, :] * (1 << BITS) + code, mask=w_ok, other=0.0)
+            else:
+                value = tl.load(book_ptr + code, mask=w_ok, other=0.0)
+            w = tl.where(w_ok, value, 0.0).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            if IEEE:  # float32 inputs: true fp32 products, not TF32
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + m[:, None] * stride_om + n[None, :],
+                     acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_ok)
+        else:
+            # split K: every program stores its fp32 partial tile; the last of a tile's SPLIT_K programs to arrive
+            # (one counter per tile) sums them in split order (deterministic), adds the bias, writes the output
+            # and re-arms the counter, so a single launch does the whole product
+            tl.store(partial_ptr + (pid_k * M + m[:, None]) * N + n[None, :], acc, mask=out_ok)
+            tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(counter_ptr + tile, 1)
+            if arrived == SPLIT_K - 1:
+                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for s in tl.static_range(SPLIT_K):  # .cg: read the other programs' partials from L2
+                    total += tl.load(partial_ptr + (s * M + m[:, None]) * N + n[None, :], mask=out_ok, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + m[:, None] * stride_om + n[None, :],
+                         total.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_ok)
+                tl.atomic_xchg(counter_ptr + tile, 0)
+
+    return decode_kernel, packed_linear_kernel
 
 
 def _interpret() -> bool:
@@ -146,7 +224,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _launch_decode(part, out: torch.Tensor, geo: PartGeometry) -> None:
     grid, args, meta = _decode_args(part, out, geo)
-    _jit(_interpret())[grid](*args, **meta, num_warps=4)
+    _jit(_interpret())[0][grid](*args, **meta, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------- scratch
@@ -241,7 +319,7 @@ class _Plan:
                     except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
                         DIRECT_LAUNCH[0] = False
                         self.launches[i] = launch[:4] + (None,)
-                compiled = _jit(_interpret())[grid](*args, **meta, num_warps=4)
+                compiled = _jit(_interpret())[0][grid](*args, **meta, num_warps=4)
                 if direct is None and DIRECT_LAUNCH[0] and self.device.type == "cuda":
                     direct = _direct_launcher(compiled, grid, args + tuple(meta.values()))
                     self.launches[i] = launch[:4] + (direct,)
@@ -259,9 +337,10 @@ class _Plan:
 DIRECT_LAUNCH = [os.environ.get("QUA2SEDIMO_DIRECT_LAUNCH", "1") != "0"]
 
 
-def _direct_launcher(compiled, grid: tuple, args: tuple):
-    """``launch(stream)`` for a compiled Triton kernel and fixed arguments (all of the kernel's parameters, in
-    signature order, constexprs included), or None where this Triton's launcher is not the expected one."""
+def _direct_runner(compiled):
+    """``run(grid, stream, args)`` calling a compiled Triton kernel's launcher (``args``: all of the kernel's
+    parameters, in signature order, constexprs included), or None where this Triton's launcher is not the
+    expected one."""
     try:
         from triton import knobs
 
@@ -271,9 +350,9 @@ def _direct_launcher(compiled, grid: tuple, args: tuple):
         return None
     if not (hasattr(enter, "calls") and hasattr(exit_, "calls")):
         return None  # hooks of another kind (older Triton): keep the full path
-    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
 
-    def launch(stream: int) -> None:
+    def launch(grid: tuple, stream: int, args: tuple) -> None:
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         if enter.calls or exit_.calls:  # a profiler registered hooks: give them their metadata
             run(g0, g1, g2, stream, function, packed, compiled.launch_metadata(grid, stream, *args), enter, exit_,
                 *args)
@@ -281,6 +360,196 @@ def _direct_launcher(compiled, grid: tuple, args: tuple):
             run(g0, g1, g2, stream, function, packed, None, None, None, *args)
 
     return launch
+
+
+def _direct_launcher(compiled, grid: tuple, args: tuple):
+    """``launch(stream)`` for a compiled Triton kernel and fixed grid and arguments (see :func:`_direct_runner`)."""
+    runner = _direct_runner(compiled)
+    if runner is None:
+        return None
+    return lambda stream: runner(grid, stream, args)
+
+
+# ------------------------------------------------------------------------ small-M fused table-lookup GEMM
+# Layers run on few rows (cross-attention K/V over the text tokens, timestep / adaLN MLPs at M = batch) are bound
+# by reading their weight: decode + cuBLAS reads b/8 bytes, writes 2 and reads 2 bytes per weight, in two launches;
+# the fused kernel reads b/8 bytes per weight in one launch. Above SMALL_M_MAX rows the GEMM is compute-bound and
+# cuBLAS on the decoded weight wins. The default comes from benchmarks/export.py's small-M micro-benchmark
+# (fused vs decode + cuBLAS per M on the GPU; it writes the crossover it measured).
+SMALL_M_MAX = int(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", "256"))
+_SMALL_M = [SMALL_M_MAX]
+COUNTER_SLOTS = 4096  # split-K arrival counters per device (one per output tile); tilings with more tiles don't split
+MAX_SPLIT_K = 16
+GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_LINEAR_RUNNERS: dict[tuple, object] = {}
+
+
+@contextlib.contextmanager
+def small_m_threshold(max_rows: int):
+    """Within the block, CUDA PackedLinear forwards on at most ``max_rows`` rows (the product of the input's
+    leading dimensions) take the fused kernel (0: never; benchmarks compare both)."""
+    previous = _SMALL_M[0]
+    _SMALL_M[0] = int(max_rows)
+    try:
+        yield
+    finally:
+        _SMALL_M[0] = previous
+
+
+def small_m_max() -> int:
+    return _SMALL_M[0]
+
+
+def takes_small_m_path(layer, input: torch.Tensor) -> bool:
+    """Whether a PackedLinear forward on ``input`` (CUDA, fast path enabled) runs the fused kernel: one packed
+    slice (a split layer with a dense half keeps decode + cuBLAS), a float input of at most ``small_m_max()``
+    rows, and no autograd needed (the kernel has no backward)."""
+    parts = layer.parts
+    in_features = layer.in_features
+    if len(parts) != 1 or parts[0].method == "dense" or input.dtype not in GEMM_DTYPES or in_features == 0:
+        return False
+    rows = input.numel() // in_features
+    if not 0 < rows <= _SMALL_M[0] or parts[0].numel >= MAX_NUMEL:
+        return False
+    bias = layer.bias
+    return not (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+def packed_linear(layer, input: torch.Tensor) -> torch.Tensor:
+    """``F.linear(input, W, layer.bias)`` of a single-slice PackedLinear, by the fused kernel straight from the
+    packed codes (a custom op under torch.compile).
+
+    Accuracy: the kernel's weight equals the eager dequantized weight W in the compute dtype bit for bit; the
+    products are accumulated in float32 (tl.dot, IEEE fp32 products for float32 inputs), split-K partials summed
+    in a fixed order (deterministic), the bias added in float32, one rounding to the output dtype. Not bit-exact
+    with cuBLAS (another summation order); against the float64 product of the same x and W,
+        |y - y64| <= u * (|y64| + e) + e + s,   e = (K + 2) * 2^-24 * (|x| @ |W|^T + |bias|),
+    u the output dtype's unit roundoff (2^-11 fp16, 2^-8 bf16, 2^-24 fp32), s half its smallest subnormal
+    (:func:`linear_error_bound`; tests/test_kernels.py checks it)."""
+    part = layer.parts[0]
+    x = input.reshape(-1, input.shape[-1])
+    params = part.params()
+    if torch.compiler.is_compiling():
+        out = packed_linear_op(x, part.codes, params.get("scale"), params.get("zero"), params.get("codebook"),
+                               layer.bias, part.method, part.bits, part.shape[0])
+    else:
+        out = _packed_linear(x, part.codes, params.get("scale"), params.get("zero"), params.get("codebook"),
+                             layer.bias, part.method, part.bits, part.shape[0])
+    return out.view(*input.shape[:-1], part.shape[0])
+
+
+def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 product ``x @ weight^T + bias`` and the fused kernel's error bound around it (see
+    :func:`packed_linear`), elementwise, for an output in ``dtype``."""
+    x64, w64 = x.detach().double().reshape(-1, x.shape[-1]), weight.detach().double()
+    b64 = (bias.detach().double() if bias is not None
+           else torch.zeros(w64.shape[0], dtype=torch.float64, device=x.device))
+    exact = x64 @ w64.T + b64
+    info = torch.finfo(dtype)
+    unit = info.eps / 2
+    half_subnormal = info.smallest_normal * info.eps / 2
+    acc = (x64.shape[1] + 2) * 2.0 ** -24 * (x64.abs() @ w64.abs().T + b64.abs())
+    return exact, unit * (exact.abs() + acc) + acc + half_subnormal
+
+
+@dataclass(frozen=True)
+class LinearTiling:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    k_per_split: int  # a multiple of block_k
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def linear_tiling(rows: int, out_features: int, in_features: int, processors: int,
+                  split_k: int | None = None) -> LinearTiling:
+    """Tiles of the fused kernel: tl.dot needs >= 16 in every dimension; 64-wide weight tiles; K split until
+    about two programs per streaming multiprocessor run (few rows give few output tiles), at most MAX_SPLIT_K
+    ways and never into empty splits. ``split_k`` forces a split (tests)."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_n = min(64, max(16, _pow2(out_features)))
+    block_k = min(64, max(16, _pow2(in_features)))
+    k_blocks = triton_cdiv(in_features, block_k)
+    tiles = triton_cdiv(rows, block_m) * triton_cdiv(out_features, block_n)
+    if split_k is None:
+        split_k = 1 if tiles > COUNTER_SLOTS else min(MAX_SPLIT_K, (2 * processors) // tiles)
+    per = triton_cdiv(k_blocks, max(1, min(split_k, k_blocks)))
+    return LinearTiling(block_m, block_n, block_k, triton_cdiv(k_blocks, per), per * block_k)
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few "SMs", so small test shapes exercise the split-K path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Split-K arrival counters, zero between launches (every launch re-arms the ones it used). Allocated on the
+    first split launch, so, as for the scratch buffer, warm up before CUDA-graph capture."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        counters = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, device=device, dtype=torch.int32)
+    return counters
+
+
+def _packed_linear(x: torch.Tensor, codes: torch.Tensor, scale, zero, codebook, bias, method: str, bits: int,
+                   out_features: int, split_k: int | None = None) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W^T (+ bias), W the [N, K] weight packed in ``codes`` (see :func:`packed_linear`)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, in_features = x.shape
+    out = torch.empty(rows, out_features, device=x.device, dtype=x.dtype)
+    if rows == 0 or out_features == 0:
+        return out
+    tiling = linear_tiling(rows, out_features, in_features, _processors(x.device), split_k)
+    split = tiling.split_k
+    partial = torch.empty(split * rows * out_features, device=x.device, dtype=torch.float32) if split > 1 else out
+    counters = _counters(x.device) if split > 1 else out  # unused pointers: any tensor
+    mode = MODES[method]
+    args = (x, codes, scale if mode == 0 else codes, zero if mode == 0 else codes,
+            codebook if mode != 0 else codes, bias if bias is not None else codes, out, partial, counters,
+            rows, out_features, in_features, x.stride(0), out.stride(0), tiling.k_per_split)
+    constexprs = (bits, mode, bias is not None, split, tiling.block_m, tiling.block_n, tiling.block_k,
+                  x.dtype == torch.float32)
+    grid = (triton_cdiv(out_features, tiling.block_n), triton_cdiv(rows, tiling.block_m), split)
+    _run_linear(grid, args, constexprs, x.device)
+    return out
+
+
+_LINEAR_CONSTEXPRS = ("BITS", "MODE", "HAS_BIAS", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")
+
+
+def _run_linear(grid: tuple, args: tuple, constexprs: tuple, device: torch.device) -> None:
+    """Launch the fused kernel. On CUDA the compiled kernel is kept per specialization (every integer argument's
+    value, every tensor's dtype and 16-byte alignment: a superset of what Triton specializes on) and called
+    through its launcher directly, as the decode plans do: Triton's binder costs more host time than these
+    small kernels take on the GPU."""
+    kernel = _jit(_interpret())[1]
+    if device.type != "cuda" or _interpret() or not DIRECT_LAUNCH[0]:
+        kernel[grid](*args, **dict(zip(_LINEAR_CONSTEXPRS, constexprs)), num_warps=4, num_stages=2)
+        return
+    tensors = args[:9]
+    key = (device, constexprs, args[9:], tuple(t.dtype for t in tensors),
+           tuple(t.data_ptr() % 16 == 0 for t in tensors))
+    runner = _LINEAR_RUNNERS.get(key)
+    if runner is not None:
+        try:
+            runner(grid, torch._C._cuda_getCurrentRawStream(device.index), args + constexprs)
+            return
+        except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls from now on
+            DIRECT_LAUNCH[0] = False
+            _LINEAR_RUNNERS.clear()
+    compiled = kernel[grid](*args, **dict(zip(_LINEAR_CONSTEXPRS, constexprs)), num_warps=4, num_stages=2)
+    runner = _direct_runner(compiled)
+    if runner is not None:
+        _LINEAR_RUNNERS[key] = runner
 
 
 def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -331,6 +600,26 @@ def decode_packed(codes: torch.Tensor, scale: torch.Tensor | None, zero: torch.T
 @decode_packed.register_fake
 def _(codes, scale, zero, codebook, method, bits, rows, row_len, dtype):
     return codes.new_empty((rows, row_len), dtype=dtype)
+
+
+@torch.library.custom_op("qua2sedimo::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                     codebook: torch.Tensor | None, bias: torch.Tensor | None, method: str, bits: int,
+                     out_features: int) -> torch.Tensor:
+    """[M, out_features] = x [M, K] @ W^T (+ bias) from the packed codes: the fused kernel on CUDA (see
+    :func:`packed_linear` for its accuracy), the eager dequantized weight and ``F.linear`` elsewhere."""
+    if not x.is_cuda and not _interpret():
+        from .packed import dequantize_packed
+
+        params = {"scale": scale, "zero": zero} if method == "mse" else {"codebook": codebook}
+        weight = dequantize_packed(method, bits, codes, params, (out_features, x.shape[1]), x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+    return _packed_linear(x, codes, scale, zero, codebook, bias, method, bits, out_features)
+
+
+@packed_linear_op.register_fake
+def _(x, codes, scale, zero, codebook, bias, method, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))
 
 
 @dataclass

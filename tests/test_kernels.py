@@ -189,6 +189,117 @@ def test_direct_launch_passes_no_hooks_while_none_are_registered_and_the_full_pa
     assert calls[-1][6] == {"grid": (3, 2)} and calls[-1][7] is knobs.runtime.launch_enter_hook
 
 
+# -- small-M fused GEMM ---------------------------------------------------------------------------------------
+SMALL_M_OPTIONS = [f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in (3, 4)]
+# (M, N, K): 1 output channel / M = 1 / K < 8; rows not a multiple of 8 codes nor of the block; N past one 64-wide
+# tile and M not a multiple of its 32-row block; K over three 64-wide blocks (split K on the interpreter's "4 SMs")
+SMALL_M_SHAPES = [(1, 1, 13), (3, 5, 40), (17, 70, 37), (2, 33, 130)]
+
+
+def _linear_within_bound(y, x, part, bias, dtype):
+    exact, bound = kernels.linear_error_bound(x, part.dequantize(dtype), bias, dtype)
+    err = (y.double().reshape(exact.shape) - exact).abs()
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert (err <= bound).all(), float((err / bound).max())
+    return float((err / bound).max())
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("option", SMALL_M_OPTIONS)
+def test_small_m_kernel_is_within_its_bound_of_the_float64_product(device, option):
+    """Fresh random codes, tables, inputs and bias vs the float64 product of the eager dequantized weight, for
+    per-channel (UAQ, K-Means-C) and per-tensor (K-Means-A) tables, 3 and 4 bits, odd shapes, with/without bias."""
+    for i, (rows, out_features, in_features) in enumerate(SMALL_M_SHAPES):
+        part = random_part(option, (out_features, in_features), seed=10 + i, device=device)
+        params = part.params()
+        for dtype in DTYPES[device.type]:
+            x = torch.randn(rows, in_features, device=device).to(dtype)
+            for bias in (None, torch.randn(out_features, device=device).to(dtype)):
+                y = kernels._packed_linear(x, part.codes, params.get("scale"), params.get("zero"),
+                                           params.get("codebook"), bias, part.method, part.bits, out_features)
+                _linear_within_bound(y, x, part, bias, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_small_m_split_k_equals_its_bound_and_is_deterministic(device):
+    """K split 1, 2 and 3 ways (the last of a tile's programs sums the partials in split order): every split is
+    within the bound, a repeated launch is bit-identical (the counters were re-armed), and the splits really
+    differ in tiling."""
+    rows, out_features, in_features = 3, 20, 150
+    part = random_part("kmeans-3", (out_features, in_features), seed=7, device=device)
+    params = part.params()
+    x = torch.randn(rows, in_features, device=device, dtype=torch.float16)
+    bias = torch.randn(out_features, device=device, dtype=torch.float16)
+    tilings = set()
+    for split in (1, 2, 3):
+        tilings.add(kernels.linear_tiling(rows, out_features, in_features, 4, split))
+        run = lambda: kernels._packed_linear(x, part.codes, None, None, params["codebook"], bias,  # noqa: E731
+                                             "kmeans", 3, out_features, split_k=split)
+        first = run()
+        _linear_within_bound(first, x, part, bias, torch.float16)
+        assert torch.equal(run(), first)
+    assert sorted(t.split_k for t in tilings) == [1, 2, 3]
+    assert not kernels._counters(device).any()  # every counter re-armed to zero
+
+
+def test_small_m_tiling_splits_k_only_where_tiles_are_few():
+    one = kernels.linear_tiling(2, 1152, 1152, 132)  # timestep MLP at batch 2: 18 tiles on 132 SMs
+    assert (one.block_m, one.block_n, one.block_k) == (16, 64, 64) and one.split_k == 9 and one.k_per_split == 128
+    kv = kernels.linear_tiling(240, 1152, 1152, 132)  # cross-attention K/V over 2 x 120 tokens
+    assert kv.block_m == 64 and kv.split_k == 3 and kv.k_per_split * kv.split_k >= 1152
+    assert kernels.linear_tiling(256, 6912, 1152, 132).split_k == 1  # 432 tiles: enough programs
+    tiny = kernels.linear_tiling(1, 1, 13, 132)
+    assert (tiny.block_m, tiny.block_n, tiny.block_k, tiny.split_k, tiny.k_per_split) == (16, 16, 16, 1, 16)
+
+
+def _small_layer(option="mse-4", out_features=7, in_features=20, device="cpu", bias=True):
+    dense = torch.nn.Linear(in_features, out_features, bias=bias)
+    return packed_layer(dense, [random_part(option, (out_features, in_features), seed=5)], torch.float16).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_small_m_layer_product_keeps_leading_dims_and_is_within_bound(device):
+    layer = _small_layer("kmeans_all-3", device=device).half()
+    x = torch.randn(2, 3, 20, device=device, dtype=torch.float16)
+    with torch.no_grad():
+        y = kernels.packed_linear(layer, x)
+    assert y.shape == (2, 3, 7)
+    _linear_within_bound(y, x, layer.parts[0], layer.bias, torch.float16)
+
+
+def test_small_m_path_is_taken_only_for_few_rows_one_packed_slice_and_no_autograd():
+    layer = _small_layer("mse-3", in_features=20)
+    x = torch.randn(4, 5, 20)
+    with torch.no_grad():
+        with kernels.small_m_threshold(20):
+            assert kernels.takes_small_m_path(layer, x)  # 20 rows
+            assert not kernels.takes_small_m_path(layer, torch.randn(3, 7, 20))  # 21 rows
+            assert not kernels.takes_small_m_path(layer, x.to(torch.int32))
+            assert not kernels.takes_small_m_path(layer, x[:0])
+            assert not kernels.takes_small_m_path(_layer("linear", "cpu"), torch.randn(2, 10))  # split layer
+        with kernels.small_m_threshold(0):
+            assert not kernels.takes_small_m_path(layer, x)
+    assert kernels.small_m_max() == kernels.SMALL_M_MAX
+    with kernels.small_m_threshold(20):
+        assert not kernels.takes_small_m_path(layer, x)  # grad enabled and the bias needs it: no backward here
+        assert kernels.takes_small_m_path(layer.requires_grad_(False), x)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_small_m_compile_op_traces_and_equals_the_kernel(device):
+    """Under torch.compile the fused product is an opaque custom op (fake impl for tracing), no graph break."""
+    torch._dynamo.reset()
+    layer = _small_layer("kmeans-4", device=device).requires_grad_(False)
+    x = torch.randn(3, 20, device=device, dtype=torch.float32)
+    compiled = torch.compile(lambda x: kernels.packed_linear(layer, x), backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    assert torch.equal(y, kernels.packed_linear(layer, x))
+    _linear_within_bound(y, x, layer.parts[0], layer.bias, torch.float32)
+    part = layer.parts[0]
+    torch.library.opcheck(kernels.packed_linear_op, (x, part.codes, None, None, part.codebook, layer.bias,
+                                                     "kmeans", 4, 7))
+
+
 # -- GPU only -------------------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -210,6 +321,7 @@ def test_cuda_forward_takes_the_fast_path_and_equals_eager(kind):
 
 
 @gpu
+@kernels.small_m_threshold(0)  # the decode + cuBLAS path: bit-exact
 def test_cuda_graph_replay_equals_eager():
     layers = torch.nn.Sequential(_layer("linear", "cuda", ("mse-4",)), torch.nn.ReLU(),
                                  packed_layer(torch.nn.Linear(6, 10), [random_part("kmeans_all-3", (10, 6), 5)],
@@ -239,3 +351,41 @@ def test_inductor_compiled_layer_equals_eager():
         with kernels.use_packed_kernels(False):
             eager = layer(x)
     assert torch.equal(compiled, eager)
+
+
+@gpu
+@pytest.mark.parametrize("option", ["mse-4", "kmeans-3", "kmeans_all-3"])
+@pytest.mark.parametrize("rows", [1, 2, 16, 240])
+def test_cuda_small_m_forward_takes_the_fused_kernel_within_bound(option, rows):
+    """A PackedLinear on few rows runs the fused kernel (compiled, direct launches after the first) within its
+    bound of the float64 product; above the threshold it decodes + cuBLAS, bit-exact with eager."""
+    layer = _small_layer(option, out_features=1152, in_features=1152, device="cuda").half()
+    x = torch.randn(rows, 1152, device="cuda", dtype=torch.float16)
+    kernels._LINEAR_RUNNERS.clear()
+    with torch.no_grad(), kernels.small_m_threshold(256):
+        first, again = layer(x), layer(x)
+        assert kernels._LINEAR_RUNNERS  # the fused kernel ran, then launched directly
+        with kernels.small_m_threshold(rows - 1):
+            decoded = layer(x)
+        with kernels.use_packed_kernels(False):
+            eager = layer(x)
+    assert torch.equal(first, again) and torch.equal(decoded, eager)
+    _linear_within_bound(first, x, layer.parts[0], layer.bias, torch.float16)
+
+
+@gpu
+def test_cuda_small_m_graph_replay_and_inductor_are_within_bound():
+    torch._dynamo.reset()
+    layer = _small_layer("kmeans-4", out_features=300, in_features=200, device="cuda").half()
+    x = torch.randn(2, 200, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        layer(x)  # warm-up: compiles the kernel, allocates the split-K counters
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, layer(x))
+        _linear_within_bound(out, x, layer.parts[0], layer.bias, torch.float16)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    assert torch.equal(compiled, out)

@@ -81,6 +81,8 @@ def _jit(interpret: bool):
     @triton.jit
     def decode_kernel(codes_ptr, scale_ptr, zero_ptr, book_ptr, out_ptr, rows, row_len, out_stride, col_offset,
                       BITS: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+        # float casts: Triton rounds downcasts to nearest even by default (a rounding argument is refused on
+        # upcasts, e.g. an fp16 codebook into float32)
         # one [ROWS, BLOCK_K] tile of the [rows, row_len] slice; code i of the flat weight starts at bit i*b
         # of its group of 8 (multiquant/packing.py): byte (i//8)*b + (i%8)*b//8, spilling into the next byte
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -103,7 +105,7 @@ def _jit(interpret: bool):
         else:  # K-Means-A: one codebook
             value = tl.load(book_ptr + code, mask=mask, other=0.0)
         tl.store(out_ptr + r[:, None] * out_stride + col_offset + k[None, :],
-                 value.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+                 value.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def packed_linear_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, book_ptr, bias_ptr, out_ptr, partial_ptr,
@@ -143,7 +145,7 @@ def _jit(interpret: bool):
                 value = tl.load(book_ptr + n[None, :] * (1 << BITS) + code, mask=w_ok, other=0.0)
             else:
                 value = tl.load(book_ptr + code, mask=w_ok, other=0.0)
-            w = tl.where(w_ok, value, 0.0).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            w = tl.where(w_ok, value, 0.0).to(x_ptr.dtype.element_ty)
             if IEEE:  # float32 inputs: true fp32 products, not TF32
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
@@ -153,7 +155,7 @@ def _jit(interpret: bool):
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + m[:, None] * stride_om + n[None, :],
-                     acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_ok)
+                     acc.to(out_ptr.dtype.element_ty), mask=out_ok)
         else:
             # split K: every program stores its fp32 partial tile; the last of a tile's SPLIT_K programs to arrive
             # (one counter per tile) sums them in split order (deterministic), adds the bias, writes the output
@@ -170,7 +172,7 @@ def _jit(interpret: bool):
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptr + m[:, None] * stride_om + n[None, :],
-                         total.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_ok)
+                         total.to(out_ptr.dtype.element_ty), mask=out_ok)
                 tl.atomic_xchg(counter_ptr + tile, 0)
 
     return decode_kernel, packed_linear_kernel

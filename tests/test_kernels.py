@@ -210,7 +210,8 @@ def test_small_m_kernel_is_within_its_bound_of_the_float64_product(device, optio
     """Fresh random codes, tables, inputs and bias vs the float64 product of the eager dequantized weight, for
     per-channel (UAQ, K-Means-C) and per-tensor (K-Means-A) tables, 3 and 4 bits, odd shapes, with/without bias."""
     for i, (rows, out_features, in_features) in enumerate(SMALL_M_SHAPES):
-        part = random_part(option, (out_features, in_features), seed=10 + i, device=device)
+        book_dtype = (torch.float32, torch.float16)[i % 2]  # fp16 codebooks too (upcast to a float32 compute)
+        part = random_part(option, (out_features, in_features), seed=10 + i, device=device, codebook_dtype=book_dtype)
         params = part.params()
         for dtype in DTYPES[device.type]:
             x = torch.randn(rows, in_features, device=device).to(dtype)

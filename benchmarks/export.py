@@ -15,12 +15,27 @@ the shared decode scratch); exactness = max abs difference of the packed forward
 (launch overhead removed), fast path vs FP16. Pipeline memory: the text encoder (PixArt: T5-XXL) and the VAE are
 measured alone (resident bytes + peak of one encode / decode) and combined with the denoiser's figures.
 Weights are random, so K-Means runs few iterations (``--kmeans_iters``): quality is not measured here.
-Writes benchmarks/results/export.json (export_tiny.json with --tiny), rewritten after every shape.
+
+Small-M kernel: per configuration and shape, ``fast`` is the default fast path (PackedLinear forwards on at most
+``--small_m_max`` rows take the fused table-lookup GEMM), ``fast_no_small_m`` the same with the threshold at 0
+(decode + cuBLAS everywhere: bit-exact), side by side; ``small_m_speedup`` = the latter's latency / the former's
+(``small_m_speedup_cuda_graph`` from graph replays at batch <= 2), ``small_m_layers`` which layer calls took the
+kernel. Before the models, ``small_m_microbench`` times the small-M layers alone (K/V and timestep MLP 1152 x
+1152, adaLN 1152 -> 6912, caption projection 4096 -> 1152) at M = 1 ... 2048 for FP16 ``F.linear``, decode +
+cuBLAS and the fused kernel (host-timed back-to-back calls and CUDA-graph replays), checks each fused result
+against its stated error bound, and reports per shape and option the largest M up to which the fused kernel
+is at least as fast on the GPU (``crossover``; ``recommended_small_m_max`` = the smallest of them). If the fused
+kernel fails there, the models are measured without it and ``small_m_disabled_because`` says why.
+Writes benchmarks/results/export.json (export_tiny.json with --tiny), rewritten after the micro-benchmark and
+after every configuration.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
+import os
 import shutil
 import statistics
 import sys
@@ -39,7 +54,10 @@ from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, 
                                read_export_info, safetensors_bytes, tensor_bytes)
 from multiquant.families import get_family  # noqa: E402
 from multiquant.adapters import example_inputs  # noqa: E402
-from multiquant.kernels import SCRATCH, use_packed_kernels  # noqa: E402
+from multiquant import kernels  # noqa: E402
+from multiquant.kernels import SCRATCH, small_m_threshold, use_packed_kernels  # noqa: E402
+from multiquant.packed import PackedLinear, PackedWeight, packed_layer  # noqa: E402
+from multiquant.packing import pack_codes  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
 from multiquant.utils import default_device  # noqa: E402
 
@@ -157,6 +175,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no_pipeline", action="store_true", help="skip the text encoder / VAE memory figures")
     ap.add_argument("--workdir", default=None, help="where exports are written (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--small_m_max", type=int, default=None,
+                    help="rows up to which PackedLinear takes the fused small-M kernel on the fast path "
+                         "(default: the library's multiquant.kernels.SMALL_M_MAX; 0: never)")
+    ap.add_argument("--no_small_m_compare", action="store_true",
+                    help="skip the fast path without the small-M kernel (decode + cuBLAS everywhere)")
+    ap.add_argument("--no_microbench", action="store_true", help="skip the small-M layer micro-benchmark")
+    ap.add_argument("--micro_rows", default=None,
+                    help=f"rows M of the micro-benchmark (default {MICRO_ROWS}; tiny: {MICRO_ROWS_TINY})")
+    ap.add_argument("--micro_options", default=MICRO_OPTIONS)
+    ap.add_argument("--micro_calls", type=int, default=100,
+                    help="back-to-back calls per host-timed figure (CUDA graphs: 20 calls per replay)")
     return ap.parse_args(argv)
 
 
@@ -172,6 +201,8 @@ def _shapes_for(args, model_name: str, tiny: bool) -> list[tuple[int, int | None
 
 def run(args, workdir: Path) -> dict:
     device = default_device(args.device)
+    if args.small_m_max is None:
+        args.small_m_max = kernels.small_m_max()
     tiny = args.tiny or device.type != "cuda"
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: threads only spin-wait each other on a shared CPU
@@ -180,12 +211,27 @@ def run(args, workdir: Path) -> dict:
     result = {**environment(), "architecture": "tiny" if tiny else "full-size",
               "weights": "random (diffusers init), real shapes", "kmeans_iters": args.kmeans_iters,
               "reps": args.reps, "eager_reps": args.eager_reps, "tokens": args.tokens,
-              "fast_path": "multiquant.kernels: Triton decode into a shared scratch buffer + cuBLAS",
-              "models": {}, "shapes": [], "pipeline_memory": []}
+              "fast_path": "multiquant.kernels: Triton decode into a shared scratch buffer + cuBLAS; PackedLinear "
+                           "forwards on at most small_m_max rows: the fused table-lookup GEMM on the packed codes",
+              "fast_no_small_m_path": "the fast path with small_m_max = 0 (decode + cuBLAS for every layer)",
+              "small_m_max": args.small_m_max, "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
+    if not args.no_microbench:
+        try:
+            result["small_m_microbench"] = small_m_microbench(args, device)
+        except Exception as e:
+            result.setdefault("errors", {})["small_m_microbench"] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+        failed = result.get("small_m_microbench", {}).get("fused_errors")
+        if failed and device.type == "cuda":  # the fused kernel failed on this GPU: measure the models without it
+            result["small_m_disabled_because"] = failed[0]
+            args.small_m_max = result["small_m_max"] = 0
+        free_memory()
+        write_result(name, result, args.out)
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         try:
-            bench_model(args, model_name, device, tiny, workdir / model_name, result)
+            bench_model(args, model_name, device, tiny, workdir / model_name, result,
+                        save=lambda: write_result(name, result, args.out))
         except Exception as e:  # one run on a lent GPU: keep the other models' figures, record the failure
             result.setdefault("errors", {})[model_name] = f"{type(e).__name__}: {e}"[:2000]
             traceback.print_exc()
@@ -198,7 +244,8 @@ def run(args, workdir: Path) -> dict:
     return result
 
 
-def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result: dict) -> None:
+def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result: dict, save=lambda: None) -> None:
+    """One model: its FP16 rows, then every configuration's, written (``save``) after each configuration."""
     family = get_family(model_name)
     dtype = family.dtype if device.type == "cuda" else torch.float32  # fp16 matmuls are slow or missing on CPUs
     shapes = _shapes_for(args, model_name, tiny)
@@ -218,7 +265,7 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
     model.save_pretrained(fp_dir, safe_serialization=True)
     info["fp16_file_bytes"] = sum(p.stat().st_size for p in fp_dir.glob("*.safetensors"))
     info["fp16_tensor_bytes"] = tensor_bytes(model)
-    rows = []
+    rows, fp_outs = [], []
     for batch, resolution, cpu_inputs in shape_inputs:
         inputs = _to(cpu_inputs, device)
         out, stats = measure_forward(model, inputs, args.reps)
@@ -226,7 +273,8 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
             stats["cuda_graph"] = _graph(model, inputs, args.reps, out)
         rows.append({"model": model_name, "batch": batch, "resolution": resolution,
                      "input_shapes": {k: list(v.shape) for k, v in inputs.items() if torch.is_tensor(v)},
-                     "fp16": stats, "configs": {}, "_fp_out": out.float().cpu()})
+                     "fp16": stats, "configs": {}})
+        fp_outs.append(out.float().cpu())
         del out, inputs  # nothing of this shape left on the GPU while the next one is measured
         free_memory()
 
@@ -257,18 +305,17 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
     free_memory()
     result["models"][model_name] = info
 
+    result["shapes"] += rows  # filled in below, one configuration at a time
     for cname in configs:
         packed, load_s = timed(load_quantized, workdir / cname, device=device, dtype=dtype)
         info["configs"][cname]["load_seconds"] = load_s
         info["configs"][cname]["memory_ratio_vs_fp16"] = tensor_bytes(packed) / info["fp16_tensor_bytes"]
-        for row, (batch, resolution, inputs), sim in zip(rows, shape_inputs, simulated[cname]):
-            row["configs"][cname] = bench_packed(packed, _to(inputs, device), row, sim, args, device, batch,
+        for row, fp_out, (batch, resolution, inputs), sim in zip(rows, fp_outs, shape_inputs, simulated[cname]):
+            row["configs"][cname] = bench_packed(packed, _to(inputs, device), row, fp_out, sim, args, device, batch,
                                                  info["configs"][cname]["disk_ratio_vs_fp16"])
         del packed
         free_memory()
-    for row in rows:
-        row.pop("_fp_out")
-        result["shapes"].append(row)
+        save()
     if not args.no_pipeline:
         try:
             result["pipeline_memory"] += pipeline_memory(family, model_name, rows, info, device, dtype, tiny, args)
@@ -300,20 +347,27 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
     return graphed
 
 
-def bench_packed(packed, inputs, row: dict, simulated_out: torch.Tensor, args, device, batch: int,
-                 disk_ratio: float) -> dict:
+PATHS = {  # name: (Triton fast path on, small-M threshold or None for the run's --small_m_max)
+    "fast": (True, None), "fast_no_small_m": (True, 0), "eager": (False, 0)}
+
+
+def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out: torch.Tensor, args, device,
+                 batch: int, disk_ratio: float) -> dict:
     fp = row["fp16"]
-    entry = {"disk_ratio_vs_fp16": disk_ratio}
-    for path, reps in (("fast", args.reps), ("eager", args.eager_reps)):
-        with use_packed_kernels(path == "fast"):
+    entry = {"disk_ratio_vs_fp16": disk_ratio, "small_m_layers": small_m_census(packed, inputs, args.small_m_max)}
+    paths = [p for p in PATHS if not (p == "fast_no_small_m" and (args.no_small_m_compare or not args.small_m_max))]
+    for path in paths:
+        fast, threshold = PATHS[path]
+        reps = args.eager_reps if path == "eager" else args.reps
+        with use_packed_kernels(fast), small_m_threshold(args.small_m_max if threshold is None else threshold):
             out, stats = measure_forward(packed, inputs, reps)
-            if path == "fast" and device.type == "cuda" and batch <= 2:
+            if fast and device.type == "cuda" and batch <= 2:
                 stats["cuda_graph"] = _graph(packed, inputs, args.reps, out)
                 if "latency_ms_median" in stats["cuda_graph"] and "latency_ms_median" in fp.get("cuda_graph", {}):
                     stats["cuda_graph"]["latency_ratio_vs_fp16"] = (stats["cuda_graph"]["latency_ms_median"]
                                                                     / fp["cuda_graph"]["latency_ms_median"])
         stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
-                     max_abs_diff_vs_fp16=float((out.float().cpu() - row["_fp_out"]).abs().max()),
+                     max_abs_diff_vs_fp16=float((out.float().cpu() - fp_out).abs().max()),
                      latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
         if "peak_allocated" in stats:
             stats["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp["peak_allocated"]
@@ -321,11 +375,192 @@ def bench_packed(packed, inputs, row: dict, simulated_out: torch.Tensor, args, d
         entry[path] = stats
         del out
         free_memory()
-    # the headline keys are the fast path's (the default on CUDA); the eager path's stay under "eager"
+    # the headline keys are the fast path's (the default on CUDA); the other paths' stay under their names
     for key in ("latency_ratio_vs_fp16", "peak_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
         if key in entry["fast"]:
             entry[key] = entry["fast"][key]
+    if "fast_no_small_m" in entry:  # the small-M kernel's effect, side by side
+        without = entry["fast_no_small_m"]
+        entry["latency_ratio_vs_fp16_without_small_m"] = without["latency_ratio_vs_fp16"]
+        entry["max_abs_diff_vs_simulated_without_small_m"] = without["max_abs_diff_vs_simulated"]
+        entry["small_m_speedup"] = without["latency_ms_median"] / entry["fast"]["latency_ms_median"]
+        graphs = entry["fast"].get("cuda_graph", {}), without.get("cuda_graph", {})
+        if all("latency_ms_median" in g for g in graphs):
+            entry["small_m_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
     return entry
+
+
+@torch.no_grad()
+def small_m_census(model, inputs, max_rows: int) -> dict:
+    """Which PackedLinear calls of one forward take the fused small-M kernel at ``max_rows`` (the rule of
+    multiquant.kernels.takes_small_m_path, as it would apply on CUDA), and their share of the packed weights."""
+    calls = {"calls": 0, "packed_linear_calls": 0, "weights": 0, "packed_linear_weights": 0, "rows": {}}
+
+    def hook(module, args):
+        x = args[0]
+        numel = module.parts[0].numel if len(module.parts) == 1 else sum(p.numel for p in module.parts)
+        calls["packed_linear_calls"] += 1
+        calls["packed_linear_weights"] += numel
+        if kernels.takes_small_m_path(module, x):
+            calls["calls"] += 1
+            calls["weights"] += numel
+            rows = str(x.numel() // x.shape[-1])
+            calls["rows"][rows] = calls["rows"].get(rows, 0) + 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, PackedLinear)]
+    try:
+        with small_m_threshold(max_rows):
+            denoiser_output(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    calls["weights_fraction"] = calls["weights"] / max(1, calls["packed_linear_weights"])
+    return calls
+
+
+# ------------------------------------------------------------------------------------- small-M micro-benchmark
+# PixArt-alpha / DiT-XL/2's small-M layers (hidden size 1152): cross-attention K/V and the second timestep-MLP
+# layer (1152 -> 1152; M = batch x 120 text tokens or M = batch), adaLN (1152 -> 6 x 1152, M = batch), caption
+# projection (4096 -> 1152, M = batch x 120)
+MICRO_SHAPES = {"kv_1152x1152": (1152, 1152), "adaln_1152x6912": (1152, 6912), "caption_4096x1152": (4096, 1152)}
+MICRO_SHAPES_TINY = {"tiny_40x24": (40, 24)}
+MICRO_ROWS = "1,2,16,64,128,240,512,2048"
+MICRO_ROWS_TINY = "1,2,5"
+MICRO_OPTIONS = "mse-4,kmeans_all-4,kmeans-3"  # the uniform configurations' options
+GRAPH_CALLS = 20
+
+
+def random_packed_linear(option: str, in_features: int, out_features: int, device, dtype, seed: int):
+    """A PackedLinear with seeded random codes, tables and bias (latency does not depend on the values)."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.nn.Linear(in_features, out_features, device="meta")
+    dense.bias = torch.nn.Parameter(torch.randn(out_features, generator=g) * 0.1, requires_grad=False)
+    part = PackedWeight(option, (out_features, in_features), device="cpu")
+    codes = torch.randint(0, 2 ** part.bits, (part.numel,), generator=g).to(torch.uint8)
+    part.codes.copy_(pack_codes(codes, part.bits))
+    if part.method == "mse":
+        part.scale.copy_(torch.rand(out_features, generator=g) * 0.01 + 1e-3)
+        part.zero.copy_(torch.randint(0, 2 ** part.bits, (out_features,), generator=g))
+    else:
+        part.codebook.copy_(torch.randn(part.codebook.shape, generator=g) * 0.05)
+    return packed_layer(dense, [part], dtype).to(device=device, dtype=dtype)
+
+
+def _time_calls(fn, calls: int, cuda: bool) -> dict:
+    """Microseconds per call: back-to-back calls timed on the host (launch overhead included) and, on CUDA,
+    replays of a CUDA graph of GRAPH_CALLS calls (GPU time alone; median of 5 replays)."""
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    figures = {"host_us": 1e6 * (time.perf_counter() - start) / calls}
+    if cuda:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        graph.replay()
+        times = []
+        for _ in range(5):
+            _, seconds = timed(graph.replay)
+            times.append(seconds)
+        figures["graph_us"] = 1e6 * statistics.median(times) / GRAPH_CALLS
+        del graph
+    return figures
+
+
+@torch.no_grad()
+def small_m_microbench(args, device) -> dict:
+    """The small-M layers alone: FP16 ``F.linear`` vs decode + cuBLAS vs the fused kernel, per shape, option
+    and row count M (the fused kernel forced at every M to find where it stops paying), with the fused result's
+    error against its stated bound (multiquant.kernels.linear_error_bound). On a machine without CUDA it runs
+    tiny shapes through Triton's interpreter (checks the code, times nothing meaningful)."""
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    shapes = MICRO_SHAPES if cuda else MICRO_SHAPES_TINY
+    rows_list = [int(r) for r in (args.micro_rows or (MICRO_ROWS if cuda else MICRO_ROWS_TINY)).split(",")]
+    options = [o.strip() for o in args.micro_options.split(",") if o.strip()]
+    result = {"dtype": str(dtype).replace("torch.", ""), "shapes": {k: list(v) for k, v in shapes.items()},
+              "rows": rows_list, "options": options, "graph_calls": GRAPH_CALLS, "host_calls": args.micro_calls,
+              "small_m_max_default": kernels.SMALL_M_MAX, "cases": [], "fused_errors": []}
+    interpret = contextlib.nullcontext() if cuda else _env("TRITON_INTERPRET", "1")
+    with interpret, use_packed_kernels(True):
+        for seed, ((sname, (in_f, out_f)), option) in enumerate((s, o) for s in shapes.items() for o in options):
+            layer = random_packed_linear(option, in_f, out_f, device, dtype, seed)
+            weight = layer.dequantize_weight(dtype)
+            bias = layer.bias
+            g = torch.Generator().manual_seed(1000 + seed)
+            for rows in rows_list:
+                x = torch.randn(rows, in_f, generator=g).to(device=device, dtype=dtype)
+                case = {"shape": sname, "in_features": in_f, "out_features": out_f, "option": option, "rows": rows}
+                tiling = kernels.linear_tiling(rows, out_f, in_f, kernels._processors(device))
+                case["tiling"] = dataclasses.asdict(tiling)
+                case["fp16"] = _time_calls(lambda: torch.nn.functional.linear(x, weight, bias), args.micro_calls, cuda)
+                case["decode_cublas"] = _time_calls(
+                    lambda: torch.nn.functional.linear(x, kernels.fast_weight(layer, dtype, device), bias),
+                    args.micro_calls, cuda)
+                try:
+                    y = kernels.packed_linear(layer, x)
+                    exact, bound = kernels.linear_error_bound(x, weight, bias, dtype)
+                    ratio = float(((y.double() - exact).abs() / bound).max())
+                    case["fused_max_err_over_bound"] = ratio
+                    case["fused_within_bound"] = ratio <= 1.0
+                    case["fused"] = _time_calls(lambda: kernels.packed_linear(layer, x), args.micro_calls, cuda)
+                except Exception as e:  # record it; the model runs then go without the fused kernel
+                    case["fused_error"] = f"{type(e).__name__}: {e}"[:500]
+                    result["fused_errors"].append(f"{sname} {option} M={rows}: {case['fused_error']}")
+                    traceback.print_exc()
+                for key in ("host_us", "graph_us"):
+                    base = case["fp16"].get(key)
+                    for variant in ("decode_cublas", "fused"):
+                        if base and key in case.get(variant, {}):
+                            case[f"{variant}_{key.split('_')[0]}_vs_fp16"] = case[variant][key] / base
+                    if key in case.get("fused", {}):
+                        case[f"fused_{key.split('_')[0]}_vs_decode_cublas"] = (case["fused"][key]
+                                                                               / case["decode_cublas"][key])
+                result["cases"].append(case)
+                print(f"small-M {sname} {option} M={rows}: fp16 {case['fp16']} decode {case['decode_cublas']} "
+                      f"fused {case.get('fused', case.get('fused_error'))}", flush=True)
+            del layer, weight
+            free_memory()
+    result["crossover"] = _crossover(result["cases"], "graph" if cuda else "host")
+    result["recommended_small_m_max"] = min((v for per in result["crossover"].values() for v in per.values()),
+                                            default=0)
+    return result
+
+
+def _crossover(cases: list, key: str) -> dict:
+    """Per shape and option: the largest M of the sweep up to which the fused kernel is at least as fast as
+    decode + cuBLAS at every measured M (``key``: graph = GPU time, host = with launch overhead); 0: never."""
+    out, stopped = {}, set()
+    for case in sorted(cases, key=lambda c: c["rows"]):
+        pair = (case["shape"], case["option"])
+        per = out.setdefault(case["shape"], {})
+        per.setdefault(case["option"], 0)
+        if pair in stopped:
+            continue
+        ratio = case.get(f"fused_{key}_vs_decode_cublas")
+        if ratio is not None and ratio <= 1.0:
+            per[case["option"]] = case["rows"]
+        else:
+            stopped.add(pair)
+    return out
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 # ------------------------------------------------------------------------------------- pipeline memory
@@ -424,23 +659,39 @@ def pipeline_memory(family, model_name: str, rows: list, info: dict, device, dty
 
 def target_summary(result: dict) -> dict:
     """The issue's targets, read off the shape rows: latency ratio <= 1.05, denoiser peak <= 0.30x FP16,
-    outputs identical to the simulated configuration."""
-    lat, peak, diff = [], [], []
+    outputs identical to the simulated configuration. Exactness is the decode + cuBLAS path's (bit-exact by
+    construction: ``fast_no_small_m`` where measured); the fused small-M kernel is within its stated per-layer
+    bound instead, so its whole-model difference is reported beside the quantization error it sits in."""
+    lat, lat_without, peak, diff, small_m_diff = [], [], [], [], []
     for row in result["shapes"]:
         for cname, entry in row["configs"].items():
             where = f"{row['model']} b{row['batch']} {row['resolution']}px {cname}"
             lat.append((entry.get("latency_ratio_vs_fp16", float("nan")), where))
+            if "latency_ratio_vs_fp16_without_small_m" in entry:
+                lat_without.append((entry["latency_ratio_vs_fp16_without_small_m"], where))
             if "peak_ratio_vs_fp16" in entry:
                 peak.append((entry["peak_ratio_vs_fp16"], where))
-            diff.append((entry["max_abs_diff_vs_simulated"], where))
+            exact = entry.get("max_abs_diff_vs_simulated_without_small_m", entry["max_abs_diff_vs_simulated"])
+            diff.append((exact, where))
+            if entry.get("small_m_layers", {}).get("calls") and "fast" in entry:
+                fast = entry["fast"]
+                small_m_diff.append((fast["max_abs_diff_vs_simulated"], where,
+                                     fast["max_abs_diff_vs_simulated"] / max(fast["max_abs_diff_vs_fp16"], 1e-30)))
     summary = {}
-    for key, values, limit in (("latency_ratio_vs_fp16", lat, 1.05), ("peak_ratio_vs_fp16", peak, 0.30),
-                               ("max_abs_diff_vs_simulated", diff, 0.0)):
+    for key, values, limit in (("latency_ratio_vs_fp16", lat, 1.05),
+                               ("latency_ratio_vs_fp16_without_small_m", lat_without, 1.05),
+                               ("peak_ratio_vs_fp16", peak, 0.30), ("max_abs_diff_vs_simulated", diff, 0.0)):
         if values:
             worst = max(values)
             summary[key] = {"target": limit, "worst": worst[0], "worst_at": worst[1],
                             "met_everywhere": all(v <= limit for v, _ in values),
                             "missed_at": [w for v, w in values if not v <= limit]}
+    if small_m_diff:
+        worst = max(small_m_diff)
+        summary["max_abs_diff_vs_simulated_with_small_m"] = {
+            "target": "per layer: within multiquant.kernels.packed_linear's stated bound (tested); not bit-exact",
+            "worst": worst[0], "worst_at": worst[1],
+            "worst_relative_to_quantization_error": max(r for _, _, r in small_m_diff)}
     return summary
 
 

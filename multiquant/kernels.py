@@ -107,15 +107,18 @@ def _jit(interpret: bool):
         tl.store(out_ptr + r[:, None] * out_stride + col_offset + k[None, :],
                  value.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # M not specialized (Triton would compile again for M == 1 and for M divisible by 16): one binary per
+    # tiling serves every row count
+    @triton.jit(do_not_specialize=["M"])
     def packed_linear_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, book_ptr, bias_ptr, out_ptr, partial_ptr,
                              counter_ptr, M, N, K, stride_xm, stride_om, k_per_split,
                              BITS: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              IEEE: tl.constexpr):
         # out[M, N] = x[M, K] @ W^T (+ bias): one [BLOCK_M, BLOCK_N] tile, over this program's K range. The
-        # [BLOCK_K, BLOCK_N] tile of W^T is decoded in registers exactly as decode_kernel decodes W (weight
-        # (n, k) is code n*K + k of the flat packed weight), rounded to x's dtype, then tl.dot (fp32 accumulator)
+        # [BLOCK_N, BLOCK_K] tile of W is decoded in registers exactly as decode_kernel decodes W (weight (n, k) is
+        # code n*K + k of the flat packed weight; k the fastest axis, so a warp reads neighbouring code bytes),
+        # rounded to x's dtype, then tl.dot with W's transpose (fp32 accumulator)
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,8 +134,8 @@ def _jit(interpret: bool):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w_ok = k_ok[:, None] & n_ok[None, :]
-            flat = n[None, :] * K + k[:, None]
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            flat = n[:, None] * K + k[None, :]
             bit = (flat & 7) * BITS
             byte = (flat >> 3) * BITS + (bit >> 3)
             shift = bit & 7
@@ -140,12 +143,12 @@ def _jit(interpret: bool):
             hi = tl.load(codes_ptr + byte + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
             code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
             if MODE == 0:
-                value = (code.to(tl.float32) - zero[None, :]) * scale[None, :]
+                value = (code.to(tl.float32) - zero[:, None]) * scale[:, None]
             elif MODE == 1:
-                value = tl.load(book_ptr + n[None, :] * (1 << BITS) + code, mask=w_ok, other=0.0)
+                value = tl.load(book_ptr + n[:, None] * (1 << BITS) + code, mask=w_ok, other=0.0)
             else:
                 value = tl.load(book_ptr + code, mask=w_ok, other=0.0)
-            w = tl.where(w_ok, value, 0.0).to(x_ptr.dtype.element_ty)
+            w = tl.trans(tl.where(w_ok, value, 0.0).to(x_ptr.dtype.element_ty))
             if IEEE:  # float32 inputs: true fp32 products, not TF32
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:

@@ -182,12 +182,24 @@ def measure_family(name: str, args, metric, device) -> dict:
     config = sample_random_config(scorer.layers, seed=0, index=1, methods=scorer.mq.manifest["methods"])
     # warm-up: kernels, allocator, VAE and feature network, on a couple of images
     metric.features(sampler.generate(local[:2]))
+    compiled = {}
+    if args.compile and not args.scaling_only:
+        # eager floor first, then the same denoiser compiled in place: the weight swap copies into its
+        # parameters, so configurations never recompile it
+        compiled["floor_seconds_per_config_eager"] = floor_seconds(sampler, local)[0]
+        t0 = time.perf_counter()
+        scorer.denoiser.compile(mode=args.compile)
+        floor_seconds(sampler, local[:sampler.batch_size])  # compiles for the full batch shape
+        sampler.generate(local[:sampler.batch_size])
+        sync()
+        compiled["compile_s"] = time.perf_counter() - t0
     dist.barrier()
     t_start = time.perf_counter()
     ours = ours_seconds(scorer, config)
     tokens = {field: int(value.shape[1]) for field, value in (sampler.prompt_embeds or {}).items()
               if value.ndim == 3 and not field.startswith("negative_")}  # the embeddings' sequence lengths
-    entry = {"architecture": "full-size" if full else "tiny",
+    entry = {"measured": environment()["date"], "compile": args.compile, **compiled,
+             "architecture": "full-size" if full else "tiny",
              "parameters": sum(p.numel() for p in scorer.denoiser.parameters()),
              "settings": sampler.settings, "text_tokens": tokens,
              "images_per_config": num_images, "protocol_images": spec.num_images, "batch_size": sampler.batch_size,
@@ -198,6 +210,8 @@ def measure_family(name: str, args, metric, device) -> dict:
         entry["ours"]["total_s_all_ranks"] = time.perf_counter() - t_start
     else:
         floor, forwards = floor_seconds(sampler, local)
+        # the sampling floor: the same images rendered (denoiser, scheduler, VAE, uint8 on the CPU), no metric
+        sampling = timed(sampler.generate, local)[1]
         table = flops_table(name, tiny=not full, resolution=sampler.resolution)
         macs = table["total_layer_macs"] + table["total_other_macs"]
         achieved = 2 * macs * forwards / floor / 1e12
@@ -210,7 +224,10 @@ def measure_family(name: str, args, metric, device) -> dict:
                      floor_peak_fraction=achieved / args.peak_tflops, fid_distance_s=fid_s,
                      seconds_per_config_at_protocol=ours_protocol, floor_seconds_at_protocol=floor * scale,
                      overhead_fraction_at_protocol=(ours_protocol - floor * scale) / ours_protocol,
-                     configs_per_hour=3600 / ours_protocol, floor_configs_per_hour=3600 / (floor * scale))
+                     configs_per_hour=3600 / ours_protocol, floor_configs_per_hour=3600 / (floor * scale),
+                     sampling_seconds_per_config=sampling,
+                     overhead_fraction_vs_sampling=(ours["total_s"] - sampling) / ours["total_s"],
+                     overhead_fraction_vs_sampling_at_protocol=(ours_protocol - sampling * scale) / ours_protocol)
         if name in args.reference_loop.split(","):
             n_ref = min(args.ref_images, num_images)
             ref = reference_loop_seconds(sampler, metric.feature_net, n_ref, n_ref * 4)
@@ -231,11 +248,20 @@ def summarize(args, names: list[str], families: dict, failed: dict) -> dict:
             "headline_family": HEADLINE,
             **{k: head.get(k) for k in ("overhead_fraction", "floor_peak_fraction", "achieved_tflops",
                                         "seconds_per_config", "floor_seconds_per_config",
-                                        "overhead_fraction_at_protocol", "configs_per_hour", "speedup")},
+                                        "overhead_fraction_at_protocol", "sampling_seconds_per_config",
+                                        "overhead_fraction_vs_sampling_at_protocol", "configs_per_hour",
+                                        "speedup")},
             "families": families, "failed": failed,
             "not_measured": [n for n in names if n not in families and n not in failed],
             "targets": {"overhead_fraction_at_protocol": "<= 0.02", "floor_peak_fraction": ">= 0.6 (pixart_alpha)",
                         "two_gpu_scaling": ">= 1.8"}}
+
+
+def earlier_families(name: str, out_dir) -> dict:
+    """The families an earlier run wrote into the result file (each entry says when it was measured): a run of
+    some families keeps the others' figures."""
+    path = Path(out_dir or RESULTS) / f"{name}.json"
+    return json.loads(path.read_text()).get("families", {}) if path.is_file() else {}
 
 
 def write(name: str, result: dict, out_dir) -> None:
@@ -261,20 +287,24 @@ def parse_args(argv=None):
     ap.add_argument("--reference_loop", default="pixart_alpha", help="families timed in the reference loop too")
     ap.add_argument("--ref_images", type=int, default=16, help="images timed for the reference loop")
     ap.add_argument("--reference_set", type=int, default=5000, help="reference images re-encoded per config")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="also torch.compile the denoiser in place with this mode (e.g. max-autotune-no-cudagraphs):"
+                         " the eager floor first, then the compiled floor and scorer, side by side")
     ap.add_argument("--scaling_only", action="store_true", help="time our path only (for torchrun runs)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return ap.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, metric=None):
+    """``metric``: the FID every family is scored with (default: random-weight Inception, timing only)."""
     args = parse_args(argv)
     start = time.perf_counter()
     info = dist.init_from_env()
     device = info.device  # this rank's GPU (already made current), else the CPU
     names = [n.strip() for n in args.families.split(",") if n.strip()]
-    metric = random_metric(device)
+    metric = metric or random_metric(device)
     name = f"eval_random_scaling_{dist.world_size()}gpu" if args.scaling_only else "eval_random"
-    families, failed = {}, {}
+    earlier, families, failed = earlier_families(name, args.out), {}, {}
     for family in names:
         if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
             break
@@ -293,7 +323,7 @@ def main(argv=None):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if dist.is_main():  # after every family: a run stopped by its time limit keeps what it measured
-            write(name, summarize(args, names, families, failed), args.out)
+            write(name, summarize(args, names, {**earlier, **families}, failed), args.out)
     dist.cleanup()
 
 

@@ -18,6 +18,7 @@ the images) are gathered, so G processes give the same numbers as one.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,14 @@ class Scorer:
     def indices(self) -> list[int]:
         return list(range(self.num_images))
 
-    def _generate(self) -> torch.Tensor:
-        return self.sampler.generate(self.local) if self.local else torch.zeros(0, dtype=torch.uint8)
+    def _generate(self) -> tuple[torch.Tensor, np.ndarray | None]:
+        """This rank's images, and their metric features when they could be computed while rendering."""
+        if not self.local:
+            return torch.zeros(0, dtype=torch.uint8), None
+        chunk = feature_chunk(self.metric)
+        if chunk is None or not hasattr(self.sampler, "batches"):
+            return self.sampler.generate(self.local), None
+        return features_while_rendering(self.sampler.batches(self.local), self.metric.features, chunk)
 
     @contextmanager
     def activations_quantized(self):
@@ -106,23 +113,26 @@ class Scorer:
             for handle in handles:
                 handle.remove()
 
-    def _render(self, config: dict) -> tuple[torch.Tensor, dict]:
+    def _render(self, config: dict) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         t0 = time.perf_counter()
         self.applier.apply(config)
         t1 = time.perf_counter()
         with self.activations_quantized():
-            images = self._generate()
-        return images, {"apply_s": t1 - t0, "generate_s": time.perf_counter() - t1}
+            images, feats = self._generate()
+        return images, feats, {"apply_s": t1 - t0, "generate_s": time.perf_counter() - t1}
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         return dist.gather_features(local)
 
-    def evaluate(self, images: torch.Tensor, fp: dict | None = None) -> dict:
+    def evaluate(self, images: torch.Tensor, fp: dict | None = None, feats: np.ndarray | None = None) -> dict:
         """Metrics of this rank's ``images`` (identical on all ranks): ``label`` (against the reference, when
-        asked), feature ``mu``/``sigma`` (feature metrics), ``vs_fp`` (against ``fp``), ``clip``."""
+        asked), feature ``mu``/``sigma`` (feature metrics), ``vs_fp`` (against ``fp``), ``clip``. ``feats``: the
+        images' features when already computed (:meth:`_generate`)."""
         out = {}
         if is_feature_metric(self.metric):
-            local = torch.from_numpy(self.metric.features(images)) if len(images) else None
+            if feats is None and len(images):
+                feats = self.metric.features(images)
+            local = torch.from_numpy(feats) if feats is not None else None
             feats = self._gather(local if local is not None else torch.zeros(0, 1, dtype=torch.float64)).numpy()
             out["mu"], out["sigma"] = feature_stats(feats)
             if self.with_reference:
@@ -154,9 +164,9 @@ class Scorer:
             t0 = time.perf_counter()
             if self.applier is not None:
                 self.applier.apply(uniform_config(self.mq.layers, FP_OPTION))
-            images = self._generate()
+            images, feats = self._generate()
             timing = {"generate_s": time.perf_counter() - t0}
-            m = self.evaluate(images)
+            m = self.evaluate(images, feats=feats)
             if not is_feature_metric(self.metric) and m.get("value") is None:
                 m["value"] = self.metric(m["all_images"], m["all_images"]) if self.metric.needs_fp \
                     else self.metric(m["all_images"])
@@ -168,10 +178,10 @@ class Scorer:
     # -- configurations (eval-random, eval-configs, search) ---------------------------------------------
     def score(self, config: dict, tag: str | None = None) -> dict:
         """Metrics of one configuration (on every rank; identical on all ranks)."""
-        images, timing = self._render(config)
+        images, feats, timing = self._render(config)
         t2 = time.perf_counter()
         fp = self.fp_reference() if self.proxies or self.label_vs_fp else None
-        m = self.evaluate(images, fp)
+        m = self.evaluate(images, fp, feats)
         out = {"FID-GT-1k": np.float64(m["vs_fp"] if self.label_vs_fp else m["label"])}
         if self.proxies:
             if is_feature_metric(self.metric):
@@ -248,8 +258,8 @@ class Scorer:
             replacements.append((ref, w_hat))
             error += err
         with quantized_weights(self.denoiser, replacements):
-            images = self._generate()
-        m = self.evaluate(images, fp)
+            images, feats = self._generate()
+        m = self.evaluate(images, fp, feats)
         proxies = self._pixel_proxies(images, fp)
         out = {"fid_fp": float(m["vs_fp"]), "psnr_fp": proxies["psnr_fp"], "ssim_fp": proxies["ssim_fp"],
                "one_minus_ssim": 1.0 - proxies["ssim_fp"], "weight_error": error}
@@ -265,6 +275,36 @@ class Scorer:
 
 ConfigScorer = Scorer  # the names the two former engines had
 ImageProtocol = Scorer
+
+
+def feature_chunk(metric) -> int | None:
+    """How many images the metric's feature network takes per forward, when it declares it (a
+    :class:`~multiquant.metrics.features.FeatureNet`); None for other metrics and plain callables."""
+    if not is_feature_metric(metric):
+        return None
+    size = getattr(metric.feature_net, "batch_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def features_while_rendering(batches, features, chunk: int) -> tuple[torch.Tensor, np.ndarray]:
+    """All images of the iterator ``batches`` and ``features`` of them, computed on a worker thread in chunks of
+    ``chunk`` images while the next batches render.
+
+    Why: the feature pass (a CPU resize per image, then the feature network) otherwise waits until the last
+    image exists; here it hides behind generation. The chunks are the ones a single call on all images makes
+    (``FeatureNet`` splits into ``chunk``-sized pieces from the start), so the features are the same numbers."""
+    images, pending, futures = [], [], []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for batch in batches:
+            images.append(batch)
+            pending.extend(batch)
+            while len(pending) >= chunk:
+                futures.append(pool.submit(features, torch.stack(pending[:chunk])))
+                pending = pending[chunk:]
+        if pending:
+            futures.append(pool.submit(features, torch.stack(pending)))
+        feats = [future.result() for future in futures]
+    return torch.cat(images), np.concatenate(feats)
 
 
 def save_pngs(images: torch.Tensor, indices: list[int], folder: Path) -> None:

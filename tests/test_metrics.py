@@ -483,3 +483,32 @@ def test_layer_macs_full_pixart_on_meta_matches_paper_constants():
     assert macs["transformer_blocks.0.attn1::qk"] == 1024 * 1024 * 1152  # the reference's SA 1.21e9
     assert macs["transformer_blocks.0.attn2::qk"] == 1024 * 120 * 1152  # the reference's CA 141.56e6
     assert macs["transformer_blocks.27.ff.net.0.proj"] == 1024 * 1152 * 4608
+
+
+def test_features_while_rendering_overlaps_and_gives_the_same_numbers():
+    """The feature pass runs on chunks while later batches render; the chunks are those of one call on all
+    images, so the features are bit-identical."""
+    import threading
+
+    from multiquant.evaluate import features_while_rendering
+    from multiquant.metrics.features import ModuleFeatures
+
+    torch.manual_seed(3)
+    net = ModuleFeatures(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.Tanh()), name="toy", batch_size=3)
+    images = _random_images(10, h=8, w=8, seed=4)
+    first_chunk_done = threading.Event()
+
+    def features(chunk):
+        out = net(chunk)
+        first_chunk_done.set()
+        return out
+
+    def batches():  # batches of 4 (not a multiple of the chunk of 3); the last batch waits for a feature chunk
+        for start in range(0, 10, 4):
+            if start == 8:
+                assert first_chunk_done.wait(timeout=30), "features did not run while rendering"
+            yield images[start:start + 4]
+
+    got_images, got = features_while_rendering(batches(), features, chunk=3)
+    assert torch.equal(got_images, images)
+    np.testing.assert_array_equal(got, net(images))

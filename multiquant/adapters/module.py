@@ -53,9 +53,13 @@ class ModuleSampler:
         return images.cpu()
 
     def generate(self, indices) -> torch.Tensor:
+        return torch.cat(list(self.batches(indices)))
+
+    def batches(self, indices):
+        """The images of :meth:`generate`, one uint8 batch at a time as each is rendered."""
         indices = checked_indices(indices, self.num_images)
-        return torch.cat([self._render(indices[i:i + self.batch_size])
-                          for i in range(0, len(indices), self.batch_size)])
+        for start in range(0, len(indices), self.batch_size):
+            yield self._render(indices[start:start + self.batch_size])
 
     __call__ = generate
 

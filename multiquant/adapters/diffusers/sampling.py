@@ -79,11 +79,15 @@ class Sampler:
 
     def generate(self, indices) -> torch.Tensor:
         """uint8 images [len(indices), C, H, W] on the CPU (C = 3; MNIST: 1 unless channels=3)."""
+        return torch.cat(list(self.batches(indices)))
+
+    def batches(self, indices):
+        """The images of :meth:`generate`, one uint8 batch at a time as each is rendered."""
         indices = checked_indices(indices, self.num_images)
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         # per-batch progress: one configuration of 1,000 images takes minutes (quiet for a single batch)
-        return torch.cat([self._render(batch) for batch in progress(batches, desc=f"  images ({len(indices)})",
-                                                                    unit="batch", disable=len(batches) < 2)])
+        for batch in progress(batches, desc=f"  images ({len(indices)})", unit="batch", disable=len(batches) < 2):
+            yield self._render(batch)
 
     def __call__(self, indices) -> torch.Tensor:
         return self.generate(indices)

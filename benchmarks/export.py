@@ -239,6 +239,7 @@ def run(args, workdir: Path) -> dict:
         result["total_seconds"] = time.perf_counter() - started
         write_result(name, result, args.out)
     result["targets"] = target_summary(result)
+    result["direct_launch_engaged"] = kernels.DIRECT_LAUNCH[0]
     result["total_seconds"] = time.perf_counter() - started
     write_result(name, result, args.out)
     return result
@@ -500,7 +501,7 @@ def small_m_microbench(args, device) -> dict:
                 case["tiling"] = dataclasses.asdict(tiling)
                 case["fp16"] = _time_calls(lambda: torch.nn.functional.linear(x, weight, bias), args.micro_calls, cuda)
                 case["decode_cublas"] = _time_calls(
-                    lambda: torch.nn.functional.linear(x, kernels.fast_weight(layer, dtype, device), bias),
+                    lambda: torch.nn.functional.linear(x, kernels.fast_weight(layer, dtype, x.device), bias),
                     args.micro_calls, cuda)
                 try:
                     y = kernels.packed_linear(layer, x)
@@ -526,6 +527,7 @@ def small_m_microbench(args, device) -> dict:
                       f"fused {case.get('fused', case.get('fused_error'))}", flush=True)
             del layer, weight
             free_memory()
+    result["direct_launch_engaged"] = kernels.DIRECT_LAUNCH[0]  # False: a launcher fell back to kernel[grid]
     result["crossover"] = _crossover(result["cases"], "graph" if cuda else "host")
     result["recommended_small_m_max"] = min((v for per in result["crossover"].values() for v in per.values()),
                                             default=0)

@@ -387,7 +387,7 @@ COUNTER_SLOTS = 4096  # split-K arrival counters per device (one per output tile
 MAX_SPLIT_K = 16
 GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-_LINEAR_RUNNERS: dict[tuple, object] = {}
+_LINEAR_RUNNERS: dict[tuple, object] = {}  # compiled-kernel launchers by specialization
 
 
 @contextlib.contextmanager
@@ -433,15 +433,24 @@ def packed_linear(layer, input: torch.Tensor) -> torch.Tensor:
     u the output dtype's unit roundoff (2^-11 fp16, 2^-8 bf16, 2^-24 fp32), s half its smallest subnormal
     (:func:`linear_error_bound`; tests/test_kernels.py checks it)."""
     part = layer.parts[0]
+    out_features = part.shape[0]
     x = input.reshape(-1, input.shape[-1])
-    params = part.params()
+    buffers = part._buffers
+    sources = (buffers["codes"], buffers.get("scale"), buffers.get("zero"), buffers.get("codebook"), layer.bias)
     if torch.compiler.is_compiling():
-        out = packed_linear_op(x, part.codes, params.get("scale"), params.get("zero"), params.get("codebook"),
-                               layer.bias, part.method, part.bits, part.shape[0])
-    else:
-        out = _packed_linear(x, part.codes, params.get("scale"), params.get("zero"), params.get("codebook"),
-                             layer.bias, part.method, part.bits, part.shape[0])
-    return out.view(*input.shape[:-1], part.shape[0])
+        out = packed_linear_op(x, *sources, part.method, part.bits, out_features)
+    else:  # one cached launch per input signature (not a buffer of the module: invisible to state_dict / .to())
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        plans = layer.__dict__.setdefault("_small_m_plans", {})
+        signature = (x.shape[0], x.dtype, x.stride(0), x.data_ptr() % 16 == 0, x.device)
+        launch = plans.get(signature)
+        if launch is None or not launch.reads(sources):
+            if x.shape[0] == 0 or out_features == 0:
+                return input.new_empty(*input.shape[:-1], out_features)
+            launch = plans[signature] = _LinearLaunch(x, *sources, part.method, part.bits, out_features)
+        out = launch(x)
+    return out.view(*input.shape[:-1], out_features)
 
 
 def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -509,52 +518,69 @@ def _packed_linear(x: torch.Tensor, codes: torch.Tensor, scale, zero, codebook, 
     """out [M, N] = x [M, K] @ W^T (+ bias), W the [N, K] weight packed in ``codes`` (see :func:`packed_linear`)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    rows, in_features = x.shape
-    out = torch.empty(rows, out_features, device=x.device, dtype=x.dtype)
-    if rows == 0 or out_features == 0:
-        return out
-    tiling = linear_tiling(rows, out_features, in_features, _processors(x.device), split_k)
-    split = tiling.split_k
-    partial = torch.empty(split * rows * out_features, device=x.device, dtype=torch.float32) if split > 1 else out
-    counters = _counters(x.device) if split > 1 else out  # unused pointers: any tensor
-    mode = MODES[method]
-    args = (x, codes, scale if mode == 0 else codes, zero if mode == 0 else codes,
-            codebook if mode != 0 else codes, bias if bias is not None else codes, out, partial, counters,
-            rows, out_features, in_features, x.stride(0), out.stride(0), tiling.k_per_split)
-    constexprs = (bits, mode, bias is not None, split, tiling.block_m, tiling.block_n, tiling.block_k,
-                  x.dtype == torch.float32)
-    grid = (triton_cdiv(out_features, tiling.block_n), triton_cdiv(rows, tiling.block_m), split)
-    _run_linear(grid, args, constexprs, x.device)
-    return out
+    if x.shape[0] == 0 or out_features == 0:
+        return torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
+    return _LinearLaunch(x, codes, scale, zero, codebook, bias, method, bits, out_features, split_k)(x)
 
 
 _LINEAR_CONSTEXPRS = ("BITS", "MODE", "HAS_BIAS", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")
 
 
-def _run_linear(grid: tuple, args: tuple, constexprs: tuple, device: torch.device) -> None:
-    """Launch the fused kernel. On CUDA the compiled kernel is kept per specialization (every integer argument's
-    value, every tensor's dtype and 16-byte alignment: a superset of what Triton specializes on) and called
-    through its launcher directly, as the decode plans do: Triton's binder costs more host time than these
-    small kernels take on the GPU."""
-    kernel = _jit(_interpret())[1]
-    if device.type != "cuda" or _interpret() or not DIRECT_LAUNCH[0]:
-        kernel[grid](*args, **dict(zip(_LINEAR_CONSTEXPRS, constexprs)), num_warps=4, num_stages=2)
-        return
-    tensors = args[:9]
-    key = (device, constexprs, args[9:], tuple(t.dtype for t in tensors),
-           tuple(t.data_ptr() % 16 == 0 for t in tensors))
-    runner = _LINEAR_RUNNERS.get(key)
-    if runner is not None:
-        try:
-            runner(grid, torch._C._cuda_getCurrentRawStream(device.index), args + constexprs)
-            return
-        except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls from now on
-            DIRECT_LAUNCH[0] = False
-            _LINEAR_RUNNERS.clear()
-    compiled = kernel[grid](*args, **dict(zip(_LINEAR_CONSTEXPRS, constexprs)), num_warps=4, num_stages=2)
-    runner = _direct_runner(compiled)
-    if runner is not None:
-        _LINEAR_RUNNERS[key] = runner
+class _LinearLaunch:
+    """The fixed part of the fused kernel's launch for one input signature (rows, dtype, row stride, alignment)
+    and one set of weight tensors: tiling, grid, the arguments but x / out / partials, constexprs. On CUDA the
+    compiled kernel is called through its launcher directly, as the decode plans do (Triton's binder costs more
+    host time than these small kernels take on the GPU); the launcher is shared through ``_LINEAR_RUNNERS`` under
+    a key holding every integer argument's value and every tensor's dtype and 16-byte alignment, a superset of
+    what Triton specializes a binary on (out and the partials are fresh allocations, always aligned)."""
+
+    def __init__(self, x: torch.Tensor, codes, scale, zero, codebook, bias, method: str, bits: int,
+                 out_features: int, split_k: int | None = None):
+        rows, in_features = x.shape
+        self.device, self.dtype, self.rows, self.out_features = x.device, x.dtype, rows, out_features
+        tiling = linear_tiling(rows, out_features, in_features, _processors(x.device), split_k)
+        self.split = tiling.split_k
+        mode = MODES[method]
+        self.sources = (codes, scale, zero, codebook, bias)
+        self.fixed = (codes, scale if mode == 0 else codes, zero if mode == 0 else codes,  # unused: any tensor
+                      codebook if mode != 0 else codes, bias if bias is not None else codes)
+        self.counters = _counters(x.device) if self.split > 1 else None
+        self.ints = (rows, out_features, in_features, x.stride(0), out_features, tiling.k_per_split)
+        self.constexprs = (bits, mode, bias is not None, self.split, tiling.block_m, tiling.block_n, tiling.block_k,
+                           x.dtype == torch.float32)
+        self.grid = (triton_cdiv(out_features, tiling.block_n), triton_cdiv(rows, tiling.block_m), self.split)
+        self.direct = x.is_cuda and not _interpret()
+        tensors = (x,) + self.fixed
+        self.key = (x.device, self.constexprs, self.ints, tuple(t.dtype for t in tensors),
+                    tuple(t.data_ptr() % 16 == 0 for t in tensors))
+        self.runner = None
+
+    def reads(self, sources: tuple) -> bool:
+        return all(a is b for a, b in zip(self.sources, sources))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.rows, self.out_features, device=self.device, dtype=self.dtype)
+        split = self.split
+        partial = torch.empty(split * self.rows * self.out_features, device=self.device,
+                              dtype=torch.float32) if split > 1 else out
+        args = (x,) + self.fixed + (out, partial, self.counters if split > 1 else out) + self.ints
+        if self.direct and DIRECT_LAUNCH[0]:
+            runner = self.runner or _LINEAR_RUNNERS.get(self.key)
+            if runner is not None:
+                try:
+                    runner(self.grid, torch._C._cuda_getCurrentRawStream(self.device.index), args + self.constexprs)
+                    self.runner = runner
+                    return out
+                except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
+                    DIRECT_LAUNCH[0] = False
+                    _LINEAR_RUNNERS.clear()
+        compiled = _jit(_interpret())[1][self.grid](*args, **dict(zip(_LINEAR_CONSTEXPRS, self.constexprs)),
+                                                    num_warps=4, num_stages=2)
+        if self.direct and DIRECT_LAUNCH[0]:
+            runner = _direct_runner(compiled)
+            if runner is not None:
+                _LINEAR_RUNNERS[self.key] = self.runner = runner
+        return out
 
 
 def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -197,7 +197,8 @@ class _PackedLayer:
         return self.dequantize_weight(input.dtype)
 
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_fast_plan", None)  # it holds the old device's tensors
+        self.__dict__.pop("_fast_plan", None)  # plans hold the old device's tensors
+        self.__dict__.pop("_small_m_plans", None)
         super()._apply(fn, recurse)
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # follow model.to(dtype)
         return self

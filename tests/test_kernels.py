@@ -260,12 +260,27 @@ def _small_layer(option="mse-4", out_features=7, in_features=20, device="cpu", b
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_small_m_layer_product_keeps_leading_dims_and_is_within_bound(device):
+    """Through the layer's cached launch (one per input signature): reused while its tensors are the layer's,
+    rebuilt when a buffer is replaced, dropped when the module moves."""
     layer = _small_layer("kmeans_all-3", device=device).half()
     x = torch.randn(2, 3, 20, device=device, dtype=torch.float16)
     with torch.no_grad():
         y = kernels.packed_linear(layer, x)
-    assert y.shape == (2, 3, 7)
-    _linear_within_bound(y, x, layer.parts[0], layer.bias, torch.float16)
+        assert y.shape == (2, 3, 7)
+        _linear_within_bound(y, x, layer.parts[0], layer.bias, torch.float16)
+        (launch,) = layer._small_m_plans.values()
+        part = layer.parts[0]
+        part.codebook.copy_(torch.randn_like(part.codebook))  # new contents of the same tensor: read
+        _linear_within_bound(kernels.packed_linear(layer, x), x, part, layer.bias, torch.float16)
+        assert len(layer._small_m_plans) == 1 and next(iter(layer._small_m_plans.values())) is launch
+        part.codes = part.codes.clone().flip(0)  # a replaced buffer: a new launch reads it
+        _linear_within_bound(kernels.packed_linear(layer, x), x, part, layer.bias, torch.float16)
+        assert next(iter(layer._small_m_plans.values())) is not launch
+        y5 = kernels.packed_linear(layer, x[:, :1])  # another row count: its own launch
+        _linear_within_bound(y5, x[:, :1], part, layer.bias, torch.float16)
+        assert len(layer._small_m_plans) == 2
+    layer.to(device)
+    assert "_small_m_plans" not in layer.__dict__
 
 
 def test_small_m_path_is_taken_only_for_few_rows_one_packed_slice_and_no_autograd():

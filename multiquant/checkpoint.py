@@ -18,23 +18,24 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .build import DEFAULT_CHUNK_ELEMENTS, quantize_layers
 from .errors import MissingFileError, UserError
 from .families import FamilySpec
 from .layers import LayerRef, excluded_layers, fp_bytes, quantizable_layers
-from .packing import pack_codes, unpack_codes
+from .packing import unpack_codes
 from .options import METHOD_NAMES, Option, options_for
-from .quantizers import ZERO_POINT_LIMIT, dequantize, lp_error, quantize
-from .utils import atomic_path, progress
+from .quantizers import dequantize
+from .utils import atomic_path
 
 FORMAT = "qua2sedimo-multiquantizer"
 FORMAT_VERSION = 2  # 2: per-tensor and manifest digests (version 1 files load, unverified)
-_STORED_DTYPES = {"zero": torch.int16}  # every other parameter is float32
 DEFAULT_BITS = (4, 3)
 
 
@@ -51,6 +52,13 @@ def tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode())
     h.update(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
     return h.hexdigest()
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor with storage of its own (the build returns views of one host buffer per chunk,
+    and safetensors refuses tensors that share memory)."""
+    t = t.contiguous()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
 
 
 def _manifest_digest(text: str) -> str:
@@ -73,7 +81,7 @@ def weight_hash(model: nn.Module, layers: list[LayerRef]) -> str:
         seen.add(ref.path)
         w = model.get_submodule(ref.path).weight.detach()
         h.update(ref.path.encode())
-        h.update(w.to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(w.to("cpu", torch.float16).contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -133,37 +141,36 @@ class MultiQuantizer:
     @classmethod
     def build(cls, model: nn.Module, family: FamilySpec, methods=METHOD_NAMES, bits=DEFAULT_BITS, device=None,
               seed: int = 0, kmeans_iters: int = 100, model_id: str | None = None, revision: str | None = None,
-              show_progress: bool = True) -> "MultiQuantizer":
-        """Quantize every layer with every option, one layer at a time on ``device`` (default: the
-        model's device), so that only one layer's temporaries are ever on the GPU."""
+              show_progress: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> "MultiQuantizer":
+        """Quantize every layer with every option on ``device`` (default: the model's device), many layers
+        per quantizer call, at most ``chunk_elements`` weights at a time (build.quantize_layers)."""
         start = time.perf_counter()
         layers = quantizable_layers(model, family)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         options = options_for(methods, bits)
+        with ThreadPoolExecutor(1) as pool:  # hashing the weights on the host overlaps the device work
+            hashed = pool.submit(weight_hash, model, layers)
+            canonical = [ref for ref in layers if not ref.tied_to]
+            built = dict(zip((ref.key for ref in canonical), quantize_layers(
+                [ref.weight(model).detach().reshape(ref.channels, -1) for ref in canonical], options, family.dtype,
+                device, seed=seed, iters=kmeans_iters, chunk_elements=chunk_elements, show_progress=show_progress,
+                desc=f"multiquantizer {family.name}")))
+            hash_of_weights = hashed.result()
         tensors: dict[str, torch.Tensor] = {}
         table: dict[str, dict[str, list]] = {}
         mse: dict[str, dict[str, float]] = {}
-        for ref in progress(layers, desc=f"multiquantizer {family.name}", disable=not show_progress):
+        for ref in layers:
             if ref.tied_to:  # a copy of the canonical layer: share its options
                 table[ref.key], mse[ref.key] = table[ref.tied_to], mse[ref.tied_to]
                 continue
-            w = ref.weight(model).detach().to(device).reshape(ref.channels, -1).float()
-            table[ref.key], mse[ref.key] = {}, {}
+            result = built[ref.key]
+            table[ref.key] = {option: [option, int(ref.numel * family.fp_prec / 8),
+                                       Option.parse(option).nbytes(ref.numel, ref.channels, family.fp_prec),
+                                       result.error[option]] for option in options}
+            mse[ref.key] = dict(result.mse)
             for option in options:
-                parsed = Option.parse(option)
-                codes, params = quantize(w, parsed.method, parsed.bits, iters=kmeans_iters, seed=seed)
-                if "zero" in params and float(params["zero"].abs().max()) > ZERO_POINT_LIMIT:
-                    raise AssertionError(f"{ref.key} {option}: UAQ zero-point beyond int16 (quantizers.uaq_params)")
-                params = {name: v.to(_STORED_DTYPES.get(name, torch.float32)) for name, v in params.items()}
-                # the error of what is stored (int16 zero-points, float32 scales) as the model will hold it
-                w_hat = dequantize(parsed.method, codes, params).to(family.dtype)
-                err = lp_error(w, w_hat)
-                mse[ref.key][option] = float((w.double() - w_hat.double()).square().mean())
-                table[ref.key][option] = [option, int(ref.numel * family.fp_prec / 8),
-                                          parsed.nbytes(ref.numel, ref.channels, family.fp_prec), err]
-                tensors[f"{ref.key}|{option}|codes"] = pack_codes(codes, parsed.bits).cpu()
-                for name, value in params.items():
-                    tensors[f"{ref.key}|{option}|{name}"] = value.cpu()
+                for name, value in result.tensors[option].items():
+                    tensors[f"{ref.key}|{option}|{name}"] = value
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "family": family.name,
             "model_id": model_id or family.hub_id or (str(family.default_pretrained) if family.default_pretrained else None),
@@ -173,9 +180,9 @@ class MultiQuantizer:
             "methods": list(methods), "bits": list(bits), "options": options,
             "layers": [{"key": r.key, "path": r.path, "cols": list(r.cols) if r.cols else None,
                         "shape": list(r.shape), "tied_to": r.tied_to} for r in layers],
-            "excluded": excluded_layers(model, family), "weight_hash": weight_hash(model, layers),
+            "excluded": excluded_layers(model, family), "weight_hash": hash_of_weights,
             "table": table, "mse": mse, "error_definition": "sum(|w - w_hat|^2.4) / K, float64 (K = in*kh*kw)",
-            "seed": seed, "kmeans_iters": kmeans_iters, "versions": _versions(),
+            "seed": seed, "kmeans_iters": kmeans_iters, "chunk_elements": chunk_elements, "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": time.perf_counter() - start,
             "device": str(device), "device_name": _device_name(device),
         }
@@ -191,7 +198,7 @@ class MultiQuantizer:
         if path.exists() and not overwrite:
             self._refuse_overwrite_of_other_weights(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        tensors = {k: _own_storage(v.detach().cpu()) for k, v in self.tensors.items()}
         self.manifest = dict(self.manifest, format_version=FORMAT_VERSION, content_hash=self.content_hash,
                              tensor_sha256=self.tensor_digests())
         text = json.dumps(self.manifest)

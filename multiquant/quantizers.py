@@ -76,40 +76,50 @@ def uaq_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
 
 # ------------------------------------------------------------------------------------------ K-Means
 def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: int = 0,
-              tol: float = 1e-7) -> torch.Tensor:
+              tol: float = 1e-7, segments: list[int] | None = None) -> torch.Tensor:
     """Row-wise 1-D K-Means. ``x``: [R, N]; returns sorted centroids [R, k] (float32).
 
     Runs ``n_init`` seeded greedy k-means++ starts plus a quantile start side by side and keeps, per row,
     the run with the lowest SSE. Rows leave the Lloyd loop once every run of theirs has converged (checked
-    every ``_CHECK_EVERY`` iterations: one host sync per check, not per iteration)."""
+    every ``_CHECK_EVERY`` iterations: one host sync per check, not per iteration).
+
+    ``segments`` (rows per block, summing to R; default one block): ``x`` stacks the rows of several
+    independent blocks (e.g. layers); every block gets the random draws it would get alone, so stacking
+    changes no result. Every row is independent of the others apart from those draws."""
     R, N = x.shape
+    segments = [R] if segments is None else list(segments)
+    if sum(segments) != R or min(segments, default=1) < 1:
+        raise ValueError(f"segments {segments[:8]}... must be positive and sum to the {R} rows")
     xs = torch.sort(x.float(), dim=1).values
     k_eff = min(k, N)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
     qpos = ((torch.arange(k_eff, device=x.device, dtype=torch.float64) + 0.5) / k_eff * N).long().clamp_max(N - 1)
+    cums = torch.nn.functional.pad(xs.cumsum(dim=1, dtype=torch.float64), (1, 0))  # prefix sums: cluster sums in O(k)
+    sq_cums = torch.nn.functional.pad(xs.double().square_().cumsum(dim=1), (1, 0))
     # Seeding only needs the shape of the distribution: seed on an evenly strided subsample of the sorted
     # values (at most _SEED_SAMPLE per row), all starts in one batched call, then run Lloyd on every value.
-    seed_rows = xs[:, :: max(1, -(-N // _SEED_SAMPLE))]
+    stride = max(1, -(-N // _SEED_SAMPLE))
     starts = [xs[:, qpos].unsqueeze(1)]
     if n_init > 0:
-        starts.append(_kmeans_pp(seed_rows.repeat(n_init, 1), k_eff, gen).view(n_init, R, k_eff).transpose(0, 1))
+        seed_rows = xs[:, ::stride]
+        seed_cums = (cums, sq_cums) if stride == 1 else _prefix_sums(seed_rows)
+        draws = _seeding_draws(segments, seed_rows.shape[1], k_eff, n_init, seed, x.device)
+        starts.append(_kmeans_pp(seed_rows.contiguous(), seed_cums, k_eff, n_init, draws).transpose(0, 1))
     cents = torch.sort(torch.cat(starts, dim=1).double(), dim=2).values  # [R, runs, k]
-    runs = cents.shape[1]
-    cums = torch.nn.functional.pad(xs.double().cumsum(dim=1), (1, 0))  # prefix sums: cluster sums in O(k)
-    sq_cums = torch.nn.functional.pad(xs.double().square().cumsum(dim=1), (1, 0))
     limit = tol * (xs.abs().amax(dim=1) + 1e-30).double()  # [R]: convergence threshold per row
     final = torch.empty_like(cents)
     rows = torch.arange(R, device=x.device)  # original index of each row still iterating
     xs_a, cums_a, lim_a, done = xs, cums, limit, 0
     while rows.numel() and done < iters:
-        for _ in range(min(_CHECK_EVERY, iters - done)):
+        steps = min(_CHECK_EVERY, iters - done)
+        for step in range(steps):
             bounds = _run_bounds(xs_a, cents)
             sums = _run_sums(cums_a, bounds)
             counts = (bounds[..., 1:] - bounds[..., :-1]).double()
             new = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # an empty cluster keeps its centroid
-            shift = (new - cents).abs().amax(dim=(1, 2))
+            if step == steps - 1:  # only the last shift before a check is looked at
+                shift = (new - cents).abs().amax(dim=(1, 2))
             cents = torch.sort(new, dim=2).values
-        done += _CHECK_EVERY
+        done += steps
         moving = shift > lim_a
         if done < iters and bool(moving.all()):
             continue
@@ -124,25 +134,93 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
     return chosen
 
 
-def _kmeans_pp(xs: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding (2 + log k local trials per centre, as scikit-learn), batched over rows."""
+def _prefix_sums(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded float64 prefix sums of the values and of their squares, [R, N+1] each."""
+    pad = torch.nn.functional.pad
+    return pad(xs.cumsum(dim=1, dtype=torch.float64), (1, 0)), pad(xs.double().square_().cumsum(dim=1), (1, 0))
+
+
+def _pp_trials(k: int) -> int:
+    return 2 + int(torch.tensor(float(k)).log())  # local trials per centre, as scikit-learn
+
+
+def _seeding_draws(segments: list[int], n: int, k: int, n_init: int, seed: int, device):
+    """The random numbers of greedy k-means++ (first centre index [n_init, R]; uniforms [k-1, n_init, R, trials])
+    with every segment drawing from its own generator seeded ``seed``, in the order a lone call draws them
+    (one draw set per distinct segment size, reused by the segments of that size)."""
+    trials = _pp_trials(k)
+    by_size = {}
+    for size in sorted(set(segments)):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        first = torch.randint(n, (n_init * size,), device=device, generator=gen).view(n_init, size)
+        us = [torch.rand(n_init * size, trials, device=device, generator=gen, dtype=torch.float64)
+              for _ in range(1, k)]
+        u = torch.stack(us).view(k - 1, n_init, size, trials) if us else None
+        by_size[size] = (first, u)
+    if len(segments) == 1:
+        return by_size[segments[0]]
+    first = torch.cat([by_size[s][0] for s in segments], dim=1)
+    u = torch.cat([by_size[s][1] for s in segments], dim=2) if k > 1 else None
+    return first, u
+
+
+def _take_prefix(prefix: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """``prefix`` [R, N+1] at ``idx`` [n_init, R, T] (row r of every start reads prefix row r)."""
+    width = prefix.shape[1]
+    base = (torch.arange(rows, device=idx.device) * width).view(1, rows, 1)
+    return prefix.reshape(-1).take(idx + base)
+
+
+def _kmeans_pp(xs: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor], k: int, n_init: int, draws) -> torch.Tensor:
+    """Greedy k-means++ seeding (scikit-learn's: 2 + log k local trials per centre, keep the trial that lowers
+    the potential most), ``n_init`` starts per row of the sorted ``xs`` [R, N]; returns [n_init, R, k].
+
+    In 1-D a new centre c only changes the squared distances of the values closer to c than to any present
+    centre: one contiguous run of the sorted values, between the midpoints to c's present neighbours.
+    A trial's potential is then total - sum over that run of (d2 - (x - c)^2), from prefix sums (float64),
+    instead of a pass over all values per trial."""
     R, N = xs.shape
-    trials = 2 + int(torch.tensor(float(k)).log())
-    rows = torch.arange(R, device=xs.device)
-    first = torch.randint(N, (R,), device=xs.device, generator=gen)
-    centres = [xs[rows, first]]
-    d2 = (xs - centres[0][:, None]).square()  # [R, N]
-    for _ in range(1, k):
-        cdf = d2.double().cumsum(dim=1)
-        total = cdf[:, -1:].clamp_min(1e-300)
-        u = torch.rand(R, trials, device=xs.device, generator=gen, dtype=torch.float64) * total
-        idx = torch.searchsorted(cdf, u).clamp_max(N - 1)  # [R, trials]
-        cand = xs.gather(1, idx)
-        cand_d2 = torch.minimum(d2[:, None, :], (xs[:, None, :] - cand[:, :, None]).square())  # [R, T, N]
-        pick = cand_d2.sum(dim=2).argmin(dim=1)
-        centres.append(cand[rows, pick])
-        d2 = cand_d2[rows, pick]
-    return torch.stack(centres, dim=1)
+    first, u = draws
+    cums, sq_cums = prefix
+    inf = torch.tensor(float("inf"), device=xs.device, dtype=xs.dtype)
+    centres = [xs.gather(1, first.t()).t()]  # [n_init, R]
+    d2 = (xs.unsqueeze(0) - centres[0].unsqueeze(2)).square_()  # [n_init, R, N]
+    for step in range(1, k):
+        cdf = d2.cumsum(dim=2, dtype=torch.float64)
+        total = cdf[..., -1:].clamp_min(1e-300)
+        idx = torch.searchsorted(cdf, u[step - 1] * total).clamp_max_(N - 1)  # [n_init, R, T]
+        cand = _gather_rows(xs, idx)
+        present = torch.stack(centres, dim=2).unsqueeze(2)  # [n_init, R, 1, step]
+        c4 = cand.unsqueeze(3)
+        left = torch.where(present <= c4, present, -inf).amax(dim=3)
+        right = torch.where(present >= c4, present, inf).amin(dim=3)
+        lo = _search_rows(xs, (cand + left) * 0.5, right=True)
+        hi = torch.maximum(_search_rows(xs, (cand + right) * 0.5, right=False), lo)
+        cdf_at = lambda i: torch.where(i > 0, cdf.gather(2, (i - 1).clamp_min(0)), 0.0)  # noqa: E731
+        run_d2 = cdf_at(hi) - cdf_at(lo)
+        n = (hi - lo).double()
+        s1 = _take_prefix(cums, hi, R) - _take_prefix(cums, lo, R)
+        s2 = _take_prefix(sq_cums, hi, R) - _take_prefix(sq_cums, lo, R)
+        c = cand.double()
+        potential = total - (run_d2 - (s2 - 2 * c * s1 + n * c * c))
+        pick = potential.argmin(dim=2, keepdim=True)  # first minimum, as argmin over the trials' sums
+        best = cand.gather(2, pick).squeeze(2)  # [n_init, R]
+        centres.append(best)
+        torch.minimum(d2, (xs.unsqueeze(0) - best.unsqueeze(2)).square_(), out=d2)
+    return torch.stack(centres, dim=2)
+
+
+def _gather_rows(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``xs`` [R, N] at ``idx`` [n_init, R, T] -> [n_init, R, T]."""
+    n_init, R, T = idx.shape
+    return xs.gather(1, idx.permute(1, 0, 2).reshape(R, n_init * T)).view(R, n_init, T).permute(1, 0, 2)
+
+
+def _search_rows(xs: torch.Tensor, values: torch.Tensor, right: bool) -> torch.Tensor:
+    """searchsorted of ``values`` [n_init, R, T] in the sorted rows ``xs`` [R, N] (row r for every start)."""
+    n_init, R, T = values.shape
+    q = values.permute(1, 0, 2).reshape(R, n_init * T).contiguous()
+    return torch.searchsorted(xs, q, right=right).view(R, n_init, T).permute(1, 0, 2)
 
 
 def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
@@ -153,8 +231,7 @@ def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
     # every run's midpoints of a row in one search over that row (searched values need not be sorted)
     edges = torch.searchsorted(xs, mids.reshape(R, -1).contiguous()).view(mids.shape)
     # first/last bound from the row count, not from edges: with one centroid edges has no column
-    first = torch.zeros(*edges.shape[:2], 1, dtype=edges.dtype, device=edges.device)
-    return torch.cat([first, edges, torch.full_like(first, N)], dim=2)
+    return torch.nn.functional.pad(torch.nn.functional.pad(edges, (1, 0), value=0), (0, 1), value=N)
 
 
 def _run_sums(cums: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -179,13 +256,24 @@ def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, x.float().contiguous()).to(torch.uint8)
 
 
-def kmeans_params(w: torch.Tensor, bits: int, per_channel: bool, iters: int = 100, seed: int = 0) -> torch.Tensor:
-    """Codebook [C, 2^b] (K-Means-C) or [1, 2^b] (K-Means-A)."""
+def kmeans_params(w: torch.Tensor, bits: int, per_channel: bool, iters: int = 100, seed: int = 0,
+                  segments: list[int] | None = None) -> torch.Tensor:
+    """Codebook [C, 2^b] (K-Means-C) or [1, 2^b] (K-Means-A). ``segments``: see :func:`quantize`."""
     check_bits(bits)
     if per_channel:
-        return kmeans_1d(w.float(), 2 ** bits, iters=iters, seed=seed, n_init=4)
-    # one row only: afford as many starts as scikit-learn's classic n_init=10
-    return kmeans_1d(w.float().reshape(1, -1), 2 ** bits, iters=iters, seed=seed, n_init=10)
+        return kmeans_1d(w.float(), 2 ** bits, iters=iters, seed=seed, n_init=4, segments=segments)
+    # one row per tensor: afford as many starts as scikit-learn's classic n_init=10
+    tensors = 1 if segments is None else len(segments)
+    return kmeans_1d(_one_row_per_tensor(w, segments).float(), 2 ** bits, iters=iters, seed=seed, n_init=10,
+                     segments=[1] * tensors)
+
+
+def _one_row_per_tensor(w: torch.Tensor, segments: list[int] | None) -> torch.Tensor:
+    if segments is None:
+        return w.reshape(1, -1)
+    if len(set(segments)) != 1:
+        raise ValueError(f"per-tensor quantization of stacked tensors needs equal row counts, got {sorted(set(segments))}")
+    return w.reshape(len(segments), -1)
 
 
 def codebook_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -195,15 +283,23 @@ def codebook_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------- one entry point
-def quantize(w2d: torch.Tensor, method: str, bits: int, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, dict]:
+def quantize(w2d: torch.Tensor, method: str, bits: int, iters: int = 100, seed: int = 0,
+             segments: list[int] | None = None) -> tuple[torch.Tensor, dict]:
     """Quantize a [C, K] weight: returns (uint8 codes [C, K], params) with params
-    ``{"scale", "zero"}`` for UAQ or ``{"codebook"}`` for the K-Means methods."""
+    ``{"scale", "zero"}`` for UAQ or ``{"codebook"}`` for the K-Means methods.
+
+    ``segments`` (rows per tensor, default one tensor): ``w2d`` stacks the rows of several tensors, each
+    quantized exactly as if alone (its own seeded draws; K-Means-A: one codebook row per tensor, so the
+    tensors must have equal row counts)."""
     spec = METHODS.get(method)
     if spec is None:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHOD_NAMES}")
     if spec.codebook:
-        codebook = kmeans_params(w2d, bits, per_channel=spec.per_channel, iters=iters, seed=seed)
-        return nearest_codes(w2d, codebook), {"codebook": codebook}
+        codebook = kmeans_params(w2d, bits, per_channel=spec.per_channel, iters=iters, seed=seed, segments=segments)
+        if spec.per_channel or segments is None:
+            return nearest_codes(w2d, codebook), {"codebook": codebook}
+        flat = _one_row_per_tensor(w2d, segments)
+        return nearest_codes(flat, codebook).view(w2d.shape), {"codebook": codebook}
     scale, zero = uaq_params(w2d, bits)
     return uaq_codes(w2d, scale, zero, bits), {"scale": scale, "zero": zero}
 

@@ -6,8 +6,8 @@ from sklearn.cluster import KMeans
 
 from multiquant.options import Option
 from multiquant.packing import pack_codes, packed_nbytes, unpack_codes
-from multiquant.quantizers import (codebook_dequantize, dequantize, kmeans_params, lp_error, nearest_codes, quantize,
-                                   uaq_params)
+from multiquant.quantizers import (codebook_dequantize, dequantize, kmeans_1d, kmeans_params, lp_error, nearest_codes,
+                                   quantize, uaq_params)
 
 
 def _weights(c=48, k=200, seed=0):
@@ -128,3 +128,49 @@ def test_packing_round_trip(bits):
     packed = pack_codes(codes, bits)
     assert packed.numel() == packed_nbytes(1003, bits) == 126 * bits
     assert torch.equal(unpack_codes(packed, bits, 1003), codes)
+
+
+def test_stacked_segments_equal_separate_calls():
+    """Rows of several tensors stacked with ``segments`` get exactly what each tensor gets alone."""
+    a, b, c = _weights(5, 120, seed=11), _weights(9, 120, seed=12), _weights(5, 120, seed=13)
+    stacked = kmeans_1d(torch.cat([a, b, c]), 8, n_init=4, seed=3, segments=[5, 9, 5])
+    alone = torch.cat([kmeans_1d(t, 8, n_init=4, seed=3) for t in (a, b, c)])
+    assert torch.equal(stacked, alone)
+    codes, params = quantize(torch.cat([a, c]), "kmeans_all", 3, seed=2, segments=[5, 5])
+    for i, t in enumerate((a, c)):
+        codes_1, params_1 = quantize(t, "kmeans_all", 3, seed=2)
+        assert torch.equal(params["codebook"][i:i + 1], params_1["codebook"])
+        assert torch.equal(codes[5 * i:5 * i + 5], codes_1)
+    with pytest.raises(ValueError, match="sum to"):
+        kmeans_1d(a, 4, segments=[2, 2])
+
+
+def _greedy_pp_reference(xs: np.ndarray, k: int, first: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Greedy k-means++ on sorted rows with the given draws, every trial's potential summed over all values
+    in float64 (the squared distances kept in float32, as the library keeps them)."""
+    out = []
+    for r, row in enumerate(xs):
+        centres = [row[first[r]]]
+        d2 = np.square(row - centres[0], dtype=np.float32)
+        for step in range(1, k):
+            cdf = np.cumsum(d2.astype(np.float64))
+            idx = np.minimum(np.searchsorted(cdf, u[step - 1, r] * max(cdf[-1], 1e-300)), len(row) - 1)
+            cand = row[idx]
+            pots = [np.minimum(d2, np.square(row - c, dtype=np.float32)).astype(np.float64).sum() for c in cand]
+            best = cand[int(np.argmin(pots))]
+            centres.append(best)
+            d2 = np.minimum(d2, np.square(row - best, dtype=np.float32))
+        out.append(centres)
+    return np.array(out)
+
+
+def test_seeding_potentials_from_prefix_sums_match_the_direct_sum():
+    from multiquant.quantizers import _kmeans_pp, _prefix_sums, _seeding_draws
+
+    xs = torch.sort(_weights(6, 300, seed=21), dim=1).values
+    k, n_init = 8, 2
+    first, u = _seeding_draws([6], 300, k, n_init, seed=4, device="cpu")
+    ours = _kmeans_pp(xs, _prefix_sums(xs), k, n_init, (first, u))  # [n_init, R, k]
+    for i in range(n_init):
+        ref = _greedy_pp_reference(xs.numpy(), k, first[i].numpy(), u[:, i].numpy())
+        np.testing.assert_array_equal(ours[i].numpy(), ref)

@@ -169,7 +169,8 @@ def _jit(interpret: bool):
             arrived = tl.atomic_add(counter_ptr + tile, 1)
             if arrived == SPLIT_K - 1:
                 total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                for s in tl.static_range(SPLIT_K):  # .cg: read the other programs' partials from L2
+                # a loop, not tl.static_range: unrolled, the SPLIT_K loads in flight spill registers
+                for s in range(SPLIT_K):  # .cg: read the other programs' partials from L2
                     total += tl.load(partial_ptr + (s * M + m[:, None]) * N + n[None, :], mask=out_ok, other=0.0,
                                      cache_modifier=".cg")
                 if HAS_BIAS:
@@ -475,6 +476,7 @@ class LinearTiling:
     block_k: int
     split_k: int
     k_per_split: int  # a multiple of block_k
+    num_warps: int
 
 
 def _pow2(n: int) -> int:
@@ -483,18 +485,23 @@ def _pow2(n: int) -> int:
 
 def linear_tiling(rows: int, out_features: int, in_features: int, processors: int,
                   split_k: int | None = None) -> LinearTiling:
-    """Tiles of the fused kernel: tl.dot needs >= 16 in every dimension; 64-wide weight tiles; K split until
-    about two programs per streaming multiprocessor run (few rows give few output tiles), at most MAX_SPLIT_K
-    ways and never into empty splits. ``split_k`` forces a split (tests)."""
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    """Tiles of the fused kernel: tl.dot needs >= 16 in every dimension; up to 128 rows (every row tile decodes
+    the weight again: few, tall tiles), 64 output channels; K split until about two programs per streaming
+    multiprocessor run (few rows give few output tiles), at most MAX_SPLIT_K ways and never into empty splits.
+    ``split_k`` forces a split (tests). Register budget: decoding a [64, BLOCK_K] weight tile holds several
+    int32 temporaries per weight; these choices compile for sm_90 without spills (ptxas -v on Triton 3.8's PTX
+    of the PixArt shapes: 108-208 registers at 16-32 rows, 186-225 at 64, 200-255 at 128 rows with 8 warps;
+    64-deep tiles at 64 rows with 4 warps spill)."""
+    block_m = min(128, max(16, _pow2(rows)))
+    wide = block_m == 128
     block_n = min(64, max(16, _pow2(out_features)))
-    block_k = min(64, max(16, _pow2(in_features)))
+    block_k = min(64 if wide else 32, max(16, _pow2(in_features)))
     k_blocks = triton_cdiv(in_features, block_k)
     tiles = triton_cdiv(rows, block_m) * triton_cdiv(out_features, block_n)
     if split_k is None:
         split_k = 1 if tiles > COUNTER_SLOTS else min(MAX_SPLIT_K, (2 * processors) // tiles)
     per = triton_cdiv(k_blocks, max(1, min(split_k, k_blocks)))
-    return LinearTiling(block_m, block_n, block_k, triton_cdiv(k_blocks, per), per * block_k)
+    return LinearTiling(block_m, block_n, block_k, triton_cdiv(k_blocks, per), per * block_k, 8 if wide else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -549,6 +556,7 @@ class _LinearLaunch:
         self.constexprs = (bits, mode, bias is not None, self.split, tiling.block_m, tiling.block_n, tiling.block_k,
                            x.dtype == torch.float32)
         self.grid = (triton_cdiv(out_features, tiling.block_n), triton_cdiv(rows, tiling.block_m), self.split)
+        self.num_warps = tiling.num_warps
         self.direct = x.is_cuda and not _interpret()
         tensors = (x,) + self.fixed
         self.key = (x.device, self.constexprs, self.ints, tuple(t.dtype for t in tensors),
@@ -575,7 +583,7 @@ class _LinearLaunch:
                     DIRECT_LAUNCH[0] = False
                     _LINEAR_RUNNERS.clear()
         compiled = _jit(_interpret())[1][self.grid](*args, **dict(zip(_LINEAR_CONSTEXPRS, self.constexprs)),
-                                                    num_warps=4, num_stages=2)
+                                                    num_warps=self.num_warps, num_stages=2)
         if self.direct and DIRECT_LAUNCH[0]:
             runner = _direct_runner(compiled)
             if runner is not None:

@@ -245,10 +245,11 @@ def test_small_m_split_k_equals_its_bound_and_is_deterministic(device):
 
 def test_small_m_tiling_splits_k_only_where_tiles_are_few():
     one = kernels.linear_tiling(2, 1152, 1152, 132)  # timestep MLP at batch 2: 18 tiles on 132 SMs
-    assert (one.block_m, one.block_n, one.block_k) == (16, 64, 64) and one.split_k == 9 and one.k_per_split == 128
+    assert (one.block_m, one.block_n, one.block_k, one.num_warps) == (16, 64, 32, 4)
+    assert one.split_k == 12 and one.k_per_split == 96  # 36 K blocks, 3 per split
     kv = kernels.linear_tiling(240, 1152, 1152, 132)  # cross-attention K/V over 2 x 120 tokens
-    assert kv.block_m == 64 and kv.split_k == 3 and kv.k_per_split * kv.split_k >= 1152
-    assert kernels.linear_tiling(256, 6912, 1152, 132).split_k == 1  # 432 tiles: enough programs
+    assert (kv.block_m, kv.block_k, kv.num_warps) == (128, 64, 8) and kv.split_k == 6 and kv.k_per_split == 192
+    assert kernels.linear_tiling(256, 6912, 1152, 132).split_k == 1  # 216 tiles: enough programs
     tiny = kernels.linear_tiling(1, 1, 13, 132)
     assert (tiny.block_m, tiny.block_n, tiny.block_k, tiny.split_k, tiny.k_per_split) == (16, 16, 16, 1, 16)
 

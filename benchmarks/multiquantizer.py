@@ -6,7 +6,9 @@ Full-size architecture with random fp16 weights of the real shapes. The referenc
 K-Means per channel with 100 iterations and a per-element Python replacement loop, K-Means-A with
 scikit-learn on the whole tensor, the per-channel 10-candidate clipping loop) is timed on a few channels of
 every distinct layer shape and extrapolated within each shape (channels, elements). Every family listed is
-built in one go on one device, with its peak GPU memory.
+built in one go on one device, with its peak GPU memory. For the reference family the same quantizers are
+also driven one layer and option at a time (the driver before batching), side by side, with the largest
+relative difference of the option-table errors between the two builds.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, sync, timed, write_result  # noqa: E402
+from multiquant.build import DEFAULT_CHUNK_ELEMENTS, plan_chunks  # noqa: E402
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import ConfigApplier, sample_random_config  # noqa: E402
 from multiquant.families import get_family  # noqa: E402
@@ -96,23 +99,63 @@ def reference_style_seconds(model, layers, sample_channels: int, bits=(4, 3), fl
     return est
 
 
-def build_family(name: str, device: str, apply_trials: int) -> tuple[dict, object, list]:
-    """Build one family's multiquantizer (full size on a GPU, tiny on the CPU): time, memory, checkpoint."""
+def layer_by_layer_seconds(model, layers, family, seed: int = 0, iters: int = 100) -> tuple[float, dict]:
+    """The build as one quantizer call per layer and option (the driver before batching: the same quantizer
+    functions, errors and packed codes fetched per layer), timed side by side; returns its seconds and
+    table errors (to compare with the batched build's)."""
+    from multiquant.options import Option, options_for
+    from multiquant.packing import pack_codes
+    from multiquant.quantizers import dequantize, lp_error, quantize
+
+    errors = {}
+    sync()
+    start = time.perf_counter()
+    for ref in layers:
+        if ref.tied_to:
+            continue
+        w = ref.weight(model).detach().reshape(ref.channels, -1).float()
+        for option in options_for(("mse", "kmeans", "kmeans_all"), (4, 3)):
+            parsed = Option.parse(option)
+            codes, params = quantize(w, parsed.method, parsed.bits, iters=iters, seed=seed)
+            params = {name: v.to(torch.int16 if name == "zero" else torch.float32) for name, v in params.items()}
+            errors[(ref.key, option)] = lp_error(w, dequantize(parsed.method, codes, params).to(family.dtype))
+            pack_codes(codes, parsed.bits).cpu()
+            for value in params.values():
+                value.cpu()
+    sync()
+    return time.perf_counter() - start, errors
+
+
+def build_family(name: str, device: str, apply_trials: int, size: str, compare_layer_by_layer: bool) -> tuple[dict, object, list]:
+    """Build one family's multiquantizer: time, memory, checkpoint, option-table objective."""
     family = get_family(name)
-    full = device == "cuda"
-    model = family.build("full" if full else "tiny", device=device, dtype=family.dtype if full else torch.float32)
+    dtype = family.dtype if device == "cuda" else torch.float32
+    on_gpu = device == "cuda"
+    model, model_s = timed(family.build, size, device=device, dtype=dtype)
     layers = quantizable_layers(model, family)
-    if full:
+    if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model_bytes = torch.cuda.memory_allocated() if full else None
+    model_bytes = torch.cuda.memory_allocated() if on_gpu else None
     mq, build_s = timed(MultiQuantizer.build, model, family, show_progress=False)
-    entry = {"architecture": "full-size" if full else "tiny", "dtype": str(family.dtype if full else torch.float32),
+    canonical = [r for r in layers if not r.tied_to]
+    shapes = [(r.channels, r.numel // r.channels) for r in canonical]
+    entry = {"architecture": "full-size" if size == "full" else size, "dtype": str(dtype),
              "num_layers": len(layers), "parameters": sum(p.numel() for p in model.parameters()),
-             "fp16_bytes": fp_bytes(layers, family.fp_prec), "build_seconds": build_s,
-             "model_gpu_bytes": model_bytes, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if full else None}
+             "fp16_bytes": fp_bytes(layers, family.fp_prec), "model_build_seconds": model_s, "build_seconds": build_s,
+             "model_gpu_bytes": model_bytes, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+             "chunk_elements": DEFAULT_CHUNK_ELEMENTS, "chunks": len(plan_chunks(shapes, DEFAULT_CHUNK_ELEMENTS)),
+             "distinct_shapes": len(set(shapes)),
+             "objective_by_option": {o: sum(mq.table[r.key][o][3] for r in canonical) for o in mq.options}}
+    if compare_layer_by_layer:
+        entry["layer_by_layer_seconds"], errors = layer_by_layer_seconds(model, layers, family)
+        entry["batching_speedup"] = entry["layer_by_layer_seconds"] / build_s
+        rel = [abs(mq.table[key][o][3] - e) / max(abs(e), 1e-300) for (key, o), e in errors.items()]
+        entry["layer_by_layer_error_max_rel_diff"] = max(rel)
+        entry["layer_by_layer_objective_by_option"] = {
+            o: sum(e for (_, opt), e in errors.items() if opt == o) for o in mq.options}
     with tempfile.TemporaryDirectory() as tmp:
-        path = mq.save_pretrained(tmp)
+        path, entry["save_seconds"] = timed(mq.save_pretrained, tmp)
         entry["checkpoint_bytes"] = path.stat().st_size
         entry["checkpoint_ratio"] = entry["checkpoint_bytes"] / entry["fp16_bytes"]
         loaded, entry["load_seconds"] = timed(MultiQuantizer.from_pretrained, path, device=device)
@@ -126,36 +169,50 @@ def build_family(name: str, device: str, apply_trials: int) -> tuple[dict, objec
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="pixart_alpha,sdxl,hunyuan",
-                    help="families to build, comma-separated; the first is timed against the reference emulation")
+                    help="families to build, comma-separated, each in one go on one device")
+    ap.add_argument("--reference_model", default="pixart_alpha",
+                    help="the family timed against the reference emulation and the layer-by-layer build "
+                         "(default pixart_alpha; the first listed when it is not among --models; 'none': skip)")
+    ap.add_argument("--size", choices=("full", "tiny"), default=None,
+                    help="architecture size (default: full on a GPU, tiny on the CPU)")
     ap.add_argument("--sample_channels", type=int, default=8, help="channels per layer shape in the emulation")
     ap.add_argument("--apply_trials", type=int, default=5)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     device = str(default_device())
+    size = args.size or ("full" if device == "cuda" else "tiny")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    reference = None if args.reference_model == "none" else (
+        args.reference_model if args.reference_model in names else names[0])
     families, ref = {}, None
-    for i, name in enumerate(names):
-        entry, model, layers = build_family(name, device, args.apply_trials)
-        if i == 0:
+    for name in names:
+        entry, model, layers = build_family(name, device, args.apply_trials, size, compare_layer_by_layer=name == reference)
+        if name == reference:
             ref = reference_style_seconds(model, layers, args.sample_channels)
             entry["reference_style_seconds"], entry["speedup"] = ref["total"], ref["total"] / entry["build_seconds"]
         families[name] = entry
-        print(f"{name}: build {entry['build_seconds']:.1f} s, peak GPU {entry['peak_gpu_bytes']}", flush=True)
+        print(f"{name}: build {entry['build_seconds']:.2f} s, peak GPU {entry['peak_gpu_bytes']}", flush=True)
         del model, layers
         if device == "cuda":
             torch.cuda.empty_cache()
         # written after every family: a run stopped by its time limit keeps the families it finished
-        write_result("multiquantizer", summarize(names, families, ref), args.out)
+        write_result("multiquantizer", summarize(names, families, ref, reference), args.out)
 
 
-def summarize(names: list[str], families: dict, ref: dict) -> dict:
-    first = families[names[0]]
+def summarize(names: list[str], families: dict, ref: dict | None, reference: str | None) -> dict:
+    """Top-level keys are PixArt-alpha's (the target's family) when built, else the first family's."""
+    main_name = "pixart_alpha" if "pixart_alpha" in families else next(iter(families))
+    first = families[main_name]
     return {
-        **environment(), "model": names[0], "architecture": first["architecture"],
+        **environment(), "model": main_name, "architecture": first["architecture"],
         "weights": "random (diffusers init), real shapes",
         **{k: first[k] for k in ("num_layers", "fp16_bytes", "build_seconds", "checkpoint_bytes", "checkpoint_ratio",
                                  "load_seconds", "apply_config_seconds", "apply_config_seconds_all", "peak_gpu_bytes")},
-        "reference_style_seconds": ref["total"], "reference_style_breakdown": ref, "speedup": ref["total"] / first["build_seconds"],
+        "reference_model": reference,
+        "reference_style_seconds": ref["total"] if ref else None, "reference_style_breakdown": ref,
+        "speedup": families[reference]["speedup"] if ref else None,
+        "build_seconds_by_family": {n: e["build_seconds"] for n, e in families.items()},
+        "peak_gpu_bytes_by_family": {n: e["peak_gpu_bytes"] for n, e in families.items()},
         "sdxl_build_seconds": families.get("sdxl", {}).get("build_seconds"),
         "sdxl_peak_gpu_bytes": families.get("sdxl", {}).get("peak_gpu_bytes"),
         "families": families, "not_built": [n for n in names if n not in families],

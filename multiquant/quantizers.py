@@ -56,8 +56,11 @@ def uaq_params(w: torch.Tensor, bits: int, shrinks=UAQ_SHRINKS, p: float = LP_NO
         floor = torch.maximum(lo.abs(), hi.abs()) * _ZERO_POINT_RANGE
         scale = torch.maximum((hi - lo) / levels, floor).clamp_min(torch.finfo(torch.float32).tiny)
         zero = torch.round(-lo / scale)
-        q = torch.clamp(torch.round(chunk / scale) + zero, 0, levels)
-        score = ((q - zero) * scale - chunk).abs().pow(p).mean(dim=2)  # [A, c]
+        # (clamp(round(w / s) + z, 0, L) - z) * s - w, in place: the integers are exact in float32 (|w / s| <=
+        # 10 * 2^14 by the step floor), so clamping round(w / s) to [-z, L - z] is the same
+        err = torch.div(chunk, scale).round_().clamp_(-zero, levels - zero).mul_(scale).sub_(chunk)
+        score = err.abs_().pow_(p).mean(dim=2)  # [A, c]
+        del err
         best = score.argmin(dim=0)  # first minimum = widest range on ties
         pick = best.view(1, -1, 1)
         scales.append(scale.gather(0, pick).view(-1))

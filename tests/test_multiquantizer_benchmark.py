@@ -1,0 +1,31 @@
+"""benchmarks/multiquantizer.py on tiny families, on the CPU: the keys the issue's checks read are there, every
+listed family is built, and the batched build's option-table errors equal the layer-by-layer build's."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("multiquantizer_benchmark", ROOT / "benchmarks" / "multiquantizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_thread):
+    _benchmark().main(["--models", "hunyuan,pixart_alpha", "--sample_channels", "1", "--apply_trials", "1",
+                       "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "multiquantizer.json").read_text())
+    assert result["model"] == "pixart_alpha" and result["reference_model"] == "pixart_alpha"
+    assert set(result["build_seconds_by_family"]) == {"hunyuan", "pixart_alpha"} and result["not_built"] == []
+    assert result["build_seconds"] == result["families"]["pixart_alpha"]["build_seconds"] > 0
+    assert result["sdxl_build_seconds"] is None and "device" in result
+    pixart = result["families"]["pixart_alpha"]
+    assert pixart["layer_by_layer_error_max_rel_diff"] < 1e-12
+    for option, total in pixart["objective_by_option"].items():
+        assert total > 0 and abs(total - pixart["layer_by_layer_objective_by_option"][option]) <= 1e-12 * total
+    assert "layer_by_layer_seconds" not in result["families"]["hunyuan"]

@@ -126,7 +126,25 @@ def layer_by_layer_seconds(model, layers, family, seed: int = 0, iters: int = 10
     return time.perf_counter() - start, errors
 
 
-def build_family(name: str, device: str, apply_trials: int, size: str, compare_layer_by_layer: bool) -> tuple[dict, object, list]:
+def chunk_sweep(model, family, mq, chunk_sizes: list[int], on_gpu: bool) -> dict:
+    """Rebuild at other chunk sizes (warm): seconds, peak GPU bytes, and whether codes and parameters are those
+    of ``mq`` (errors may differ in the last bits: per-layer sums over other batch shapes)."""
+    out = {}
+    for chunk in chunk_sizes:
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        other, seconds = timed(MultiQuantizer.build, model, family, show_progress=False, chunk_elements=chunk)
+        rel = max(abs(other.table[k][o][3] - v[3]) / max(abs(v[3]), 1e-300)
+                  for k, row in mq.table.items() for o, v in row.items())
+        out[str(chunk)] = {"build_seconds": seconds, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+                           "same_tensors": other.tensor_digests() == mq.tensor_digests(), "error_max_rel_diff": rel}
+        del other
+    return out
+
+
+def build_family(name: str, device: str, apply_trials: int, size: str, compare_layer_by_layer: bool,
+                 sweep: list[int] = ()) -> tuple[dict, object, list]:
     """Build one family's multiquantizer: time, memory, checkpoint, option-table objective."""
     family = get_family(name)
     dtype = family.dtype if device == "cuda" else torch.float32
@@ -154,6 +172,8 @@ def build_family(name: str, device: str, apply_trials: int, size: str, compare_l
         entry["layer_by_layer_error_max_rel_diff"] = max(rel)
         entry["layer_by_layer_objective_by_option"] = {
             o: sum(e for (_, opt), e in errors.items() if opt == o) for o in mq.options}
+    if sweep:
+        entry["chunk_sweep"] = chunk_sweep(model, family, mq, sweep, on_gpu)
     with tempfile.TemporaryDirectory() as tmp:
         path, entry["save_seconds"] = timed(mq.save_pretrained, tmp)
         entry["checkpoint_bytes"] = path.stat().st_size
@@ -175,6 +195,8 @@ def main(argv=None):
                          "(default pixart_alpha; the first listed when it is not among --models; 'none': skip)")
     ap.add_argument("--size", choices=("full", "tiny"), default=None,
                     help="architecture size (default: full on a GPU, tiny on the CPU)")
+    ap.add_argument("--chunk_sweep", default=f"{1 << 26},{1 << 27},{1 << 28}",
+                    help="the reference family is rebuilt (warm) at these chunk sizes, comma-separated ('' skips)")
     ap.add_argument("--sample_channels", type=int, default=8, help="channels per layer shape in the emulation")
     ap.add_argument("--apply_trials", type=int, default=5)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -184,9 +206,11 @@ def main(argv=None):
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     reference = None if args.reference_model == "none" else (
         args.reference_model if args.reference_model in names else names[0])
+    sweep = [int(c) for c in args.chunk_sweep.split(",") if c.strip()]
     families, ref = {}, None
     for name in names:
-        entry, model, layers = build_family(name, device, args.apply_trials, size, compare_layer_by_layer=name == reference)
+        entry, model, layers = build_family(name, device, args.apply_trials, size, compare_layer_by_layer=name == reference,
+                                            sweep=sweep if name == reference else [])
         if name == reference:
             ref = reference_style_seconds(model, layers, args.sample_channels)
             entry["reference_style_seconds"], entry["speedup"] = ref["total"], ref["total"] / entry["build_seconds"]

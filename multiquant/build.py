@@ -20,7 +20,7 @@ from .packing import pack_codes, packed_nbytes
 from .quantizers import LP_NORM, ZERO_POINT_LIMIT, dequantize, quantize
 from .utils import progress
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 27  # weights per chunk: about 20 bytes of device temporaries each
+DEFAULT_CHUNK_ELEMENTS = 1 << 27  # weights per chunk; K-Means-C seeding holds roughly 100 bytes of temporaries per weight
 STORED_DTYPES = {"zero": torch.int16}  # every other parameter is stored as float32
 
 

@@ -86,12 +86,15 @@ def cmd_multiquantizer(args) -> int:
     out = Path(args.out) if args.out else Path(constants.MULTIQUANTIZER_DIR) / default_name
     if out.suffix != ".safetensors":
         out = out / default_name
+    if args.chunk_elements is not None and args.chunk_elements < 1:
+        raise InputError(f"--chunk_elements must be a positive number of weights, got {args.chunk_elements}")
     check_writable_dir(out.parent, what="--out directory")  # before the (long) model load and build
     remove_stale_temps(out)  # a killed earlier build's partial file
     family, model = load_denoiser(args)
     bits = tuple(int(b) for b in args.bits.split(","))
+    chunk = {} if args.chunk_elements is None else {"chunk_elements": args.chunk_elements}
     mq = MultiQuantizer.build(model, family, bits=bits, seed=args.seed, kmeans_iters=args.kmeans_iters,
-                              model_id=args.pretrained, show_progress=True)
+                              model_id=args.pretrained, show_progress=True, **chunk)
     path = mq.save_pretrained(out, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(mq.layers)} layers, "
           f"{mq.manifest['build_seconds']:.1f} s)")
@@ -355,6 +358,9 @@ def register(sub) -> None:
     p.add_argument("--bits", default="4,3", help="comma list of bit widths to build every method at (default 4,3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K-Means initialisation (default 0)")
     p.add_argument("--kmeans_iters", type=int, default=100, help="K-Means iterations per layer (default 100)")
+    p.add_argument("--chunk_elements", type=int, default=None,
+                   help="weights quantized per batched call (bounds the device temporaries, roughly 100 bytes per weight; "
+                        "default 2^27; the result does not depend on it)")
     p.add_argument("--out", default=None, help="file or directory (default multiquantizers/<model>_mq.safetensors; "
                                                "--tiny: <model>_tiny_mq.safetensors)")
     p.add_argument("--overwrite", action="store_true",

@@ -172,3 +172,9 @@ def test_the_console_entry_prints_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'empty.pkl'} is empty: re-create it "
                                                 f"(an interrupted copy or write leaves empty files)"]
+
+
+def test_multiquantizer_refuses_a_non_positive_chunk_size(capsys, tmp_path):
+    _one_line_error(capsys, ["multiquantizer", "--model", "pixart_alpha", "--tiny", "--device", "cpu",
+                             "--chunk_elements", "0", "--out", str(tmp_path / "mq")], "--chunk_elements", "positive")
+    assert not (tmp_path / "mq").exists()

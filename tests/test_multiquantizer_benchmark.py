@@ -18,7 +18,7 @@ def _benchmark():
 
 def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_thread):
     _benchmark().main(["--models", "hunyuan,pixart_alpha", "--sample_channels", "1", "--apply_trials", "1",
-                       "--out", str(tmp_path)])
+                       "--chunk_sweep", "64", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "multiquantizer.json").read_text())
     assert result["model"] == "pixart_alpha" and result["reference_model"] == "pixart_alpha"
     assert set(result["build_seconds_by_family"]) == {"hunyuan", "pixart_alpha"} and result["not_built"] == []
@@ -28,4 +28,6 @@ def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_th
     assert pixart["layer_by_layer_error_max_rel_diff"] < 1e-12
     for option, total in pixart["objective_by_option"].items():
         assert total > 0 and abs(total - pixart["layer_by_layer_objective_by_option"][option]) <= 1e-12 * total
+    sweep = pixart["chunk_sweep"]["64"]  # 64-weight chunks: other batches, same codes and parameters
+    assert sweep["same_tensors"] and sweep["error_max_rel_diff"] < 1e-12
     assert "layer_by_layer_seconds" not in result["families"]["hunyuan"]

@@ -596,6 +596,8 @@ def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     valid until the next packed layer runs, or a fresh tensor (under torch.compile)."""
     if torch.compiler.is_compiling():
         return _compiled_weight(layer, dtype)
+    if device.type == "cuda" and device.index is None:  # the current GPU: launches need its index, plans compare it
+        device = torch.device(device.type, torch.cuda.current_device())
     plan = layer.__dict__.get("_fast_plan")
     if plan is None or not plan.valid_for(layer, device, dtype):
         if _numel(layer.weight_shape) >= MAX_NUMEL:

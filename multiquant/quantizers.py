@@ -111,24 +111,26 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
     limit = tol * (xs.abs().amax(dim=1) + 1e-30).double()  # [R]: convergence threshold per row
     final = torch.empty_like(cents)
     rows = torch.arange(R, device=x.device)  # original index of each row still iterating
+    ext = _with_sentinels(cents)  # [R, runs, k+2]: the centroids between -inf and +inf
     xs_a, cums_a, lim_a, done = xs, cums, limit, 0
     while rows.numel() and done < iters:
         steps = min(_CHECK_EVERY, iters - done)
         for step in range(steps):
-            bounds = _run_bounds(xs_a, cents)
+            cur = ext[..., 1:-1]
+            bounds = _bounds(xs_a, ext)
             sums = _run_sums(cums_a, bounds)
             counts = (bounds[..., 1:] - bounds[..., :-1]).double()
-            new = torch.where(counts > 0, sums / counts.clamp_min(1), cents)  # an empty cluster keeps its centroid
+            new = torch.where(counts > 0, sums / counts, cur)  # an empty cluster keeps its centroid
             if step == steps - 1:  # only the last shift before a check is looked at
-                shift = (new - cents).abs().amax(dim=(1, 2))
-            cents = torch.sort(new, dim=2).values
+                shift = (new - cur).abs().amax(dim=(1, 2))
+            ext[..., 1:-1] = torch.sort(new, dim=2).values
         done += steps
         moving = shift > lim_a
         if done < iters and bool(moving.all()):
             continue
-        final[rows[~moving]] = cents[~moving]
-        rows, cents, xs_a, cums_a, lim_a = rows[moving], cents[moving], xs_a[moving], cums_a[moving], lim_a[moving]
-    final[rows] = cents  # rows that used up ``iters``
+        final[rows[~moving]] = ext[~moving][..., 1:-1]
+        rows, ext, xs_a, cums_a, lim_a = rows[moving], ext[moving], xs_a[moving], cums_a[moving], lim_a[moving]
+    final[rows] = ext[..., 1:-1]  # rows that used up ``iters``
     sse = _sorted_sse(xs, cums, sq_cums, final)  # [R, runs]
     best = sse.argmin(dim=1)  # first run (quantile start) wins ties: deterministic
     chosen = final[torch.arange(R, device=x.device), best].float()
@@ -226,15 +228,25 @@ def _search_rows(xs: torch.Tensor, values: torch.Tensor, right: bool) -> torch.T
     return torch.searchsorted(xs, q, right=right).view(R, n_init, T).permute(1, 0, 2)
 
 
-def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
+def _with_sentinels(cents: torch.Tensor) -> torch.Tensor:
+    """``cents`` [..., k] between a -inf and a +inf column [..., k+2]."""
+    edge = torch.full_like(cents[..., :1], float("inf"))
+    return torch.cat([-edge, cents, edge], dim=-1)
+
+
+def _bounds(xs: torch.Tensor, ext: torch.Tensor) -> torch.Tensor:
     """Cluster i of run r is the slice xs[row, b[row, r, i]:b[row, r, i+1]] of the sorted values (nearest
-    sorted centroid). ``xs`` [R, N], ``cents`` [R, runs, k] -> bounds [R, runs, k+1]."""
-    R, N = xs.shape
-    mids = ((cents[..., 1:] + cents[..., :-1]) / 2).to(xs.dtype)
+    sorted centroid). ``xs`` [R, N], ``ext`` [R, runs, k+2] (sorted centroids between -inf and +inf, so that
+    the outer midpoints find 0 and N) -> bounds [R, runs, k+1]."""
+    R = xs.shape[0]
+    mids = ((ext[..., 1:] + ext[..., :-1]) * 0.5).to(xs.dtype)
     # every run's midpoints of a row in one search over that row (searched values need not be sorted)
-    edges = torch.searchsorted(xs, mids.reshape(R, -1).contiguous()).view(mids.shape)
-    # first/last bound from the row count, not from edges: with one centroid edges has no column
-    return torch.nn.functional.pad(torch.nn.functional.pad(edges, (1, 0), value=0), (0, 1), value=N)
+    return torch.searchsorted(xs, mids.reshape(R, -1)).view(mids.shape)
+
+
+def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
+    """:func:`_bounds` of centroids ``cents`` [R, runs, k]."""
+    return _bounds(xs, _with_sentinels(cents))
 
 
 def _run_sums(cums: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

@@ -99,11 +99,11 @@ def reference_style_seconds(model, layers, sample_channels: int, bits=(4, 3), fl
     return est
 
 
-def layer_by_layer_seconds(model, layers, family, seed: int = 0, iters: int = 100) -> tuple[float, dict]:
+def layer_by_layer_seconds(model, layers, family, options: list[str], seed: int = 0, iters: int = 100) -> tuple[float, dict]:
     """The build as one quantizer call per layer and option (the driver before batching: the same quantizer
     functions, errors and packed codes fetched per layer), timed side by side; returns its seconds and
     table errors (to compare with the batched build's)."""
-    from multiquant.options import Option, options_for
+    from multiquant.options import Option
     from multiquant.packing import pack_codes
     from multiquant.quantizers import dequantize, lp_error, quantize
 
@@ -114,7 +114,7 @@ def layer_by_layer_seconds(model, layers, family, seed: int = 0, iters: int = 10
         if ref.tied_to:
             continue
         w = ref.weight(model).detach().reshape(ref.channels, -1).float()
-        for option in options_for(("mse", "kmeans", "kmeans_all"), (4, 3)):
+        for option in options:
             parsed = Option.parse(option)
             codes, params = quantize(w, parsed.method, parsed.bits, iters=iters, seed=seed)
             params = {name: v.to(torch.int16 if name == "zero" else torch.float32) for name, v in params.items()}
@@ -166,7 +166,7 @@ def build_family(name: str, device: str, apply_trials: int, size: str, compare_l
              "distinct_shapes": len(set(shapes)),
              "objective_by_option": {o: sum(mq.table[r.key][o][3] for r in canonical) for o in mq.options}}
     if compare_layer_by_layer:
-        entry["layer_by_layer_seconds"], errors = layer_by_layer_seconds(model, layers, family)
+        entry["layer_by_layer_seconds"], errors = layer_by_layer_seconds(model, layers, family, mq.options)
         entry["batching_speedup"] = entry["layer_by_layer_seconds"] / build_s
         rel = [abs(mq.table[key][o][3] - e) / max(abs(e), 1e-300) for (key, o), e in errors.items()]
         entry["layer_by_layer_error_max_rel_diff"] = max(rel)

@@ -77,8 +77,8 @@ def _runs(channels: list[int]) -> list[_Run]:
 def quantize_layers(weights: list[torch.Tensor], options: list[str], out_dtype: torch.dtype, device=None,
                     seed: int = 0, iters: int = 100, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                     show_progress: bool = False, desc: str = "multiquantizer") -> list[LayerOptions]:
-    """Every option of every ``[C, K]`` weight (any device: each chunk is copied to ``device``, default the
-    first weight's). ``out_dtype``: the precision the model holds a dequantized weight in (errors are of
+    """Every option of every weight (``[C, ...]``, C output channels; any device: each chunk is copied to
+    ``device``, default the first weight's, and reshaped to ``[C, K]`` there, so views stay views until then). ``out_dtype``: the precision the model holds a dequantized weight in (errors are of
     that weight)."""
     device = torch.device(device) if device is not None else (weights[0].device if weights else torch.device("cpu"))
     shapes = [(w.shape[0], w.numel() // max(1, w.shape[0])) for w in weights]

@@ -152,7 +152,7 @@ class MultiQuantizer:
             hashed = pool.submit(weight_hash, model, layers)
             canonical = [ref for ref in layers if not ref.tied_to]
             built = dict(zip((ref.key for ref in canonical), quantize_layers(
-                [ref.weight(model).detach().reshape(ref.channels, -1) for ref in canonical], options, family.dtype,
+                [ref.weight(model).detach() for ref in canonical], options, family.dtype,
                 device, seed=seed, iters=kmeans_iters, chunk_elements=chunk_elements, show_progress=show_progress,
                 desc=f"multiquantizer {family.name}")))
             hash_of_weights = hashed.result()

@@ -105,7 +105,7 @@ def _jit(interpret: bool):
         else:  # K-Means-A: one codebook
             value = tl.load(book_ptr + code, mask=mask, other=0.0)
         tl.store(out_ptr + r[:, None] * out_stride + col_offset + k[None, :],
-                 value.to(out_ptr.dtype.element_ty), mask=mask)
+                 value.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
 
     # M not specialized (Triton would compile again for M == 1 and for M divisible by 16): one binary per
     # tiling serves every row count
@@ -148,7 +148,9 @@ def _jit(interpret: bool):
                 value = tl.load(book_ptr + n[:, None] * (1 << BITS) + code, mask=w_ok, other=0.0)
             else:
                 value = tl.load(book_ptr + code, mask=w_ok, other=0.0)
-            w = tl.trans(tl.where(w_ok, value, 0.0).to(x_ptr.dtype.element_ty))
+            # through float32: one round-to-nearest-even from the table's value, as torch's .to(dtype) (an fp16
+            # codebook into bfloat16 included)
+            w = tl.trans(tl.where(w_ok, value.to(tl.float32), 0.0).to(x_ptr.dtype.element_ty))
             if IEEE:  # float32 inputs: true fp32 products, not TF32
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
@@ -430,9 +432,10 @@ def packed_linear(layer, input: torch.Tensor) -> torch.Tensor:
     products are accumulated in float32 (tl.dot, IEEE fp32 products for float32 inputs), split-K partials summed
     in a fixed order (deterministic), the bias added in float32, one rounding to the output dtype. Not bit-exact
     with cuBLAS (another summation order); against the float64 product of the same x and W,
-        |y - y64| <= u * (|y64| + e) + e + s,   e = (K + 2) * 2^-24 * (|x| @ |W|^T + |bias|),
-    u the output dtype's unit roundoff (2^-11 fp16, 2^-8 bf16, 2^-24 fp32), s half its smallest subnormal
-    (:func:`linear_error_bound`; tests/test_kernels.py checks it)."""
+        |y - y64| <= u * (|y64| + e) + e + s,   e = (K + 2) * 2^-23 * (|x| @ |W|^T + |bias|),
+    u the output dtype's unit roundoff (2^-11 fp16, 2^-8 bf16, 2^-24 fp32), s half its smallest subnormal; e
+    allows one float32 unit (2^-23, not the 2^-24 of round-to-nearest) per addition and per fp32 product, as
+    tensor-core accumulators may truncate (:func:`linear_error_bound`; tests/test_kernels.py checks it)."""
     part = layer.parts[0]
     out_features = part.shape[0]
     x = input.reshape(-1, input.shape[-1])
@@ -465,7 +468,7 @@ def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     info = torch.finfo(dtype)
     unit = info.eps / 2
     half_subnormal = info.smallest_normal * info.eps / 2
-    acc = (x64.shape[1] + 2) * 2.0 ** -24 * (x64.abs() @ w64.abs().T + b64.abs())
+    acc = (x64.shape[1] + 2) * 2.0 ** -23 * (x64.abs() @ w64.abs().T + b64.abs())
     return exact, unit * (exact.abs() + acc) + acc + half_subnormal
 
 

@@ -107,12 +107,12 @@ def _jit(interpret: bool):
         tl.store(out_ptr + r[:, None] * out_stride + col_offset + k[None, :],
                  value.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
 
-    # M not specialized (Triton would compile again for M == 1 and for M divisible by 16): one binary per
-    # tiling serves every row count
-    @triton.jit(do_not_specialize=["M"])
+    # M and the split count are runtime values, not specialized (Triton would compile again for M == 1, for M
+    # divisible by 16, for each split): one binary per tile shape serves every row count and split
+    @triton.jit(do_not_specialize=["M", "split_k"])
     def packed_linear_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, book_ptr, bias_ptr, out_ptr, partial_ptr,
-                             counter_ptr, M, N, K, stride_xm, stride_om, k_per_split,
-                             BITS: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                             counter_ptr, M, N, K, stride_xm, stride_om, k_per_split, split_k,
+                             BITS: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              IEEE: tl.constexpr):
         # out[M, N] = x[M, K] @ W^T (+ bias): one [BLOCK_M, BLOCK_N] tile, over this program's K range. The
@@ -156,23 +156,22 @@ def _jit(interpret: bool):
             else:
                 acc = tl.dot(x, w, acc)
         out_ok = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
+        if not SPLIT:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + m[:, None] * stride_om + n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=out_ok)
         else:
-            # split K: every program stores its fp32 partial tile; the last of a tile's SPLIT_K programs to arrive
+            # split K: every program stores its fp32 partial tile; the last of a tile's split_k programs to arrive
             # (one counter per tile) sums them in split order (deterministic), adds the bias, writes the output
             # and re-arms the counter, so a single launch does the whole product
             tl.store(partial_ptr + (pid_k * M + m[:, None]) * N + n[None, :], acc, mask=out_ok)
             tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
             tile = pid_m * tl.num_programs(0) + pid_n
             arrived = tl.atomic_add(counter_ptr + tile, 1)
-            if arrived == SPLIT_K - 1:
+            if arrived == split_k - 1:
                 total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                # a loop, not tl.static_range: unrolled, the SPLIT_K loads in flight spill registers
-                for s in range(SPLIT_K):  # .cg: read the other programs' partials from L2
+                for s in range(split_k):  # .cg: read the other programs' partials from L2
                     total += tl.load(partial_ptr + (s * M + m[:, None]) * N + n[None, :], mask=out_ok, other=0.0,
                                      cache_modifier=".cg")
                 if HAS_BIAS:
@@ -493,7 +492,7 @@ def linear_tiling(rows: int, out_features: int, in_features: int, processors: in
     multiprocessor run (few rows give few output tiles), at most MAX_SPLIT_K ways and never into empty splits.
     ``split_k`` forces a split (tests). Register budget: decoding a [64, BLOCK_K] weight tile holds several
     int32 temporaries per weight; these choices compile for sm_90 without spills (ptxas -v on Triton 3.8's PTX
-    of the PixArt shapes: 108-208 registers at 16-32 rows, 186-225 at 64, 200-255 at 128 rows with 8 warps;
+    of the PixArt shapes: 107-128 registers at 16 rows, 186-225 at 64, 200-255 at 128 rows with 8 warps;
     64-deep tiles at 64 rows with 4 warps spill)."""
     block_m = min(128, max(16, _pow2(rows)))
     wide = block_m == 128
@@ -533,7 +532,7 @@ def _packed_linear(x: torch.Tensor, codes: torch.Tensor, scale, zero, codebook, 
     return _LinearLaunch(x, codes, scale, zero, codebook, bias, method, bits, out_features, split_k)(x)
 
 
-_LINEAR_CONSTEXPRS = ("BITS", "MODE", "HAS_BIAS", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")
+_LINEAR_CONSTEXPRS = ("BITS", "MODE", "HAS_BIAS", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")
 
 
 class _LinearLaunch:
@@ -555,9 +554,9 @@ class _LinearLaunch:
         self.fixed = (codes, scale if mode == 0 else codes, zero if mode == 0 else codes,  # unused: any tensor
                       codebook if mode != 0 else codes, bias if bias is not None else codes)
         self.counters = _counters(x.device) if self.split > 1 else None
-        self.ints = (rows, out_features, in_features, x.stride(0), out_features, tiling.k_per_split)
-        self.constexprs = (bits, mode, bias is not None, self.split, tiling.block_m, tiling.block_n, tiling.block_k,
-                           x.dtype == torch.float32)
+        self.ints = (rows, out_features, in_features, x.stride(0), out_features, tiling.k_per_split, self.split)
+        self.constexprs = (bits, mode, bias is not None, self.split > 1, tiling.block_m, tiling.block_n,
+                           tiling.block_k, x.dtype == torch.float32)
         self.grid = (triton_cdiv(out_features, tiling.block_n), triton_cdiv(rows, tiling.block_m), self.split)
         self.num_warps = tiling.num_warps
         self.direct = x.is_cuda and not _interpret()

@@ -487,7 +487,8 @@ def small_m_microbench(args, device) -> dict:
     options = [o.strip() for o in args.micro_options.split(",") if o.strip()]
     result = {"dtype": str(dtype).replace("torch.", ""), "shapes": {k: list(v) for k, v in shapes.items()},
               "rows": rows_list, "options": options, "graph_calls": GRAPH_CALLS, "host_calls": args.micro_calls,
-              "small_m_max_default": kernels.SMALL_M_MAX, "cases": [], "fused_errors": []}
+              "small_m_max_default": kernels.SMALL_M_MAX, "cases": [], "fused_errors": [],
+              "fused_out_of_bound": []}
     interpret = contextlib.nullcontext() if cuda else _env("TRITON_INTERPRET", "1")
     with interpret, use_packed_kernels(True):
         for seed, ((sname, (in_f, out_f)), option) in enumerate((s, o) for s in shapes.items() for o in options):
@@ -510,6 +511,8 @@ def small_m_microbench(args, device) -> dict:
                     ratio = float(((y.double() - exact).abs() / bound).max())
                     case["fused_max_err_over_bound"] = ratio
                     case["fused_within_bound"] = ratio <= 1.0
+                    if not ratio <= 1.0:
+                        result["fused_out_of_bound"].append(f"{sname} {option} M={rows}: err/bound {ratio:.3g}")
                     case["fused"] = _time_calls(lambda: kernels.packed_linear(layer, x), args.micro_calls, cuda)
                 except Exception as e:  # record it; the model runs then go without the fused kernel
                     case["fused_error"] = f"{type(e).__name__}: {e}"[:500]
@@ -548,7 +551,8 @@ def print_summary(result: dict) -> None:
     micro = result.get("small_m_microbench")
     if micro:
         print(f"SUMMARY small-M crossover (largest M where fused <= decode+cuBLAS on the GPU): {micro['crossover']} "
-              f"recommended_small_m_max={micro['recommended_small_m_max']} errors={micro['fused_errors'][:2]}")
+              f"recommended_small_m_max={micro['recommended_small_m_max']} errors={micro['fused_errors'][:2]} "
+              f"out_of_bound={micro['fused_out_of_bound'][:4]}")
     for row in result["shapes"]:
         for cname, e in row["configs"].items():
             fast, without = e.get("fast", {}), e.get("fast_no_small_m", {})

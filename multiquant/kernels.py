@@ -94,8 +94,11 @@ def _jit(interpret: bool):
         byte = (flat >> 3) * BITS + (bit >> 3)
         shift = bit & 7
         lo = tl.load(codes_ptr + byte, mask=mask, other=0).to(tl.int32)
-        hi = tl.load(codes_ptr + byte + 1, mask=mask & (shift + BITS > 8), other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
+        if 8 % BITS == 0:  # 2, 4, 8 bits: a code never spills into the next byte
+            code = (lo >> shift) & ((1 << BITS) - 1)
+        else:
+            hi = tl.load(codes_ptr + byte + 1, mask=mask & (shift + BITS > 8), other=0).to(tl.int32)
+            code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
         if MODE == 0:  # UAQ: the float32 grid value, as packed.lookup_table computes it
             scale = tl.load(scale_ptr + r, mask=row_ok, other=0.0)
             zero = tl.load(zero_ptr + r, mask=row_ok, other=0).to(tl.float32)
@@ -140,8 +143,11 @@ def _jit(interpret: bool):
             byte = (flat >> 3) * BITS + (bit >> 3)
             shift = bit & 7
             lo = tl.load(codes_ptr + byte, mask=w_ok, other=0).to(tl.int32)
-            hi = tl.load(codes_ptr + byte + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
-            code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
+            if 8 % BITS == 0:
+                code = (lo >> shift) & ((1 << BITS) - 1)
+            else:
+                hi = tl.load(codes_ptr + byte + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
+                code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
             if MODE == 0:
                 value = (code.to(tl.float32) - zero[:, None]) * scale[:, None]
             elif MODE == 1:

@@ -50,12 +50,20 @@ from multiquant.utils import json_default as _json_default  # noqa: E402  (the o
 
 def prior_values(prior: Mapping | None, records: Sequence[Mapping], columns: Sequence | None = None) -> torch.Tensor:
     """A fold's linear prior on records: ``coef`` over its own ``columns`` (one-hot and pair terms,
-    :func:`autobuild.data.encode_options`); priors saved before they carried columns use the ensemble's
-    ``prior_columns``. No prior: zeros."""
+    :func:`autobuild.data.encode_options`), plus, for a ``ridge_shift`` prior, its ``shift`` coefficients over the
+    quadratic output-change features of its own basis; priors saved before they carried columns use the
+    ensemble's ``prior_columns``. No prior: zeros."""
     if prior is None:
         return torch.zeros(len(records), dtype=torch.float64)
     x = encode_options(records, prior.get("columns") or columns or ())
-    return torch.as_tensor(x @ np.asarray(prior["coef"], dtype=np.float64) + prior["intercept"])
+    value = x @ np.asarray(prior["coef"], dtype=np.float64) + prior["intercept"]
+    if prior.get("shift"):  # the quadratic form of the summed output change (autobuild.train.fit_prior)
+        from .output_shift import ShiftBasis, quadratic_shift_features
+
+        shift = prior["shift"]
+        value = value + quadratic_shift_features(records, ShiftBasis.from_json(shift["basis"])) @ np.asarray(
+            shift["coef"], dtype=np.float64)
+    return torch.as_tensor(value)
 
 
 def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tensor]], infos: Sequence[Mapping],

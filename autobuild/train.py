@@ -70,6 +70,10 @@ class TrainOptions:
     # {layer: {option: per-channel output shift}} (autobuild.output_shift): with tabular_baselines, also report
     # ridge and trees with the configuration's summed shift as features
     output_shifts: dict | None = None
+    # {layer: {option: output-change signature}} (autobuild.output_shift.SIGNATURE): the prior may then also be
+    # "ridge_shift", one-hot options plus a quadratic form of the summed signature's leading components
+    shift_signature: dict | None = None
+    shift_components: int = 32
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -223,13 +227,19 @@ def _prior_entry(kind: str, model, columns, cv_mse: dict) -> dict:
             "cv_mse": {k: float(v) for k, v in cv_mse.items()}}
 
 
+PRIOR_KINDS = ("ridge", "lasso", "lasso_pairs", "ridge_shift")
+SHIFT_WEIGHTS = (0.1, 0.3, 1.0, 3.0, 10.0)  # scales of the quadratic shift block beside the one-hot columns (its own penalty)
+
+
 def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.ndarray, keys: Sequence[str],
-              seed: int = 0, kinds: Sequence[str] = ("ridge", "lasso", "lasso_pairs")) -> dict:
+              seed: int = 0, kinds: Sequence[str] = PRIOR_KINDS, shift_basis=None) -> dict:
     """The linear prior of the learned value, fitted on ``train_idx`` only: of ridge on one-hot (layer, option),
-    lasso on the same columns (few layers matter), and lasso with pair terms (every option combination of every
-    pair of the :data:`PRIOR_PAIR_LAYERS` layers with the largest lasso main effects), the one with the lowest
-    seeded inner K-fold MSE. Where log FID is additive (mnist_dit) ridge or lasso win; where a few layers
-    interact (mnist_unet's output layers, docs/design.md §4) the pair terms do."""
+    lasso on the same columns (few layers matter), lasso with pair terms (every option combination of every
+    pair of the :data:`PRIOR_PAIR_LAYERS` layers with the largest lasso main effects) and, given a
+    ``shift_basis`` (:func:`autobuild.output_shift.shift_basis`), ridge on one-hot plus the quadratic form of the
+    configuration's summed output change (``ridge_shift``), the one with the lowest seeded inner K-fold MSE. Where
+    log FID is additive (mnist_dit) ridge or lasso win; where signed output shifts of several layers add and cancel
+    (mnist_unet, autobuild/output_shift.py) the quadratic form expresses it and pair terms only in part."""
     train_idx = np.asarray(train_idx)
     if _inner_folds(len(train_idx)) < 3:  # too few records to compare candidates: the additive reference
         return ridge_prior(records, learned, train_idx, keys)
@@ -241,6 +251,10 @@ def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.nda
     if "ridge" in kinds:
         model = _fit_ridge(x, target, seed)
         fitted["ridge"] = (model, singles, -float(model.best_score_))
+    shift_entry = None
+    if "ridge_shift" in kinds and shift_basis is not None:
+        model, shift_entry, mse = _fit_ridge_shift(part, x, target, shift_basis, seed)
+        fitted["ridge_shift"] = (model, singles, mse)
     if "lasso" in kinds or "lasso_pairs" in kinds:
         model = _fit_lasso(x, target, seed)
         fitted["lasso"] = (model, singles, float(model.mse_path_.mean(axis=1).min()))
@@ -256,7 +270,38 @@ def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.nda
                 fitted["lasso_pairs"] = (model, columns, float(model.mse_path_.mean(axis=1).min()))
     cv_mse = {kind: item[2] for kind, item in fitted.items()}
     best = min((k for k in kinds if k in fitted), key=cv_mse.__getitem__)
+    if best == "ridge_shift":
+        model, columns = fitted[best][:2]
+        width = len(columns)
+        entry = _prior_entry(best, _Coef(model.coef_[:width], model.intercept_, model.alpha_), columns, cv_mse)
+        return {**entry, "shift": {**shift_entry, "coef": (shift_entry["weight"] * model.coef_[width:]).tolist()}}
     return _prior_entry(best, fitted[best][0], fitted[best][1], cv_mse)
+
+
+@dataclass
+class _Coef:
+    coef_: np.ndarray
+    intercept_: float
+    alpha_: float
+
+
+def _fit_ridge_shift(part: Sequence[Mapping], onehot: np.ndarray, target: np.ndarray, basis, seed: int):
+    """Ridge on ``[one-hot, weight * quadratic shift features]`` for each of :data:`SHIFT_WEIGHTS` (a separate
+    penalty for the quadratic block): the weight with the lowest inner K-fold MSE -> (model, shift entry, MSE).
+    The summed coordinates are first rescaled to unit spread over these records (the entry's basis carries it)."""
+    from .output_shift import ShiftBasis, quadratic_shift_features
+
+    k = basis.components
+    z_spread = float(quadratic_shift_features(part, basis)[:, :k].std()) or 1.0
+    basis = ShiftBasis({n: [v / z_spread for v in c] for n, c in basis.coords.items()}, basis.scale * z_spread)
+    quad = quadratic_shift_features(part, basis)
+    best = None
+    for weight in SHIFT_WEIGHTS:
+        model = _fit_ridge(np.hstack([onehot, weight * quad]), target, seed)
+        if best is None or -float(model.best_score_) < best[2]:
+            best = (model, weight, -float(model.best_score_))
+    model, weight, mse = best
+    return model, {"basis": basis.to_json(), "weight": weight}, mse
 
 
 def ridge_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.ndarray, keys: Sequence[str]) -> dict:
@@ -412,7 +457,8 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
         learned = labels.learned.numpy()
         # The prior the network trains against sees the training part only: fitted on the validation split too,
         # its validation residuals would be too small for any network epoch to look better than epoch 0.
-        fitted = fit_prior(records, learned, train_idx, keys, seed) if opts.linear_prior else None
+        basis = _basis_of(opts)
+        fitted = fit_prior(records, learned, train_idx, keys, seed, shift_basis=basis) if opts.linear_prior else None
         # "auto": the fold's validation split decides between the GNN on the prior's residual and the GNN alone
         # (where log FID is far from additive, a prior it cannot leave holds the network back)
         variants = [True, False] if opts.linear_prior == "auto" else [bool(opts.linear_prior)]
@@ -428,7 +474,7 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
         info["prior_used"] = prior is not None
         if prior is not None:  # the kept prior of the same kind, refitted on training + validation part
             rest = np.sort(np.concatenate([train_idx, val_idx]))
-            prior = fit_prior(records, learned, rest, keys, seed, kinds=(prior["kind"],))
+            prior = fit_prior(records, learned, rest, keys, seed, kinds=(prior["kind"],), shift_basis=basis)
             base = prior_values(prior, records)
         test = _predict(model, dataset, test_idx, device, opts.eval_batch)
         y_test, hop_y = labels.y[test_idx], labels.hop_y[test_idx]
@@ -451,6 +497,30 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
         return result, state, info
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _table_summaries(opts: TrainOptions) -> dict:
+    """The shift tables in the recorded options by size and content hash, not by value (a signature is ~1M floats)."""
+    import hashlib
+    import json
+
+    def summary(table):
+        if not table:
+            return None
+        text = json.dumps(table, sort_keys=True).encode()
+        return {"entries": sum(len(v) for v in table.values()), "width": len(next(iter(next(iter(table.values())).values()))),
+                "sha256": hashlib.sha256(text).hexdigest()}
+
+    return {"output_shifts": summary(opts.output_shifts), "shift_signature": summary(opts.shift_signature)}
+
+
+def _basis_of(opts: TrainOptions):
+    """The shift prior's basis (label-free: the signature table alone), or None without a signature."""
+    if not opts.shift_signature or opts.shift_components < 1:
+        return None
+    from .output_shift import shift_basis
+
+    return shift_basis(opts.shift_signature, opts.shift_components)
 
 
 def _run_fold_job(job: tuple):
@@ -567,8 +637,8 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
             learned_all = labels.learned.numpy()
             ridge = ridge_prior(kept, learned_all, rest, layer_keys)
             for name, linear in (("ridge_learned", ridge),  # additive reference; then the GNN's prior alone
-                                 ("prior_learned", fold_infos[f]["prior"] or fit_prior(kept, learned_all, rest,
-                                                                                       layer_keys, seed + f))):
+                                 ("prior_learned", fold_infos[f]["prior"] or fit_prior(
+                                     kept, learned_all, rest, layer_keys, seed + f, shift_basis=_basis_of(opts)))):
                 composed = plan.compose(prior_values(linear, test_records), labels.known[test_idx]).numpy()
                 baseline_folds[name].append({**_fold_metrics(composed, y[test_idx], opts.k), "kind": linear["kind"]})
             if tabular is not None:  # nonlinear tabular baselines: trees, and trees on the ridge residual
@@ -612,7 +682,7 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                     "seconds_total": float(sum(r["seconds"] for r in fold_results)), "wall_seconds": wall,
                     "device": str(device), "torch_threads": opts.threads or torch.get_num_threads(),
                     "workers": workers},
-        "options": {**asdict(opts), "epochs": epochs, "batch_size": batch_size},
+        "options": {**asdict(opts), **_table_summaries(opts), "epochs": epochs, "batch_size": batch_size},
         "graph": {"nodes": template.num_nodes, "layers": len(template.layer_index),
                   "edges": int(template.edge_index.shape[1]), "family": template.family},
     }

@@ -3,6 +3,7 @@ target, beside every baseline (ridge on the same split, gradient-boosted trees, 
 training-free proxies).
 
     python benchmarks/predictor.py --model mnist_dit --workers 5          # GPU machine: 16 CPU cores
+    python benchmarks/predictor.py --model mnist_unet --output_shifts     # + shift baselines and ridge_shift prior
 
 Writes ``benchmarks/results/predictor_<model>.json`` (``predictor: {default: {srcc, ...}, quality: {srcc, ...},
 baselines: {default: {...}, quality: {...}}}``) and keeps the quality-target ensemble in ``--keep`` for
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from autobuild.output_shift import SIGNATURE  # noqa: E402
 from benchmarks.common import RESULTS, environment, write_result  # noqa: E402
 
 TARGETS = {"default": "-1*FID-GT-1k - avg_bits*150", "quality": "-1*FID-GT-1k"}
@@ -53,8 +55,12 @@ def main(argv=None) -> dict:
                         "train-predictor), per fold with or without by validation (auto), never")
     p.add_argument("--merge", action="store_true", help="keep the targets already in the result file")
     p.add_argument("--output_shifts", action="store_true",
-                   help="also the baselines with each configuration's summed output shift (autobuild.output_shift), "
-                        "measured with the shipped weights and multiquantizer (CPU, fp32, seed 0)")
+                   help="measure the output shifts (autobuild.output_shift) with the shipped weights and "
+                        "multiquantizer (CPU, fp32, seed 0): the baselines with each configuration's summed shift, "
+                        "and the GNN's prior may be ridge_shift (one-hot + a quadratic form of the summed output-change "
+                        "signature, autobuild.train.fit_prior)")
+    p.add_argument("--shift_components", type=int, default=32,
+                   help="leading components of the signature in the ridge_shift prior (0: no shift prior)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from autobuild.dag import units
@@ -72,14 +78,19 @@ def main(argv=None) -> dict:
     out = {}
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     prior = {"auto": "auto", "linear": True, "none": False}[args.prior]
-    shifts, shift_info = measured_shifts(args.model) if args.output_shifts else (None, None)
+    shifts, signature, shift_info = measured_shifts(args.model) if args.output_shifts else (None, None, None)
     for name, target in ((n, TARGETS[n]) for n in wanted):
         metrics = train_predictor(records, graph, target, folds=args.folds, epochs=args.epochs, seed=12345,
                                   device=args.device, out_dir=keep if name == "quality" else keep.parent / name,
                                   units=units(graph, "block"), log=None,
                                   options=TrainOptions(workers=args.workers, tabular_baselines=True,
-                                                       linear_prior=prior, output_shifts=shifts))
-        out[name] = (dict(summary(metrics), prior=args.prior, device=args.device, measured=measured),
+                                                       linear_prior=prior, output_shifts=shifts,
+                                                       shift_signature=signature,
+                                                       shift_components=args.shift_components))
+        shift_prior = ({"signature": SIGNATURE, "components": args.shift_components}
+                       if signature is not None and args.shift_components > 0 else None)
+        out[name] = (dict(summary(metrics), prior=args.prior, shift_prior=shift_prior, device=args.device,
+                          measured=measured),
                      {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"], **({"kind": v["kind"]} if "kind" in v else {})}
                       for b, v in metrics["baselines"].items()})
         print(f"{name}: SRCC {metrics['srcc_mean']:.4f}; " + ", ".join(f"{b} {v['srcc_mean']:.4f}"
@@ -101,12 +112,13 @@ def main(argv=None) -> dict:
     return result
 
 
-def measured_shifts(model: str) -> tuple[dict, dict]:
-    """The output-shift table of the family's trained weights and shipped multiquantizer (fp32 on the CPU, 16
-    example inputs, seed 0), and how it was measured."""
+def measured_shifts(model: str) -> tuple[dict, dict, dict]:
+    """The output-shift table (one value per channel) and the output-change signature
+    (autobuild.output_shift.SIGNATURE) of the family's trained weights and shipped multiquantizer (fp32 on the CPU,
+    seed 0), and how they were measured."""
     import torch
 
-    from autobuild.output_shift import output_shifts
+    from autobuild.output_shift import SIGNATURE, output_shifts
     from multiquant.checkpoint import MultiQuantizer
     from multiquant.families import get_family
     from multiquant.evaluate import default_multiquantizer_path
@@ -115,9 +127,14 @@ def measured_shifts(model: str) -> tuple[dict, dict]:
     net = family.load(dtype=torch.float32, device="cpu").eval()
     mq_path = default_multiquantizer_path(family)
     started = time.perf_counter()
-    table = output_shifts(net, MultiQuantizer.from_pretrained(mq_path), family, batch=16, seed=0)
-    return table, {"multiquantizer": str(mq_path), "dtype": "float32", "device": "cpu",
-                   "inputs": "the family's example inputs, batch 16, seed 0", "seconds": time.perf_counter() - started}
+    mq = MultiQuantizer.from_pretrained(mq_path)
+    table = output_shifts(net, mq, family, batch=16, seed=0)
+    table_seconds = time.perf_counter() - started
+    signature = output_shifts(net, mq, family, seed=0, **SIGNATURE)
+    return table, signature, {"multiquantizer": str(mq_path), "dtype": "float32", "device": "cpu",
+                              "inputs": "the family's example inputs, batch 16, seed 0",
+                              "seconds": table_seconds, "signature": SIGNATURE,
+                              "signature_seconds": time.perf_counter() - started - table_seconds}
 
 
 if __name__ == "__main__":

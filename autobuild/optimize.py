@@ -75,6 +75,8 @@ class Space:
     cost: np.ndarray
     error: np.ndarray
     shift: np.ndarray | None = None  # [layers, options, C] output shifts (autobuild.output_shift), if measured
+    # [layers, options, k] leading components of the output-change signature (autobuild.output_shift.SIGNATURE)
+    shift_coords: np.ndarray | None = None
 
     @classmethod
     def of(cls, table, ties: Mapping[str, str] | None = None) -> "Space":
@@ -93,6 +95,20 @@ class Space:
         shift = np.array([[np.asarray(table[k][o], dtype=np.float64) if o in table[k] else 0.0 for o in self.options]
                           for k in self.layers])
         return dataclasses.replace(self, shift=shift)
+
+    def with_signature(self, table: Mapping[str, Mapping[str, Sequence[float]]], components: int = 32) -> "Space":
+        """This space with each group's output-change signature projected on the table's leading components
+        (:func:`autobuild.output_shift.shift_basis`), in units of the spread of their sum over 256 uniformly
+        random configurations of the space (seeded; no labels), so that the ``ridge_shift`` surrogate's
+        quadratic form is of order one whatever the model's output scale."""
+        from .output_shift import shift_basis
+
+        basis = shift_basis(table, components)
+        zero = [0.0] * basis.components
+        coords = np.array([[basis.coords.get(f"{k}={o}", zero) for o in self.options] for k in self.layers])
+        random = np.random.default_rng(0).integers(0, len(self.options), (256, len(self.layers)))
+        spread = float(coords[np.arange(len(self.layers))[None, :], random].sum(axis=1).std()) or 1.0
+        return dataclasses.replace(self, shift_coords=coords / spread)
 
     @property
     def methods(self) -> list[str]:
@@ -198,6 +214,10 @@ def _features(kind: str, space: Space, sweeps: Sweeps | None, choices: np.ndarra
     onehot = space.one_hot(choices)
     if kind == "ridge":
         return np.hstack([sens, onehot])
+    if kind == "ridge_shift":  # + the quadratic form of the summed output-change signature (autobuild.output_shift)
+        z = space.shift_coords[np.arange(len(space.layers))[None, :], choices].sum(axis=1)  # [n, k]
+        upper = np.triu_indices(z.shape[1])
+        return np.hstack([sens, onehot, z, (z[:, :, None] * z[:, None, :])[:, upper[0], upper[1]]])
     # nonlinear models: per-layer degradation and bits, the sums per block (interactions inside a block)
     if sweeps is not None:
         d = np.nan_to_num(sweeps.degradation, nan=0.0)[np.arange(len(space.layers))[None, :], choices]
@@ -240,12 +260,12 @@ def _model(kind: str, seed: int):
 
     if kind == "sens":
         return LinearRegression()
-    if kind in ("ridge", "ridge_blocks"):
+    if kind in ("ridge", "ridge_blocks", "ridge_shift"):
         return RidgeCV(alphas=np.logspace(-2, 3, 11))
     return ExtraTreesRegressor(n_estimators=40, min_samples_leaf=2, max_features=0.5, random_state=seed)
 
 
-SURROGATES = ("sens", "ridge", "ridge_blocks", "trees")  # in order of capacity; ties go to the simpler
+SURROGATES = ("sens", "ridge", "ridge_blocks", "ridge_shift", "trees")  # by capacity; ties go to the simpler
 
 
 def fit_surrogate(kind: str, space: Space, sweeps: Sweeps | None, choices: np.ndarray, y: np.ndarray,
@@ -272,7 +292,8 @@ def select_surrogate(space: Space, sweeps: Sweeps | None, choices: np.ndarray, y
                      folds: int = 5, kinds: Sequence[str] = SURROGATES) -> tuple[str, dict]:
     """The kind with the best K-fold held-out Spearman of log metric (``{kind: srcc}`` beside it)."""
     n = len(y)
-    kinds = [k for k in kinds if sweeps is not None or k != "sens"]
+    kinds = [k for k in kinds if (sweeps is not None or k != "sens") and (space.shift_coords is not None
+                                                                         or k != "ridge_shift")]
     if n < 2 * folds:
         return kinds[0], {}
     order = np.random.default_rng(seed).permutation(n)
@@ -335,12 +356,14 @@ def optimize(table, budgets: Sequence[float], measure: Callable, measure_layers:
              ties: Mapping[str, str] | None = None, max_evaluations: float = 150, per_budget: int = 2,
              confirm_top: int = 2, seed: int = 0, key: str = DEFAULT_KEY, members: int = 8,
              extra_source: Callable | None = None, extra_after: int = 1, max_seconds: float | None = None,
-             shifts: Mapping | None = None, log: Callable[[str], None] | None = print) -> dict:
+             shifts: Mapping | None = None, signature: Mapping | None = None,
+             log: Callable[[str], None] | None = print) -> dict:
     """The optimiser (module doc). ``measure(configs, seed_kind) -> records`` (``key`` and ``avg_bits`` per
     record); ``measure_layers(method) -> ({layer: degradation}, cost)`` or None (no sweeps);
     ``extra_source(records, budgets) -> [(name, budget, config)]``, called once after ``extra_after``
     surrogate rounds. ``max_seconds``: no new surrogate round starts after that (the confirmation still runs).
-    ``shifts``: the output-shift table (:func:`autobuild.output_shift.output_shifts`), features of the trees.
+    ``shifts``: the output-shift table (:func:`autobuild.output_shift.output_shifts`), features of the trees;
+    ``signature``: the output-change signature table (``SIGNATURE``), which adds the ``ridge_shift`` surrogate.
     Returns a JSON-serialisable result (``best`` per budget, ``history``, ``evaluations``)."""
     log = log or (lambda msg: None)
     started = time.perf_counter()
@@ -348,6 +371,8 @@ def optimize(table, budgets: Sequence[float], measure: Callable, measure_layers:
     space = Space.of(table, ties)
     if shifts is not None:
         space = space.with_shifts(shifts)
+    if signature is not None:
+        space = space.with_signature(signature)
     budgets = sorted(float(b) for b in budgets)
     floor = space.avg_bits(space.cost.argmin(axis=1))
     budgets_ok = [b for b in budgets if b >= floor - 1e-9]
@@ -513,7 +538,7 @@ def optimize(table, budgets: Sequence[float], measure: Callable, measure_layers:
                          "confirm_top": confirm_top, "seed": seed, "key": key, "members": members,
                          "surrogates": list(SURROGATES), "sweeps": measure_layers is not None,
                          "max_seconds": max_seconds, "stopped_by_time": stopped_by_time,
-                         "output_shifts": shifts is not None,
+                         "output_shifts": shifts is not None, "output_signature": signature is not None,
                          "extra_source": extra_source is not None, "table_digest": space.table.digest()}}
 
 
@@ -644,9 +669,10 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--mq", default=None, help="multiquantizer (default multiquantizers/<model>_mq.safetensors)")
     add_activation_args(p)  # W-x A-y: the one-layer sweeps still measure weights alone (a ranking, not a score)
     p.add_argument("--output_shifts", action="store_true",
-                   help="give the trees surrogate each configuration's summed output shift (one forward per layer "
-                        "and option first; autobuild/output_shift.py): on mnist_unet's measured configurations its "
-                        "held-out SRCC rose from 0.77 to 0.85")
+                   help="give the trees surrogate each configuration's summed output shift, and add the ridge_shift "
+                        "surrogate (a quadratic form of the summed output-change signature): two forwards per layer "
+                        "and option first (autobuild/output_shift.py); on mnist_unet's measured configurations the "
+                        "trees' held-out SRCC rose from 0.77 to 0.85")
     return p
 
 
@@ -704,13 +730,15 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
                                              pixel_features=args.tiny, fid_against="fp", log=log)
         measure_layers = sweep_measure(protocol, psettings, out / "sweeps", space, settings["num_images"], log)
     extra = predictor_source(family, "tiny" if args.tiny else "full", out, log) if args.predictor_source else None
-    shifts = None
+    shifts = signature = None
     if args.output_shifts:
-        from .output_shift import output_shifts
+        from .output_shift import SIGNATURE, output_shifts
 
         shifts = output_shifts(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log)
+        signature = output_shifts(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log, **SIGNATURE)
     result = optimize(scorer.mq, budgets, measure, measure_layers, ties, args.max_evaluations, args.per_budget,
-                      args.confirm_top, args.seed, args.key, extra_source=extra, shifts=shifts, log=log)
+                      args.confirm_top, args.seed, args.key, extra_source=extra, shifts=shifts, signature=signature,
+                      log=log)
     for budget, best in result["best"].items():
         if best is not None:
             path = save_config(best["config"], out / "configs" / f"{config_name(family.name, float(budget))}_optimize.pkl")

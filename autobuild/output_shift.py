@@ -34,7 +34,8 @@ from torch import nn
 
 from .data import config_of, option_name
 
-__all__ = ["output_shifts", "shift_features", "SIGNATURE", "ShiftBasis", "shift_basis", "quadratic_shift_features"]
+__all__ = ["output_shifts", "family_shift_tables", "shift_features", "SIGNATURE", "ShiftBasis", "shift_basis",
+           "quadratic_shift_features"]
 
 # The signature the predictor's shift prior is measured with (benchmarks/predictor.py, train-predictor and optimize
 # --output_shifts): 16 example inputs in 4 groups, each channel pooled to 14 x 14 (on the 28 x 28 MNIST testbeds
@@ -80,6 +81,33 @@ def output_shifts(model: nn.Module, mq, family, batch: int = 16, seed: int = 0,
     finally:
         applier.restore()
     return table
+
+
+def family_shift_tables(family, pretrained: str | None = None, mq_path=None, tiny: bool = False, seed: int = 0,
+                        per_channel: bool = True,
+                        log: Callable[[str], None] | None = None) -> tuple[dict | None, dict, dict]:
+    """(per-channel shift table or None without ``per_channel``, :data:`SIGNATURE` table, how they were measured)
+    of the family's trained denoiser (or the tiny random one) and its multiquantizer (``mq_path``, default the
+    family's), fp32 on the CPU: what ``train-predictor --output_shifts`` and benchmarks/predictor.py measure
+    before training (one forward of 16 inputs per table, layer and option)."""
+    import time
+
+    from multiquant.evaluate import default_multiquantizer_path, load_for_scoring, load_or_build_multiquantizer
+
+    started = time.perf_counter()
+    model = (load_for_scoring(family, tiny=True, device="cpu").denoiser.float() if tiny else
+             family.load(pretrained, dtype=torch.float32, device="cpu")).eval()
+    mq = load_or_build_multiquantizer(family, model, mq_path, tiny=tiny)
+    loaded = time.perf_counter()
+    shifts = output_shifts(model, mq, family, batch=SIGNATURE["batch"], seed=seed, log=log) if per_channel else None
+    measured = time.perf_counter()
+    signature = output_shifts(model, mq, family, seed=seed, log=log, **SIGNATURE)
+    path = mq_path or default_multiquantizer_path(family, tiny)
+    return shifts, signature, {"multiquantizer": str(path), "multiquantizer_content_hash": mq.content_hash,
+                               "dtype": "float32", "device": "cpu", "seed": seed, "tiny": tiny,
+                               "inputs": f"the family's example inputs, batch {SIGNATURE['batch']}, seed {seed}",
+                               "signature": SIGNATURE, "load_seconds": loaded - started,
+                               "seconds": measured - loaded, "signature_seconds": time.perf_counter() - measured}
 
 
 def _signature(change: torch.Tensor, groups: Sequence[torch.Tensor], grid: int | None) -> torch.Tensor:

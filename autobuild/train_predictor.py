@@ -48,6 +48,18 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
                         "each configuration; target: learn the target expression itself (the reference)")
     p.add_argument("--missing", choices=("error", "fp16"), default="error",
                    help="a layer absent from a record's config: fail, or treat it as unquantized")
+    p.add_argument("--output_shifts", action="store_true",
+                   help="first measure each (layer, option)'s output change with the family's weights and "
+                        "multiquantizer (layers x options denoiser forwards of 16 inputs on the CPU: about 40 s on "
+                        "the MNIST testbeds); the prior may then be ridge_shift, one-hot options plus a quadratic "
+                        "form of the summed change (autobuild/output_shift.py), which a validation picks only where "
+                        "it fits better")
+    p.add_argument("--pretrained", default=None, help="with --output_shifts: the denoiser weights (default: the "
+                                                       "family's)")
+    p.add_argument("--mq", default=None, help="with --output_shifts: the multiquantizer the cache was scored with "
+                                              "(default multiquantizers/<model>_mq.safetensors)")
+    p.add_argument("--shift_components", type=int, default=32,
+                   help="leading components of the output-change signature in the ridge_shift prior")
     return p
 
 
@@ -78,8 +90,17 @@ def run_train_predictor(args) -> int:
 
     records = load_quant_cache(args.cache, require_config=True)  # restricted unpickler, records checked
     graph = family_graph(args.model, "tiny" if args.tiny else args.size)
+    shifts = signature = None
+    if args.output_shifts:
+        from autobuild.output_shift import family_shift_tables
+        from multiquant.families import get_family
+
+        shifts, signature, info = family_shift_tables(get_family(args.model), args.pretrained, args.mq,
+                                                      tiny=bool(args.tiny) or args.size == "tiny", per_channel=False)
+        print(f"output shifts of {len(signature)} layers measured in {info['seconds'] + info['signature_seconds']:.0f}s")
     options = TrainOptions(hidden=args.hidden, layers=args.layers, heads=args.heads, patience=args.patience,
-                           workers=args.workers, threads=args.threads, missing=args.missing, learn=args.learn)
+                           workers=args.workers, threads=args.threads, missing=args.missing, learn=args.learn,
+                           output_shifts=shifts, shift_signature=signature, shift_components=args.shift_components)
     print(f"{len(records)} records, graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges")
     metrics = train_predictor(records, graph, args.target, loss=args.loss, folds=args.folds, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed, device=args.device, out_dir=args.out,

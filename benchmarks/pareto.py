@@ -65,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--mq", default=None)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--output_shifts", action="store_true", help="the optimiser's trees also read output shifts "
-                                                                "(qua2sedimo optimize --output_shifts)")
+    p.add_argument("--output_shifts", action="store_true", help="the optimiser's trees also read output shifts, "
+                                                                "and its ridge_shift surrogate the output-change "
+                                                                "signature (qua2sedimo optimize --output_shifts)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -149,13 +150,14 @@ def main(argv=None) -> dict:
     timings["sweeps_s"] = time.perf_counter() - started - sum(timings.values())
 
     # the optimiser, from an empty dataset (its sweeps are the ones above: the store returns them)
-    shifts = None
+    shifts = signature = None
     if args.output_shifts:
-        from autobuild.output_shift import output_shifts
+        from autobuild.output_shift import SIGNATURE, output_shifts
 
         shifts = output_shifts(scorer.denoiser, scorer.mq, family, seed=0, log=log)
+        signature = output_shifts(scorer.denoiser, scorer.mq, family, seed=0, log=log, **SIGNATURE)
     opt = optimize(scorer.mq, budgets, measure, sweep_fn, ties, args.max_evaluations, seed=0, key=KEY,
-                   max_seconds=args.optimize_seconds, shifts=shifts, log=log)
+                   max_seconds=args.optimize_seconds, shifts=shifts, signature=signature, log=log)
     timings["optimize_s"] = time.perf_counter() - started - sum(timings.values())
     partial = workdir / "optimize_history.json"
     partial.parent.mkdir(parents=True, exist_ok=True)

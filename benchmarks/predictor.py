@@ -113,28 +113,13 @@ def main(argv=None) -> dict:
 
 
 def measured_shifts(model: str) -> tuple[dict, dict, dict]:
-    """The output-shift table (one value per channel) and the output-change signature
-    (autobuild.output_shift.SIGNATURE) of the family's trained weights and shipped multiquantizer (fp32 on the CPU,
-    seed 0), and how they were measured."""
-    import torch
-
-    from autobuild.output_shift import SIGNATURE, output_shifts
-    from multiquant.checkpoint import MultiQuantizer
+    """The output-shift table (one value per channel), the output-change signature (autobuild.output_shift.
+    SIGNATURE) and how they were measured: the family's trained weights and shipped multiquantizer, fp32 on the
+    CPU, seed 0."""
+    from autobuild.output_shift import family_shift_tables
     from multiquant.families import get_family
-    from multiquant.evaluate import default_multiquantizer_path
 
-    family = get_family(model)
-    net = family.load(dtype=torch.float32, device="cpu").eval()
-    mq_path = default_multiquantizer_path(family)
-    started = time.perf_counter()
-    mq = MultiQuantizer.from_pretrained(mq_path)
-    table = output_shifts(net, mq, family, batch=16, seed=0)
-    table_seconds = time.perf_counter() - started
-    signature = output_shifts(net, mq, family, seed=0, **SIGNATURE)
-    return table, signature, {"multiquantizer": str(mq_path), "dtype": "float32", "device": "cpu",
-                              "inputs": "the family's example inputs, batch 16, seed 0",
-                              "seconds": table_seconds, "signature": SIGNATURE,
-                              "signature_seconds": time.perf_counter() - started - table_seconds}
+    return family_shift_tables(get_family(model), seed=0)
 
 
 if __name__ == "__main__":

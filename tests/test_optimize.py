@@ -187,3 +187,26 @@ def test_trees_surrogate_reads_the_summed_output_shift_by_hand():
     np.testing.assert_allclose(with_shift[:, :plain.shape[1]], plain)
     np.testing.assert_allclose(with_shift[:, -2:], [[-0.2, 0.1], [0.05, 0.1]], atol=1e-12)
     np.testing.assert_allclose(with_shift[:, -3], [np.hypot(-0.2, 0.1), np.hypot(0.05, 0.1)], atol=1e-12)
+
+
+def test_ridge_shift_surrogate_reads_the_quadratic_form_of_the_summed_signature_by_hand():
+    """With a signature, ridge_shift's features are ridge's, then the summed coordinates z and z_i z_j: for
+    rows (3, 0) and (0, 4) the squares sum to |summed change|^2 in one common unit (25 : 9 : 0 here); without a
+    signature the surrogate is not a candidate."""
+    space = O.Space(table=None, ties={}, layers=["a", "b"], options=["mse-3", "mse-4"],
+                    cost=np.ones((2, 2)), error=np.full((2, 2), 0.1))
+    signed = space.with_signature({"a": {"mse-3": [3.0, 0.0], "mse-4": [0.0, 0.0]},
+                                   "b": {"mse-3": [0.0, 4.0], "mse-4": [0.0, 0.0]}})
+    assert signed.shift_coords.shape == (2, 2, 2) and space.shift_coords is None
+    choices = np.array([[0, 0], [0, 1], [1, 1]])
+    ridge, features = O._features("ridge", space, None, choices), O._features("ridge_shift", signed, None, choices)
+    assert features.shape[1] == ridge.shape[1] + 2 + 3
+    np.testing.assert_allclose(features[:, :ridge.shape[1]], ridge)
+    z, quad = features[:, ridge.shape[1]:ridge.shape[1] + 2], features[:, -3:]
+    np.testing.assert_allclose(quad, np.stack([z[:, 0] ** 2, z[:, 0] * z[:, 1], z[:, 1] ** 2], axis=1), atol=1e-12)
+    squares = quad[:, 0] + quad[:, 2]
+    np.testing.assert_allclose(squares / squares[0], [1.0, 9 / 25, 0.0], atol=1e-12)
+    y = np.random.default_rng(0).normal(size=12)
+    many = np.random.default_rng(1).integers(0, 2, (12, 2))
+    assert "ridge_shift" not in O.select_surrogate(space, None, many, y, seed=0, folds=2)[1]
+    assert "ridge_shift" in O.select_surrogate(signed, None, many, y, seed=0, folds=2)[1]

@@ -476,3 +476,108 @@ def test_output_shift_baselines_hold_a_cancellation_that_one_hot_models_cannot(t
     base = metrics["baselines"]
     assert base["ridge_shift_learned"]["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.1
     assert base["gbm_shift_learned"]["srcc_mean"] > base["gbm_learned"]["srcc_mean"] + 0.1, base
+
+
+def _signed_shift_records(n: int, seed: int, strength: float) -> tuple[list[dict], np.ndarray, list[str], dict]:
+    """8 layers x 6 options, each (layer, option) a random 3-vector output change (layers 0 and 1 large); log FID =
+    per-option main effects + ``strength`` x |summed change|^2 + noise: the summed signed changes add and cancel,
+    so the cross terms between layers are interactions no one-hot model has."""
+    rng = np.random.default_rng(seed)
+    keys = [f"model.l{i}.weight_quantizer" for i in range(8)]
+    options = [f"{m}-{b}" for m in METHODS for b in (3, 4)]
+    table = {k: {o: (rng.normal(0, 1.0 if i < 2 else 0.2, 3)).tolist() for o in options} for i, k in enumerate(keys)}
+    effect = {(k, o): rng.normal(0, 0.1) for k in keys for o in options}
+    records, learned = [], []
+    for _ in range(n):
+        choice = {k: options[rng.integers(len(options))] for k in keys}
+        total = np.sum([table[k][o] for k, o in choice.items()], axis=0)
+        learned.append(sum(effect[k, o] for k, o in choice.items()) + strength * float(total @ total)
+                       + rng.normal(0, 0.05))
+        records.append({"config": {k: [o, 100, 30, 0.01] for k, o in choice.items()}})
+    return records, np.array(learned), keys, table
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.3])
+def test_shift_prior_holds_signed_cancellations_and_leaves_additive_data_to_the_others(strength):
+    """With the output-change table, fit_prior's ridge_shift models |sum|^2 (held out far better than ridge)
+    and its saved entry predicts through prior_values alone; on additive data the prior ranks as before."""
+    from autobuild.ensemble import prior_values
+    from autobuild.output_shift import shift_basis
+    from autobuild.train import fit_prior, ridge_prior
+
+    records, learned, keys, table = _signed_shift_records(260, seed=3, strength=strength)
+    train, test = np.arange(200), np.arange(200, 260)
+    basis = shift_basis(table, components=3)
+    prior = fit_prior(records, learned, train, keys, seed=0, shift_basis=basis)
+    plain = fit_prior(records, learned, train, keys, seed=0)
+    held_out = [records[i] for i in test]
+    prior = json.loads(json.dumps(prior))  # what an ensemble saves and reloads
+    rho = srcc(prior_values(prior, held_out), torch.tensor(learned[test]))
+    rho_ridge = srcc(prior_values(ridge_prior(records, learned, train, keys), held_out), torch.tensor(learned[test]))
+    rho_plain = srcc(prior_values(plain, held_out), torch.tensor(learned[test]))
+    if strength:
+        assert prior["kind"] == "ridge_shift" and prior["shift"]["weight"] > 0
+        assert rho > 0.95 and rho > rho_ridge + 0.1 and rho > rho_plain + 0.1, (rho, rho_ridge, rho_plain)
+        # prior_values = one-hot part + the quadratic form of the saved basis, recomputed here from the table
+        from autobuild.output_shift import ShiftBasis, quadratic_shift_features
+
+        saved = ShiftBasis.from_json(prior["shift"]["basis"])
+        manual = (encode_options(held_out, prior["columns"]) @ np.array(prior["coef"]) + prior["intercept"]
+                  + quadratic_shift_features(held_out, saved) @ np.array(prior["shift"]["coef"]))
+        np.testing.assert_allclose(prior_values(prior, held_out).numpy(), manual, rtol=1e-12)
+        # the saved basis is rescaled so that the training records' summed coordinates have unit spread
+        train_z = quadratic_shift_features([records[i] for i in train], saved)[:, :saved.components]
+        assert train_z.std() == pytest.approx(1.0) and len(saved.coords) == len(basis.coords)
+    else:
+        assert rho > rho_plain - 0.02, (rho, rho_plain)
+
+
+def test_gnn_with_a_shift_signature_holds_its_shift_prior_and_beats_ridge(tmp_path):
+    """train_predictor given TrainOptions.shift_signature: every fold's prior is ridge_shift, the predictor
+    (prior + GNN residual) ranks held-out records at least as well as that prior alone and far better than
+    ridge, the recorded options name the table by hash, and the saved ensemble predicts new records."""
+    model, family, records = _synthetic_cache(160, seed=4)
+    keys = [k for k in records[0]["config"]]
+    options = sorted({r["config"][k][0] for r in records for k in keys})
+    rng = np.random.default_rng(8)
+    table = {k: {o: rng.normal(0, 1.0 if i < 2 else 0.1, 4).tolist() for o in options} for i, k in enumerate(keys)}
+    for r in records:
+        total = np.sum([table[k][r["config"][k][0]] for k in keys], axis=0)
+        r["FID-GT-1k"] = float(np.exp(2.0 + 0.4 * float(total @ total) + rng.normal(0, 0.05)))
+    opts = TrainOptions(hidden=16, patience=3, shift_signature=table, shift_components=4)
+    metrics = train_predictor(records[:120], sequential_graph(model, family), "-1*FID-GT-1k", folds=2, epochs=4,
+                              batch_size=64, seed=0, out_dir=tmp_path, options=opts, log=None)
+    base = metrics["baselines"]
+    assert [f["prior_kind"] for f in metrics["folds"]] == ["ridge_shift"] * 2
+    assert metrics["srcc_mean"] >= base["prior_learned"]["srcc_mean"] - 0.02, (metrics["srcc_mean"], base)
+    assert metrics["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.1, (metrics["srcc_mean"], base)
+    recorded = json.loads((tmp_path / "metrics.json").read_text())["options"]["shift_signature"]
+    assert recorded["entries"] == len(keys) * len(options) and recorded["width"] == 4 and len(recorded["sha256"]) == 64
+    new = records[120:]
+    pred = load_ensemble(tmp_path).predict(new)["pred"]
+    assert srcc(torch.tensor(pred), torch.tensor([-r["FID-GT-1k"] for r in new])) > 0.8
+
+
+def test_train_predictor_cli_measures_output_shifts_for_its_prior(tmp_path, capsys):
+    """`train-predictor --output_shifts --mq M` measures the signature with the tiny model and that multiquantizer,
+    trains with it and records it (by size and hash, not by value) in the options."""
+    from multiquant.checkpoint import MultiQuantizer
+    from qua2sedimo.cli import main
+
+    model, family, records = _synthetic_cache(40, seed=1)
+    mq = MultiQuantizer.build(model, family, methods=METHODS, bits=(3, 4), kmeans_iters=2, show_progress=False)
+    mq.save_pretrained(tmp_path / "mq.safetensors")
+    cache = tmp_path / "quant_cache.pkl"
+    cache.write_bytes(pickle.dumps(records))
+    out = tmp_path / "run"
+    assert main(["train-predictor", "--cache", str(cache), "--model", "dit", "--tiny", "--target", "-1*FID-GT-1k",
+                 "--out", str(out), "--epochs", "2", "--folds", "2", "--hidden", "16", "--output_shifts",
+                 "--mq", str(tmp_path / "mq.safetensors"), "--shift_components", "4"]) == 0
+    assert "output shifts of" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    recorded = metrics["options"]["shift_signature"]
+    assert recorded["entries"] == len(records[0]["config"]) * len(mq.options) and recorded["width"] > 1
+    assert metrics["options"]["shift_components"] == 4
+    kinds = {f["prior_kind"] for f in metrics["folds"]}
+    assert kinds <= {"ridge", "lasso", "lasso_pairs", "ridge_shift"}
+    assert load_ensemble(out).predict(records[:3])["pred"].shape == (3,)

@@ -17,10 +17,11 @@ measured alone (resident bytes + peak of one encode / decode) and combined with 
 Weights are random, so K-Means runs few iterations (``--kmeans_iters``): quality is not measured here.
 
 Small-M kernel: per configuration and shape, ``fast`` is the default fast path (PackedLinear forwards on at most
-``--small_m_max`` rows take the fused table-lookup GEMM), ``fast_no_small_m`` the same with the threshold at 0
-(decode + cuBLAS everywhere: bit-exact), side by side; ``small_m_speedup`` = the latter's latency / the former's
-(``small_m_speedup_cuda_graph`` from graph replays at batch <= 2), ``small_m_layers`` which layer calls took the
-kernel. Before the models, ``small_m_microbench`` times the small-M layers alone (K/V and timestep MLP 1152 x
+``--small_m_max`` rows take the fused table-lookup GEMM; default the library's SMALL_M_MAX), and beside it the
+other setting: ``fast_no_small_m`` (threshold 0: decode + cuBLAS everywhere, bit-exact) when the default uses the
+kernel, ``fast_small_m`` (``--small_m_compare`` rows) when it does not. ``*_with_small_m`` / ``*_without_small_m``
+keys and ``small_m_speedup`` (latency without / with; ``small_m_speedup_cuda_graph`` from graph replays at batch
+<= 2) compare them, ``small_m_layers`` lists which layer calls took the kernel. Before the models, ``small_m_microbench`` times the small-M layers alone (K/V and timestep MLP 1152 x
 1152, adaLN 1152 -> 6912, caption projection 4096 -> 1152) at M = 1 ... 2048 for FP16 ``F.linear``, decode +
 cuBLAS and the fused kernel (host-timed back-to-back calls and CUDA-graph replays), checks each fused result
 against its stated error bound, and reports per shape and option the largest M up to which the fused kernel
@@ -178,8 +179,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--small_m_max", type=int, default=None,
                     help="rows up to which PackedLinear takes the fused small-M kernel on the fast path "
                          "(default: the library's multiquant.kernels.SMALL_M_MAX; 0: never)")
+    ap.add_argument("--small_m_compare", type=int, default=256,
+                    help="threshold of the side-by-side small-M path when --small_m_max is 0")
     ap.add_argument("--no_small_m_compare", action="store_true",
-                    help="skip the fast path without the small-M kernel (decode + cuBLAS everywhere)")
+                    help="measure the fast path at --small_m_max only (no side-by-side small-M path)")
     ap.add_argument("--no_microbench", action="store_true", help="skip the small-M layer micro-benchmark")
     ap.add_argument("--micro_rows", default=None,
                     help=f"rows M of the micro-benchmark (default {MICRO_ROWS}; tiny: {MICRO_ROWS_TINY})")
@@ -213,7 +216,10 @@ def run(args, workdir: Path) -> dict:
               "reps": args.reps, "eager_reps": args.eager_reps, "tokens": args.tokens,
               "fast_path": "multiquant.kernels: Triton decode into a shared scratch buffer + cuBLAS; PackedLinear "
                            "forwards on at most small_m_max rows: the fused table-lookup GEMM on the packed codes",
-              "fast_no_small_m_path": "the fast path with small_m_max = 0 (decode + cuBLAS for every layer)",
+              "side_by_side_paths": "fast_no_small_m: the fast path with small_m_max = 0 (decode + cuBLAS for every "
+                                    "layer), measured when small_m_max > 0; fast_small_m: the fast path at "
+                                    "small_m_compare rows, measured when small_m_max = 0",
+              "small_m_compare": args.small_m_compare,
               "small_m_max": args.small_m_max, "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
     if not args.no_microbench:
@@ -349,19 +355,31 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
     return graphed
 
 
-PATHS = {  # name: (Triton fast path on, small-M threshold or None for the run's --small_m_max)
-    "fast": (True, None), "fast_no_small_m": (True, 0), "eager": (False, 0)}
+def bench_paths(args) -> dict:
+    """name -> (Triton fast path on, small-M threshold): the default fast path at ``--small_m_max``; beside it
+    the fast path at the other small-M setting (threshold 0 when the default takes the fused kernel,
+    ``--small_m_compare`` when it does not); the eager reference."""
+    paths = {"fast": (True, args.small_m_max)}
+    if not args.no_small_m_compare:
+        if args.small_m_max:
+            paths["fast_no_small_m"] = (True, 0)
+        elif args.small_m_compare:
+            paths["fast_small_m"] = (True, args.small_m_compare)
+    paths["eager"] = (False, 0)
+    return paths
 
 
 def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out: torch.Tensor, args, device,
                  batch: int, disk_ratio: float) -> dict:
     fp = row["fp16"]
-    entry = {"disk_ratio_vs_fp16": disk_ratio, "small_m_layers": small_m_census(packed, inputs, args.small_m_max)}
-    paths = [p for p in PATHS if not (p == "fast_no_small_m" and (args.no_small_m_compare or not args.small_m_max))]
-    for path in paths:
-        fast, threshold = PATHS[path]
+    paths = bench_paths(args)
+    with_name = "fast" if args.small_m_max else ("fast_small_m" if "fast_small_m" in paths else None)
+    without_name = "fast_no_small_m" if args.small_m_max else "fast"
+    entry = {"disk_ratio_vs_fp16": disk_ratio, "small_m_path": with_name,
+             "small_m_layers": small_m_census(packed, inputs, paths[with_name][1] if with_name else 0)}
+    for path, (fast, threshold) in paths.items():
         reps = args.eager_reps if path == "eager" else args.reps
-        with use_packed_kernels(fast), small_m_threshold(args.small_m_max if threshold is None else threshold):
+        with use_packed_kernels(fast), small_m_threshold(threshold):
             out, stats = measure_forward(packed, inputs, reps)
             if fast and device.type == "cuda" and batch <= 2:
                 stats["cuda_graph"] = _graph(packed, inputs, args.reps, out)
@@ -381,12 +399,12 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
     for key in ("latency_ratio_vs_fp16", "peak_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
         if key in entry["fast"]:
             entry[key] = entry["fast"][key]
-    if "fast_no_small_m" in entry:  # the small-M kernel's effect, side by side
-        without = entry["fast_no_small_m"]
-        entry["latency_ratio_vs_fp16_without_small_m"] = without["latency_ratio_vs_fp16"]
-        entry["max_abs_diff_vs_simulated_without_small_m"] = without["max_abs_diff_vs_simulated"]
-        entry["small_m_speedup"] = without["latency_ms_median"] / entry["fast"]["latency_ms_median"]
-        graphs = entry["fast"].get("cuda_graph", {}), without.get("cuda_graph", {})
+    if with_name in entry and without_name in entry:  # the small-M kernel's effect, side by side
+        with_, without = entry[with_name], entry[without_name]
+        for key in ("latency_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
+            entry[f"{key}_with_small_m"], entry[f"{key}_without_small_m"] = with_[key], without[key]
+        entry["small_m_speedup"] = without["latency_ms_median"] / with_["latency_ms_median"]
+        graphs = with_.get("cuda_graph", {}), without.get("cuda_graph", {})
         if all("latency_ms_median" in g for g in graphs):
             entry["small_m_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
     return entry
@@ -555,16 +573,18 @@ def print_summary(result: dict) -> None:
               f"out_of_bound={micro['fused_out_of_bound'][:4]}")
     for row in result["shapes"]:
         for cname, e in row["configs"].items():
-            fast, without = e.get("fast", {}), e.get("fast_no_small_m", {})
-            graph, graph_without = fast.get("cuda_graph", {}), without.get("cuda_graph", {})
+            with_ = e.get(e.get("small_m_path") or "", {})
+            without = e.get("fast_no_small_m" if e.get("small_m_path") == "fast" else "fast", {})
+            graph, graph_without = with_.get("cuda_graph", {}), without.get("cuda_graph", {})
             print(f"SUMMARY {row['model']} b{row['batch']} {row['resolution']}px {cname}: latency/fp16 "
-                  f"{fmt(e.get('latency_ratio_vs_fp16'))} (without small-M "
+                  f"{fmt(e.get('latency_ratio_vs_fp16'))} (with small-M "
+                  f"{fmt(e.get('latency_ratio_vs_fp16_with_small_m'))}, without "
                   f"{fmt(e.get('latency_ratio_vs_fp16_without_small_m'))}, eager "
-                  f"{fmt(e.get('eager', {}).get('latency_ratio_vs_fp16'))}) graph/fp16 "
-                  f"{fmt(graph.get('latency_ratio_vs_fp16'))} (without {fmt(graph_without.get('latency_ratio_vs_fp16'))})"
+                  f"{fmt(e.get('eager', {}).get('latency_ratio_vs_fp16'))}) graph/fp16 with "
+                  f"{fmt(graph.get('latency_ratio_vs_fp16'))} without {fmt(graph_without.get('latency_ratio_vs_fp16'))}"
                   f" small-M calls {e.get('small_m_layers', {}).get('calls')} peak {fmt(e.get('peak_ratio_vs_fp16'))}"
-                  f" diff {fmt(e.get('max_abs_diff_vs_simulated'))} "
-                  f"(without {fmt(e.get('max_abs_diff_vs_simulated_without_small_m'))})")
+                  f" diff {fmt(e.get('max_abs_diff_vs_simulated'))} (with "
+                  f"{fmt(e.get('max_abs_diff_vs_simulated_with_small_m'))})")
     for key, t in result.get("targets", {}).items():
         print(f"SUMMARY target {key}: worst {fmt(t.get('worst'))} at {t.get('worst_at')} met {t.get('met_everywhere')}")
     for key, err in result.get("errors", {}).items():
@@ -699,25 +719,30 @@ def pipeline_memory(family, model_name: str, rows: list, info: dict, device, dty
 def target_summary(result: dict) -> dict:
     """The issue's targets, read off the shape rows: latency ratio <= 1.05, denoiser peak <= 0.30x FP16,
     outputs identical to the simulated configuration. Exactness is the decode + cuBLAS path's (bit-exact by
-    construction: ``fast_no_small_m`` where measured); the fused small-M kernel is within its stated per-layer
-    bound instead, so its whole-model difference is reported beside the quantization error it sits in."""
-    lat, lat_without, peak, diff, small_m_diff = [], [], [], [], []
+    construction); the fused small-M kernel is within its stated per-layer bound instead, so its whole-model
+    difference is reported beside the quantization error it sits in."""
+    lat, lat_with, lat_without, peak, diff, small_m_diff = [], [], [], [], [], []
     for row in result["shapes"]:
         for cname, entry in row["configs"].items():
             where = f"{row['model']} b{row['batch']} {row['resolution']}px {cname}"
             lat.append((entry.get("latency_ratio_vs_fp16", float("nan")), where))
-            if "latency_ratio_vs_fp16_without_small_m" in entry:
+            if "latency_ratio_vs_fp16_with_small_m" in entry:
+                lat_with.append((entry["latency_ratio_vs_fp16_with_small_m"], where))
                 lat_without.append((entry["latency_ratio_vs_fp16_without_small_m"], where))
             if "peak_ratio_vs_fp16" in entry:
                 peak.append((entry["peak_ratio_vs_fp16"], where))
-            exact = entry.get("max_abs_diff_vs_simulated_without_small_m", entry["max_abs_diff_vs_simulated"])
-            diff.append((exact, where))
-            if entry.get("small_m_layers", {}).get("calls") and "fast" in entry:
-                fast = entry["fast"]
-                small_m_diff.append((fast["max_abs_diff_vs_simulated"], where,
-                                     fast["max_abs_diff_vs_simulated"] / max(fast["max_abs_diff_vs_fp16"], 1e-30)))
+            with_name = entry.get("small_m_path")
+            if with_name in entry and entry.get("small_m_layers", {}).get("calls"):
+                fused = entry[with_name]
+                small_m_diff.append((fused["max_abs_diff_vs_simulated"], where,
+                                     fused["max_abs_diff_vs_simulated"] / max(fused["max_abs_diff_vs_fp16"], 1e-30)))
+                if with_name == "fast":  # the headline path took the fused kernel: exactness from the other one
+                    diff.append((entry.get("max_abs_diff_vs_simulated_without_small_m", float("nan")), where))
+                    continue
+            diff.append((entry["max_abs_diff_vs_simulated"], where))
     summary = {}
     for key, values, limit in (("latency_ratio_vs_fp16", lat, 1.05),
+                               ("latency_ratio_vs_fp16_with_small_m", lat_with, 1.05),
                                ("latency_ratio_vs_fp16_without_small_m", lat_without, 1.05),
                                ("peak_ratio_vs_fp16", peak, 0.30), ("max_abs_diff_vs_simulated", diff, 0.0)):
         if values:

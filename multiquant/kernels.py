@@ -20,8 +20,10 @@ and multiplies with ``tl.dot`` (split-K, one launch), so they read b/16 of the F
 the same, its float32 accumulation order is not cuBLAS's: results are within the bound stated in
 :func:`packed_linear`, not bit-exact.
 
-    small_m_threshold(0)           # context manager: every layer decodes + cuBLAS (bit-exact with eager)
-    QUA2SEDIMO_SMALL_M_MAX=512     # environment: the default threshold (SMALL_M_MAX rows)
+    small_m_threshold(256)         # context manager: layers on <= 256 rows take the fused kernel (0: none,
+                                   # every layer decodes + cuBLAS, bit-exact with eager)
+    QUA2SEDIMO_SMALL_M_MAX=256     # environment: the default threshold (SMALL_M_MAX rows; 0, off, by default:
+                                   # the measured kernel is slower than decode + cuBLAS, see SMALL_M_MAX)
 
 The fast path is taken automatically for CUDA inputs when Triton imports. It is single-stream: the scratch
 buffer is shared by every layer of one (device, dtype), so two layers must not run concurrently on different
@@ -386,10 +388,12 @@ def _direct_launcher(compiled, grid: tuple, args: tuple):
 # ------------------------------------------------------------------------ small-M fused table-lookup GEMM
 # Layers run on few rows (cross-attention K/V over the text tokens, timestep / adaLN MLPs at M = batch) are bound
 # by reading their weight: decode + cuBLAS reads b/8 bytes, writes 2 and reads 2 bytes per weight, in two launches;
-# the fused kernel reads b/8 bytes per weight in one launch. Above SMALL_M_MAX rows the GEMM is compute-bound and
-# cuBLAS on the decoded weight wins. The default comes from benchmarks/export.py's small-M micro-benchmark
-# (fused vs decode + cuBLAS per M on the GPU; it writes the crossover it measured).
-SMALL_M_MAX = int(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", "256"))
+# the fused kernel reads b/8 bytes per weight in one launch. Above some rows the GEMM is compute-bound and cuBLAS
+# on the decoded weight wins. The default comes from benchmarks/export.py's small-M micro-benchmark (fused vs
+# decode + cuBLAS per M on the GPU, its "crossover"): on one H200 (benchmarks/results/export.json) the kernel
+# was slower than decode + cuBLAS at every measured M (K/V 1152 x 1152 at M = 2: 10.0 vs 8.4 us with UAQ-4,
+# 25 us with codebooks), so it is off by default (0) until a faster version measures a crossover.
+SMALL_M_MAX = int(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", "0"))
 _SMALL_M = [SMALL_M_MAX]
 COUNTER_SLOTS = 4096  # split-K arrival counters per device (one per output tile); tilings with more tiles don't split
 MAX_SPLIT_K = 16

@@ -391,12 +391,15 @@ def test_cuda_small_m_forward_takes_the_fused_kernel_within_bound(option, rows):
 
 
 @gpu
+@kernels.small_m_threshold(256)  # on, whatever the default
 def test_cuda_small_m_graph_replay_and_inductor_are_within_bound():
     torch._dynamo.reset()
     layer = _small_layer("kmeans-4", out_features=300, in_features=200, device="cuda").half()
     x = torch.randn(2, 200, device="cuda", dtype=torch.float16)
+    kernels._LINEAR_RUNNERS.clear()
     with torch.no_grad():
         layer(x)  # warm-up: compiles the kernel, allocates the split-K counters
+        assert kernels._LINEAR_RUNNERS  # the fused kernel ran
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = layer(x)

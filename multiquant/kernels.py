@@ -119,18 +119,26 @@ def _jit(interpret: bool):
                              counter_ptr, M, N, K, stride_xm, stride_om, k_per_split, split_k,
                              BITS: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             IEEE: tl.constexpr, GROUPED: tl.constexpr):
         # out[M, N] = x[M, K] @ W^T (+ bias): one [BLOCK_M, BLOCK_N] tile, over this program's K range. The
-        # [BLOCK_N, BLOCK_K] tile of W is decoded in registers exactly as decode_kernel decodes W (weight (n, k) is
-        # code n*K + k of the flat packed weight; k the fastest axis, so a warp reads neighbouring code bytes),
-        # rounded to x's dtype, then tl.dot with W's transpose (fp32 accumulator)
+        # [BLOCK_N, BLOCK_K] tile of W is decoded in registers (weight (n, k) is code n*K + k of the flat packed
+        # weight, multiquant/packing.py), rounded to x's dtype, then tl.dot with W's transpose (fp32 accumulator)
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, n < N
+        LEVELS: tl.constexpr = 1 << BITS
+        SMALL_TABLE: tl.constexpr = BITS <= 4  # codebooks of <= 16 values: loaded once, looked up on chip
         if MODE == 0:
             scale = tl.load(scale_ptr + n, mask=n_ok, other=0.0)
             zero = tl.load(zero_ptr + n, mask=n_ok, other=0).to(tl.float32)
+        elif SMALL_TABLE:  # the tile's codebooks [BLOCK_N, LEVELS] (K-Means-A: its one codebook, broadcast)
+            level = tl.arange(0, LEVELS)
+            if MODE == 1:
+                table = tl.load(book_ptr + n[:, None] * LEVELS + level[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                table = tl.broadcast_to(tl.load(book_ptr + level)[None, :], (BLOCK_N, LEVELS))
+            table = table.to(tl.float32)
         # tl.full, not tl.zeros: a jit helper of triton.language, unusable by the interpreter when Triton was
         # imported before TRITON_INTERPRET=1 was set (the CPU tests)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -140,20 +148,34 @@ def _jit(interpret: bool):
             k_ok = k < K
             x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w_ok = n_ok[:, None] & k_ok[None, :]
-            flat = n[:, None] * K + k[None, :]
-            bit = (flat & 7) * BITS
-            byte = (flat >> 3) * BITS + (bit >> 3)
-            shift = bit & 7
-            lo = tl.load(codes_ptr + byte, mask=w_ok, other=0).to(tl.int32)
-            if 8 % BITS == 0:
-                code = (lo >> shift) & ((1 << BITS) - 1)
-            else:
-                hi = tl.load(codes_ptr + byte + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
-                code = ((lo | (hi << 8)) >> shift) & ((1 << BITS) - 1)
+            if GROUPED:
+                # rows start on a group of 8 codes (K % 8 == 0) and a group's BITS <= 4 bytes fit one int32:
+                # BITS byte loads per 8 codes, then shifts (instead of one or two byte loads per code)
+                group = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                group_ok = n_ok[:, None] & (group < K // 8)[None, :]
+                base = (n[:, None] * (K // 8) + group[None, :]) * BITS
+                word = tl.full((BLOCK_N, BLOCK_K // 8), 0, tl.int32)
+                for j in tl.static_range(BITS):
+                    word |= tl.load(codes_ptr + base + j, mask=group_ok, other=0).to(tl.int32) << (8 * j)
+                shifts = tl.arange(0, 8) * BITS
+                code = tl.reshape((word[:, :, None] >> shifts[None, None, :]) & (LEVELS - 1), (BLOCK_N, BLOCK_K))
+            else:  # any row length and width: code i starts at bit i*BITS of its group (as decode_kernel)
+                flat = n[:, None] * K + k[None, :]
+                bit = (flat & 7) * BITS
+                byte = (flat >> 3) * BITS + (bit >> 3)
+                shift = bit & 7
+                lo = tl.load(codes_ptr + byte, mask=w_ok, other=0).to(tl.int32)
+                if 8 % BITS == 0:
+                    code = (lo >> shift) & (LEVELS - 1)
+                else:
+                    hi = tl.load(codes_ptr + byte + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
+                    code = ((lo | (hi << 8)) >> shift) & (LEVELS - 1)
             if MODE == 0:
                 value = (code.to(tl.float32) - zero[:, None]) * scale[:, None]
+            elif SMALL_TABLE:
+                value = tl.gather(table, code, axis=1)
             elif MODE == 1:
-                value = tl.load(book_ptr + n[:, None] * (1 << BITS) + code, mask=w_ok, other=0.0)
+                value = tl.load(book_ptr + n[:, None] * LEVELS + code, mask=w_ok, other=0.0)
             else:
                 value = tl.load(book_ptr + code, mask=w_ok, other=0.0)
             # through float32: one round-to-nearest-even from the table's value, as torch's .to(dtype) (an fp16
@@ -179,9 +201,10 @@ def _jit(interpret: bool):
             arrived = tl.atomic_add(counter_ptr + tile, 1)
             if arrived == split_k - 1:
                 total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                for s in range(split_k):  # .cg: read the other programs' partials from L2
-                    total += tl.load(partial_ptr + (s * M + m[:, None]) * N + n[None, :], mask=out_ok, other=0.0,
-                                     cache_modifier=".cg")
+                for s0 in range(0, split_k, 4):  # 4 partials in flight at a time (.cg: from L2), in split order
+                    for j in tl.static_range(4):
+                        total += tl.load(partial_ptr + ((s0 + j) * M + m[:, None]) * N + n[None, :],
+                                         mask=out_ok & (s0 + j < split_k), other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptr + m[:, None] * stride_om + n[None, :],
@@ -397,6 +420,7 @@ SMALL_M_MAX = int(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", "0"))
 _SMALL_M = [SMALL_M_MAX]
 COUNTER_SLOTS = 4096  # split-K arrival counters per device (one per output tile); tilings with more tiles don't split
 MAX_SPLIT_K = 16
+PROGRAMS_PER_SM = 8  # fused-kernel programs per streaming multiprocessor that the K split aims for
 GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _LINEAR_RUNNERS: dict[tuple, object] = {}  # compiled-kernel launchers by specialization
@@ -498,22 +522,22 @@ def _pow2(n: int) -> int:
 def linear_tiling(rows: int, out_features: int, in_features: int, processors: int,
                   split_k: int | None = None) -> LinearTiling:
     """Tiles of the fused kernel: tl.dot needs >= 16 in every dimension; up to 128 rows (every row tile decodes
-    the weight again: few, tall tiles), 64 output channels; K split until about two programs per streaming
-    multiprocessor run (few rows give few output tiles), at most MAX_SPLIT_K ways and never into empty splits.
-    ``split_k`` forces a split (tests). Register budget: decoding a [64, BLOCK_K] weight tile holds several
-    int32 temporaries per weight; these choices compile for sm_90 without spills (ptxas -v on Triton 3.8's PTX
-    of the PixArt shapes: 107-128 registers at 16 rows, 186-225 at 64, 200-255 at 128 rows with 8 warps;
-    64-deep tiles at 64 rows with 4 warps spill)."""
+    the weight again: few, tall tiles), 16 output channels at <= 16 rows and 32 above, 64-deep K steps; K split
+    until about PROGRAMS_PER_SM programs per streaming multiprocessor run, at most MAX_SPLIT_K ways and never
+    into empty splits. ``split_k`` forces a split (tests). Why many programs: each one's K loop is a chain of
+    dependent loads, so the GPU hides their latency only with many programs in flight (the first tiling, about
+    2 per SM, ran slower than decode + cuBLAS: benchmarks/results/export.json). Registers (ptxas -v on Triton
+    3.8's sm_90 code of the PixArt shapes, 3/4 bits, grouped decode): 72-90 at 16 rows, 120-127 at 64 rows and
+    8 warps, 213-232 at 128 rows and 8 warps; no spills."""
     block_m = min(128, max(16, _pow2(rows)))
-    wide = block_m == 128
-    block_n = min(64, max(16, _pow2(out_features)))
-    block_k = min(64 if wide else 32, max(16, _pow2(in_features)))
+    block_n = min(16 if block_m == 16 else 32, max(16, _pow2(out_features)))  # GEMV-like: narrower, more tiles
+    block_k = min(64, max(16, _pow2(in_features)))
     k_blocks = triton_cdiv(in_features, block_k)
     tiles = triton_cdiv(rows, block_m) * triton_cdiv(out_features, block_n)
     if split_k is None:
-        split_k = 1 if tiles > COUNTER_SLOTS else min(MAX_SPLIT_K, (2 * processors) // tiles)
+        split_k = 1 if tiles > COUNTER_SLOTS else min(MAX_SPLIT_K, (PROGRAMS_PER_SM * processors) // tiles)
     per = triton_cdiv(k_blocks, max(1, min(split_k, k_blocks)))
-    return LinearTiling(block_m, block_n, block_k, triton_cdiv(k_blocks, per), per * block_k, 8 if wide else 4)
+    return LinearTiling(block_m, block_n, block_k, triton_cdiv(k_blocks, per), per * block_k, 8 if block_m >= 64 else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -542,7 +566,7 @@ def _packed_linear(x: torch.Tensor, codes: torch.Tensor, scale, zero, codebook, 
     return _LinearLaunch(x, codes, scale, zero, codebook, bias, method, bits, out_features, split_k)(x)
 
 
-_LINEAR_CONSTEXPRS = ("BITS", "MODE", "HAS_BIAS", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")
+_LINEAR_CONSTEXPRS = ("BITS", "MODE", "HAS_BIAS", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE", "GROUPED")
 
 
 class _LinearLaunch:
@@ -566,7 +590,7 @@ class _LinearLaunch:
         self.counters = _counters(x.device) if self.split > 1 else None
         self.ints = (rows, out_features, in_features, x.stride(0), out_features, tiling.k_per_split, self.split)
         self.constexprs = (bits, mode, bias is not None, self.split > 1, tiling.block_m, tiling.block_n,
-                           tiling.block_k, x.dtype == torch.float32)
+                           tiling.block_k, x.dtype == torch.float32, bits <= 4 and in_features % 8 == 0)
         self.grid = (triton_cdiv(out_features, tiling.block_n), triton_cdiv(rows, tiling.block_m), self.split)
         self.num_warps = tiling.num_warps
         self.direct = x.is_cuda and not _interpret()

@@ -191,9 +191,10 @@ def test_direct_launch_passes_no_hooks_while_none_are_registered_and_the_full_pa
 
 # -- small-M fused GEMM ---------------------------------------------------------------------------------------
 SMALL_M_OPTIONS = [f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in (3, 4)]
-# (M, N, K): 1 output channel / M = 1 / K < 8; rows not a multiple of 8 codes nor of the block; N past one 64-wide
-# tile and M not a multiple of its 32-row block; K over three 64-wide blocks (split K on the interpreter's "4 SMs")
-SMALL_M_SHAPES = [(1, 1, 13), (3, 5, 40), (17, 70, 37), (2, 33, 130)]
+# (M, N, K): 1 output channel / M = 1 / K < 8; rows not a multiple of 8 codes nor of the block; N past one 32-wide
+# tile and M not a multiple of its 32-row block; K over three 64-wide blocks (split K on the interpreter's "4 SMs");
+# K a multiple of 8 (whole groups of 8 codes per row: the grouped decode) in one block and split over several
+SMALL_M_SHAPES = [(1, 1, 13), (3, 5, 40), (17, 70, 37), (2, 33, 130), (5, 20, 200)]
 
 
 def _linear_within_bound(y, x, part, bias, dtype):
@@ -222,11 +223,26 @@ def test_small_m_kernel_is_within_its_bound_of_the_float64_product(device, optio
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("option", ["mse-2", "kmeans-5", "kmeans_all-8"])
+def test_small_m_kernel_other_widths(device, option):
+    """2 bits (grouped decode, 4 codes a byte) and 5 / 8 bits (codebooks too large to hold on chip: looked up in
+    memory), rows of whole and partial groups."""
+    for i, (rows, out_features, in_features) in enumerate([(3, 9, 24), (2, 5, 19)]):
+        part = random_part(option, (out_features, in_features), seed=30 + i, device=device)
+        params = part.params()
+        x = torch.randn(rows, in_features, device=device, dtype=torch.float16)
+        bias = torch.randn(out_features, device=device, dtype=torch.float16)
+        y = kernels._packed_linear(x, part.codes, params.get("scale"), params.get("zero"), params.get("codebook"),
+                                   bias, part.method, part.bits, out_features)
+        _linear_within_bound(y, x, part, bias, torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_small_m_split_k_equals_its_bound_and_is_deterministic(device):
     """K split 1, 2 and 3 ways (the last of a tile's programs sums the partials in split order): every split is
     within the bound, a repeated launch is bit-identical (the counters were re-armed), and the splits really
     differ in tiling."""
-    rows, out_features, in_features = 3, 20, 150
+    rows, out_features, in_features = 3, 20, 400  # whole groups of 8 codes per row: the grouped decode
     part = random_part("kmeans-3", (out_features, in_features), seed=7, device=device)
     params = part.params()
     x = torch.randn(rows, in_features, device=device, dtype=torch.float16)
@@ -244,12 +260,14 @@ def test_small_m_split_k_equals_its_bound_and_is_deterministic(device):
 
 
 def test_small_m_tiling_splits_k_only_where_tiles_are_few():
-    one = kernels.linear_tiling(2, 1152, 1152, 132)  # timestep MLP at batch 2: 18 tiles on 132 SMs
-    assert (one.block_m, one.block_n, one.block_k, one.num_warps) == (16, 64, 32, 4)
-    assert one.split_k == 12 and one.k_per_split == 96  # 36 K blocks, 3 per split
+    one = kernels.linear_tiling(2, 1152, 1152, 132)  # timestep MLP at batch 2: 72 tiles on 132 SMs
+    assert (one.block_m, one.block_n, one.block_k, one.num_warps) == (16, 16, 64, 4)
+    assert one.split_k == 9 and one.k_per_split == 128  # 18 K blocks, 2 per split (16 ways would leave 2 empty)
+    adaln = kernels.linear_tiling(2, 6912, 1152, 132)
+    assert adaln.split_k == 2 and 432 * adaln.split_k >= kernels.PROGRAMS_PER_SM * 132 * 0.8
     kv = kernels.linear_tiling(240, 1152, 1152, 132)  # cross-attention K/V over 2 x 120 tokens
-    assert (kv.block_m, kv.block_k, kv.num_warps) == (128, 64, 8) and kv.split_k == 6 and kv.k_per_split == 192
-    assert kernels.linear_tiling(256, 6912, 1152, 132).split_k == 1  # 216 tiles: enough programs
+    assert (kv.block_m, kv.block_n, kv.block_k, kv.num_warps) == (128, 32, 64, 8) and kv.split_k == 9
+    assert kernels.linear_tiling(2048, 1152, 1152, 132).split_k == 1  # 576 tiles: enough programs unsplit
     tiny = kernels.linear_tiling(1, 1, 13, 132)
     assert (tiny.block_m, tiny.block_n, tiny.block_k, tiny.split_k, tiny.k_per_split) == (16, 16, 16, 1, 16)
 

@@ -444,9 +444,9 @@ def small_m_census(model, inputs, max_rows: int) -> dict:
 # projection (4096 -> 1152, M = batch x 120)
 MICRO_SHAPES = {"kv_1152x1152": (1152, 1152), "adaln_1152x6912": (1152, 6912), "caption_4096x1152": (4096, 1152)}
 MICRO_SHAPES_TINY = {"tiny_40x24": (40, 24)}
-MICRO_ROWS = "1,2,16,64,240,512,2048"
+MICRO_ROWS = "1,2,16,64,128,240,512,2048"
 MICRO_ROWS_TINY = "1,2,5"
-MICRO_OPTIONS = "mse-4,kmeans-3"  # the affine table and the per-channel codebook gather (K-Means-A: one table)
+MICRO_OPTIONS = "mse-4,kmeans_all-4,kmeans-3"  # the uniform configurations' options
 GRAPH_CALLS = 20
 
 

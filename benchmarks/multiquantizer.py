@@ -191,8 +191,8 @@ def main(argv=None):
     ap.add_argument("--models", default="pixart_alpha,sdxl,hunyuan",
                     help="families to build, comma-separated, each in one go on one device")
     ap.add_argument("--reference_model", default="pixart_alpha",
-                    help="the family timed against the reference emulation and the layer-by-layer build "
-                         "(default pixart_alpha; the first listed when it is not among --models; 'none': skip)")
+                    help="the family also timed against the reference emulation, layer by layer and at other chunk "
+                         "sizes (default pixart_alpha; skipped when it is not among --models)")
     ap.add_argument("--size", choices=("full", "tiny"), default=None,
                     help="architecture size (default: full on a GPU, tiny on the CPU)")
     ap.add_argument("--chunk_sweep", default=f"{1 << 26},{1 << 27},{1 << 28}",
@@ -204,8 +204,7 @@ def main(argv=None):
     device = str(default_device())
     size = args.size or ("full" if device == "cuda" else "tiny")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    reference = None if args.reference_model == "none" else (
-        args.reference_model if args.reference_model in names else names[0])
+    reference = args.reference_model if args.reference_model in names else None
     sweep = [int(c) for c in args.chunk_sweep.split(",") if c.strip()]
     families, ref = {}, None
     for name in names:

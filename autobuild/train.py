@@ -74,6 +74,9 @@ class TrainOptions:
     # "ridge_shift", one-hot options plus a quadratic form of the summed signature's leading components
     shift_signature: dict | None = None
     shift_components: int = 32
+    # the network learns the prior's residual on its training records from out-of-fold prior fits (inner K-fold),
+    # as it will meet it on new records; False: in-sample residuals of the one prior fit
+    cross_fit: bool = True
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -466,6 +469,9 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
         for use_prior in variants:
             prior = fitted if use_prior else None
             base = prior_values(prior, records)
+            if prior is not None and opts.cross_fit:  # the network sees the prior's out-of-sample errors
+                base[torch.as_tensor(train_idx)] = _out_of_fold_prior(records, learned, train_idx, keys, seed,
+                                                                      prior["kind"], basis)
             trained = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
                                   replace(opts, linear_prior=use_prior), log)
             if best is None or trained[1]["val_selection"] > best[1]["val_selection"]:
@@ -512,6 +518,22 @@ def _table_summaries(opts: TrainOptions) -> dict:
                 "sha256": hashlib.sha256(text).hexdigest()}
 
     return {"output_shifts": summary(opts.output_shifts), "shift_signature": summary(opts.shift_signature)}
+
+
+def _out_of_fold_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.ndarray, keys: Sequence[str],
+                       seed: int, kind: str, basis) -> torch.Tensor:
+    """The prior of ``kind`` on each training record from a fit on the other inner folds (seeded K-fold over
+    ``train_idx``). In-sample a flexible prior (pair or quadratic shift terms) fits the training records' noise,
+    so their residuals are too small and nothing like the errors on new records: a network trained on them
+    learns that noise (mnist_unet: 0.887 held out with in-sample residuals vs 0.904 for the prior alone)."""
+    train_idx = np.asarray(train_idx)
+    out = torch.zeros(len(train_idx), dtype=torch.float64)
+    order = np.random.default_rng([seed, 77]).permutation(len(train_idx))
+    for part in np.array_split(order, _inner_folds(len(train_idx))):
+        inner = np.sort(train_idx[np.setdiff1d(order, part)])
+        fitted = fit_prior(records, learned, inner, keys, seed, kinds=(kind,), shift_basis=basis)
+        out[torch.as_tensor(part)] = prior_values(fitted, [records[i] for i in train_idx[part]])
+    return out
 
 
 def _basis_of(opts: TrainOptions):

@@ -670,15 +670,18 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     add_activation_args(p)  # W-x A-y: the one-layer sweeps still measure weights alone (a ranking, not a score)
     p.add_argument("--output_shifts", action="store_true",
                    help="give the trees surrogate each configuration's summed output shift, and add the ridge_shift "
-                        "surrogate (a quadratic form of the summed output-change signature): two forwards per layer "
+                        "surrogate (a quadratic form of the summed output-change signature; with --predictor_source "
+                        "also a candidate of the predictor's prior): two forwards per layer "
                         "and option first (autobuild/output_shift.py); on mnist_unet's measured configurations the "
                         "trees' held-out SRCC rose from 0.77 to 0.85")
     return p
 
 
-def predictor_source(family, size: str, workdir: Path, log: Callable[[str], None] = print) -> Callable:
+def predictor_source(family, size: str, workdir: Path, log: Callable[[str], None] = print,
+                     signature: Mapping | None = None) -> Callable:
     """``extra_source`` of the trained predictor: trained (quick settings) on the configurations measured so
-    far, its node- and block-level one-shot configurations at every budget."""
+    far, its node- and block-level one-shot configurations at every budget. ``signature``: the output-change
+    table, which lets its prior be ``ridge_shift`` (autobuild.train.fit_prior) where that validates better."""
     def source(records: Sequence[Mapping], budgets: Sequence[float]):
         from .configs import BudgetError as _BudgetError, build_config
         from .dag import family_dag, units
@@ -689,7 +692,8 @@ def predictor_source(family, size: str, workdir: Path, log: Callable[[str], None
         out = workdir / "predictor"
         metrics = train_predictor(list(records), graph, "-1*FID-GT-1k", folds=QUICK.folds, epochs=QUICK.epochs,
                                   batch_size=QUICK.batch_size, out_dir=out, units=units(graph, "block"), log=None,
-                                  options=TrainOptions(hidden=QUICK.hidden, lr=QUICK.lr, patience=QUICK.patience))
+                                  options=TrainOptions(hidden=QUICK.hidden, lr=QUICK.lr, patience=QUICK.patience,
+                                                       shift_signature=signature))
         log(f"  predictor on {len(records)} configurations: held-out SRCC {metrics['srcc_mean']:.3f}")
         table = OptionTable.from_records(records, family.fp_prec)
         proposals = []
@@ -729,13 +733,14 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
                                              num_prompts=args.sweep_images, image_seed=args.image_seed,
                                              pixel_features=args.tiny, fid_against="fp", log=log)
         measure_layers = sweep_measure(protocol, psettings, out / "sweeps", space, settings["num_images"], log)
-    extra = predictor_source(family, "tiny" if args.tiny else "full", out, log) if args.predictor_source else None
     shifts = signature = None
     if args.output_shifts:
         from .output_shift import SIGNATURE, output_shifts
 
         shifts = output_shifts(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log)
         signature = output_shifts(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log, **SIGNATURE)
+    extra = (predictor_source(family, "tiny" if args.tiny else "full", out, log, signature=signature)
+             if args.predictor_source else None)
     result = optimize(scorer.mq, budgets, measure, measure_layers, ties, args.max_evaluations, args.per_budget,
                       args.confirm_top, args.seed, args.key, extra_source=extra, shifts=shifts, signature=signature,
                       log=log)

@@ -77,6 +77,9 @@ class TrainOptions:
     # the network learns the prior's residual on its training records from out-of-fold prior fits (inner K-fold),
     # as it will meet it on new records; False: in-sample residuals of the one prior fit
     cross_fit: bool = True
+    # with a prior, a network epoch is kept only if its validation score beats the prior's by more than the
+    # standard error of that score (autobuild.train._prior_margin); False: by anything
+    prior_margin: bool = True
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -405,6 +408,9 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
                     layer.bias.zero_()
             model.head[-1].bias.fill_(-u_mean / u_std)  # z * std + mean = 0: the prediction is the prior
     best = (validation_score() if opts.linear_prior else -math.inf, copy.deepcopy(model.state_dict()), 0)
+    # an epoch replaces the prior only by more than a validation SRCC's standard error: a 60-record validation
+    # split otherwise picks epochs that beat the prior by its noise (they lost to it on the test folds)
+    bar = best[0] + (_prior_margin(best[0], len(val_idx)) if opts.linear_prior and opts.prior_margin else 0.0)
     stale, epoch, last_objective, started = 0, 0, float("nan"), time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -431,7 +437,7 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
             last_objective = float(objective.detach())
         scheduler.step()
         score = validation_score()
-        if score > best[0]:
+        if score > max(best[0], bar):
             best, stale = (score, copy.deepcopy(model.state_dict()), epoch), 0
         else:
             stale += 1
@@ -445,6 +451,11 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
     model.eval()
     return model, {"learned_mean": u_mean, "learned_std": u_std, "best_epoch": best[2], "epochs_run": epoch,
                    "val_selection": best[0]}
+
+
+def _prior_margin(score: float, n: int) -> float:
+    """The standard error of a Spearman correlation ``score`` on ``n`` records, (1 - rho^2) / sqrt(n - 3)."""
+    return (1.0 - min(max(score, 0.0), 1.0) ** 2) / math.sqrt(max(n - 3, 1))
 
 
 def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping], f: int, train_idx: np.ndarray,

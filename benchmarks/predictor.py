@@ -35,7 +35,12 @@ def summary(metrics: dict) -> dict:
             "ridge_learned": ridge, "gain_over_ridge": None if ridge is None else metrics["srcc_mean"] - ridge,
             "prior_learned": base.get("prior_learned", {}).get("srcc_mean"),
             "gbm_learned": base.get("gbm_learned", {}).get("srcc_mean"),
-            "seconds": metrics["timings"]["wall_seconds"]}
+            "seconds": metrics["timings"]["wall_seconds"],
+            "training": {k: metrics["options"].get(k) for k in TRAINING_KEYS}}
+
+
+# the training options a result depends on beyond the flags (autobuild.train.TrainOptions)
+TRAINING_KEYS = ("cross_fit", "prior_margin", "shift_components", "linear_prior", "epochs", "patience", "hidden")
 
 
 def main(argv=None) -> dict:

@@ -139,6 +139,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip_dir", default=None, help="local CLIP model directory: also record the CLIP score "
                                                     "(text families; or set QUA2SEDIMO_CLIP)")
     add_activation_args(p)  # W-x A-y scores: every record says its act_bits, the run directory too
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the denoiser in place (GPU runs: one compile per batch shape, then faster "
+                        "sampling; recorded, so a run never mixes it with eager results): " + ", ".join(COMPILE_MODES))
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def _add_build_mq_arg(p: argparse.ArgumentParser) -> None:
@@ -160,7 +166,7 @@ def _scorer_from_args(args):
                         random_features=args.random_features, proxies=not args.no_proxies,
                         save_images=Path(args.outdir) / "images" if args.save_images else None,
                         clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"), refiner=refiner_arg(args),
-                        build_mq=args.build_mq, act_bits=act_bits_arg(args))
+                        build_mq=args.build_mq, act_bits=act_bits_arg(args), compile_mode=args.compile)
 
 
 def _open_store(outdir, meta):

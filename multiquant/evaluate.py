@@ -362,19 +362,23 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
                  bops: bool = True, clip_dir=None, refiner=None, build_mq: bool = False,
-                 act_bits: int | None = None, log=print) -> tuple[Scorer, dict]:
+                 act_bits: int | None = None, compile_mode: str | None = None, log=print) -> tuple[Scorer, dict]:
     """Load everything once; returns the scorer and the protocol settings to record with every result.
 
     ``refiner``: None = the family's protocol (SDXL: its FP refiner finishes the schedule), False = none,
     a directory / hub id = that refiner. The settings name the multiquantizer by its content hash: a run
     directory only ever holds records of one checkpoint. ``build_mq``: build the checkpoint when there is
     none at ``mq_path`` / the default. ``act_bits``: quantize the layers' input activations of every scored
-    configuration (recorded in the settings, so a run directory never mixes them with FP-activation results)."""
+    configuration (recorded in the settings, so a run directory never mixes them with FP-activation results).
+    ``compile_mode``: ``torch.compile`` the denoiser in place with this mode; configurations copy their weights
+    into its parameters, so it compiles once per batch shape (recorded: compiled kernels round differently)."""
     from .activations import check_act_bits
 
     act_bits = check_act_bits(act_bits)
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
+    if compile_mode:
+        denoiser.compile(mode=compile_mode)
     num_images = num_images or family.num_images
     conditions = adapter.conditions(family, num_images, tiny=tiny, coco_path=coco_path)
     options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
@@ -416,6 +420,8 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                 "clip": clip.name if clip is not None else None,
                 "multiquantizer_content_hash": mq.content_hash, "weights_hash": mq.manifest.get("weight_hash"),
                 "tiny": tiny, "sampler": _settings_of(sampler), "act_bits": act_bits}  # None: FP activations
+    if compile_mode:  # only when set: the settings (and content keys) of eager runs stay as they were
+        settings["compile"] = compile_mode
     if act_bits is not None:
         settings["act_quant"] = ACT_QUANT_SCHEME
     # not the number of processes: G ranks give the same numbers as one, so a run resumes under any G

@@ -2,8 +2,6 @@
 figures agree with each other and with the family's protocol."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +12,12 @@ from multiquant.families import get_family
 from multiquant.flops import flops_table
 from multiquant.metrics import FeatureFID
 from multiquant.metrics.fid import feature_stats
+from benchmark_script import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("eval_random_benchmark", ROOT / "benchmarks" / "eval_random.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("eval_random")
 
 
 def _small_metric() -> FeatureFID:

@@ -2,8 +2,6 @@
 the crossover read off the micro-benchmark's cases. The timings themselves need a GPU (not tested here)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,15 +9,12 @@ from torch import nn
 from test_kernels import random_part
 
 from multiquant.packed import packed_layer
+from benchmark_script import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("export_benchmark", ROOT / "benchmarks" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("export")
 
 
 class TwoInputs(nn.Module):

@@ -2,18 +2,13 @@
 listed family is built, and the batched build's option-table errors equal the layer-by-layer build's."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from benchmark_script import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("multiquantizer_benchmark", ROOT / "benchmarks" / "multiquantizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("multiquantizer")
 
 
 def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_thread):

@@ -38,8 +38,8 @@ __all__ = ["output_shifts", "family_shift_tables", "shift_features", "SIGNATURE"
            "quadratic_shift_features"]
 
 # The signature the predictor's shift prior is measured with (benchmarks/predictor.py, train-predictor and optimize
-# --output_shifts): 16 example inputs in 4 groups, each channel pooled to 14 x 14 (on the 28 x 28 MNIST testbeds
-# this beat 7 x 7, a single group and the per-channel mean; benchmarks/results/predictor_<model>.json).
+# --output_shifts): 16 example inputs in 4 groups, each channel pooled to 14 x 14 (chosen on mnist_unet's quality
+# target, on the predictor benchmark's folds, over 7 x 7, the full map, one group and the per-channel mean).
 SIGNATURE = {"batch": 16, "buckets": 4, "grid": 14}
 
 

@@ -40,6 +40,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--cache", default=None, help="default quant_caches/<model>/quant_cache.pkl")
+    p.add_argument("--pareto", default=None, help="default benchmarks/results/pareto_<model>.json")
     p.add_argument("--repeats", type=int, default=200, help="noise draws")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -51,7 +52,8 @@ def main(argv=None) -> dict:
     from multiquant.store import load_quant_cache
 
     out_dir = Path(args.out) if args.out else RESULTS
-    pairs = seed_pairs(json.loads((RESULTS / f"pareto_{args.model}.json").read_text()))
+    pareto = Path(args.pareto) if args.pareto else RESULTS / f"pareto_{args.model}.json"
+    pairs = seed_pairs(json.loads(pareto.read_text()))
     log_ratio = np.log(pairs[:, 0] / pairs[:, 1])
     sd = float(log_ratio.std(ddof=1)) / np.sqrt(2.0)  # one measurement's noise in log FID
     records = load_quant_cache(args.cache or f"quant_caches/{args.model}/quant_cache.pkl", require_config=True)
@@ -72,7 +74,7 @@ def main(argv=None) -> dict:
     result = json.loads(path.read_text())
     result["noise_ceiling"] = {
         **ceiling, "log_fid_noise_sd": sd, "pairs": len(pairs), "log_ratio_mean": float(log_ratio.mean()),
-        "source": f"pareto_{args.model}.json fid vs fid_confirm (image seeds 42 / 43)", "repeats": args.repeats,
+        "source": f"{pareto.name} fid vs fid_confirm (its two image seeds)", "repeats": args.repeats,
         "seed": args.seed, "method": "log FID + N(0, sd) twice, SRCC between the two inside each of the 5 folds",
         "environment": environment()}
     write_result(f"predictor_{args.model}", result, out_dir)

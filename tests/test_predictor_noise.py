@@ -1,22 +1,16 @@
 """benchmarks/predictor_noise.py: the label-noise ceiling of the predictor benchmark."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_script import load_benchmark
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("predictor_noise_benchmark", ROOT / "benchmarks" / "predictor_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("predictor_noise")
 
 
 def _pareto(pairs, uniform: bool = True) -> dict:

@@ -735,10 +735,9 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
         measure_layers = sweep_measure(protocol, psettings, out / "sweeps", space, settings["num_images"], log)
     shifts = signature = None
     if args.output_shifts:
-        from .output_shift import SIGNATURE, output_shifts
+        from .output_shift import shift_tables
 
-        shifts = output_shifts(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log)
-        signature = output_shifts(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log, **SIGNATURE)
+        shifts, signature, _ = shift_tables(scorer.denoiser, scorer.mq, family, seed=args.seed, log=log)
     extra = (predictor_source(family, "tiny" if args.tiny else "full", out, log, signature=signature)
              if args.predictor_source else None)
     result = optimize(scorer.mq, budgets, measure, measure_layers, ties, args.max_evaluations, args.per_budget,

@@ -25,6 +25,7 @@ second-order expansion of log FID in the summed signed output change, whose cros
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -90,8 +91,6 @@ def family_shift_tables(family, pretrained: str | None = None, mq_path=None, tin
     of the family's trained denoiser (or the tiny random one) and its multiquantizer (``mq_path``, default the
     family's), fp32 on the CPU: what ``train-predictor --output_shifts`` and benchmarks/predictor.py measure
     before training (one forward of 16 inputs per table, layer and option)."""
-    import time
-
     from multiquant.evaluate import default_multiquantizer_path, load_for_scoring, load_or_build_multiquantizer
 
     started = time.perf_counter()
@@ -99,15 +98,24 @@ def family_shift_tables(family, pretrained: str | None = None, mq_path=None, tin
              family.load(pretrained, dtype=torch.float32, device="cpu")).eval()
     mq = load_or_build_multiquantizer(family, model, mq_path, tiny=tiny)
     loaded = time.perf_counter()
-    shifts = output_shifts(model, mq, family, batch=SIGNATURE["batch"], seed=seed, log=log) if per_channel else None
-    measured = time.perf_counter()
-    signature = output_shifts(model, mq, family, seed=seed, log=log, **SIGNATURE)
+    shifts, signature, seconds = shift_tables(model, mq, family, seed=seed, per_channel=per_channel, log=log)
     path = mq_path or default_multiquantizer_path(family, tiny)
     return shifts, signature, {"multiquantizer": str(path), "multiquantizer_content_hash": mq.content_hash,
                                "dtype": "float32", "device": "cpu", "seed": seed, "tiny": tiny,
                                "inputs": f"the family's example inputs, batch {SIGNATURE['batch']}, seed {seed}",
-                               "signature": SIGNATURE, "load_seconds": loaded - started,
-                               "seconds": measured - loaded, "signature_seconds": time.perf_counter() - measured}
+                               "signature": SIGNATURE, "load_seconds": loaded - started, **seconds}
+
+
+def shift_tables(model: nn.Module, mq, family, seed: int = 0, per_channel: bool = True,
+                 log: Callable[[str], None] | None = None) -> tuple[dict | None, dict, dict]:
+    """(per-channel shift table or None without ``per_channel``, :data:`SIGNATURE` table, their ``seconds`` and
+    ``signature_seconds``) of ``model`` under ``mq``'s options: what the optimiser's shift features, its
+    ridge_shift surrogate and the predictor's ridge_shift prior read."""
+    started = time.perf_counter()
+    shifts = output_shifts(model, mq, family, batch=SIGNATURE["batch"], seed=seed, log=log) if per_channel else None
+    measured = time.perf_counter()
+    signature = output_shifts(model, mq, family, seed=seed, log=log, **SIGNATURE)
+    return shifts, signature, {"seconds": measured - started, "signature_seconds": time.perf_counter() - measured}
 
 
 def _signature(change: torch.Tensor, groups: Sequence[torch.Tensor], grid: int | None) -> torch.Tensor:

@@ -152,10 +152,9 @@ def main(argv=None) -> dict:
     # the optimiser, from an empty dataset (its sweeps are the ones above: the store returns them)
     shifts = signature = None
     if args.output_shifts:
-        from autobuild.output_shift import SIGNATURE, output_shifts
+        from autobuild.output_shift import shift_tables
 
-        shifts = output_shifts(scorer.denoiser, scorer.mq, family, seed=0, log=log)
-        signature = output_shifts(scorer.denoiser, scorer.mq, family, seed=0, log=log, **SIGNATURE)
+        shifts, signature, _ = shift_tables(scorer.denoiser, scorer.mq, family, seed=0, log=log)
     opt = optimize(scorer.mq, budgets, measure, sweep_fn, ties, args.max_evaluations, seed=0, key=KEY,
                    max_seconds=args.optimize_seconds, shifts=shifts, signature=signature, log=log)
     timings["optimize_s"] = time.perf_counter() - started - sum(timings.values())

@@ -23,7 +23,7 @@ the same, its float32 accumulation order is not cuBLAS's: results are within the
     small_m_threshold(256)         # context manager: layers on <= 256 rows take the fused kernel (0: none,
                                    # every layer decodes + cuBLAS, bit-exact with eager)
     QUA2SEDIMO_SMALL_M_MAX=256     # environment: the default threshold (SMALL_M_MAX rows; 0, off, by default:
-                                   # the measured kernel is slower than decode + cuBLAS, see SMALL_M_MAX)
+                                   # measured, it does not beat decode + cuBLAS on every layer, see SMALL_M_MAX)
 
 The fast path is taken automatically for CUDA inputs when Triton imports. It is single-stream: the scratch
 buffer is shared by every layer of one (device, dtype), so two layers must not run concurrently on different
@@ -49,14 +49,19 @@ _ENABLED = [os.environ.get("QUA2SEDIMO_PACKED_KERNELS", "1") != "0"]
 
 
 @contextlib.contextmanager
-def use_packed_kernels(enabled: bool):
-    """Within the block, CUDA packed layers take the fast path (True) or the eager reference path (False)."""
-    previous = _ENABLED[0]
-    _ENABLED[0] = bool(enabled)
+def _setting_within(cell: list, value):
+    """Within the block, the one-element setting ``cell`` holds ``value``; the previous value after it."""
+    previous = cell[0]
+    cell[0] = value
     try:
         yield
     finally:
-        _ENABLED[0] = previous
+        cell[0] = previous
+
+
+def use_packed_kernels(enabled: bool):
+    """Within the block, CUDA packed layers take the fast path (True) or the eager reference path (False)."""
+    return _setting_within(_ENABLED, bool(enabled))
 
 
 def kernels_enabled() -> bool:
@@ -414,8 +419,9 @@ def _direct_launcher(compiled, grid: tuple, args: tuple):
 # the fused kernel reads b/8 bytes per weight in one launch. Above some rows the GEMM is compute-bound and cuBLAS
 # on the decoded weight wins. The default comes from benchmarks/export.py's small-M micro-benchmark (fused vs
 # decode + cuBLAS per M on the GPU, its "crossover"): on one H200 (benchmarks/results/export.json) the kernel
-# was slower than decode + cuBLAS at every measured M (K/V 1152 x 1152 at M = 2: 10.0 vs 8.4 us with UAQ-4,
-# 25 us with codebooks), so it is off by default (0) until a faster version measures a crossover.
+# the first version was slower than decode + cuBLAS at every measured M (K/V 1152 x 1152 at M = 2: 10.0 vs 8.4 us
+# with UAQ-4, 25 us with codebooks); the second (small_m_microbench_v2) wins up to M = 16 on some layers and loses
+# on others (adaLN 1152 -> 6912 with UAQ-4: 26.5 vs 19.5 us), so no one threshold wins everywhere: off (0).
 SMALL_M_MAX = int(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", "0"))
 _SMALL_M = [SMALL_M_MAX]
 COUNTER_SLOTS = 4096  # split-K arrival counters per device (one per output tile); tilings with more tiles don't split
@@ -426,16 +432,10 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _LINEAR_RUNNERS: dict[tuple, object] = {}  # compiled-kernel launchers by specialization
 
 
-@contextlib.contextmanager
 def small_m_threshold(max_rows: int):
     """Within the block, CUDA PackedLinear forwards on at most ``max_rows`` rows (the product of the input's
     leading dimensions) take the fused kernel (0: never; benchmarks compare both)."""
-    previous = _SMALL_M[0]
-    _SMALL_M[0] = int(max_rows)
-    try:
-        yield
-    finally:
-        _SMALL_M[0] = previous
+    return _setting_within(_SMALL_M, int(max_rows))
 
 
 def small_m_max() -> int:

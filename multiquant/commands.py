@@ -121,6 +121,9 @@ def cmd_export_table(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- evaluation
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_refiner_args(p)
@@ -143,8 +146,6 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the denoiser in place (GPU runs: one compile per batch shape, then faster "
                         "sampling; recorded, so a run never mixes it with eager results): " + ", ".join(COMPILE_MODES))
 
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def _add_build_mq_arg(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from multiquant.families import FamilySpec
 from multiquant.options import Option
 from multiquant.packing import pack_codes
 from multiquant.quantizers import dequantize, lp_error, quantize
-from test_layer_shapes import LLOYD_SLACK, _exact_kmeans_sse
+from test_layer_shapes import LLOYD_SLACK, _exact_kmeans_sse, heavy_tailed_
 from test_quantizers import uaq_reference
 
 BITS = (4, 3)
@@ -43,11 +43,7 @@ def _family():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
-    m = MixedShapes().eval()
-    with torch.no_grad():
-        for p in m.parameters():  # fresh random values with heavy tails, never zeros
-            p.copy_(torch.randn(p.shape) * 0.05 + torch.randn(p.shape).pow(3) * 0.02)
-    return m.half()
+    return heavy_tailed_(MixedShapes().eval()).half()
 
 
 @pytest.fixture(scope="module")

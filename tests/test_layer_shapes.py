@@ -59,13 +59,18 @@ def _exact_kmeans_sse(values: np.ndarray, k: int) -> float:
     return float(prev[n])
 
 
+def heavy_tailed_(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter of ``model`` to fresh random values with heavy tails (never zeros), in place."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.05 + torch.randn(p.shape).pow(3) * 0.02)
+    return model
+
+
 @pytest.fixture(scope="module")
 def built():
     torch.manual_seed(0)
-    model = AllShapes().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # fresh random values with heavy tails, never zeros
-            p.copy_(torch.randn(p.shape) * 0.05 + torch.randn(p.shape).pow(3) * 0.02)
+    model = heavy_tailed_(AllShapes().eval())
     family = _family()
     return model, family, MultiQuantizer.build(model, family, bits=BITS, show_progress=False, kmeans_iters=100)
 

@@ -144,7 +144,7 @@ def chunk_sweep(model, family, mq, chunk_sizes: list[int], on_gpu: bool) -> dict
 
 
 def build_family(name: str, device: str, apply_trials: int, size: str, compare_layer_by_layer: bool,
-                 sweep: list[int] = ()) -> tuple[dict, object, list]:
+                 sweep: list[int] = (), profile: bool = False) -> tuple[dict, object, list]:
     """Build one family's multiquantizer: time, memory, checkpoint, option-table objective."""
     family = get_family(name)
     dtype = family.dtype if device == "cuda" else torch.float32
@@ -174,6 +174,9 @@ def build_family(name: str, device: str, apply_trials: int, size: str, compare_l
             o: sum(e for (_, opt), e in errors.items() if opt == o) for o in mq.options}
     if sweep:
         entry["chunk_sweep"] = chunk_sweep(model, family, mq, sweep, on_gpu)
+    if profile:
+        entry["warm_build_seconds"] = timed(MultiQuantizer.build, model, family, show_progress=False)[1]
+        entry["profile"] = build_profile(model, family)
     with tempfile.TemporaryDirectory() as tmp:
         path, entry["save_seconds"] = timed(mq.save_pretrained, tmp)
         entry["checkpoint_bytes"] = path.stat().st_size
@@ -199,6 +202,8 @@ def main(argv=None):
                     help="the reference family is rebuilt (warm) at these chunk sizes, comma-separated ('' skips)")
     ap.add_argument("--sample_channels", type=int, default=8, help="channels per layer shape in the emulation")
     ap.add_argument("--apply_trials", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="the reference family is also built once more (warm, "
+                                                           "timed) and once under torch.profiler (device time per op)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     device = str(default_device())
@@ -209,7 +214,8 @@ def main(argv=None):
     families, ref = {}, None
     for name in names:
         entry, model, layers = build_family(name, device, args.apply_trials, size, compare_layer_by_layer=name == reference,
-                                            sweep=sweep if name == reference else [])
+                                            sweep=sweep if name == reference else [],
+                                            profile=args.profile and name == reference)
         if name == reference:
             ref = reference_style_seconds(model, layers, args.sample_channels)
             entry["reference_style_seconds"], entry["speedup"] = ref["total"], ref["total"] / entry["build_seconds"]
@@ -220,6 +226,29 @@ def main(argv=None):
             torch.cuda.empty_cache()
         # written after every family: a run stopped by its time limit keeps the families it finished
         write_result("multiquantizer", summarize(names, families, ref, reference), args.out)
+
+
+def build_profile(model, family, top: int = 25) -> dict:
+    """Where one more (warm) build spends its time: the device's busy time against the wall, and the ops with the
+    most device time (self time, summed over calls), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        MultiQuantizer.build(model, family, show_progress=False)
+        sync()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_us = lambda e: getattr(e, "self_device_time_total", 0) or 0  # noqa: E731
+    busy = sum(device_us(e) for e in events) / 1e6
+    rows = sorted(events, key=device_us, reverse=True)[:top]
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                      "cudaMemcpyAsync", "cudaMemcpy"))
+    return {"wall_seconds_under_profiler": wall, "device_busy_seconds": busy, "host_syncs_and_copies": syncs,
+            "top_device_ops": [{"op": e.key, "calls": e.count, "device_seconds": device_us(e) / 1e6,
+                                "host_seconds": e.self_cpu_time_total / 1e6} for e in rows]}
 
 
 def summarize(names: list[str], families: dict, ref: dict | None, reference: str | None) -> dict:

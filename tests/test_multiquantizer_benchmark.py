@@ -13,7 +13,7 @@ def _benchmark():
 
 def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_thread):
     _benchmark().main(["--models", "hunyuan,pixart_alpha", "--sample_channels", "1", "--apply_trials", "1",
-                       "--chunk_sweep", "64", "--out", str(tmp_path)])
+                       "--chunk_sweep", "64", "--profile", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "multiquantizer.json").read_text())
     assert result["model"] == "pixart_alpha" and result["reference_model"] == "pixart_alpha"
     assert set(result["build_seconds_by_family"]) == {"hunyuan", "pixart_alpha"} and result["not_built"] == []
@@ -26,3 +26,6 @@ def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_th
     sweep = pixart["chunk_sweep"]["64"]  # 64-weight chunks: other batches, same codes and parameters
     assert sweep["same_tensors"] and sweep["error_max_rel_diff"] < 1e-12
     assert "layer_by_layer_seconds" not in result["families"]["hunyuan"]
+    assert pixart["warm_build_seconds"] > 0 and "profile" not in result["families"]["hunyuan"]
+    prof = pixart["profile"]  # on the CPU the profiler sees no device time, but the build ran under it
+    assert prof["wall_seconds_under_profiler"] > 0 and len(prof["top_device_ops"]) > 0

@@ -16,8 +16,17 @@ refiner). Per family, written after every family (a run stopped by its time limi
   generation, features, FID; ``overhead_fraction`` = (ours - floor) / ours;
 * achieved denoiser TFLOP/s (multiquant.flops MACs x 2 x forwards / floor) and ``floor_peak_fraction`` against
   ``--peak_tflops``;
-* the same figures at the protocol's image count (``*_at_protocol``: the weight swap and the Frechet distance
-  are fixed costs, the rest scales with the images), which ``configs_per_hour`` is quoted at.
+* the same figures at the protocol's image count (``*_at_protocol``: the weight swap, the Frechet distance and,
+  when feature chunks overlapped generation, the feature pass's tail after the last batch (one chunk at most) are
+  fixed costs, the rest scales with the images), which ``configs_per_hour`` is quoted at;
+* where the overhead beside sampling goes: ``generate_s`` (rendering with the feature pass overlapped) against
+  ``sampling_seconds_per_config`` (rendering alone), ``generate_overhead_s``, ``features_tail_s``,
+  ``feature_chunks_overlapped``, ``metrics_s`` (statistics and distance after generation), ``fid_distance_s``;
+* ``--profile`` (CUDA): one denoiser forward (compiled when ``--compile``) under torch.profiler: the shares of GPU
+  time in GEMMs, attention and everything else, and the GEMMs' and attention's achieved TFLOP/s (``profile``).
+
+Measure with more images than one feature chunk (``--num_images 96`` at the 32-image Inception chunk and batch 16):
+with fewer, no chunk is handed over while generation runs and nothing of the overlap is measured.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -43,7 +53,7 @@ from multiquant.adapters.diffusers.loop import timesteps_for  # noqa: E402
 from multiquant.adapters.diffusers.sampling import make_sampler  # noqa: E402
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import sample_random_config  # noqa: E402
-from multiquant.evaluate import Scorer  # noqa: E402
+from multiquant.evaluate import Scorer, feature_chunk  # noqa: E402
 from multiquant.families import get_family  # noqa: E402
 from multiquant.flops import flops_table  # noqa: E402
 from multiquant.metrics import FeatureFID  # noqa: E402
@@ -54,7 +64,8 @@ from multiquant.metrics.fid import feature_stats  # noqa: E402
 FAMILIES = "pixart_alpha,sdxl,sdv15,pixart_sigma,dit,hunyuan"
 HEADLINE = "pixart_alpha"  # the family whose figures the top-level keys repeat (the issue's targets)
 H100_DENSE_FP16_TFLOPS = 989.4  # H100/H200 SXM dense fp16/bf16 tensor-core rate
-# keys other runs merge into eval_random.json (benchmarks/proxy_mnist_dit.py, the 2-GPU scaling run): kept
+# keys other runs merge into eval_random.json (benchmarks/proxy_mnist_dit.py, the 2-GPU scaling run): kept, unless
+# this run writes the key itself (its headline fid_distance_s)
 MERGED_ELSEWHERE = ("proxy_", "fid_", "two_gpu_")
 
 
@@ -71,8 +82,9 @@ def random_pipeline(spec, device, full: bool):
 
 
 def random_metric(device, dim: int = 2048) -> FeatureFID:
-    """FID under random-weight Inception features against random reference statistics (timing only)."""
-    return FeatureFID(RandomInceptionFeatures(device=device, batch_size=100),
+    """FID under random-weight Inception features against random reference statistics (timing only); the
+    feature chunk is InceptionFeatures' (32 images), as a scoring run's."""
+    return FeatureFID(RandomInceptionFeatures(device=device),
                       reference_stats=feature_stats(np.random.default_rng(0).standard_normal((2 * dim, dim))))
 
 
@@ -117,6 +129,82 @@ def floor_seconds(sampler, indices: list[int]) -> tuple[float, int]:
             predict(x, t)
     sync()
     return time.perf_counter() - start, len(indices) * len(timesteps) * (1 + cfg)
+
+
+# kernel names by what they compute: cuBLAS / CUTLASS / Triton-template GEMMs and convolutions; flash, memory-
+# efficient and cuDNN attention (checked before the GEMMs: CUTLASS attention kernels contain "cutlass" too). Other
+# Triton kernels are Inductor's fused pointwise / reduction kernels, whatever aten op their name cites.
+ATTENTION_KERNELS = re.compile(r"flash|fmha|attention|attn|sdpa", re.IGNORECASE)
+GEMM_KERNELS = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|conv|fprop|(^|_)b?mm(_|$)", re.IGNORECASE)
+
+
+def kernel_kind(name: str) -> str:
+    """"gemm", "attention" or "other" for a GPU kernel's name."""
+    if name.startswith("triton_"):
+        return "gemm" if name.startswith("triton_tem") else "other"
+    if ATTENTION_KERNELS.search(name):
+        return "attention"
+    return "gemm" if GEMM_KERNELS.search(name) else "other"
+
+
+def kernel_breakdown(kernels, gemm_flops: float, attention_flops: float) -> dict:
+    """Shares of GPU time of ``kernels`` ((name, microseconds) pairs) in GEMMs, attention and everything else,
+    and the achieved TFLOP/s of the GEMMs and of the attention given the FLOPs each did."""
+    seconds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    by_name: dict[str, float] = {}
+    for name, us in kernels:
+        kind = kernel_kind(name)
+        seconds[kind] += us * 1e-6
+        by_name[name] = by_name.get(name, 0.0) + us * 1e-6
+    total = sum(seconds.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_seconds": total, **{f"{k}_seconds": v for k, v in seconds.items()},
+            **{f"{k}_share": v / total if total else float("nan") for k, v in seconds.items()},
+            "gemm_tflops": gemm_flops / seconds["gemm"] / 1e12 if seconds["gemm"] else float("nan"),
+            "attention_tflops": attention_flops / seconds["attention"] / 1e12 if seconds["attention"] else float("nan"),
+            "gemm_flops": gemm_flops, "attention_flops": attention_flops,
+            "top_kernels": [{"name": n[:160], "seconds": t, "share": t / total} for n, t in top]}
+
+
+def attention_macs(table: dict) -> int:
+    """MACs of one forward in attention products (multiquant.flops ``::qk`` / ``::av`` / ``::matmul``)."""
+    return sum(v for k, v in table["other_macs"].items() if k.rsplit("::", 1)[-1] in ("qk", "av", "matmul"))
+
+
+@torch.no_grad()
+def profile_forward(sampler, indices: list[int], table: dict, repeats: int = 3) -> dict:
+    """torch.profiler of ``repeats`` denoiser calls (the adapter's call, CFG-doubled) on the first full batch of
+    ``indices``, after one unprofiled call: where the GPU time of a forward goes (:func:`kernel_breakdown`)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    adapter, pipe, size = sampler.adapter, sampler.pipe, sampler.resolution
+    cfg = sampler.guidance > 1.0
+    batch = indices[:sampler.batch_size]
+    predict = adapter.predictor(pipe, sampler.batch_conditioning(batch), len(batch), size, size, cfg)
+    x = torch.randn(adapter.latent_shape(pipe, len(batch) * (1 + cfg), size, size), device=sampler.denoiser_device(),
+                    dtype=sampler.denoiser_dtype())
+    t = timesteps_for(pipe.scheduler, sampler.steps, x.device)[0]
+    predict(x, t)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predict(x, t)
+    sync()
+    wall = time.perf_counter() - start  # the same calls without the profiler: kernel time / wall = GPU busy share
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            predict(x, t)
+        sync()
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    forwards = len(batch) * (1 + cfg) * repeats
+    attention = attention_macs(table)
+    gemm = table["total_layer_macs"] + table["total_other_macs"] - attention
+    out = {"batch_images": len(batch), "forwards": forwards, "calls": repeats, "wall_seconds_unprofiled": wall,
+           **kernel_breakdown(kernels, 2 * gemm * forwards, 2 * attention * forwards)}
+    out["gpu_busy_fraction"] = out["gpu_seconds"] / wall
+    out["tflops_unprofiled"] = 2 * (gemm + attention) * forwards / wall / 1e12
+    return out
 
 
 def ours_seconds(scorer: Scorer, config: dict) -> dict:
@@ -180,8 +268,12 @@ def measure_family(name: str, args, metric, device) -> dict:
     scorer, build_s = build_scorer(spec, device, full, num_images, batch, args.mq_methods.split(","), metric)
     sampler, local = scorer.sampler, scorer.local
     config = sample_random_config(scorer.layers, seed=0, index=1, methods=scorer.mq.manifest["methods"])
-    # warm-up: kernels, allocator, VAE and feature network, on a couple of images
-    metric.features(sampler.generate(local[:2]))
+    # warm-up: kernels, allocator, VAE and feature network, on a couple of images; the reference covariance's square
+    # root (computed once per run, then reused by every configuration's distance)
+    warm = sampler.generate(local[:2])
+    metric.features(warm.repeat(((feature_chunk(metric) or 2) + 1) // 2, 1, 1, 1))  # a full chunk's shapes
+    reference = metric.reference()
+    first_distance_s = timed(metric.distance, reference["mu"], reference["sigma"])[1]
     compiled = {}
     if args.compile and not args.scaling_only:
         # eager floor first, then the same denoiser compiled in place: the weight swap copies into its
@@ -215,19 +307,29 @@ def measure_family(name: str, args, metric, device) -> dict:
         table = flops_table(name, tiny=not full, resolution=sampler.resolution)
         macs = table["total_layer_macs"] + table["total_other_macs"]
         achieved = 2 * macs * forwards / floor / 1e12
-        # fixed costs of a configuration: the weight swap and the Frechet distance; the rest scales with images
-        fid_s = timed(metric.distance, metric.reference()["mu"], metric.reference()["sigma"])[1]
+        # fixed costs of a configuration: the weight swap, the Frechet distance and the feature pass's tail after
+        # the last batch (at most one chunk) when chunks overlapped generation (otherwise the whole feature pass
+        # came after it, and it scales); the rest scales with the images
+        fid_s = timed(metric.distance, reference["mu"], reference["sigma"])[1]
         scale = spec.num_images / num_images
-        ours_protocol = ours["apply_s"] + fid_s + (ours["total_s"] - ours["apply_s"] - fid_s) * scale
+        tail = ours.get("features_tail_s", 0.0) if ours.get("feature_chunks_overlapped") else 0.0
+        fixed = ours["apply_s"] + fid_s + tail
+        ours_protocol = fixed + (ours["total_s"] - fixed) * scale
         entry.update(floor_seconds_per_config=floor, overhead_fraction=(ours["total_s"] - floor) / ours["total_s"],
                      macs_per_forward=macs, forwards_per_config=forwards, achieved_tflops=achieved,
                      floor_peak_fraction=achieved / args.peak_tflops, fid_distance_s=fid_s,
                      seconds_per_config_at_protocol=ours_protocol, floor_seconds_at_protocol=floor * scale,
                      overhead_fraction_at_protocol=(ours_protocol - floor * scale) / ours_protocol,
                      configs_per_hour=3600 / ours_protocol, floor_configs_per_hour=3600 / (floor * scale),
-                     sampling_seconds_per_config=sampling,
+                     sampling_seconds_per_config=sampling, generate_s=ours["generate_s"],
+                     generate_overhead_s=ours["generate_s"] - sampling, metrics_s=ours["metrics_s"],
+                     features_tail_s=ours.get("features_tail_s"),
+                     feature_chunks_overlapped=ours.get("feature_chunks_overlapped"),
+                     fid_first_distance_s=first_distance_s, fixed_seconds_per_config=fixed,
                      overhead_fraction_vs_sampling=(ours["total_s"] - sampling) / ours["total_s"],
                      overhead_fraction_vs_sampling_at_protocol=(ours_protocol - sampling * scale) / ours_protocol)
+        if args.profile and full:
+            entry["profile"] = profile_forward(sampler, local, table)
         if name in args.reference_loop.split(","):
             n_ref = min(args.ref_images, num_images)
             ref = reference_loop_seconds(sampler, metric.feature_net, n_ref, n_ref * 4)
@@ -250,7 +352,8 @@ def summarize(args, names: list[str], families: dict, failed: dict) -> dict:
                                         "seconds_per_config", "floor_seconds_per_config",
                                         "overhead_fraction_at_protocol", "sampling_seconds_per_config",
                                         "overhead_fraction_vs_sampling_at_protocol", "configs_per_hour",
-                                        "speedup")},
+                                        "speedup", "generate_s", "generate_overhead_s", "metrics_s",
+                                        "fid_distance_s", "features_tail_s")},
             "families": families, "failed": failed,
             "not_measured": [n for n in names if n not in families and n not in failed],
             "targets": {"overhead_fraction_at_protocol": "<= 0.02", "floor_peak_fraction": ">= 0.6 (pixart_alpha)",
@@ -268,7 +371,7 @@ def write(name: str, result: dict, out_dir) -> None:
     path = Path(out_dir or RESULTS) / f"{name}.json"
     if path.is_file():  # figures other runs merged into this file stay
         old = json.loads(path.read_text())
-        result = {**result, **{k: v for k, v in old.items() if k.startswith(MERGED_ELSEWHERE)}}
+        result = {**result, **{k: v for k, v in old.items() if k.startswith(MERGED_ELSEWHERE) and k not in result}}
     write_result(name, result, out_dir)
 
 
@@ -290,6 +393,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="also torch.compile the denoiser in place with this mode (e.g. max-autotune-no-cudagraphs):"
                          " the eager floor first, then the compiled floor and scorer, side by side")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: profile one denoiser forward (GEMM / attention / other GPU time and TFLOP/s)")
     ap.add_argument("--scaling_only", action="store_true", help="time our path only (for torchrun runs)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return ap.parse_args(argv)
@@ -311,6 +416,8 @@ def main(argv=None, metric=None):
         print(f"{family}: measuring", flush=True)
         try:
             families[family] = entry = measure_family(family, args, metric, device)
+            if family in earlier:  # the figures it replaces stay beside it (one run back)
+                entry["previous_run"] = {k: v for k, v in earlier[family].items() if k != "previous_run"}
         except Exception as err:  # one family's failure (e.g. out of memory) must not cost the others' figures
             failed[family] = f"{type(err).__name__}: {err}"[:500]
             traceback.print_exc()

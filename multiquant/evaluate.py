@@ -89,14 +89,15 @@ class Scorer:
     def indices(self) -> list[int]:
         return list(range(self.num_images))
 
-    def _generate(self) -> tuple[torch.Tensor, np.ndarray | None]:
-        """This rank's images, and their metric features when they could be computed while rendering."""
+    def _generate(self, timings: dict | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """This rank's images, and their metric features when they could be computed while rendering
+        (``timings`` then receives the feature pass's tail, see features_while_rendering)."""
         if not self.local:
             return torch.zeros(0, dtype=torch.uint8), None
         chunk = feature_chunk(self.metric)
         if chunk is None or not hasattr(self.sampler, "batches"):
             return self.sampler.generate(self.local), None
-        return features_while_rendering(self.sampler.batches(self.local), self.metric.features, chunk)
+        return features_while_rendering(self.sampler.batches(self.local), self.metric.features, chunk, timings)
 
     @contextmanager
     def activations_quantized(self):
@@ -117,9 +118,10 @@ class Scorer:
         t0 = time.perf_counter()
         self.applier.apply(config)
         t1 = time.perf_counter()
+        overlap = {}
         with self.activations_quantized():
-            images, feats = self._generate()
-        return images, feats, {"apply_s": t1 - t0, "generate_s": time.perf_counter() - t1}
+            images, feats = self._generate(overlap)
+        return images, feats, {"apply_s": t1 - t0, "generate_s": time.perf_counter() - t1, **overlap}
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         return dist.gather_features(local)
@@ -286,25 +288,38 @@ def feature_chunk(metric) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
-def features_while_rendering(batches, features, chunk: int) -> tuple[torch.Tensor, np.ndarray]:
+def features_while_rendering(batches, features, chunk: int,
+                             timings: dict | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """All images of the iterator ``batches`` and ``features`` of them, computed on a worker thread in chunks of
     ``chunk`` images while the next batches render.
 
     Why: the feature pass (a CPU resize per image, then the feature network) otherwise waits until the last
     image exists; here it hides behind generation. The chunks are the ones a single call on all images makes
-    (``FeatureNet`` splits into ``chunk``-sized pieces from the start), so the features are the same numbers."""
+    (``FeatureNet`` splits into ``chunk``-sized pieces from the start), so the features are the same numbers.
+    Between two batches the GPU waits for this thread, so it only hands each chunk's images to the worker (which
+    stacks them). ``timings``, when given, receives ``features_tail_s`` (from the last rendered batch until the
+    last features) and ``feature_chunks_overlapped`` (chunks handed over while more batches were to come)."""
     images, pending, futures = [], [], []
+    overlapped = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         for batch in batches:
+            overlapped = len(futures)  # handed over before this batch: more batches were to come
             images.append(batch)
             pending.extend(batch)
             while len(pending) >= chunk:
-                futures.append(pool.submit(features, torch.stack(pending[:chunk])))
+                futures.append(pool.submit(_features_of_stack, features, pending[:chunk]))
                 pending = pending[chunk:]
+        rendered = time.perf_counter()
         if pending:
-            futures.append(pool.submit(features, torch.stack(pending)))
+            futures.append(pool.submit(_features_of_stack, features, pending))
         feats = [future.result() for future in futures]
+    if timings is not None:
+        timings.update(features_tail_s=time.perf_counter() - rendered, feature_chunks_overlapped=overlapped)
     return torch.cat(images), np.concatenate(feats)
+
+
+def _features_of_stack(features, images: list[torch.Tensor]) -> np.ndarray:
+    return features(torch.stack(images))
 
 
 def save_pngs(images: torch.Tensor, indices: list[int], folder: Path) -> None:

@@ -21,8 +21,11 @@ def _benchmark():
 
 
 def _small_metric() -> FeatureFID:
-    """A small feature network (3 channels x 2 x 2 pooled) against fresh random reference statistics."""
-    features = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    """A small feature network (3 channels x 2 x 2 pooled, chunks of 2 images) against fresh random reference
+    statistics."""
+    from multiquant.metrics.features import ModuleFeatures
+
+    features = ModuleFeatures(nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten()), name="pool2", batch_size=2)
     return FeatureFID(features, reference_stats=feature_stats(np.random.default_rng(7).standard_normal((50, 12))))
 
 
@@ -49,8 +52,14 @@ def test_measure_family_tiny_pixart_alpha(one_thread):
     assert entry["macs_per_forward"] == macs > 0
     assert entry["achieved_tflops"] == pytest.approx(2 * macs * 120 / floor / 1e12)
     assert entry["floor_peak_fraction"] == pytest.approx(entry["achieved_tflops"] / 2.5)
-    fixed = entry["ours"]["apply_s"] + entry["fid_distance_s"]
+    # 3 images in batches of 2 and the feature chunk of 2: the first chunk went to the worker before the last batch,
+    # so the feature pass's tail after it is a fixed cost beside the weight swap and the distance
+    assert entry["feature_chunks_overlapped"] == 1 and entry["features_tail_s"] == entry["ours"]["features_tail_s"]
+    fixed = entry["ours"]["apply_s"] + entry["fid_distance_s"] + entry["features_tail_s"]
+    assert entry["fixed_seconds_per_config"] == pytest.approx(fixed)
     assert entry["seconds_per_config_at_protocol"] == pytest.approx(fixed + (ours - fixed) * spec.num_images / 3)
+    assert entry["generate_overhead_s"] == pytest.approx(entry["generate_s"] - sampling)
+    assert entry["generate_s"] == entry["ours"]["generate_s"] and entry["metrics_s"] == entry["ours"]["metrics_s"]
     assert entry["configs_per_hour"] == pytest.approx(3600 / entry["seconds_per_config_at_protocol"])
     assert entry["reference_loop"]["measured_images"] == 2 and entry["speedup"] > 0
 
@@ -59,10 +68,36 @@ def test_a_run_of_some_families_keeps_the_others_already_in_the_file(tmp_path, o
     import json
 
     bench = _benchmark()
-    earlier = {"families": {"pixart_alpha": {"measured": "earlier"}, "sdv15": {"measured": "earlier"}}}
+    earlier = {"families": {"pixart_alpha": {"measured": "earlier"}, "sdv15": {"measured": "earlier"}},
+               "fid_distance_s": -1.0, "fid_seconds_per_config": 0.4}
     (tmp_path / "eval_random.json").write_text(json.dumps(earlier))
     bench.main(["--families", "sdv15", "--num_images", "2", "--batch_size", "2", "--reference_loop", "",
                 "--out", str(tmp_path)], metric=_small_metric())
     families = json.loads((tmp_path / "eval_random.json").read_text())["families"]
+    result = json.loads((tmp_path / "eval_random.json").read_text())
     assert families["pixart_alpha"] == {"measured": "earlier"} and families["sdv15"]["measured"] != "earlier"
     assert families["sdv15"]["images_per_config"] == 2
+    assert families["sdv15"]["previous_run"] == {"measured": "earlier"}  # the entry it replaced, beside it
+    # merged by other runs: kept; written by this run (the headline family's, absent here): not the stale one
+    assert result["fid_seconds_per_config"] == 0.4 and result["fid_distance_s"] is None
+
+
+def test_kernel_breakdown_shares_and_rates_hand_computed():
+    bench = _benchmark()
+    kernels = [("nvjet_hsh_256x128_2x1_v_bz_coopA_NNT", 300.0), ("sm90_xmma_gemm_f16f16_f16f32", 100.0),
+               ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128>>", 150.0),
+               ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", 50.0), ("triton_poi_fused_add_mul_0", 250.0),
+               ("triton_red_fused_native_layer_norm_1", 100.0), ("Memcpy HtoD (Pageable -> Device)", 50.0),
+               ("nvjet_hsh_256x128_2x1_v_bz_coopA_NNT", 100.0)]
+    got = bench.kernel_breakdown(kernels, gemm_flops=5e8, attention_flops=2e8)
+    kinds = {name: bench.kernel_kind(name) for name in (
+        "triton_poi_fused__scaled_dot_product_flash_attention_clone_2", "triton_tem_fused_addmm_gelu_3",
+        "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64", "sm90_xmma_fprop_implicit_gemm_f16f16",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "gemv2T_kernel_val")}
+    assert list(kinds.values()) == ["other", "gemm", "attention", "gemm", "other", "gemm"]
+    assert got["gpu_seconds"] == pytest.approx(1.1e-3)
+    assert (got["gemm_seconds"], got["attention_seconds"], got["other_seconds"]) == pytest.approx((5e-4, 2e-4, 4e-4))
+    assert got["gemm_share"] == pytest.approx(5 / 11) and got["attention_share"] == pytest.approx(2 / 11)
+    assert got["gemm_tflops"] == pytest.approx(5e8 / 5e-4 / 1e12) and got["attention_tflops"] == pytest.approx(1.0)
+    assert got["top_kernels"][0] == {"name": "nvjet_hsh_256x128_2x1_v_bz_coopA_NNT", "seconds": pytest.approx(4e-4),
+                                     "share": pytest.approx(4 / 11)}

@@ -85,6 +85,62 @@ def test_fid_matches_clean_fid_on_random_features():
         frechet_distance(mu_a, s_a, mu_a[:3], s_a[:3, :3])
 
 
+def _nuclear_trace(gen: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr(sqrt(sigma1 sigma2)) for sigma1 = the covariance of the rows of ``gen``, without any eigenvalue of a
+    singular matrix: the nuclear norm of the centred rows times scipy's sqrtm(sigma2) (float64 reference)."""
+    from scipy import linalg
+
+    centred = (gen - gen.mean(0)) / np.sqrt(len(gen) - 1)
+    return float(np.linalg.svd(centred @ np.real(linalg.sqrtm(sigma2)), compute_uv=False).sum())
+
+
+@pytest.mark.parametrize("n_gen", [300, 20])  # full-rank and singular (fewer samples than dimensions) sigma1
+def test_frechet_distance_rooted_matches_the_numpy_eigh_path_and_an_exact_trace(n_gen):
+    from multiquant.metrics.fid import frechet_distance_rooted, symmetric_sqrt
+
+    rng = _rng(11 + n_gen)
+    d = 48
+    ref = rng.normal(size=(200, d)) @ rng.normal(size=(d, d)) * 0.2
+    gen = rng.normal(size=(n_gen, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.4
+    (mu2, s2), (mu1, s1) = feature_stats(ref), feature_stats(gen)
+    root2 = symmetric_sqrt(s2)
+    np.testing.assert_allclose(root2 @ root2, s2, rtol=0, atol=1e-12 * np.abs(s2).max())
+    got = frechet_distance_rooted(mu1, s1, mu2, s2, root2)
+    assert frechet_distance_rooted(mu1, s1, mu2, s2, torch.from_numpy(root2)) == got  # numpy or tensor root
+    exact = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * _nuclear_trace(gen, s2)
+    numpy_eigh = frechet_distance(mu1, s1, mu2, s2, method="eigh")
+    if n_gen > d:
+        assert got == pytest.approx(numpy_eigh, rel=1e-11) and got == pytest.approx(exact, rel=1e-11)
+        assert got == pytest.approx(frechet_distance(mu1, s1, mu2, s2, method="sqrtm"), rel=1e-9)
+    else:  # the square roots of round-off eigenvalues: ~1e-8 relative noise in both paths
+        assert got == pytest.approx(numpy_eigh, rel=1e-7) and got == pytest.approx(exact, rel=1e-7)
+    with pytest.raises(ValueError, match="square root"):
+        frechet_distance_rooted(mu1, s1, mu2, s2, root2[:4, :4])
+
+
+def test_feature_fid_distance_keeps_the_reference_root_by_content():
+    """The reference covariance's square root is computed once and reused; an edited covariance is a new
+    entry (keyed by content), and every distance equals the numpy eigh path."""
+    from multiquant.metrics import FeatureFID
+
+    rng = _rng(12)
+    d = 24
+    ref_mu, ref_sigma = feature_stats(rng.normal(size=(100, d)) @ rng.normal(size=(d, d)))
+    metric = FeatureFID(nn.Flatten(), reference_stats=(ref_mu, ref_sigma))
+    assert metric.distance_device == torch.device("cpu")
+    stats = [feature_stats(rng.normal(size=(n, d)) * 0.7 + 0.2) for n in (60, 10)]
+    for mu, sigma in stats:
+        assert metric.distance(mu, sigma) == pytest.approx(
+            frechet_distance(mu, sigma, ref_mu, ref_sigma, method="eigh"), rel=1e-7)
+    assert len(metric._roots) == 1
+    other = {"mu": stats[0][0], "sigma": stats[0][1].copy()}
+    assert metric.distance(*stats[0], other) == pytest.approx(0.0, abs=1e-6)
+    other["sigma"] *= 2.0  # edited in place: a new key, not the stale root
+    assert metric.distance(*stats[0], other) == pytest.approx(
+        frechet_distance(*stats[0], other["mu"], other["sigma"], method="eigh"), rel=1e-9)
+    assert len(metric._roots) == 3
+
+
 # ----------------------------------------------------------------------------------------------------
 # feature networks
 class _FakeInceptionLayers(nn.Module):
@@ -509,6 +565,61 @@ def test_features_while_rendering_overlaps_and_gives_the_same_numbers():
                 assert first_chunk_done.wait(timeout=30), "features did not run while rendering"
             yield images[start:start + 4]
 
-    got_images, got = features_while_rendering(batches(), features, chunk=3)
+    timings = {}
+    got_images, got = features_while_rendering(batches(), features, chunk=3, timings=timings)
     assert torch.equal(got_images, images)
     np.testing.assert_array_equal(got, net(images))
+    # chunks [0:3] and [3:6] were handed over before the last batch, [6:9] with it and [9:10] after it
+    assert timings["feature_chunks_overlapped"] == 2 and timings["features_tail_s"] >= 0.0
+
+
+def test_clean_resize_on_threads_is_bit_identical():
+    from multiquant.metrics.features import clean_resize
+
+    images = [*_random_images(3, h=37, w=52, seed=13), *_random_images(2, c=1, h=29, w=31, seed=14)]
+    one = clean_resize(images, size=23, workers=1)
+    assert one.shape == (5, 3, 23, 23) and one.dtype == torch.float32
+    assert torch.equal(clean_resize(images, size=23, workers=3), one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the feature network's own stream")
+def test_feature_net_on_its_own_cuda_stream_gives_the_default_stream_features():
+    """On CUDA the feature network runs on its own stream, from a worker thread while the default stream is busy:
+    the features equal those of its forward on the default stream; images written on the default stream are
+    waited for; the Frechet distance runs on the GPU and equals the numpy path."""
+    import threading
+
+    from multiquant.evaluate import features_while_rendering
+    from multiquant.metrics import FeatureFID
+    from multiquant.metrics.features import ModuleFeatures
+
+    torch.manual_seed(5)
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+    net = ModuleFeatures(conv, name="toy-cuda", batch_size=4, device="cuda")
+    images = _random_images(11, h=32, w=32, seed=15)
+    with torch.inference_mode():
+        expected = torch.cat([net._forward(list(images[i:i + 4])).double().cpu() for i in range(0, 11, 4)]).numpy()
+    busy = torch.randn(2048, 2048, device="cuda")
+
+    def batches():  # the default stream stays busy while the worker computes features
+        for start in range(0, 11, 3):
+            for _ in range(20):
+                busy.copy_(torch.tanh(busy @ busy / 2048))
+            yield images[start:start + 3]
+
+    assert threading.current_thread() is threading.main_thread()
+    _, got = features_while_rendering(batches(), net, chunk=4)
+    np.testing.assert_array_equal(got, expected)
+    on_gpu = torch.empty_like(images, device="cuda")
+    for _ in range(20):
+        busy.copy_(torch.tanh(busy @ busy / 2048))
+    on_gpu.copy_(images.cuda())  # written on the default stream behind the busy kernels
+    np.testing.assert_array_equal(net(on_gpu), expected)
+
+    rng = _rng(16)
+    ref_mu, ref_sigma = feature_stats(rng.normal(size=(80, 16 * 16)))
+    metric = FeatureFID(net, reference_stats=(ref_mu, ref_sigma))
+    assert metric.distance_device.type == "cuda"
+    mu, sigma = feature_stats(got)
+    assert metric.distance(mu, sigma) == pytest.approx(
+        frechet_distance(mu, sigma, ref_mu, ref_sigma, method="eigh"), rel=1e-7)

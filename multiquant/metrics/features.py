@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,7 +26,7 @@ from torch import nn
 from ..errors import UserError
 
 __all__ = ["FeatureNet", "InceptionFeatures", "RandomInceptionFeatures", "ModuleFeatures",
-           "InceptionWeightsMissing", "clean_resize", "inception_weights_path", "INCEPTION_ENV", "INCEPTION_FILE"]
+           "InceptionWeightsMissing", "clean_resize", "default_resize_workers", "inception_weights_path", "INCEPTION_ENV", "INCEPTION_FILE"]
 
 INCEPTION_ENV = "QUA2SEDIMO_INCEPTION"
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the torchscript file clean-fid downloads
@@ -37,8 +38,21 @@ class InceptionWeightsMissing(UserError, FileNotFoundError):
     """The Inception torchscript is not available locally and could not be downloaded."""
 
 
+def default_resize_workers() -> int:
+    """Threads for the per-image CPU resize: half the CPUs this process may use (the other half keeps the
+    sampler's Python and the data loading going), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // 2))
+
+
 class FeatureNet:
-    """Base class: batching, uint8 checks and float64 output; subclasses implement ``_forward``."""
+    """Base class: batching, uint8 checks and float64 output; subclasses implement ``_forward``.
+
+    On CUDA the network runs on a CUDA stream of its own, so that a feature pass on a worker thread
+    (evaluate.features_while_rendering) does not queue its kernels between the denoiser's on the default stream.
+    The stream waits for the caller's stream when it is made and whenever images arrive on the GPU; each call
+    returns only after its stream's work is done (the features are copied to the CPU on it). A feature network
+    whose weights are rewritten later drops its stream (:meth:`reset_stream`)."""
 
     name: str = "feature-net"
 
@@ -47,17 +61,40 @@ class FeatureNet:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._stream = None
 
     def _forward(self, images: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def reset_stream(self) -> None:
+        """Forget the CUDA stream: the next call makes one that waits for the caller's stream (after the
+        network's weights were moved or rewritten there)."""
+        self._stream = None
+
+    @contextmanager
+    def _on_own_stream(self, images: list[torch.Tensor]):
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        if getattr(self, "_stream", None) is None:
+            # priority 0 is CUDA's lowest, the default stream's: no lower one exists
+            self._stream = torch.cuda.Stream(self.device, priority=0)
+            self._stream.wait_stream(caller)  # the network's weights were written on the caller's stream
+        elif any(img.is_cuda for img in images):
+            self._stream.wait_stream(caller)  # images produced there
+        with torch.cuda.stream(self._stream):
+            yield
 
     @torch.inference_mode()
     def __call__(self, images: Images) -> np.ndarray:
         images = _as_image_list(images)
         if not images:
             raise ValueError("no images given")
-        chunks = [self._forward(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        feats = torch.cat([c.detach().to("cpu", torch.float64).reshape(c.shape[0], -1) for c in chunks])
+        with self._on_own_stream(images):
+            chunks = [self._forward(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+            # a blocking copy to the CPU on this stream: the features are complete when it returns
+            feats = torch.cat([c.detach().to("cpu", torch.float64).reshape(c.shape[0], -1) for c in chunks])
         return feats.numpy()
 
     def __repr__(self) -> str:
@@ -92,15 +129,16 @@ def clean_resize(images: Images, size: int = INCEPTION_SIZE, workers: int = 1) -
     """clean-fid's resize applied to uint8 images: float32 ``[N, 3, size, size]`` in 0..255.
 
     Grayscale is replicated to RGB, as clean-fid's ``convert('RGB')`` does. This is exactly what
-    clean-fid computes after reading a PNG, minus the PNG round trip."""
+    clean-fid computes after reading a PNG, minus the PNG round trip. ``workers`` > 1 resizes the images on
+    that many threads (each image on its own: the same numbers)."""
     resize = _clean_resizer(size)
     arrays = []
     for img in _as_image_list(images):
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
         arrays.append(img.permute(1, 2, 0).cpu().numpy())
-    if workers > 1:  # PIL releases the GIL while resizing
-        with ThreadPoolExecutor(workers) as pool:
+    if workers > 1 and len(arrays) > 1:  # PIL releases the GIL while resizing
+        with ThreadPoolExecutor(min(workers, len(arrays))) as pool:
             out = list(pool.map(resize, arrays))
     else:
         out = [resize(a) for a in arrays]
@@ -164,11 +202,11 @@ class InceptionFeatures(FeatureNet):
     name = "inception-v3-clean"
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32,
-                 weights: str | os.PathLike | None = None, download: bool = True, resize_workers: int = 1):
+                 weights: str | os.PathLike | None = None, download: bool = True, resize_workers: int | None = None):
         super().__init__(device, batch_size)
         path = inception_weights_path(weights, download=download)
         self.weights_path = path
-        self.resize_workers = resize_workers
+        self.resize_workers = resize_workers or default_resize_workers()
         self.model = _load_inception_torchscript(path, self.device)
 
     def _forward(self, images):
@@ -205,12 +243,12 @@ class RandomInceptionFeatures(FeatureNet):
     never mix with real ones."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
-                 resize_workers: int = 1):
+                 resize_workers: int | None = None):
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
         self.name = f"inception-v3-random-seed{seed}-unitnorm"
-        self.resize_workers = resize_workers
+        self.resize_workers = resize_workers or default_resize_workers()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)

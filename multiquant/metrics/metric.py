@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .fid import feature_stats, frechet_distance
+from .fid import feature_stats, float64_on, frechet_distance, frechet_distance_rooted, symmetric_sqrt
 
 __all__ = ["FeatureFID", "CallableMetric", "FID_METHOD", "is_feature_metric"]
 
 FID_METHOD = "eigh"  # same trace as scipy sqrtm (to ~1e-8), several times faster on 2048-d features
+# square roots of fixed covariances a metric keeps (the reference set's and the FP images' in one run)
+ROOTS_KEPT = 4
 
 
 def _callable_name(fn) -> str:
@@ -103,6 +105,7 @@ class FeatureFID:
         self._name = name
         self._reference: dict | None = None
         self._reference_id: str | None = None
+        self._roots: dict[tuple, torch.Tensor] = {}  # (content hash, device) -> symmetric_sqrt, see _sqrt_of
 
     # -- feature network -----------------------------------------------------------------------------------
     @property
@@ -137,6 +140,7 @@ class FeatureFID:
         if self._features is not None and isinstance(self._features_arg, nn.Module):
             self._features.device = self._device
             self._features.module.to(self._device)
+            self._features.reset_stream()  # its weights were just written on the caller's stream
         elif callable(getattr(self._features_arg, "to", None)) and not isinstance(self._features_arg, nn.Module):
             self._features_arg.to(self._device)  # a feature network that moves itself (e.g. loaded lazily)
         return self
@@ -206,9 +210,35 @@ class FeatureFID:
 
     # -- scoring --------------------------------------------------------------------------------------
     def distance(self, mu, sigma, other: dict | None = None) -> float:
-        """FID of statistics (mu, sigma) against the reference (or ``other``'s mu/sigma)."""
+        """FID of statistics (mu, sigma) against the reference (or ``other``'s mu/sigma).
+
+        Method "eigh": the square root of the reference's covariance is computed once per content (the
+        reference set and the FP images are the same for every configuration), the rest in float64 on the
+        feature network's device (fid.frechet_distance_rooted: the same value as the numpy path)."""
         ref = other if other is not None else self.reference()
-        return float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method=self.fid_method))
+        if self.fid_method != "eigh":
+            return float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method=self.fid_method))
+        device = self.distance_device
+        return frechet_distance_rooted(mu, sigma, ref["mu"], ref["sigma"], self._sqrt_of(ref["sigma"], device), device)
+
+    @property
+    def distance_device(self) -> torch.device:
+        """Where the per-configuration Frechet distance runs: the feature network's GPU, else the CPU."""
+        device = getattr(self.feature_net, "device", None)
+        if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+            return torch.device(device)
+        return torch.device("cpu")
+
+    def _sqrt_of(self, sigma, device: torch.device) -> torch.Tensor:
+        """fid.symmetric_sqrt of ``sigma`` on ``device``, keyed by the matrix's content (never by identity: an
+        edited array is a new key)."""
+        sigma = np.ascontiguousarray(sigma, dtype=np.float64)
+        key = (hashlib.sha256(memoryview(sigma).cast("B")).hexdigest(), sigma.shape, str(device))
+        if key not in self._roots:
+            while len(self._roots) >= ROOTS_KEPT:
+                self._roots.pop(next(iter(self._roots)))  # the oldest
+            self._roots[key] = float64_on(symmetric_sqrt(sigma), device)
+        return self._roots[key]
 
     def __call__(self, images) -> float:
         return self.distance(*feature_stats(self.features(images)))

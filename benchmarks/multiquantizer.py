@@ -202,7 +202,7 @@ def main(argv=None):
                     help="the reference family is rebuilt (warm) at these chunk sizes, comma-separated ('' skips)")
     ap.add_argument("--sample_channels", type=int, default=8, help="channels per layer shape in the emulation")
     ap.add_argument("--apply_trials", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="the reference family is also built once more (warm, "
+    ap.add_argument("--profile", action="store_true", help="the first family listed is also built once more (warm, "
                                                            "timed) and once under torch.profiler (device time per op)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
@@ -215,7 +215,7 @@ def main(argv=None):
     for name in names:
         entry, model, layers = build_family(name, device, args.apply_trials, size, compare_layer_by_layer=name == reference,
                                             sweep=sweep if name == reference else [],
-                                            profile=args.profile and name == reference)
+                                            profile=args.profile and name == names[0])
         if name == reference:
             ref = reference_style_seconds(model, layers, args.sample_channels)
             entry["reference_style_seconds"], entry["speedup"] = ref["total"], ref["total"] / entry["build_seconds"]

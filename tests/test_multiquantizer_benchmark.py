@@ -12,7 +12,7 @@ def _benchmark():
 
 
 def test_tiny_families_build_with_the_reference_family_compared(tmp_path, one_thread):
-    _benchmark().main(["--models", "hunyuan,pixart_alpha", "--sample_channels", "1", "--apply_trials", "1",
+    _benchmark().main(["--models", "pixart_alpha,hunyuan", "--sample_channels", "1", "--apply_trials", "1",
                        "--chunk_sweep", "64", "--profile", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "multiquantizer.json").read_text())
     assert result["model"] == "pixart_alpha" and result["reference_model"] == "pixart_alpha"

@@ -16,17 +16,26 @@ the shared decode scratch); exactness = max abs difference of the packed forward
 measured alone (resident bytes + peak of one encode / decode) and combined with the denoiser's figures.
 Weights are random, so K-Means runs few iterations (``--kmeans_iters``): quality is not measured here.
 
-Small-M kernel: per configuration and shape, ``fast`` is the default fast path (PackedLinear forwards on at most
-``--small_m_max`` rows take the fused table-lookup GEMM; default the library's SMALL_M_MAX), and beside it the
-other setting: ``fast_no_small_m`` (threshold 0: decode + cuBLAS everywhere, bit-exact) when the default uses the
-kernel, ``fast_small_m`` (``--small_m_compare`` rows) when it does not. ``*_with_small_m`` / ``*_without_small_m``
-keys and ``small_m_speedup`` (latency without / with; ``small_m_speedup_cuda_graph`` from graph replays at batch
-<= 2) compare them, ``small_m_layers`` lists which layer calls took the kernel. Before the models, ``small_m_microbench`` times the small-M layers alone (K/V and timestep MLP 1152 x
-1152, adaLN 1152 -> 6912, caption projection 4096 -> 1152) at M = 1 ... 2048 for FP16 ``F.linear``, decode +
-cuBLAS and the fused kernel (host-timed back-to-back calls and CUDA-graph replays), checks each fused result
-against its stated error bound, and reports per shape and option the largest M up to which the fused kernel
-is at least as fast on the GPU (``crossover``; ``recommended_small_m_max`` = the smallest of them). If the fused
-kernel fails there, the models are measured without it and ``small_m_disabled_because`` says why.
+Small-M kernel: per configuration and shape, ``fast`` is the library's default fast path (``--small_m_max``,
+default the library's setting: "measured", the measured dispatch of multiquant.kernels, which times decode + cuBLAS
+against the fused table-lookup GEMM once per layer kind on the GPU and keeps the faster; ``kernels.tune_small_m``
+warms it before the timed forwards and ``small_m_decisions`` lists its decisions), and beside it, in the same run,
+``fast_no_small_m`` (setting 0: decode + cuBLAS everywhere, bit-exact) and ``fast_small_m_measured`` (the measured
+dispatch; measured only when the default is another setting), plus ``fast_small_m`` at a fixed threshold of
+``--small_m_compare`` rows when that is > 0. ``*_with_small_m`` (the measured path) / ``*_without_small_m`` (setting
+0) keys and ``small_m_speedup`` (latency without / with; ``small_m_speedup_cuda_graph`` from graph replays at batch
+<= 2) compare them, ``small_m_layers`` counts the layer calls that took the kernel. Before the models,
+``small_m_microbench`` times the small-M layers alone (K/V and timestep MLP 1152 x 1152, adaLN 1152 -> 6912, caption
+projection 4096 -> 1152) at M = 1 ... 2048 for FP16 ``F.linear``, decode + cuBLAS and the fused kernel (host-timed
+back-to-back calls and CUDA-graph replays), checks each fused result against its stated error bound, records the
+measured dispatch's decision at M <= its cap (``measured_dispatch``), and reports per shape and option the largest M
+up to which the fused kernel is at least as fast on the GPU (``crossover``). If the fused kernel fails there, the
+models are measured without it and ``small_m_disabled_because`` says why.
+
+Subsets: ``--models pixart_alpha,dit --shapes b2_512`` measures batch 2 at 512 px of both models only (a
+``--shapes`` item without ``model:`` applies to every model); the rows of other shapes and models already in the
+results file are kept (``--no_merge``: start the file afresh), each row saying when it was measured
+(``measured_in``), and the targets are read off the merged rows.
 Writes benchmarks/results/export.json (export_tiny.json with --tiny), rewritten after the micro-benchmark and
 after every configuration.
 """
@@ -36,6 +45,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import json
 import os
 import shutil
 import statistics
@@ -48,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, full_size_vae, sync, timed, write_result  # noqa: E402
+from benchmarks.common import RESULTS, environment, full_size_vae, sync, timed, write_result  # noqa: E402
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import config_record, quantize_, sample_random_config, uniform_config  # noqa: E402
 from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, load_quantized,  # noqa: E402
@@ -60,6 +70,7 @@ from multiquant.kernels import SCRATCH, small_m_threshold, use_packed_kernels  #
 from multiquant.packed import PackedLinear, PackedWeight, packed_layer  # noqa: E402
 from multiquant.packing import pack_codes  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
+from multiquant.errors import UserError  # noqa: E402
 from multiquant.utils import default_device  # noqa: E402
 
 
@@ -143,9 +154,15 @@ DEFAULT_SHAPES = {"pixart_alpha": "2x512,16x512,2x1024,16x1024", "dit": "2x512,1
 
 
 def parse_shapes(text: str) -> list[tuple[int, int | None]]:
+    """``BxRES`` or ``bB_RES`` items (``B`` alone: the model's own resolution), comma-separated."""
     shapes = []
     for item in text.split(","):
-        batch, _, res = item.strip().partition("x")
+        item = item.strip().lower()
+        if item.startswith("b"):
+            item = item[1:].replace("_", "x")
+        batch, _, res = item.partition("x")
+        if not batch.isdigit() or not (res.isdigit() or not res):
+            raise UserError(f"shape {item!r} is not BATCHxRESOLUTION: write e.g. 2x512 or b2_512 (--shapes)")
         shapes.append((int(batch), int(res) if res else None))
     return shapes
 
@@ -176,13 +193,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no_pipeline", action="store_true", help="skip the text encoder / VAE memory figures")
     ap.add_argument("--workdir", default=None, help="where exports are written (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    ap.add_argument("--small_m_max", type=int, default=None,
-                    help="rows up to which PackedLinear takes the fused small-M kernel on the fast path "
-                         "(default: the library's multiquant.kernels.SMALL_M_MAX; 0: never)")
-    ap.add_argument("--small_m_compare", type=int, default=256,
-                    help="threshold of the side-by-side small-M path when --small_m_max is 0")
+    ap.add_argument("--small_m_max", type=kernels.small_m_setting, default=None,
+                    help="small-M setting of the default fast path: 'measured' (per layer kind, timed on the GPU), "
+                         "0 (never the fused kernel) or N rows (always on <= N rows); default: the library's "
+                         "(multiquant.kernels.SMALL_M_MAX, QUA2SEDIMO_SMALL_M_MAX)")
+    ap.add_argument("--small_m_compare", type=int, default=0,
+                    help="also measure the fast path with the fused kernel on every layer of <= this many rows "
+                         "(fast_small_m; 0: not measured)")
     ap.add_argument("--no_small_m_compare", action="store_true",
-                    help="measure the fast path at --small_m_max only (no side-by-side small-M path)")
+                    help="measure the fast path at --small_m_max only (no side-by-side small-M paths)")
+    ap.add_argument("--no_merge", action="store_true",
+                    help="write a fresh results file (default: keep the rows of shapes and models this run does "
+                         "not measure from the existing file)")
     ap.add_argument("--no_microbench", action="store_true", help="skip the small-M layer micro-benchmark")
     ap.add_argument("--micro_rows", default=None,
                     help=f"rows M of the micro-benchmark (default {MICRO_ROWS}; tiny: {MICRO_ROWS_TINY})")
@@ -193,12 +215,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _shapes_for(args, model_name: str, tiny: bool) -> list[tuple[int, int | None]]:
-    if args.shapes:
+    if args.shapes:  # "model:2x512,16x512;other:..." or, for every model, "2x512,16x512" / "b2_512"
+        shared = []
         for spec in args.shapes.split(";"):
-            name, _, shapes = spec.partition(":")
-            if name.strip() == model_name:
+            name, colon, shapes = spec.partition(":")
+            if not colon:
+                shared += parse_shapes(spec)
+            elif name.strip() == model_name:
                 return parse_shapes(shapes)
-        return []
+        return shared
     return [(2, None), (16, None)] if tiny else parse_shapes(DEFAULT_SHAPES.get(model_name, "2x512,16x512"))
 
 
@@ -215,13 +240,27 @@ def run(args, workdir: Path) -> dict:
               "weights": "random (diffusers init), real shapes", "kmeans_iters": args.kmeans_iters,
               "reps": args.reps, "eager_reps": args.eager_reps, "tokens": args.tokens,
               "fast_path": "multiquant.kernels: Triton decode into a shared scratch buffer + cuBLAS; PackedLinear "
-                           "forwards on at most small_m_max rows: the fused table-lookup GEMM on the packed codes",
-              "side_by_side_paths": "fast_no_small_m: the fast path with small_m_max = 0 (decode + cuBLAS for every "
-                                    "layer), measured when small_m_max > 0; fast_small_m: the fast path at "
-                                    "small_m_compare rows, measured when small_m_max = 0",
+                           "forwards on few rows: the fused table-lookup GEMM on the packed codes where the "
+                           "small_m_max setting says so ('measured': per layer kind, where it was timed faster, "
+                           f"on at most {kernels.MEASURED_MAX_ROWS} rows)",
+              "side_by_side_paths": "fast: the library default (small_m_max); fast_no_small_m: setting 0 (decode + "
+                                    "cuBLAS for every layer); fast_small_m_measured: the measured dispatch (when "
+                                    "fast is another setting); fast_small_m: the fused kernel at <= small_m_compare "
+                                    "rows (when > 0); eager: the reference path",
+              "small_m_measured_max_rows": kernels.MEASURED_MAX_ROWS,
+              "small_m_measured_min_gain": kernels.MEASURED_MIN_GAIN,
               "small_m_compare": args.small_m_compare,
               "small_m_max": args.small_m_max, "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
+    previous = None if args.no_merge else read_previous(name, args.out)
+
+    def save(final: bool = False) -> dict:
+        merged = merge_previous(result, previous) if previous else dict(result)
+        if final:
+            merged["targets"] = target_summary(merged)
+        write_result(name, merged, args.out)
+        return merged
+
     if not args.no_microbench:
         try:
             result["small_m_microbench"] = small_m_microbench(args, device)
@@ -233,23 +272,66 @@ def run(args, workdir: Path) -> dict:
             result["small_m_disabled_because"] = failed[0]
             args.small_m_max = result["small_m_max"] = 0
         free_memory()
-        write_result(name, result, args.out)
+        save()
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         try:
-            bench_model(args, model_name, device, tiny, workdir / model_name, result,
-                        save=lambda: write_result(name, result, args.out))
+            bench_model(args, model_name, device, tiny, workdir / model_name, result, save=save)
         except Exception as e:  # one run on a lent GPU: keep the other models' figures, record the failure
             result.setdefault("errors", {})[model_name] = f"{type(e).__name__}: {e}"[:2000]
             traceback.print_exc()
             free_memory()
         result["total_seconds"] = time.perf_counter() - started
-        write_result(name, result, args.out)
-    result["targets"] = target_summary(result)
+        save()
+    result["small_m_table"] = kernels.small_m_table()  # every measured decision of this run
     result["direct_launch_engaged"] = kernels.DIRECT_LAUNCH[0]
     result["total_seconds"] = time.perf_counter() - started
-    write_result(name, result, args.out)
-    print_summary(result)
-    return result
+    final = save(final=True)
+    print_summary(final)
+    return final
+
+
+ROW_KEY = ("model", "batch", "resolution")
+# about a whole file's run (or recomputed): not carried over as figures, kept as the previous run's notes
+RUN_NOTES = ("produced_by", "headline_path", "previous_run", "pipeline_memory_from", "merged", "errors", "targets")
+
+
+def read_previous(name: str, out_dir) -> dict | None:
+    path = (Path(out_dir) if out_dir else RESULTS) / f"{name}.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the previous results {path} to merge into ({e}): fix or move it, or pass "
+                        f"--no_merge") from e
+
+
+def merge_previous(result: dict, previous: dict) -> dict:
+    """This run's results, plus what ``previous`` (the results file before it) has and this run did not measure:
+    rows and pipeline-memory entries of other (model, batch, resolution), other models' info, other top-level
+    figures (e.g. an earlier micro-benchmark). Rows keep the previous order (re-measured rows in place), each
+    row says when it was measured; the previous file's notes on its own run go under ``merged``."""
+    def key(row):
+        return tuple(row.get(k) for k in ROW_KEY)
+
+    def tagged(rows, date):
+        return [row if "measured_in" in row else dict(row, measured_in=date) for row in rows]
+
+    new_rows = {key(r): r for r in tagged(result["shapes"], result.get("date"))}
+    old_rows = tagged(previous.get("shapes", []), previous.get("date"))
+    rows = [new_rows.pop(key(r), r) for r in old_rows] + list(new_rows.values())
+    measured = {key(r) for r in result["shapes"]}
+    kept = [key(r) for r in old_rows if key(r) not in measured]
+    pipeline = [e for e in previous.get("pipeline_memory", []) if key(e) not in measured]
+    carried = {k: v for k, v in previous.items() if k not in result and k not in RUN_NOTES}
+    merged = dict(carried)
+    merged.update(result, shapes=rows, pipeline_memory=pipeline + list(result.get("pipeline_memory", [])),
+                  models={**previous.get("models", {}), **result.get("models", {})})
+    merged["merged"] = {"previous_date": previous.get("date"), "previous_device": previous.get("device"),
+                        "rows_from_previous_run": [f"{m} b{b} {r}px" for m, b, r in kept],
+                        "figures_from_previous_run": sorted(carried),
+                        "previous_notes": {k: previous[k] for k in RUN_NOTES if k in previous}}
+    return merged
 
 
 def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result: dict, save=lambda: None) -> None:
@@ -356,27 +438,35 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
 
 
 def bench_paths(args) -> dict:
-    """name -> (Triton fast path on, small-M threshold): the default fast path at ``--small_m_max``; beside it
-    the fast path at the other small-M setting (threshold 0 when the default takes the fused kernel,
-    ``--small_m_compare`` when it does not); the eager reference."""
+    """name -> (Triton fast path on, small-M setting): ``fast`` at the default setting (``--small_m_max``);
+    beside it ``fast_no_small_m`` (0) and ``fast_small_m_measured`` (the measured dispatch), each unless it is the
+    default's setting, ``fast_small_m`` at ``--small_m_compare`` rows when > 0; the eager reference."""
     paths = {"fast": (True, args.small_m_max)}
     if not args.no_small_m_compare:
-        if args.small_m_max:
-            paths["fast_no_small_m"] = (True, 0)
-        elif args.small_m_compare:
-            paths["fast_small_m"] = (True, args.small_m_compare)
+        others = [("fast_no_small_m", 0), ("fast_small_m_measured", kernels.MEASURED)]
+        if args.small_m_compare:
+            others.append(("fast_small_m", args.small_m_compare))
+        for name, setting in others:
+            if setting != args.small_m_max:
+                paths[name] = (True, setting)
     paths["eager"] = (False, 0)
     return paths
+
+
+def _path_with(paths: dict, setting) -> str | None:
+    """The fast path measured at this small-M setting (``fast`` first)."""
+    return next((name for name, (fast, s) in paths.items() if fast and s == setting), None)
 
 
 def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out: torch.Tensor, args, device,
                  batch: int, disk_ratio: float) -> dict:
     fp = row["fp16"]
     paths = bench_paths(args)
-    with_name = "fast" if args.small_m_max else ("fast_small_m" if "fast_small_m" in paths else None)
-    without_name = "fast_no_small_m" if args.small_m_max else "fast"
-    entry = {"disk_ratio_vs_fp16": disk_ratio, "small_m_path": with_name,
-             "small_m_layers": small_m_census(packed, inputs, paths[with_name][1] if with_name else 0)}
+    with_name, without_name = _path_with(paths, kernels.MEASURED), _path_with(paths, 0)
+    entry = {"disk_ratio_vs_fp16": disk_ratio, "small_m_path": with_name, "small_m_off_path": without_name}
+    if with_name:  # warm the measured dispatch's table (timings on the GPU) before anything is timed or captured
+        entry["small_m_decisions"] = kernels.tune_small_m(packed, **inputs)
+        entry["small_m_layers"] = small_m_census(packed, inputs, kernels.MEASURED)
     for path, (fast, threshold) in paths.items():
         reps = args.eager_reps if path == "eager" else args.reps
         with use_packed_kernels(fast), small_m_threshold(threshold):
@@ -532,6 +622,9 @@ def small_m_microbench(args, device) -> dict:
                     if not ratio <= 1.0:
                         result["fused_out_of_bound"].append(f"{sname} {option} M={rows}: err/bound {ratio:.3g}")
                     case["fused"] = _time_calls(lambda: kernels.packed_linear(layer, x), args.micro_calls, cuda)
+                    if rows <= kernels.MEASURED_MAX_ROWS:  # what the measured dispatch decides for this layer
+                        kernels.small_m_choice(layer, x)
+                        case["measured_dispatch"] = kernels.small_m_entry(kernels.small_m_key(layer, x))
                 except Exception as e:  # record it; the model runs then go without the fused kernel
                     case["fused_error"] = f"{type(e).__name__}: {e}"[:500]
                     result["fused_errors"].append(f"{sname} {option} M={rows}: {case['fused_error']}")
@@ -571,12 +664,21 @@ def print_summary(result: dict) -> None:
         print(f"SUMMARY small-M crossover (largest M where fused <= decode+cuBLAS on the GPU): {micro['crossover']} "
               f"recommended_small_m_max={micro['recommended_small_m_max']} errors={micro['fused_errors'][:2]} "
               f"out_of_bound={micro['fused_out_of_bound'][:4]}")
+    table = result.get("small_m_table", [])
+    if table:
+        print(f"SUMMARY small-M measured dispatch: {sum(e['fused'] for e in table)} of {len(table)} layer kinds "
+              f"took the fused kernel: " + ", ".join(
+                  f"{e['method']}-{e['bits']} {e['in_features']}->{e['out_features']} M<={e['rows_bucket']} "
+                  f"{'fused' if e['fused'] else 'decode'} ({e['fused_us']:.1f} vs {e['decode_cublas_us']:.1f} us)"
+                  for e in table))
     for row in result["shapes"]:
+        earlier = "" if row.get("measured_in", result.get("date")) == result.get("date") else " [previous run]"
         for cname, e in row["configs"].items():
             with_ = e.get(e.get("small_m_path") or "", {})
-            without = e.get("fast_no_small_m" if e.get("small_m_path") == "fast" else "fast", {})
+            off = e.get("small_m_off_path") or ("fast_no_small_m" if e.get("small_m_path") == "fast" else "fast")
+            without = e.get(off, {})
             graph, graph_without = with_.get("cuda_graph", {}), without.get("cuda_graph", {})
-            print(f"SUMMARY {row['model']} b{row['batch']} {row['resolution']}px {cname}: latency/fp16 "
+            print(f"SUMMARY{earlier} {row['model']} b{row['batch']} {row['resolution']}px {cname}: latency/fp16 "
                   f"{fmt(e.get('latency_ratio_vs_fp16'))} (with small-M "
                   f"{fmt(e.get('latency_ratio_vs_fp16_with_small_m'))}, without "
                   f"{fmt(e.get('latency_ratio_vs_fp16_without_small_m'))}, eager "

@@ -14,16 +14,21 @@ model reproduces the eager one (and the simulated configuration) exactly, small-
     use_packed_kernels(False)      # context manager: force the eager path (reference, benchmarks)
     QUA2SEDIMO_PACKED_KERNELS=0    # environment: the same, process-wide
 
-Small-M layers (a PackedLinear on at most ``small_m_max()`` rows: text-token K/V, timestep and adaLN MLPs at
-M = batch) skip the dense weight: a fused table-lookup GEMM reads the packed codes, decodes tiles in registers
-and multiplies with ``tl.dot`` (split-K, one launch), so they read b/16 of the FP16 weight bytes. Its weight is
-the same, its float32 accumulation order is not cuBLAS's: results are within the bound stated in
-:func:`packed_linear`, not bit-exact.
+Small-M layers (a PackedLinear on few rows: text-token K/V, timestep and adaLN MLPs at M = batch) can skip the
+dense weight: a fused table-lookup GEMM reads the packed codes, decodes tiles in registers and multiplies with
+``tl.dot`` (split-K, one launch), so they read b/16 of the FP16 weight bytes. Its weight is the same, its float32
+accumulation order is not cuBLAS's: results are within the bound stated in :func:`packed_linear`, not bit-exact.
+Whether it pays depends on the layer (measured: benchmarks/results/export.json, small_m_microbench_v2), so by
+default it is chosen per layer kind by measurement (the measured dispatch): the first eager forward that meets a
+(method, bits, table kind, N, K, row bucket, dtype, bias, device) key on at most MEASURED_MAX_ROWS rows times both
+paths on the GPU and a process-level table keeps the faster one. Under torch.compile's tracing and CUDA-graph
+capture nothing is timed: the table's decision, else decode + cuBLAS. Warm the table first:
 
-    small_m_threshold(256)         # context manager: layers on <= 256 rows take the fused kernel (0: none,
-                                   # every layer decodes + cuBLAS, bit-exact with eager)
-    QUA2SEDIMO_SMALL_M_MAX=256     # environment: the default threshold (SMALL_M_MAX rows; 0, off, by default:
-                                   # measured, it does not beat decode + cuBLAS on every layer, see SMALL_M_MAX)
+    tune_small_m(model, *inputs)   # one eager forward per input shape, before torch.compile / graph capture
+    small_m_table()                # the decisions and their timings; clear_small_m_table() forgets them
+    small_m_threshold(0)           # context manager: decode + cuBLAS everywhere (bit-exact with eager); N > 0:
+                                   # the fused kernel on every layer of <= N rows; "measured": the default
+    QUA2SEDIMO_SMALL_M_MAX=0       # environment: the same settings, process-wide (default "measured")
 
 The fast path is taken automatically for CUDA inputs when Triton imports. It is single-stream: the scratch
 buffer is shared by every layer of one (device, dtype), so two layers must not run concurrently on different
@@ -35,13 +40,19 @@ as capture always requires, so the scratch exists before capture).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
+import statistics
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .errors import UserError
+from .options import METHODS
 
 MODES = {"mse": 0, "kmeans": 1, "kmeans_all": 2}  # table kind: UAQ grid, per-channel codebook, one codebook
 MAX_NUMEL = 2 ** 31 // 8  # int32 indexing inside the kernel (byte index = numel / 8 * bits)
@@ -417,13 +428,14 @@ def _direct_launcher(compiled, grid: tuple, args: tuple):
 # Layers run on few rows (cross-attention K/V over the text tokens, timestep / adaLN MLPs at M = batch) are bound
 # by reading their weight: decode + cuBLAS reads b/8 bytes, writes 2 and reads 2 bytes per weight, in two launches;
 # the fused kernel reads b/8 bytes per weight in one launch. Above some rows the GEMM is compute-bound and cuBLAS
-# on the decoded weight wins. The default comes from benchmarks/export.py's small-M micro-benchmark (fused vs
-# decode + cuBLAS per M on the GPU, its "crossover"): on one H200 (benchmarks/results/export.json) the kernel
-# the first version was slower than decode + cuBLAS at every measured M (K/V 1152 x 1152 at M = 2: 10.0 vs 8.4 us
-# with UAQ-4, 25 us with codebooks); the second (small_m_microbench_v2) wins up to M = 16 on some layers and loses
-# on others (adaLN 1152 -> 6912 with UAQ-4: 26.5 vs 19.5 us), so no one threshold wins everywhere: off (0).
-SMALL_M_MAX = int(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", "0"))
-_SMALL_M = [SMALL_M_MAX]
+# on the decoded weight wins. Measured on one H200 (benchmarks/results/export.json, small_m_microbench_v2) the
+# fused kernel wins up to M = 16 on K/V-like 1152 x 1152 layers (UAQ-4 7.4 vs 8.6 us, K-Means-C-3 6.4 vs 9.0) and on
+# wide layers with codebooks, but loses with UAQ-4 on wide ones (adaLN 1152 -> 6912: 26.5 vs 19.5 us) and from
+# M = 64 on almost every layer: no one row threshold wins everywhere, so by default each layer kind is timed once
+# on the GPU (the measured dispatch, below) up to MEASURED_MAX_ROWS rows.
+MEASURED = "measured"  # the small-M setting that times both paths per layer kind (the default)
+MEASURED_MAX_ROWS = 16  # hard cap of the measured dispatch: more rows always decode + cuBLAS
+MEASURED_MIN_GAIN = 0.03  # the fused kernel is chosen only if >= 3% faster: near-ties keep the bit-exact path
 COUNTER_SLOTS = 4096  # split-K arrival counters per device (one per output tile); tilings with more tiles don't split
 MAX_SPLIT_K = 16
 PROGRAMS_PER_SM = 8  # fused-kernel programs per streaming multiprocessor that the K split aims for
@@ -432,29 +444,224 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _LINEAR_RUNNERS: dict[tuple, object] = {}  # compiled-kernel launchers by specialization
 
 
-def small_m_threshold(max_rows: int):
+def small_m_setting(value) -> int | str:
+    """A small-M setting from a value or its text: ``"measured"`` (also ``"auto"`` or empty) or a row count >= 0
+    (0: never the fused kernel; N: always on at most N rows)."""
+    text = str(value).strip().lower()
+    if text in ("", "auto", MEASURED):
+        return MEASURED
+    if not text.isdigit():
+        raise UserError(f"small-M setting {value!r} is not a row count: use 'measured' (the default: timed per "
+                        f"layer), 0 (off: decode + cuBLAS everywhere) or a number of rows (QUA2SEDIMO_SMALL_M_MAX)")
+    return int(text)
+
+
+SMALL_M_MAX = small_m_setting(os.environ.get("QUA2SEDIMO_SMALL_M_MAX", MEASURED))  # process default
+_SMALL_M = [SMALL_M_MAX]
+
+
+def small_m_threshold(max_rows):
     """Within the block, CUDA PackedLinear forwards on at most ``max_rows`` rows (the product of the input's
-    leading dimensions) take the fused kernel (0: never; benchmarks compare both)."""
-    return _setting_within(_SMALL_M, int(max_rows))
+    leading dimensions) take the fused kernel; 0: never (decode + cuBLAS everywhere, bit-exact with eager);
+    ``"measured"``: the measured dispatch (the default). Benchmarks compare them side by side."""
+    return _setting_within(_SMALL_M, small_m_setting(max_rows))
 
 
-def small_m_max() -> int:
+def small_m_max() -> int | str:
+    """The current small-M setting: a row count, or ``"measured"``."""
     return _SMALL_M[0]
 
 
-def takes_small_m_path(layer, input: torch.Tensor) -> bool:
-    """Whether a PackedLinear forward on ``input`` (CUDA, fast path enabled) runs the fused kernel: one packed
-    slice (a split layer with a dense half keeps decode + cuBLAS), a float input of at most ``small_m_max()``
-    rows, and no autograd needed (the kernel has no backward)."""
+def _small_m_eligible(layer, input: torch.Tensor, max_rows: int) -> bool:
+    """One packed slice, a float input of 1..max_rows rows, no autograd needed (the fused kernel has no backward)."""
     parts = layer.parts
     in_features = layer.in_features
     if len(parts) != 1 or parts[0].method == "dense" or input.dtype not in GEMM_DTYPES or in_features == 0:
         return False
     rows = input.numel() // in_features
-    if not 0 < rows <= _SMALL_M[0] or parts[0].numel >= MAX_NUMEL:
+    if not 0 < rows <= max_rows or parts[0].numel >= MAX_NUMEL:
         return False
     bias = layer.bias
     return not (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+def takes_small_m_path(layer, input: torch.Tensor) -> bool:
+    """Whether a PackedLinear forward on ``input`` (CUDA, fast path enabled) runs the fused kernel: one packed
+    slice (a split layer with a dense half keeps decode + cuBLAS), a float input, no autograd needed, and rows
+    within the setting: at most N rows for a row count N; under ``"measured"`` at most MEASURED_MAX_ROWS rows and
+    the layer kind's measured decision (:func:`small_m_choice`; timed here the first time, outside compile and
+    capture)."""
+    setting = _SMALL_M[0]
+    measured = setting == MEASURED
+    if not _small_m_eligible(layer, input, MEASURED_MAX_ROWS if measured else setting):
+        return False
+    return small_m_choice(layer, input) if measured else True
+
+
+# -- the measured dispatch ------------------------------------------------------------------------------------
+# Per layer kind, both paths are timed once on the GPU, as Triton's autotune does (warm-up calls, then the median
+# of a few reps, each behind an L2 flush and timed by CUDA events), the first time an eager forward meets it; the
+# process-level table keeps the decision. Keys are content (method, bits, table kind, N, K, row bucket, dtype,
+# bias, device), never module identity: every layer of that kind reuses it, across models and reloads.
+SMALL_M_KEY_FIELDS = ("method", "bits", "per_channel_table", "out_features", "in_features", "rows_bucket",
+                      "dtype", "bias", "device_type", "device_index")
+
+
+@dataclass(frozen=True)
+class SmallMDecision:
+    fused: bool  # the fused kernel is the faster path for this key
+    decode_cublas_us: float  # median GPU microseconds per call (decode + cuBLAS)
+    fused_us: float  # the fused kernel's (inf where it failed)
+    rows: int  # the row count it was measured at (the first call of the key)
+    error: str = ""  # why the fused kernel could not run, if it failed
+
+
+_SMALL_M_TABLE: dict[tuple, SmallMDecision] = {}
+
+
+def _rows_bucket(rows: int) -> int:
+    bucket = 1
+    while bucket < rows:  # a loop, not bit_length: traceable for symbolic row counts
+        bucket *= 2
+    return bucket
+
+
+def small_m_key(layer, input: torch.Tensor) -> tuple:
+    """The measured dispatch's key of a PackedLinear forward on ``input`` (fields SMALL_M_KEY_FIELDS)."""
+    part = layer.parts[0]
+    rows = input.numel() // layer.in_features
+    return (part.method, part.bits, METHODS[part.method].per_channel, layer.out_features, layer.in_features,
+            _rows_bucket(rows), input.dtype, layer.bias is not None, input.device.type, input.device.index)
+
+
+def small_m_choice(layer, input: torch.Tensor) -> bool:
+    """The measured decision for this forward's key: cached; else timed now where timing is allowed (an eager
+    forward, not under torch.compile's tracing nor CUDA-graph capture); else decode + cuBLAS (False), uncached."""
+    key = small_m_key(layer, input)
+    decision = _SMALL_M_TABLE.get(key)
+    if decision is not None:
+        return decision.fused
+    if not _may_measure(input):
+        return False
+    decision = _SMALL_M_TABLE[key] = measure_small_m(layer, input)
+    return decision.fused
+
+
+def _may_measure(input: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if input.is_cuda:
+        return not torch.cuda.is_current_stream_capturing()
+    return _interpret()  # CPU tensors: only Triton's interpreter runs the kernels (tests)
+
+
+def measure_small_m(layer, input: torch.Tensor) -> SmallMDecision:
+    """Time decode + cuBLAS and the fused kernel on this layer and input (the current timer, see
+    :func:`small_m_timer`); the fused kernel is chosen if at least MEASURED_MIN_GAIN faster."""
+    x = input.reshape(-1, input.shape[-1])
+    timer = _TIMER[0]
+    decode_s = timer(lambda: F.linear(x, fast_weight(layer, x.dtype, x.device), layer.bias), "decode_cublas",
+                     x.device)
+    try:
+        fused_s, error = timer(lambda: packed_linear(layer, x), "fused", x.device), ""
+    except Exception as e:  # a kernel this GPU / Triton cannot build or run: decode + cuBLAS for this key
+        fused_s, error = float("inf"), f"{type(e).__name__}: {e}"[:300]
+    return SmallMDecision(fused=fused_s < (1 - MEASURED_MIN_GAIN) * decode_s, decode_cublas_us=1e6 * decode_s,
+                          fused_us=1e6 * fused_s, rows=x.shape[0], error=error)
+
+
+TIMER_WARMUP, TIMER_REPS = 3, 10
+
+
+def gpu_time(fn, path: str = "", device: torch.device | None = None) -> float:
+    """Median seconds of one call of ``fn`` on the GPU, after TIMER_WARMUP calls: per rep, the L2 cache is flushed
+    (as in a forward, where other layers ran since), then one call timed between two CUDA events; the flush keeps
+    the GPU busy while the host queues the call, so the events time the GPU, not Python's launch overhead.
+    Off CUDA (``device`` not a GPU: Triton's interpreter) host time. ``path`` names what is timed (for injected
+    timers)."""
+    for _ in range(TIMER_WARMUP):
+        fn()
+    if device is None or device.type != "cuda":
+        import time
+
+        samples = []
+        for _ in range(TIMER_REPS):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+    with torch.cuda.device(device):  # events record on the current device's stream
+        flush = torch.empty(_l2_flush_bytes(device), dtype=torch.uint8, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(TIMER_REPS)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+    return 1e-3 * statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _l2_flush_bytes(device: torch.device) -> int:
+    size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return 2 * size if size else 256 << 20  # Triton's do_bench flushes 256 MB
+
+
+_TIMER = [gpu_time]
+
+
+def small_m_timer(timer):
+    """Within the block, the measured dispatch times a path with ``timer(fn, path, device) -> seconds``
+    (``path``: ``"decode_cublas"`` or ``"fused"``) instead of :func:`gpu_time`: a test seam (it should call
+    ``fn``, which runs the path)."""
+    return _setting_within(_TIMER, timer)
+
+
+def small_m_table() -> list[dict]:
+    """The measured decisions of this process: one dict per key (SMALL_M_KEY_FIELDS, then SmallMDecision's)."""
+    return [small_m_entry(key) for key in _SMALL_M_TABLE]
+
+
+def small_m_entry(key: tuple) -> dict | None:
+    """The table's entry of one key (see :func:`small_m_table`), None if it was not measured."""
+    decision = _SMALL_M_TABLE.get(key)
+    if decision is None:
+        return None
+    entry = dict(zip(SMALL_M_KEY_FIELDS, key))
+    entry["dtype"] = str(entry["dtype"]).replace("torch.", "")
+    return entry | dataclasses.asdict(decision)
+
+
+def clear_small_m_table() -> None:
+    """Forget every measured decision (the next eager forwards time again)."""
+    _SMALL_M_TABLE.clear()
+
+
+@torch.no_grad()
+def tune_small_m(model: nn.Module, *args, **kwargs) -> list[dict]:
+    """Warm the measured dispatch's table for these inputs: one eager forward ``model(*args, **kwargs)`` with the
+    measured setting, whatever the current one. Call it once per input shape (batch, tokens) before
+    ``torch.compile`` or CUDA-graph capture, which never time (they use the table, else decode + cuBLAS). Returns
+    the table entries of the keys this forward met (see :func:`small_m_table`)."""
+    from .packed import PackedLinear  # packed imports this module
+
+    keys = []
+
+    def note_key(module, inputs):
+        x = inputs[0] if inputs else None
+        if torch.is_tensor(x) and can_use_kernels(x) and _small_m_eligible(module, x, MEASURED_MAX_ROWS):
+            keys.append(small_m_key(module, x))
+
+    handles = [m.register_forward_pre_hook(note_key) for m in model.modules() if isinstance(m, PackedLinear)]
+    try:
+        with small_m_threshold(MEASURED):
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    met = [key for key in dict.fromkeys(keys) if key in _SMALL_M_TABLE]  # first-met order, once each
+    return [small_m_entry(key) for key in met]
 
 
 def packed_linear(layer, input: torch.Tensor) -> torch.Tensor:

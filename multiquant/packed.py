@@ -16,9 +16,11 @@ built in float32 and rounded to the compute dtype, exactly as ``MultiQuantizer.d
 
 On CUDA the forward takes the fast path of :mod:`multiquant.kernels` (one Triton decode into a shared scratch
 buffer, then the same cuBLAS GEMM; bit-exact with this eager path, which stays the reference and the CPU path).
-A PackedLinear run on few rows (at most ``kernels.small_m_max()``, 0 by default: text-token K/V, timestep /
-adaLN MLPs) takes the fused kernel instead, reading the packed codes directly: same weight, float32 accumulation,
-within the bound stated in :func:`multiquant.kernels.packed_linear` of the eager result, not bit-exact.
+A PackedLinear run on few rows (text-token K/V, timestep / adaLN MLPs) may take the fused kernel instead, reading
+the packed codes directly, where it was measured faster for that layer kind on this GPU (the measured dispatch of
+:mod:`multiquant.kernels`; ``kernels.tune_small_m`` before torch.compile / CUDA graphs): same weight, float32
+accumulation, within the bound stated in :func:`multiquant.kernels.packed_linear` of the eager result, not
+bit-exact (``kernels.small_m_threshold(0)``: never).
 
 Subclassing the stock layers keeps ``isinstance(m, nn.Linear)`` checks (activation-quant hooks, layer
 discovery) working; ``.weight`` is a read-only property that dequantizes the whole weight on demand.

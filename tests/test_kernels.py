@@ -4,10 +4,13 @@ checks run compiled), the shared scratch and the per-layer plans follow buffers,
 traces. GPU-only checks (the compiled kernel, CUDA graphs, Inductor, a whole model) are skipped without CUDA."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from multiquant import kernels
+from multiquant.errors import UserError
 from multiquant.packed import PackedWeight, packed_layer
 from multiquant.packing import pack_codes
 
@@ -335,6 +338,125 @@ def test_small_m_compile_op_traces_and_equals_the_kernel(device):
                                                      "kmeans", 4, 7))
 
 
+# -- the measured small-M dispatch ----------------------------------------------------------------------------
+class FakeTimer:
+    """An injected timer (kernels.small_m_timer): runs each timed path once, keeps its output, and reports the
+    seconds given per path ("decode_cublas" / "fused"), or raises for a path given an exception."""
+
+    def __init__(self, decode_cublas=2e-6, fused=1e-6):
+        self.seconds = {"decode_cublas": decode_cublas, "fused": fused}
+        self.calls, self.outputs = [], []
+
+    def __call__(self, fn, path, device):
+        self.calls.append(path)
+        if isinstance(self.seconds[path], Exception):
+            raise self.seconds[path]
+        self.outputs.append((path, fn()))
+        return self.seconds[path]
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The measured setting on an empty decision table (restored after the test), kernels run by the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    saved = dict(kernels._SMALL_M_TABLE)
+    kernels.clear_small_m_table()
+    with kernels.small_m_threshold(kernels.MEASURED), torch.no_grad():
+        yield
+    kernels.clear_small_m_table()
+    kernels._SMALL_M_TABLE.update(saved)
+
+
+def test_measured_dispatch_times_each_key_once_and_keeps_the_faster_path(measured):
+    layer = _small_layer("mse-4", out_features=7, in_features=20)
+    x = torch.randn(3, 20)
+    timer = FakeTimer(decode_cublas=2e-6, fused=1e-6)
+    with kernels.small_m_timer(timer):
+        assert kernels.takes_small_m_path(layer, x)
+        assert timer.calls == ["decode_cublas", "fused"]
+        # the timed functions are the two paths on this layer and input: decode + cuBLAS equals the eager product
+        # bit for bit, the fused kernel is within its bound
+        (_, decoded), (_, fused) = timer.outputs
+        assert torch.equal(decoded, torch.nn.functional.linear(x, layer.dequantize_weight(x.dtype), layer.bias))
+        _linear_within_bound(fused, x, layer.parts[0], layer.bias, torch.float32)
+        (entry,) = kernels.small_m_table()
+        assert entry == {"method": "mse", "bits": 4, "per_channel_table": True, "out_features": 7,
+                         "in_features": 20, "rows_bucket": 4, "dtype": "float32", "bias": True, "device_type": "cpu",
+                         "device_index": None, "fused": True, "decode_cublas_us": 2.0, "fused_us": 1.0, "rows": 3,
+                         "error": ""}
+        # keyed by content, not by module: another layer of the same kind and a row count of the same bucket reuse
+        # the decision without timing
+        other = _small_layer("mse-4", out_features=7, in_features=20)
+        other.parts[0].scale.mul_(3)
+        assert kernels.takes_small_m_path(other, torch.randn(2, 2, 20)) and len(timer.calls) == 2
+        assert kernels.takes_small_m_path(layer, torch.randn(5, 20))  # bucket 8: a new key, timed
+        assert len(timer.calls) == 4 and len(kernels.small_m_table()) == 2
+        # above the hard cap: decode + cuBLAS, nothing timed
+        assert not kernels.takes_small_m_path(layer, torch.randn(kernels.MEASURED_MAX_ROWS + 1, 20))
+        assert len(timer.calls) == 4
+    assert json.loads(json.dumps(kernels.small_m_table())) == kernels.small_m_table()
+
+
+def test_measured_dispatch_keeps_decode_on_near_ties_and_when_the_fused_kernel_fails(measured):
+    near_tie = FakeTimer(decode_cublas=1.0e-6, fused=0.98e-6)  # 2% faster: under MEASURED_MIN_GAIN
+    with kernels.small_m_timer(near_tie):
+        assert not kernels.takes_small_m_path(_small_layer("kmeans-3"), torch.randn(2, 20))
+    failing = FakeTimer(fused=RuntimeError("no kernel for this GPU"))
+    with kernels.small_m_timer(failing):
+        assert not kernels.takes_small_m_path(_small_layer("kmeans_all-3"), torch.randn(2, 20))
+    entry = next(e for e in kernels.small_m_table() if e["method"] == "kmeans_all")
+    assert not entry["fused"] and entry["fused_us"] == float("inf") and "no kernel" in entry["error"]
+    assert failing.calls == ["decode_cublas", "fused"]
+
+
+def test_measured_key_is_the_layer_kind(measured):
+    def key(option, rows=2, bias=True, dtype=torch.float32, out_features=7):
+        layer = _small_layer(option, out_features=out_features, bias=bias)
+        return kernels.small_m_key(layer, torch.randn(rows, 20, dtype=dtype))
+
+    assert key("mse-4")[:3] == ("mse", 4, True) and key("kmeans-3")[:3] == ("kmeans", 3, True)
+    assert key("kmeans_all-3")[:3] == ("kmeans_all", 3, False)  # one codebook: a per-tensor table
+    assert [kernels._rows_bucket(m) for m in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
+    assert len({key("mse-4"), key("mse-4", rows=3), key("mse-4", bias=False), key("mse-4", dtype=torch.float16),
+                key("mse-4", out_features=8), key("mse-3"), key("mse-4", rows=2)}) == 6
+    assert dict(zip(kernels.SMALL_M_KEY_FIELDS, key("mse-4")))["in_features"] == 20
+
+
+def test_nothing_is_timed_while_torch_compile_traces(measured):
+    """Under tracing the dispatch reads the table (no timing): the cached decision if any, else decode + cuBLAS,
+    and nothing is cached for it."""
+    layer = _small_layer("kmeans-4").requires_grad_(False)
+    x = torch.randn(3, 20)
+    timer = FakeTimer()
+
+    def branch(x):  # the decision, as traced: x * 2 where the fused kernel would run
+        return x * 2 if kernels.takes_small_m_path(layer, x) else x * 3
+
+    with kernels.small_m_timer(timer):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(branch, backend="eager", fullgraph=True)(x), x * 3)
+        assert timer.calls == [] and kernels.small_m_table() == []
+        assert kernels.takes_small_m_path(layer, x)  # eager: timed, fused faster
+        assert timer.calls == ["decode_cublas", "fused"]
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(branch, backend="eager", fullgraph=True)(x), x * 2)
+        assert len(timer.calls) == 2
+
+
+def test_small_m_settings_and_their_errors():
+    assert kernels.small_m_setting("auto") == kernels.small_m_setting("") == kernels.MEASURED
+    assert kernels.small_m_setting(" Measured ") == kernels.MEASURED
+    assert kernels.small_m_setting("0") == 0 and kernels.small_m_setting(16) == 16
+    for bad in ("-1", "sixteen", "1.5"):
+        with pytest.raises(UserError, match="QUA2SEDIMO_SMALL_M_MAX"):
+            kernels.small_m_setting(bad)
+    with kernels.small_m_threshold("auto"):
+        assert kernels.small_m_max() == kernels.MEASURED
+        with kernels.small_m_threshold(0):
+            assert not kernels.takes_small_m_path(_small_layer("mse-4").requires_grad_(False), torch.randn(2, 20))
+        assert kernels.small_m_max() == kernels.MEASURED
+
+
 # -- GPU only -------------------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -427,3 +549,121 @@ def test_cuda_small_m_graph_replay_and_inductor_are_within_bound():
         _linear_within_bound(out, x, layer.parts[0], layer.bias, torch.float16)
         compiled = torch.compile(layer, fullgraph=True)(x)
     assert torch.equal(compiled, out)
+
+
+@pytest.fixture
+def measured_on_gpu():
+    """The measured setting on an empty decision table (restored after the test), compiled kernels."""
+    saved = dict(kernels._SMALL_M_TABLE)
+    kernels.clear_small_m_table()
+    with kernels.small_m_threshold(kernels.MEASURED), torch.no_grad():
+        yield
+    kernels.clear_small_m_table()
+    kernels._SMALL_M_TABLE.update(saved)
+
+
+class CountingTimer:
+    """The real GPU timer, counting its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, path, device):
+        self.calls.append(path)
+        return kernels.gpu_time(fn, path, device)
+
+
+@gpu
+@pytest.mark.parametrize("option", ["mse-4", "kmeans-3", "kmeans_all-3"])
+def test_cuda_measured_dispatch_is_within_bound_and_times_each_key_once(option, measured_on_gpu):
+    """Real GPU timings of both paths on a K/V-sized layer: the decision's path is within the fused bound of the
+    float64 product (bit-exact with eager where decode + cuBLAS was chosen), the same on every later call."""
+    layer = _small_layer(option, out_features=1152, in_features=1152, device="cuda").half()
+    timer = CountingTimer()
+    with kernels.small_m_timer(timer):
+        for rows in (1, 2, 16, 17):
+            x = torch.randn(rows, 1152, device="cuda", dtype=torch.float16)
+            first, again = layer(x), layer(x)
+            with kernels.use_packed_kernels(False):
+                eager = layer(x)
+            assert torch.equal(first, again)
+            entries = {e["rows_bucket"]: e for e in kernels.small_m_table()}
+            if rows > kernels.MEASURED_MAX_ROWS:
+                assert kernels._rows_bucket(rows) not in entries and torch.equal(first, eager)
+                continue
+            entry = entries[kernels._rows_bucket(rows)]
+            assert 0 < entry["decode_cublas_us"] < 1e4 and 0 < entry["fused_us"] < 1e4 and not entry["error"]
+            assert entry["fused"] == (entry["fused_us"] < (1 - kernels.MEASURED_MIN_GAIN) * entry["decode_cublas_us"])
+            if entry["fused"]:
+                _linear_within_bound(first, x, layer.parts[0], layer.bias, torch.float16)
+            else:  # decode + cuBLAS: the eager path's bits
+                assert torch.equal(first, eager)
+    assert len(timer.calls) == 2 * 3  # buckets 1, 2, 16 timed once each (two paths); 17 rows never
+
+
+def _two_layer_model():
+    return torch.nn.Sequential(
+        packed_layer(torch.nn.Linear(200, 300), [random_part("kmeans-4", (300, 200), seed=8)], torch.float16),
+        torch.nn.ReLU(),
+        packed_layer(torch.nn.Linear(300, 200), [random_part("mse-4", (200, 300), seed=9)], torch.float16),
+    ).cuda().half().requires_grad_(False)
+
+
+@gpu
+@pytest.mark.parametrize("timing", ["gpu", "fused_faster", "decode_faster"])
+def test_cuda_graph_and_compile_after_tune_small_m_use_the_table_and_time_nothing(timing, measured_on_gpu):
+    """tune_small_m fills the table (real GPU timings, or injected ones forcing each path); then CUDA-graph capture
+    and torch.compile time nothing and replay / run the warmed decisions: outputs equal the eager forward's."""
+    torch._dynamo.reset()
+    model = _two_layer_model()
+    x = torch.randn(2, 200, device="cuda", dtype=torch.float16)
+    timer = CountingTimer() if timing == "gpu" else FakeTimer(*((2e-6, 1e-6) if timing == "fused_faster" else
+                                                               (1e-6, 2e-6)))
+    kernels._LINEAR_RUNNERS.clear()
+    with kernels.small_m_timer(timer):
+        entries = kernels.tune_small_m(model, x)
+        assert [(e["out_features"], e["in_features"], e["rows_bucket"]) for e in entries] == [(300, 200, 2),
+                                                                                            (200, 300, 2)]
+        assert len(timer.calls) == 4
+        if timing != "gpu":
+            assert all(e["fused"] == (timing == "fused_faster") for e in entries)
+        eager = model(x)
+        assert len(timer.calls) == 4  # the table is warm: an eager forward times nothing more
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        eager = model(x)
+        assert torch.equal(out, eager)
+        compiled = torch.compile(model, fullgraph=True)(x)
+        assert torch.equal(compiled, eager) and len(timer.calls) == 4
+    if timing == "fused_faster":
+        assert kernels._LINEAR_RUNNERS  # the fused kernel really ran
+    # each layer as dispatched: within the fused bound of its float64 product, or decode + cuBLAS with eager's bits
+    hidden = x
+    for layer, entry in zip((model[0], model[2]), entries):
+        out = layer(hidden)
+        if entry["fused"]:
+            _linear_within_bound(out, hidden, layer.parts[0], layer.bias, torch.float16)
+        else:
+            with kernels.use_packed_kernels(False):
+                assert torch.equal(out, layer(hidden))
+        hidden = torch.relu(out)
+
+
+@gpu
+def test_cuda_capture_without_a_warm_table_times_nothing_and_decodes(measured_on_gpu):
+    layer = _small_layer("kmeans-3", out_features=300, in_features=200, device="cuda").half().requires_grad_(False)
+    x = torch.randn(2, 200, device="cuda", dtype=torch.float16)
+    timer = CountingTimer()
+    with kernels.small_m_timer(timer):
+        with kernels.small_m_threshold(0):
+            layer(x)  # warm-up for capture (decode kernel compiled, scratch sized), nothing measured
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        graph.replay()
+        assert timer.calls == [] and kernels.small_m_table() == []  # capture never times, caches nothing
+        with kernels.use_packed_kernels(False):
+            assert torch.equal(out, layer(x))  # decode + cuBLAS: bit-exact with eager

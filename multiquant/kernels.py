@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import InputError
 from .options import METHODS
 
 MODES = {"mse": 0, "kmeans": 1, "kmeans_all": 2}  # table kind: UAQ grid, per-channel codebook, one codebook
@@ -451,7 +451,7 @@ def small_m_setting(value) -> int | str:
     if text in ("", "auto", MEASURED):
         return MEASURED
     if not text.isdigit():
-        raise UserError(f"small-M setting {value!r} is not a row count: use 'measured' (the default: timed per "
+        raise InputError(f"small-M setting {value!r} is not a row count: use 'measured' (the default: timed per "
                         f"layer), 0 (off: decode + cuBLAS everywhere) or a number of rows (QUA2SEDIMO_SMALL_M_MAX)")
     return int(text)
 

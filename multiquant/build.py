@@ -11,8 +11,6 @@ and errors to the host; nothing waits on the device per layer.
 """
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -87,65 +85,13 @@ def quantize_layers(weights: list[torch.Tensor], options: list[str], out_dtype: 
     results = [LayerOptions() for _ in weights]
     parsed = [(o, Option.parse(o)) for o in options]
     chunks = plan_chunks(shapes, chunk_elements)
-    with _HostTransfers(device) as transfers:
-        for chunk in progress(chunks, desc=desc, disable=not show_progress, unit="chunk"):
-            _quantize_chunk([weights[i] for i in chunk], [results[i] for i in chunk], parsed, out_dtype, device,
-                            seed, iters, transfers)
+    for chunk in progress(chunks, desc=desc, disable=not show_progress, unit="chunk"):
+        _quantize_chunk([weights[i] for i in chunk], [results[i] for i in chunk], parsed, out_dtype, device,
+                        seed, iters)
     return results
 
 
-class _HostTransfers:
-    """Device-to-host copies of the build's results, off the critical path.
-
-    Why: copying into fresh (pageable) host memory is bounded by the host touching new pages, about 1.2 s of a
-    5.6 s PixArt-alpha build on an H200 when done in line. On CUDA each copy waits for the producing stream's
-    work through an event, runs on a side stream from a worker thread, and hands its host tensors to a
-    callback on the calling thread; the device meanwhile runs the next quantizer calls. At most ``pending``
-    copies are in flight (each holds its device tensors). On the CPU a copy is a plain ``.cpu()``."""
-
-    def __init__(self, device: torch.device, pending: int = 8):
-        self.cuda = device.type == "cuda"
-        self.pending: deque[tuple[Future, object]] = deque()
-        self.limit = pending
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device)
-            self.pool = ThreadPoolExecutor(max_workers=1)
-
-    def submit(self, tensors: list[torch.Tensor], finish) -> None:
-        """Copy ``tensors`` to the host, then call ``finish(host_tensors)`` on this thread."""
-        if not self.cuda:
-            finish([t.cpu() for t in tensors])
-            return
-        ready = torch.cuda.Event()
-        ready.record()
-        for t in tensors:
-            t.record_stream(self.stream)  # the allocator keeps them until the side stream is done with them
-        self.pending.append((self.pool.submit(self._copy, tensors, ready), finish))
-        while len(self.pending) > self.limit:
-            self._finish_oldest()
-
-    def _copy(self, tensors, ready) -> list[torch.Tensor]:
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
-            return [t.cpu() for t in tensors]
-
-    def _finish_oldest(self) -> None:
-        future, finish = self.pending.popleft()
-        finish(future.result())
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            while self.pending and exc[0] is None:
-                self._finish_oldest()
-        finally:
-            if self.cuda:
-                self.pool.shutdown(wait=True)
-
-
-def _quantize_chunk(weights, results, options, out_dtype, device, seed, iters, transfers) -> None:
+def _quantize_chunk(weights, results, options, out_dtype, device, seed, iters) -> None:
     channels = [w.shape[0] for w in weights]
     w2d = torch.cat([w.detach().to(device).reshape(w.shape[0], -1) for w in weights]).float()
     runs = _runs(channels)
@@ -173,27 +119,19 @@ def _quantize_chunk(weights, results, options, out_dtype, device, seed, iters, t
         layer_sq = _per_layer(row_sq, runs)
         zero = params["zero"].abs().amax().reshape(1) if "zero" in params else torch.zeros(1, device=device)
         packed = _pack(codes, option.bits, channels, k)
-        stored = _stored(params)
-        figures = torch.cat([layer_err, layer_sq, zero.double()])
-        transfers.submit([figures, *packed, *stored.values()],
-                         lambda host, name=name, option=option, rows_of=rows_of, pnames=list(stored), n=len(packed):
-                         _record(results, channels, k, name, option.bits, rows_of, host[0].tolist(), host[1:1 + n],
-                                 dict(zip(pnames, host[1 + n:]))))
-
-
-def _record(results, channels, k, name, bits, rows_of, figures, packed, host) -> None:
-    """One option's host tensors and figures into the chunk's layers' results."""
-    if figures[-1] > ZERO_POINT_LIMIT:
-        raise AssertionError(f"{name}: UAQ zero-point beyond int16 (quantizers.uaq_params)")
-    row, offset = 0, 0
-    for j, (res, c) in enumerate(zip(results, channels)):
-        nbytes = packed_nbytes(c * k, bits)
-        res.tensors.setdefault(name, {})["codes"] = packed[j] if len(packed) > 1 else packed[0][offset:offset + nbytes]
-        for pname, value in host.items():
-            res.tensors[name][pname] = value[row:row + c] if rows_of[pname] == "row" else value[j:j + 1]
-        res.error[name] = figures[j]
-        res.mse[name] = figures[len(results) + j] / (c * k)
-        row, offset = row + c, offset + nbytes
+        host = {name: _stored({name: v})[name].cpu() for name, v in params.items()}
+        figures = torch.cat([layer_err, layer_sq, zero.double()]).tolist()
+        if figures[-1] > ZERO_POINT_LIMIT:
+            raise AssertionError(f"{name}: UAQ zero-point beyond int16 (quantizers.uaq_params)")
+        row, offset = 0, 0
+        for j, (res, c) in enumerate(zip(results, channels)):
+            nbytes = packed_nbytes(c * k, option.bits)
+            res.tensors.setdefault(name, {})["codes"] = packed[j] if isinstance(packed, list) else packed[offset:offset + nbytes]
+            for pname, value in host.items():
+                res.tensors[name][pname] = value[row:row + c] if rows_of[pname] == "row" else value[j:j + 1]
+            res.error[name] = figures[j]
+            res.mse[name] = figures[len(results) + j] / (c * k)
+            row, offset = row + c, offset + nbytes
 
 
 def _layer_starts(runs: list[_Run]) -> list[int]:
@@ -215,13 +153,13 @@ def _per_layer(row_values: torch.Tensor, runs: list[_Run]) -> torch.Tensor:
                       for r in runs])
 
 
-def _pack(codes: torch.Tensor, bits: int, channels: list[int], k: int) -> list[torch.Tensor]:
-    """Packed codes of the chunk: one buffer (to slice per layer) when every layer fills whole 8-code groups,
-    else one packed tensor per layer."""
+def _pack(codes: torch.Tensor, bits: int, channels: list[int], k: int):
+    """Packed codes of the chunk on the host: one buffer sliced per layer when every layer fills whole 8-code
+    groups, else one packed tensor per layer."""
     if all(c * k % 8 == 0 for c in channels):
-        return [pack_codes(codes, bits)]
+        return pack_codes(codes, bits).cpu()
     out, row = [], 0
     for c in channels:
-        out.append(pack_codes(codes[row:row + c], bits))
+        out.append(pack_codes(codes[row:row + c], bits).cpu())
         row += c
     return out

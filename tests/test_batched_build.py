@@ -96,21 +96,3 @@ def test_batched_build_stays_within_the_float64_references(model, builds):
             w_a = mq.dequantize(ref.key, f"kmeans_all-{bits}").double().reshape(w.shape)
             ours = float(((w - w_a) ** 2).sum())
             assert ours <= _exact_kmeans_sse(w.flatten().numpy(), k) * LLOYD_SLACK + 1e-15, (ref.key, bits)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlapped host transfers are CUDA's")
-def test_overlapped_host_transfers_give_the_in_line_build(model, monkeypatch):
-    """On CUDA the results reach the host on a side stream while later quantizer calls run; forcing the in-line
-    copies (the CPU path of _HostTransfers) must give the same tensors and figures, bit for bit."""
-    import copy
-
-    import multiquant.build as build
-
-    family, gpu_model = _family(), copy.deepcopy(model).cuda()
-    kwargs = dict(bits=BITS, show_progress=False, kmeans_iters=20, seed=5, chunk_elements=64)
-    overlapped = MultiQuantizer.build(gpu_model, family, **kwargs)
-    transfers = build._HostTransfers
-    monkeypatch.setattr(build, "_HostTransfers", lambda device, pending=8: transfers(torch.device("cpu"), pending))
-    in_line = MultiQuantizer.build(gpu_model, family, **kwargs)
-    assert overlapped.tensor_digests() == in_line.tensor_digests()
-    assert overlapped.table == in_line.table

@@ -662,8 +662,8 @@ def print_summary(result: dict) -> None:
     micro = result.get("small_m_microbench")
     if micro:
         print(f"SUMMARY small-M crossover (largest M where fused <= decode+cuBLAS on the GPU): {micro['crossover']} "
-              f"recommended_small_m_max={micro['recommended_small_m_max']} errors={micro['fused_errors'][:2]} "
-              f"out_of_bound={micro['fused_out_of_bound'][:4]}")
+              f"recommended_small_m_max={micro.get('recommended_small_m_max')} errors={micro.get('fused_errors', [])[:2]} "
+              f"out_of_bound={micro.get('fused_out_of_bound', [])[:4]}")  # merged entries of earlier versions lack some
     table = result.get("small_m_table", [])
     if table:
         print(f"SUMMARY small-M measured dispatch: {sum(e['fused'] for e in table)} of {len(table)} layer kinds "

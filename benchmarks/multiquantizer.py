@@ -229,8 +229,8 @@ def main(argv=None):
 
 
 def build_profile(model, family, top: int = 25) -> dict:
-    """Where one more (warm) build spends its time: the device's busy time against the wall, and the ops with the
-    most device time (self time, summed over calls), from torch.profiler."""
+    """Where one more (warm) build spends its time: the device's busy time (kernels and copies) against the wall,
+    and the operators and kernels with the most device time (self time, summed over calls), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -242,7 +242,8 @@ def build_profile(model, family, top: int = 25) -> dict:
     wall = time.perf_counter() - start
     events = prof.key_averages()
     device_us = lambda e: getattr(e, "self_device_time_total", 0) or 0  # noqa: E731
-    busy = sum(device_us(e) for e in events) / 1e6
+    on_device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]  # kernels and copies
+    busy = sum(device_us(e) for e in on_device) / 1e6  # the operators' rows count the same kernels again
     rows = sorted(events, key=device_us, reverse=True)[:top]
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                       "cudaMemcpyAsync", "cudaMemcpy"))

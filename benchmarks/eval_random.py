@@ -23,7 +23,15 @@ refiner). Per family, written after every family (a run stopped by its time limi
   ``sampling_seconds_per_config`` (rendering alone), ``generate_overhead_s``, ``features_tail_s``,
   ``feature_chunks_overlapped``, ``metrics_s`` (statistics and distance after generation), ``fid_distance_s``;
 * ``--profile`` (CUDA): one denoiser forward (compiled when ``--compile``) under torch.profiler: the shares of GPU
-  time in GEMMs, attention and everything else, and the GEMMs' and attention's achieved TFLOP/s (``profile``).
+  time in GEMMs, attention and everything else, and the GEMMs' and attention's achieved TFLOP/s (``profile``);
+* with ``--dtype`` / ``--channels_last`` / ``--compile`` (each for every family or per family, ``sdv15=float16``):
+  the eager floor in the family's precision and layout first (``floor_seconds_per_config_eager``), then each option
+  applied in turn through the scoring path (multiquant.evaluate.apply_generation_options: cast, channels-last,
+  compile) with the floor after each (``floor_stages``, achieved TFLOP/s and peak fraction per stage); every other
+  figure is measured with all of them applied.
+
+    python benchmarks/eval_random.py --families sdxl,sdv15 --compile default --channels_last \
+        --dtype sdv15=float16 --batch_size sdxl=16,sdv15=16 --num_images 32
 
 Measure with more images than one feature chunk (``--num_images 96`` at the 32-image Inception chunk and batch 16):
 with fewer, no chunk is handed over while generation runs and nothing of the overlap is measured.
@@ -53,8 +61,10 @@ from multiquant.adapters.diffusers.loop import timesteps_for  # noqa: E402
 from multiquant.adapters.diffusers.sampling import make_sampler  # noqa: E402
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import sample_random_config  # noqa: E402
-from multiquant.evaluate import Scorer, feature_chunk  # noqa: E402
-from multiquant.families import get_family  # noqa: E402
+from multiquant.commands import COMPILE_MODES  # noqa: E402
+from multiquant.config import ConfigApplier  # noqa: E402
+from multiquant.evaluate import Loaded, Scorer, apply_generation_options, feature_chunk  # noqa: E402
+from multiquant.families import SCORING_DTYPES, get_family  # noqa: E402
 from multiquant.flops import flops_table  # noqa: E402
 from multiquant.metrics import FeatureFID  # noqa: E402
 from multiquant.metrics.features import RandomInceptionFeatures  # noqa: E402
@@ -207,6 +217,74 @@ def profile_forward(sampler, indices: list[int], table: dict, repeats: int = 3) 
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """The speed options one family is measured with (None / False: the family's own)."""
+
+    dtype: str | None = None
+    channels_last: bool = False
+    compile: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.dtype or self.channels_last or self.compile)
+
+
+def family_value(flag: str | None, family: str, parse=str):
+    """A per-family flag's value for ``family``: ``V`` applies to every family, ``fam=V,fam2=V2`` to those named
+    (None for the others)."""
+    if flag is None:
+        return None
+    if "=" not in flag:
+        return parse(flag)
+    pairs = dict(item.split("=", 1) for item in flag.split(",") if item)
+    return parse(pairs[family]) if family in pairs else None
+
+
+def options_of(args, family: str) -> GenerationOptions:
+    listed = args.channels_last
+    channels_last = listed is not None and (listed == "all" or family in listed.split(","))
+    return GenerationOptions(dtype=family_value(args.dtype, family), channels_last=channels_last,
+                             compile=family_value(args.compile, family))
+
+
+def floor_stage(options: dict, floor: float, forwards: int, macs: int, peak_tflops: float) -> dict:
+    achieved = 2 * macs * forwards / floor / 1e12
+    return {"options": options, "floor_seconds": floor, "achieved_tflops": achieved,
+            "floor_peak_fraction": achieved / peak_tflops}
+
+
+def apply_options_measured(scorer: Scorer, device, options: GenerationOptions, macs: int,
+                           peak_tflops: float) -> tuple[list[dict], dict]:
+    """Apply ``options`` to the scorer's pipeline one at a time (cast, channels-last, compile: the order of
+    apply_generation_options), measuring the floor before the first and after each but the last (whose floor the
+    caller measures with every other figure); returns those stages and the entry's figures (``compile_s``, the
+    run settings the options add). The weight swap then starts from the cast FP weights, as a scoring run's."""
+    sampler, local = scorer.sampler, scorer.local
+    loaded = Loaded(sampler.family, sampler.adapter, sampler.pipe, scorer.denoiser, device)
+    steps = [("dtype", {"dtype": SCORING_DTYPES[options.dtype]} if options.dtype else None),
+             ("channels_last", {"channels_last": True} if options.channels_last else None),
+             ("compile", {"compile_mode": options.compile} if options.compile else None)]
+    steps = [(name, kwargs) for name, kwargs in steps if kwargs]
+    applied: dict = {}
+    stages, figures = [], {}
+    for position, (name, kwargs) in enumerate(steps):
+        floor, forwards = floor_seconds(sampler, local)
+        stages.append(floor_stage(dict(applied), floor, forwards, macs, peak_tflops))
+        t0 = time.perf_counter()
+        applied.update(apply_generation_options(loaded, getattr(sampler, "refiner", None), **kwargs))
+        if name == "compile":  # compiles for the full batch shape (the configurations' batches), then the rest
+            floor_seconds(sampler, local[:sampler.batch_size])
+        if position == len(steps) - 1:  # the last option: warm up the whole rendering once in the final state
+            sampler.generate(local[:sampler.batch_size])
+            sync()
+        if name == "compile":
+            figures["compile_s"] = time.perf_counter() - t0
+    if "dtype" in applied:  # configurations start from the cast FP weights, as setup_scorer's scorer does
+        scorer.applier = ConfigApplier(scorer.denoiser, scorer.mq)
+    figures["generation_settings"] = applied
+    return stages, figures
+
+
 def ours_seconds(scorer: Scorer, config: dict) -> dict:
     """One configuration through the scorer: weight swap, batched sampling, features, FID (its own timings)."""
     sync()
@@ -263,7 +341,8 @@ def measure_family(name: str, args, metric, device) -> dict:
     full = torch.device(device).type == "cuda"
     if full:
         torch.cuda.reset_peak_memory_stats()
-    batch = args.batch_size or spec.batch_size
+    batch = family_value(args.batch_size, name, int) or spec.batch_size
+    options = options_of(args, name)
     num_images = args.num_images or 2 * batch  # default: two full batches of the family's batch size
     scorer, build_s = build_scorer(spec, device, full, num_images, batch, args.mq_methods.split(","), metric)
     sampler, local = scorer.sampler, scorer.local
@@ -274,23 +353,21 @@ def measure_family(name: str, args, metric, device) -> dict:
     metric.features(warm.repeat(((feature_chunk(metric) or 2) + 1) // 2, 1, 1, 1))  # a full chunk's shapes
     reference = metric.reference()
     first_distance_s = timed(metric.distance, reference["mu"], reference["sigma"])[1]
-    compiled = {}
-    if args.compile and not args.scaling_only:
-        # eager floor first, then the same denoiser compiled in place: the weight swap copies into its
-        # parameters, so configurations never recompile it
-        compiled["floor_seconds_per_config_eager"] = floor_seconds(sampler, local)[0]
-        t0 = time.perf_counter()
-        scorer.denoiser.compile(mode=args.compile)
-        floor_seconds(sampler, local[:sampler.batch_size])  # compiles for the full batch shape
-        sampler.generate(local[:sampler.batch_size])
-        sync()
-        compiled["compile_s"] = time.perf_counter() - t0
+    table = None if args.scaling_only else flops_table(name, tiny=not full, resolution=sampler.resolution)
+    macs = table["total_layer_macs"] + table["total_other_macs"] if table else None
+    compiled, stages = {}, []
+    if options:
+        # the eager floor in the family's precision and layout first, then each option in turn: the weight swap
+        # copies into the parameters (keeping their dtype and strides), so configurations never recompile
+        stages, compiled = apply_options_measured(scorer, device, options, macs, args.peak_tflops)
+        compiled["floor_seconds_per_config_eager"] = stages[0]["floor_seconds"]
     dist.barrier()
     t_start = time.perf_counter()
     ours = ours_seconds(scorer, config)
     tokens = {field: int(value.shape[1]) for field, value in (sampler.prompt_embeds or {}).items()
               if value.ndim == 3 and not field.startswith("negative_")}  # the embeddings' sequence lengths
-    entry = {"measured": environment()["date"], "compile": args.compile, **compiled,
+    entry = {"measured": environment()["date"], "compile": options.compile, "channels_last": options.channels_last,
+             "dtype": options.dtype, **compiled,
              "architecture": "full-size" if full else "tiny",
              "parameters": sum(p.numel() for p in scorer.denoiser.parameters()),
              "settings": sampler.settings, "text_tokens": tokens,
@@ -304,9 +381,12 @@ def measure_family(name: str, args, metric, device) -> dict:
         floor, forwards = floor_seconds(sampler, local)
         # the sampling floor: the same images rendered (denoiser, scheduler, VAE, uint8 on the CPU), no metric
         sampling = timed(sampler.generate, local)[1]
-        table = flops_table(name, tiny=not full, resolution=sampler.resolution)
-        macs = table["total_layer_macs"] + table["total_other_macs"]
         achieved = 2 * macs * forwards / floor / 1e12
+        if stages:  # the final stage: every option applied, the floor measured with the other figures
+            stages.append(floor_stage(dict(compiled["generation_settings"]), floor, forwards, macs, args.peak_tflops))
+            entry.update(floor_stages=stages, achieved_tflops_eager=stages[0]["achieved_tflops"],
+                         floor_peak_fraction_eager=stages[0]["floor_peak_fraction"],
+                         floor_speedup_vs_eager=stages[0]["floor_seconds"] / floor)
         # fixed costs of a configuration: the weight swap, the Frechet distance and the feature pass's tail after
         # the last batch (at most one chunk) when chunks overlapped generation (otherwise the whole feature pass
         # came after it, and it scales); the rest scales with the images
@@ -380,7 +460,8 @@ def parse_args(argv=None):
     ap.add_argument("--families", default=FAMILIES, help="comma-separated family names, measured in this order")
     ap.add_argument("--num_images", type=int, default=None,
                     help="images per configuration (default: two batches of the family's batch size)")
-    ap.add_argument("--batch_size", type=int, default=None, help="images per denoiser call (default: the family's)")
+    ap.add_argument("--batch_size", default=None, metavar="N|FAM=N,...",
+                    help="images per denoiser call, for every family or per family (default: the family's)")
     ap.add_argument("--mq_methods", default="mse",
                     help="multiquantizer methods the random configuration draws from (all: mse,kmeans,kmeans_all)")
     ap.add_argument("--peak_tflops", type=float, default=H100_DENSE_FP16_TFLOPS,
@@ -390,14 +471,41 @@ def parse_args(argv=None):
     ap.add_argument("--reference_loop", default="pixart_alpha", help="families timed in the reference loop too")
     ap.add_argument("--ref_images", type=int, default=16, help="images timed for the reference loop")
     ap.add_argument("--reference_set", type=int, default=5000, help="reference images re-encoded per config")
-    ap.add_argument("--compile", default=None, metavar="MODE",
-                    help="also torch.compile the denoiser in place with this mode (e.g. max-autotune-no-cudagraphs):"
-                         " the eager floor first, then the compiled floor and scorer, side by side")
+    ap.add_argument("--compile", default=None, metavar="MODE|FAM=MODE,...",
+                    help="also torch.compile the denoiser in place with this mode (e.g. default), for every family or "
+                         "per family: the eager floor first, then the compiled floor and scorer, side by side")
+    ap.add_argument("--channels_last", nargs="?", const="all", default=None, metavar="FAM,...",
+                    help="also convert the convolutional rendering modules to channels-last (U-Net denoisers, the "
+                         "VAE): every family, or those listed")
+    ap.add_argument("--dtype", default=None, metavar="DTYPE|FAM=DTYPE,...",
+                    help="also cast the rendering modules to this precision (" + ", ".join(SCORING_DTYPES) +
+                         "), for every family or per family, e.g. sdv15=float16")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: profile one denoiser forward (GEMM / attention / other GPU time and TFLOP/s)")
     ap.add_argument("--scaling_only", action="store_true", help="time our path only (for torchrun runs)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_family_flags(ap, args)
+    return args
+
+
+def check_family_flags(ap, args) -> None:
+    """Every per-family value well formed (a typo fails before any family is measured)."""
+    checks = {"--batch_size": (args.batch_size, lambda v: v.isdigit() and int(v) > 0, "a positive integer"),
+              "--compile": (args.compile, lambda v: v in COMPILE_MODES, "one of " + ", ".join(COMPILE_MODES)),
+              "--dtype": (args.dtype, lambda v: v in SCORING_DTYPES, "one of " + ", ".join(SCORING_DTYPES))}
+    for flag, (value, valid, expected) in checks.items():
+        if value is None:
+            continue
+        items = [value] if "=" not in value else value.split(",")
+        for item in items:
+            family, _, item_value = item.rpartition("=") if "=" in item else ("", "", item)
+            if ("=" in value and not family) or not valid(item_value):
+                ap.error(f"{flag} {value!r}: each value must be {expected}, for every family (V) or per family "
+                         f"(fam=V,fam2=V)")
+    if args.scaling_only and (args.compile or args.dtype or args.channels_last):
+        ap.error("--scaling_only times the family's own precision, layout and eager denoiser: leave out --compile, "
+                 "--dtype and --channels_last")
 
 
 def main(argv=None, metric=None):

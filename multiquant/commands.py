@@ -17,6 +17,7 @@ from multiquant.paths import constants
 from .cli_flags import act_bits_arg, add_activation_args, add_model_flags, add_refiner_args, refiner_arg
 from .cli_flags import default_device as _device
 from .errors import InputError, UserError
+from .families import SCORING_DTYPES
 
 
 def load_denoiser(args, family_name: str | None = None, dtype=None):
@@ -145,6 +146,13 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the denoiser in place (GPU runs: one compile per batch shape, then faster "
                         "sampling; recorded, so a run never mixes it with eager results): " + ", ".join(COMPILE_MODES))
+    p.add_argument("--channels_last", action="store_true",
+                   help="convolutional rendering modules (U-Net denoisers, the VAE decoder, a plain module family's "
+                        "convolutions) in channels-last memory format: faster convolutions on GPUs (recorded)")
+    p.add_argument("--dtype", default=None, choices=tuple(SCORING_DTYPES), metavar="DTYPE",
+                   help="render in this precision instead of the family's (e.g. float16 for SD1.x, which defaults "
+                        "to float32 as the reference ran it); recorded when it changes the precision, refused where "
+                        "the family declares it unsafe: " + ", ".join(SCORING_DTYPES))
 
 
 
@@ -167,7 +175,8 @@ def _scorer_from_args(args):
                         random_features=args.random_features, proxies=not args.no_proxies,
                         save_images=Path(args.outdir) / "images" if args.save_images else None,
                         clip_dir=args.clip_dir or os.environ.get("QUA2SEDIMO_CLIP"), refiner=refiner_arg(args),
-                        build_mq=args.build_mq, act_bits=act_bits_arg(args), compile_mode=args.compile)
+                        build_mq=args.build_mq, act_bits=act_bits_arg(args), compile_mode=args.compile,
+                        dtype=args.dtype, channels_last=args.channels_last)
 
 
 def _open_store(outdir, meta):

@@ -32,7 +32,7 @@ from . import distributed as dist
 from .adapters import MissingReferenceError, SamplerOptions, adapter_for  # noqa: F401
 from .checkpoint import MultiQuantizer
 from .config import ConfigApplier, config_record, sample_random_config, uniform_config, validate_config
-from .errors import MissingFileError
+from .errors import MissingFileError, UserError
 from .families import FamilySpec
 from .layers import LayerRef, fp_bytes
 from .metrics.fid import feature_stats
@@ -377,7 +377,8 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                  coco_path=None, reference_dir=None, inception=None, random_features: bool = False,
                  proxies: bool = True, save_images: Path | None = None, embed_cache_dir=None,
                  bops: bool = True, clip_dir=None, refiner=None, build_mq: bool = False,
-                 act_bits: int | None = None, compile_mode: str | None = None, log=print) -> tuple[Scorer, dict]:
+                 act_bits: int | None = None, compile_mode: str | None = None, dtype: str | None = None,
+                 channels_last: bool = False, log=print) -> tuple[Scorer, dict]:
     """Load everything once; returns the scorer and the protocol settings to record with every result.
 
     ``refiner``: None = the family's protocol (SDXL: its FP refiner finishes the schedule), False = none,
@@ -386,14 +387,18 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
     none at ``mq_path`` / the default. ``act_bits``: quantize the layers' input activations of every scored
     configuration (recorded in the settings, so a run directory never mixes them with FP-activation results).
     ``compile_mode``: ``torch.compile`` the denoiser in place with this mode; configurations copy their weights
-    into its parameters, so it compiles once per batch shape (recorded: compiled kernels round differently)."""
+    into its parameters, so it compiles once per batch shape (recorded: compiled kernels round differently).
+    ``dtype`` (float32 / float16 / bfloat16): render in this precision instead of the family's (refused where the
+    family declares it unsafe); the multiquantizer is checked against the weights as loaded, then the rendering
+    modules are cast (:func:`apply_generation_options`). ``channels_last``: the convolutional rendering modules
+    (U-Net denoisers, VAEs, a plain module family's convolutions) in channels-last memory format. Each is recorded
+    in the settings when it changes what runs (the numbers change with it), never otherwise."""
     from .activations import check_act_bits
 
     act_bits = check_act_bits(act_bits)
+    target_dtype = family.scoring_dtype(dtype) if dtype else None  # an unsafe precision fails before loading
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
-    if compile_mode:
-        denoiser.compile(mode=compile_mode)
     num_images = num_images or family.num_images
     conditions = adapter.conditions(family, num_images, tiny=tiny, coco_path=coco_path)
     options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
@@ -418,6 +423,9 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
         from .metrics.bops import layer_macs
 
         macs = layer_macs(denoiser, family, resolution=None if tiny else family.resolution)
+    # after the checkpoint's check (against the weights as loaded) and the MACs' forward (never compiled for it)
+    generation = apply_generation_options(loaded, options.refiner, dtype=target_dtype, channels_last=channels_last,
+                                          compile_mode=compile_mode)
     clip = None
     if clip_dir and family.conditioning == "text":  # CLIP weights given: fail loudly if they do not load
         from .metrics.clip import ClipScorer
@@ -435,12 +443,36 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                 "clip": clip.name if clip is not None else None,
                 "multiquantizer_content_hash": mq.content_hash, "weights_hash": mq.manifest.get("weight_hash"),
                 "tiny": tiny, "sampler": _settings_of(sampler), "act_bits": act_bits}  # None: FP activations
-    if compile_mode:  # only when set: the settings (and content keys) of eager runs stay as they were
-        settings["compile"] = compile_mode
+    # only when set: the settings (and content keys) of runs without them stay as they were (store.ADDED_RUN_KEYS)
+    settings.update(generation)
     if act_bits is not None:
         settings["act_quant"] = ACT_QUANT_SCHEME
     # not the number of processes: G ranks give the same numbers as one, so a run resumes under any G
     return scorer, settings
+
+
+def apply_generation_options(loaded: Loaded, refiner=None, dtype: torch.dtype | None = None,
+                             channels_last: bool = False, compile_mode: str | None = None) -> dict:
+    """How the rendering modules compute, through the family's adapter, in this order: cast to ``dtype`` (a
+    no-op when the denoiser already is in it), channels-last memory format, then ``torch.compile`` of the
+    denoiser in place (it compiles the final layout; configurations copy their weights into its parameters,
+    which keeps their dtype and strides, so it never recompiles for a configuration). Returns the run settings
+    of what changed: ``dtype``, ``channels_last``, ``compile`` (none of them when nothing was asked)."""
+    adapter, family, pipe = loaded.adapter, loaded.family, loaded.pipe
+    settings = {}
+    if dtype is not None and next(loaded.denoiser.parameters()).dtype != dtype:
+        adapter.cast_generation(family, pipe, dtype, refiner)
+        settings["dtype"] = str(dtype).replace("torch.", "")
+    if channels_last:
+        converted = adapter.to_channels_last(family, pipe, refiner)
+        if not sum(converted.values()):
+            raise UserError(f"--channels_last: family {family.name!r} renders with no 2-D convolution "
+                            f"({', '.join(converted) or 'no module'}): leave out --channels_last")
+        settings["channels_last"] = True
+    if compile_mode:
+        loaded.denoiser.compile(mode=compile_mode)
+        settings["compile"] = compile_mode
+    return settings
 
 
 def default_multiquantizer_path(family, tiny: bool = False) -> Path:

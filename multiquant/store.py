@@ -56,8 +56,10 @@ NOT_RUN_IDENTITY_NESTED = {"sampler": ("batch_size",)}
 # Settings that later versions added to run_meta.json, with the value that a run written before them had
 # without saying so (the setting did not exist yet): a stored run that lacks the key compares as that value,
 # so it resumes; a run that records another value does not. clip: older versions never scored CLIP; act_bits:
-# nor quantized activations; compile: nor compiled the denoiser (whose kernels round differently from eager).
-ADDED_RUN_KEYS = {"clip": None, "act_bits": None, "compile": None}
+# nor quantized activations; compile: nor compiled the denoiser (whose kernels round differently from eager);
+# dtype: nor rendered in another precision than the family's; channels_last: nor in channels-last memory format
+# (other convolution kernels, other rounding).
+ADDED_RUN_KEYS = {"clip": None, "act_bits": None, "compile": None, "dtype": None, "channels_last": None}
 _HOST = socket.gethostname().replace(".", "_")  # in claim files (their written format)
 
 

@@ -28,7 +28,7 @@ class ToyDenoiser(nn.Module):
         self.conv_out = nn.Conv2d(width, 1, 3, padding=1)
 
     def forward(self, x, t, y):
-        h = self.conv_in(x) + (self.time_mlp(t.float().reshape(-1, 1) / 1000) + self.label_emb(y))[:, :, None, None]
+        h = self.conv_in(x) + (self.time_mlp(t.to(x.dtype).reshape(-1, 1) / 1000) + self.label_emb(y))[:, :, None, None]
         return self.conv_out(h + self.block(h))
 
 
@@ -79,3 +79,10 @@ CALLABLE_FAMILY = register_family(FamilySpec(
     num_images=8, resolution=SIZE, steps=STEPS, sampler=sample,
     metric=CallableMetric(mean_abs_diff, name="mean-abs-diff-vs-fp", needs_fp=True),
     example_inputs=_example_inputs), overwrite=True)
+
+# the same denoiser, declaring both half precisions unsafe (what a family whose activations overflow in fp16 does)
+FP32_ONLY_FAMILY = register_family(FamilySpec(
+    name="tests_toy_fp32_only", factory=FAMILY.factory, fp_prec=32, conditioning="class", num_classes=4,
+    num_images=8, resolution=SIZE, steps=STEPS, sampler=sample, metric=FAMILY.metric, example_inputs=_example_inputs,
+    unsafe_dtypes={"float16": "its activations overflow float16", "bfloat16": "trained and validated in float32"}),
+    overwrite=True)

@@ -101,3 +101,44 @@ def test_kernel_breakdown_shares_and_rates_hand_computed():
     assert got["gemm_tflops"] == pytest.approx(5e8 / 5e-4 / 1e12) and got["attention_tflops"] == pytest.approx(1.0)
     assert got["top_kernels"][0] == {"name": "nvjet_hsh_256x128_2x1_v_bz_coopA_NNT", "seconds": pytest.approx(4e-4),
                                      "share": pytest.approx(4 / 11)}
+
+
+def test_generation_options_per_family_floor_stages_side_by_side(one_thread, monkeypatch):
+    """--dtype / --channels_last per family: the eager floor in the family's precision first, then one stage per
+    option, applied through the scoring path; the last stage is the floor of every other figure (tiny SD1.5 at
+    3 steps)."""
+    import dataclasses
+
+    bench = _benchmark()
+    registered = bench.get_family
+    monkeypatch.setattr(bench, "get_family", lambda name: dataclasses.replace(registered(name), steps=3))
+    args = bench.parse_args(["--num_images", "2", "--batch_size", "sdv15=2,pixart_alpha=3", "--dtype", "sdv15=float16",
+                             "--channels_last", "sdv15,sdxl", "--peak_tflops", "2.5", "--reference_loop", ""])
+    assert not bench.options_of(args, "pixart_alpha") and bench.family_value(args.batch_size, "pixart_alpha", int) == 3
+    assert bench.options_of(args, "sdxl") == bench.GenerationOptions(channels_last=True)
+    entry = bench.measure_family("sdv15", args, _small_metric(), torch.device("cpu"))
+    assert (entry["dtype"], entry["channels_last"], entry["compile"]) == ("float16", True, None)
+    assert entry["settings"]["dtype"] == "float16" and entry["batch_size"] == 2
+    assert entry["generation_settings"] == {"dtype": "float16", "channels_last": True}
+    stages = entry["floor_stages"]
+    assert [s["options"] for s in stages] == [{}, {"dtype": "float16"}, {"dtype": "float16", "channels_last": True}]
+    assert entry["floor_seconds_per_config_eager"] == stages[0]["floor_seconds"]
+    assert stages[-1]["floor_seconds"] == entry["floor_seconds_per_config"]
+    macs, forwards = entry["macs_per_forward"], entry["forwards_per_config"]
+    from multiquant.adapters.diffusers.loading import tiny_scheduler
+
+    timesteps = bench.timesteps_for(tiny_scheduler("sdv15"), 3, "cpu")  # PNDM's PLMS: 4 timesteps for 3 steps
+    assert forwards == 2 * len(timesteps) * 2  # images x timesteps x classifier-free guidance
+    for stage in stages:
+        assert stage["achieved_tflops"] == pytest.approx(2 * macs * forwards / stage["floor_seconds"] / 1e12)
+        assert stage["floor_peak_fraction"] == pytest.approx(stage["achieved_tflops"] / 2.5)
+    assert entry["floor_speedup_vs_eager"] == pytest.approx(stages[0]["floor_seconds"] / stages[-1]["floor_seconds"])
+    assert entry["achieved_tflops_eager"] == stages[0]["achieved_tflops"]
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "sdv15=float8"], ["--compile", "fast"], ["--batch_size", "sdv15=0"],
+                                   ["--dtype", "sdv15=float16,bfloat16"], ["--scaling_only", "--channels_last"]])
+def test_malformed_generation_options_are_refused_before_measuring(flags):
+    with pytest.raises(SystemExit) as refused:
+        _benchmark().parse_args(flags)
+    assert refused.value.code == 2

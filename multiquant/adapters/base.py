@@ -89,6 +89,31 @@ class Adapter:
                                          reference_dir=reference_dir)
         return metric.to(device) if hasattr(metric, "to") else metric
 
+    # -- how the modules compute (scoring options --dtype / --channels_last) --------------------------------
+    def generation_modules(self, spec, pipe, refiner=None) -> dict[str, nn.Module]:
+        """The modules that compute while images render, by name: what ``--dtype`` casts. A plain module family
+        renders with its denoiser alone."""
+        return {"denoiser": self.denoiser(pipe)}
+
+    def convolutional_modules(self, spec, pipe, refiner=None) -> dict[str, nn.Module]:
+        """The rendering modules whose convolutions run faster channels-last (``--channels_last``). A plain
+        module family: its denoiser (only its 4-D convolution weights change layout)."""
+        return {"denoiser": self.denoiser(pipe)}
+
+    def cast_generation(self, spec, pipe, dtype: torch.dtype, refiner=None) -> list[str]:
+        """Cast :meth:`generation_modules` to ``dtype`` in place (same parameter objects); returns their names."""
+        from ..utils import cast_module
+
+        modules = self.generation_modules(spec, pipe, refiner)
+        for module in modules.values():
+            cast_module(module, dtype)
+        return list(modules)
+
+    def to_channels_last(self, spec, pipe, refiner=None) -> dict[str, int]:
+        """Convert :meth:`convolutional_modules` to channels-last in place; returns how many 4-D tensors each
+        holds (a module without 2-D convolutions: none)."""
+        return {name: channels_last_(module) for name, module in self.convolutional_modules(spec, pipe, refiner).items()}
+
     def counts_macs(self, spec) -> bool:
         """Whether the BOPs column can be measured: one forward with :meth:`example_inputs` is possible."""
         return True
@@ -110,6 +135,25 @@ class Adapter:
     def denoiser_inputs(self, spec, model: nn.Module, batch: int, device, dtype, resolution: int | None,
                         seed: int) -> dict:
         raise no_example_inputs(model)
+
+
+@torch.no_grad()
+def channels_last_(module: nn.Module) -> int:
+    """Every 4-D floating parameter and buffer of ``module`` (Conv2d weights) in channels-last memory format, in
+    place: the same Parameter objects hold the re-laid-out data, so an in-place weight swap (``copy_``, which
+    keeps the destination's strides) and a module compiled afterwards keep it. Returns how many 4-D tensors
+    the module has (each channels-last now; a 1x1 or depthwise kernel's layout is the same either way). Only
+    4-D tensors: ``nn.Module.to(memory_format=...)`` would fail on a Conv3d's 5-D weight."""
+    seen: set[int] = set()
+    for owner in module.modules():
+        for store in (owner._parameters, owner._buffers):
+            for tensor in store.values():
+                if tensor is None or tensor.dim() != 4 or not tensor.is_floating_point() or id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                if not tensor.is_contiguous(memory_format=torch.channels_last):
+                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return len(seen)
 
 
 def no_example_inputs(model: nn.Module) -> UserError:

@@ -34,6 +34,8 @@ from ..utils import cast_module, from_pretrained_kwargs
 _REGISTRY: dict[str, "FamilySpec"] = {}
 
 DTYPES = {16: torch.float16, 32: torch.float32}
+# compute precisions a run may be scored in instead of the family's (eval-random / eval-configs --dtype)
+SCORING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class FamilySpec:
     conditions: Callable[[int], list] | None = None  # n -> what each image is conditioned on
     metric: object | None = None  # multiquant.metrics.FeatureFID / CallableMetric: the family's quality label
     # --- numerics ---------------------------------------------------------------------------------
-    fp_prec: int = 16  # precision the reference sizes are costed at (FP_PREC)
+    fp_prec: int = 16  # precision the reference sizes are costed at (FP_PREC); also the default compute dtype
+    # compute dtypes this family must not be scored in (--dtype), each with why: {"float16": "overflows in ..."}
+    unsafe_dtypes: dict = field(default_factory=dict)
     reference_fp_bytes: int | None = None  # FP_SIZE of the reference scripts, for checks
     architecture: str | None = None  # the reference's `architecture` label in quant_cache.pkl
     # --- generation protocol ----------------------------------------------------------------------
@@ -89,6 +93,18 @@ class FamilySpec:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES.get(self.fp_prec, torch.float32)
+
+    def scoring_dtype(self, name: str) -> torch.dtype:
+        """The compute dtype ``name`` (float32 / float16 / bfloat16) for scoring this family, or a UserError when
+        the name is unknown or the family declares it unsafe (``unsafe_dtypes``)."""
+        if name not in SCORING_DTYPES:
+            raise UserError(f"--dtype {name!r} is not one of {', '.join(SCORING_DTYPES)}")
+        if name in self.unsafe_dtypes:
+            safe = [n for n in SCORING_DTYPES if n not in self.unsafe_dtypes]
+            raise UserError(f"family {self.name!r} declares {name} unsafe ({self.unsafe_dtypes[name]}): leave out "
+                            f"--dtype (default {str(self.dtype).replace('torch.', '')}) or pass one of "
+                            f"{', '.join(safe)}")
+        return SCORING_DTYPES[name]
 
     def is_excluded(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.exclude)

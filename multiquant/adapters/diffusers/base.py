@@ -33,6 +33,7 @@ class DiffusersAdapter(Adapter):
     uncond_first = True  # order of the two classifier-free guidance halves in the denoiser batch
     refines = False  # an FP refiner may finish the schedule (SDXL)
     pixel_space = False  # the denoiser works on pixels (example inputs at the resolution, not resolution / 8)
+    convolutional_denoiser = False  # a U-Net: --channels_last converts the denoiser too, not only the VAE
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self, spec, pretrained, device, dtype=None):
@@ -58,6 +59,29 @@ class DiffusersAdapter(Adapter):
 
         swap_denoiser(pipe, denoiser)
         return pipe
+
+    def generation_modules(self, spec, pipe, refiner=None) -> dict:
+        """The denoiser and the VAE (its decoder renders the images), and the refiner's (SDXL)."""
+        from torch import nn
+
+        out = {}
+        for prefix, stage in (("", pipe), ("refiner.", refiner)):
+            if stage is None:
+                continue
+            out[prefix + "denoiser"] = self.denoiser(stage)
+            if isinstance(getattr(stage, "vae", None), nn.Module):
+                out[prefix + "vae"] = stage.vae
+        return out
+
+    def convolutional_modules(self, spec, pipe, refiner=None) -> dict:
+        """The VAE (a convolutional decoder in every kind), and the denoiser of the U-Net kinds."""
+        return {name: module for name, module in self.generation_modules(spec, pipe, refiner).items()
+                if self.convolutional_denoiser or not name.endswith("denoiser")}
+
+    def cast_generation(self, spec, pipe, dtype, refiner=None) -> list[str]:
+        names = super().cast_generation(spec, pipe, dtype, refiner)
+        self.prepare(pipe, refiner)  # again: e.g. SDXL's VAE stays float32 whatever the denoiser computes in
+        return names
 
     def refiner(self, spec, source=None, device=None, tiny: bool = False):
         if source is False or (not source and spec.refiner_hub_id is None):

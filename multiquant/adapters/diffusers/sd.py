@@ -9,6 +9,7 @@ from .loop import with_negative
 
 class SDAdapter(DiffusersAdapter):
     kind = "sd"
+    convolutional_denoiser = True  # a U-Net
     pipeline_classes = ("StableDiffusionPipeline",)
     tiny_schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     prompt_fields = ("prompt_embeds",)

@@ -80,13 +80,16 @@ def load_refiner(family, source: str | Path | None = None, device=None, dtype: t
 
 def _upcast_vae_if_needed(pipe) -> None:
     """The SDXL VAE overflows in fp16; the pipeline upcasts it for every decode (force_upcast). Do it once."""
+    from ...utils import cast_module
+
     vae = pipe.vae
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)
+        cast_module(vae, torch.float32)  # without diffusers' warning about an empty _keep_in_fp32_modules
 
 
 class SDXLAdapter(DiffusersAdapter):
     kind = "sdxl"
+    convolutional_denoiser = True  # a U-Net
     pipeline_classes = ("StableDiffusionXLPipeline",)
     tiny_schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     prompt_fields = ("prompt_embeds", "pooled_prompt_embeds")

@@ -10,10 +10,14 @@ a configuration into two small per-node tensors:
     1 bit code:   combine / 16-bit 0, 4-bit 1, 3-bit 2, then 2, 5, 6, 7, 8 bits -> 3..7
     2 op code:    1 + index of the node's ``op`` in the sorted op vocabulary (0 = unknown op)
     3 block code: block index + 1 (global layers, block -1 -> 0)
-``x_num`` (float, [N, 2]) - numeric features (combine nodes 0):
+``x_num`` (float, [N, 2 + k]) - numeric features (combine nodes 0):
     0 compression ratio fp_bytes / quant_bytes (the reference's 100*fp/quant, divided by 100)
     1 log1p(100 * error): the reference's 100*error, log-scaled because per-layer errors span orders
       of magnitude across layers and methods (K-Means-A errors carry an extra in/out factor).
+    2.. with a template's ``shift_coords`` (k > 0): the layer's measured output change under its chosen option,
+      projected on the k leading components of the output-change signature (autobuild/output_shift.py); FP
+      layers and options the table lacks 0. Summed over a configuration's layers they are the signed change of
+      the denoiser's output that several layers add and cancel (the interaction of mnist_unet).
 
 Tied layers (``aliases`` of a node) are one node: it takes the canonical key's entry. Input records
 are never modified.
@@ -82,15 +86,19 @@ class GraphTemplate:
     op_vocab: list[str]  # sorted; op code = 1 + index
     hop_mask: torch.Tensor  # [N, num_hops + 1] bool: read-out nodes per hop level
     family: str | None = None
+    # "key=option" -> k output-change coordinates (autobuild.output_shift.ShiftBasis.coords): x_num[:, 2:]
+    shift_coords: dict[str, list[float]] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_graph(cls, graph: nx.DiGraph, units: Iterable | None = None, num_hops: int = 4,
-                   op_vocab: Sequence[str] | None = None) -> "GraphTemplate":
+                   op_vocab: Sequence[str] | None = None,
+                   shift_coords: Mapping[str, Sequence[float]] | None = None) -> "GraphTemplate":
         """``units``: objects with ``.output`` (node id) and ``.hops``; unit outputs with ``hops == k``
         form the read-out set of hop k (as the reference's S_k). Hop 0 always also reads every layer
         node; a hop no unit has reads the outputs of the deeper units (or of every unit when none is
-        deeper); only without units does a hop read all nodes (global mean)."""
+        deeper); only without units does a hop read all nodes (global mean). ``shift_coords``: per-node
+        output-change features (module docstring)."""
         nodes = list(graph.nodes)
         index = {n: i for i, n in enumerate(nodes)}
         attrs = [graph.nodes[n] for n in nodes]
@@ -126,7 +134,8 @@ class GraphTemplate:
         hop_mask[:, empty] = True
         return cls(nodes=nodes, kinds=kinds, keys=[a.get("key") if k == "layer" else None for a, k in zip(attrs, kinds)],
                    aliases=[list(a.get("aliases", []) or []) for a in attrs], ops=ops, blocks=blocks,
-                   edge_index=edge_index, op_vocab=vocab, hop_mask=hop_mask, family=graph.graph.get("family"))
+                   edge_index=edge_index, op_vocab=vocab, hop_mask=hop_mask, family=graph.graph.get("family"),
+                   shift_coords=_shift_coords(shift_coords))
 
     # ------------------------------------------------------------------ static codes
     @property
@@ -144,6 +153,15 @@ class GraphTemplate:
     @property
     def num_blocks(self) -> int:
         return max(self.blocks, default=-1) + 2
+
+    @property
+    def shift_dim(self) -> int:
+        """k, the number of output-change coordinates per node (0 without ``shift_coords``)."""
+        return len(next(iter(self.shift_coords.values()))) if self.shift_coords else 0
+
+    @property
+    def num_numeric(self) -> int:
+        return 2 + self.shift_dim
 
     @property
     def layer_index(self) -> list[int]:
@@ -167,15 +185,24 @@ class GraphTemplate:
             f"another model than the DAG's ({self.family or 'unnamed'}; check --model/--family and --tiny/--size); if layers "
             f"were left out on purpose, train-predictor --missing fp16 treats them as unquantized")
 
+    def numeric_of(self, i: int, entry: Sequence) -> list[float]:
+        """The ``x_num`` row ([2 + k]) of layer node ``i`` under ``entry`` (``[option, fp_bytes, quant_bytes,
+        error]``): :func:`numeric_features`, then the output-change coordinates of the canonical key's option
+        (a tied layer's change is measured with its followers, autobuild.output_shift.output_shifts)."""
+        row = list(numeric_features(entry))
+        if self.shift_coords:
+            row += self.shift_coords.get(f"{self.keys[i]}={option_name(entry)}", [0.0] * self.shift_dim)
+        return row
+
     def encode(self, config: Mapping, missing: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-config features: (quant/bit codes [N, 2] long, numeric [N, 2] float)."""
+        """Per-config features: (quant/bit codes [N, 2] long, numeric [N, 2 + k] float)."""
         n = self.num_nodes
         codes = np.zeros((n, 2), dtype=np.int64)
-        numeric = np.zeros((n, 2), dtype=np.float32)
+        numeric = np.zeros((n, self.num_numeric), dtype=np.float32)
         for i in self.layer_index:
             entry = self.entry(config, i, missing)
             codes[i] = option_codes(entry[0])
-            numeric[i] = numeric_features(entry)
+            numeric[i] = self.numeric_of(i, entry)
         return torch.from_numpy(codes), torch.from_numpy(numeric)
 
     def to_data(self, config: Mapping, y: float | None = None, missing: str = "error") -> Data:
@@ -191,7 +218,8 @@ class GraphTemplate:
         return {"nodes": [str(n) for n in self.nodes], "kinds": self.kinds, "keys": self.keys,
                 "aliases": self.aliases, "ops": self.ops, "blocks": self.blocks,
                 "edge_index": self.edge_index.tolist(), "op_vocab": self.op_vocab,
-                "hop_mask": self.hop_mask.to(torch.int8).tolist(), "family": self.family}
+                "hop_mask": self.hop_mask.to(torch.int8).tolist(), "family": self.family,
+                "shift_coords": self.shift_coords}
 
     @classmethod
     def from_json(cls, obj: Mapping) -> "GraphTemplate":
@@ -199,7 +227,18 @@ class GraphTemplate:
         return cls(nodes=list(obj["nodes"]), kinds=list(obj["kinds"]), keys=list(obj["keys"]),
                    aliases=[list(a) for a in obj["aliases"]], ops=list(obj["ops"]), blocks=[int(b) for b in obj["blocks"]],
                    edge_index=edge_index, op_vocab=list(obj["op_vocab"]),
-                   hop_mask=torch.tensor(obj["hop_mask"], dtype=torch.bool), family=obj.get("family"))
+                   hop_mask=torch.tensor(obj["hop_mask"], dtype=torch.bool), family=obj.get("family"),
+                   shift_coords=_shift_coords(obj.get("shift_coords")))
+
+
+def _shift_coords(coords: Mapping[str, Sequence[float]] | None) -> dict[str, list[float]] | None:
+    """JSON-ready copy of per-option output-change coordinates, all of one width (None: no such features)."""
+    if not coords:
+        return None
+    out = {str(name): [float(v) for v in c] for name, c in coords.items()}
+    if len({len(c) for c in out.values()}) != 1 or not next(iter(out.values())):
+        raise ValueError("shift_coords entries must all have the same, non-zero length")
+    return out
 
 
 class ConfigDataset:
@@ -211,7 +250,7 @@ class ConfigDataset:
     def __init__(self, template: GraphTemplate, codes: torch.Tensor, numeric: torch.Tensor, y: torch.Tensor | None):
         self.template = template
         self.codes = codes  # [M, N, 2] long
-        self.numeric = numeric  # [M, N, 2] float
+        self.numeric = numeric  # [M, N, 2 + k] float
         self.y = y  # [M] float or None
         self._static = template.static_codes()
         self._edge_cache: dict[int, torch.Tensor] = {}
@@ -246,7 +285,7 @@ class ConfigDataset:
         index = torch.arange(len(self)) if index is None else torch.as_tensor(index, dtype=torch.long)
         b, n = len(index), self.template.num_nodes
         x_cat = torch.cat([self.codes[index], self._static.expand(b, n, 2)], dim=2).reshape(b * n, 4)
-        batch = Data(x_cat=x_cat, x_num=self.numeric[index].reshape(b * n, 2), edge_index=self._batched_edges(b),
+        batch = Data(x_cat=x_cat, x_num=self.numeric[index].reshape(b * n, -1), edge_index=self._batched_edges(b),
                      hop_mask=self.template.hop_mask.repeat(b, 1), batch=torch.arange(b).repeat_interleave(n),
                      ptr=torch.arange(b + 1) * n, num_nodes=b * n)
         batch.num_graphs = b
@@ -275,7 +314,7 @@ def cache_to_dataset(records: Sequence[Mapping], graph: nx.DiGraph | GraphTempla
         numeric.append(x)
     n = template.num_nodes
     codes_t = torch.stack(codes) if codes else torch.zeros(0, n, 2, dtype=torch.long)
-    numeric_t = torch.stack(numeric) if numeric else torch.zeros(0, n, 2)
+    numeric_t = torch.stack(numeric) if numeric else torch.zeros(0, n, template.num_numeric)
     y = None if target is None else torch.tensor([target(r) for r in records], dtype=torch.float32)
     return ConfigDataset(template, codes_t, numeric_t, y)
 

@@ -84,7 +84,7 @@ def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tenso
         config = {"format": FORMAT, "version": 1,
                   "model": {"num_ops": template.num_ops, "num_blocks": template.num_blocks, "hidden": options["hidden"],
                             "layers": options["layers"], "heads": options["heads"], "dropout": options["dropout"],
-                            "additive": options["additive"]},
+                            "additive": options["additive"], "shift_dim": template.shift_dim},
                   "target": metrics["target"], "learned": metrics["learned"], "prior_columns": metrics["prior_columns"],
                   "loss": metrics["loss"],
                   "seed": metrics["seed"], "weights_sha256": digest,
@@ -119,7 +119,8 @@ class Ensemble:
     def template_for(self, graph: nx.DiGraph, units: Iterable | None = None) -> GraphTemplate:
         """Template of another graph over the same denoiser (e.g. a unit subgraph), encoded with the
         training op vocabulary so that op codes mean the same thing."""
-        return GraphTemplate.from_graph(graph, units, self.num_hops, op_vocab=self.template.op_vocab)
+        return GraphTemplate.from_graph(graph, units, self.num_hops, op_vocab=self.template.op_vocab,
+                                        shift_coords=self.template.shift_coords)
 
     def _weights(self, f: int) -> torch.Tensor:
         return torch.tensor([0.0 if (v is None or math.isnan(v)) else v for v in self.folds[f]["hop_srcc"]])

@@ -151,28 +151,29 @@ def enumerate_variants(num_layers: int, num_options: int) -> np.ndarray:
     return np.stack([g.reshape(-1) for g in grids], axis=1) if num_layers else np.zeros((1, 0), np.uint8)
 
 
-def _option_lookups(table: OptionTable, key: str, options: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per option of layer ``key``: (quant/bit codes [K, 2] long, numeric features [K, 2] float) -- the
-    same encoding training used (``autobuild.data``)."""
-    from .data import numeric_features, option_codes
+def _option_lookups(table: OptionTable, template, node: int, options: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per option of layer node ``node`` of ``template``: (quant/bit codes [K, 2] long, numeric features
+    [K, 2 + k] float) -- the same encoding training used (``autobuild.data.GraphTemplate.numeric_of``)."""
+    from .data import option_codes
 
+    key = template.keys[node]
     if key not in table.table:
         raise InputError(f"layer {key!r} of the graph is not in the option table: the table belongs to another "
                        f"model (or the predictor to another family)")
     entries = [table.table[key][o] for o in options]
     codes = torch.tensor([option_codes(e[0]) for e in entries], dtype=torch.long)
-    numeric = torch.tensor([numeric_features(e) for e in entries], dtype=torch.float32)
+    numeric = torch.tensor([template.numeric_of(node, e) for e in entries], dtype=torch.float32)
     return codes, numeric
 
 
 def _variant_features(template, table: OptionTable, options, variants: np.ndarray):
-    """Features of every variant of a unit over its template: codes [M, N, 2], numeric [M, N, 2]."""
+    """Features of every variant of a unit over its template: codes [M, N, 2], numeric [M, N, 2 + k]."""
     m, n = len(variants), template.num_nodes
     codes = torch.zeros(m, n, 2, dtype=torch.long)
-    numeric = torch.zeros(m, n, 2, dtype=torch.float32)
+    numeric = torch.zeros(m, n, template.num_numeric, dtype=torch.float32)
     pick = torch.from_numpy(variants.astype(np.int64))
     for column, node in enumerate(template.layer_index):
-        lut_codes, lut_numeric = _option_lookups(table, template.keys[node], options)
+        lut_codes, lut_numeric = _option_lookups(table, template, node, options)
         codes[:, node] = lut_codes[pick[:, column]]
         numeric[:, node] = lut_numeric[pick[:, column]]
     return codes, numeric

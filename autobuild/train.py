@@ -74,9 +74,14 @@ class TrainOptions:
     # "ridge_shift", one-hot options plus a quadratic form of the summed signature's leading components
     shift_signature: dict | None = None
     shift_components: int = 32
+    # how the signature was measured (multiquantizer, its hash, seed, seconds) or why it was not: recorded only
+    shift_source: dict | None = None
     # the network learns the prior's residual on its training records from out-of-fold prior fits (inner K-fold),
     # as it will meet it on new records; False: in-sample residuals of the one prior fit
     cross_fit: bool = True
+    # with a shift_signature: the GNN's layer nodes also read their option's output change on the prior's basis,
+    # and a readout of the summed change feeds its head (autobuild.gnn.ShiftReadout)
+    node_shifts: bool = True
     # with a prior, a network epoch is kept only if its validation score beats the prior's by more than the
     # standard error of that score (autobuild.train._prior_margin); False: by anything
     prior_margin: bool = True
@@ -381,7 +386,7 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
     torch.manual_seed(seed)
     template = dataset.template
     model = SensitivityGNN(template.num_ops, template.num_blocks, opts.hidden, opts.layers, opts.heads,
-                           opts.dropout, opts.additive).to(device)
+                           opts.dropout, opts.additive, template.shift_dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     residual = labels.learned - base
@@ -402,7 +407,7 @@ def _train_fold(dataset: ConfigDataset, labels: Labels, base: torch.Tensor, trai
     epoch = 0
     if opts.linear_prior:  # start from the prior alone (zero residual); keep it unless the network beats it
         with torch.no_grad():
-            for layer in (model.head[-1], model.additive):
+            for layer in (model.head[-1], model.additive, None if model.shift_head is None else model.shift_head[-1]):
                 if layer is not None:
                     layer.weight.zero_()
                     layer.bias.zero_()
@@ -591,7 +596,12 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                          f"(at least {max(folds, 2) * 2} needed for {folds} folds): check the target's keys, "
                          f"score more configurations or pass fewer --folds")
     kept = [records[i] for i in valid]
-    template = graph if isinstance(graph, GraphTemplate) else GraphTemplate.from_graph(graph, units, opts.layers)
+    basis = _basis_of(opts)
+    if isinstance(graph, GraphTemplate):
+        template = graph
+    else:  # with a signature (and node_shifts), each layer node also reads its option's output change
+        template = GraphTemplate.from_graph(graph, units, opts.layers,
+                                            shift_coords=basis.coords if basis is not None and opts.node_shifts else None)
     if template.num_hops != opts.layers:
         raise InputError(f"graph template has {template.num_hops} hop levels, the model {opts.layers} layers")
     dataset = cache_to_dataset(kept, template, target_fn, missing=opts.missing)

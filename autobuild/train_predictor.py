@@ -15,7 +15,7 @@ from pathlib import Path
 from multiquant.cli_flags import add_model_flags
 from multiquant.errors import UserError
 
-__all__ = ["add_train_predictor_arguments", "run_train_predictor", "family_graph"]
+__all__ = ["add_train_predictor_arguments", "run_train_predictor", "family_graph", "measured_signature"]
 
 
 def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,12 +48,16 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
                         "each configuration; target: learn the target expression itself (the reference)")
     p.add_argument("--missing", choices=("error", "fp16"), default="error",
                    help="a layer absent from a record's config: fail, or treat it as unquantized")
-    p.add_argument("--output_shifts", action="store_true",
+    p.add_argument("--output_shifts", action="store_const", const=True, default=None,
                    help="first measure each (layer, option)'s output change with the family's weights and "
-                        "multiquantizer (layers x options denoiser forwards of 16 inputs on the CPU: about 40 s on "
-                        "the MNIST testbeds); the prior may then be ridge_shift, one-hot options plus a quadratic "
-                        "form of the summed change (autobuild/output_shift.py), which a validation picks only where "
-                        "it fits better")
+                        "multiquantizer (2 x layers x options denoiser forwards of 16 inputs on the CPU: 25-55 s on "
+                        "the MNIST testbeds): the GNN's layer nodes read it and the prior may be ridge_shift, one-hot "
+                        "options plus a quadratic form of the summed change (autobuild/output_shift.py), which a "
+                        "validation picks only where it fits better. Default: measured when the multiquantizer file "
+                        "exists and the weights load, else trained without (said, and recorded in metrics.json); "
+                        "--output_shifts: required (a missing file is an error); --no_output_shifts: never")
+    p.add_argument("--no_output_shifts", dest="output_shifts", action="store_const", const=False,
+                   help="train without output shifts (see --output_shifts)")
     p.add_argument("--pretrained", default=None, help="with --output_shifts: the denoiser weights (default: the "
                                                        "family's)")
     p.add_argument("--mq", default=None, help="with --output_shifts: the multiquantizer the cache was scored with "
@@ -75,6 +79,40 @@ def family_graph(model: str, size: str = "full"):
     return build_dag(denoiser, family)
 
 
+def measured_signature(model: str, wanted: bool | None, pretrained=None, mq=None, tiny: bool = False,
+                       log=print) -> tuple[dict | None, dict]:
+    """The output-change signature (autobuild.output_shift.SIGNATURE) of the family's denoiser under its
+    multiquantizer, and how it was measured (or why not) for the predictor's recorded options. ``wanted``: True
+    measures or fails, False never measures, None (the default) measures when the multiquantizer file exists
+    and the weights load, and otherwise says why it trains without."""
+    if wanted is False:
+        return None, {"measured": False, "reason": "--no_output_shifts"}
+    from autobuild.output_shift import family_shift_tables
+    from multiquant.evaluate import default_multiquantizer_path
+    from multiquant.families import get_family
+
+    family = get_family(model)
+    path = Path(mq) if mq else default_multiquantizer_path(family, tiny)
+    try:
+        if not path.is_file():  # checked before loading the weights, which can be large
+            from multiquant.errors import MissingFileError
+
+            raise MissingFileError(f"no multiquantizer at {path} (build it with `qua2sedimo multiquantizer --model "
+                                   f"{model}{' --tiny' if tiny else ''}` or pass --mq)")
+        _, signature, info = family_shift_tables(family, pretrained, path, tiny=tiny, per_channel=False,
+                                                 log=log)
+    except (UserError, OSError) as err:
+        if wanted:
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log(f"output shifts not measured ({reason}): training without them (--output_shifts makes this an error, "
+            f"--no_output_shifts skips the attempt)")
+        return None, {"measured": False, "reason": reason}
+    log(f"output shifts of {len(signature)} layers measured in {info['seconds'] + info['signature_seconds']:.0f}s "
+        f"(--no_output_shifts skips them)")
+    return signature, {"measured": True, **info}
+
+
 def _units(graph, level: str | None):
     if level in (None, "none"):
         return None
@@ -90,17 +128,11 @@ def run_train_predictor(args) -> int:
 
     records = load_quant_cache(args.cache, require_config=True)  # restricted unpickler, records checked
     graph = family_graph(args.model, "tiny" if args.tiny else args.size)
-    shifts = signature = None
-    if args.output_shifts:
-        from autobuild.output_shift import family_shift_tables
-        from multiquant.families import get_family
-
-        shifts, signature, info = family_shift_tables(get_family(args.model), args.pretrained, args.mq,
-                                                      tiny=bool(args.tiny) or args.size == "tiny", per_channel=False)
-        print(f"output shifts of {len(signature)} layers measured in {info['seconds'] + info['signature_seconds']:.0f}s")
+    signature, source = measured_signature(args.model, args.output_shifts, args.pretrained, args.mq,
+                                           tiny=bool(args.tiny) or args.size == "tiny")
     options = TrainOptions(hidden=args.hidden, layers=args.layers, heads=args.heads, patience=args.patience,
                            workers=args.workers, threads=args.threads, missing=args.missing, learn=args.learn,
-                           output_shifts=shifts, shift_signature=signature, shift_components=args.shift_components)
+                           shift_signature=signature, shift_components=args.shift_components, shift_source=source)
     print(f"{len(records)} records, graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges")
     metrics = train_predictor(records, graph, args.target, loss=args.loss, folds=args.folds, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed, device=args.device, out_dir=args.out,

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +41,8 @@ def summary(metrics: dict) -> dict:
 
 
 # the training options a result depends on beyond the flags (autobuild.train.TrainOptions)
-TRAINING_KEYS = ("cross_fit", "prior_margin", "shift_components", "linear_prior", "epochs", "patience", "hidden")
+TRAINING_KEYS = ("cross_fit", "prior_margin", "shift_components", "node_shifts", "linear_prior", "epochs", "patience",
+                 "hidden")
 
 
 def main(argv=None) -> dict:
@@ -66,6 +68,13 @@ def main(argv=None) -> dict:
                         "signature, autobuild.train.fit_prior)")
     p.add_argument("--shift_components", type=int, default=32,
                    help="leading components of the signature in the ridge_shift prior (0: no shift prior)")
+    p.add_argument("--no_node_shifts", dest="node_shifts", action="store_false",
+                   help="with --output_shifts: the GNN's layer nodes do not read their option's output change (by "
+                        "default they do, and its head a readout of the summed change, autobuild.gnn.ShiftReadout)")
+    p.add_argument("--unguarded", action="store_true",
+                   help="also train every target without the prior margin (TrainOptions.prior_margin=False) on the "
+                        "same folds and record it as gnn_unguarded: what the network would score if any "
+                        "validation gain let it replace its prior")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from autobuild.dag import units
@@ -85,17 +94,23 @@ def main(argv=None) -> dict:
     prior = {"auto": "auto", "linear": True, "none": False}[args.prior]
     shifts, signature, shift_info = measured_shifts(args.model) if args.output_shifts else (None, None, None)
     for name, target in ((n, TARGETS[n]) for n in wanted):
+        options = TrainOptions(workers=args.workers, tabular_baselines=True, linear_prior=prior, output_shifts=shifts,
+                               shift_signature=signature, shift_components=args.shift_components,
+                               node_shifts=args.node_shifts)
         metrics = train_predictor(records, graph, target, folds=args.folds, epochs=args.epochs, seed=12345,
                                   device=args.device, out_dir=keep if name == "quality" else keep.parent / name,
-                                  units=units(graph, "block"), log=None,
-                                  options=TrainOptions(workers=args.workers, tabular_baselines=True,
-                                                       linear_prior=prior, output_shifts=shifts,
-                                                       shift_signature=signature,
-                                                       shift_components=args.shift_components))
+                                  units=units(graph, "block"), log=None, options=options)
+        unguarded = None
+        if args.unguarded:  # the same folds and seeds, only the margin off (nothing saved)
+            free = train_predictor(records, graph, target, folds=args.folds, epochs=args.epochs, seed=12345,
+                                   device=args.device, units=units(graph, "block"), log=None,
+                                   options=replace(options, prior_margin=False, tabular_baselines=False))
+            unguarded = {"srcc": free["srcc_mean"], "fold_srcc": [f["srcc"] for f in free["folds"]],
+                         "best_epochs": [f["best_epoch"] for f in free["folds"]]}
         shift_prior = ({"signature": SIGNATURE, "components": args.shift_components}
                        if signature is not None and args.shift_components > 0 else None)
         out[name] = (dict(summary(metrics), prior=args.prior, shift_prior=shift_prior, device=args.device,
-                          measured=measured),
+                          measured=measured, **({"gnn_unguarded": unguarded} if unguarded else {})),
                      {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"], **({"kind": v["kind"]} if "kind" in v else {})}
                       for b, v in metrics["baselines"].items()})
         print(f"{name}: SRCC {metrics['srcc_mean']:.4f}; " + ", ".join(f"{b} {v['srcc_mean']:.4f}"

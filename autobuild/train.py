@@ -73,7 +73,9 @@ class TrainOptions:
     # {layer: {option: output-change signature}} (autobuild.output_shift.SIGNATURE): the prior may then also be
     # "ridge_shift", one-hot options plus a quadratic form of the summed signature's leading components
     shift_signature: dict | None = None
-    shift_components: int = 32
+    # leading components of the signature in the ridge_shift prior; several: each is a candidate prior, by the same
+    # inner CV (on mnist_unet's folds the inner CV picks 64 every time; the GNN's node features use the largest)
+    shift_components: int | tuple[int, ...] = (32, 64)
     # how the signature was measured (multiquantizer, its hash, seed, seconds) or why it was not: recorded only
     shift_source: dict | None = None
     # the network learns the prior's residual on its training records from out-of-fold prior fits (inner K-fold),
@@ -247,8 +249,9 @@ def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.nda
     """The linear prior of the learned value, fitted on ``train_idx`` only: of ridge on one-hot (layer, option),
     lasso on the same columns (few layers matter), lasso with pair terms (every option combination of every
     pair of the :data:`PRIOR_PAIR_LAYERS` layers with the largest lasso main effects) and, given a
-    ``shift_basis`` (:func:`autobuild.output_shift.shift_basis`), ridge on one-hot plus the quadratic form of the
-    configuration's summed output change (``ridge_shift``), the one with the lowest seeded inner K-fold MSE. Where
+    ``shift_basis`` (:func:`autobuild.output_shift.shift_basis`, or a sequence of them: one candidate each), ridge
+    on one-hot plus the quadratic form of the configuration's summed output change (``ridge_shift``), the one with
+    the lowest seeded inner K-fold MSE. Where
     log FID is additive (mnist_dit) ridge or lasso win; where signed output shifts of several layers add and cancel
     (mnist_unet, autobuild/output_shift.py) the quadratic form expresses it and pair terms only in part."""
     train_idx = np.asarray(train_idx)
@@ -263,9 +266,11 @@ def fit_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.nda
         model = _fit_ridge(x, target, seed)
         fitted["ridge"] = (model, singles, -float(model.best_score_))
     shift_entry = None
-    if "ridge_shift" in kinds and shift_basis is not None:
-        model, shift_entry, mse = _fit_ridge_shift(part, x, target, shift_basis, seed)
-        fitted["ridge_shift"] = (model, singles, mse)
+    if "ridge_shift" in kinds:
+        for basis in _as_bases(shift_basis):  # the components with the lowest inner-CV error
+            model, entry, mse = _fit_ridge_shift(part, x, target, basis, seed)
+            if "ridge_shift" not in fitted or mse < fitted["ridge_shift"][2]:
+                fitted["ridge_shift"], shift_entry = (model, singles, mse), entry
     if "lasso" in kinds or "lasso_pairs" in kinds:
         model = _fit_lasso(x, target, seed)
         fitted["lasso"] = (model, singles, float(model.mse_path_.mean(axis=1).min()))
@@ -313,6 +318,25 @@ def _fit_ridge_shift(part: Sequence[Mapping], onehot: np.ndarray, target: np.nda
             best = (model, weight, -float(model.best_score_))
     model, weight, mse = best
     return model, {"basis": basis.to_json(), "weight": weight}, mse
+
+
+def _as_bases(shift_basis) -> list:
+    """None, one :class:`autobuild.output_shift.ShiftBasis` or a sequence of them -> a list."""
+    from .output_shift import ShiftBasis
+
+    if shift_basis is None:
+        return []
+    return [shift_basis] if isinstance(shift_basis, ShiftBasis) else list(shift_basis)
+
+
+def _basis_of_prior(prior: Mapping, bases) -> list:
+    """The candidate basis a fitted ``ridge_shift`` prior chose (by its number of components), as a one-item list;
+    all of them for other kinds (their refits ignore it)."""
+    bases = _as_bases(bases)
+    if not prior.get("shift"):
+        return bases
+    components = len(next(iter(prior["shift"]["basis"]["coords"].values())))
+    return [b for b in bases if b.components == components]
 
 
 def ridge_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.ndarray, keys: Sequence[str]) -> dict:
@@ -476,8 +500,8 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
         learned = labels.learned.numpy()
         # The prior the network trains against sees the training part only: fitted on the validation split too,
         # its validation residuals would be too small for any network epoch to look better than epoch 0.
-        basis = _basis_of(opts)
-        fitted = fit_prior(records, learned, train_idx, keys, seed, shift_basis=basis) if opts.linear_prior else None
+        bases = _bases_of(opts)
+        fitted = fit_prior(records, learned, train_idx, keys, seed, shift_basis=bases) if opts.linear_prior else None
         # "auto": the fold's validation split decides between the GNN on the prior's residual and the GNN alone
         # (where log FID is far from additive, a prior it cannot leave holds the network back)
         variants = [True, False] if opts.linear_prior == "auto" else [bool(opts.linear_prior)]
@@ -487,7 +511,7 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
             base = prior_values(prior, records)
             if prior is not None and opts.cross_fit:  # the network sees the prior's out-of-sample errors
                 base[torch.as_tensor(train_idx)] = _out_of_fold_prior(records, learned, train_idx, keys, seed,
-                                                                      prior["kind"], basis)
+                                                                      prior["kind"], _basis_of_prior(prior, bases))
             trained = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
                                   replace(opts, linear_prior=use_prior), log)
             if best is None or trained[1]["val_selection"] > best[1]["val_selection"]:
@@ -496,7 +520,8 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
         info["prior_used"] = prior is not None
         if prior is not None:  # the kept prior of the same kind, refitted on training + validation part
             rest = np.sort(np.concatenate([train_idx, val_idx]))
-            prior = fit_prior(records, learned, rest, keys, seed, kinds=(prior["kind"],), shift_basis=basis)
+            prior = fit_prior(records, learned, rest, keys, seed, kinds=(prior["kind"],),
+                              shift_basis=_basis_of_prior(prior, bases))
             base = prior_values(prior, records)
         test = _predict(model, dataset, test_idx, device, opts.eval_batch)
         y_test, hop_y = labels.y[test_idx], labels.hop_y[test_idx]
@@ -552,13 +577,20 @@ def _out_of_fold_prior(records: Sequence[Mapping], learned: np.ndarray, train_id
     return out
 
 
-def _basis_of(opts: TrainOptions):
-    """The shift prior's basis (label-free: the signature table alone), or None without a signature."""
-    if not opts.shift_signature or opts.shift_components < 1:
-        return None
+def _bases_of(opts: TrainOptions) -> list:
+    """The shift prior's candidate bases, one per count in ``shift_components`` (label-free: the signature table
+    alone), or none without a signature."""
+    counts = [opts.shift_components] if isinstance(opts.shift_components, int) else list(opts.shift_components)
+    if not opts.shift_signature:
+        return []
     from .output_shift import shift_basis
 
-    return shift_basis(opts.shift_signature, opts.shift_components)
+    bases: dict[int, object] = {}
+    for k in sorted(set(counts)):
+        if k > 0:  # a count above the table's rank gives the same basis as the rank: fitted once
+            basis = shift_basis(opts.shift_signature, k)
+            bases.setdefault(basis.components, basis)
+    return list(bases.values())
 
 
 def _run_fold_job(job: tuple):
@@ -596,12 +628,13 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                          f"(at least {max(folds, 2) * 2} needed for {folds} folds): check the target's keys, "
                          f"score more configurations or pass fewer --folds")
     kept = [records[i] for i in valid]
-    basis = _basis_of(opts)
+    bases = _bases_of(opts)
     if isinstance(graph, GraphTemplate):
         template = graph
     else:  # with a signature (and node_shifts), each layer node also reads its option's output change
+        node_basis = max(bases, key=lambda b: b.components) if bases and opts.node_shifts else None
         template = GraphTemplate.from_graph(graph, units, opts.layers,
-                                            shift_coords=basis.coords if basis is not None and opts.node_shifts else None)
+                                            shift_coords=None if node_basis is None else node_basis.coords)
     if template.num_hops != opts.layers:
         raise InputError(f"graph template has {template.num_hops} hop levels, the model {opts.layers} layers")
     dataset = cache_to_dataset(kept, template, target_fn, missing=opts.missing)
@@ -681,7 +714,7 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
             ridge = ridge_prior(kept, learned_all, rest, layer_keys)
             for name, linear in (("ridge_learned", ridge),  # additive reference; then the GNN's prior alone
                                  ("prior_learned", fold_infos[f]["prior"] or fit_prior(
-                                     kept, learned_all, rest, layer_keys, seed + f, shift_basis=_basis_of(opts)))):
+                                     kept, learned_all, rest, layer_keys, seed + f, shift_basis=bases))):
                 composed = plan.compose(prior_values(linear, test_records), labels.known[test_idx]).numpy()
                 baseline_folds[name].append({**_fold_metrics(composed, y[test_idx], opts.k), "kind": linear["kind"]})
             if tabular is not None:  # nonlinear tabular baselines: trees, and trees on the ridge residual

@@ -15,7 +15,8 @@ from pathlib import Path
 from multiquant.cli_flags import add_model_flags
 from multiquant.errors import UserError
 
-__all__ = ["add_train_predictor_arguments", "run_train_predictor", "family_graph", "measured_signature"]
+__all__ = ["add_train_predictor_arguments", "run_train_predictor", "family_graph", "measured_signature",
+           "component_counts"]
 
 
 def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,9 +63,22 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
                                                        "family's)")
     p.add_argument("--mq", default=None, help="with --output_shifts: the multiquantizer the cache was scored with "
                                               "(default multiquantizers/<model>_mq.safetensors)")
-    p.add_argument("--shift_components", type=int, default=32,
-                   help="leading components of the output-change signature in the ridge_shift prior")
+    p.add_argument("--shift_components", type=component_counts, default=(32, 64),
+                   help="leading components of the output-change signature in the ridge_shift prior, comma "
+                        "separated: each count is a candidate, picked by the prior's inner CV (default 32,64); the "
+                        "GNN's layer nodes read the largest")
     return p
+
+
+def component_counts(text: str) -> tuple[int, ...]:
+    """``"32,64"`` -> (32, 64): an argparse type for --shift_components (0 alone: no shift prior)."""
+    try:
+        counts = tuple(sorted({int(v) for v in str(text).split(",") if v.strip()}))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers such as 32,64, got {text!r}")
+    return counts
 
 
 def family_graph(model: str, size: str = "full"):

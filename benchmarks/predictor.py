@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autobuild.output_shift import SIGNATURE  # noqa: E402
+from autobuild.train_predictor import component_counts  # noqa: E402
 from benchmarks.common import RESULTS, environment, write_result  # noqa: E402
 
 TARGETS = {"default": "-1*FID-GT-1k - avg_bits*150", "quality": "-1*FID-GT-1k"}
@@ -66,8 +67,9 @@ def main(argv=None) -> dict:
                         "multiquantizer (CPU, fp32, seed 0): the baselines with each configuration's summed shift, "
                         "and the GNN's prior may be ridge_shift (one-hot + a quadratic form of the summed output-change "
                         "signature, autobuild.train.fit_prior)")
-    p.add_argument("--shift_components", type=int, default=32,
-                   help="leading components of the signature in the ridge_shift prior (0: no shift prior)")
+    p.add_argument("--shift_components", type=component_counts, default=(32, 64),
+                   help="leading components of the signature in the ridge_shift prior, comma separated: one "
+                        "candidate each, by the prior's inner CV (0: no shift prior)")
     p.add_argument("--no_node_shifts", dest="node_shifts", action="store_false",
                    help="with --output_shifts: the GNN's layer nodes do not read their option's output change (by "
                         "default they do, and its head a readout of the summed change, autobuild.gnn.ShiftReadout)")
@@ -107,8 +109,8 @@ def main(argv=None) -> dict:
                                    options=replace(options, prior_margin=False, tabular_baselines=False))
             unguarded = {"srcc": free["srcc_mean"], "fold_srcc": [f["srcc"] for f in free["folds"]],
                          "best_epochs": [f["best_epoch"] for f in free["folds"]]}
-        shift_prior = ({"signature": SIGNATURE, "components": args.shift_components}
-                       if signature is not None and args.shift_components > 0 else None)
+        shift_prior = ({"signature": SIGNATURE, "components": list(args.shift_components)}
+                       if signature is not None and max(args.shift_components) > 0 else None)
         out[name] = (dict(summary(metrics), prior=args.prior, shift_prior=shift_prior, device=args.device,
                           measured=measured, **({"gnn_unguarded": unguarded} if unguarded else {})),
                      {b: {"srcc": v["srcc_mean"], "ndcg10": v["ndcg10_mean"], **({"kind": v["kind"]} if "kind" in v else {})}

@@ -181,3 +181,21 @@ def test_train_predictor_measures_output_shifts_by_default_and_says_when_it_cann
     assert main(common + ["--out", str(tmp_path / "d"), "--mq", str(tmp_path / "mq.safetensors"),
                           "--no_output_shifts"]) == 0
     assert options(tmp_path / "d")["shift_source"] == {"measured": False, "reason": "--no_output_shifts"}
+
+
+def test_shift_prior_picks_its_number_of_components_by_inner_cv():
+    """Two candidate bases: log FID depends on all 3 coordinates of the summed change, so the inner CV picks the
+    3-component basis over the 1-component one; its refits (cross-fit, final) use that basis."""
+    from autobuild.output_shift import shift_basis
+    from autobuild.train import _basis_of_prior, _bases_of, fit_prior
+    from test_predictor import _signed_shift_records
+
+    records, learned, keys, table = _signed_shift_records(200, seed=5, strength=0.3)
+    bases = _bases_of(TrainOptions(shift_signature=table, shift_components=(1, 3, 64)))
+    assert [b.components for b in bases] == [1, 3]  # 64 is above the table's rank: the same basis as 3
+    prior = fit_prior(records, learned, np.arange(200), keys, seed=0, kinds=("ridge_shift",), shift_basis=bases)
+    assert len(prior["shift"]["basis"]["coords"][f"{keys[0]}=mse-3"]) == 3
+    assert [b.components for b in _basis_of_prior(prior, bases)] == [3]
+    one = fit_prior(records, learned, np.arange(200), keys, seed=0, kinds=("ridge_shift",),
+                    shift_basis=shift_basis(table, 1))
+    assert prior["cv_mse"]["ridge_shift"] < one["cv_mse"]["ridge_shift"]

@@ -577,7 +577,7 @@ def test_train_predictor_cli_measures_output_shifts_for_its_prior(tmp_path, caps
     metrics = json.loads((out / "metrics.json").read_text())
     recorded = metrics["options"]["shift_signature"]
     assert recorded["entries"] == len(records[0]["config"]) * len(mq.options) and recorded["width"] > 1
-    assert metrics["options"]["shift_components"] == 4
+    assert metrics["options"]["shift_components"] == [4]
     kinds = {f["prior_kind"] for f in metrics["folds"]}
     assert kinds <= {"ridge", "lasso", "lasso_pairs", "ridge_shift"}
     assert load_ensemble(out).predict(records[:3])["pred"].shape == (3,)

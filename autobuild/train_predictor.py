@@ -55,8 +55,9 @@ def add_train_predictor_arguments(p: argparse.ArgumentParser) -> argparse.Argume
                         "the MNIST testbeds): the GNN's layer nodes read it and the prior may be ridge_shift, one-hot "
                         "options plus a quadratic form of the summed change (autobuild/output_shift.py), which a "
                         "validation picks only where it fits better. Default: measured when the multiquantizer file "
-                        "exists and the weights load, else trained without (said, and recorded in metrics.json); "
-                        "--output_shifts: required (a missing file is an error); --no_output_shifts: never")
+                        "exists, the denoiser has at most 50M parameters and the weights load, else trained without "
+                        "(said, and recorded in metrics.json); --output_shifts: required at any size (a missing "
+                        "file is an error); --no_output_shifts: never")
     p.add_argument("--no_output_shifts", dest="output_shifts", action="store_const", const=False,
                    help="train without output shifts (see --output_shifts)")
     p.add_argument("--pretrained", default=None, help="with --output_shifts: the denoiser weights (default: the "
@@ -93,12 +94,18 @@ def family_graph(model: str, size: str = "full"):
     return build_dag(denoiser, family)
 
 
+# The default measures output changes only of denoisers up to this size: one CPU forward per layer and option is
+# 21-32 s in all on the MNIST testbeds (0.7M / 4.6M parameters) but hours on a DiT-XL or PixArt (600M+).
+AUTO_SHIFT_MAX_PARAMS = 50_000_000
+
+
 def measured_signature(model: str, wanted: bool | None, pretrained=None, mq=None, tiny: bool = False,
-                       log=print) -> tuple[dict | None, dict]:
+                       log=print, max_params: int = AUTO_SHIFT_MAX_PARAMS) -> tuple[dict | None, dict]:
     """The output-change signature (autobuild.output_shift.SIGNATURE) of the family's denoiser under its
     multiquantizer, and how it was measured (or why not) for the predictor's recorded options. ``wanted``: True
-    measures or fails, False never measures, None (the default) measures when the multiquantizer file exists
-    and the weights load, and otherwise says why it trains without."""
+    measures or fails, False never measures, None (the default) measures when the multiquantizer file exists,
+    the denoiser has at most ``max_params`` parameters and the weights load, and otherwise says why it trains
+    without."""
     if wanted is False:
         return None, {"measured": False, "reason": "--no_output_shifts"}
     from autobuild.output_shift import family_shift_tables
@@ -113,6 +120,12 @@ def measured_signature(model: str, wanted: bool | None, pretrained=None, mq=None
 
             raise MissingFileError(f"no multiquantizer at {path} (build it with `qua2sedimo multiquantizer --model "
                                    f"{model}{' --tiny' if tiny else ''}` or pass --mq)")
+        if wanted is None:  # counted on the meta device, before any weights are read
+            size = sum(p.numel() for p in family.build("tiny" if tiny else "full",
+                                                       device="cpu" if tiny else "meta").parameters())
+            if size > max_params:
+                raise UserError(f"the denoiser has {size / 1e6:.0f}M parameters (the default measures up to "
+                                f"{max_params / 1e6:.0f}M: one CPU forward per layer and option would take long)")
         _, signature, info = family_shift_tables(family, pretrained, path, tiny=tiny, per_channel=False,
                                                  log=log)
     except (UserError, OSError) as err:

@@ -181,6 +181,15 @@ def test_train_predictor_measures_output_shifts_by_default_and_says_when_it_cann
     assert main(common + ["--out", str(tmp_path / "d"), "--mq", str(tmp_path / "mq.safetensors"),
                           "--no_output_shifts"]) == 0
     assert options(tmp_path / "d")["shift_source"] == {"measured": False, "reason": "--no_output_shifts"}
+    # a denoiser above the default's size limit is measured only when asked for
+    from autobuild.train_predictor import measured_signature
+
+    signature, source = measured_signature("dit", None, mq=tmp_path / "mq.safetensors", tiny=True, log=print,
+                                           max_params=10)
+    assert signature is None and source["measured"] is False and "parameters" in source["reason"]
+    signature, source = measured_signature("dit", True, mq=tmp_path / "mq.safetensors", tiny=True, log=print,
+                                           max_params=10)
+    assert source["measured"] is True and len(signature) == len(records[0]["config"])
 
 
 def test_shift_prior_picks_its_number_of_components_by_inner_cv():

@@ -4,6 +4,8 @@ checks run compiled), the shared scratch and the per-layer plans follow buffers,
 traces. GPU-only checks (the compiled kernel, CUDA graphs, Inductor, a whole model) are skipped without CUDA."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 
 import pytest
@@ -365,16 +367,25 @@ class FakeTimer:
         return self.seconds[path]
 
 
-@pytest.fixture
-def measured(monkeypatch):
-    """The measured setting on an empty decision table (restored after the test), kernels run by the interpreter."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@contextlib.contextmanager
+def _measured_setting():
+    """The measured setting on an empty decision table, the table restored afterwards."""
     saved = dict(kernels._SMALL_M_TABLE)
     kernels.clear_small_m_table()
-    with kernels.small_m_threshold(kernels.MEASURED), torch.no_grad():
+    try:
+        with kernels.small_m_threshold(kernels.MEASURED), torch.no_grad():
+            yield
+    finally:
+        kernels.clear_small_m_table()
+        kernels._SMALL_M_TABLE.update(saved)
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The measured setting on an empty decision table, kernels run by the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with _measured_setting():
         yield
-    kernels.clear_small_m_table()
-    kernels._SMALL_M_TABLE.update(saved)
 
 
 @pytest.mark.skipif(CUDA, reason=INTERPRETER_SMALL_M_ON_GPU_HOST)
@@ -564,13 +575,9 @@ def test_cuda_small_m_graph_replay_and_inductor_are_within_bound():
 
 @pytest.fixture
 def measured_on_gpu():
-    """The measured setting on an empty decision table (restored after the test), compiled kernels."""
-    saved = dict(kernels._SMALL_M_TABLE)
-    kernels.clear_small_m_table()
-    with kernels.small_m_threshold(kernels.MEASURED), torch.no_grad():
+    """The measured setting on an empty decision table, compiled kernels."""
+    with _measured_setting():
         yield
-    kernels.clear_small_m_table()
-    kernels._SMALL_M_TABLE.update(saved)
 
 
 class CountingTimer:

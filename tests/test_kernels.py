@@ -5,7 +5,6 @@ traces. GPU-only checks (the compiled kernel, CUDA graphs, Inductor, a whole mod
 from __future__ import annotations
 
 import contextlib
-
 import json
 
 import pytest

@@ -144,24 +144,17 @@ def test_train_predictor_measures_output_shifts_by_default_and_says_when_it_cann
     """Plain `train-predictor` measures the signature when the multiquantizer exists (recorded in metrics.json,
     the layer nodes read it); a missing one is said and recorded, and is an error only with --output_shifts;
     --no_output_shifts never measures."""
-    import pickle
-
-    from multiquant.checkpoint import MultiQuantizer
     from qua2sedimo.cli import main
-    from test_predictor import METHODS
+    from test_predictor import _synthetic_run_files
 
-    model, family, records = _synthetic_cache(40, seed=2)
-    mq = MultiQuantizer.build(model, family, methods=METHODS, bits=(3, 4), kmeans_iters=2, show_progress=False)
-    mq.save_pretrained(tmp_path / "mq.safetensors")
-    cache = tmp_path / "quant_cache.pkl"
-    cache.write_bytes(pickle.dumps(records))
+    records, mq, cache, mq_path = _synthetic_run_files(tmp_path, 40, seed=2)
     common = ["train-predictor", "--cache", str(cache), "--model", "dit", "--tiny", "--target", "-1*FID-GT-1k",
               "--epochs", "2", "--folds", "2", "--hidden", "16", "--shift_components", "3"]
 
     def options(out):
         return json.loads((out / "metrics.json").read_text())["options"]
 
-    assert main(common + ["--out", str(tmp_path / "a"), "--mq", str(tmp_path / "mq.safetensors")]) == 0
+    assert main(common + ["--out", str(tmp_path / "a"), "--mq", str(mq_path)]) == 0
     assert "output shifts of" in capsys.readouterr().out
     recorded = options(tmp_path / "a")
     assert recorded["shift_source"]["measured"] is True and recorded["shift_signature"]["width"] > 1
@@ -178,16 +171,16 @@ def test_train_predictor_measures_output_shifts_by_default_and_says_when_it_cann
     assert recorded["shift_signature"] is None and load_ensemble(tmp_path / "b").template.shift_dim == 0
     assert main(common + ["--out", str(tmp_path / "c"), "--mq", missing, "--output_shifts"]) == 2
     assert "none.safetensors" in capsys.readouterr().err
-    assert main(common + ["--out", str(tmp_path / "d"), "--mq", str(tmp_path / "mq.safetensors"),
+    assert main(common + ["--out", str(tmp_path / "d"), "--mq", str(mq_path),
                           "--no_output_shifts"]) == 0
     assert options(tmp_path / "d")["shift_source"] == {"measured": False, "reason": "--no_output_shifts"}
     # a denoiser above the default's size limit is measured only when asked for
     from autobuild.train_predictor import measured_signature
 
-    signature, source = measured_signature("dit", None, mq=tmp_path / "mq.safetensors", tiny=True, log=print,
+    signature, source = measured_signature("dit", None, mq=mq_path, tiny=True, log=print,
                                            max_params=10)
     assert signature is None and source["measured"] is False and "parameters" in source["reason"]
-    signature, source = measured_signature("dit", True, mq=tmp_path / "mq.safetensors", tiny=True, log=print,
+    signature, source = measured_signature("dit", True, mq=mq_path, tiny=True, log=print,
                                            max_params=10)
     assert source["measured"] is True and len(signature) == len(records[0]["config"])
 

@@ -558,21 +558,30 @@ def test_gnn_with_a_shift_signature_holds_its_shift_prior_and_beats_ridge(tmp_pa
     assert srcc(torch.tensor(pred), torch.tensor([-r["FID-GT-1k"] for r in new])) > 0.8
 
 
+def _synthetic_run_files(tmp_path, n: int, seed: int):
+    """:func:`_synthetic_cache`'s records pickled as ``tmp_path/quant_cache.pkl`` and the tiny DiT's
+    multiquantizer saved as ``tmp_path/mq.safetensors``: what train-predictor reads. Returns the records, the
+    multiquantizer and both paths."""
+    from multiquant.checkpoint import MultiQuantizer
+
+    model, family, records = _synthetic_cache(n, seed=seed)
+    mq = MultiQuantizer.build(model, family, methods=METHODS, bits=(3, 4), kmeans_iters=2, show_progress=False)
+    mq_path, cache = tmp_path / "mq.safetensors", tmp_path / "quant_cache.pkl"
+    mq.save_pretrained(mq_path)
+    cache.write_bytes(pickle.dumps(records))
+    return records, mq, cache, mq_path
+
+
 def test_train_predictor_cli_measures_output_shifts_for_its_prior(tmp_path, capsys):
     """`train-predictor --output_shifts --mq M` measures the signature with the tiny model and that multiquantizer,
     trains with it and records it (by size and hash, not by value) in the options."""
-    from multiquant.checkpoint import MultiQuantizer
     from qua2sedimo.cli import main
 
-    model, family, records = _synthetic_cache(40, seed=1)
-    mq = MultiQuantizer.build(model, family, methods=METHODS, bits=(3, 4), kmeans_iters=2, show_progress=False)
-    mq.save_pretrained(tmp_path / "mq.safetensors")
-    cache = tmp_path / "quant_cache.pkl"
-    cache.write_bytes(pickle.dumps(records))
+    records, mq, cache, mq_path = _synthetic_run_files(tmp_path, 40, seed=1)
     out = tmp_path / "run"
     assert main(["train-predictor", "--cache", str(cache), "--model", "dit", "--tiny", "--target", "-1*FID-GT-1k",
                  "--out", str(out), "--epochs", "2", "--folds", "2", "--hidden", "16", "--output_shifts",
-                 "--mq", str(tmp_path / "mq.safetensors"), "--shift_components", "4"]) == 0
+                 "--mq", str(mq_path), "--shift_components", "4"]) == 0
     assert "output shifts of" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     recorded = metrics["options"]["shift_signature"]

@@ -229,15 +229,26 @@ class GenerationOptions:
         return bool(self.dtype or self.channels_last or self.compile)
 
 
+def per_family(flag: str) -> str | dict[str, str]:
+    """A per-family flag's text: ``V`` (every family) as is, ``fam=V,fam2=V2`` as ``{fam: V, ...}``; ValueError
+    for an item without its family in the second form."""
+    if "=" not in flag:
+        return flag
+    items = flag.split(",")
+    if any("=" not in item or not item.partition("=")[0] for item in items):
+        raise ValueError(f"{flag!r}: every item must be fam=V")
+    return dict(item.split("=", 1) for item in items)
+
+
 def family_value(flag: str | None, family: str, parse=str):
     """A per-family flag's value for ``family``: ``V`` applies to every family, ``fam=V,fam2=V2`` to those named
     (None for the others)."""
     if flag is None:
         return None
-    if "=" not in flag:
-        return parse(flag)
-    pairs = dict(item.split("=", 1) for item in flag.split(",") if item)
-    return parse(pairs[family]) if family in pairs else None
+    values = per_family(flag)
+    if isinstance(values, str):
+        return parse(values)
+    return parse(values[family]) if family in values else None
 
 
 def options_of(args, family: str) -> GenerationOptions:
@@ -497,12 +508,13 @@ def check_family_flags(ap, args) -> None:
     for flag, (value, valid, expected) in checks.items():
         if value is None:
             continue
-        items = [value] if "=" not in value else value.split(",")
-        for item in items:
-            family, _, item_value = item.rpartition("=") if "=" in item else ("", "", item)
-            if ("=" in value and not family) or not valid(item_value):
-                ap.error(f"{flag} {value!r}: each value must be {expected}, for every family (V) or per family "
-                         f"(fam=V,fam2=V)")
+        try:
+            values = per_family(value)
+        except ValueError:
+            values = None
+        if values is None or not all(map(valid, [values] if isinstance(values, str) else values.values())):
+            ap.error(f"{flag} {value!r}: each value must be {expected}, for every family (V) or per family "
+                     f"(fam=V,fam2=V)")
     if args.scaling_only and (args.compile or args.dtype or args.channels_last):
         ap.error("--scaling_only times the family's own precision, layout and eager denoiser: leave out --compile, "
                  "--dtype and --channels_last")

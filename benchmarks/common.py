@@ -54,6 +54,18 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
+def result_path(name: str, out_dir: str | Path | None = None) -> Path:
+    """Where :func:`write_result` writes ``name``'s results."""
+    return (Path(out_dir) if out_dir else RESULTS) / f"{name}.json"
+
+
+def read_result(name: str, out_dir: str | Path | None = None) -> dict | None:
+    """The results an earlier run wrote (:func:`write_result`), None when there are none; a benchmark that merges
+    into its file reads it here."""
+    path = result_path(name, out_dir)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_result(name: str, result: dict, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import re
 import sys
 import tempfile
@@ -53,7 +52,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, full_size_vae, sync, timed, write_result  # noqa: E402
+from benchmarks.common import environment, full_size_vae, read_result, sync, timed, write_result  # noqa: E402
 from multiquant import distributed as dist  # noqa: E402
 from multiquant.adapters import adapter_for  # noqa: E402
 from multiquant.adapters.diffusers.embeddings import random_prompt_embeds  # noqa: E402
@@ -454,14 +453,12 @@ def summarize(args, names: list[str], families: dict, failed: dict) -> dict:
 def earlier_families(name: str, out_dir) -> dict:
     """The families an earlier run wrote into the result file (each entry says when it was measured): a run of
     some families keeps the others' figures."""
-    path = Path(out_dir or RESULTS) / f"{name}.json"
-    return json.loads(path.read_text()).get("families", {}) if path.is_file() else {}
+    return (read_result(name, out_dir) or {}).get("families", {})
 
 
 def write(name: str, result: dict, out_dir) -> None:
-    path = Path(out_dir or RESULTS) / f"{name}.json"
-    if path.is_file():  # figures other runs merged into this file stay
-        old = json.loads(path.read_text())
+    old = read_result(name, out_dir)
+    if old:  # figures other runs merged into this file stay
         result = {**result, **{k: v for k, v in old.items() if k.startswith(MERGED_ELSEWHERE) and k not in result}}
     write_result(name, result, out_dir)
 

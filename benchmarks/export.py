@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -58,7 +57,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, full_size_vae, sync, timed, write_result  # noqa: E402
+from benchmarks.common import (environment, full_size_vae, read_result, result_path, sync, timed,  # noqa: E402
+                               write_result)
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import config_record, quantize_, sample_random_config, uniform_config  # noqa: E402
 from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, load_quantized,  # noqa: E402
@@ -296,14 +296,11 @@ RUN_NOTES = ("produced_by", "headline_path", "previous_run", "pipeline_memory_fr
 
 
 def read_previous(name: str, out_dir) -> dict | None:
-    path = (Path(out_dir) if out_dir else RESULTS) / f"{name}.json"
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text())
+        return read_result(name, out_dir)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the previous results {path} to merge into ({e}): fix or move it, or pass "
-                        f"--no_merge") from e
+        raise UserError(f"cannot read the previous results {result_path(name, out_dir)} to merge into ({e}): fix or "
+                        f"move it, or pass --no_merge") from e
 
 
 def merge_previous(result: dict, previous: dict) -> dict:

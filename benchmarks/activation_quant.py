@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, write_result  # noqa: E402
+from benchmarks.common import environment, write_result  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import MissingFileError, UserError
 from .layers import LayerRef
-from .options import FP_OPTION, METHOD_NAMES, Option, OptionTable, option_of
+from .options import FP_OPTION, METHOD_NAMES, Option, OptionTable
 from .safe_pickle import safe_load
 from .utils import atomic_path, json_default, read_json
 

@@ -25,10 +25,8 @@ rebuilt from the records, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import json
-import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

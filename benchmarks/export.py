@@ -32,6 +32,11 @@ measured dispatch's decision at M <= its cap (``measured_dispatch``), and report
 up to which the fused kernel is at least as fast on the GPU (``crossover``). If the fused kernel fails there, the
 models are measured without it and ``small_m_disabled_because`` says why.
 
+Decode kernels: ``--decode_compare`` also measures ``fast_per_weight_decode``, the default fast path with the
+per-weight decode kernel forced everywhere (``kernels.use_group_decode(False)``, as QUA2SEDIMO_GROUP_DECODE=0), beside
+``fast`` (the group decode where rows hold whole groups of 8 codes) in the same run; ``group_decode_speedup``
+(``_cuda_graph``: from graph replays) is the per-weight path's latency over the default's.
+
 Subsets: ``--models pixart_alpha,dit --shapes b2_512`` measures batch 2 at 512 px of both models only (a
 ``--shapes`` item without ``model:`` applies to every model); the rows of other shapes and models already in the
 results file are kept (``--no_merge``: start the file afresh), each row saying when it was measured
@@ -57,8 +62,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (environment, full_size_vae, read_result, result_path, sync, timed,  # noqa: E402
-                               write_result)
+from benchmarks.common import (environment, full_size_vae, random_packed_weight, read_result,  # noqa: E402
+                               result_path, sync, timed, write_result)
 from multiquant.checkpoint import MultiQuantizer  # noqa: E402
 from multiquant.config import config_record, quantize_, sample_random_config, uniform_config  # noqa: E402
 from multiquant.export import (WEIGHTS_NAME, denoiser_output, export_quantized, load_quantized,  # noqa: E402
@@ -67,8 +72,7 @@ from multiquant.families import get_family  # noqa: E402
 from multiquant.adapters import example_inputs  # noqa: E402
 from multiquant import kernels  # noqa: E402
 from multiquant.kernels import SCRATCH, small_m_threshold, use_packed_kernels  # noqa: E402
-from multiquant.packed import PackedLinear, PackedWeight, packed_layer  # noqa: E402
-from multiquant.packing import pack_codes  # noqa: E402
+from multiquant.packed import PackedLinear, packed_layer  # noqa: E402
 from multiquant.layers import fp_bytes, quantizable_layers  # noqa: E402
 from multiquant.errors import UserError  # noqa: E402
 from multiquant.utils import default_device  # noqa: E402
@@ -205,6 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no_merge", action="store_true",
                     help="write a fresh results file (default: keep the rows of shapes and models this run does "
                          "not measure from the existing file)")
+    ap.add_argument("--decode_compare", action="store_true",
+                    help=f"also measure the fast path with the per-weight decode kernel everywhere "
+                         f"({PER_WEIGHT_DECODE_PATH}; QUA2SEDIMO_GROUP_DECODE=0), side by side with the default")
     ap.add_argument("--no_microbench", action="store_true", help="skip the small-M layer micro-benchmark")
     ap.add_argument("--micro_rows", default=None,
                     help=f"rows M of the micro-benchmark (default {MICRO_ROWS}; tiny: {MICRO_ROWS_TINY})")
@@ -250,7 +257,8 @@ def run(args, workdir: Path) -> dict:
               "small_m_measured_max_rows": kernels.MEASURED_MAX_ROWS,
               "small_m_measured_min_gain": kernels.MEASURED_MIN_GAIN,
               "small_m_compare": args.small_m_compare,
-              "small_m_max": args.small_m_max, "models": {}, "shapes": [], "pipeline_memory": []}
+              "small_m_max": args.small_m_max, "group_decode": kernels.group_decode_enabled(),
+              "decode_compare": args.decode_compare, "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
     previous = None if args.no_merge else read_previous(name, args.out)
 
@@ -434,10 +442,14 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
     return graphed
 
 
+PER_WEIGHT_DECODE_PATH = "fast_per_weight_decode"  # the default fast path, per-weight decode kernel everywhere
+
+
 def bench_paths(args) -> dict:
     """name -> (Triton fast path on, small-M setting): ``fast`` at the default setting (``--small_m_max``);
     beside it ``fast_no_small_m`` (0) and ``fast_small_m_measured`` (the measured dispatch), each unless it is the
-    default's setting, ``fast_small_m`` at ``--small_m_compare`` rows when > 0; the eager reference."""
+    default's setting, ``fast_small_m`` at ``--small_m_compare`` rows when > 0, PER_WEIGHT_DECODE_PATH at the
+    default's setting with ``--decode_compare``; the eager reference."""
     paths = {"fast": (True, args.small_m_max)}
     if not args.no_small_m_compare:
         others = [("fast_no_small_m", 0), ("fast_small_m_measured", kernels.MEASURED)]
@@ -446,13 +458,16 @@ def bench_paths(args) -> dict:
         for name, setting in others:
             if setting != args.small_m_max:
                 paths[name] = (True, setting)
+    if args.decode_compare:
+        paths[PER_WEIGHT_DECODE_PATH] = (True, args.small_m_max)
     paths["eager"] = (False, 0)
     return paths
 
 
 def _path_with(paths: dict, setting) -> str | None:
-    """The fast path measured at this small-M setting (``fast`` first)."""
-    return next((name for name, (fast, s) in paths.items() if fast and s == setting), None)
+    """The fast path measured at this small-M setting (``fast`` first; not the per-weight decode's)."""
+    return next((name for name, (fast, s) in paths.items() if fast and s == setting and name != PER_WEIGHT_DECODE_PATH),
+                None)
 
 
 def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out: torch.Tensor, args, device,
@@ -466,7 +481,8 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         entry["small_m_layers"] = small_m_census(packed, inputs, kernels.MEASURED)
     for path, (fast, threshold) in paths.items():
         reps = args.eager_reps if path == "eager" else args.reps
-        with use_packed_kernels(fast), small_m_threshold(threshold):
+        group_decode = kernels.group_decode_enabled() and path != PER_WEIGHT_DECODE_PATH
+        with use_packed_kernels(fast), small_m_threshold(threshold), kernels.use_group_decode(group_decode):
             out, stats = measure_forward(packed, inputs, reps)
             if fast and device.type == "cuda" and batch <= 2:
                 stats["cuda_graph"] = _graph(packed, inputs, args.reps, out)
@@ -494,6 +510,12 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         graphs = with_.get("cuda_graph", {}), without.get("cuda_graph", {})
         if all("latency_ms_median" in g for g in graphs):
             entry["small_m_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
+    if PER_WEIGHT_DECODE_PATH in entry:  # the group decode's effect, side by side
+        group, per_weight = entry["fast"], entry[PER_WEIGHT_DECODE_PATH]
+        entry["group_decode_speedup"] = per_weight["latency_ms_median"] / group["latency_ms_median"]
+        graphs = group.get("cuda_graph", {}), per_weight.get("cuda_graph", {})
+        if all("latency_ms_median" in g for g in graphs):
+            entry["group_decode_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
     return entry
 
 
@@ -539,17 +561,10 @@ GRAPH_CALLS = 20
 
 def random_packed_linear(option: str, in_features: int, out_features: int, device, dtype, seed: int):
     """A PackedLinear with seeded random codes, tables and bias (latency does not depend on the values)."""
-    g = torch.Generator().manual_seed(seed)
+    part = random_packed_weight(option, (out_features, in_features), seed)
+    g = torch.Generator().manual_seed(seed + 1)
     dense = torch.nn.Linear(in_features, out_features, device="meta")
     dense.bias = torch.nn.Parameter(torch.randn(out_features, generator=g) * 0.1, requires_grad=False)
-    part = PackedWeight(option, (out_features, in_features), device="cpu")
-    codes = torch.randint(0, 2 ** part.bits, (part.numel,), generator=g).to(torch.uint8)
-    part.codes.copy_(pack_codes(codes, part.bits))
-    if part.method == "mse":
-        part.scale.copy_(torch.rand(out_features, generator=g) * 0.01 + 1e-3)
-        part.zero.copy_(torch.randint(0, 2 ** part.bits, (out_features,), generator=g))
-    else:
-        part.codebook.copy_(torch.randn(part.codebook.shape, generator=g) * 0.05)
     return packed_layer(dense, [part], dtype).to(device=device, dtype=dtype)
 
 
@@ -683,7 +698,11 @@ def print_summary(result: dict) -> None:
                   f"{fmt(graph.get('latency_ratio_vs_fp16'))} without {fmt(graph_without.get('latency_ratio_vs_fp16'))}"
                   f" small-M calls {e.get('small_m_layers', {}).get('calls')} peak {fmt(e.get('peak_ratio_vs_fp16'))}"
                   f" diff {fmt(e.get('max_abs_diff_vs_simulated'))} (with "
-                  f"{fmt(e.get('max_abs_diff_vs_simulated_with_small_m'))})")
+                  f"{fmt(e.get('max_abs_diff_vs_simulated_with_small_m'))})"
+                  + (f" per-weight decode: graph/fp16 "
+                     f"{fmt(e[PER_WEIGHT_DECODE_PATH].get('cuda_graph', {}).get('latency_ratio_vs_fp16'))} group "
+                     f"speedup {fmt(e.get('group_decode_speedup_cuda_graph', e.get('group_decode_speedup')))}"
+                     if PER_WEIGHT_DECODE_PATH in e else ""))
     for key, t in result.get("targets", {}).items():
         print(f"SUMMARY target {key}: worst {fmt(t.get('worst'))} at {t.get('worst_at')} met {t.get('met_everywhere')}")
     for key, err in result.get("errors", {}).items():

@@ -13,6 +13,14 @@ model reproduces the eager one (and the simulated configuration) exactly, small-
 
     use_packed_kernels(False)      # context manager: force the eager path (reference, benchmarks)
     QUA2SEDIMO_PACKED_KERNELS=0    # environment: the same, process-wide
+    use_group_decode(False)        # context manager: the per-weight decode kernel everywhere (benchmarks)
+    QUA2SEDIMO_GROUP_DECODE=0      # environment: the same, process-wide
+
+Two decode kernels, same values bit for bit: slices whose rows hold whole groups of 8 codes (row length a
+multiple of 8, the large layers of every family here) take the group decode, which assembles each group's b
+bytes into one word and unpacks its 8 codes with constant shifts (about a handful of integer operations per
+weight, 16-byte stores); every other slice (1 weight per channel, depthwise and small convolutions whose groups
+span rows) takes the per-weight decode, which computes each code's byte and shift itself.
 
 Small-M layers (a PackedLinear on few rows: text-token K/V, timestep and adaLN MLPs at M = batch) can skip the
 dense weight: a fused table-lookup GEMM reads the packed codes, decodes tiles in registers and multiplies with
@@ -57,6 +65,7 @@ from .options import METHODS
 MODES = {"mse": 0, "kmeans": 1, "kmeans_all": 2}  # table kind: UAQ grid, per-channel codebook, one codebook
 MAX_NUMEL = 2 ** 31 // 8  # int32 indexing inside the kernel (byte index = numel / 8 * bits)
 _ENABLED = [os.environ.get("QUA2SEDIMO_PACKED_KERNELS", "1") != "0"]
+_GROUP_DECODE = [os.environ.get("QUA2SEDIMO_GROUP_DECODE", "1") != "0"]
 
 
 @contextlib.contextmanager
@@ -73,6 +82,16 @@ def _setting_within(cell: list, value):
 def use_packed_kernels(enabled: bool):
     """Within the block, CUDA packed layers take the fast path (True) or the eager reference path (False)."""
     return _setting_within(_ENABLED, bool(enabled))
+
+
+def use_group_decode(enabled: bool):
+    """Within the block, slices of whole 8-code groups per row take the group decode kernel (True, the default)
+    or the per-weight one (False); both give the same weight bit for bit."""
+    return _setting_within(_GROUP_DECODE, bool(enabled))
+
+
+def group_decode_enabled() -> bool:
+    return _GROUP_DECODE[0]
 
 
 def kernels_enabled() -> bool:
@@ -127,6 +146,43 @@ def _jit(interpret: bool):
             value = tl.load(book_ptr + code, mask=mask, other=0.0)
         tl.store(out_ptr + r[:, None] * out_stride + col_offset + k[None, :],
                  value.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def group_decode_kernel(codes_ptr, scale_ptr, zero_ptr, book_ptr, out_ptr, rows, row_groups, out_stride,
+                            col_offset, col_blocks, BITS: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
+                            GROUPS: tl.constexpr):
+        # a [ROWS, GROUPS, 8] tile of the [rows, row_groups * 8] slice, rows holding whole groups of 8 codes: group
+        # g of row r is group r * row_groups + g of the flat weight, its BITS bytes at (r * row_groups + g) * BITS
+        # (multiquant/packing.py: code i of a group starts at bit i * BITS, little-endian). Per group: BITS byte
+        # loads into one word (int32 up to 4 bits, int64 above), then 8 constant shifts; the values are computed
+        # as in decode_kernel (same operations, same roundings: the same bits)
+        pid = tl.program_id(0)
+        r = (pid // col_blocks) * ROWS + tl.arange(0, ROWS)
+        g = (pid % col_blocks) * GROUPS + tl.arange(0, GROUPS)
+        row_ok = r < rows
+        group_ok = row_ok[:, None] & (g < row_groups)[None, :]
+        first = (r[:, None] * row_groups + g[None, :]) * BITS
+        word = tl.load(codes_ptr + first, mask=group_ok, other=0)
+        if BITS <= 4:
+            word = word.to(tl.int32)
+        else:
+            word = word.to(tl.int64)
+        for j in tl.static_range(1, BITS):
+            word |= tl.load(codes_ptr + first + j, mask=group_ok, other=0).to(word.dtype) << (8 * j)
+        shifts = tl.arange(0, 8) * BITS
+        code = ((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        mask = group_ok[:, :, None]
+        if MODE == 0:  # UAQ: the float32 grid value, as packed.lookup_table computes it
+            scale = tl.load(scale_ptr + r, mask=row_ok, other=0.0)
+            zero = tl.load(zero_ptr + r, mask=row_ok, other=0).to(tl.float32)
+            value = (code.to(tl.float32) - zero[:, None, None]) * scale[:, None, None]
+        elif MODE == 1:  # K-Means-C: row r's codebook
+            value = tl.load(book_ptr + r[:, None, None] * (1 << BITS) + code, mask=mask, other=0.0)
+        else:  # K-Means-A: one codebook
+            value = tl.load(book_ptr + code, mask=mask, other=0.0)
+        column = col_offset + g * 8
+        offsets = r[:, None, None] * out_stride + column[None, :, None] + tl.arange(0, 8)[None, None, :]
+        tl.store(out_ptr + offsets, value.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
 
     # M and the split count are runtime values, not specialized (Triton would compile again for M == 1, for M
     # divisible by 16, for each split): one binary per tile shape serves every row count and split
@@ -227,7 +283,7 @@ def _jit(interpret: bool):
                          total.to(out_ptr.dtype.element_ty), mask=out_ok)
                 tl.atomic_xchg(counter_ptr + tile, 0)
 
-    return decode_kernel, packed_linear_kernel
+    return decode_kernel, packed_linear_kernel, group_decode_kernel
 
 
 def _interpret() -> bool:
@@ -259,26 +315,66 @@ def decode_into(part: nn.Module, out: torch.Tensor, col_offset: int = 0) -> None
     _launch_decode(part, out, PartGeometry(rows, row_len, col_offset))
 
 
-def _decode_args(part, out: torch.Tensor, geo: PartGeometry):
+GROUP_TILE = 512  # groups of 8 codes per group-decode program: 4096 weights, 4 groups (64 fp16 bytes) a thread
+MAX_TILE_GROUPS = 64  # groups per tile row: 512 weights, 1 KiB of contiguous fp16 per row segment
+DECODE_WARPS = 4
+
+
+def group_blocks(rows: int, row_groups: int, tile: int = GROUP_TILE) -> tuple[int, int]:
+    """Tile [ROWS, GROUPS] (x 8 codes) of the group decode for a slice of ``rows`` rows of ``row_groups`` groups:
+    GROUPS the largest power of two <= MAX_TILE_GROUPS whose column blocks overhang the row by at most 1/16
+    (1152-long rows: 16 groups, 9 blocks exactly; 4608: 64), ROWS filling about ``tile`` groups but no more
+    rows than the slice has (a small layer: one or a few programs)."""
+    groups = min(MAX_TILE_GROUPS, _pow2(row_groups))
+    while groups > 1 and 16 * triton_cdiv(row_groups, groups) * groups > 17 * row_groups:
+        groups //= 2
+    fill = max(1, tile // groups)
+    return min(_pow2(rows), 1 << (fill.bit_length() - 1)), groups  # powers of two (tl.arange)
+
+
+def takes_group_decode(geo: PartGeometry) -> bool:
+    """Whether a slice decodes with the group kernel: the switch is on and its rows hold whole groups."""
+    return _GROUP_DECODE[0] and geo.row_len % 8 == 0
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    kernel: int  # index into _jit(...): 0 the per-weight decode, 2 the group decode
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
+def _decode_args(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_TILE) -> DecodeLaunch:
     mode = MODES[part.method]
     codes = part.codes
     scale = part.scale if mode == 0 else codes  # unused pointers: any tensor
     zero = part.zero if mode == 0 else codes
     book = part.codebook if mode != 0 else codes
+    if takes_group_decode(geo):
+        row_groups = geo.row_len // 8
+        rows_per, groups = group_blocks(geo.rows, row_groups, tile)
+        col_blocks = triton_cdiv(row_groups, groups)
+        grid = (triton_cdiv(geo.rows, rows_per) * col_blocks,)
+        args = (codes, scale, zero, book, out, geo.rows, row_groups, out.stride(0), geo.col_offset, col_blocks)
+        return DecodeLaunch(2, grid, args, dict(BITS=part.bits, MODE=mode, ROWS=rows_per, GROUPS=groups))
     rows_per, block_k = _blocks(geo.rows, geo.row_len)
     grid = (triton_cdiv(geo.rows, rows_per), triton_cdiv(geo.row_len, block_k))
     args = (codes, scale, zero, book, out, geo.rows, geo.row_len, out.stride(0), geo.col_offset)
-    meta = dict(BITS=part.bits, MODE=mode, ROWS=rows_per, BLOCK_K=block_k)
-    return grid, args, meta
+    return DecodeLaunch(0, grid, args, dict(BITS=part.bits, MODE=mode, ROWS=rows_per, BLOCK_K=block_k))
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch_decode(part, out: torch.Tensor, geo: PartGeometry) -> None:
-    grid, args, meta = _decode_args(part, out, geo)
-    _jit(_interpret())[0][grid](*args, **meta, num_warps=4)
+def _run_decode(launch: DecodeLaunch):
+    """One decode launch through Triton's binder; returns the compiled kernel."""
+    return _jit(_interpret())[launch.kernel][launch.grid](*launch.args, **launch.meta, num_warps=DECODE_WARPS)
+
+
+def _launch_decode(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_TILE) -> None:
+    _run_decode(_decode_args(part, out, geo, tile))
 
 
 # ------------------------------------------------------------------------------------------- scratch
@@ -330,6 +426,7 @@ class _Plan:
         self.numel = rows * total
         self.shape = shape
         self.generation = -1
+        self.group_decode = _GROUP_DECODE[0]  # the decode kernels the launches were planned with
         self.layer_parts = tuple(layer.parts)
         self.rows, self.total = rows, total
         self.drop_views()
@@ -348,7 +445,7 @@ class _Plan:
         return all(part._buffers.get(name) is t for part, name, t in self.tensors)
 
     def __call__(self) -> torch.Tensor:
-        if self.generation != SCRATCH.generation or self.weight is None:
+        if self.generation != SCRATCH.generation or self.weight is None or self.group_decode != _GROUP_DECODE[0]:
             buf = SCRATCH.get(self.device, self.dtype, self.numel)
             self.flat = buf[:self.numel].view(self.rows, self.total)
             self.weight = self.flat.view(self.shape)
@@ -359,24 +456,25 @@ class _Plan:
                 if part.method == "dense":
                     self.launches.append(("copy", part, offset, width))
                 else:
-                    grid, args, meta = _decode_args(part, self.flat, PartGeometry(self.rows, width, offset))
-                    self.launches.append(("decode", grid, args, meta, None))
+                    launch = _decode_args(part, self.flat, PartGeometry(self.rows, width, offset))
+                    self.launches.append(("decode", launch, None))
                 offset += width
             self.generation = SCRATCH.generation
+            self.group_decode = _GROUP_DECODE[0]
         for i, launch in enumerate(self.launches):
             if launch[0] == "decode":
-                _, grid, args, meta, direct = launch
+                _, decode, direct = launch
                 if direct is not None:
                     try:
                         direct(torch._C._cuda_getCurrentRawStream(self.device.index))
                         continue
                     except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
                         DIRECT_LAUNCH[0] = False
-                        self.launches[i] = launch[:4] + (None,)
-                compiled = _jit(_interpret())[0][grid](*args, **meta, num_warps=4)
+                        self.launches[i] = ("decode", decode, None)
+                compiled = _run_decode(decode)
                 if direct is None and DIRECT_LAUNCH[0] and self.device.type == "cuda":
-                    direct = _direct_launcher(compiled, grid, args + tuple(meta.values()))
-                    self.launches[i] = launch[:4] + (direct,)
+                    direct = _direct_launcher(compiled, decode.grid, decode.args + tuple(decode.meta.values()))
+                    self.launches[i] = ("decode", decode, direct)
             else:
                 _, part, offset, width = launch
                 self.flat[:, offset:offset + width].copy_(part.dense.reshape(self.rows, width))

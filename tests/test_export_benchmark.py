@@ -102,6 +102,11 @@ def test_side_by_side_paths_measure_each_small_m_setting_once():
     assert paths("--small_m_max", "256", "--no_small_m_compare") == {"fast": 256, "eager": 0}
     chosen = bench.bench_paths(bench.parse_args(["--small_m_max", "0"]))
     assert bench._path_with(chosen, measured) == "fast_small_m_measured" and bench._path_with(chosen, 0) == "fast"
+    # the per-weight decode kernel beside the default, at the default's setting; never the small-M comparison's
+    assert paths("--small_m_max", "measured", "--decode_compare") == {
+        "fast": measured, "fast_no_small_m": 0, "fast_per_weight_decode": measured, "eager": 0}
+    chosen = bench.bench_paths(bench.parse_args(["--small_m_max", "0", "--no_small_m_compare", "--decode_compare"]))
+    assert bench._path_with(chosen, measured) is None and bench._path_with(chosen, 0) == "fast"
 
 
 def _row(model, batch, resolution, latency):

@@ -63,33 +63,90 @@ def random_part(option: str, shape, seed: int, device="cpu", codebook_dtype=torc
 
 
 OPTIONS = [f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in (2, 3, 4, 5, 8)]
-# 1 weight per channel, 1x1 and 3x3 convolutions, Conv1d, rows that are not a multiple of 8 codes
-SHAPES = [(5, 12), (3, 7), (1, 1), (3, 1), (4, 3, 3, 3), (6, 5, 1, 1), (6, 5, 3), (33, 40)]
+# 1 weight per channel, 1x1 and 3x3 convolutions, depthwise, Conv1d, rows that are not a multiple of 8 codes (groups
+# span rows: the per-weight kernel), rows of whole groups (the group kernel: 1x1 conv on 8 channels, a 3x3 conv of
+# 9 groups a row, 17 groups a row: a partial column block)
+SHAPES = [(5, 12), (3, 7), (1, 1), (3, 1), (4, 3, 3, 3), (6, 5, 1, 1), (6, 1, 3, 3), (6, 5, 3), (33, 40),
+          (5, 16), (6, 8, 1, 1), (4, 8, 3, 3), (3, 136)]
+GROUP_SHAPES = [s for s in SHAPES if kernels._numel(s[1:]) % 8 == 0]
+
+
+@pytest.fixture(params=[True, False], ids=["group_decode", "per_weight_decode"])
+def group_decode(request):
+    """Both positions of the decode switch (QUA2SEDIMO_GROUP_DECODE)."""
+    with kernels.use_group_decode(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("option", OPTIONS)
-def test_decode_equals_the_eager_dequantization_bit_for_bit(device, option):
+def test_decode_equals_the_eager_dequantization_bit_for_bit(device, option, group_decode):
     for i, shape in enumerate(SHAPES):
         part = random_part(option, shape, seed=i, device=device)
+        rows = shape[0]
+        geometry = kernels.PartGeometry(rows, part.numel // rows, 0)
+        assert kernels.takes_group_decode(geometry) == (group_decode and shape in GROUP_SHAPES)
         for dtype in DTYPES[device.type]:
-            rows = shape[0]
             out = torch.full((rows, part.numel // rows), float("nan"), device=device, dtype=dtype)  # poison
             kernels.decode_into(part, out)
             expected = part.dequantize(dtype).reshape(rows, -1)
             assert torch.equal(out, expected), (option, shape, dtype)
 
 
+def test_group_tiles_fit_the_rows():
+    """Whole column blocks on 1152- and 4608-long rows, 4096 weights a program, one program for a small slice,
+    at most 1/16 overhang past a row's last group."""
+    assert kernels.group_blocks(1152, 1152 // 8) == (32, 16)
+    assert kernels.group_blocks(1152, 4608 // 8) == (8, 64)
+    assert kernels.group_blocks(3, 2) == (4, 2)
+    assert kernels.group_blocks(40, 9) == (64, 1)
+    assert kernels.group_blocks(3, 17) == (4, 2)  # 9 blocks of 2 groups, the last one half outside the row
+    for rows, row_groups in [(1, 1), (7, 3), (300, 100), (1152, 144), (6912, 144), (1152, 512)]:
+        per, groups = kernels.group_blocks(rows, row_groups)
+        assert groups & (groups - 1) == 0 and groups <= kernels.MAX_TILE_GROUPS
+        assert 16 * kernels.triton_cdiv(row_groups, groups) * groups <= 17 * row_groups
+        assert per * groups <= max(kernels.GROUP_TILE, groups) and per <= kernels._pow2(rows)
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_decode_writes_only_its_columns_of_a_split_layer(device):
-    """Two slices (one dense) side by side in one [C, total] buffer; columns of the other slice untouched."""
-    first, second = random_part("mse-3", (7, 5, 3), seed=1, device=device), random_part("fp16", (7, 4, 3), 2, device)
-    out = torch.full((7, 27), float("nan"), device=device, dtype=torch.float16)
+@pytest.mark.parametrize("option", ["mse-3", "kmeans-4", "kmeans_all-5"])
+def test_group_decode_of_a_column_slice_over_many_tiles(device, option):
+    """Small tiles (many row and column blocks, partial ones at both ends) and a slice at a column offset of a
+    wider buffer: every weight of the slice written as the eager path's, no other column touched."""
+    rows, row_len, total, col_offset = 37, 136, 160, 16
+    part = random_part(option, (rows, row_len), seed=5, device=device)
+    expected = part.dequantize(torch.float16)
+    geometry = kernels.PartGeometry(rows, row_len, col_offset)
+    for tile in (1, 6, 64):
+        per, groups = kernels.group_blocks(rows, row_len // 8, tile)
+        assert kernels.triton_cdiv(rows, per) > 1 and kernels.triton_cdiv(row_len // 8, groups) > 1
+        out = torch.full((rows, total), float("nan"), device=device, dtype=torch.float16)
+        with kernels.use_group_decode(True):
+            kernels._launch_decode(part, out, geometry, tile=tile)
+        assert torch.equal(out[:, col_offset:col_offset + row_len], expected), tile
+        assert torch.isnan(out[:, :col_offset]).all() and torch.isnan(out[:, col_offset + row_len:]).all()
+
+
+SPLITS = {"dense_second": (("mse-3", (7, 5, 3)), ("fp16", (7, 4, 3))),
+          "whole_groups": (("mse-3", (7, 16)), ("kmeans-4", (7, 24))),  # the group kernel at an aligned offset
+          "odd_offset": (("kmeans_all-3", (7, 5)), ("mse-4", (7, 16)))}  # ... at column 5; the first per weight
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("split", SPLITS)
+def test_decode_writes_only_its_columns_of_a_split_layer(device, split, group_decode):
+    """Two slices side by side in one [C, total] buffer, the second at a column offset (out_stride != row_len);
+    columns of the other slice untouched."""
+    (option_a, shape_a), (option_b, shape_b) = SPLITS[split]
+    first = random_part(option_a, shape_a, seed=1, device=device)
+    second = random_part(option_b, shape_b, seed=2, device=device)
+    cut, total = first.numel // 7, (first.numel + second.numel) // 7
+    out = torch.full((7, total), float("nan"), device=device, dtype=torch.float16)
+    kernels.decode_into(second, out, col_offset=cut)
+    assert torch.isnan(out[:, :cut]).all() and not torch.isnan(out[:, cut:]).any()
     kernels.decode_into(first, out, col_offset=0)
-    assert torch.isnan(out[:, 15:]).all() and not torch.isnan(out[:, :15]).any()
-    kernels.decode_into(second, out, col_offset=15)
     expected = torch.cat([first.dequantize(torch.float16), second.dequantize(torch.float16)], dim=1)
-    assert torch.equal(out, expected.reshape(7, 27))
+    assert torch.equal(out, expected.reshape(7, total))
 
 
 def _layer(kind: str, device, options=("kmeans-4", "fp16")) -> torch.nn.Module:
@@ -123,6 +180,21 @@ def test_fast_weight_of_a_layer_is_its_eager_weight_and_follows_new_buffers(devi
     assert layer._fast_plan is not plan
     layer.to(torch.float32)  # moving the module drops its plan (no pinned old tensors)
     assert "_fast_plan" not in layer.__dict__
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_a_layer_plan_follows_the_decode_switch(device):
+    """Flipping the switch re-plans the layer's launches (group <-> per-weight kernel); the weight is the eager
+    one either way (the scratch poisoned between calls: each call's weight is its own decode)."""
+    layer = packed_layer(torch.nn.Linear(24, 6), [random_part("mse-4", (6, 24), seed=3)], torch.float16).to(device)
+    expected = layer.dequantize_weight(torch.float16)
+    kinds = []
+    for group in (True, False, True):
+        with kernels.use_group_decode(group):
+            assert torch.equal(kernels.fast_weight(layer, torch.float16, device), expected)
+            kinds.append([launch[1].kernel for launch in layer._fast_plan.launches if launch[0] == "decode"])
+            layer._fast_plan.flat.fill_(float("nan"))
+    assert kinds == [[2], [0], [2]]
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

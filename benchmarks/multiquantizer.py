@@ -8,7 +8,9 @@ scikit-learn on the whole tensor, the per-channel 10-candidate clipping loop) is
 every distinct layer shape and extrapolated within each shape (channels, elements). Every family listed is
 built in one go on one device, with its peak GPU memory. For the reference family the same quantizers are
 also driven one layer and option at a time (the driver before batching), side by side, with the largest
-relative difference of the option-table errors between the two builds.
+relative difference of the option-table errors between the two builds. ``--repeats N`` builds every family
+N times in the process (the first stays ``build_seconds``: what a fresh process gets) and records every time;
+``--host_copies both`` alternates those rebuilds between page-locked staging and plain ``.cpu()`` copies.
 """
 from __future__ import annotations
 
@@ -143,8 +145,33 @@ def chunk_sweep(model, family, mq, chunk_sizes: list[int], on_gpu: bool) -> dict
     return out
 
 
+def repeat_builds(model, family, repeats: int, host_copies: str, first_seconds: float, digests: dict) -> dict:
+    """``repeats - 1`` more builds in this process after the first (``first_seconds``, what a fresh process
+    gets), each timed: the spread of the build time in one run. ``host_copies`` 'both': as many more builds with
+    plain ``.cpu()`` copies (``pinned_host=False``), alternating with the default path round by round (which
+    goes first swaps every round), side by side. ``same_tensors``: every rebuild holds the first build's
+    tensors (``digests``)."""
+    default = host_copies != "plain"
+    times = {default: [first_seconds], not default: []}
+    modes = [default] + ([not default] if host_copies == "both" else [])
+    same = True
+    for r in range(1, repeats):
+        for pinned in (modes if r % 2 else modes[::-1]):
+            other, seconds = timed(MultiQuantizer.build, model, family, show_progress=False, pinned_host=pinned)
+            times[pinned].append(seconds)
+            same = same and other.tensor_digests() == digests
+            del other
+    out = {"host_copies": host_copies, "build_seconds_repeats": times[default],
+           "build_seconds_median": float(np.median(times[default])), "repeats_same_tensors": same}
+    if host_copies == "both":
+        out["build_seconds_plain_repeats"] = times[False]
+        out["build_seconds_plain_median"] = float(np.median(times[False])) if times[False] else None
+    return out
+
+
 def build_family(name: str, device: str, apply_trials: int, size: str, compare_layer_by_layer: bool,
-                 sweep: list[int] = (), profile: bool = False) -> tuple[dict, object, list]:
+                 sweep: list[int] = (), profile: bool = False, repeats: int = 1,
+                 host_copies: str = "pinned") -> tuple[dict, object, list]:
     """Build one family's multiquantizer: time, memory, checkpoint, option-table objective."""
     family = get_family(name)
     dtype = family.dtype if device == "cuda" else torch.float32
@@ -155,16 +182,19 @@ def build_family(name: str, device: str, apply_trials: int, size: str, compare_l
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model_bytes = torch.cuda.memory_allocated() if on_gpu else None
-    mq, build_s = timed(MultiQuantizer.build, model, family, show_progress=False)
+    mq, build_s = timed(MultiQuantizer.build, model, family, show_progress=False, pinned_host=host_copies != "plain")
+    peak_gpu = torch.cuda.max_memory_allocated() if on_gpu else None
     canonical = [r for r in layers if not r.tied_to]
     shapes = [(r.channels, r.numel // r.channels) for r in canonical]
     entry = {"architecture": "full-size" if size == "full" else size, "dtype": str(dtype),
              "num_layers": len(layers), "parameters": sum(p.numel() for p in model.parameters()),
              "fp16_bytes": fp_bytes(layers, family.fp_prec), "model_build_seconds": model_s, "build_seconds": build_s,
-             "model_gpu_bytes": model_bytes, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+             "model_gpu_bytes": model_bytes, "peak_gpu_bytes": peak_gpu,
+             "host_copies_path": mq.manifest["host_copies"], "pinned_host_used": mq.manifest["host_copies"] == "pinned staging",
              "chunk_elements": DEFAULT_CHUNK_ELEMENTS, "chunks": len(plan_chunks(shapes, DEFAULT_CHUNK_ELEMENTS)),
              "distinct_shapes": len(set(shapes)),
              "objective_by_option": {o: sum(mq.table[r.key][o][3] for r in canonical) for o in mq.options}}
+    entry.update(repeat_builds(model, family, repeats, host_copies, build_s, mq.tensor_digests() if repeats > 1 else {}))
     if compare_layer_by_layer:
         entry["layer_by_layer_seconds"], errors = layer_by_layer_seconds(model, layers, family, mq.options)
         entry["batching_speedup"] = entry["layer_by_layer_seconds"] / build_s
@@ -204,8 +234,16 @@ def main(argv=None):
     ap.add_argument("--apply_trials", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="the first family listed is also built once more (warm, "
                                                            "timed) and once under torch.profiler (device time per op)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="builds of each family in this process: the first (build_seconds, what a fresh process "
+                         "gets) and repeats-1 more, every time recorded (build_seconds_repeats) with the median")
+    ap.add_argument("--host_copies", choices=("pinned", "plain", "both"), default="pinned",
+                    help="how results reach the host: pinned (default: page-locked staging from a GPU), plain "
+                         "(.cpu() per tensor), or both (the repeats alternate the two, side by side)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     device = str(default_device())
     size = args.size or ("full" if device == "cuda" else "tiny")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -215,7 +253,8 @@ def main(argv=None):
     for name in names:
         entry, model, layers = build_family(name, device, args.apply_trials, size, compare_layer_by_layer=name == reference,
                                             sweep=sweep if name == reference else [],
-                                            profile=args.profile and name == names[0])
+                                            profile=args.profile and name == names[0], repeats=args.repeats,
+                                            host_copies=args.host_copies)
         if name == reference:
             ref = reference_style_seconds(model, layers, args.sample_channels)
             entry["reference_style_seconds"], entry["speedup"] = ref["total"], ref["total"] / entry["build_seconds"]
@@ -260,7 +299,10 @@ def summarize(names: list[str], families: dict, ref: dict | None, reference: str
         **environment(), "model": main_name, "architecture": first["architecture"],
         "weights": "random (diffusers init), real shapes",
         **{k: first[k] for k in ("num_layers", "fp16_bytes", "build_seconds", "checkpoint_bytes", "checkpoint_ratio",
-                                 "load_seconds", "apply_config_seconds", "apply_config_seconds_all", "peak_gpu_bytes")},
+                                 "load_seconds", "apply_config_seconds", "apply_config_seconds_all", "peak_gpu_bytes",
+                                 "build_seconds_repeats", "build_seconds_median", "host_copies", "host_copies_path",
+                                 "pinned_host_used")},
+        **{k: first[k] for k in ("build_seconds_plain_repeats", "build_seconds_plain_median") if k in first},
         "reference_model": reference,
         "reference_style_seconds": ref["total"] if ref else None, "reference_style_breakdown": ref,
         "speedup": families[reference]["speedup"] if ref else None,

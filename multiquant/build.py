@@ -7,12 +7,17 @@ layer the seeded random draws it would get alone: the codes, tables and errors a
 build, at a few hundred quantizer calls for a whole model instead of a few per layer. Layers are grouped by
 row length and cut into chunks of at most ``chunk_elements`` weights (whole layers), which bounds device
 memory whatever the model's size. Per chunk and option there is one transfer of packed codes, parameters
-and errors to the host; nothing waits on the device per layer.
+and errors to the host, all through :class:`HostCopies`; nothing waits on the device per layer, and from a
+CUDA device nothing waits for a transfer until the build's end.
 """
 from __future__ import annotations
 
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .options import Option
@@ -76,26 +81,56 @@ def _runs(channels: list[int]) -> list[_Run]:
 
 def quantize_layers(weights: list[torch.Tensor], options: list[str], out_dtype: torch.dtype, device=None,
                     seed: int = 0, iters: int = 100, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                    show_progress: bool = False, desc: str = "multiquantizer") -> list[LayerOptions]:
+                    show_progress: bool = False, desc: str = "multiquantizer",
+                    host: "HostCopies | None" = None) -> list[LayerOptions]:
     """Every option of every weight (``[C, ...]``, C output channels; any device: each chunk is copied to
     ``device``, default the first weight's, and reshaped to ``[C, K]`` there, so views stay views until then). ``out_dtype``: the precision the model holds a dequantized weight in (errors are of
-    that weight)."""
+    that weight). ``host``: how results reach the host (default ``HostCopies(device)``: staged through
+    page-locked memory from a CUDA device, ``.cpu()`` elsewhere); it is finished here."""
     device = torch.device(device) if device is not None else (weights[0].device if weights else torch.device("cpu"))
+    host = HostCopies(device) if host is None else host
     shapes = [(w.shape[0], w.numel() // max(1, w.shape[0])) for w in weights]
     results = [LayerOptions() for _ in weights]
     parsed = [(o, Option.parse(o)) for o in options]
     chunks = plan_chunks(shapes, chunk_elements)
-    for chunk in progress(chunks, desc=desc, disable=not show_progress, unit="chunk"):
-        _quantize_chunk([weights[i] for i in chunk], [results[i] for i in chunk], parsed, out_dtype, device,
-                        seed, iters)
+    figures = []
+    try:
+        for chunk in progress(chunks, desc=desc, disable=not show_progress, unit="chunk"):
+            figures += _quantize_chunk([weights[i] for i in chunk], [results[i] for i in chunk], parsed, out_dtype,
+                                       device, seed, iters, host)
+    finally:
+        host.finish()  # every copy has landed: only now are the results read
+    for fig in figures:
+        fig.record()
     return results
 
 
-def _quantize_chunk(weights, results, options, out_dtype, device, seed, iters) -> None:
+@dataclass
+class _Figures:
+    """One chunk's errors under one option, on the host once :meth:`HostCopies.finish` returned: the Lp error
+    per layer, the squared error per layer, then the largest |UAQ zero-point| (0 for the K-Means methods)."""
+
+    option: str
+    results: list[LayerOptions]
+    channels: list[int]
+    k: int
+    values: torch.Tensor
+
+    def record(self) -> None:
+        values, n = self.values.tolist(), len(self.results)
+        if values[-1] > ZERO_POINT_LIMIT:
+            raise AssertionError(f"{self.option}: UAQ zero-point beyond int16 (quantizers.uaq_params)")
+        for j, (res, c) in enumerate(zip(self.results, self.channels)):
+            res.error[self.option] = values[j]
+            res.mse[self.option] = values[n + j] / (c * self.k)
+
+
+def _quantize_chunk(weights, results, options, out_dtype, device, seed, iters, host) -> list[_Figures]:
     channels = [w.shape[0] for w in weights]
     w2d = torch.cat([w.detach().to(device).reshape(w.shape[0], -1) for w in weights]).float()
     runs = _runs(channels)
     k = w2d.shape[1]
+    figures = []
     for name, option in options:
         spec = option.spec
         if spec.per_channel or not spec.codebook:
@@ -111,27 +146,25 @@ def _quantize_chunk(weights, results, options, out_dtype, device, seed, iters) -
             w_hat = torch.cat([book[i:i + r.count].gather(1, c.view(r.count, -1).long()).view(-1, k)
                                for i, r, (c, _) in zip(_layer_starts(runs), runs, parts)])
             rows_of = {"codebook": "layer"}
-        diff = w2d.double() - w_hat.to(out_dtype).double()
+        # float64 difference; the weight as the model holds it is widened inside the subtraction (exact)
+        diff = w2d.double().sub_(w_hat.to(out_dtype))
         row_err = diff.abs().pow_(LP_NORM).sum(dim=1)
         row_sq = diff.square_().sum(dim=1)
         del diff, w_hat
         layer_err = _per_layer(row_err, runs) / k
         layer_sq = _per_layer(row_sq, runs)
         zero = params["zero"].abs().amax().reshape(1) if "zero" in params else torch.zeros(1, device=device)
-        packed = _pack(codes, option.bits, channels, k)
-        host = {name: _stored({name: v})[name].cpu() for name, v in params.items()}
-        figures = torch.cat([layer_err, layer_sq, zero.double()]).tolist()
-        if figures[-1] > ZERO_POINT_LIMIT:
-            raise AssertionError(f"{name}: UAQ zero-point beyond int16 (quantizers.uaq_params)")
+        packed = _pack(codes, option.bits, channels, k, host)
+        stored = {pname: host.take(v) for pname, v in _stored(params).items()}
+        figures.append(_Figures(name, results, channels, k, host.take(torch.cat([layer_err, layer_sq, zero.double()]))))
         row, offset = 0, 0
         for j, (res, c) in enumerate(zip(results, channels)):
             nbytes = packed_nbytes(c * k, option.bits)
             res.tensors.setdefault(name, {})["codes"] = packed[j] if isinstance(packed, list) else packed[offset:offset + nbytes]
-            for pname, value in host.items():
+            for pname, value in stored.items():
                 res.tensors[name][pname] = value[row:row + c] if rows_of[pname] == "row" else value[j:j + 1]
-            res.error[name] = figures[j]
-            res.mse[name] = figures[len(results) + j] / (c * k)
             row, offset = row + c, offset + nbytes
+    return figures
 
 
 def _layer_starts(runs: list[_Run]) -> list[int]:
@@ -153,13 +186,132 @@ def _per_layer(row_values: torch.Tensor, runs: list[_Run]) -> torch.Tensor:
                       for r in runs])
 
 
-def _pack(codes: torch.Tensor, bits: int, channels: list[int], k: int):
+def _pack(codes: torch.Tensor, bits: int, channels: list[int], k: int, host: "HostCopies"):
     """Packed codes of the chunk on the host: one buffer sliced per layer when every layer fills whole 8-code
     groups, else one packed tensor per layer."""
     if all(c * k % 8 == 0 for c in channels):
-        return pack_codes(codes, bits).cpu()
+        return host.take(pack_codes(codes, bits))
     out, row = [], 0
     for c in channels:
-        out.append(pack_codes(codes[row:row + c], bits).cpu())
+        out.append(host.take(pack_codes(codes[row:row + c], bits)))
         row += c
     return out
+
+
+# ------------------------------------------------------------------------------------------ host transfers
+STAGING_SLOT_BYTES = 1 << 24  # 16 MiB per page-locked staging slot
+STAGING_SLOTS = 4  # 64 MiB page-locked in all per build (torch's host allocator keeps it for the next build)
+
+
+class HostCopies:
+    """The build's one way to the host. ``take(t)`` returns a host tensor that holds ``t``'s values once
+    :meth:`finish` has returned (and not necessarily before).
+
+    Staged (the default from a CUDA device): every copy goes in pieces through a few page-locked staging slots.
+    The device-to-host copy of a piece is queued on the device's current stream without blocking: into
+    page-locked memory it is plain DMA at the link's rate, where into fresh pageable memory the driver copies
+    through a buffer of its own while the host waits, at the speed of first-touch page faults (about 1.3 GB/s
+    in benchmarks/results/multiquantizer.json's profile). A worker thread waits for the piece's event and moves
+    it into the tensor returned (ordinary memory; its page faults are the worker's), while the host goes on
+    queuing device work; a slot is reused once the worker has emptied it, so the host only ever waits for a
+    free slot. Not one page-locked destination for all results: page-locking GBs (cudaHostAlloc) is itself
+    about as slow as those page faults, and the checkpoint's tensors would hold page-locked memory for life.
+
+    Direct (CPU builds, or ``staged=False``): ``t.cpu()`` as it comes, today's path. ``staged=True`` on the CPU
+    runs the staging machinery with ordinary memory and synchronous copies (tests exercise it that way)."""
+
+    def __init__(self, device, staged: bool | None = None, slot_bytes: int = STAGING_SLOT_BYTES,
+                 slots: int = STAGING_SLOTS):
+        device = torch.device(device)
+        on_cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.staged = on_cuda if staged is None else bool(staged)
+        self.pinned = self.staged and on_cuda
+        self._slot_bytes, self._jobs, self._closed = slot_bytes, [], False
+        if self.staged:
+            self._slots = torch.empty(slots, slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+            self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+            for i in range(slots):
+                self._free.put(i)
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="host-copies")
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.staged:
+            return t.cpu()
+        if self._closed:
+            raise RuntimeError("HostCopies.take after finish")
+        t = t.detach().contiguous()
+        out = torch.empty(t.shape, dtype=t.dtype)
+        src, dst = t.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+        stream = torch.cuda.current_stream(t.device) if t.device.type == "cuda" else None
+        for start in range(0, src.numel(), self._slot_bytes):
+            stop = min(src.numel(), start + self._slot_bytes)
+            slot = self._free.get()  # waits only while the worker has every slot
+            stage = self._slots[slot, :stop - start]
+            stage.copy_(src[start:stop], non_blocking=stream is not None)
+            landed = None
+            if stream is not None:
+                landed = torch.cuda.Event()
+                landed.record(stream)
+            self._jobs.append(self._worker.submit(self._unstage, landed, stage, dst[start:stop], slot))
+        return out
+
+    def _unstage(self, landed: "torch.cuda.Event | None", stage: torch.Tensor, dst: torch.Tensor, slot: int) -> None:
+        try:
+            if landed is not None:
+                landed.synchronize()
+            dst.copy_(stage)
+        finally:
+            self._free.put(slot)
+
+    def finish(self) -> None:
+        """Wait until every copy has landed (re-raising a failed one); ``take`` is refused afterwards."""
+        if self.staged and not self._closed:
+            self._closed = True
+            self._worker.shutdown(wait=True)
+            jobs, self._jobs = self._jobs, []
+            for job in jobs:
+                job.result()
+
+
+def host_bytes(tensors: Iterable[torch.Tensor], dtype: torch.dtype,
+               piece_bytes: int = STAGING_SLOT_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, piece)``: the bytes of every tensor converted to ``dtype`` (C order), in order, in pieces of at most
+    ``piece_bytes`` (an empty tensor gives one empty piece), ``i`` the tensor's index; a piece is valid until
+    the next one is asked for. From a CUDA device the pieces come through two page-locked slots on a side
+    stream: the copy of the next piece overlaps the reading of this one, and the copies neither wait for work
+    queued later on the current stream nor hold it up. Elsewhere from ``t.to("cpu", dtype)``. For reading
+    weights on the host (hashing) beside a running build."""
+    stream = slots = None
+    pending = None  # (index, event, staged piece): copied but not yet handed out
+    turn = 0
+    for i, t in enumerate(tensors):
+        if t.device.type != "cuda":
+            if pending is not None:
+                pending[1].synchronize()
+                yield pending[0], pending[2].numpy()
+                pending = None
+            flat = t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
+            for start in range(0, max(1, flat.numel()), piece_bytes):
+                yield i, flat[start:start + piece_bytes].numpy()
+            continue
+        if stream is None:
+            stream = torch.cuda.Stream(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # the weights as they stand now
+            slots = torch.empty(2, piece_bytes, dtype=torch.uint8, pin_memory=True)
+        with torch.cuda.stream(stream):
+            flat = t.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
+        for start in range(0, max(1, flat.numel()), piece_bytes):
+            piece = flat[start:start + piece_bytes]
+            stage = slots[turn % 2, :piece.numel()]  # this slot's last piece was handed out and read
+            turn += 1
+            with torch.cuda.stream(stream):
+                stage.copy_(piece, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+            if pending is not None:
+                pending[1].synchronize()
+                yield pending[0], pending[2].numpy()
+            pending = (i, copied, stage)
+    if pending is not None:
+        pending[1].synchronize()
+        yield pending[0], pending[2].numpy()

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .build import DEFAULT_CHUNK_ELEMENTS, quantize_layers
+from .build import DEFAULT_CHUNK_ELEMENTS, HostCopies, host_bytes, quantize_layers
 from .errors import MissingFileError, UserError
 from .families import FamilySpec
 from .layers import LayerRef, excluded_layers, fp_bytes, quantizable_layers
@@ -72,16 +72,21 @@ def _device_name(device: torch.device) -> str:
 
 
 def weight_hash(model: nn.Module, layers: list[LayerRef]) -> str:
-    """sha256 over the bytes of every quantizable weight (tied copies and split halves once per module)."""
-    h = hashlib.sha256()
-    seen = set()
+    """sha256 over the bytes of every quantizable weight (tied copies and split halves once per module), as
+    float16. Read through build.host_bytes: from a GPU on a side stream, beside a running build."""
+    paths, weights, seen = [], [], set()
     for ref in layers:
         if ref.path in seen or ref.tied_to:
             continue
         seen.add(ref.path)
-        w = model.get_submodule(ref.path).weight.detach()
-        h.update(ref.path.encode())
-        h.update(w.to("cpu", torch.float16).contiguous().view(torch.uint8).numpy())
+        paths.append(ref.path)
+        weights.append(model.get_submodule(ref.path).weight)
+    h, last = hashlib.sha256(), -1
+    for i, piece in host_bytes(weights, torch.float16):
+        if i != last:
+            h.update(paths[i].encode())
+            last = i
+        h.update(piece)
     return h.hexdigest()
 
 
@@ -141,20 +146,24 @@ class MultiQuantizer:
     @classmethod
     def build(cls, model: nn.Module, family: FamilySpec, methods=METHOD_NAMES, bits=DEFAULT_BITS, device=None,
               seed: int = 0, kmeans_iters: int = 100, model_id: str | None = None, revision: str | None = None,
-              show_progress: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> "MultiQuantizer":
+              show_progress: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+              pinned_host: bool = True) -> "MultiQuantizer":
         """Quantize every layer with every option on ``device`` (default: the model's device), many layers
-        per quantizer call, at most ``chunk_elements`` weights at a time (build.quantize_layers)."""
+        per quantizer call, at most ``chunk_elements`` weights at a time (build.quantize_layers).
+        ``pinned_host``: from a GPU, results reach the host through page-locked staging without holding up
+        the device (build.HostCopies); False copies each with ``.cpu()``. The tensors are the same either way."""
         start = time.perf_counter()
         layers = quantizable_layers(model, family)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         options = options_for(methods, bits)
+        host = HostCopies(device, staged=None if pinned_host else False)
         with ThreadPoolExecutor(1) as pool:  # hashing the weights on the host overlaps the device work
             hashed = pool.submit(weight_hash, model, layers)
             canonical = [ref for ref in layers if not ref.tied_to]
             built = dict(zip((ref.key for ref in canonical), quantize_layers(
                 [ref.weight(model).detach() for ref in canonical], options, family.dtype,
                 device, seed=seed, iters=kmeans_iters, chunk_elements=chunk_elements, show_progress=show_progress,
-                desc=f"multiquantizer {family.name}")))
+                desc=f"multiquantizer {family.name}", host=host)))
             hash_of_weights = hashed.result()
         tensors: dict[str, torch.Tensor] = {}
         table: dict[str, dict[str, list]] = {}
@@ -185,6 +194,7 @@ class MultiQuantizer:
             "seed": seed, "kmeans_iters": kmeans_iters, "chunk_elements": chunk_elements, "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": time.perf_counter() - start,
             "device": str(device), "device_name": _device_name(device),
+            "host_copies": "pinned staging" if host.pinned else ("staging" if host.staged else "direct"),
         }
         return cls(manifest, tensors)
 

@@ -96,8 +96,7 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
     xs = torch.sort(x.float(), dim=1).values
     k_eff = min(k, N)
     qpos = ((torch.arange(k_eff, device=x.device, dtype=torch.float64) + 0.5) / k_eff * N).long().clamp_max(N - 1)
-    cums = torch.nn.functional.pad(xs.cumsum(dim=1, dtype=torch.float64), (1, 0))  # prefix sums: cluster sums in O(k)
-    sq_cums = torch.nn.functional.pad(xs.double().square_().cumsum(dim=1), (1, 0))
+    cums, sq_cums = _prefix_sums(xs)  # prefix sums: cluster sums in O(k)
     # Seeding only needs the shape of the distribution: seed on an evenly strided subsample of the sorted
     # values (at most _SEED_SAMPLE per row), all starts in one batched call, then run Lloyd on every value.
     stride = max(1, -(-N // _SEED_SAMPLE))
@@ -111,26 +110,27 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
     limit = tol * (xs.abs().amax(dim=1) + 1e-30).double()  # [R]: convergence threshold per row
     final = torch.empty_like(cents)
     rows = torch.arange(R, device=x.device)  # original index of each row still iterating
-    ext = _with_sentinels(cents)  # [R, runs, k+2]: the centroids between -inf and +inf
-    xs_a, cums_a, lim_a, done = xs, cums, limit, 0
+    cur, xs_a, cums_a, lim_a, done = cents, xs, cums, limit, 0  # cur [rows, runs, k]: sorted centroids
     while rows.numel() and done < iters:
         steps = min(_CHECK_EVERY, iters - done)
+        mids = _boundary_buffer(cur, xs.dtype)
         for step in range(steps):
-            cur = ext[..., 1:-1]
-            bounds = _bounds(xs_a, ext)
+            # the k-1 midpoints, in float64 rounded once to the data's dtype, straight into their slots
+            torch.mul(cur[..., 1:] + cur[..., :-1], 0.5, out=mids[..., 1:-1])
+            bounds = torch.searchsorted(xs_a, mids.view(mids.shape[0], -1)).view(mids.shape)
             sums = _run_sums(cums_a, bounds)
-            counts = (bounds[..., 1:] - bounds[..., :-1]).double()
+            counts = bounds[..., 1:] - bounds[..., :-1]  # int64: the division widens it exactly
             new = torch.where(counts > 0, sums / counts, cur)  # an empty cluster keeps its centroid
             if step == steps - 1:  # only the last shift before a check is looked at
                 shift = (new - cur).abs().amax(dim=(1, 2))
-            ext[..., 1:-1] = torch.sort(new, dim=2).values
+            cur = torch.sort(new, dim=2).values
         done += steps
         moving = shift > lim_a
         if done < iters and bool(moving.all()):
             continue
-        final[rows[~moving]] = ext[~moving][..., 1:-1]
-        rows, ext, xs_a, cums_a, lim_a = rows[moving], ext[moving], xs_a[moving], cums_a[moving], lim_a[moving]
-    final[rows] = ext[..., 1:-1]  # rows that used up ``iters``
+        final[rows[~moving]] = cur[~moving]
+        rows, cur, xs_a, cums_a, lim_a = rows[moving], cur[moving], xs_a[moving], cums_a[moving], lim_a[moving]
+    final[rows] = cur  # rows that used up ``iters``
     sse = _sorted_sse(xs, cums, sq_cums, final)  # [R, runs]
     best = sse.argmin(dim=1)  # first run (quantile start) wins ties: deterministic
     chosen = final[torch.arange(R, device=x.device), best].float()
@@ -140,9 +140,12 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
 
 
 def _prefix_sums(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded float64 prefix sums of the values and of their squares, [R, N+1] each."""
+    """Zero-padded float64 prefix sums of the values and of their squares, [R, N+1] each (one widening of
+    ``xs`` serves both: a cumsum with dtype=float64 widens its input first, so the sums are the same)."""
     pad = torch.nn.functional.pad
-    return pad(xs.cumsum(dim=1, dtype=torch.float64), (1, 0)), pad(xs.double().square_().cumsum(dim=1), (1, 0))
+    wide = xs.double()
+    sums = pad(wide.cumsum(dim=1), (1, 0))
+    return sums, pad(wide.square_().cumsum(dim=1), (1, 0))
 
 
 def _pp_trials(k: int) -> int:
@@ -232,6 +235,14 @@ def _with_sentinels(cents: torch.Tensor) -> torch.Tensor:
     """``cents`` [..., k] between a -inf and a +inf column [..., k+2]."""
     edge = torch.full_like(cents[..., :1], float("inf"))
     return torch.cat([-edge, cents, edge], dim=-1)
+
+
+def _boundary_buffer(cents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., k+1] cluster boundaries for centroids ``cents`` [..., k]: -inf and +inf at the ends (so the outer
+    searches find 0 and N), the k-1 midpoints to be written in place each Lloyd step."""
+    buf = torch.empty(*cents.shape[:-1], cents.shape[-1] + 1, dtype=dtype, device=cents.device)
+    buf[..., 0], buf[..., -1] = float("-inf"), float("inf")
+    return buf
 
 
 def _bounds(xs: torch.Tensor, ext: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ model reproduces the eager one (and the simulated configuration) exactly, small-
     QUA2SEDIMO_PACKED_KERNELS=0    # environment: the same, process-wide
     use_group_decode(False)        # context manager: the per-weight decode kernel everywhere (benchmarks)
     QUA2SEDIMO_GROUP_DECODE=0      # environment: the same, process-wide
+    decode_ahead(model)            # off by default: decode the next packed layer on a side stream during the
+                                   # current layer's GEMM (two scratch slots; bit-identical; see DecodeAhead)
 
 Two decode kernels, same values bit for bit: slices whose rows hold whole groups of 8 codes (row length a
 multiple of 8, the large layers of every family here) take the group decode, which assembles each group's b
@@ -40,7 +42,8 @@ capture nothing is timed: the table's decision, else decode + cuBLAS. Warm the t
 
 The fast path is taken automatically for CUDA inputs when Triton imports. It is single-stream: the scratch
 buffer is shared by every layer of one (device, dtype), so two layers must not run concurrently on different
-streams (the fused kernel's split-K counters likewise). Under ``torch.compile`` the decode and the fused
+streams (the fused kernel's split-K counters likewise); ``decode_ahead`` is the exception, its side stream
+ordered against the main one by events. Under ``torch.compile`` the decode and the fused
 product are custom ops (``qua2sedimo::decode_packed``, ``qua2sedimo::packed_linear``) returning fresh tensors,
 so Inductor plans their memory; CUDA-graph capture records the eager path as it is (warm up once first,
 as capture always requires, so the scratch exists before capture).
@@ -380,15 +383,16 @@ def _launch_decode(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP
 # ------------------------------------------------------------------------------------------- scratch
 class _Scratch:
     """One dense buffer per (device, dtype), as large as the largest layer seen: layers decode into it in
-    turn. ``generation`` changes when it grows, so cached views of the old buffer are refreshed."""
+    turn (slot 0; decode-ahead passes also use slot 1, a second buffer). ``generation`` changes when one grows,
+    so cached views of the old buffer are refreshed."""
 
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.generation = 0
         self.plans: "weakref.WeakSet[_Plan]" = weakref.WeakSet()  # their cached views pin a buffer
 
-    def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        key = (device, dtype)
+    def get(self, device: torch.device, dtype: torch.dtype, numel: int, slot: int = 0) -> torch.Tensor:
+        key = (device, dtype) if slot == 0 else (device, dtype, slot)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             self.buffers.pop(key, None)
@@ -413,9 +417,19 @@ class _Scratch:
 SCRATCH = _Scratch()
 
 
+@dataclass
+class _SlotViews:
+    """A plan's views of one scratch buffer and the launches that decode into it."""
+    flat: torch.Tensor  # [rows, total]
+    weight: torch.Tensor  # the layer's weight shape
+    launches: list
+    generation: int
+    group_decode: bool  # the decode switch the launches were planned with
+
+
 class _Plan:
     """Everything one layer's fast forward needs, computed once per (device, dtype, buffers): the Triton
-    launches and the scratch view the GEMM reads."""
+    launches and the scratch view the GEMM reads (per scratch slot)."""
 
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -425,16 +439,26 @@ class _Plan:
         total = sum(p.numel // rows for p in layer.parts)
         self.numel = rows * total
         self.shape = shape
-        self.generation = -1
-        self.group_decode = _GROUP_DECODE[0]  # the decode kernels the launches were planned with
         self.layer_parts = tuple(layer.parts)
         self.rows, self.total = rows, total
         self.drop_views()
         SCRATCH.plans.add(self)
 
     def drop_views(self) -> None:
-        self.weight = self.flat = None
-        self.launches = []
+        self.slots: dict[int, _SlotViews] = {}
+
+    # slot 0's views (the ordinary path)
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.slots[0].weight if 0 in self.slots else None
+
+    @property
+    def flat(self) -> torch.Tensor | None:
+        return self.slots[0].flat if 0 in self.slots else None
+
+    @property
+    def launches(self) -> list:
+        return self.slots[0].launches if 0 in self.slots else []
 
     def valid_for(self, layer, device, dtype) -> bool:
         """Same device, dtype and buffer objects (a reloaded or moved layer gets a new plan)."""
@@ -444,24 +468,32 @@ class _Plan:
             return False
         return all(part._buffers.get(name) is t for part, name, t in self.tensors)
 
-    def __call__(self) -> torch.Tensor:
-        if self.generation != SCRATCH.generation or self.weight is None or self.group_decode != _GROUP_DECODE[0]:
-            buf = SCRATCH.get(self.device, self.dtype, self.numel)
-            self.flat = buf[:self.numel].view(self.rows, self.total)
-            self.weight = self.flat.view(self.shape)
-            self.launches = []
-            offset = 0
-            for part in self.layer_parts:
-                width = part.numel // self.rows
-                if part.method == "dense":
-                    self.launches.append(("copy", part, offset, width))
-                else:
-                    launch = _decode_args(part, self.flat, PartGeometry(self.rows, width, offset))
-                    self.launches.append(("decode", launch, None))
-                offset += width
-            self.generation = SCRATCH.generation
-            self.group_decode = _GROUP_DECODE[0]
-        for i, launch in enumerate(self.launches):
+    def views(self, slot: int = 0) -> _SlotViews:
+        """This layer's views of scratch slot ``slot`` and its launches, planned anew when the buffer or the
+        decode switch changed."""
+        views = self.slots.get(slot)
+        if views is not None and views.generation == SCRATCH.generation and views.group_decode == _GROUP_DECODE[0]:
+            return views
+        buf = SCRATCH.get(self.device, self.dtype, self.numel, slot)  # may drop every plan's views
+        flat = buf[:self.numel].view(self.rows, self.total)
+        launches = []
+        offset = 0
+        for part in self.layer_parts:
+            width = part.numel // self.rows
+            if part.method == "dense":
+                launches.append(("copy", part, offset, width))
+            else:
+                launches.append(("decode", _decode_args(part, flat, PartGeometry(self.rows, width, offset)), None))
+            offset += width
+        views = self.slots[slot] = _SlotViews(flat, flat.view(self.shape), launches, SCRATCH.generation,
+                                              _GROUP_DECODE[0])
+        return views
+
+    def __call__(self, slot: int = 0) -> torch.Tensor:
+        """Decode the layer's weight into scratch slot ``slot`` on the current stream; its view."""
+        views = self.views(slot)
+        launches = views.launches
+        for i, launch in enumerate(launches):
             if launch[0] == "decode":
                 _, decode, direct = launch
                 if direct is not None:
@@ -470,15 +502,15 @@ class _Plan:
                         continue
                     except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
                         DIRECT_LAUNCH[0] = False
-                        self.launches[i] = ("decode", decode, None)
+                        launches[i] = ("decode", decode, None)
                 compiled = _run_decode(decode)
                 if direct is None and DIRECT_LAUNCH[0] and self.device.type == "cuda":
                     direct = _direct_launcher(compiled, decode.grid, decode.args + tuple(decode.meta.values()))
-                    self.launches[i] = ("decode", decode, direct)
+                    launches[i] = ("decode", decode, direct)
             else:
                 _, part, offset, width = launch
-                self.flat[:, offset:offset + width].copy_(part.dense.reshape(self.rows, width))
-        return self.weight
+                views.flat[:, offset:offset + width].copy_(part.dense.reshape(self.rows, width))
+        return views.weight
 
 
 # Triton's ``kernel[grid](...)`` binds and specializes its arguments, builds launch metadata and calls the
@@ -945,7 +977,153 @@ def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor
             return layer.dequantize_weight(dtype)
         plan = _Plan(layer, device, dtype)
         layer.__dict__["_fast_plan"] = plan  # not a submodule / buffer: invisible to state_dict and .to()
+    ahead = _AHEAD[0]
+    if ahead is not None and device.type == "cuda":
+        return ahead.weight(plan)
     return plan()
+
+
+# ------------------------------------------------------------------------------------------ decode ahead
+# Off unless ``decode_ahead(model)`` is called. Each packed layer's decode and its GEMM run one after the other on
+# one stream, and a decode of a 1152 x 1152 layer is too small to fill the GPU. With decode ahead, every forward
+# of ``model`` after the first follows the order in which the first one called its packed layers: when call k
+# gets its weight, the decode of call k + 1 is launched on a side stream into the other of two scratch slots,
+# where it overlaps call k's GEMM. Ordering, by events: call k + 1's decode waits for everything the main stream
+# had queued when call k asked for its weight (the GEMM of call k - 1, the last reader of that slot), and the
+# main stream waits for it before call k + 1's GEMM. A forward that leaves the recorded order (another branch, a
+# moved layer) joins the side stream and decodes on the main stream from there; the next forward records anew.
+# The end of every forward joins the side stream, as CUDA-graph capture requires (warm up with two forwards
+# before capture: one records, one follows). Same kernels, same buffers' values: outputs are bit-identical.
+# Costs a second scratch buffer as large as the largest layer.
+_AHEAD: list = [None]  # the DecodeAhead of the forward being run, if any
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device=device)
+
+
+class DecodeAhead:
+    """Decode ahead for the forwards of one model (see above): forward hooks on it; ``remove()`` (or leaving
+    a ``with`` block) takes them off. ``ahead_decodes`` counts decodes launched on the side stream,
+    ``recorded_calls`` the packed-layer calls of the recorded order (None: the next forward records)."""
+
+    def __init__(self, model: nn.Module):
+        self.order: list[_Plan] | None = None
+        self.recording = False
+        self.depth = 0
+        self.call = 0  # index of the next packed-layer call of the forward being run
+        self.diverged = False
+        self.pending = None  # (device, event) of the decode launched ahead for call ``self.call``
+        self.ahead_decodes = 0
+        self.previous = None
+        self._events: dict[torch.device, tuple] = {}
+        self.handles = [model.register_forward_pre_hook(self._start),
+                        model.register_forward_hook(self._end, always_call=True)]
+
+    @property
+    def recorded_calls(self) -> int | None:
+        return None if self.order is None or self.recording else len(self.order)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def _start(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.depth += 1
+        if self.depth > 1:  # the model called within its own forward: one pass
+            return
+        self.call, self.diverged, self.pending = 0, False, None
+        if self.order is None:
+            self.recording, self.order = True, []
+        else:
+            self._size_slots()
+        self.previous, _AHEAD[0] = _AHEAD[0], self
+
+    def _end(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.depth -= 1
+        if self.depth:
+            return
+        _AHEAD[0], self.previous = self.previous, None
+        self._join()
+        if self.recording:
+            self.recording = False
+        elif self.diverged or self.call != len(self.order):
+            self.order = None  # the forward left the recorded order: record the next one
+
+    def _size_slots(self) -> None:
+        """Both scratch slots as large as the order's largest layer before any decode ahead: a buffer never
+        grows (is freed) while the side stream may write it."""
+        largest: dict[tuple, int] = {}
+        for plan in self.order:
+            key = (plan.device, plan.dtype)
+            largest[key] = max(largest.get(key, 0), plan.numel)
+        for (device, dtype), numel in largest.items():
+            for slot in (0, 1):
+                SCRATCH.get(device, dtype, numel, slot)
+
+    def _join(self) -> None:
+        if self.pending is not None:
+            device, done = self.pending
+            torch.cuda.current_stream(device).wait_event(done)
+            self.pending = None
+
+    def weight(self, plan: _Plan) -> torch.Tensor:
+        """The weight of this packed-layer call (fast_weight within a forward of the model)."""
+        if self.recording:
+            self.order.append(plan)
+            return plan()
+        k = self.call
+        if self.diverged or k >= len(self.order) or self.order[k] is not plan:
+            if not self.diverged:
+                self._join()
+                self.diverged = True
+            return plan()  # slot 0 on the main stream, as without decode ahead
+        self.call = k + 1
+        main = torch.cuda.current_stream(plan.device)
+        if self.pending is not None:  # decoded ahead on the side stream (for this call: the order matched)
+            main.wait_event(self.pending[1])
+            self.pending = None
+            weight = plan.views(k % 2).weight
+        else:  # the forward's first call
+            weight = plan(k % 2)
+        if k + 1 < len(self.order) and self.order[k + 1].device == plan.device:  # (else decoded when called)
+            self._ahead(self.order[k + 1], (k + 1) % 2, main)
+        return weight
+
+    def _ahead(self, plan: _Plan, slot: int, main) -> None:
+        progress, done = self._event_pair(plan.device, slot)
+        progress.record(main)  # the GEMM of the previous call, the last reader of ``slot``, is queued before this
+        side = _side_stream(plan.device)
+        side.wait_event(progress)
+        with torch.cuda.stream(side):
+            plan(slot)
+        done.record(side)
+        self.pending = (plan.device, done)
+        self.ahead_decodes += 1
+
+    def _event_pair(self, device: torch.device, slot: int) -> tuple:
+        # reused: a wait is queued right after its record, and waits on the record made before it
+        events = self._events.get(device)
+        if events is None:
+            events = self._events[device] = (torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())
+        return events[0], events[1 + slot]
+
+
+def decode_ahead(model: nn.Module) -> DecodeAhead:
+    """Overlap each packed layer's decode with the previous layer's GEMM in ``model``'s forwards on CUDA (off unless
+    called; see the comment above :class:`DecodeAhead`). Returns the handle; ``.remove()`` turns it off."""
+    return DecodeAhead(model)
 
 
 def can_use_kernels(tensor: torch.Tensor) -> bool:

@@ -105,7 +105,9 @@ def test_side_by_side_paths_measure_each_small_m_setting_once():
     # the per-weight decode kernel beside the default, at the default's setting; never the small-M comparison's
     assert paths("--small_m_max", "measured", "--decode_compare") == {
         "fast": measured, "fast_no_small_m": 0, "fast_per_weight_decode": measured, "eager": 0}
-    chosen = bench.bench_paths(bench.parse_args(["--small_m_max", "0", "--no_small_m_compare", "--decode_compare"]))
+    chosen = bench.bench_paths(bench.parse_args(["--small_m_max", "0", "--no_small_m_compare", "--decode_compare",
+                                                 "--decode_ahead_compare"]))
+    assert list(chosen) == ["fast", "fast_per_weight_decode", "fast_decode_ahead", "eager"]
     assert bench._path_with(chosen, measured) is None and bench._path_with(chosen, 0) == "fast"
 
 

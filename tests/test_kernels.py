@@ -567,7 +567,7 @@ def test_cuda_forward_takes_the_fast_path_and_equals_eager(kind):
             eager = layer(x)
     assert torch.equal(fast, eager) and torch.equal(again, eager)
     launches = [launch for launch in layer._fast_plan.launches if launch[0] == "decode"]
-    assert launches and all(launch[4] is not None for launch in launches)
+    assert launches and all(launch[2] is not None for launch in launches)  # ("decode", DecodeLaunch, launcher)
 
 
 @gpu
@@ -589,6 +589,63 @@ def test_cuda_graph_replay_equals_eager():
         with kernels.use_packed_kernels(False):
             eager = layers(x)
     assert torch.equal(out, eager)
+
+
+class _Chain(torch.nn.Module):
+    """Packed layers in a row: one called twice, a split layer with a dense half; ``skip`` drops a call."""
+
+    def __init__(self):
+        super().__init__()
+        half = torch.float16
+        self.a = packed_layer(torch.nn.Linear(16, 24), [random_part("mse-4", (24, 16), seed=11)], half)
+        self.b = packed_layer(torch.nn.Linear(24, 24), [random_part("kmeans-3", (24, 8), seed=12),
+                                                        random_part("fp16", (24, 16), seed=13)], half)
+        self.c = packed_layer(torch.nn.Linear(24, 16), [random_part("kmeans_all-4", (16, 24), seed=14)], half)
+        self.skip = False
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        if not self.skip:
+            h = self.b(torch.tanh(h))
+        return self.a(self.c(h))
+
+
+@gpu
+@kernels.small_m_threshold(0)  # decode + cuBLAS everywhere (bit-exact)
+def test_cuda_decode_ahead_is_bit_identical_follows_the_recorded_order_and_is_captured():
+    model = _Chain().cuda()
+    inputs = [torch.randn(64, 16, device="cuda", dtype=torch.float16) for _ in range(2)]
+    with torch.no_grad():
+        reference = [model(x) for x in inputs]  # decode ahead off
+        model.skip = True
+        skipped = model(inputs[0])
+        model.skip = False
+        with kernels.decode_ahead(model) as ahead:
+            assert torch.equal(model(inputs[0]), reference[0])  # records the order of the 5 packed calls
+            assert ahead.recorded_calls == 5 and ahead.ahead_decodes == 0
+            for _ in range(2):  # follow it: calls 1..4 decoded ahead on the side stream
+                assert torch.equal(model(inputs[1]), reference[1])
+            assert ahead.ahead_decodes == 8
+            model.skip = True  # leaves the order at the third call: joins, decodes on the main stream, re-records
+            assert torch.equal(model(inputs[0]), skipped) and ahead.recorded_calls is None
+            assert torch.equal(model(inputs[0]), skipped) and ahead.recorded_calls == 4
+            model.skip = False
+            for x, expected in [(inputs[0], reference[0])] * 3:  # leaves, records, follows
+                assert torch.equal(model(x), expected)
+            assert ahead.recorded_calls == 5
+            before = ahead.ahead_decodes
+            x = inputs[0].clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # the side stream forks from and joins the capture stream
+                out = model(x)
+            assert ahead.ahead_decodes == before + 4
+            for source, expected in zip(inputs[::-1], reference[::-1]):
+                x.copy_(source)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, expected)
+        assert torch.equal(model(inputs[1]), reference[1])  # removed: the ordinary path again
+        assert kernels._AHEAD[0] is None
 
 
 @gpu

@@ -62,7 +62,7 @@ def random_part(option: str, shape, seed: int, device="cpu", codebook_dtype=torc
     return part.to(device)
 
 
-OPTIONS = [f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in (2, 3, 4, 5, 8)]
+OPTIONS = [f"{m}-{b}" for m in ("mse", "kmeans", "kmeans_all") for b in range(2, 9)]  # every packable width
 # 1 weight per channel, 1x1 and 3x3 convolutions, depthwise, Conv1d, rows that are not a multiple of 8 codes (groups
 # span rows: the per-weight kernel), rows of whole groups (the group kernel: 1x1 conv on 8 channels, a 3x3 conv of
 # 9 groups a row, 17 groups a row: a partial column block)

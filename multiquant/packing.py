@@ -6,11 +6,13 @@ import torch
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Flatten ``codes`` (uint8, values < 2^bits) and pack them into ceil(n/8)*bits bytes."""
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
     if flat.numel() and int(flat.max()) >= 2 ** bits:
         raise ValueError(f"code {int(flat.max())} does not fit in {bits} bits")
     pad = (-flat.numel()) % 8
-    groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, 8)
+    if pad:  # the check, the padding and the grouping on the narrow codes: one widening, no full-size copies
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    groups = flat.view(-1, 8).to(torch.int64)
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
     words = (groups << shifts).sum(dim=1)  # one b*8-bit word per group
     byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8

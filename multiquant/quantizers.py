@@ -206,7 +206,7 @@ def _kmeans_pp(xs: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor], k: i
         hi = torch.maximum(_search_rows(xs, (cand + right) * 0.5, right=False), lo)
         cdf_at = lambda i: torch.where(i > 0, cdf.gather(2, (i - 1).clamp_min(0)), 0.0)  # noqa: E731
         run_d2 = cdf_at(hi) - cdf_at(lo)
-        n = (hi - lo).double()
+        n = hi - lo  # int64: widened exactly where it meets the float64 sums
         s1 = _take_prefix(cums, hi, R) - _take_prefix(cums, lo, R)
         s2 = _take_prefix(sq_cums, hi, R) - _take_prefix(sq_cums, lo, R)
         c = cand.double()
@@ -270,7 +270,7 @@ def _sorted_sse(xs, cums, sq_cums, cents):
     """SSE of every run: ``cents`` [R, runs, k] -> [R, runs]."""
     bounds = _run_bounds(xs, cents)
     s1, s2 = _run_sums(cums, bounds), _run_sums(sq_cums, bounds)
-    n = (bounds[..., 1:] - bounds[..., :-1]).double()
+    n = bounds[..., 1:] - bounds[..., :-1]  # int64: widened exactly where it meets the float64 sums
     return (s2 - 2 * cents * s1 + n * cents.square()).sum(dim=2)
 
 

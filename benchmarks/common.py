@@ -76,20 +76,21 @@ def write_result(name: str, result: dict, out_dir: str | Path | None = None) -> 
     return path
 
 
-def random_packed_weight(option: str, shape: tuple[int, ...], seed: int, table_scale: float = 0.05):
-    """A :class:`multiquant.packed.PackedWeight` (on the CPU) with seeded random codes and tables: latency does
-    not depend on the values, and a decode must give the eager path's weight for any of them."""
+def random_packed_weight(option: str, shape: tuple[int, ...], seed: int, table_scale: float = 0.05, device="cpu"):
+    """A :class:`multiquant.packed.PackedWeight` on ``device`` with seeded random codes and tables (drawn on the
+    CPU, packed on ``device``): latency does not depend on the values, and a decode must give the eager path's
+    weight for any of them."""
     from multiquant.packed import PackedWeight
     from multiquant.packing import pack_codes
 
     g = torch.Generator().manual_seed(seed)
     part = PackedWeight(option, shape, device="cpu")
-    codes = torch.randint(0, 2 ** part.bits, (part.numel,), generator=g).to(torch.uint8)
-    part.codes.copy_(pack_codes(codes, part.bits))
+    codes = torch.randint(0, 2 ** part.bits, (part.numel,), generator=g, dtype=torch.uint8)
     if part.method == "mse":
         part.scale.copy_(torch.rand(shape[0], generator=g) * table_scale / 5 + 1e-3)
         part.zero.copy_(torch.randint(0, 2 ** part.bits, (shape[0],), generator=g))
     else:
         part.codebook.copy_(torch.randn(part.codebook.shape, generator=g) * table_scale)
+    part = part.to(device)
+    part.codes.copy_(pack_codes(codes.to(device), part.bits))
     return part
-

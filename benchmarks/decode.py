@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, random_packed_weight, write_result  # noqa: E402
 from multiquant import kernels  # noqa: E402
+from multiquant.errors import UserError  # noqa: E402
 from multiquant.families import get_family  # noqa: E402
 from multiquant.layers import quantizable_layers  # noqa: E402
 from multiquant.packed import packed_layer  # noqa: E402
@@ -87,7 +88,7 @@ def graph_time(fn, calls: int, device) -> float:
 
 
 def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device, args) -> dict:
-    part = random_packed_weight(option, shape, seed)
+    part = random_packed_weight(option, shape, seed, device=device)
     layer = layer_of(part, dtype, device)
     rows = shape[0]
     numel = part.numel
@@ -145,6 +146,9 @@ def run(args) -> dict:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are built (kernels._jit)
         torch.set_num_threads(1)
+    if not args.smoke and not torch.cuda.is_available():
+        raise UserError("benchmarks/decode.py times GPU kernels and found no CUDA GPU: pass --smoke to check the "
+                        "script on the CPU (Triton's interpreter, tiny shapes)")
     device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, args.dtype)
     options = [o.strip() for o in args.options.split(",") if o.strip()]
@@ -196,7 +200,10 @@ def _name(shape) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = args.out or (tempfile.mkdtemp(prefix="decode_smoke_") if args.smoke else None)
-    result = run(args)
+    try:
+        result = run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     path = write_result("decode_smoke" if args.smoke else "decode", result, out)
     print(f"wrote {path}")
     return result

@@ -14,9 +14,15 @@ graph of ``--graph_calls`` back-to-back decodes of the layer timed the same way 
 export benchmark's graph replays; the codes then stay in L2 after the first); ``gbps`` = (packed codes + tables
 read + dense weight written) / ``us``. Beside them ``fill_us``: ``zero_()`` of the same dense weight (a write-only
 floor) and ``ideal_us`` = those bytes at ``--peak_gbps``. Both kernels' weights are checked bit for bit against the
-eager path (``exact_vs_eager``). ``per_forward``: per model and option, the sums over the model's layers, each
+eager path (``exact_vs_eager``).
+
+Layer figures (GPU, Linear shapes): the packed layer's whole forward on ``--gemm_rows`` input rows (2048: a batch of
+2 at 512 px of both models; every layer is timed at that M) within a CUDA graph of ``--graph_calls`` consecutive
+calls: ``gemm_us`` the FP16 ``F.linear`` alone, ``layer_us`` decode + GEMM per kernel, and ``layer_ahead_us`` the group
+decode with ``kernels.decode_ahead`` (each call's decode overlapping the previous call's GEMM on a side stream);
+``overhead_us`` = layer minus GEMM. ``per_forward``: per model and option, the sums over the model's layers, each
 shape weighted by how often it occurs (every layer counted as a decode; a forward's small-M layers may take the
-fused kernel instead). Writes benchmarks/results/decode.json.
+fused kernel instead; the layer sums cover its Linear layers). Writes benchmarks/results/decode.json.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--options", default=OPTIONS)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--graph_calls", type=int, default=20, help="decodes per CUDA graph (graph_us)")
+    ap.add_argument("--gemm_rows", type=int, default=2048, help="input rows of the layer figures (0: none)")
     ap.add_argument("--peak_gbps", type=float, default=4800.0, help="HBM bandwidth of ideal_us (H200: 4.8 TB/s)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under Triton's interpreter on the CPU")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temporary one)")
@@ -87,6 +94,39 @@ def graph_time(fn, calls: int, device) -> float:
     return seconds
 
 
+class Repeated(torch.nn.Module):
+    """``calls`` forwards of one layer on the same input: a stand-in for consecutive packed layers of a model."""
+
+    def __init__(self, layer: torch.nn.Module, calls: int):
+        super().__init__()
+        self.layer, self.calls = layer, calls
+
+    def forward(self, x):
+        for _ in range(self.calls):
+            y = self.layer(x)
+        return y
+
+
+def layer_figures(layer, weight: torch.Tensor, case: dict, dtype, device, args) -> None:
+    """GEMM alone, decode + GEMM per kernel, and with decode ahead, per call of a graph of consecutive calls."""
+    x = torch.randn(args.gemm_rows, weight.shape[1], device=device, dtype=dtype)
+    calls = args.graph_calls
+    case["gemm_rows"] = args.gemm_rows
+    case["gemm_us"] = 1e6 * graph_time(lambda: torch.nn.functional.linear(x, weight), calls, device)
+    repeated = Repeated(layer, calls)
+    with kernels.small_m_threshold(0):  # decode + cuBLAS on every call (no fused small-M kernel)
+        for name, group in KERNELS.items():
+            with kernels.use_group_decode(group):
+                case[name]["layer_us"] = 1e6 * graph_time(lambda: repeated(x), 1, device) / calls
+        with kernels.use_group_decode(True), kernels.decode_ahead(repeated) as ahead:
+            repeated(x)  # records the order; graph_time's warm-up call follows it, then the capture
+            case["group"]["layer_ahead_us"] = 1e6 * graph_time(lambda: repeated(x), 1, device) / calls
+            case["group"]["ahead_decodes"] = ahead.ahead_decodes
+    case["overhead_us"] = {"group": case["group"]["layer_us"] - case["gemm_us"],
+                           "per_weight": case["per_weight"]["layer_us"] - case["gemm_us"],
+                           "group_ahead": case["group"]["layer_ahead_us"] - case["gemm_us"]}
+
+
 def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device, args) -> dict:
     part = random_packed_weight(option, shape, seed, device=device)
     layer = layer_of(part, dtype, device)
@@ -121,6 +161,8 @@ def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device,
     case["speedup"] = case["per_weight"]["us"] / case["group"]["us"]
     if cuda:
         case["speedup_graph"] = case["per_weight"]["graph_us"] / case["group"]["graph_us"]
+        if args.gemm_rows and len(shape) == 2:
+            layer_figures(layer, expected, case, dtype, device, args)
     return case
 
 
@@ -137,6 +179,13 @@ def per_forward(shapes: collections.Counter, cases: dict, options: list[str], cu
         entry["speedup"] = entry["per_weight_us"] / entry["group_us"]
         if cuda:
             entry["speedup_graph"] = entry["per_weight_graph_us"] / entry["group_graph_us"]
+            layered = [(s, n) for s, n in shapes.items() if "gemm_us" in cases[(s, option)]]
+            if layered:
+                entry["linear_layers"] = sum(n for _, n in layered)
+                entry["gemm_us"] = sum(n * cases[(s, option)]["gemm_us"] for s, n in layered)
+                for kind in ("group", "per_weight", "group_ahead"):
+                    entry[f"layer_overhead_us_{kind}"] = sum(n * cases[(s, option)]["overhead_us"][kind]
+                                                             for s, n in layered)
         out[option] = entry
     return out
 
@@ -161,7 +210,7 @@ def run(args) -> dict:
         distinct += [s for s in SMOKE_EXTRA_SHAPES if s not in distinct]
     result = {**environment(), "smoke": args.smoke, "dtype": args.dtype, "options": options,
               "timer": {"warmup": kernels.TIMER_WARMUP, "reps": kernels.TIMER_REPS, "l2_flush": True},
-              "graph_calls": args.graph_calls, "peak_gbps": args.peak_gbps, "group_tile": kernels.GROUP_TILE,
+              "graph_calls": args.graph_calls, "gemm_rows": args.gemm_rows, "peak_gbps": args.peak_gbps, "group_tile": kernels.GROUP_TILE,
               "decode_warps": kernels.DECODE_WARPS, "triton": kernels._triton().__version__,
               "models": {name: {"layers": sum(shapes.values()), "weights": sum(n * _numel(s) for s, n in shapes.items()),
                                 "shapes": {_name(s): n for s, n in shapes.items()}} for name, shapes in models.items()},
@@ -185,7 +234,10 @@ def run(args) -> dict:
             print(f"SUMMARY {name} {option}: per forward group {e['group_us']:.1f} us, per-weight "
                   f"{e['per_weight_us']:.1f} us (speedup {e['speedup']:.2f}; graphs "
                   f"{e.get('group_graph_us', float('nan')):.1f} vs {e.get('per_weight_graph_us', float('nan')):.1f}),"
-                  f" fill {e['fill_us']:.1f} us, ideal {e['ideal_us']:.1f} us")
+                  f" fill {e['fill_us']:.1f} us, ideal {e['ideal_us']:.1f} us"
+                  + (f"; layers at M={args.gemm_rows}: GEMMs {e['gemm_us']:.1f} us, overhead group "
+                     f"{e['layer_overhead_us_group']:.1f} per-weight {e['layer_overhead_us_per_weight']:.1f} "
+                     f"group+ahead {e['layer_overhead_us_group_ahead']:.1f} us" if "gemm_us" in e else ""))
     return result
 
 

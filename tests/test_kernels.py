@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -93,6 +94,32 @@ def test_decode_equals_the_eager_dequantization_bit_for_bit(device, option, grou
             assert torch.equal(out, expected), (option, shape, dtype)
 
 
+@pytest.mark.parametrize("option", ["mse-3", "mse-4", "kmeans-3", "kmeans_all-4"])
+def test_group_decode_compiles_for_hopper_with_16_byte_stores(option, monkeypatch):
+    """The compiled kernel (not the interpreter's): Triton builds it for sm_90 without a GPU; a 1152-long row tile
+    stores 8 fp16 values (16 bytes) per instruction and uses no shared memory (no layout conversion through it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    method, bits = option.split("-")
+    mode = kernels.MODES[method]
+    rows_per, groups = kernels.group_blocks(1152, 1152 // 8)
+    names = ("codes_ptr", "scale_ptr", "zero_ptr", "book_ptr", "out_ptr", "rows", "row_groups", "out_stride",
+             "col_offset", "col_blocks")
+    types = ("*u8", "*fp32", "*i16", "*fp32", "*fp16") + ("i32",) * 5
+    signature = dict(zip(names, types)) | dict.fromkeys(("BITS", "MODE", "ROWS", "GROUPS"), "constexpr")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+               if name.endswith("_ptr") or name in ("out_stride", "col_offset")}  # as Triton specializes them
+    source = ASTSource(fn=kernels._jit(False)[2], signature=signature, attrs=aligned,
+                       constexprs={"BITS": int(bits), "MODE": mode, "ROWS": rows_per, "GROUPS": groups})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.DECODE_WARPS})
+    ptx = compiled.asm["ptx"]
+    stores = re.findall(r"st\.global[.\w]*", ptx)  # (predicated: "@%p1 st.global.v4.b32 [...], {...};")
+    assert stores and set(stores) == {"st.global.v4.b32"}, set(stores)
+    assert compiled.metadata.shared == 0
+
+
 def test_group_tiles_fit_the_rows():
     """Whole column blocks on 1152- and 4608-long rows, 4096 weights a program, one program for a small slice,
     at most 1/16 overhang past a row's last group."""
@@ -106,6 +133,24 @@ def test_group_tiles_fit_the_rows():
         assert groups & (groups - 1) == 0 and groups <= kernels.MAX_TILE_GROUPS
         assert 16 * kernels.triton_cdiv(row_groups, groups) * groups <= 17 * row_groups
         assert per * groups <= max(kernels.GROUP_TILE, groups) and per <= kernels._pow2(rows)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's fp16 infs
+def test_group_decode_of_uaq_is_exact_for_any_int16_zero_and_scale(device):
+    """The group kernel forms code - zero as (2^23 + code) - (2^23 + zero) in float32: exact for every int16 zero
+    (negative ones, the extremes) and scale (either sign, tiny and huge): the eager path's bits."""
+    g = torch.Generator().manual_seed(7)
+    part = random_part("mse-4", (10, 24), seed=7)
+    part.zero.copy_(torch.tensor([-32768, 32767, -1, 0, 15, 16, -300, 12000, 7, -7], dtype=torch.int16))
+    part.scale.copy_(torch.randn(10, generator=g) * torch.tensor([1e-30, 1e30, 1, -1, 3e-5, -2e4, 1, 1, 0.1, -0.1]))
+    part = part.to(device)
+    for dtype in DTYPES[device.type]:
+        out = torch.full((10, 24), float("nan"), device=device, dtype=dtype)
+        with kernels.use_group_decode(True):
+            kernels.decode_into(part, out)
+        bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+        assert torch.equal(out.view(bits), part.dequantize(dtype).view(bits)), dtype  # infs and signed zeros too
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

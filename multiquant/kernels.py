@@ -1018,7 +1018,7 @@ class DecodeAhead:
         self.depth = 0
         self.call = 0  # index of the next packed-layer call of the forward being run
         self.diverged = False
-        self.pending = None  # (device, event) of the decode launched ahead for call ``self.call``
+        self.pending = None  # (device, event, scratch generation) of the decode launched ahead for call ``self.call``
         self.ahead_decodes = 0
         self.previous = None
         self._events: dict[torch.device, tuple] = {}
@@ -1078,7 +1078,7 @@ class DecodeAhead:
 
     def _join(self) -> None:
         if self.pending is not None:
-            device, done = self.pending
+            device, done, _ = self.pending
             torch.cuda.current_stream(device).wait_event(done)
             self.pending = None
 
@@ -1095,11 +1095,13 @@ class DecodeAhead:
             return plan()  # slot 0 on the main stream, as without decode ahead
         self.call = k + 1
         main = torch.cuda.current_stream(plan.device)
-        if self.pending is not None:  # decoded ahead on the side stream (for this call: the order matched)
-            main.wait_event(self.pending[1])
-            self.pending = None
+        ahead = self.pending
+        self.pending = None
+        if ahead is not None:  # decoded ahead on the side stream (for this call: the order matched)
+            main.wait_event(ahead[1])
+        if ahead is not None and ahead[2] == SCRATCH.generation:
             weight = plan.views(k % 2).weight
-        else:  # the forward's first call
+        else:  # the forward's first call, or a scratch buffer was replaced since (released): decode it here
             weight = plan(k % 2)
         if k + 1 < len(self.order) and self.order[k + 1].device == plan.device:  # (else decoded when called)
             self._ahead(self.order[k + 1], (k + 1) % 2, main)
@@ -1113,7 +1115,7 @@ class DecodeAhead:
         with torch.cuda.stream(side):
             plan(slot)
         done.record(side)
-        self.pending = (plan.device, done)
+        self.pending = (plan.device, done, SCRATCH.generation)
         self.ahead_decodes += 1
 
     def _event_pair(self, device: torch.device, slot: int) -> tuple:

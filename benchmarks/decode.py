@@ -22,7 +22,11 @@ calls: ``gemm_us`` the FP16 ``F.linear`` alone, ``layer_us`` decode + GEMM per k
 decode with ``kernels.decode_ahead`` (each call's decode overlapping the previous call's GEMM on a side stream);
 ``overhead_us`` = layer minus GEMM. ``per_forward``: per model and option, the sums over the model's layers, each
 shape weighted by how often it occurs (every layer counted as a decode; a forward's small-M layers may take the
-fused kernel instead; the layer sums cover its Linear layers). Writes benchmarks/results/decode.json.
+fused kernel instead; the layer sums cover its Linear layers).
+
+``--sweep``: the group decode at other tiles (GROUPS x 8 weights per tile row, ROWS rows, ``--sweep_weights``
+weights a program) on the large shapes (``--sweep_min_numel``) for ``--sweep_options``, ``graph_us`` each, beside
+the default tile's and the per-weight kernel's (``sweep``). Writes benchmarks/results/decode.json.
 """
 from __future__ import annotations
 
@@ -58,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--graph_calls", type=int, default=20, help="decodes per CUDA graph (graph_us)")
     ap.add_argument("--gemm_rows", type=int, default=2048, help="input rows of the layer figures (0: none)")
     ap.add_argument("--peak_gbps", type=float, default=4800.0, help="HBM bandwidth of ideal_us (H200: 4.8 TB/s)")
+    ap.add_argument("--sweep", action="store_true", help="also time the group decode at other tiles (see above)")
+    ap.add_argument("--sweep_options", default="mse-4,kmeans-3")
+    ap.add_argument("--sweep_groups", default="16,32,64,128", help="GROUPS of the swept tiles")
+    ap.add_argument("--sweep_weights", default="2048,4096,8192", help="weights a program of the swept tiles")
+    ap.add_argument("--sweep_min_numel", type=int, default=1 << 20, help="shapes swept: at least this many weights")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under Triton's interpreter on the CPU")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temporary one)")
     return ap.parse_args(argv)
@@ -166,6 +175,43 @@ def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device,
     return case
 
 
+def sweep_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device, args, case: dict) -> list[dict]:
+    """The group decode of one slice at every swept tile (graph_us; smoke: gpu_time's host seconds), exactness."""
+    part = random_packed_weight(option, shape, seed, device=device)
+    rows = shape[0]
+    row_len = part.numel // rows
+    expected = part.dequantize(dtype).reshape(rows, row_len)
+    out = torch.empty(rows, row_len, device=device, dtype=dtype)
+    geometry = kernels.PartGeometry(rows, row_len, 0)
+    default = tuple(case["group"]["tile"].values())
+    entries = []
+    for groups in [int(g) for g in args.sweep_groups.split(",")]:
+        for weights in [int(w) for w in args.sweep_weights.split(",")]:
+            per = max(1, weights // (8 * groups))
+            per = min(kernels._pow2(rows), 1 << (per.bit_length() - 1))
+            with kernels.use_group_decode(True):
+                launch = kernels._decode_args(part, out, geometry, blocks=(per, groups))
+            out.fill_(float("nan"))
+            kernels._run_decode(launch)
+            entry = {"shape": list(shape), "option": option, "rows_per_program": per, "groups": groups,
+                     "weights_per_program": per * groups * 8, "programs": launch.grid[0],
+                     "default_tile": (per, groups) == default, "exact_vs_eager": bool(torch.equal(out, expected))}
+            if device.type == "cuda":
+                entry["graph_us"] = 1e6 * graph_time(lambda: kernels._run_decode(launch), args.graph_calls, device)
+            else:
+                entry["us"] = 1e6 * kernels.gpu_time(lambda: kernels._run_decode(launch), "sweep", device)
+            entries.append(entry)
+    field = "graph_us" if device.type == "cuda" else "us"
+    best = min(entries, key=lambda e: e[field])
+    for entry in entries:
+        entry["best"] = entry is best
+        entry["per_weight_" + field] = case["per_weight"][field]
+        entry["default_" + field] = case["group"][field]
+    print(f"sweep {_name(shape)} {option}: best {best['rows_per_program']}x{best['groups']} {best[field]:.2f} us, "
+          f"default {case['group'][field]:.2f}, per-weight {case['per_weight'][field]:.2f}", flush=True)
+    return entries
+
+
 def per_forward(shapes: collections.Counter, cases: dict, options: list[str], cuda: bool) -> dict:
     """Per option: the decode time of every layer of the model, summed (microseconds), and the speedup."""
     out = {}
@@ -225,6 +271,12 @@ def run(args) -> dict:
               f"speedup {case['speedup']:.2f} graph {case.get('speedup_graph', float('nan')):.2f} "
               f"fill {case['fill_us']:.2f} exact {case['group']['exact_vs_eager']}/{case['per_weight']['exact_vs_eager']}",
               flush=True)
+    if args.sweep:
+        sweep_options = [o.strip() for o in args.sweep_options.split(",") if o.strip()]
+        result["sweep"] = []
+        for seed, (shape, option) in enumerate((s, o) for s in distinct for o in sweep_options):
+            if (shape, option) in cases and _numel(shape) >= args.sweep_min_numel and _numel(shape[1:]) % 8 == 0:
+                result["sweep"] += sweep_case(shape, option, seed, dtype, device, args, cases[(shape, option)])
     result["per_forward"] = {name: per_forward(shapes, cases, options, device.type == "cuda")
                              for name, shapes in models.items()}
     result["all_exact_vs_eager"] = all(c[k]["exact_vs_eager"] for c in result["cases"] for k in KERNELS)

@@ -324,17 +324,23 @@ def decode_into(part: nn.Module, out: torch.Tensor, col_offset: int = 0) -> None
 
 GROUP_TILE = 512  # groups of 8 codes per group-decode program: 4096 weights, 4 groups (64 fp16 bytes) a thread
 MAX_TILE_GROUPS = 64  # groups per tile row: 512 weights, 1 KiB of contiguous fp16 per row segment
+MIN_TILE_GROUPS = 32  # a warp's 32 threads along one row: 256 weights, 512 contiguous fp16 bytes per store
 DECODE_WARPS = 4
 
 
 def group_blocks(rows: int, row_groups: int, tile: int = GROUP_TILE) -> tuple[int, int]:
-    """Tile [ROWS, GROUPS] (x 8 codes) of the group decode for a slice of ``rows`` rows of ``row_groups`` groups:
-    GROUPS the largest power of two <= MAX_TILE_GROUPS whose column blocks overhang the row by at most 1/16
-    (1152-long rows: 16 groups, 9 blocks exactly; 4608: 64), ROWS filling about ``tile`` groups but no more
-    rows than the slice has (a small layer: one or a few programs)."""
-    groups = min(MAX_TILE_GROUPS, _pow2(row_groups))
-    while groups > 1 and 16 * triton_cdiv(row_groups, groups) * groups > 17 * row_groups:
-        groups //= 2
+    """Tile [ROWS, GROUPS] (x 8 codes) of the group decode for a slice of ``rows`` rows of ``row_groups`` groups.
+
+    GROUPS: MIN_TILE_GROUPS or MAX_TILE_GROUPS, whichever overhangs the row's last group less (ties: the larger),
+    so that a warp's threads lie along one row (fewer for rows of fewer groups: one block). Measured on one H200
+    (benchmarks/results/decode.json, CUDA graphs): tiles of 64 groups on 4608- and 4096-long rows decoded in half
+    the per-weight kernel's time, 32 groups on 256-long rows in 3/4 of it, while 16-group tiles on 1152-long rows
+    (two rows per warp, no overhang) took 1.3-1.4x the per-weight kernel's time. ROWS fills about ``tile`` groups
+    but no more rows than the slice has (a small layer: one or a few programs)."""
+    if row_groups <= MIN_TILE_GROUPS:
+        groups = _pow2(row_groups)
+    else:
+        groups = min((MAX_TILE_GROUPS, MIN_TILE_GROUPS), key=lambda g: triton_cdiv(row_groups, g) * g)
     fill = max(1, tile // groups)
     return min(_pow2(rows), 1 << (fill.bit_length() - 1)), groups  # powers of two (tl.arange)
 
@@ -352,7 +358,10 @@ class DecodeLaunch:
     meta: dict
 
 
-def _decode_args(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_TILE) -> DecodeLaunch:
+def _decode_args(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_TILE,
+                 blocks: tuple[int, int] | None = None) -> DecodeLaunch:
+    """The launch decoding ``part`` into ``out`` at ``geo``; ``blocks`` (ROWS, GROUPS) overrides the group
+    decode's tile (benchmarks/decode.py --sweep)."""
     mode = MODES[part.method]
     codes = part.codes
     scale = part.scale if mode == 0 else codes  # unused pointers: any tensor
@@ -360,7 +369,7 @@ def _decode_args(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_T
     book = part.codebook if mode != 0 else codes
     if takes_group_decode(geo):
         row_groups = geo.row_len // 8
-        rows_per, groups = group_blocks(geo.rows, row_groups, tile)
+        rows_per, groups = blocks or group_blocks(geo.rows, row_groups, tile)
         col_blocks = triton_cdiv(row_groups, groups)
         grid = (triton_cdiv(geo.rows, rows_per) * col_blocks,)
         args = (codes, scale, zero, book, out, geo.rows, row_groups, out.stride(0), geo.col_offset, col_blocks)

@@ -121,18 +121,22 @@ def test_group_decode_compiles_for_hopper_with_16_byte_stores(option, monkeypatc
 
 
 def test_group_tiles_fit_the_rows():
-    """Whole column blocks on 1152- and 4608-long rows, 4096 weights a program, one program for a small slice,
-    at most 1/16 overhang past a row's last group."""
-    assert kernels.group_blocks(1152, 1152 // 8) == (32, 16)
-    assert kernels.group_blocks(1152, 4608 // 8) == (8, 64)
+    """A warp's threads along one row (32 or 64 groups, the one that overhangs the row less; rows of fewer groups:
+    one block), 4096 weights a program, one program for a small slice."""
+    assert kernels.group_blocks(1152, 1152 // 8) == (16, 32)  # 5 blocks, the last half outside the row
+    assert kernels.group_blocks(1152, 4608 // 8) == (8, 64)  # 9 blocks exactly
+    assert kernels.group_blocks(1152, 256 // 8) == (16, 32)
     assert kernels.group_blocks(3, 2) == (4, 2)
-    assert kernels.group_blocks(40, 9) == (64, 1)
-    assert kernels.group_blocks(3, 17) == (4, 2)  # 9 blocks of 2 groups, the last one half outside the row
-    for rows, row_groups in [(1, 1), (7, 3), (300, 100), (1152, 144), (6912, 144), (1152, 512)]:
+    assert kernels.group_blocks(40, 9) == (32, 16)
+    assert kernels.group_blocks(5, 36) == (8, 64)  # a tie (64 lanes either way): the larger block
+    for rows, row_groups in [(1, 1), (7, 3), (3, 17), (300, 100), (1152, 144), (6912, 144), (1152, 512)]:
         per, groups = kernels.group_blocks(rows, row_groups)
-        assert groups & (groups - 1) == 0 and groups <= kernels.MAX_TILE_GROUPS
-        assert 16 * kernels.triton_cdiv(row_groups, groups) * groups <= 17 * row_groups
-        assert per * groups <= max(kernels.GROUP_TILE, groups) and per <= kernels._pow2(rows)
+        assert groups & (groups - 1) == 0 and per & (per - 1) == 0 and per <= kernels._pow2(rows)
+        if row_groups > kernels.MIN_TILE_GROUPS:
+            assert groups in (kernels.MIN_TILE_GROUPS, kernels.MAX_TILE_GROUPS)
+        else:
+            assert kernels.triton_cdiv(row_groups, groups) == 1
+        assert per * groups <= max(kernels.GROUP_TILE, groups)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -158,7 +162,7 @@ def test_group_decode_of_uaq_is_exact_for_any_int16_zero_and_scale(device):
 def test_group_decode_of_a_column_slice_over_many_tiles(device, option):
     """Small tiles (many row and column blocks, partial ones at both ends) and a slice at a column offset of a
     wider buffer: every weight of the slice written as the eager path's, no other column touched."""
-    rows, row_len, total, col_offset = 37, 136, 160, 16
+    rows, row_len, total, col_offset = 37, 560, 600, 16  # 70 groups a row: 3 blocks of 32, the last one partial
     part = random_part(option, (rows, row_len), seed=5, device=device)
     expected = part.dequantize(torch.float16)
     geometry = kernels.PartGeometry(rows, row_len, col_offset)

@@ -12,9 +12,11 @@ the same run. Figures per case and kernel: ``us`` = :func:`multiquant.kernels.gp
 its reps, each behind an L2 flush: the codes come from HBM, as in a forward); ``graph_us`` = per decode, a CUDA
 graph of ``--graph_calls`` back-to-back decodes of the layer timed the same way (no launch gaps, as under the
 export benchmark's graph replays; the codes then stay in L2 after the first); ``gbps`` = (packed codes + tables
-read + dense weight written) / ``us``. Beside them ``fill_us``: ``zero_()`` of the same dense weight (a write-only
-floor) and ``ideal_us`` = those bytes at ``--peak_gbps``. Both kernels' weights are checked bit for bit against the
-eager path (``exact_vs_eager``).
+read + dense weight written) / ``us``. ``us`` includes the host's launch time where that outlasts the flush (the
+first H200 run: 17-19 us for 1152 x 1152 decodes whose graph_us was 4-6): ``graph_us`` is the GPU's figure. Beside
+them ``fill_us`` / ``fill_graph_us``: ``zero_()`` of the same dense weight (a write-only floor) and ``ideal_us`` =
+those bytes at ``--peak_gbps``. Both kernels' weights are checked bit for bit against the eager path
+(``exact_vs_eager``).
 
 Layer figures (GPU, Linear shapes): the packed layer's whole forward on ``--gemm_rows`` input rows (2048: a batch of
 2 at 512 px of both models; every layer is timed at that M) within a CUDA graph of ``--graph_calls`` consecutive
@@ -167,6 +169,8 @@ def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device,
         case[name] = figures
     out = torch.empty(rows, numel // rows, device=device, dtype=dtype)
     case["fill_us"] = 1e6 * kernels.gpu_time(out.zero_, "fill", device)
+    if cuda:
+        case["fill_graph_us"] = 1e6 * graph_time(out.zero_, args.graph_calls, device)
     case["speedup"] = case["per_weight"]["us"] / case["group"]["us"]
     if cuda:
         case["speedup_graph"] = case["per_weight"]["graph_us"] / case["group"]["graph_us"]
@@ -221,6 +225,8 @@ def per_forward(shapes: collections.Counter, cases: dict, options: list[str], cu
             for name in KERNELS:
                 entry[f"{name}_{field}"] = sum(n * cases[(s, option)][name][field] for s, n in shapes.items())
         entry["fill_us"] = sum(n * cases[(s, option)]["fill_us"] for s, n in shapes.items())
+        if cuda:
+            entry["fill_graph_us"] = sum(n * cases[(s, option)]["fill_graph_us"] for s, n in shapes.items())
         entry["ideal_us"] = sum(n * cases[(s, option)]["ideal_us"] for s, n in shapes.items())
         entry["speedup"] = entry["per_weight_us"] / entry["group_us"]
         if cuda:
@@ -256,9 +262,11 @@ def run(args) -> dict:
         distinct += [s for s in SMOKE_EXTRA_SHAPES if s not in distinct]
     result = {**environment(), "smoke": args.smoke, "dtype": args.dtype, "options": options,
               "timer": {"warmup": kernels.TIMER_WARMUP, "reps": kernels.TIMER_REPS, "l2_flush": True},
-              "graph_calls": args.graph_calls, "gemm_rows": args.gemm_rows, "peak_gbps": args.peak_gbps, "group_tile": kernels.GROUP_TILE,
+              "graph_calls": args.graph_calls, "gemm_rows": args.gemm_rows, "peak_gbps": args.peak_gbps,
+              "group_tile": kernels.GROUP_TILE, "tile_groups": [kernels.MIN_TILE_GROUPS, kernels.MAX_TILE_GROUPS],
               "decode_warps": kernels.DECODE_WARPS, "triton": kernels._triton().__version__,
-              "models": {name: {"layers": sum(shapes.values()), "weights": sum(n * _numel(s) for s, n in shapes.items()),
+              "models": {name: {"layers": sum(shapes.values()),
+                                "weights": sum(n * _numel(s) for s, n in shapes.items()),
                                 "shapes": {_name(s): n for s, n in shapes.items()}} for name, shapes in models.items()},
               "cases": []}
     cases = {}
@@ -269,8 +277,8 @@ def run(args) -> dict:
         print(f"{_name(shape):>16} {option:>13}: group {case['group']['us']:8.2f} us "
               f"({case['group']['gbps']:7.1f} GB/s) per-weight {case['per_weight']['us']:8.2f} us "
               f"speedup {case['speedup']:.2f} graph {case.get('speedup_graph', float('nan')):.2f} "
-              f"fill {case['fill_us']:.2f} exact {case['group']['exact_vs_eager']}/{case['per_weight']['exact_vs_eager']}",
-              flush=True)
+              f"fill {case['fill_us']:.2f} exact {case['group']['exact_vs_eager']}/"
+              f"{case['per_weight']['exact_vs_eager']}", flush=True)
     if args.sweep:
         sweep_options = [o.strip() for o in args.sweep_options.split(",") if o.strip()]
         result["sweep"] = []

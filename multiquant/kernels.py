@@ -290,7 +290,53 @@ def _jit(interpret: bool):
                          total.to(out_ptr.dtype.element_ty), mask=out_ok)
                 tl.atomic_xchg(counter_ptr + tile, 0)
 
-    return decode_kernel, packed_linear_kernel, group_decode_kernel
+    @triton.jit
+    def batched_decode_kernel(desc_ptr, out_ptr, scale_like, zero_like, book_like, parts, BITS: tl.constexpr,
+                              MODE: tl.constexpr, TILE: tl.constexpr, FIELDS: tl.constexpr):
+        # the slices of several layers in one launch (see BatchedDecode): row p of the int64 descriptor [parts,
+        # DESCRIPTOR_FIELDS] holds slice p's codes / scale / zero / codebook addresses, rows, groups of 8 codes
+        # per row, where its [rows, row_groups * 8] block starts in out and out's row stride, and its first
+        # program; after the rows, each program's slice index. A program decodes TILE consecutive groups of its
+        # slice (one row each: rows hold whole groups), with the operations of group_decode_kernel (the same bits)
+        pid = tl.program_id(0)
+        row = desc_ptr + tl.load(desc_ptr + parts * FIELDS + pid) * FIELDS
+        codes_ptr = tl.load(row).to(tl.pointer_type(tl.uint8))
+        scale_ptr = tl.load(row + 1).to(scale_like.dtype)  # pointers of the tables' dtypes (the group's key)
+        zero_ptr = tl.load(row + 2).to(zero_like.dtype)
+        book_ptr = tl.load(row + 3).to(book_like.dtype)
+        rows = tl.load(row + 4).to(tl.int32)
+        row_groups = tl.load(row + 5).to(tl.int32)
+        out_offset = tl.load(row + 6).to(tl.int32)
+        out_stride = tl.load(row + 7).to(tl.int32)
+        gi = (pid - tl.load(row + 8).to(tl.int32)) * TILE + tl.arange(0, TILE)  # flat group index in the slice
+        ok = gi < rows * row_groups
+        r = gi // row_groups
+        first = gi * BITS
+        word = tl.load(codes_ptr + first, mask=ok, other=0)
+        if BITS <= 4:
+            word = word.to(tl.int32)
+        else:
+            word = word.to(tl.int64)
+        for j in tl.static_range(1, BITS):
+            word |= tl.load(codes_ptr + first + j, mask=ok, other=0).to(word.dtype) << (8 * j)
+        shifts = tl.arange(0, 8) * BITS
+        code = ((word[:, None] >> shifts[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        mask = ok[:, None]
+        if MODE == 0:
+            scale = tl.load(scale_ptr + r, mask=ok, other=0.0)
+            zero = tl.load(zero_ptr + r, mask=ok, other=0).to(tl.float32)
+            biased = (code | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code: see group_decode_kernel
+            value = (biased - (zero + 8388608.0)[:, None]) * scale[:, None]
+        elif MODE == 1:
+            value = tl.load(book_ptr + r[:, None] * (1 << BITS) + code, mask=mask, other=0.0)
+        else:
+            value = tl.load(book_ptr + code, mask=mask, other=0.0)
+        # offsets and strides are multiples of 8 (whole groups): 8 contiguous values per group, aligned
+        start = tl.multiple_of(out_offset + r * out_stride + (gi - r * row_groups) * 8, 8)
+        tl.store(out_ptr + start[:, None] + tl.arange(0, 8)[None, :],
+                 value.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return decode_kernel, packed_linear_kernel, group_decode_kernel, batched_decode_kernel
 
 
 def _interpret() -> bool:
@@ -991,7 +1037,7 @@ def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor
         plan = _Plan(layer, device, dtype)
         layer.__dict__["_fast_plan"] = plan  # not a submodule / buffer: invisible to state_dict and .to()
     ahead = _AHEAD[0]
-    if ahead is not None and device.type == "cuda":
+    if ahead is not None and (device.type == "cuda" or not ahead.needs_cuda):
         return ahead.weight(plan)
     return plan()
 
@@ -1016,10 +1062,14 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return torch.cuda.Stream(device=device)
 
 
-class DecodeAhead:
-    """Decode ahead for the forwards of one model (see above): forward hooks on it; ``remove()`` (or leaving
-    a ``with`` block) takes them off. ``ahead_decodes`` counts decodes launched on the side stream,
-    ``recorded_calls`` the packed-layer calls of the recorded order (None: the next forward records)."""
+class _ForwardOrder:
+    """The order of a model's packed-layer calls, recorded by its first forward (forward hooks on the model;
+    ``remove()``, or leaving a ``with`` block, takes them off) and followed by the next ones: while a forward runs,
+    fast_weight hands each packed layer's call to :meth:`weight`. A forward that leaves the recorded order (another
+    branch, a moved layer) takes the ordinary path from there; the next forward records anew. Subclasses say what
+    following the order buys. ``recorded_calls``: the packed-layer calls of the order (None: the next forward
+    records)."""
+    needs_cuda = True  # fast_weight hands it CUDA layers only
 
     def __init__(self, model: nn.Module):
         self.order: list[_Plan] | None = None
@@ -1027,10 +1077,7 @@ class DecodeAhead:
         self.depth = 0
         self.call = 0  # index of the next packed-layer call of the forward being run
         self.diverged = False
-        self.pending = None  # (device, event, scratch generation) of the decode launched ahead for call ``self.call``
-        self.ahead_decodes = 0
         self.previous = None
-        self._events: dict[torch.device, tuple] = {}
         self.handles = [model.register_forward_pre_hook(self._start),
                         model.register_forward_hook(self._end, always_call=True)]
 
@@ -1054,11 +1101,12 @@ class DecodeAhead:
         self.depth += 1
         if self.depth > 1:  # the model called within its own forward: one pass
             return
-        self.call, self.diverged, self.pending = 0, False, None
+        self.call, self.diverged = 0, False
         if self.order is None:
             self.recording, self.order = True, []
+            self._forget()
         else:
-            self._size_slots()
+            self._follow()
         self.previous, _AHEAD[0] = _AHEAD[0], self
 
     def _end(self, module, args, output) -> None:
@@ -1068,11 +1116,61 @@ class DecodeAhead:
         if self.depth:
             return
         _AHEAD[0], self.previous = self.previous, None
-        self._join()
+        self._finish()
         if self.recording:
             self.recording = False
         elif self.diverged or self.call != len(self.order):
             self.order = None  # the forward left the recorded order: record the next one
+            self._forget()
+
+    def _next_call(self, plan: _Plan) -> int | None:
+        """This call's index in the recorded order, or None: recording (the call is appended), or the forward
+        left the order (at the first such call, :meth:`_leave`)."""
+        if self.recording:
+            self.order.append(plan)
+            return None
+        k = self.call
+        if self.diverged or k >= len(self.order) or self.order[k] is not plan:
+            if not self.diverged:
+                self._leave()
+                self.diverged = True
+            return None
+        self.call = k + 1
+        return k
+
+    def _follow(self) -> None:  # a forward starts that follows the recorded order
+        pass
+
+    def _finish(self) -> None:  # a forward ended
+        pass
+
+    def _leave(self) -> None:  # the forward left the recorded order
+        pass
+
+    def _forget(self) -> None:  # the recorded order was dropped
+        pass
+
+
+class DecodeAhead(_ForwardOrder):
+    """Decode ahead for the forwards of one model (see above). ``ahead_decodes`` counts decodes launched on the
+    side stream."""
+    needs_cuda = True  # streams and events
+
+    def __init__(self, model: nn.Module):
+        self.pending = None  # (device, event, scratch generation) of the decode launched ahead for call ``self.call``
+        self.ahead_decodes = 0
+        self._events: dict[torch.device, tuple] = {}
+        super().__init__(model)
+
+    def _follow(self) -> None:
+        self.pending = None
+        self._size_slots()
+
+    def _finish(self) -> None:
+        self._join()
+
+    def _leave(self) -> None:
+        self._join()
 
     def _size_slots(self) -> None:
         """Both scratch slots as large as the order's largest layer before any decode ahead: a buffer never
@@ -1093,16 +1191,9 @@ class DecodeAhead:
 
     def weight(self, plan: _Plan) -> torch.Tensor:
         """The weight of this packed-layer call (fast_weight within a forward of the model)."""
-        if self.recording:
-            self.order.append(plan)
-            return plan()
-        k = self.call
-        if self.diverged or k >= len(self.order) or self.order[k] is not plan:
-            if not self.diverged:
-                self._join()
-                self.diverged = True
+        k = self._next_call(plan)
+        if k is None:
             return plan()  # slot 0 on the main stream, as without decode ahead
-        self.call = k + 1
         main = torch.cuda.current_stream(plan.device)
         ahead = self.pending
         self.pending = None
@@ -1139,6 +1230,169 @@ def decode_ahead(model: nn.Module) -> DecodeAhead:
     """Overlap each packed layer's decode with the previous layer's GEMM in ``model``'s forwards on CUDA (off unless
     called; see the comment above :class:`DecodeAhead`). Returns the handle; ``.remove()`` turns it off."""
     return DecodeAhead(model)
+
+
+# ------------------------------------------------------------------------------------------ batched decode
+# Off unless ``batched_decode(model)`` is called (or QUA2SEDIMO_BATCHED_DECODE=1 when load_quantized builds the
+# model). A decode launch of a 1152 x 1152 layer costs about the fixed cost of any kernel (4-6 us on an H200
+# against 0.7 us of bandwidth: benchmarks/results/decode.json), so with batched decode, every forward of ``model``
+# after the first follows the order in which the first one called its packed layers, and one launch of
+# batched_decode_kernel decodes a group of consecutive calls into consecutive slices of the scratch buffer (slot
+# 0) when the group's first call asks for its weight; the group's later calls take their slice, no launch. A group:
+# consecutive calls whose slices share the kernel's constexprs (method, bits, compute dtype, table dtypes) and hold
+# whole groups of 8 codes per row (no dense slice), up to max_bytes of decoded weights and MAX_BATCH_PARTS slices;
+# other calls decode as without it. Safe on one stream: nothing else writes slot 0 between a group's decode and its
+# last GEMM (the calls between are the group's), and the next decode into it is queued after them. The descriptors
+# are built once per recorded order, at the start of the first forward that follows it, outside CUDA-graph capture
+# (warm up with two forwards before capture: one records, one builds and follows; a captured forward without them
+# decodes layer by layer). Same values as the per-layer decode bit for bit; the scratch grows to the largest group.
+BATCHED_DECODE = os.environ.get("QUA2SEDIMO_BATCHED_DECODE", "0") not in ("", "0")  # load_quantized attaches it
+BATCHED_DECODE_MAX_BYTES = 32 << 20  # decoded bytes per group (the scratch buffer's size at most)
+MAX_BATCH_PARTS = 64
+DESCRIPTOR_FIELDS = 9  # per slice: codes, scale, zero, codebook (addresses), rows, row_groups, out_offset,
+# out_stride, first program (the kernel reads them by position); then one slice index per program
+
+
+def batch_key(plan: _Plan) -> tuple | None:
+    """What a layer call's decode shares with the others of its batched group (device, compute dtype, method,
+    bits, table dtypes), None if it cannot join one (a dense slice, rows not of whole groups of 8 codes)."""
+    keys = set()
+    for part in plan.layer_parts:
+        if part.method == "dense" or (part.numel // plan.rows) % 8:
+            return None
+        keys.add((part.method, part.bits) + tuple(t.dtype for t in part.params().values()))
+    return (plan.device, plan.dtype) + keys.pop() if len(keys) == 1 else None
+
+
+def batch_groups(order: list, max_bytes: int) -> list[tuple[int, int]]:
+    """The batched groups of a recorded order: [start, end) runs of consecutive calls with one batch key, at most
+    ``max_bytes`` of decoded weights and MAX_BATCH_PARTS slices each; runs of one call are left out."""
+    groups, start = [], 0
+    while start < len(order):
+        key = batch_key(order[start])
+        end, size, parts = start, 0, 0
+        while end < len(order) and key is not None and batch_key(order[end]) == key:
+            plan = order[end]
+            grown = size + plan.numel * plan.dtype.itemsize
+            if end > start and (grown > max_bytes or parts + len(plan.layer_parts) > MAX_BATCH_PARTS):
+                break
+            size, parts, end = grown, parts + len(plan.layer_parts), end + 1
+        if end - start > 1:
+            groups.append((start, end))
+        start = max(end, start + 1)
+    return groups
+
+
+class _BatchedGroup:
+    """One batched launch: the descriptor of the calls ``plans`` (on their device, built once), the views of
+    their slices of scratch slot 0, and the launch (refreshed when the scratch buffer changes)."""
+
+    def __init__(self, plans: list):
+        self.plans = plans
+        self.offsets = [0]
+        for plan in plans:
+            self.offsets.append(self.offsets[-1] + plan.numel)
+        self.numel = self.offsets[-1]
+        first = plans[0].layer_parts[0]
+        mode = MODES[first.method]
+        rows, program = [], 0
+        for plan, offset in zip(plans, self.offsets):
+            column = 0
+            for part in plan.layer_parts:
+                row_groups = part.numel // plan.rows // 8
+                tables = [part.codes.data_ptr()] * 3
+                if mode == 0:
+                    tables[:2] = part.scale.data_ptr(), part.zero.data_ptr()
+                else:
+                    tables[2] = part.codebook.data_ptr()
+                rows.append([part.codes.data_ptr(), *tables, plan.rows, row_groups, offset + column, plan.total,
+                             program])
+                program += triton_cdiv(plan.rows * row_groups, GROUP_TILE)
+                column += row_groups * 8
+        slices = [p for p, row in enumerate(rows) for _ in range(triton_cdiv(row[4] * row[5], GROUP_TILE))]
+        self.descriptor = torch.tensor(sum(rows, []) + slices, dtype=torch.int64).to(plans[0].device)
+        self.parts = len(rows)
+        self.templates = (first.scale, first.zero, first.codes) if mode == 0 else (first.codes,) * 2 + (first.codebook,)
+        self.grid = (program,)
+        self.meta = dict(BITS=first.bits, MODE=mode, TILE=GROUP_TILE, FIELDS=DESCRIPTOR_FIELDS)
+        self.generation = None
+
+    def __call__(self) -> None:
+        """Decode every call's weight into its slice of scratch slot 0 (current stream)."""
+        plans = self.plans
+        device = plans[0].device
+        if self.generation != SCRATCH.generation:
+            buf = SCRATCH.get(device, plans[0].dtype, self.numel)  # (sized when the groups were built)
+            self.weights = [buf[a:a + plan.numel].view(plan.shape)
+                            for plan, a in zip(plans, self.offsets)]
+            self.args = (self.descriptor, buf) + self.templates + (self.parts,)
+            self.direct, self.generation = None, SCRATCH.generation
+        if self.direct is not None:
+            try:
+                self.direct(torch._C._cuda_getCurrentRawStream(device.index))
+                return
+            except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
+                DIRECT_LAUNCH[0] = False
+                self.direct = None
+        compiled = _jit(_interpret())[3][self.grid](*self.args, **self.meta, num_warps=DECODE_WARPS)
+        if DIRECT_LAUNCH[0] and device.type == "cuda":
+            self.direct = _direct_launcher(compiled, self.grid, self.args + tuple(self.meta.values()))
+
+
+class BatchedDecode(_ForwardOrder):
+    """Batched decode for the forwards of one model (see above). ``groups``: the [start, end) call ranges decoded
+    by one launch each (None until built); ``batched_launches`` counts those launches, ``batched_calls`` the calls
+    served from them; ``scratch_extra_bytes``: how much more scratch the groups take than the order's largest
+    layer."""
+    needs_cuda = False  # also Triton's interpreter on CPU tensors (tests)
+
+    def __init__(self, model: nn.Module, max_bytes: int = BATCHED_DECODE_MAX_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.batched_launches = self.batched_calls = self.scratch_extra_bytes = 0
+        self._forget()
+        super().__init__(model)
+
+    def _forget(self) -> None:
+        self.groups = None
+        self._members: dict[int, tuple[_BatchedGroup, int]] = {}  # call -> (its group, its index there)
+
+    def _follow(self) -> None:
+        if self.groups is not None or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        self.groups = batch_groups(self.order, self.max_bytes)
+        sizes: dict[tuple, int] = {}  # (device, dtype) -> the largest group's elements
+        for start, end in self.groups:
+            group = _BatchedGroup(self.order[start:end])
+            for index in range(end - start):
+                self._members[start + index] = (group, index)
+            key = (group.plans[0].device, group.plans[0].dtype)
+            sizes[key] = max(sizes.get(key, 0), group.numel)
+        self.scratch_extra_bytes = 0
+        for (device, dtype), numel in sizes.items():
+            SCRATCH.get(device, dtype, numel)  # grown now, not while a forward (or a capture) runs
+            layer = max(p.numel for p in self.order if (p.device, p.dtype) == (device, dtype))
+            self.scratch_extra_bytes += max(0, numel - layer) * dtype.itemsize
+
+    def weight(self, plan: _Plan) -> torch.Tensor:
+        """The weight of this packed-layer call (fast_weight within a forward of the model)."""
+        k = self._next_call(plan)
+        member = self._members.get(k) if k is not None else None
+        if member is None:
+            return plan()
+        group, index = member
+        if index == 0:
+            group()
+            self.batched_launches += 1
+        elif group.generation != SCRATCH.generation:  # the buffer was replaced since the group's decode
+            return plan()
+        self.batched_calls += 1
+        return group.weights[index]
+
+
+def batched_decode(model: nn.Module, max_bytes: int = BATCHED_DECODE_MAX_BYTES) -> BatchedDecode:
+    """Decode groups of consecutive packed layers in one launch each in ``model``'s forwards on CUDA (off unless
+    called; see the comment above :class:`BatchedDecode`). Returns the handle; ``.remove()`` turns it off."""
+    return BatchedDecode(model, max_bytes)
 
 
 def can_use_kernels(tensor: torch.Tensor) -> bool:

@@ -120,6 +120,30 @@ def test_group_decode_compiles_for_hopper_with_16_byte_stores(option, monkeypatc
     assert compiled.metadata.shared == 0
 
 
+@pytest.mark.parametrize("option", ["mse-3", "kmeans-4"])
+def test_batched_decode_compiles_for_hopper_with_16_byte_stores(option, monkeypatch):
+    """The batched kernel for sm_90 (no GPU needed): table pointers cast from the descriptor's integers, 8 fp16
+    values (16 bytes) per store, no shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    method, bits = option.split("-")
+    mode = kernels.MODES[method]
+    tables = ("*fp32", "*i16", "*u8") if mode == 0 else ("*u8", "*u8", "*fp32")
+    names = ("desc_ptr", "out_ptr", "scale_like", "zero_like", "book_like", "parts")
+    signature = dict(zip(names, ("*i64", "*fp16") + tables + ("i32",))) | dict.fromkeys(
+        ("BITS", "MODE", "TILE", "FIELDS"), "constexpr")
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    source = ASTSource(fn=kernels._jit(False)[3], signature=signature, attrs=aligned,
+                       constexprs={"BITS": int(bits), "MODE": mode, "TILE": kernels.GROUP_TILE,
+                                   "FIELDS": kernels.DESCRIPTOR_FIELDS})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.DECODE_WARPS})
+    stores = re.findall(r"st\.global[.\w]*", compiled.asm["ptx"])
+    assert stores and set(stores) == {"st.global.v4.b32"}, set(stores)
+    assert compiled.metadata.shared == 0
+
+
 def test_group_tiles_fit_the_rows():
     """A warp's threads along one row (32 or 64 groups, the one that overhangs the row less; rows of fewer groups:
     one block), 4096 weights a program, one program for a small slice."""
@@ -603,6 +627,72 @@ def test_small_m_settings_and_their_errors():
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
+def _linear(options, rows: int, widths, seed: int) -> torch.nn.Module:
+    """A packed Linear of ``rows`` outputs whose slices (``options`` [i], ``widths`` [i] inputs) sit side by side."""
+    parts = [random_part(o, (rows, w), seed=seed + i) for i, (o, w) in enumerate(zip(options, widths))]
+    return packed_layer(torch.nn.Linear(sum(widths), rows), parts, torch.float16)
+
+
+class _WeightCalls(torch.nn.Module):
+    """A forward that asks each layer for its fast weight in turn and copies it, as its GEMM would read it before
+    the next call (a CPU stand-in for a model's packed-layer calls); ``skip`` drops the call of that index."""
+
+    def __init__(self, layers, device):
+        super().__init__()
+        self.layers, self.device, self.skip = torch.nn.ModuleList(layers), torch.device(device), None
+
+    def forward(self, dtype):
+        return [kernels.fast_weight(layer, dtype, self.device).clone() for i, layer in enumerate(self.layers)
+                if i != self.skip]
+
+
+@pytest.mark.parametrize("device", ["cpu"], indirect=True)
+@pytest.mark.parametrize("option", ["mse-3", "mse-4", "kmeans-3", "kmeans-4", "kmeans_all-3", "kmeans_all-4"])
+def test_batched_decode_equals_the_eager_weights_and_groups_where_the_kernel_is_shared(device, option):
+    """One launch per group of consecutive calls: mixed shapes and a two-slice layer in one group; a row of 5 codes
+    (not whole groups), another option, a dense slice break groups; every weight equals the eager one bit for bit
+    (the scratch poisoned before each forward)."""
+    other = "kmeans-4" if option == "mse-3" else "mse-3"
+    layers = [_linear([option], 24, [16], 1), _linear([option], 8, [40], 2),  # 1: 5 groups a row, one tile
+              _linear([option, option], 16, [8, 24], 3),  # two slices: the second at column 8
+              _linear([option], 3, [5], 5),  # per layer: groups of 8 codes span rows
+              _linear([other], 8, [16], 6), _linear([other], 8, [24], 7),  # another option: a group of its own
+              _linear([option, "fp16"], 8, [16, 8], 8),  # a dense slice: per layer
+              _linear([option], 72, [64], 9), _linear([option], 8, [8], 10)]  # 72 x 8 groups: two programs
+    model = _WeightCalls(layers, device)
+    for dtype in (torch.float16, torch.float32):
+        expected = [layer.dequantize_weight(dtype) for layer in layers]
+        with kernels.batched_decode(model) as batched:
+            for forward in range(3):  # records, builds the groups and follows, follows
+                for buffer in kernels.SCRATCH.buffers.values():
+                    buffer.fill_(float("nan"))
+                weights = model(dtype)
+                assert all(torch.equal(w, e) for w, e in zip(weights, expected)), (forward, dtype)
+            assert batched.recorded_calls == 9 and batched.groups == [(0, 3), (4, 6), (7, 9)]
+            assert batched.batched_launches == 2 * 3 and batched.batched_calls == 2 * 7
+        assert kernels._AHEAD[0] is None
+
+
+@pytest.mark.parametrize("device", ["cpu"], indirect=True)
+def test_batched_decode_leaves_a_diverging_forward_to_the_layer_path_and_caps_its_groups(device):
+    layers = [_linear(["kmeans-3"], 8, [16], i) for i in range(5)]
+    model = _WeightCalls(layers, device)
+    expected = [layer.dequantize_weight(torch.float16) for layer in layers]
+    cap = 2 * 8 * 16 * 2  # the decoded bytes of two layers in float16
+    with kernels.batched_decode(model, max_bytes=cap) as batched:
+        model(torch.float16)
+        assert all(torch.equal(w, e) for w, e in zip(model(torch.float16), expected))
+        assert batched.groups == [(0, 2), (2, 4)] and batched.batched_launches == 2
+        assert batched.scratch_extra_bytes == 8 * 16 * 2  # two layers' scratch instead of one
+        model.skip = 1  # leaves the order at its second call (within the first group): the layer path from there
+        assert all(torch.equal(w, e) for w, e in zip(model(torch.float16), expected[:1] + expected[2:]))
+        assert batched.recorded_calls is None and batched.batched_launches == 3 and batched.batched_calls == 5
+        model(torch.float16)  # records the new order
+        assert all(torch.equal(w, e) for w, e in zip(model(torch.float16), expected[:1] + expected[2:]))
+        assert batched.recorded_calls == 4 and batched.groups == [(0, 2), (2, 4)]
+    assert kernels.batch_groups([layers[0]._fast_plan] * 3, cap) == [(0, 2)]  # a single call is no group
+
+
 @gpu
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_cuda_forward_takes_the_fast_path_and_equals_eager(kind):
@@ -694,6 +784,34 @@ def test_cuda_decode_ahead_is_bit_identical_follows_the_recorded_order_and_is_ca
                 torch.cuda.synchronize()
                 assert torch.equal(out, expected)
         assert torch.equal(model(inputs[1]), reference[1])  # removed: the ordinary path again
+        assert kernels._AHEAD[0] is None
+
+
+@gpu
+@kernels.small_m_threshold(0)  # decode + cuBLAS everywhere (bit-exact)
+def test_cuda_batched_decode_is_bit_identical_eager_and_under_graph_capture():
+    model = _Chain().cuda()  # a, b (kmeans-3 + dense: per layer), b, c, a: no two neighbours batch
+    wide = torch.nn.Sequential(*[packed_layer(torch.nn.Linear(16, 16), [random_part("mse-4", (16, 16), seed=20 + i)],
+                                              torch.float16) for i in range(4)]).cuda()
+    inputs = [torch.randn(64, 16, device="cuda", dtype=torch.float16) for _ in range(2)]
+    with torch.no_grad():
+        reference = [wide(model(x)) for x in inputs]  # batched decode off
+        with kernels.batched_decode(model) as chain, kernels.batched_decode(wide) as batched:
+            for _ in range(3):  # records, builds and follows, follows
+                assert all(torch.equal(wide(model(x)), expected) for x, expected in zip(inputs, reference))
+            assert batched.groups == [(0, 4)] and chain.groups == [] and batched.batched_calls == 4 * 4
+            x = inputs[0].clone()
+            graph = torch.cuda.CUDAGraph()
+            launches = batched.batched_launches
+            with torch.cuda.graph(graph):
+                out = wide(model(x))
+            assert batched.batched_launches == launches + 1
+            for source, expected in zip(inputs[::-1], reference[::-1]):
+                x.copy_(source)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, expected)
+        assert torch.equal(wide(model(inputs[1])), reference[1])
         assert kernels._AHEAD[0] is None
 
 

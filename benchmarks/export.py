@@ -38,7 +38,10 @@ per-weight decode kernel forced everywhere (``kernels.use_group_decode(False)``,
 (``_cuda_graph``: from graph replays) is the per-weight path's latency over the default's. ``--decode_ahead_compare``
 also measures ``fast_decode_ahead``, the default fast path with ``kernels.decode_ahead`` on the model (each packed
 layer's decode overlapping the previous layer's GEMM on a side stream); ``decode_ahead_speedup(_cuda_graph)`` is
-the default's latency over it.
+the default's latency over it. ``--batched_decode_compare`` also measures ``fast_batched_decode``, the default fast
+path with ``kernels.batched_decode`` on the model (one decode launch per group of consecutive packed layers, up to
+``kernels.BATCHED_DECODE_MAX_BYTES`` decoded bytes a group), with its launches, groups and extra scratch bytes;
+``batched_decode_speedup(_cuda_graph)`` is the default's latency over it.
 
 Subsets: ``--models pixart_alpha,dit --shapes b2_512`` measures batch 2 at 512 px of both models only (a
 ``--shapes`` item without ``model:`` applies to every model); the rows of other shapes and models already in the
@@ -218,6 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode_ahead_compare", action="store_true",
                     help=f"also measure the fast path with kernels.decode_ahead on the model ({DECODE_AHEAD_PATH}), "
                          f"side by side with the default")
+    ap.add_argument("--batched_decode_compare", action="store_true",
+                    help=f"also measure the fast path with kernels.batched_decode on the model "
+                         f"({BATCHED_DECODE_PATH}), side by side with the default")
     ap.add_argument("--no_microbench", action="store_true", help="skip the small-M layer micro-benchmark")
     ap.add_argument("--micro_rows", default=None,
                     help=f"rows M of the micro-benchmark (default {MICRO_ROWS}; tiny: {MICRO_ROWS_TINY})")
@@ -265,6 +271,8 @@ def run(args, workdir: Path) -> dict:
               "small_m_compare": args.small_m_compare,
               "small_m_max": args.small_m_max, "group_decode": kernels.group_decode_enabled(),
               "decode_compare": args.decode_compare, "decode_ahead_compare": args.decode_ahead_compare,
+              "batched_decode_compare": args.batched_decode_compare,
+              "batched_decode_max_bytes": kernels.BATCHED_DECODE_MAX_BYTES,
               "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
     previous = None if args.no_merge else read_previous(name, args.out)
@@ -451,15 +459,16 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
 
 PER_WEIGHT_DECODE_PATH = "fast_per_weight_decode"  # the default fast path, per-weight decode kernel everywhere
 DECODE_AHEAD_PATH = "fast_decode_ahead"  # the default fast path with kernels.decode_ahead on the model
-SETTING_PATHS = (PER_WEIGHT_DECODE_PATH, DECODE_AHEAD_PATH)  # not one of the small-M comparisons
+BATCHED_DECODE_PATH = "fast_batched_decode"  # the default fast path with kernels.batched_decode on the model
+SETTING_PATHS = (PER_WEIGHT_DECODE_PATH, DECODE_AHEAD_PATH, BATCHED_DECODE_PATH)  # not small-M comparisons
 
 
 def bench_paths(args) -> dict:
     """name -> (Triton fast path on, small-M setting): ``fast`` at the default setting (``--small_m_max``);
     beside it ``fast_no_small_m`` (0) and ``fast_small_m_measured`` (the measured dispatch), each unless it is the
     default's setting, ``fast_small_m`` at ``--small_m_compare`` rows when > 0, PER_WEIGHT_DECODE_PATH at the
-    default's setting with ``--decode_compare``, DECODE_AHEAD_PATH likewise with ``--decode_ahead_compare``; the
-    eager reference."""
+    default's setting with ``--decode_compare``, DECODE_AHEAD_PATH likewise with ``--decode_ahead_compare``,
+    BATCHED_DECODE_PATH with ``--batched_decode_compare``; the eager reference."""
     paths = {"fast": (True, args.small_m_max)}
     if not args.no_small_m_compare:
         others = [("fast_no_small_m", 0), ("fast_small_m_measured", kernels.MEASURED)]
@@ -472,6 +481,8 @@ def bench_paths(args) -> dict:
         paths[PER_WEIGHT_DECODE_PATH] = (True, args.small_m_max)
     if args.decode_ahead_compare:
         paths[DECODE_AHEAD_PATH] = (True, args.small_m_max)
+    if args.batched_decode_compare:
+        paths[BATCHED_DECODE_PATH] = (True, args.small_m_max)
     paths["eager"] = (False, 0)
     return paths
 
@@ -494,7 +505,8 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
     for path, (fast, threshold) in paths.items():
         reps = args.eager_reps if path == "eager" else args.reps
         group_decode = kernels.group_decode_enabled() and path != PER_WEIGHT_DECODE_PATH
-        ahead = kernels.decode_ahead(packed) if path == DECODE_AHEAD_PATH else contextlib.nullcontext()
+        ahead = (kernels.decode_ahead(packed) if path == DECODE_AHEAD_PATH else kernels.batched_decode(packed)
+                 if path == BATCHED_DECODE_PATH else contextlib.nullcontext())
         with use_packed_kernels(fast), small_m_threshold(threshold), kernels.use_group_decode(group_decode), ahead:
             out, stats = measure_forward(packed, inputs, reps)
             if fast and device.type == "cuda" and batch <= 2:
@@ -504,6 +516,10 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
                                                                     / fp["cuda_graph"]["latency_ms_median"])
             if path == DECODE_AHEAD_PATH:
                 stats["ahead_decodes"], stats["recorded_calls"] = ahead.ahead_decodes, ahead.recorded_calls
+            if path == BATCHED_DECODE_PATH:
+                stats.update(batched_launches=ahead.batched_launches, batched_calls=ahead.batched_calls,
+                             recorded_calls=ahead.recorded_calls, batched_groups=len(ahead.groups or ()),
+                             scratch_extra_bytes=ahead.scratch_extra_bytes)
         stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
                      max_abs_diff_vs_fp16=float((out.float().cpu() - fp_out).abs().max()),
                      latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
@@ -537,6 +553,13 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         graphs = default.get("cuda_graph", {}), ahead.get("cuda_graph", {})
         if all("latency_ms_median" in g for g in graphs):
             entry["decode_ahead_speedup_cuda_graph"] = graphs[0]["latency_ms_median"] / graphs[1]["latency_ms_median"]
+    if BATCHED_DECODE_PATH in entry:  # batched decode's effect, side by side
+        default, batched = entry["fast"], entry[BATCHED_DECODE_PATH]
+        entry["batched_decode_speedup"] = default["latency_ms_median"] / batched["latency_ms_median"]
+        graphs = default.get("cuda_graph", {}), batched.get("cuda_graph", {})
+        if all("latency_ms_median" in g for g in graphs):
+            entry["batched_decode_speedup_cuda_graph"] = (graphs[0]["latency_ms_median"]
+                                                          / graphs[1]["latency_ms_median"])
     return entry
 
 
@@ -727,7 +750,12 @@ def print_summary(result: dict) -> None:
                   + (f" decode ahead: graph/fp16 "
                      f"{fmt(e[DECODE_AHEAD_PATH].get('cuda_graph', {}).get('latency_ratio_vs_fp16'))} speedup "
                      f"{fmt(e.get('decode_ahead_speedup_cuda_graph', e.get('decode_ahead_speedup')))}"
-                     if DECODE_AHEAD_PATH in e else ""))
+                     if DECODE_AHEAD_PATH in e else "")
+                  + (f" batched decode: graph/fp16 "
+                     f"{fmt(e[BATCHED_DECODE_PATH].get('cuda_graph', {}).get('latency_ratio_vs_fp16'))} speedup "
+                     f"{fmt(e.get('batched_decode_speedup_cuda_graph', e.get('batched_decode_speedup')))} launches "
+                     f"{e[BATCHED_DECODE_PATH].get('batched_launches')} extra scratch "
+                     f"{e[BATCHED_DECODE_PATH].get('scratch_extra_bytes')} B" if BATCHED_DECODE_PATH in e else ""))
     for key, t in result.get("targets", {}).items():
         print(f"SUMMARY target {key}: worst {fmt(t.get('worst'))} at {t.get('worst_at')} met {t.get('met_everywhere')}")
     for key, err in result.get("errors", {}).items():

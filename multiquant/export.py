@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import kernels
 from .adapters.diffusers.loading import swap_denoiser  # noqa: F401  (public here: a pipeline takes an export)
 from .checkpoint import MultiQuantizer, _versions
 from .config import applier_of, config_record, validate_config
@@ -445,6 +446,8 @@ def load_quantized(out_dir: str | os.PathLike, device="cpu", dtype: torch.dtype 
         (module._parameters if attr in module._parameters else module._buffers)[attr] = value
     _settle_remaining(model, device, dtype, info.get("own_dtypes", {}))
     model.qua2sedimo_export = {k: info[k] for k in ("family", "avg_bits", "export_id", "dtype")}
+    if kernels.BATCHED_DECODE:  # QUA2SEDIMO_BATCHED_DECODE=1: one decode launch per group of layers (off by default)
+        model.qua2sedimo_batched_decode = kernels.batched_decode(model)
     return model.eval()
 
 

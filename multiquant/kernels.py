@@ -17,6 +17,9 @@ model reproduces the eager one (and the simulated configuration) exactly, small-
     QUA2SEDIMO_GROUP_DECODE=0      # environment: the same, process-wide
     decode_ahead(model)            # off by default: decode the next packed layer on a side stream during the
                                    # current layer's GEMM (two scratch slots; bit-identical; see DecodeAhead)
+    batched_decode(model)          # off by default: one decode launch per group of consecutive packed layers of
+                                   # the recorded forward order (bit-identical; see BatchedDecode)
+    QUA2SEDIMO_BATCHED_DECODE=1    # environment: load_quantized attaches batched_decode to the model it returns
 
 Two decode kernels, same values bit for bit: slices whose rows hold whole groups of 8 codes (row length a
 multiple of 8, the large layers of every family here) take the group decode, which assembles each group's b

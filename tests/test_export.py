@@ -251,6 +251,22 @@ def test_fp16_export_is_exact_in_fp16_and_keeps_scales_float32(tmp_path, tiny_pi
     assert all(m.weight.dtype == torch.float32 for m in packed.modules() if isinstance(m, PACKED_TYPES))
 
 
+def test_batched_decode_switch_attaches_to_the_loaded_denoiser(tmp_path, tiny_pixart_fp16, monkeypatch):
+    """QUA2SEDIMO_BATCHED_DECODE=1 (kernels.BATCHED_DECODE): load_quantized puts the batched decode's hooks on the
+    denoiser it returns; off (the default): none."""
+    from multiquant import kernels
+
+    family, model, mq = tiny_pixart_fp16
+    export_quantized(model, family, sample_random_config(mq.layers, seed=3, index=0), mq, tmp_path)
+    assert not hasattr(load_quantized(tmp_path), "qua2sedimo_batched_decode")
+    monkeypatch.setattr(kernels, "BATCHED_DECODE", True)
+    loaded = load_quantized(tmp_path)
+    handle = loaded.qua2sedimo_batched_decode
+    assert isinstance(handle, kernels.BatchedDecode) and len(loaded._forward_pre_hooks) == 1
+    handle.remove()
+    assert not loaded._forward_pre_hooks
+
+
 def test_pack_in_place_equals_the_loaded_export(tmp_path, tiny_pixart_fp16):
     family, model, mq = tiny_pixart_fp16
     config = sample_random_config(mq.layers, seed=1, index=0)

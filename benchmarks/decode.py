@@ -21,7 +21,9 @@ those bytes at ``--peak_gbps``. Both kernels' weights are checked bit for bit ag
 Layer figures (GPU, Linear shapes): the packed layer's whole forward on ``--gemm_rows`` input rows (2048: a batch of
 2 at 512 px of both models; every layer is timed at that M) within a CUDA graph of ``--graph_calls`` consecutive
 calls: ``gemm_us`` the FP16 ``F.linear`` alone, ``layer_us`` decode + GEMM per kernel, and ``layer_ahead_us`` the group
-decode with ``kernels.decode_ahead`` (each call's decode overlapping the previous call's GEMM on a side stream);
+decode with ``kernels.decode_ahead`` (each call's decode overlapping the previous call's GEMM on a side stream),
+and ``batched.layer_us`` with ``kernels.batched_decode`` (one decode launch per group of consecutive calls, groups
+up to ``kernels.BATCHED_DECODE_MAX_BYTES`` of decoded weights; ``batched.launches`` per graph);
 ``overhead_us`` = layer minus GEMM. ``per_forward``: per model and option, the sums over the model's layers, each
 shape weighted by how often it occurs (every layer counted as a decode; a forward's small-M layers may take the
 fused kernel instead; the layer sums cover its Linear layers).
@@ -133,9 +135,16 @@ def layer_figures(layer, weight: torch.Tensor, case: dict, dtype, device, args) 
             repeated(x)  # records the order; graph_time's warm-up call follows it, then the capture
             case["group"]["layer_ahead_us"] = 1e6 * graph_time(lambda: repeated(x), 1, device) / calls
             case["group"]["ahead_decodes"] = ahead.ahead_decodes
+        with kernels.batched_decode(repeated) as batched:
+            repeated(x)  # records the order; graph_time's warm-up call builds the groups and follows them
+            launches = batched.batched_launches
+            case["batched"] = {"layer_us": 1e6 * graph_time(lambda: repeated(x), 1, device) / calls,
+                               "groups": batched.groups, "scratch_extra_bytes": batched.scratch_extra_bytes}
+            case["batched"]["launches"] = (batched.batched_launches - launches) // 2  # warm-up and capture
     case["overhead_us"] = {"group": case["group"]["layer_us"] - case["gemm_us"],
                            "per_weight": case["per_weight"]["layer_us"] - case["gemm_us"],
-                           "group_ahead": case["group"]["layer_ahead_us"] - case["gemm_us"]}
+                           "group_ahead": case["group"]["layer_ahead_us"] - case["gemm_us"],
+                           "batched": case["batched"]["layer_us"] - case["gemm_us"]}
 
 
 def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device, args) -> dict:
@@ -235,7 +244,7 @@ def per_forward(shapes: collections.Counter, cases: dict, options: list[str], cu
             if layered:
                 entry["linear_layers"] = sum(n for _, n in layered)
                 entry["gemm_us"] = sum(n * cases[(s, option)]["gemm_us"] for s, n in layered)
-                for kind in ("group", "per_weight", "group_ahead"):
+                for kind in ("group", "per_weight", "group_ahead", "batched"):
                     entry[f"layer_overhead_us_{kind}"] = sum(n * cases[(s, option)]["overhead_us"][kind]
                                                              for s, n in layered)
         out[option] = entry
@@ -297,7 +306,8 @@ def run(args) -> dict:
                   f" fill {e['fill_us']:.1f} us, ideal {e['ideal_us']:.1f} us"
                   + (f"; layers at M={args.gemm_rows}: GEMMs {e['gemm_us']:.1f} us, overhead group "
                      f"{e['layer_overhead_us_group']:.1f} per-weight {e['layer_overhead_us_per_weight']:.1f} "
-                     f"group+ahead {e['layer_overhead_us_group_ahead']:.1f} us" if "gemm_us" in e else ""))
+                     f"group+ahead {e['layer_overhead_us_group_ahead']:.1f} batched "
+                     f"{e['layer_overhead_us_batched']:.1f} us" if "gemm_us" in e else ""))
     return result
 
 

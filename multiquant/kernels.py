@@ -1250,7 +1250,9 @@ def decode_ahead(model: nn.Module) -> DecodeAhead:
 # (warm up with two forwards before capture: one records, one builds and follows; a captured forward without them
 # decodes layer by layer). Same values as the per-layer decode bit for bit; the scratch grows to the largest group.
 BATCHED_DECODE = os.environ.get("QUA2SEDIMO_BATCHED_DECODE", "0") not in ("", "0")  # load_quantized attaches it
-BATCHED_DECODE_MAX_BYTES = 32 << 20  # decoded bytes per group (the scratch buffer's size at most)
+# decoded bytes per group, the scratch buffer's size at most: 16 MiB is just above the largest layer of PixArt-alpha
+# and DiT-XL/2 (1152 -> 6912 adaLN, 15.9 MB in fp16), so their scratch hardly grows, and holds six 1152 x 1152 layers
+BATCHED_DECODE_MAX_BYTES = 16 << 20
 MAX_BATCH_PARTS = 64
 DESCRIPTOR_FIELDS = 9  # per slice: codes, scale, zero, codebook (addresses), rows, row_groups, out_offset,
 # out_stride, first program (the kernel reads them by position); then one slice index per program

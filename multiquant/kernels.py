@@ -1300,25 +1300,24 @@ class _BatchedGroup:
         self.numel = self.offsets[-1]
         first = plans[0].layer_parts[0]
         mode = MODES[first.method]
-        rows, program = [], 0
+        rows, slices = [], []  # DESCRIPTOR_FIELDS per slice; each program's slice
         for plan, offset in zip(plans, self.offsets):
             column = 0
             for part in plan.layer_parts:
                 row_groups = part.numel // plan.rows // 8
-                tables = [part.codes.data_ptr()] * 3
+                tables = [part.codes.data_ptr()] * 3  # unused pointers: any address
                 if mode == 0:
                     tables[:2] = part.scale.data_ptr(), part.zero.data_ptr()
                 else:
                     tables[2] = part.codebook.data_ptr()
-                rows.append([part.codes.data_ptr(), *tables, plan.rows, row_groups, offset + column, plan.total,
-                             program])
-                program += triton_cdiv(plan.rows * row_groups, GROUP_TILE)
+                rows += [part.codes.data_ptr(), *tables, plan.rows, row_groups, offset + column, plan.total,
+                         len(slices)]
+                slices += [len(rows) // DESCRIPTOR_FIELDS - 1] * triton_cdiv(plan.rows * row_groups, GROUP_TILE)
                 column += row_groups * 8
-        slices = [p for p, row in enumerate(rows) for _ in range(triton_cdiv(row[4] * row[5], GROUP_TILE))]
-        self.descriptor = torch.tensor(sum(rows, []) + slices, dtype=torch.int64).to(plans[0].device)
-        self.parts = len(rows)
+        self.descriptor = torch.tensor(rows + slices, dtype=torch.int64).to(plans[0].device)
+        self.parts = len(rows) // DESCRIPTOR_FIELDS
         self.templates = (first.scale, first.zero, first.codes) if mode == 0 else (first.codes,) * 2 + (first.codebook,)
-        self.grid = (program,)
+        self.grid = (len(slices),)
         self.meta = dict(BITS=first.bits, MODE=mode, TILE=GROUP_TILE, FIELDS=DESCRIPTOR_FIELDS)
         self.generation = None
 

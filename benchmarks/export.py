@@ -502,33 +502,48 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
     if with_name:  # warm the measured dispatch's table (timings on the GPU) before anything is timed or captured
         entry["small_m_decisions"] = kernels.tune_small_m(packed, **inputs)
         entry["small_m_layers"] = small_m_census(packed, inputs, kernels.MEASURED)
+    fast_out = None
     for path, (fast, threshold) in paths.items():
-        reps = args.eager_reps if path == "eager" else args.reps
-        group_decode = kernels.group_decode_enabled() and path != PER_WEIGHT_DECODE_PATH
-        ahead = (kernels.decode_ahead(packed) if path == DECODE_AHEAD_PATH else kernels.batched_decode(packed)
-                 if path == BATCHED_DECODE_PATH else contextlib.nullcontext())
-        with use_packed_kernels(fast), small_m_threshold(threshold), kernels.use_group_decode(group_decode), ahead:
-            out, stats = measure_forward(packed, inputs, reps)
-            if fast and device.type == "cuda" and batch <= 2:
-                stats["cuda_graph"] = _graph(packed, inputs, args.reps, out)
-                if "latency_ms_median" in stats["cuda_graph"] and "latency_ms_median" in fp.get("cuda_graph", {}):
-                    stats["cuda_graph"]["latency_ratio_vs_fp16"] = (stats["cuda_graph"]["latency_ms_median"]
-                                                                    / fp["cuda_graph"]["latency_ms_median"])
-            if path == DECODE_AHEAD_PATH:
-                stats["ahead_decodes"], stats["recorded_calls"] = ahead.ahead_decodes, ahead.recorded_calls
-            if path == BATCHED_DECODE_PATH:
-                stats.update(batched_launches=ahead.batched_launches, batched_calls=ahead.batched_calls,
-                             recorded_calls=ahead.recorded_calls, batched_groups=len(ahead.groups or ()),
-                             scratch_extra_bytes=ahead.scratch_extra_bytes)
-        stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
-                     max_abs_diff_vs_fp16=float((out.float().cpu() - fp_out).abs().max()),
-                     latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
-        if "peak_allocated" in stats:
-            stats["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp["peak_allocated"]
-        stats.pop("latency_ms_all")
-        entry[path] = stats
-        del out
-        free_memory()
+        try:
+            reps = args.eager_reps if path == "eager" else args.reps
+            group_decode = kernels.group_decode_enabled() and path != PER_WEIGHT_DECODE_PATH
+            ahead = (kernels.decode_ahead(packed) if path == DECODE_AHEAD_PATH else kernels.batched_decode(packed)
+                     if path == BATCHED_DECODE_PATH else contextlib.nullcontext())
+            settings = use_packed_kernels(fast), small_m_threshold(threshold), kernels.use_group_decode(group_decode)
+            with contextlib.ExitStack() as stack:
+                for setting in settings + (ahead,):
+                    stack.enter_context(setting)
+                out, stats = measure_forward(packed, inputs, reps)
+                if fast and device.type == "cuda" and batch <= 2:
+                    stats["cuda_graph"] = _graph(packed, inputs, args.reps, out)
+                    if "latency_ms_median" in stats["cuda_graph"] and "latency_ms_median" in fp.get("cuda_graph", {}):
+                        stats["cuda_graph"]["latency_ratio_vs_fp16"] = (stats["cuda_graph"]["latency_ms_median"]
+                                                                        / fp["cuda_graph"]["latency_ms_median"])
+                if path == DECODE_AHEAD_PATH:
+                    stats["ahead_decodes"], stats["recorded_calls"] = ahead.ahead_decodes, ahead.recorded_calls
+                if path == BATCHED_DECODE_PATH:
+                    stats.update(batched_launches=ahead.batched_launches, batched_calls=ahead.batched_calls,
+                                 recorded_calls=ahead.recorded_calls, batched_groups=len(ahead.groups or ()),
+                                 scratch_extra_bytes=ahead.scratch_extra_bytes)
+            stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
+                         max_abs_diff_vs_fp16=float((out.float().cpu() - fp_out).abs().max()),
+                         latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
+            if "peak_allocated" in stats:
+                stats["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp["peak_allocated"]
+            stats.pop("latency_ms_all")
+            if path == "fast":
+                fast_out = out.cpu()
+            elif path in SETTING_PATHS and fast_out is not None:  # bit-identical by design: checked here
+                stats["equals_fast_output"] = bool(torch.equal(out.cpu(), fast_out))
+            entry[path] = stats
+            del out
+            free_memory()
+        except Exception as e:  # an optional comparison that fails on the GPU: record it, keep the other paths
+            if path not in SETTING_PATHS:
+                raise
+            entry[path] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            traceback.print_exc()
+            free_memory()
     # the headline keys are the fast path's (the default on CUDA); the other paths' stay under their names
     for key in ("latency_ratio_vs_fp16", "peak_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
         if key in entry["fast"]:
@@ -541,19 +556,19 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         graphs = with_.get("cuda_graph", {}), without.get("cuda_graph", {})
         if all("latency_ms_median" in g for g in graphs):
             entry["small_m_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
-    if PER_WEIGHT_DECODE_PATH in entry:  # the group decode's effect, side by side
+    if "latency_ms_median" in entry.get(PER_WEIGHT_DECODE_PATH, {}):  # the group decode's effect, side by side
         group, per_weight = entry["fast"], entry[PER_WEIGHT_DECODE_PATH]
         entry["group_decode_speedup"] = per_weight["latency_ms_median"] / group["latency_ms_median"]
         graphs = group.get("cuda_graph", {}), per_weight.get("cuda_graph", {})
         if all("latency_ms_median" in g for g in graphs):
             entry["group_decode_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
-    if DECODE_AHEAD_PATH in entry:  # decode ahead's effect, side by side
+    if "latency_ms_median" in entry.get(DECODE_AHEAD_PATH, {}):  # decode ahead's effect, side by side
         default, ahead = entry["fast"], entry[DECODE_AHEAD_PATH]
         entry["decode_ahead_speedup"] = default["latency_ms_median"] / ahead["latency_ms_median"]
         graphs = default.get("cuda_graph", {}), ahead.get("cuda_graph", {})
         if all("latency_ms_median" in g for g in graphs):
             entry["decode_ahead_speedup_cuda_graph"] = graphs[0]["latency_ms_median"] / graphs[1]["latency_ms_median"]
-    if BATCHED_DECODE_PATH in entry:  # batched decode's effect, side by side
+    if "latency_ms_median" in entry.get(BATCHED_DECODE_PATH, {}):  # batched decode's effect, side by side
         default, batched = entry["fast"], entry[BATCHED_DECODE_PATH]
         entry["batched_decode_speedup"] = default["latency_ms_median"] / batched["latency_ms_median"]
         graphs = default.get("cuda_graph", {}), batched.get("cuda_graph", {})

@@ -552,30 +552,24 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         with_, without = entry[with_name], entry[without_name]
         for key in ("latency_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
             entry[f"{key}_with_small_m"], entry[f"{key}_without_small_m"] = with_[key], without[key]
-        entry["small_m_speedup"] = without["latency_ms_median"] / with_["latency_ms_median"]
-        graphs = with_.get("cuda_graph", {}), without.get("cuda_graph", {})
-        if all("latency_ms_median" in g for g in graphs):
-            entry["small_m_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
-    if "latency_ms_median" in entry.get(PER_WEIGHT_DECODE_PATH, {}):  # the group decode's effect, side by side
-        group, per_weight = entry["fast"], entry[PER_WEIGHT_DECODE_PATH]
-        entry["group_decode_speedup"] = per_weight["latency_ms_median"] / group["latency_ms_median"]
-        graphs = group.get("cuda_graph", {}), per_weight.get("cuda_graph", {})
-        if all("latency_ms_median" in g for g in graphs):
-            entry["group_decode_speedup_cuda_graph"] = graphs[1]["latency_ms_median"] / graphs[0]["latency_ms_median"]
-    if "latency_ms_median" in entry.get(DECODE_AHEAD_PATH, {}):  # decode ahead's effect, side by side
-        default, ahead = entry["fast"], entry[DECODE_AHEAD_PATH]
-        entry["decode_ahead_speedup"] = default["latency_ms_median"] / ahead["latency_ms_median"]
-        graphs = default.get("cuda_graph", {}), ahead.get("cuda_graph", {})
-        if all("latency_ms_median" in g for g in graphs):
-            entry["decode_ahead_speedup_cuda_graph"] = graphs[0]["latency_ms_median"] / graphs[1]["latency_ms_median"]
-    if "latency_ms_median" in entry.get(BATCHED_DECODE_PATH, {}):  # batched decode's effect, side by side
-        default, batched = entry["fast"], entry[BATCHED_DECODE_PATH]
-        entry["batched_decode_speedup"] = default["latency_ms_median"] / batched["latency_ms_median"]
-        graphs = default.get("cuda_graph", {}), batched.get("cuda_graph", {})
-        if all("latency_ms_median" in g for g in graphs):
-            entry["batched_decode_speedup_cuda_graph"] = (graphs[0]["latency_ms_median"]
-                                                          / graphs[1]["latency_ms_median"])
+        _speedup(entry, "small_m_speedup", baseline=without, variant=with_)
+    # each lever against the path without it, side by side: the per-weight decode is the group decode's baseline
+    for name, path, lever_is_path in (("group_decode_speedup", PER_WEIGHT_DECODE_PATH, False),
+                                      ("decode_ahead_speedup", DECODE_AHEAD_PATH, True),
+                                      ("batched_decode_speedup", BATCHED_DECODE_PATH, True)):
+        if "latency_ms_median" in entry.get(path, {}):
+            other, fast = entry[path], entry["fast"]
+            _speedup(entry, name, baseline=fast if lever_is_path else other, variant=other if lever_is_path else fast)
     return entry
+
+
+def _speedup(entry: dict, name: str, baseline: dict, variant: dict) -> None:
+    """entry[name]: baseline / variant median latency, and name_cuda_graph the same under CUDA graphs where both
+    were timed there."""
+    entry[name] = baseline["latency_ms_median"] / variant["latency_ms_median"]
+    graphs = baseline.get("cuda_graph", {}), variant.get("cuda_graph", {})
+    if all("latency_ms_median" in g for g in graphs):
+        entry[f"{name}_cuda_graph"] = graphs[0]["latency_ms_median"] / graphs[1]["latency_ms_median"]
 
 
 @torch.no_grad()

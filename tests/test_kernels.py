@@ -779,7 +779,7 @@ class _Chain(torch.nn.Module):
 @gpu
 @kernels.small_m_threshold(0)  # decode + cuBLAS everywhere (bit-exact)
 def test_cuda_decode_ahead_is_bit_identical_follows_the_recorded_order_and_is_captured():
-    model = _Chain().cuda()
+    model = _Chain().cuda().half()  # fp16 biases too: the layers compute in fp16
     inputs = [torch.randn(64, 16, device="cuda", dtype=torch.float16) for _ in range(2)]
     with torch.no_grad():
         reference = [model(x) for x in inputs]  # decode ahead off
@@ -817,16 +817,17 @@ def test_cuda_decode_ahead_is_bit_identical_follows_the_recorded_order_and_is_ca
 @gpu
 @kernels.small_m_threshold(0)  # decode + cuBLAS everywhere (bit-exact)
 def test_cuda_batched_decode_is_bit_identical_eager_and_under_graph_capture():
-    model = _Chain().cuda()  # a, b (kmeans-3 + dense: per layer), b, c, a: no two neighbours batch
-    wide = torch.nn.Sequential(*[packed_layer(torch.nn.Linear(16, 16), [random_part("mse-4", (16, 16), seed=20 + i)],
-                                              torch.float16) for i in range(4)]).cuda()
+    model = _Chain().cuda().half()  # a, b (kmeans-3 + dense: per layer), b, c, a: no two neighbours batch
+    wide = torch.nn.Sequential(*[packed_layer(torch.nn.Linear(24, 24), [random_part("mse-4", (24, 24), seed=20 + i)],
+                                              torch.float16) for i in range(4)]).cuda().half()
     inputs = [torch.randn(64, 16, device="cuda", dtype=torch.float16) for _ in range(2)]
     with torch.no_grad():
         reference = [wide(model(x)) for x in inputs]  # batched decode off
         with kernels.batched_decode(model) as chain, kernels.batched_decode(wide) as batched:
             for _ in range(3):  # records, builds and follows, follows
                 assert all(torch.equal(wide(model(x)), expected) for x, expected in zip(inputs, reference))
-            assert batched.groups == [(0, 4)] and chain.groups == [] and batched.batched_calls == 4 * 4
+            # 6 forwards: the first records, the other 5 follow the groups (4 calls each)
+            assert batched.groups == [(0, 4)] and chain.groups == [] and batched.batched_calls == 5 * 4
             x = inputs[0].clone()
             graph = torch.cuda.CUDAGraph()
             launches = batched.batched_launches

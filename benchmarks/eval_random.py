@@ -13,7 +13,9 @@ refiner). Per family, written after every family (a run stopped by its time limi
 * ``floor_seconds_per_config``: bare batched denoiser calls (the adapter's own call) for the same images and
   timesteps, classifier-free guidance included; nothing else;
 * ``seconds_per_config``: the scorer (multiquant.evaluate.Scorer) on a random configuration: weight swap,
-  generation, features, FID; ``overhead_fraction`` = (ours - floor) / ours;
+  generation, features, FID; ``overhead_fraction`` = (ours - floor) / ours (the top-level ``overhead_fraction``
+  is the headline family's overhead beside the sampling floor at the protocol, the issue's figure, and
+  ``overhead_fraction_vs_denoiser`` this one);
 * achieved denoiser TFLOP/s (multiquant.flops MACs x 2 x forwards / floor) and ``floor_peak_fraction`` against
   ``--peak_tflops``;
 * the same figures at the protocol's image count (``*_at_protocol``: the weight swap, the Frechet distance and,
@@ -438,7 +440,11 @@ def summarize(args, names: list[str], families: dict, failed: dict) -> dict:
             "feature_net": "inception-v3 (random weights: timing only)", "world_size": dist.world_size(),
             "peak_tflops": args.peak_tflops, "num_images_arg": args.num_images,
             "headline_family": HEADLINE,
-            **{k: head.get(k) for k in ("overhead_fraction", "floor_peak_fraction", "achieved_tflops",
+            # the overhead: beside sampling (denoiser + scheduler + VAE: what rendering an image takes),
+            # at the protocol's image count; the per-family overhead_fraction is beside the bare denoiser
+            "overhead_fraction": head.get("overhead_fraction_vs_sampling_at_protocol"),
+            "overhead_fraction_vs_denoiser": head.get("overhead_fraction"),
+            **{k: head.get(k) for k in ("floor_peak_fraction", "achieved_tflops",
                                         "seconds_per_config", "floor_seconds_per_config",
                                         "overhead_fraction_at_protocol", "sampling_seconds_per_config",
                                         "overhead_fraction_vs_sampling_at_protocol", "configs_per_hour",
@@ -446,7 +452,8 @@ def summarize(args, names: list[str], families: dict, failed: dict) -> dict:
                                         "fid_distance_s", "features_tail_s")},
             "families": families, "failed": failed,
             "not_measured": [n for n in names if n not in families and n not in failed],
-            "targets": {"overhead_fraction_at_protocol": "<= 0.02", "floor_peak_fraction": ">= 0.6 (pixart_alpha)",
+            "targets": {"overhead_fraction": "<= 0.02 (pixart_alpha, beside the sampling floor, at protocol)",
+                        "floor_peak_fraction": ">= 0.6 (pixart_alpha)",
                         "two_gpu_scaling": ">= 1.8"}}
 
 

@@ -167,7 +167,7 @@ def bench_case(shape: tuple, option: str, seed: int, dtype: torch.dtype, device,
         with kernels.use_group_decode(group):
             launch = kernels._decode_args(layer.parts[0], torch.empty(rows, numel // rows, device="meta"), geometry)
             weight = decode()
-            figures = {"kernel": "group" if launch.kernel == 2 else "per_weight",
+            figures = {"kernel": "group" if launch.kernel == kernels.GROUP_KERNEL else "per_weight",
                        "tile": {k: v for k, v in launch.meta.items() if k not in ("BITS", "MODE")},
                        "programs": launch.grid[0] * (launch.grid[1] if len(launch.grid) > 1 else 1),
                        "exact_vs_eager": bool(torch.equal(weight, expected))}

@@ -375,6 +375,7 @@ GROUP_TILE = 512  # groups of 8 codes per group-decode program: 4096 weights, 4 
 MAX_TILE_GROUPS = 64  # groups per tile row: 512 weights, 1 KiB of contiguous fp16 per row segment
 MIN_TILE_GROUPS = 32  # a warp's 32 threads along one row: 256 weights, 512 contiguous fp16 bytes per store
 DECODE_WARPS = 4
+PER_WEIGHT_KERNEL, GROUP_KERNEL, BATCHED_KERNEL = 0, 2, 3  # the decode kernels' indices in _jit(...)
 
 
 def group_blocks(rows: int, row_groups: int, tile: int = GROUP_TILE) -> tuple[int, int]:
@@ -401,7 +402,7 @@ def takes_group_decode(geo: PartGeometry) -> bool:
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    kernel: int  # index into _jit(...): 0 the per-weight decode, 2 the group decode
+    kernel: int  # PER_WEIGHT_KERNEL, GROUP_KERNEL or BATCHED_KERNEL
     grid: tuple
     args: tuple
     meta: dict
@@ -422,11 +423,12 @@ def _decode_args(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_T
         col_blocks = triton_cdiv(row_groups, groups)
         grid = (triton_cdiv(geo.rows, rows_per) * col_blocks,)
         args = (codes, scale, zero, book, out, geo.rows, row_groups, out.stride(0), geo.col_offset, col_blocks)
-        return DecodeLaunch(2, grid, args, dict(BITS=part.bits, MODE=mode, ROWS=rows_per, GROUPS=groups))
+        return DecodeLaunch(GROUP_KERNEL, grid, args, dict(BITS=part.bits, MODE=mode, ROWS=rows_per, GROUPS=groups))
     rows_per, block_k = _blocks(geo.rows, geo.row_len)
     grid = (triton_cdiv(geo.rows, rows_per), triton_cdiv(geo.row_len, block_k))
     args = (codes, scale, zero, book, out, geo.rows, geo.row_len, out.stride(0), geo.col_offset)
-    return DecodeLaunch(0, grid, args, dict(BITS=part.bits, MODE=mode, ROWS=rows_per, BLOCK_K=block_k))
+    return DecodeLaunch(PER_WEIGHT_KERNEL, grid, args, dict(BITS=part.bits, MODE=mode, ROWS=rows_per,
+                                                            BLOCK_K=block_k))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -436,6 +438,22 @@ def triton_cdiv(a: int, b: int) -> int:
 def _run_decode(launch: DecodeLaunch):
     """One decode launch through Triton's binder; returns the compiled kernel."""
     return _jit(_interpret())[launch.kernel][launch.grid](*launch.args, **launch.meta, num_warps=DECODE_WARPS)
+
+
+def _launch_fast(launch: DecodeLaunch, direct, device: torch.device):
+    """Run ``launch`` on the current stream through ``direct`` (its compiled kernel's launcher, see
+    :func:`_direct_runner`) when there is one, else through Triton's binder; returns the launcher for the next
+    call (None: keep the binder)."""
+    if direct is not None:
+        try:
+            direct(torch._C._cuda_getCurrentRawStream(device.index))
+            return direct
+        except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls from now on
+            DIRECT_LAUNCH[0] = False
+    compiled = _run_decode(launch)
+    if DIRECT_LAUNCH[0] and device.type == "cuda":
+        return _direct_launcher(compiled, launch.grid, launch.args + tuple(launch.meta.values()))
+    return None
 
 
 def _launch_decode(part, out: torch.Tensor, geo: PartGeometry, tile: int = GROUP_TILE) -> None:
@@ -558,17 +576,7 @@ class _Plan:
         for i, launch in enumerate(launches):
             if launch[0] == "decode":
                 _, decode, direct = launch
-                if direct is not None:
-                    try:
-                        direct(torch._C._cuda_getCurrentRawStream(self.device.index))
-                        continue
-                    except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
-                        DIRECT_LAUNCH[0] = False
-                        launches[i] = ("decode", decode, None)
-                compiled = _run_decode(decode)
-                if direct is None and DIRECT_LAUNCH[0] and self.device.type == "cuda":
-                    direct = _direct_launcher(compiled, decode.grid, decode.args + tuple(decode.meta.values()))
-                    launches[i] = ("decode", decode, direct)
+                launches[i] = ("decode", decode, _launch_fast(decode, direct, self.device))
             else:
                 _, part, offset, width = launch
                 views.flat[:, offset:offset + width].copy_(part.dense.reshape(self.rows, width))
@@ -1072,7 +1080,7 @@ class _ForwardOrder:
     branch, a moved layer) takes the ordinary path from there; the next forward records anew. Subclasses say what
     following the order buys. ``recorded_calls``: the packed-layer calls of the order (None: the next forward
     records)."""
-    needs_cuda = True  # fast_weight hands it CUDA layers only
+    needs_cuda = True  # fast_weight hands it CUDA layers only (decode ahead: streams and events)
 
     def __init__(self, model: nn.Module):
         self.order: list[_Plan] | None = None
@@ -1157,7 +1165,6 @@ class _ForwardOrder:
 class DecodeAhead(_ForwardOrder):
     """Decode ahead for the forwards of one model (see above). ``ahead_decodes`` counts decodes launched on the
     side stream."""
-    needs_cuda = True  # streams and events
 
     def __init__(self, model: nn.Module):
         self.pending = None  # (device, event, scratch generation) of the decode launched ahead for call ``self.call``
@@ -1320,6 +1327,7 @@ class _BatchedGroup:
         self.grid = (len(slices),)
         self.meta = dict(BITS=first.bits, MODE=mode, TILE=GROUP_TILE, FIELDS=DESCRIPTOR_FIELDS)
         self.generation = None
+        self.launch = self.direct = None
 
     def __call__(self) -> None:
         """Decode every call's weight into its slice of scratch slot 0 (current stream)."""
@@ -1329,18 +1337,10 @@ class _BatchedGroup:
             buf = SCRATCH.get(device, plans[0].dtype, self.numel)  # (sized when the groups were built)
             self.weights = [buf[a:a + plan.numel].view(plan.shape)
                             for plan, a in zip(plans, self.offsets)]
-            self.args = (self.descriptor, buf) + self.templates + (self.parts,)
+            args = (self.descriptor, buf) + self.templates + (self.parts,)
+            self.launch = DecodeLaunch(BATCHED_KERNEL, self.grid, args, self.meta)
             self.direct, self.generation = None, SCRATCH.generation
-        if self.direct is not None:
-            try:
-                self.direct(torch._C._cuda_getCurrentRawStream(device.index))
-                return
-            except (TypeError, ValueError, SystemError):  # launcher of another signature: plain calls
-                DIRECT_LAUNCH[0] = False
-                self.direct = None
-        compiled = _jit(_interpret())[3][self.grid](*self.args, **self.meta, num_warps=DECODE_WARPS)
-        if DIRECT_LAUNCH[0] and device.type == "cuda":
-            self.direct = _direct_launcher(compiled, self.grid, self.args + tuple(self.meta.values()))
+        self.direct = _launch_fast(self.launch, self.direct, device)
 
 
 class BatchedDecode(_ForwardOrder):

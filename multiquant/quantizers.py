@@ -113,11 +113,9 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100, n_init: int = 3, seed: 
     cur, xs_a, cums_a, lim_a, done = cents, xs, cums, limit, 0  # cur [rows, runs, k]: sorted centroids
     while rows.numel() and done < iters:
         steps = min(_CHECK_EVERY, iters - done)
-        mids = _boundary_buffer(cur, xs.dtype)
+        mids = _boundary_buffer(cur, xs.dtype)  # reused by every step until the next check
         for step in range(steps):
-            # the k-1 midpoints, in float64 rounded once to the data's dtype, straight into their slots
-            torch.mul(cur[..., 1:] + cur[..., :-1], 0.5, out=mids[..., 1:-1])
-            bounds = torch.searchsorted(xs_a, mids.view(mids.shape[0], -1)).view(mids.shape)
+            bounds = _run_bounds(xs_a, cur, mids)
             sums = _run_sums(cums_a, bounds)
             counts = bounds[..., 1:] - bounds[..., :-1]  # int64: the division widens it exactly
             new = torch.where(counts > 0, sums / counts, cur)  # an empty cluster keeps its centroid
@@ -231,33 +229,23 @@ def _search_rows(xs: torch.Tensor, values: torch.Tensor, right: bool) -> torch.T
     return torch.searchsorted(xs, q, right=right).view(R, n_init, T).permute(1, 0, 2)
 
 
-def _with_sentinels(cents: torch.Tensor) -> torch.Tensor:
-    """``cents`` [..., k] between a -inf and a +inf column [..., k+2]."""
-    edge = torch.full_like(cents[..., :1], float("inf"))
-    return torch.cat([-edge, cents, edge], dim=-1)
-
-
 def _boundary_buffer(cents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[..., k+1] cluster boundaries for centroids ``cents`` [..., k]: -inf and +inf at the ends (so the outer
-    searches find 0 and N), the k-1 midpoints to be written in place each Lloyd step."""
+    searches find 0 and N), the k-1 midpoints to be written in place (:func:`_run_bounds`)."""
     buf = torch.empty(*cents.shape[:-1], cents.shape[-1] + 1, dtype=dtype, device=cents.device)
     buf[..., 0], buf[..., -1] = float("-inf"), float("inf")
     return buf
 
 
-def _bounds(xs: torch.Tensor, ext: torch.Tensor) -> torch.Tensor:
+def _run_bounds(xs: torch.Tensor, cents: torch.Tensor, mids: torch.Tensor | None = None) -> torch.Tensor:
     """Cluster i of run r is the slice xs[row, b[row, r, i]:b[row, r, i+1]] of the sorted values (nearest
-    sorted centroid). ``xs`` [R, N], ``ext`` [R, runs, k+2] (sorted centroids between -inf and +inf, so that
-    the outer midpoints find 0 and N) -> bounds [R, runs, k+1]."""
-    R = xs.shape[0]
-    mids = ((ext[..., 1:] + ext[..., :-1]) * 0.5).to(xs.dtype)
+    sorted centroid). ``xs`` [R, N], ``cents`` [R, runs, k] sorted -> bounds [R, runs, k+1]. ``mids``: a
+    :func:`_boundary_buffer` of ``cents``' shape to write the midpoints into (the Lloyd loop reuses one)."""
+    mids = _boundary_buffer(cents, xs.dtype) if mids is None else mids
+    # the k-1 midpoints in float64, rounded once to the data's dtype, straight into their slots
+    torch.mul(cents[..., 1:] + cents[..., :-1], 0.5, out=mids[..., 1:-1])
     # every run's midpoints of a row in one search over that row (searched values need not be sorted)
-    return torch.searchsorted(xs, mids.reshape(R, -1)).view(mids.shape)
-
-
-def _run_bounds(xs: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
-    """:func:`_bounds` of centroids ``cents`` [R, runs, k]."""
-    return _bounds(xs, _with_sentinels(cents))
+    return torch.searchsorted(xs, mids.view(mids.shape[0], -1)).view(mids.shape)
 
 
 def _run_sums(cums: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

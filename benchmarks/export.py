@@ -41,7 +41,10 @@ layer's decode overlapping the previous layer's GEMM on a side stream); ``decode
 the default's latency over it. ``--batched_decode_compare`` also measures ``fast_batched_decode``, the default fast
 path with ``kernels.batched_decode`` on the model (one decode launch per group of consecutive packed layers, up to
 ``kernels.BATCHED_DECODE_MAX_BYTES`` decoded bytes a group), with its launches, groups and extra scratch bytes;
-``batched_decode_speedup(_cuda_graph)`` is the default's latency over it.
+``batched_decode_speedup(_cuda_graph)`` is the default's latency over it. ``--batched_ahead_compare`` also measures
+``fast_batched_ahead``, the default fast path with ``kernels.batched_decode(model, ahead=True)`` (each group's
+batched decode on a side stream, overlapping the previous group's compute); ``batched_ahead_speedup(_cuda_graph)``
+is the default's latency over it.
 
 Subsets: ``--models pixart_alpha,dit --shapes b2_512`` measures batch 2 at 512 px of both models only (a
 ``--shapes`` item without ``model:`` applies to every model); the rows of other shapes and models already in the
@@ -55,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import shutil
@@ -224,6 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batched_decode_compare", action="store_true",
                     help=f"also measure the fast path with kernels.batched_decode on the model "
                          f"({BATCHED_DECODE_PATH}), side by side with the default")
+    ap.add_argument("--batched_ahead_compare", action="store_true",
+                    help=f"also measure the fast path with kernels.batched_decode(model, ahead=True) on the model "
+                         f"({BATCHED_AHEAD_PATH}), side by side with the default")
     ap.add_argument("--no_microbench", action="store_true", help="skip the small-M layer micro-benchmark")
     ap.add_argument("--micro_rows", default=None,
                     help=f"rows M of the micro-benchmark (default {MICRO_ROWS}; tiny: {MICRO_ROWS_TINY})")
@@ -272,6 +279,7 @@ def run(args, workdir: Path) -> dict:
               "small_m_max": args.small_m_max, "group_decode": kernels.group_decode_enabled(),
               "decode_compare": args.decode_compare, "decode_ahead_compare": args.decode_ahead_compare,
               "batched_decode_compare": args.batched_decode_compare,
+              "batched_ahead_compare": args.batched_ahead_compare,
               "batched_decode_max_bytes": kernels.BATCHED_DECODE_MAX_BYTES,
               "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
@@ -460,7 +468,10 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
 PER_WEIGHT_DECODE_PATH = "fast_per_weight_decode"  # the default fast path, per-weight decode kernel everywhere
 DECODE_AHEAD_PATH = "fast_decode_ahead"  # the default fast path with kernels.decode_ahead on the model
 BATCHED_DECODE_PATH = "fast_batched_decode"  # the default fast path with kernels.batched_decode on the model
-SETTING_PATHS = (PER_WEIGHT_DECODE_PATH, DECODE_AHEAD_PATH, BATCHED_DECODE_PATH)  # not small-M comparisons
+BATCHED_AHEAD_PATH = "fast_batched_ahead"  # ... with kernels.batched_decode(model, ahead=True)
+LEVERS = {DECODE_AHEAD_PATH: kernels.decode_ahead, BATCHED_DECODE_PATH: kernels.batched_decode,
+          BATCHED_AHEAD_PATH: functools.partial(kernels.batched_decode, ahead=True)}  # path -> handle on the model
+SETTING_PATHS = (PER_WEIGHT_DECODE_PATH, *LEVERS)  # not small-M comparisons
 
 
 def bench_paths(args) -> dict:
@@ -468,7 +479,8 @@ def bench_paths(args) -> dict:
     beside it ``fast_no_small_m`` (0) and ``fast_small_m_measured`` (the measured dispatch), each unless it is the
     default's setting, ``fast_small_m`` at ``--small_m_compare`` rows when > 0, PER_WEIGHT_DECODE_PATH at the
     default's setting with ``--decode_compare``, DECODE_AHEAD_PATH likewise with ``--decode_ahead_compare``,
-    BATCHED_DECODE_PATH with ``--batched_decode_compare``; the eager reference."""
+    BATCHED_DECODE_PATH with ``--batched_decode_compare``, BATCHED_AHEAD_PATH with ``--batched_ahead_compare``;
+    the eager reference."""
     paths = {"fast": (True, args.small_m_max)}
     if not args.no_small_m_compare:
         others = [("fast_no_small_m", 0), ("fast_small_m_measured", kernels.MEASURED)]
@@ -483,6 +495,8 @@ def bench_paths(args) -> dict:
         paths[DECODE_AHEAD_PATH] = (True, args.small_m_max)
     if args.batched_decode_compare:
         paths[BATCHED_DECODE_PATH] = (True, args.small_m_max)
+    if args.batched_ahead_compare:
+        paths[BATCHED_AHEAD_PATH] = (True, args.small_m_max)
     paths["eager"] = (False, 0)
     return paths
 
@@ -507,8 +521,7 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         try:
             reps = args.eager_reps if path == "eager" else args.reps
             group_decode = kernels.group_decode_enabled() and path != PER_WEIGHT_DECODE_PATH
-            ahead = (kernels.decode_ahead(packed) if path == DECODE_AHEAD_PATH else kernels.batched_decode(packed)
-                     if path == BATCHED_DECODE_PATH else contextlib.nullcontext())
+            ahead = LEVERS[path](packed) if path in LEVERS else contextlib.nullcontext()
             settings = use_packed_kernels(fast), small_m_threshold(threshold), kernels.use_group_decode(group_decode)
             with contextlib.ExitStack() as stack:
                 for setting in settings + (ahead,):
@@ -519,12 +532,12 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
                     if "latency_ms_median" in stats["cuda_graph"] and "latency_ms_median" in fp.get("cuda_graph", {}):
                         stats["cuda_graph"]["latency_ratio_vs_fp16"] = (stats["cuda_graph"]["latency_ms_median"]
                                                                         / fp["cuda_graph"]["latency_ms_median"])
-                if path == DECODE_AHEAD_PATH:
-                    stats["ahead_decodes"], stats["recorded_calls"] = ahead.ahead_decodes, ahead.recorded_calls
-                if path == BATCHED_DECODE_PATH:
-                    stats.update(batched_launches=ahead.batched_launches, batched_calls=ahead.batched_calls,
-                                 recorded_calls=ahead.recorded_calls, batched_groups=len(ahead.groups or ()),
+                if path in LEVERS:
+                    stats.update(ahead_decodes=ahead.ahead_decodes, recorded_calls=ahead.recorded_calls,
                                  scratch_extra_bytes=ahead.scratch_extra_bytes)
+                if path in (BATCHED_DECODE_PATH, BATCHED_AHEAD_PATH):
+                    stats.update(batched_launches=ahead.batched_launches, batched_calls=ahead.batched_calls,
+                                 batched_groups=len(ahead.groups or ()))
             stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
                          max_abs_diff_vs_fp16=float((out.float().cpu() - fp_out).abs().max()),
                          latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
@@ -556,7 +569,8 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
     # each lever against the path without it, side by side: the per-weight decode is the group decode's baseline
     for name, path, lever_is_path in (("group_decode_speedup", PER_WEIGHT_DECODE_PATH, False),
                                       ("decode_ahead_speedup", DECODE_AHEAD_PATH, True),
-                                      ("batched_decode_speedup", BATCHED_DECODE_PATH, True)):
+                                      ("batched_decode_speedup", BATCHED_DECODE_PATH, True),
+                                      ("batched_ahead_speedup", BATCHED_AHEAD_PATH, True)):
         if "latency_ms_median" in entry.get(path, {}):
             other, fast = entry[path], entry["fast"]
             _speedup(entry, name, baseline=fast if lever_is_path else other, variant=other if lever_is_path else fast)
@@ -764,7 +778,12 @@ def print_summary(result: dict) -> None:
                      f"{fmt(e[BATCHED_DECODE_PATH].get('cuda_graph', {}).get('latency_ratio_vs_fp16'))} speedup "
                      f"{fmt(e.get('batched_decode_speedup_cuda_graph', e.get('batched_decode_speedup')))} launches "
                      f"{e[BATCHED_DECODE_PATH].get('batched_launches')} extra scratch "
-                     f"{e[BATCHED_DECODE_PATH].get('scratch_extra_bytes')} B" if BATCHED_DECODE_PATH in e else ""))
+                     f"{e[BATCHED_DECODE_PATH].get('scratch_extra_bytes')} B" if BATCHED_DECODE_PATH in e else "")
+                  + (f" batched ahead: graph/fp16 "
+                     f"{fmt(e[BATCHED_AHEAD_PATH].get('cuda_graph', {}).get('latency_ratio_vs_fp16'))} speedup "
+                     f"{fmt(e.get('batched_ahead_speedup_cuda_graph', e.get('batched_ahead_speedup')))} ahead "
+                     f"{e[BATCHED_AHEAD_PATH].get('ahead_decodes')} extra scratch "
+                     f"{e[BATCHED_AHEAD_PATH].get('scratch_extra_bytes')} B" if BATCHED_AHEAD_PATH in e else ""))
     for key, t in result.get("targets", {}).items():
         print(f"SUMMARY target {key}: worst {fmt(t.get('worst'))} at {t.get('worst_at')} met {t.get('met_everywhere')}")
     for key, err in result.get("errors", {}).items():

@@ -447,7 +447,7 @@ def load_quantized(out_dir: str | os.PathLike, device="cpu", dtype: torch.dtype 
     _settle_remaining(model, device, dtype, info.get("own_dtypes", {}))
     model.qua2sedimo_export = {k: info[k] for k in ("family", "avg_bits", "export_id", "dtype")}
     if kernels.BATCHED_DECODE:  # QUA2SEDIMO_BATCHED_DECODE=1: one decode launch per group of layers (off by default)
-        model.qua2sedimo_batched_decode = kernels.batched_decode(model)
+        model.qua2sedimo_batched_decode = kernels.batched_decode(model, ahead=kernels.BATCHED_DECODE_AHEAD)  # =ahead
     return model.eval()
 
 

@@ -16,10 +16,12 @@ model reproduces the eager one (and the simulated configuration) exactly, small-
     use_group_decode(False)        # context manager: the per-weight decode kernel everywhere (benchmarks)
     QUA2SEDIMO_GROUP_DECODE=0      # environment: the same, process-wide
     decode_ahead(model)            # off by default: decode the next packed layer on a side stream during the
-                                   # current layer's GEMM (two scratch slots; bit-identical; see DecodeAhead)
+                                   # current layer's GEMM (two scratch slots; bit-identical; see _ForwardOrder)
     batched_decode(model)          # off by default: one decode launch per group of consecutive packed layers of
                                    # the recorded forward order (bit-identical; see BatchedDecode)
+    batched_decode(model, ahead=True)  # both: group g + 1 decodes on the side stream while group g computes
     QUA2SEDIMO_BATCHED_DECODE=1    # environment: load_quantized attaches batched_decode to the model it returns
+    QUA2SEDIMO_BATCHED_DECODE=ahead  # ... batched_decode(model, ahead=True)
 
 Two decode kernels, same values bit for bit: slices whose rows hold whole groups of 8 codes (row length a
 multiple of 8, the large layers of every family here) take the group decode, which assembles each group's b
@@ -45,10 +47,10 @@ capture nothing is timed: the table's decision, else decode + cuBLAS. Warm the t
 
 The fast path is taken automatically for CUDA inputs when Triton imports. It is single-stream: the scratch
 buffer is shared by every layer of one (device, dtype), so two layers must not run concurrently on different
-streams (the fused kernel's split-K counters likewise); ``decode_ahead`` is the exception, its side stream
-ordered against the main one by events. Under ``torch.compile`` the decode and the fused
-product are custom ops (``qua2sedimo::decode_packed``, ``qua2sedimo::packed_linear``) returning fresh tensors,
-so Inductor plans their memory; CUDA-graph capture records the eager path as it is (warm up once first,
+streams (the fused kernel's split-K counters likewise); decode ahead (``decode_ahead``, ``batched_decode(...,
+ahead=True)``) is the exception, its side stream ordered against the main one by events. Under ``torch.compile``
+the decode and the fused product are custom ops (``qua2sedimo::decode_packed``, ``qua2sedimo::packed_linear``)
+returning fresh tensors, so Inductor plans their memory; CUDA-graph capture records the eager path as it is (warm up once first,
 as capture always requires, so the scratch exists before capture).
 """
 from __future__ import annotations
@@ -1047,25 +1049,29 @@ def fast_weight(layer, dtype: torch.dtype, device: torch.device) -> torch.Tensor
             return layer.dequantize_weight(dtype)
         plan = _Plan(layer, device, dtype)
         layer.__dict__["_fast_plan"] = plan  # not a submodule / buffer: invisible to state_dict and .to()
-    ahead = _AHEAD[0]
-    if ahead is not None and (device.type == "cuda" or not ahead.needs_cuda):
-        return ahead.weight(plan)
-    return plan()
+    order = _AHEAD[0]  # decode ahead / batched decode on the model being run
+    return plan() if order is None else order.weight(plan)
 
 
 # ------------------------------------------------------------------------------------------ decode ahead
-# Off unless ``decode_ahead(model)`` is called. Each packed layer's decode and its GEMM run one after the other on
-# one stream, and a decode of a 1152 x 1152 layer is too small to fill the GPU. With decode ahead, every forward
-# of ``model`` after the first follows the order in which the first one called its packed layers: when call k
-# gets its weight, the decode of call k + 1 is launched on a side stream into the other of two scratch slots,
-# where it overlaps call k's GEMM. Ordering, by events: call k + 1's decode waits for everything the main stream
-# had queued when call k asked for its weight (the GEMM of call k - 1, the last reader of that slot), and the
-# main stream waits for it before call k + 1's GEMM. A forward that leaves the recorded order (another branch, a
-# moved layer) joins the side stream and decodes on the main stream from there; the next forward records anew.
-# The end of every forward joins the side stream, as CUDA-graph capture requires (warm up with two forwards
-# before capture: one records, one follows). Same kernels, same buffers' values: outputs are bit-identical.
-# Costs a second scratch buffer as large as the largest layer.
-_AHEAD: list = [None]  # the DecodeAhead of the forward being run, if any
+# Off unless ``decode_ahead(model)`` or ``batched_decode(model, ahead=True)`` is called. Each packed layer's decode
+# and its GEMM run one after the other on one stream, and a decode of a 1152 x 1152 layer is too small to fill the
+# GPU. Both levers follow the order in which the first forward of ``model`` called its packed layers (class
+# _ForwardOrder), cut into units: runs of consecutive calls whose weights one decode writes (DecodeAhead: each call
+# alone; BatchedDecode: its groups, below). With decode ahead, when unit u's first call gets its weight, the decode
+# of unit u + 1 is launched on a side stream into the other of two scratch slots, where it overlaps unit u's
+# compute (its GEMMs and, for a group, the attention / norm / elementwise kernels between them, which leave SMs
+# free; a lone cuBLAS GEMM leaves hardly any). Ordering, by events: unit u + 1's decode waits for everything the
+# main stream had queued when unit u started (the GEMMs of unit u - 1, the last readers of that slot), and the main
+# stream waits for it before unit u + 1's first GEMM. A forward that leaves the recorded order (another branch, a
+# moved layer) joins the side stream and decodes on the main stream layer by layer from there; the next forward
+# records anew. The end of every forward joins the side stream, as CUDA-graph capture requires. Units, descriptors
+# and scratch sizes are made outside capture, by the first forward that follows an order (warm up with two forwards
+# before capture: one records, one builds and follows; a captured forward without them decodes layer by layer).
+# Off CUDA (Triton's interpreter, tests) there is no side stream: the decode "ahead" runs at once, into the other
+# slot all the same. Same kernels, same values: outputs are bit-identical. Costs a second scratch buffer as large
+# as the largest unit.
+_AHEAD: list = [None]  # the _ForwardOrder of the forward being run, if any
 
 
 @functools.lru_cache(maxsize=None)
@@ -1073,14 +1079,34 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return torch.cuda.Stream(device=device)
 
 
+class _LayerUnit:
+    """One packed-layer call decoded by its own launches (its _Plan) into a scratch slot."""
+    batched = False
+
+    def __init__(self, plan: _Plan):
+        self.plans, self.numel = [plan], plan.numel
+
+    def __call__(self, slot: int = 0) -> None:
+        self.plans[0](slot)
+
+    def weights(self, slot: int = 0) -> list:
+        return [self.plans[0].views(slot).weight]
+
+
 class _ForwardOrder:
     """The order of a model's packed-layer calls, recorded by its first forward (forward hooks on the model;
     ``remove()``, or leaving a ``with`` block, takes them off) and followed by the next ones: while a forward runs,
-    fast_weight hands each packed layer's call to :meth:`weight`. A forward that leaves the recorded order (another
-    branch, a moved layer) takes the ordinary path from there; the next forward records anew. Subclasses say what
-    following the order buys. ``recorded_calls``: the packed-layer calls of the order (None: the next forward
-    records)."""
-    needs_cuda = True  # fast_weight hands it CUDA layers only (decode ahead: streams and events)
+    fast_weight hands each packed layer's call to :meth:`weight`. The first forward that follows an order (outside
+    CUDA-graph capture) cuts it into units (the subclass's :meth:`_units`) and sizes the scratch slots; from then a
+    unit's first call decodes the unit into its slot, or waits for its decode queued ahead (``ahead``: see above),
+    and its later calls take their slices. Calls in no unit, and the calls of a forward from where it left the
+    recorded order, decode on their own (slot 0, main stream); the next forward records anew.
+
+    ``recorded_calls``: the packed-layer calls of the order (None: the next forward records); ``ahead_decodes``
+    counts decodes launched ahead, ``batched_launches`` the batched groups' launches, ``batched_calls`` the calls
+    served from them; ``scratch_extra_bytes``: how much more scratch the units take than one buffer of the order's
+    largest layer."""
+    ahead = False  # decode the next unit on a side stream into the other scratch slot
 
     def __init__(self, model: nn.Module):
         self.order: list[_Plan] | None = None
@@ -1089,6 +1115,11 @@ class _ForwardOrder:
         self.call = 0  # index of the next packed-layer call of the forward being run
         self.diverged = False
         self.previous = None
+        self.ahead_decodes = self.batched_launches = self.batched_calls = self.scratch_extra_bytes = 0
+        self.pending = None  # (device, event or None, scratch generation) of the next unit's decode queued ahead
+        self.serving = None  # (unit index, scratch generation) of the unit whose calls are being served
+        self._events: dict[torch.device, tuple] = {}
+        self._forget()
         self.handles = [model.register_forward_pre_hook(self._start),
                         model.register_forward_hook(self._end, always_call=True)]
 
@@ -1105,6 +1136,15 @@ class _ForwardOrder:
 
     def __exit__(self, *exc):
         self.remove()
+
+    def _units(self) -> list[tuple[int, object]]:
+        """(first call, unit) of the recorded order, in call order: a _LayerUnit or a _BatchedGroup each."""
+        raise NotImplementedError
+
+    def _forget(self) -> None:  # the recorded order was dropped
+        self.units: list[tuple[int, object]] | None = None
+        self._members: dict[int, tuple[int, int]] = {}  # call -> (its unit, its index there)
+        self._slot_numel: dict[tuple, int] = {}  # (device, dtype) -> elements of each scratch slot the units use
 
     def _start(self, module, args) -> None:
         if torch.compiler.is_compiling():
@@ -1127,7 +1167,7 @@ class _ForwardOrder:
         if self.depth:
             return
         _AHEAD[0], self.previous = self.previous, None
-        self._finish()
+        self._join()
         if self.recording:
             self.recording = False
         elif self.diverged or self.call != len(self.order):
@@ -1136,97 +1176,105 @@ class _ForwardOrder:
 
     def _next_call(self, plan: _Plan) -> int | None:
         """This call's index in the recorded order, or None: recording (the call is appended), or the forward
-        left the order (at the first such call, :meth:`_leave`)."""
+        left the order (at the first such call, the side stream is joined)."""
         if self.recording:
             self.order.append(plan)
             return None
         k = self.call
         if self.diverged or k >= len(self.order) or self.order[k] is not plan:
             if not self.diverged:
-                self._leave()
+                self._join()
                 self.diverged = True
             return None
         self.call = k + 1
         return k
 
-    def _follow(self) -> None:  # a forward starts that follows the recorded order
-        pass
-
-    def _finish(self) -> None:  # a forward ended
-        pass
-
-    def _leave(self) -> None:  # the forward left the recorded order
-        pass
-
-    def _forget(self) -> None:  # the recorded order was dropped
-        pass
-
-
-class DecodeAhead(_ForwardOrder):
-    """Decode ahead for the forwards of one model (see above). ``ahead_decodes`` counts decodes launched on the
-    side stream."""
-
-    def __init__(self, model: nn.Module):
-        self.pending = None  # (device, event, scratch generation) of the decode launched ahead for call ``self.call``
-        self.ahead_decodes = 0
-        self._events: dict[torch.device, tuple] = {}
-        super().__init__(model)
-
     def _follow(self) -> None:
-        self.pending = None
-        self._size_slots()
-
-    def _finish(self) -> None:
-        self._join()
-
-    def _leave(self) -> None:
-        self._join()
-
-    def _size_slots(self) -> None:
-        """Both scratch slots as large as the order's largest layer before any decode ahead: a buffer never
-        grows (is freed) while the side stream may write it."""
-        largest: dict[tuple, int] = {}
-        for plan in self.order:
-            key = (plan.device, plan.dtype)
-            largest[key] = max(largest.get(key, 0), plan.numel)
-        for (device, dtype), numel in largest.items():
-            for slot in (0, 1):
+        """A forward starts that follows the recorded order: its units built (once, not under capture), the
+        scratch slots as large as the largest unit (a buffer never grows, is freed, while the side stream may
+        write it)."""
+        self.pending = self.serving = None
+        if self.units is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return
+            self._build()
+        for (device, dtype), numel in self._slot_numel.items():
+            for slot in range(2 if self.ahead else 1):
                 SCRATCH.get(device, dtype, numel, slot)
 
-    def _join(self) -> None:
-        if self.pending is not None:
-            device, done, _ = self.pending
-            torch.cuda.current_stream(device).wait_event(done)
-            self.pending = None
+    def _build(self) -> None:
+        self.units = self._units()
+        for u, (start, unit) in enumerate(self.units):
+            for index in range(len(unit.plans)):
+                self._members[start + index] = (u, index)
+        layers: dict[tuple, int] = {}  # (device, dtype) -> the largest layer's elements
+        for plan in self.order:
+            layers[(plan.device, plan.dtype)] = max(layers.get((plan.device, plan.dtype), 0), plan.numel)
+        self._slot_numel = dict(layers)  # ... and the largest unit's
+        for _, unit in self.units:
+            key = (unit.plans[0].device, unit.plans[0].dtype)
+            self._slot_numel[key] = max(self._slot_numel[key], unit.numel)
+        slots = 2 if self.ahead else 1
+        self.scratch_extra_bytes = sum((slots * numel - layers[key]) * key[1].itemsize
+                                       for key, numel in self._slot_numel.items())
 
     def weight(self, plan: _Plan) -> torch.Tensor:
         """The weight of this packed-layer call (fast_weight within a forward of the model)."""
         k = self._next_call(plan)
-        if k is None:
-            return plan()  # slot 0 on the main stream, as without decode ahead
-        main = torch.cuda.current_stream(plan.device)
-        ahead = self.pending
-        self.pending = None
-        if ahead is not None:  # decoded ahead on the side stream (for this call: the order matched)
-            main.wait_event(ahead[1])
-        if ahead is not None and ahead[2] == SCRATCH.generation:
-            weight = plan.views(k % 2).weight
-        else:  # the forward's first call, or a scratch buffer was replaced since (released): decode it here
-            weight = plan(k % 2)
-        if k + 1 < len(self.order) and self.order[k + 1].device == plan.device:  # (else decoded when called)
-            self._ahead(self.order[k + 1], (k + 1) % 2, main)
-        return weight
+        member = self._members.get(k) if k is not None else None
+        if member is None:
+            return plan()  # slot 0 on the main stream, as without these levers
+        u, index = member
+        unit = self.units[u][1]
+        slot = u % 2 if self.ahead else 0
+        if index == 0:
+            self._serve(u, slot, plan.device)
+        elif self.serving != (u, SCRATCH.generation):  # a scratch buffer was replaced since the unit's decode
+            self._join()
+            return plan()
+        if unit.batched:
+            self.batched_calls += 1
+        return unit.weights(slot)[index]
 
-    def _ahead(self, plan: _Plan, slot: int, main) -> None:
-        progress, done = self._event_pair(plan.device, slot)
-        progress.record(main)  # the GEMM of the previous call, the last reader of ``slot``, is queued before this
-        side = _side_stream(plan.device)
-        side.wait_event(progress)
-        with torch.cuda.stream(side):
-            plan(slot)
-        done.record(side)
-        self.pending = (plan.device, done, SCRATCH.generation)
+    def _serve(self, u: int, slot: int, device: torch.device) -> None:
+        """Unit u's first call: its decode (queued ahead: the main stream waits for it; else here), and the next
+        unit's decode queued ahead."""
+        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[1] is not None:
+            main.wait_event(pending[1])
+        if pending is None or pending[2] != SCRATCH.generation:  # not decoded ahead (the forward's first unit, or
+            self._decode(self.units[u][1], slot)  # the one before on another device), or a buffer was replaced since
+        self.serving = (u, SCRATCH.generation)
+        if self.ahead and u + 1 < len(self.units) and self.units[u + 1][1].plans[0].device == device:
+            self._ahead(self.units[u + 1][1], 1 - slot, main)
+
+    def _decode(self, unit, slot: int) -> None:
+        unit(slot)
+        if unit.batched:
+            self.batched_launches += 1
+
+    def _ahead(self, unit, slot: int, main) -> None:
+        device, done = unit.plans[0].device, None
+        if main is None:  # off CUDA: no streams, decoded now
+            self._decode(unit, slot)
+        else:
+            progress, done = self._event_pair(device, slot)
+            progress.record(main)  # the GEMMs of the unit before, the last readers of ``slot``, are queued before
+            side = _side_stream(device)
+            side.wait_event(progress)
+            with torch.cuda.stream(side):
+                self._decode(unit, slot)
+            done.record(side)
+        self.pending = (device, done, SCRATCH.generation)
         self.ahead_decodes += 1
+
+    def _join(self) -> None:
+        if self.pending is not None:
+            device, done, _ = self.pending
+            if done is not None:
+                torch.cuda.current_stream(device).wait_event(done)
+            self.pending = None
 
     def _event_pair(self, device: torch.device, slot: int) -> tuple:
         # reused: a wait is queued right after its record, and waits on the record made before it
@@ -1236,27 +1284,45 @@ class DecodeAhead(_ForwardOrder):
         return events[0], events[1 + slot]
 
 
+class DecodeAhead(_ForwardOrder):
+    """Decode ahead for the forwards of one model, call by call (see above)."""
+    ahead = True
+
+    def _units(self) -> list[tuple[int, object]]:
+        return [(k, _LayerUnit(plan)) for k, plan in enumerate(self.order)]
+
+
 def decode_ahead(model: nn.Module) -> DecodeAhead:
-    """Overlap each packed layer's decode with the previous layer's GEMM in ``model``'s forwards on CUDA (off unless
-    called; see the comment above :class:`DecodeAhead`). Returns the handle; ``.remove()`` turns it off."""
+    """Overlap each packed layer's decode with the previous layer's GEMM in ``model``'s forwards (off unless called;
+    see the comment above :class:`_ForwardOrder`). Returns the handle; ``.remove()`` turns it off."""
     return DecodeAhead(model)
 
 
 # ------------------------------------------------------------------------------------------ batched decode
-# Off unless ``batched_decode(model)`` is called (or QUA2SEDIMO_BATCHED_DECODE=1 when load_quantized builds the
-# model). A decode launch of a 1152 x 1152 layer costs about the fixed cost of any kernel (4-6 us on an H200
+# Off unless ``batched_decode(model)`` is called (or QUA2SEDIMO_BATCHED_DECODE=1 / =ahead when load_quantized builds
+# the model). A decode launch of a 1152 x 1152 layer costs about the fixed cost of any kernel (4-6 us on an H200
 # against 0.7 us of bandwidth: benchmarks/results/decode.json), so with batched decode, every forward of ``model``
 # after the first follows the order in which the first one called its packed layers, and one launch of
-# batched_decode_kernel decodes a group of consecutive calls into consecutive slices of the scratch buffer (slot
-# 0) when the group's first call asks for its weight; the group's later calls take their slice, no launch. A group:
+# batched_decode_kernel decodes a group of consecutive calls into consecutive slices of a scratch buffer when the
+# group's first call asks for its weight; the group's later calls take their slice, no launch. A group:
 # consecutive calls whose slices share the kernel's constexprs (method, bits, compute dtype, table dtypes) and hold
 # whole groups of 8 codes per row (no dense slice), up to max_bytes of decoded weights and MAX_BATCH_PARTS slices;
 # other calls decode as without it. Safe on one stream: nothing else writes slot 0 between a group's decode and its
-# last GEMM (the calls between are the group's), and the next decode into it is queued after them. The descriptors
-# are built once per recorded order, at the start of the first forward that follows it, outside CUDA-graph capture
-# (warm up with two forwards before capture: one records, one builds and follows; a captured forward without them
-# decodes layer by layer). Same values as the per-layer decode bit for bit; the scratch grows to the largest group.
-BATCHED_DECODE = os.environ.get("QUA2SEDIMO_BATCHED_DECODE", "0") not in ("", "0")  # load_quantized attaches it
+# last GEMM (the calls between are the group's), and the next decode into it is queued after them. With
+# ``ahead=True`` the groups (and the calls between them, one by one) are the units of decode ahead (above): group
+# g + 1 decodes on the side stream into the other slot while group g computes. The descriptors are built once per
+# recorded order, outside CUDA-graph capture (see above). Same values as the per-layer decode bit for bit; the
+# scratch grows to the largest group (two of them ahead).
+
+
+def batched_decode_switch(value: str) -> tuple[bool, bool]:
+    """QUA2SEDIMO_BATCHED_DECODE's value -> (batched decode on, ahead): "0" or "" off, "ahead" both, else on."""
+    value = value.strip().lower()
+    return value not in ("", "0"), value == "ahead"
+
+
+# load_quantized attaches batched_decode(model, ahead=BATCHED_DECODE_AHEAD) where BATCHED_DECODE
+BATCHED_DECODE, BATCHED_DECODE_AHEAD = batched_decode_switch(os.environ.get("QUA2SEDIMO_BATCHED_DECODE", "0"))
 # decoded bytes per group, the scratch buffer's size at most: 16 MiB is just above the largest layer of PixArt-alpha
 # and DiT-XL/2 (1152 -> 6912 adaLN, 15.9 MB in fp16), so their scratch hardly grows, and holds six 1152 x 1152 layers
 BATCHED_DECODE_MAX_BYTES = 16 << 20
@@ -1295,9 +1361,19 @@ def batch_groups(order: list, max_bytes: int) -> list[tuple[int, int]]:
     return groups
 
 
+@dataclass
+class _GroupSlot:
+    """A batched group's views of one scratch slot and its launch there."""
+    weights: list
+    launch: DecodeLaunch
+    direct: object  # the launch's direct launcher (None: Triton's binder)
+    generation: int
+
+
 class _BatchedGroup:
-    """One batched launch: the descriptor of the calls ``plans`` (on their device, built once), the views of
-    their slices of scratch slot 0, and the launch (refreshed when the scratch buffer changes)."""
+    """One batched launch: the descriptor of the calls ``plans`` (on their device, built once) and, per scratch
+    slot, the views of their slices and the launch (refreshed when the scratch buffer changes)."""
+    batched = True
 
     def __init__(self, plans: list):
         self.plans = plans
@@ -1326,77 +1402,57 @@ class _BatchedGroup:
         self.templates = (first.scale, first.zero, first.codes) if mode == 0 else (first.codes,) * 2 + (first.codebook,)
         self.grid = (len(slices),)
         self.meta = dict(BITS=first.bits, MODE=mode, TILE=GROUP_TILE, FIELDS=DESCRIPTOR_FIELDS)
-        self.generation = None
-        self.launch = self.direct = None
+        self.slots: dict[int, _GroupSlot] = {}
 
-    def __call__(self) -> None:
-        """Decode every call's weight into its slice of scratch slot 0 (current stream)."""
-        plans = self.plans
-        device = plans[0].device
-        if self.generation != SCRATCH.generation:
-            buf = SCRATCH.get(device, plans[0].dtype, self.numel)  # (sized when the groups were built)
-            self.weights = [buf[a:a + plan.numel].view(plan.shape)
-                            for plan, a in zip(plans, self.offsets)]
-            args = (self.descriptor, buf) + self.templates + (self.parts,)
-            self.launch = DecodeLaunch(BATCHED_KERNEL, self.grid, args, self.meta)
-            self.direct, self.generation = None, SCRATCH.generation
-        self.direct = _launch_fast(self.launch, self.direct, device)
+    def _slot(self, slot: int) -> _GroupSlot:
+        state = self.slots.get(slot)
+        if state is None or state.generation != SCRATCH.generation:
+            plans = self.plans
+            buf = SCRATCH.get(plans[0].device, plans[0].dtype, self.numel, slot)  # (sized when the units were built)
+            weights = [buf[a:a + plan.numel].view(plan.shape) for plan, a in zip(plans, self.offsets)]
+            launch = DecodeLaunch(BATCHED_KERNEL, self.grid, (self.descriptor, buf) + self.templates + (self.parts,),
+                                  self.meta)
+            state = self.slots[slot] = _GroupSlot(weights, launch, None, SCRATCH.generation)
+        return state
+
+    def __call__(self, slot: int = 0) -> None:
+        """Decode every call's weight into its slice of scratch slot ``slot`` (current stream)."""
+        state = self._slot(slot)
+        state.direct = _launch_fast(state.launch, state.direct, self.plans[0].device)
+
+    def weights(self, slot: int = 0) -> list:
+        return self._slot(slot).weights
 
 
 class BatchedDecode(_ForwardOrder):
-    """Batched decode for the forwards of one model (see above). ``groups``: the [start, end) call ranges decoded
-    by one launch each (None until built); ``batched_launches`` counts those launches, ``batched_calls`` the calls
-    served from them; ``scratch_extra_bytes``: how much more scratch the groups take than the order's largest
-    layer."""
-    needs_cuda = False  # also Triton's interpreter on CPU tensors (tests)
+    """Batched decode for the forwards of one model (see above); ``ahead``: the groups, and the calls between them
+    one by one, decoded ahead on a side stream (see :class:`_ForwardOrder`). ``groups``: the [start, end) call
+    ranges decoded by one launch each (None until built)."""
 
-    def __init__(self, model: nn.Module, max_bytes: int = BATCHED_DECODE_MAX_BYTES):
-        self.max_bytes = int(max_bytes)
-        self.batched_launches = self.batched_calls = self.scratch_extra_bytes = 0
-        self._forget()
+    def __init__(self, model: nn.Module, max_bytes: int = BATCHED_DECODE_MAX_BYTES, ahead: bool = False):
+        self.max_bytes, self.ahead = int(max_bytes), bool(ahead)
         super().__init__(model)
 
-    def _forget(self) -> None:
-        self.groups = None
-        self._members: dict[int, tuple[_BatchedGroup, int]] = {}  # call -> (its group, its index there)
+    @property
+    def groups(self) -> list[tuple[int, int]] | None:
+        if self.units is None:
+            return None
+        return [(start, start + len(unit.plans)) for start, unit in self.units if unit.batched]
 
-    def _follow(self) -> None:
-        if self.groups is not None or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return
-        self.groups = batch_groups(self.order, self.max_bytes)
-        sizes: dict[tuple, int] = {}  # (device, dtype) -> the largest group's elements
-        for start, end in self.groups:
-            group = _BatchedGroup(self.order[start:end])
-            for index in range(end - start):
-                self._members[start + index] = (group, index)
-            key = (group.plans[0].device, group.plans[0].dtype)
-            sizes[key] = max(sizes.get(key, 0), group.numel)
-        self.scratch_extra_bytes = 0
-        for (device, dtype), numel in sizes.items():
-            SCRATCH.get(device, dtype, numel)  # grown now, not while a forward (or a capture) runs
-            layer = max(p.numel for p in self.order if (p.device, p.dtype) == (device, dtype))
-            self.scratch_extra_bytes += max(0, numel - layer) * dtype.itemsize
-
-    def weight(self, plan: _Plan) -> torch.Tensor:
-        """The weight of this packed-layer call (fast_weight within a forward of the model)."""
-        k = self._next_call(plan)
-        member = self._members.get(k) if k is not None else None
-        if member is None:
-            return plan()
-        group, index = member
-        if index == 0:
-            group()
-            self.batched_launches += 1
-        elif group.generation != SCRATCH.generation:  # the buffer was replaced since the group's decode
-            return plan()
-        self.batched_calls += 1
-        return group.weights[index]
+    def _units(self) -> list[tuple[int, object]]:
+        units = [(start, _BatchedGroup(self.order[start:end])) for start, end in batch_groups(self.order,
+                                                                                                self.max_bytes)]
+        if self.ahead:  # every call in a unit: those between groups decode ahead one by one
+            grouped = {k for start, unit in units for k in range(start, start + len(unit.plans))}
+            units += [(k, _LayerUnit(plan)) for k, plan in enumerate(self.order) if k not in grouped]
+        return sorted(units, key=lambda item: item[0])
 
 
-def batched_decode(model: nn.Module, max_bytes: int = BATCHED_DECODE_MAX_BYTES) -> BatchedDecode:
-    """Decode groups of consecutive packed layers in one launch each in ``model``'s forwards on CUDA (off unless
-    called; see the comment above :class:`BatchedDecode`). Returns the handle; ``.remove()`` turns it off."""
-    return BatchedDecode(model, max_bytes)
+def batched_decode(model: nn.Module, max_bytes: int = BATCHED_DECODE_MAX_BYTES, ahead: bool = False) -> BatchedDecode:
+    """Decode groups of consecutive packed layers in one launch each in ``model``'s forwards (off unless called;
+    see the comment above :class:`BatchedDecode`); ``ahead``: each group's decode overlaps the previous group's
+    compute on a side stream. Returns the handle; ``.remove()`` turns it off."""
+    return BatchedDecode(model, max_bytes, ahead)
 
 
 def can_use_kernels(tensor: torch.Tensor) -> bool:

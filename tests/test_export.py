@@ -253,7 +253,7 @@ def test_fp16_export_is_exact_in_fp16_and_keeps_scales_float32(tmp_path, tiny_pi
 
 def test_batched_decode_switch_attaches_to_the_loaded_denoiser(tmp_path, tiny_pixart_fp16, monkeypatch):
     """QUA2SEDIMO_BATCHED_DECODE=1 (kernels.BATCHED_DECODE): load_quantized puts the batched decode's hooks on the
-    denoiser it returns; off (the default): none."""
+    denoiser it returns (=ahead: decoding ahead); off (the default): none."""
     from multiquant import kernels
 
     family, model, mq = tiny_pixart_fp16
@@ -262,9 +262,14 @@ def test_batched_decode_switch_attaches_to_the_loaded_denoiser(tmp_path, tiny_pi
     monkeypatch.setattr(kernels, "BATCHED_DECODE", True)
     loaded = load_quantized(tmp_path)
     handle = loaded.qua2sedimo_batched_decode
-    assert isinstance(handle, kernels.BatchedDecode) and len(loaded._forward_pre_hooks) == 1
+    assert isinstance(handle, kernels.BatchedDecode) and len(loaded._forward_pre_hooks) == 1 and not handle.ahead
     handle.remove()
     assert not loaded._forward_pre_hooks
+    monkeypatch.setattr(kernels, "BATCHED_DECODE_AHEAD", True)  # QUA2SEDIMO_BATCHED_DECODE=ahead
+    assert load_quantized(tmp_path).qua2sedimo_batched_decode.ahead
+    switches = {v: kernels.batched_decode_switch(v) for v in ("0", "", "1", "ahead", " Ahead ")}
+    assert switches == {"0": (False, False), "": (False, False), "1": (True, False), "ahead": (True, True),
+                        " Ahead ": (True, True)}
 
 
 def test_pack_in_place_equals_the_loaded_export(tmp_path, tiny_pixart_fp16):

@@ -106,8 +106,10 @@ def test_side_by_side_paths_measure_each_small_m_setting_once():
     assert paths("--small_m_max", "measured", "--decode_compare") == {
         "fast": measured, "fast_no_small_m": 0, "fast_per_weight_decode": measured, "eager": 0}
     chosen = bench.bench_paths(bench.parse_args(["--small_m_max", "0", "--no_small_m_compare", "--decode_compare",
-                                                 "--decode_ahead_compare", "--batched_decode_compare"]))
-    assert list(chosen) == ["fast", "fast_per_weight_decode", "fast_decode_ahead", "fast_batched_decode", "eager"]
+                                                 "--decode_ahead_compare", "--batched_decode_compare",
+                                                 "--batched_ahead_compare"]))
+    assert list(chosen) == ["fast", "fast_per_weight_decode", "fast_decode_ahead", "fast_batched_decode",
+                            "fast_batched_ahead", "eager"]
     assert bench._path_with(chosen, measured) is None and bench._path_with(chosen, 0) == "fast"
 
 

@@ -662,15 +662,21 @@ def _linear(options, rows: int, widths, seed: int) -> torch.nn.Module:
 
 class _WeightCalls(torch.nn.Module):
     """A forward that asks each layer for its fast weight in turn and copies it, as its GEMM would read it before
-    the next call (a CPU stand-in for a model's packed-layer calls); ``skip`` drops the call of that index."""
+    the next call (a CPU stand-in for a model's packed-layer calls); ``skip`` drops the call of that index;
+    ``pointers``: where each weight of the last forward lay."""
 
     def __init__(self, layers, device):
         super().__init__()
         self.layers, self.device, self.skip = torch.nn.ModuleList(layers), torch.device(device), None
 
     def forward(self, dtype):
-        return [kernels.fast_weight(layer, dtype, self.device).clone() for i, layer in enumerate(self.layers)
-                if i != self.skip]
+        weights, self.pointers = [], []
+        for i, layer in enumerate(self.layers):
+            if i != self.skip:
+                weight = kernels.fast_weight(layer, dtype, self.device)
+                self.pointers.append(weight.data_ptr())
+                weights.append(weight.clone())
+        return weights
 
 
 @pytest.mark.parametrize("device", ["cpu"], indirect=True)
@@ -718,6 +724,57 @@ def test_batched_decode_leaves_a_diverging_forward_to_the_layer_path_and_caps_it
         assert all(torch.equal(w, e) for w, e in zip(model(torch.float16), expected[:1] + expected[2:]))
         assert batched.recorded_calls == 4 and batched.groups == [(0, 2), (2, 4)]
     assert kernels.batch_groups([layers[0]._fast_plan] * 3, cap) == [(0, 2)]  # a single call is no group
+
+
+def _poisoned_forward(model, dtype=torch.float16) -> list:
+    for buffer in kernels.SCRATCH.buffers.values():  # a weight not decoded in this forward reads NaN
+        buffer.fill_(float("nan"))
+    return model(dtype)
+
+
+def _slot_of(pointer: int, device) -> int | None:
+    """The scratch slot (float16 buffers) whose memory holds ``pointer``."""
+    for slot, key in enumerate([(device, torch.float16), (device, torch.float16, 1)]):
+        buffer = kernels.SCRATCH.buffers.get(key)
+        if buffer is not None and 0 <= pointer - buffer.data_ptr() < buffer.numel() * buffer.element_size():
+            return slot
+    return None
+
+
+@pytest.mark.parametrize("device", ["cpu"], indirect=True)
+@pytest.mark.parametrize("lever", ["batched_ahead", "decode_ahead"])
+def test_decode_ahead_alternates_scratch_slots_by_unit_and_equals_the_eager_weights(device, lever):
+    """Off CUDA the decode "ahead" runs at once (no side stream), into the other scratch slot all the same: each
+    call's weight equals the eager one bit for bit and lies in its unit's slot (batched: the groups and the calls
+    between them; decode_ahead: each call); a forward that leaves the order decodes layer by layer in slot 0 from
+    there, and the next two record and follow anew."""
+    layers = [_linear(["mse-4"], 8, [16], 1), _linear(["mse-4"], 16, [8], 2),  # group 0
+              _linear(["mse-4"], 3, [5], 3),  # rows of 5 codes: a unit of its own
+              _linear(["kmeans-3"], 8, [16], 4), _linear(["kmeans-3"], 8, [24], 5),  # group 1: another kernel
+              _linear(["kmeans-3", "fp16"], 8, [8, 8], 6),  # a dense slice: a unit of its own
+              _linear(["mse-4"], 8, [8], 7), _linear(["mse-4"], 16, [16], 8)]  # group 2: the largest unit
+    model = _WeightCalls(layers, device)
+    expected = [layer.dequantize_weight(torch.float16) for layer in layers]
+    batched = lever == "batched_ahead"
+    units = [0, 0, 1, 2, 2, 3, 4, 4] if batched else list(range(8))
+    with (kernels.batched_decode(model, ahead=True) if batched else kernels.decode_ahead(model)) as ahead:
+        for forward in range(3):  # records; builds the units, sizes both slots and follows; follows
+            assert all(torch.equal(w, e) for w, e in zip(_poisoned_forward(model), expected)), forward
+        assert ahead.recorded_calls == 8 and ahead.ahead_decodes == 2 * (units[-1])
+        assert [_slot_of(p, device) for p in model.pointers] == [u % 2 for u in units]
+        largest_unit = 8 * 8 + 16 * 16 if batched else 16 * 16
+        assert ahead.scratch_extra_bytes == (2 * largest_unit - 16 * 16) * 2  # beside one buffer of the largest layer
+        if batched:
+            assert ahead.groups == [(0, 2), (3, 5), (6, 8)]
+            assert ahead.batched_launches == 2 * 3 and ahead.batched_calls == 2 * 6
+        model.skip = 4  # leaves the order at call 4 (group 1's second call; decoded ahead in the batched case)
+        weights = _poisoned_forward(model)
+        assert all(torch.equal(w, e) for w, e in zip(weights, expected[:4] + expected[5:]))
+        assert [_slot_of(p, device) for p in model.pointers[4:]] == [0, 0, 0] and ahead.recorded_calls is None
+        for forward in range(2):  # records the new order, then follows it
+            assert all(torch.equal(w, e) for w, e in zip(_poisoned_forward(model), expected[:4] + expected[5:]))
+        assert ahead.recorded_calls == 7 and (not batched or ahead.groups == [(0, 2), (5, 7)])
+    assert kernels._AHEAD[0] is None
 
 
 @gpu
@@ -840,6 +897,75 @@ def test_cuda_batched_decode_is_bit_identical_eager_and_under_graph_capture():
                 torch.cuda.synchronize()
                 assert torch.equal(out, expected)
         assert torch.equal(wide(model(inputs[1])), reference[1])
+        assert kernels._AHEAD[0] is None
+
+
+class _Groups(torch.nn.Module):
+    """Runs of packed layers that batch (UAQ-4, K-Means-C-3, UAQ-4 again: the first two layers called a second
+    time), a layer with a dense slice between, tanh after each; before each layer the GPU sleeps ``sleep`` cycles,
+    so that the host queues far ahead of the GPU (a decode into a slot whose readers have not run yet would show);
+    ``skip`` drops the call of that index."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+
+        def layer(options, seed):
+            widths = [width // len(options)] * len(options)
+            return packed_layer(torch.nn.Linear(width, width), [random_part(o, (width, w), seed=seed + i)
+                                                                for i, (o, w) in enumerate(zip(options, widths))],
+                                torch.float16)
+
+        uaq = [layer(["mse-4"], 30 + i) for i in range(3)]
+        self.calls = torch.nn.ModuleList(uaq + [layer(["kmeans-3", "fp16"], 40)]
+                                         + [layer(["kmeans-3"], 50 + i) for i in range(3)] + uaq[:2])
+        self.skip, self.sleep = None, 0
+
+    def forward(self, x):
+        for i, layer in enumerate(self.calls):
+            if i != self.skip:
+                if self.sleep:
+                    torch.cuda._sleep(self.sleep)
+                x = torch.tanh(layer(x))
+        return x
+
+
+@gpu
+@kernels.small_m_threshold(0)  # decode + cuBLAS everywhere (bit-exact)
+def test_cuda_batched_decode_ahead_is_bit_identical_leaves_a_diverging_forward_and_is_captured():
+    model = _Groups().cuda().half()
+    model.sleep = 200_000  # about 0.1 ms a layer: the host runs ahead, the side stream must wait for the slot's readers
+    inputs = [torch.randn(256, 64, device="cuda", dtype=torch.float16) for _ in range(2)]
+    with torch.no_grad():
+        reference = [model(x) for x in inputs]  # per-layer decode
+        model.skip = 5  # the second K-Means layer
+        skipped = model(inputs[0])
+        model.skip = None
+        with kernels.batched_decode(model, ahead=True) as ahead:
+            assert torch.equal(model(inputs[0]), reference[0])  # records the order of the 9 packed calls
+            assert ahead.recorded_calls == 9 and ahead.groups is None and ahead.ahead_decodes == 0
+            for _ in range(2):  # builds the units (3 groups, the dense-slice layer alone) and follows them
+                assert torch.equal(model(inputs[1]), reference[1])
+            assert ahead.groups == [(0, 3), (4, 7), (7, 9)]
+            assert ahead.ahead_decodes == 2 * 3 and ahead.batched_launches == 2 * 3 and ahead.batched_calls == 2 * 8
+            model.skip = 5  # leaves the order within group 1, decoded ahead: joins, decodes layer by layer
+            assert torch.equal(model(inputs[0]), skipped) and ahead.recorded_calls is None
+            model.skip = None
+            for _ in range(2):  # records, builds and follows
+                assert torch.equal(model(inputs[0]), reference[0])
+            assert ahead.recorded_calls == 9
+            before = ahead.ahead_decodes, ahead.batched_launches
+            x = inputs[0].clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # the side stream forks from and joins the capture stream
+                out = model(x)
+            assert (ahead.ahead_decodes, ahead.batched_launches) == (before[0] + 3, before[1] + 3)
+            for _ in range(2):
+                for source, expected in zip(inputs[::-1], reference[::-1]):
+                    x.copy_(source)
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert torch.equal(out, expected)
+        assert torch.equal(model(inputs[1]), reference[1])  # removed: the ordinary path again
         assert kernels._AHEAD[0] is None
 
 

@@ -509,6 +509,12 @@ class _SlotViews:
     group_decode: bool  # the decode switch the launches were planned with
 
 
+def _identity(layer) -> tuple:
+    """The objects a plan depends on: the layer's slices and their buffers, by id (one pass, no tensor compares:
+    every forward checks it, and a batch-2 forward is bound by host time)."""
+    return tuple(id(t) for part in layer.parts for t in (part, *part._buffers.values()))
+
+
 class _Plan:
     """Everything one layer's fast forward needs, computed once per (device, dtype, buffers): the Triton
     launches and the scratch view the GEMM reads (per scratch slot)."""
@@ -516,6 +522,7 @@ class _Plan:
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.tensors = tuple((p, name, t) for p in layer.parts for name, t in p._buffers.items())
+        self.identity = _identity(layer)  # held alive by self.tensors / layer_parts: no id is reused meanwhile
         shape = tuple(layer.weight_shape)
         rows = shape[0]
         total = sum(p.numel // rows for p in layer.parts)
@@ -543,12 +550,8 @@ class _Plan:
         return self.slots[0].launches if 0 in self.slots else []
 
     def valid_for(self, layer, device, dtype) -> bool:
-        """Same device, dtype and buffer objects (a reloaded or moved layer gets a new plan)."""
-        if device != self.device or dtype != self.dtype:
-            return False
-        if len(layer.parts) != len(self.layer_parts) or any(a is not b for a, b in zip(layer.parts, self.layer_parts)):
-            return False
-        return all(part._buffers.get(name) is t for part, name, t in self.tensors)
+        """Same device, dtype, slices and buffer objects (a reloaded or moved layer gets a new plan)."""
+        return device == self.device and dtype == self.dtype and _identity(layer) == self.identity
 
     def views(self, slot: int = 0) -> _SlotViews:
         """This layer's views of scratch slot ``slot`` and its launches, planned anew when the buffer or the
@@ -676,12 +679,14 @@ def small_m_max() -> int | str:
 
 def _small_m_eligible(layer, input: torch.Tensor, max_rows: int) -> bool:
     """One packed slice, a float input of 1..max_rows rows, no autograd needed (the fused kernel has no backward)."""
-    parts = layer.parts
-    in_features = layer.in_features
-    if len(parts) != 1 or parts[0].method == "dense" or input.dtype not in GEMM_DTYPES or in_features == 0:
+    in_features = layer.in_features  # rows first: most forwards have many and stop here (host time per call)
+    if in_features == 0 or not 0 < input.numel() // in_features <= max_rows or input.dtype not in GEMM_DTYPES:
         return False
-    rows = input.numel() // in_features
-    if not 0 < rows <= max_rows or parts[0].numel >= MAX_NUMEL:
+    parts = layer.parts
+    if len(parts) != 1:
+        return False
+    part = next(iter(parts))  # not parts[0]: ModuleList indexing costs microseconds
+    if part.method == "dense" or part.numel >= MAX_NUMEL:
         return False
     bias = layer.bias
     return not (torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)))
@@ -730,7 +735,7 @@ def _rows_bucket(rows: int) -> int:
 
 def small_m_key(layer, input: torch.Tensor) -> tuple:
     """The measured dispatch's key of a PackedLinear forward on ``input`` (fields SMALL_M_KEY_FIELDS)."""
-    part = layer.parts[0]
+    part = next(iter(layer.parts))
     rows = input.numel() // layer.in_features
     return (part.method, part.bits, METHODS[part.method].per_channel, layer.out_features, layer.in_features,
             _rows_bucket(rows), input.dtype, layer.bias is not None, input.device.type, input.device.index)
@@ -878,7 +883,7 @@ def packed_linear(layer, input: torch.Tensor) -> torch.Tensor:
     u the output dtype's unit roundoff (2^-11 fp16, 2^-8 bf16, 2^-24 fp32), s half its smallest subnormal; e
     allows one float32 unit (2^-23, not the 2^-24 of round-to-nearest) per addition and per fp32 product, as
     tensor-core accumulators may truncate (:func:`linear_error_bound`; tests/test_kernels.py checks it)."""
-    part = layer.parts[0]
+    part = next(iter(layer.parts))
     out_features = part.shape[0]
     x = input.reshape(-1, input.shape[-1])
     buffers = part._buffers

@@ -1,0 +1,102 @@
+"""Host (Python + launch) time of one packed layer call beside the FP16 layer it replaces: what an eager forward at a
+small batch pays, where the GPU waits for the host (PixArt-alpha at batch 2: benchmarks/results/export.json).
+
+    python benchmarks/host_overhead.py             # GPU
+    python benchmarks/host_overhead.py --smoke     # CPU: checks the script (the eager CPU path; no kernels)
+
+A stack of ``--layers`` Linear layers (1152 x 1152, bias) runs on ``--rows`` input rows, FP16 dense and packed per
+option, ``--reps`` forwards each; ``host_us`` = wall time of the forwards' Python side per layer call, the GPU
+synchronized only after the loop (at these rows the GPU finishes a layer faster than the host queues it, so the
+wall time is the host's). ``profile``: the top functions by own time of a cProfile'd packed forward.
+Writes benchmarks/results/host_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, random_packed_weight, sync, write_result  # noqa: E402
+from multiquant import kernels  # noqa: E402
+from multiquant.packed import packed_layer  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--options", default="mse-4,kmeans-3")
+    ap.add_argument("--layers", type=int, default=100)
+    ap.add_argument("--features", type=int, default=1152)
+    ap.add_argument("--rows", default="64,2", help="input rows per run (64: decode + cuBLAS; 2: the small-M path)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args(argv)
+
+
+def host_us(stack, x, reps: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            stack(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            stack(x)
+        seconds = time.perf_counter() - start
+        sync()
+    return 1e6 * seconds / (reps * len(stack))
+
+
+def profile_top(stack, x, lines: int = 25) -> list[str]:
+    with torch.no_grad():
+        stack(x)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            stack(x)
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    f = args.features
+    layers = 4 if args.smoke else args.layers
+    dense = torch.nn.Sequential(*[torch.nn.Linear(f, f, device=device, dtype=dtype) for _ in range(layers)])
+    result = environment() | {"layers": layers, "features": f, "reps": args.reps, "runs": []}
+    for rows in [int(r) for r in args.rows.split(",")]:
+        x = torch.randn(rows, f, device=device, dtype=dtype)
+        run = {"rows": rows, "fp16_host_us": host_us(dense, x, args.reps), "options": {}}
+        for option in args.options.split(","):
+            packed = torch.nn.Sequential(*[
+                packed_layer(torch.nn.Linear(f, f, bias=False, device="meta"),
+                             [random_packed_weight(option, (f, f), seed=i, device=device)], dtype).to(device)
+                for i in range(layers)])
+            for layer, ref in zip(packed, dense):
+                layer.bias = ref.bias
+            entry = {"host_us": host_us(packed, x, args.reps)}
+            entry["extra_host_us"] = entry["host_us"] - run["fp16_host_us"]
+            entry["profile"] = profile_top(packed, x)
+            run["options"][option] = entry
+            print(f"rows {rows} {option}: packed {entry['host_us']:.1f} us / layer call, FP16 "
+                  f"{run['fp16_host_us']:.1f}", flush=True)
+        result["runs"].append(run)
+    result["small_m_table"] = kernels.small_m_table()
+    out = args.out or (tempfile.mkdtemp() if args.smoke else None)
+    print(write_result("host_overhead", result, out))
+    return result
+
+
+if __name__ == "__main__":
+    main()

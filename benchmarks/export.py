@@ -8,7 +8,10 @@ Per model, each configuration (default: uniform UAQ-4, uniform K-Means-A-4, unif
 ~3.5-bit mix of all six options) is exported with ``export_quantized`` and loaded back with ``load_quantized``;
 the FP16 reference is the same denoiser's ``save_pretrained`` safetensors and its ordinary forward. Per shape
 (batch x resolution; PixArt with 120 text tokens): latency = median of ``--reps`` forwards after warm-up (eager
-path: ``--eager_reps``), each model alone on the GPU, all measured side by side in one run; memory = peak of
+path: ``--eager_reps``), each model alone on the GPU, all measured side by side in one run; for every fast path also
+``paired``: ``--reps`` FP16 and packed forwards alternated, and ``latency_ratio_vs_fp16`` is the median of their
+per-pair ratios (``_unpaired``: the ratio of the two medians; ``--no_paired`` skips the pairs), because the eager
+batch-2 forwards are bound by host time that drifts between calls; memory = peak of
 ``torch.cuda.max_memory_allocated`` over one forward, stats reset before it (the packed model's figure includes
 the shared decode scratch); exactness = max abs difference of the packed forward vs the simulated configuration
 (``quantize_`` on the FP16 model) on the same inputs. At batch 2 the forwards are also replayed as CUDA graphs
@@ -32,19 +35,19 @@ measured dispatch's decision at M <= its cap (``measured_dispatch``), and report
 up to which the fused kernel is at least as fast on the GPU (``crossover``). If the fused kernel fails there, the
 models are measured without it and ``small_m_disabled_because`` says why.
 
-Decode kernels: ``--decode_compare`` also measures ``fast_per_weight_decode``, the default fast path with the
-per-weight decode kernel forced everywhere (``kernels.use_group_decode(False)``, as QUA2SEDIMO_GROUP_DECODE=0), beside
-``fast`` (the group decode where rows hold whole groups of 8 codes) in the same run; ``group_decode_speedup``
-(``_cuda_graph``: from graph replays) is the per-weight path's latency over the default's. ``--decode_ahead_compare``
-also measures ``fast_decode_ahead``, the default fast path with ``kernels.decode_ahead`` on the model (each packed
-layer's decode overlapping the previous layer's GEMM on a side stream); ``decode_ahead_speedup(_cuda_graph)`` is
-the default's latency over it. ``--batched_decode_compare`` also measures ``fast_batched_decode``, the default fast
-path with ``kernels.batched_decode`` on the model (one decode launch per group of consecutive packed layers, up to
-``kernels.BATCHED_DECODE_MAX_BYTES`` decoded bytes a group), with its launches, groups and extra scratch bytes;
-``batched_decode_speedup(_cuda_graph)`` is the default's latency over it. ``--batched_ahead_compare`` also measures
-``fast_batched_ahead``, the default fast path with ``kernels.batched_decode(model, ahead=True)`` (each group's
-batched decode on a side stream, overlapping the previous group's compute); ``batched_ahead_speedup(_cuda_graph)``
-is the default's latency over it.
+Decode levers: ``fast`` carries the lever load_quantized attaches (``default_lever``: the batched decode unless
+QUA2SEDIMO_BATCHED_DECODE says otherwise). Beside it, in the same run: ``--layer_decode_compare`` measures
+``fast_layer_decode`` without it (one decode launch per layer, group decode kernel), ``--decode_compare``
+``fast_per_weight_decode`` (one launch per layer, the per-weight kernel forced: ``kernels.use_group_decode(False)``,
+as QUA2SEDIMO_GROUP_DECODE=0), ``--decode_ahead_compare`` ``fast_decode_ahead`` (``kernels.decode_ahead``: each
+layer's decode overlapping the previous layer's GEMM on a side stream), ``--batched_decode_compare``
+``fast_batched_decode`` (``kernels.batched_decode``: one launch per group of consecutive packed layers, up to
+``kernels.BATCHED_DECODE_MAX_BYTES`` decoded bytes a group; its launches, groups and extra scratch bytes) and
+``--batched_ahead_compare`` ``fast_batched_ahead`` (``batched_decode(model, ahead=True)``: each group's decode on a
+side stream during the previous group's compute). Speedups (``*_speedup``, ``_cuda_graph`` from graph replays) are
+one decode per layer (fast_layer_decode, or fast when it has no lever) over the lever's path:
+``default_lever_speedup``, ``decode_ahead_speedup``, ``batched_decode_speedup``, ``batched_ahead_speedup``; and
+``group_decode_speedup`` = the per-weight path over one decode per layer.
 
 Subsets: ``--models pixart_alpha,dit --shapes b2_512`` measures batch 2 at 512 px of both models only (a
 ``--shapes`` item without ``model:`` applies to every model); the rows of other shapes and models already in the
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import gc
@@ -147,6 +151,29 @@ def measure_forward(model, inputs, reps: int, warmup: int = 3) -> tuple[torch.Te
 
 
 @torch.no_grad()
+def paired_latency(fp_model, model, inputs, reps: int, device) -> dict:
+    """FP16 and packed forwards alternated, ``reps`` pairs after two warm-up pairs, the FP16 model on the device
+    only meanwhile: drift of the host or the GPU hits both alike (eager forwards at batch 2 are bound by host time,
+    and FP16's own median moved 1.9x between two calls on one H200 host). ``ratio_median``: the median of the
+    per-pair ratios packed / FP16."""
+    fp_model.to(device)
+    try:
+        for _ in range(2):
+            denoiser_output(fp_model, inputs)
+            denoiser_output(model, inputs)
+        fp_times, times = [], []
+        for _ in range(reps):
+            fp_times.append(timed(denoiser_output, fp_model, inputs)[1])
+            times.append(timed(denoiser_output, model, inputs)[1])
+    finally:
+        fp_model.to("cpu")
+        free_memory()
+    return {"pairs": reps, "fp16_ms_median": 1e3 * statistics.median(fp_times),
+            "latency_ms_median": 1e3 * statistics.median(times),
+            "ratio_median": statistics.median(t / f for t, f in zip(times, fp_times))}
+
+
+@torch.no_grad()
 def graph_latency(model, inputs, reps: int) -> dict:
     """Median latency of CUDA-graph replays of one forward (launch overhead gone) and the replayed output."""
     denoiser_output(model, inputs)  # warm-up outside capture (kernels compiled, scratch sized)
@@ -222,6 +249,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode_compare", action="store_true",
                     help=f"also measure the fast path with the per-weight decode kernel everywhere "
                          f"({PER_WEIGHT_DECODE_PATH}; QUA2SEDIMO_GROUP_DECODE=0), side by side with the default")
+    ap.add_argument("--layer_decode_compare", action="store_true",
+                    help=f"also measure the fast path without load_quantized's decode lever ({LAYER_DECODE_PATH}: one "
+                         f"decode launch per layer), side by side with the default")
+    ap.add_argument("--no_paired", action="store_true",
+                    help="skip the paired timings (FP16 and packed forwards alternated) behind latency_ratio_vs_fp16")
     ap.add_argument("--decode_ahead_compare", action="store_true",
                     help=f"also measure the fast path with kernels.decode_ahead on the model ({DECODE_AHEAD_PATH}), "
                          f"side by side with the default")
@@ -280,7 +312,11 @@ def run(args, workdir: Path) -> dict:
               "decode_compare": args.decode_compare, "decode_ahead_compare": args.decode_ahead_compare,
               "batched_decode_compare": args.batched_decode_compare,
               "batched_ahead_compare": args.batched_ahead_compare,
+              "layer_decode_compare": args.layer_decode_compare,
               "batched_decode_max_bytes": kernels.BATCHED_DECODE_MAX_BYTES,
+              "default_lever": _lever_name(default_lever()) if default_lever() else None,
+              "latency_ratio": "the median of paired ratios (FP16 and packed forwards alternated, paired.ratio_median)"
+                               if not args.no_paired else "median packed latency / median FP16 latency",
               "models": {}, "shapes": [], "pipeline_memory": []}
     name = "export_tiny" if tiny else "export"
     previous = None if args.no_merge else read_previous(name, args.out)
@@ -396,6 +432,7 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
         del out, inputs  # nothing of this shape left on the GPU while the next one is measured
         free_memory()
 
+    fp_model = None if args.no_paired else copy.deepcopy(model).cpu()  # paired timings: on the device when timed
     mq, build_s = timed(MultiQuantizer.build, model, family, kmeans_iters=args.kmeans_iters, show_progress=False)
     info["multiquantizer_build_seconds"] = build_s
     configs = make_configs([c.strip() for c in args.configs.split(",") if c.strip()], mq.layers)
@@ -426,11 +463,14 @@ def bench_model(args, model_name: str, device, tiny: bool, workdir: Path, result
     result["shapes"] += rows  # filled in below, one configuration at a time
     for cname in configs:
         packed, load_s = timed(load_quantized, workdir / cname, device=device, dtype=dtype)
+        handle = getattr(packed, "qua2sedimo_batched_decode", None)
+        if handle is not None:
+            handle.remove()  # put back per path (default_lever), beside the paths without it
         info["configs"][cname]["load_seconds"] = load_s
         info["configs"][cname]["memory_ratio_vs_fp16"] = tensor_bytes(packed) / info["fp16_tensor_bytes"]
         for row, fp_out, (batch, resolution, inputs), sim in zip(rows, fp_outs, shape_inputs, simulated[cname]):
             row["configs"][cname] = bench_packed(packed, _to(inputs, device), row, fp_out, sim, args, device, batch,
-                                                 info["configs"][cname]["disk_ratio_vs_fp16"])
+                                                 info["configs"][cname]["disk_ratio_vs_fp16"], fp_model)
         del packed
         free_memory()
         save()
@@ -465,20 +505,37 @@ def _graph(model, inputs, reps: int, eager_out: torch.Tensor) -> dict:
     return graphed
 
 
-PER_WEIGHT_DECODE_PATH = "fast_per_weight_decode"  # the default fast path, per-weight decode kernel everywhere
-DECODE_AHEAD_PATH = "fast_decode_ahead"  # the default fast path with kernels.decode_ahead on the model
-BATCHED_DECODE_PATH = "fast_batched_decode"  # the default fast path with kernels.batched_decode on the model
+PER_WEIGHT_DECODE_PATH = "fast_per_weight_decode"  # one decode per layer, the per-weight decode kernel everywhere
+LAYER_DECODE_PATH = "fast_layer_decode"  # one decode per layer (group kernel): load_quantized's lever taken off
+DECODE_AHEAD_PATH = "fast_decode_ahead"  # kernels.decode_ahead on the model instead of load_quantized's lever
+BATCHED_DECODE_PATH = "fast_batched_decode"  # kernels.batched_decode on the model
 BATCHED_AHEAD_PATH = "fast_batched_ahead"  # ... with kernels.batched_decode(model, ahead=True)
 LEVERS = {DECODE_AHEAD_PATH: kernels.decode_ahead, BATCHED_DECODE_PATH: kernels.batched_decode,
-          BATCHED_AHEAD_PATH: functools.partial(kernels.batched_decode, ahead=True)}  # path -> handle on the model
-SETTING_PATHS = (PER_WEIGHT_DECODE_PATH, *LEVERS)  # not small-M comparisons
+          BATCHED_AHEAD_PATH: functools.partial(kernels.batched_decode, ahead=True),
+          PER_WEIGHT_DECODE_PATH: None, LAYER_DECODE_PATH: None}  # path -> the handle it puts on the model
+SETTING_PATHS = tuple(LEVERS)  # not small-M comparisons
+
+
+def _lever_name(lever) -> str:
+    if isinstance(lever, functools.partial):
+        return f"{lever.func.__name__}({', '.join(f'{k}={v}' for k, v in lever.keywords.items())})"
+    return lever.__name__
+
+
+def default_lever():
+    """The decode lever load_quantized attaches (kernels.BATCHED_DECODE / _AHEAD: QUA2SEDIMO_BATCHED_DECODE), or
+    None. The benchmark takes it off the loaded model and puts it back per path (``fast`` and the small-M paths)."""
+    if not kernels.BATCHED_DECODE:
+        return None
+    return functools.partial(kernels.batched_decode, ahead=kernels.BATCHED_DECODE_AHEAD)
 
 
 def bench_paths(args) -> dict:
     """name -> (Triton fast path on, small-M setting): ``fast`` at the default setting (``--small_m_max``);
     beside it ``fast_no_small_m`` (0) and ``fast_small_m_measured`` (the measured dispatch), each unless it is the
     default's setting, ``fast_small_m`` at ``--small_m_compare`` rows when > 0, PER_WEIGHT_DECODE_PATH at the
-    default's setting with ``--decode_compare``, DECODE_AHEAD_PATH likewise with ``--decode_ahead_compare``,
+    default's setting with ``--decode_compare``, LAYER_DECODE_PATH with ``--layer_decode_compare``, DECODE_AHEAD_PATH
+    likewise with ``--decode_ahead_compare``,
     BATCHED_DECODE_PATH with ``--batched_decode_compare``, BATCHED_AHEAD_PATH with ``--batched_ahead_compare``;
     the eager reference."""
     paths = {"fast": (True, args.small_m_max)}
@@ -491,6 +548,8 @@ def bench_paths(args) -> dict:
                 paths[name] = (True, setting)
     if args.decode_compare:
         paths[PER_WEIGHT_DECODE_PATH] = (True, args.small_m_max)
+    if args.layer_decode_compare:
+        paths[LAYER_DECODE_PATH] = (True, args.small_m_max)
     if args.decode_ahead_compare:
         paths[DECODE_AHEAD_PATH] = (True, args.small_m_max)
     if args.batched_decode_compare:
@@ -508,7 +567,7 @@ def _path_with(paths: dict, setting) -> str | None:
 
 
 def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out: torch.Tensor, args, device,
-                 batch: int, disk_ratio: float) -> dict:
+                 batch: int, disk_ratio: float, fp_model=None) -> dict:
     fp = row["fp16"]
     paths = bench_paths(args)
     with_name, without_name = _path_with(paths, kernels.MEASURED), _path_with(paths, 0)
@@ -521,7 +580,8 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         try:
             reps = args.eager_reps if path == "eager" else args.reps
             group_decode = kernels.group_decode_enabled() and path != PER_WEIGHT_DECODE_PATH
-            ahead = LEVERS[path](packed) if path in LEVERS else contextlib.nullcontext()
+            lever = LEVERS[path] if path in LEVERS else default_lever() if fast else None
+            ahead = lever(packed) if lever else contextlib.nullcontext()
             settings = use_packed_kernels(fast), small_m_threshold(threshold), kernels.use_group_decode(group_decode)
             with contextlib.ExitStack() as stack:
                 for setting in settings + (ahead,):
@@ -532,15 +592,19 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
                     if "latency_ms_median" in stats["cuda_graph"] and "latency_ms_median" in fp.get("cuda_graph", {}):
                         stats["cuda_graph"]["latency_ratio_vs_fp16"] = (stats["cuda_graph"]["latency_ms_median"]
                                                                         / fp["cuda_graph"]["latency_ms_median"])
-                if path in LEVERS:
-                    stats.update(ahead_decodes=ahead.ahead_decodes, recorded_calls=ahead.recorded_calls,
-                                 scratch_extra_bytes=ahead.scratch_extra_bytes)
-                if path in (BATCHED_DECODE_PATH, BATCHED_AHEAD_PATH):
+                if lever:
+                    stats.update(lever=_lever_name(lever), ahead_decodes=ahead.ahead_decodes,
+                                 recorded_calls=ahead.recorded_calls, scratch_extra_bytes=ahead.scratch_extra_bytes)
+                if isinstance(ahead, kernels.BatchedDecode):
                     stats.update(batched_launches=ahead.batched_launches, batched_calls=ahead.batched_calls,
                                  batched_groups=len(ahead.groups or ()))
+                if fast and fp_model is not None:  # eager latency beside FP16, forward by forward
+                    stats["paired"] = paired_latency(fp_model, packed, inputs, args.reps, device)
+            unpaired = stats["latency_ms_median"] / fp["latency_ms_median"]
             stats.update(max_abs_diff_vs_simulated=float((out.float().cpu() - simulated_out).abs().max()),
                          max_abs_diff_vs_fp16=float((out.float().cpu() - fp_out).abs().max()),
-                         latency_ratio_vs_fp16=stats["latency_ms_median"] / fp["latency_ms_median"])
+                         latency_ratio_vs_fp16=stats.get("paired", {}).get("ratio_median", unpaired),
+                         latency_ratio_vs_fp16_unpaired=unpaired)
             if "peak_allocated" in stats:
                 stats["peak_ratio_vs_fp16"] = stats["peak_allocated"] / fp["peak_allocated"]
             stats.pop("latency_ms_all")
@@ -567,13 +631,19 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
             entry[f"{key}_with_small_m"], entry[f"{key}_without_small_m"] = with_[key], without[key]
         _speedup(entry, "small_m_speedup", baseline=without, variant=with_)
     # each lever against the path without it, side by side: the per-weight decode is the group decode's baseline
-    for name, path, lever_is_path in (("group_decode_speedup", PER_WEIGHT_DECODE_PATH, False),
-                                      ("decode_ahead_speedup", DECODE_AHEAD_PATH, True),
-                                      ("batched_decode_speedup", BATCHED_DECODE_PATH, True),
-                                      ("batched_ahead_speedup", BATCHED_AHEAD_PATH, True)):
-        if "latency_ms_median" in entry.get(path, {}):
-            other, fast = entry[path], entry["fast"]
-            _speedup(entry, name, baseline=fast if lever_is_path else other, variant=other if lever_is_path else fast)
+    # each lever against one decode per layer (LAYER_DECODE_PATH where measured, else ``fast`` when it has no lever)
+    layer = entry.get(LAYER_DECODE_PATH) if LAYER_DECODE_PATH in paths else None if default_lever() else entry["fast"]
+    lever_paths = {"group_decode_speedup": PER_WEIGHT_DECODE_PATH, "decode_ahead_speedup": DECODE_AHEAD_PATH,
+                   "batched_decode_speedup": BATCHED_DECODE_PATH, "batched_ahead_speedup": BATCHED_AHEAD_PATH,
+                   "default_lever_speedup": "fast"}
+    for name, path in lever_paths.items():
+        other = entry.get(path, {})
+        if layer is None or other is layer or "latency_ms_median" not in other or "latency_ms_median" not in layer:
+            continue
+        if path == PER_WEIGHT_DECODE_PATH:  # the group decode kernel's speedup: the per-weight path is its baseline
+            _speedup(entry, name, baseline=other, variant=layer)
+        else:
+            _speedup(entry, name, baseline=layer, variant=other)
     return entry
 
 

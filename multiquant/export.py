@@ -446,7 +446,7 @@ def load_quantized(out_dir: str | os.PathLike, device="cpu", dtype: torch.dtype 
         (module._parameters if attr in module._parameters else module._buffers)[attr] = value
     _settle_remaining(model, device, dtype, info.get("own_dtypes", {}))
     model.qua2sedimo_export = {k: info[k] for k in ("family", "avg_bits", "export_id", "dtype")}
-    if kernels.BATCHED_DECODE:  # QUA2SEDIMO_BATCHED_DECODE=1: one decode launch per group of layers (off by default)
+    if kernels.BATCHED_DECODE:  # one decode launch per group of layers (QUA2SEDIMO_BATCHED_DECODE=0: one per layer)
         model.qua2sedimo_batched_decode = kernels.batched_decode(model, ahead=kernels.BATCHED_DECODE_AHEAD)  # =ahead
     return model.eval()
 

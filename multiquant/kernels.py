@@ -17,11 +17,11 @@ model reproduces the eager one (and the simulated configuration) exactly, small-
     QUA2SEDIMO_GROUP_DECODE=0      # environment: the same, process-wide
     decode_ahead(model)            # off by default: decode the next packed layer on a side stream during the
                                    # current layer's GEMM (two scratch slots; bit-identical; see _ForwardOrder)
-    batched_decode(model)          # off by default: one decode launch per group of consecutive packed layers of
-                                   # the recorded forward order (bit-identical; see BatchedDecode)
+    batched_decode(model)          # one decode launch per group of consecutive packed layers of the recorded
+                                   # forward order (bit-identical; see BatchedDecode); load_quantized attaches it
     batched_decode(model, ahead=True)  # both: group g + 1 decodes on the side stream while group g computes
-    QUA2SEDIMO_BATCHED_DECODE=1    # environment: load_quantized attaches batched_decode to the model it returns
-    QUA2SEDIMO_BATCHED_DECODE=ahead  # ... batched_decode(model, ahead=True)
+    QUA2SEDIMO_BATCHED_DECODE=0    # environment: load_quantized attaches no batched decode (one launch per layer)
+    QUA2SEDIMO_BATCHED_DECODE=ahead  # ... attaches batched_decode(model, ahead=True)
 
 Two decode kernels, same values bit for bit: slices whose rows hold whole groups of 8 codes (row length a
 multiple of 8, the large layers of every family here) take the group decode, which assembles each group's b
@@ -55,6 +55,7 @@ as capture always requires, so the scratch exists before capture).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -1084,6 +1085,10 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return torch.cuda.Stream(device=device)
 
 
+RETIRED_ORDERS = 16  # dropped orders whose batched descriptors stay allocated (a few KB each): a graph captured on
+# one of them replays correctly after eager forwards have recorded other orders
+
+
 class _LayerUnit:
     """One packed-layer call decoded by its own launches (its _Plan) into a scratch slot."""
     batched = False
@@ -1124,6 +1129,7 @@ class _ForwardOrder:
         self.pending = None  # (device, event or None, scratch generation) of the next unit's decode queued ahead
         self.serving = None  # (unit index, scratch generation) of the unit whose calls are being served
         self._events: dict[torch.device, tuple] = {}
+        self._retired = collections.deque(maxlen=RETIRED_ORDERS)  # descriptors of dropped orders' units
         self._forget()
         self.handles = [model.register_forward_pre_hook(self._start),
                         model.register_forward_hook(self._end, always_call=True)]
@@ -1147,6 +1153,8 @@ class _ForwardOrder:
         raise NotImplementedError
 
     def _forget(self) -> None:  # the recorded order was dropped
+        if getattr(self, "units", None):  # a CUDA graph captured while they served may still read them
+            self._retired.append([unit.descriptor for _, unit in self.units if unit.batched])
         self.units: list[tuple[int, object]] | None = None
         self._members: dict[int, tuple[int, int]] = {}  # call -> (its unit, its index there)
         self._slot_numel: dict[tuple, int] = {}  # (device, dtype) -> elements of each scratch slot the units use
@@ -1304,8 +1312,11 @@ def decode_ahead(model: nn.Module) -> DecodeAhead:
 
 
 # ------------------------------------------------------------------------------------------ batched decode
-# Off unless ``batched_decode(model)`` is called (or QUA2SEDIMO_BATCHED_DECODE=1 / =ahead when load_quantized builds
-# the model). A decode launch of a 1152 x 1152 layer costs about the fixed cost of any kernel (4-6 us on an H200
+# On where ``batched_decode(model)`` is called; load_quantized calls it on the model it builds (QUA2SEDIMO_BATCHED_DECODE
+# =0: not; =ahead: with ahead=True). Measured on one H200 at batch 2 / 512 px under CUDA graphs
+# (benchmarks/results/export.json): 2-7% faster forwards than one decode launch per layer for about 5 MB more
+# scratch; ahead=True gained nothing more (the side stream's decode hardly overlaps the main stream's work).
+# Why: a decode launch of a 1152 x 1152 layer costs about the fixed cost of any kernel (4-6 us on an H200
 # against 0.7 us of bandwidth: benchmarks/results/decode.json), so with batched decode, every forward of ``model``
 # after the first follows the order in which the first one called its packed layers, and one launch of
 # batched_decode_kernel decodes a group of consecutive calls into consecutive slices of a scratch buffer when the
@@ -1327,7 +1338,7 @@ def batched_decode_switch(value: str) -> tuple[bool, bool]:
 
 
 # load_quantized attaches batched_decode(model, ahead=BATCHED_DECODE_AHEAD) where BATCHED_DECODE
-BATCHED_DECODE, BATCHED_DECODE_AHEAD = batched_decode_switch(os.environ.get("QUA2SEDIMO_BATCHED_DECODE", "0"))
+BATCHED_DECODE, BATCHED_DECODE_AHEAD = batched_decode_switch(os.environ.get("QUA2SEDIMO_BATCHED_DECODE", "1"))
 # decoded bytes per group, the scratch buffer's size at most: 16 MiB is just above the largest layer of PixArt-alpha
 # and DiT-XL/2 (1152 -> 6912 adaLN, 15.9 MB in fp16), so their scratch hardly grows, and holds six 1152 x 1152 layers
 BATCHED_DECODE_MAX_BYTES = 16 << 20

@@ -252,14 +252,15 @@ def test_fp16_export_is_exact_in_fp16_and_keeps_scales_float32(tmp_path, tiny_pi
 
 
 def test_batched_decode_switch_attaches_to_the_loaded_denoiser(tmp_path, tiny_pixart_fp16, monkeypatch):
-    """QUA2SEDIMO_BATCHED_DECODE=1 (kernels.BATCHED_DECODE): load_quantized puts the batched decode's hooks on the
-    denoiser it returns (=ahead: decoding ahead); off (the default): none."""
+    """kernels.BATCHED_DECODE (QUA2SEDIMO_BATCHED_DECODE, on unless "0"): load_quantized puts the batched decode's
+    hooks on the denoiser it returns (=ahead: decoding ahead); off: none."""
     from multiquant import kernels
 
     family, model, mq = tiny_pixart_fp16
     export_quantized(model, family, sample_random_config(mq.layers, seed=3, index=0), mq, tmp_path)
+    monkeypatch.setattr(kernels, "BATCHED_DECODE", False)  # QUA2SEDIMO_BATCHED_DECODE=0
     assert not hasattr(load_quantized(tmp_path), "qua2sedimo_batched_decode")
-    monkeypatch.setattr(kernels, "BATCHED_DECODE", True)
+    monkeypatch.setattr(kernels, "BATCHED_DECODE", True)  # the default
     loaded = load_quantized(tmp_path)
     handle = loaded.qua2sedimo_batched_decode
     assert isinstance(handle, kernels.BatchedDecode) and len(loaded._forward_pre_hooks) == 1 and not handle.ahead

@@ -965,6 +965,14 @@ def test_cuda_batched_decode_ahead_is_bit_identical_leaves_a_diverging_forward_a
                     graph.replay()
                     torch.cuda.synchronize()
                     assert torch.equal(out, expected)
+            model.skip = 5  # eager forwards drop the captured order and build another one's descriptors ...
+            for _ in range(3):
+                assert torch.equal(model(inputs[0]), skipped)
+            model.skip = None
+            x.copy_(inputs[1])
+            graph.replay()  # ... while the graph still reads the captured order's, kept alive
+            torch.cuda.synchronize()
+            assert torch.equal(out, reference[1])
         assert torch.equal(model(inputs[1]), reference[1])  # removed: the ordinary path again
         assert kernels._AHEAD[0] is None
 

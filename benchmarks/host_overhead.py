@@ -7,7 +7,8 @@ small batch pays, where the GPU waits for the host (PixArt-alpha at batch 2: ben
 A stack of ``--layers`` Linear layers (1152 x 1152, bias) runs on ``--rows`` input rows, FP16 dense and packed per
 option, ``--reps`` forwards each; ``host_us`` = wall time of the forwards' Python side per layer call, the GPU
 synchronized only after the loop (at these rows the GPU finishes a layer faster than the host queues it, so the
-wall time is the host's). ``profile``: the top functions by own time of a cProfile'd packed forward.
+wall time is the host's), the minimum over ``--trials`` trials interleaved across the stacks (host time drifts:
+single trials of one stack varied by 30% between calls). ``profile``: the top functions by own time of a cProfile'd packed forward.
 Writes benchmarks/results/host_overhead.json.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--features", type=int, default=1152)
     ap.add_argument("--rows", default="64,2", help="input rows per run (64: decode + cuBLAS; 2: the small-M path)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=7, help="interleaved trials per stack; host_us is their minimum")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
@@ -73,24 +75,33 @@ def main(argv=None) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     f = args.features
     layers = 4 if args.smoke else args.layers
-    dense = torch.nn.Sequential(*[torch.nn.Linear(f, f, device=device, dtype=dtype) for _ in range(layers)])
-    result = environment() | {"layers": layers, "features": f, "reps": args.reps, "runs": []}
+    stacks = {"fp16": torch.nn.Sequential(*[torch.nn.Linear(f, f, device=device, dtype=dtype) for _ in range(layers)])}
+    for option in args.options.split(","):
+        stacks[option] = torch.nn.Sequential(*[
+            packed_layer(torch.nn.Linear(f, f, bias=False, device="meta"),
+                         [random_packed_weight(option, (f, f), seed=i, device=device)], dtype).to(device)
+            for i in range(layers)])
+        for layer, ref in zip(stacks[option], stacks["fp16"]):
+            layer.bias = ref.bias
+    result = environment() | {"layers": layers, "features": f, "reps": args.reps, "trials": args.trials,
+                              "runs": []}
     for rows in [int(r) for r in args.rows.split(",")]:
         x = torch.randn(rows, f, device=device, dtype=dtype)
-        run = {"rows": rows, "fp16_host_us": host_us(dense, x, args.reps), "options": {}}
-        for option in args.options.split(","):
-            packed = torch.nn.Sequential(*[
-                packed_layer(torch.nn.Linear(f, f, bias=False, device="meta"),
-                             [random_packed_weight(option, (f, f), seed=i, device=device)], dtype).to(device)
-                for i in range(layers)])
-            for layer, ref in zip(packed, dense):
-                layer.bias = ref.bias
-            entry = {"host_us": host_us(packed, x, args.reps)}
+        samples = {name: [] for name in stacks}
+        for _ in range(args.trials):  # interleaved: the host's drift hits every stack alike
+            for name, stack in stacks.items():
+                samples[name].append(host_us(stack, x, args.reps))
+        run = {"rows": rows, "fp16_host_us": min(samples["fp16"]), "fp16_host_us_all": samples["fp16"],
+               "options": {}}
+        for option in stacks:
+            if option == "fp16":
+                continue
+            entry = {"host_us": min(samples[option]), "host_us_all": samples[option]}
             entry["extra_host_us"] = entry["host_us"] - run["fp16_host_us"]
-            entry["profile"] = profile_top(packed, x)
+            entry["profile"] = profile_top(stacks[option], x)
             run["options"][option] = entry
             print(f"rows {rows} {option}: packed {entry['host_us']:.1f} us / layer call, FP16 "
-                  f"{run['fp16_host_us']:.1f}", flush=True)
+                  f"{run['fp16_host_us']:.1f} (min of {args.trials} interleaved trials)", flush=True)
         result["runs"].append(run)
     result["small_m_table"] = kernels.small_m_table()
     out = args.out or (tempfile.mkdtemp() if args.smoke else None)

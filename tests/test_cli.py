@@ -152,13 +152,15 @@ def test_user_error_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
 
     argv = [sys.executable, "-m", "qua2sedimo", "inspect", "--model", "fd_no_such_family", "--tiny"]
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ") or "Traceback" in line]
-    assert len(lines) == 1 and "unknown model family 'fd_no_such_family'" in lines[0], proc.stderr
-    proc = subprocess.run([*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
-    assert proc.returncode == 1 and "Traceback" in proc.stderr and "FamilyImportError" in proc.stderr
+    # both processes at once (each spends seconds importing; CI has 2 cores)
+    plain, debug = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                     env=env) for command in (argv, [*argv[:3], "--debug", *argv[3:]]))
+    stderr = plain.communicate(timeout=300)[1]
+    assert plain.returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ") or "Traceback" in line]
+    assert len(lines) == 1 and "unknown model family 'fd_no_such_family'" in lines[0], stderr
+    stderr = debug.communicate(timeout=300)[1]
+    assert debug.returncode == 1 and "Traceback" in stderr and "FamilyImportError" in stderr
 
 
 def test_debug_reraises_and_bugs_keep_their_traceback():

@@ -136,27 +136,31 @@ def test_eval_configs_uniform_baselines(env):
     assert records["uniform_kmeans_all-3"]["avg_bits"] < records["uniform_mse-4"]["avg_bits"]
 
 
-def test_torchrun_two_processes_match_one(env):
-    """The same command under 2 gloo processes gives the same numbers as 1 process."""
-    results = {}
-    for n in (1, 2):
-        out = env / f"run{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "qua2sedimo.cli", "eval-random", *ARGS, "--outdir", str(out), "--num_archs", "2"]
-        environ = dict(os.environ, OMP_NUM_THREADS="1", QUA2SEDIMO_MULTIQUANTIZERS=str(env / "mq"))
-        proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n] = load_quant_cache(out / "quant_cache.pkl")
-    for a, b in zip(results[1], results[2]):
-        assert a["config"] == b["config"]
-        assert float(a["FID-GT-1k"]) == pytest.approx(float(b["FID-GT-1k"]), rel=1e-5)
-        assert a["psnr_fp"] == pytest.approx(b["psnr_fp"], rel=1e-6)
-    meta = json.loads((env / "run2" / "run_meta.json").read_text())
-    assert meta == json.loads((env / "run1" / "run_meta.json").read_text())  # world_size is not the run's identity
-    # so the one-process run resumes under two processes (and would under any number)
-    proc = subprocess.run(cmd[:cmd.index("--outdir") + 1] + [str(env / "run1"), "--num_archs", "2"], cwd=REPO,
-                          env=environ, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "resuming: 2 configuration(s) already scored, 0 to go" in proc.stdout, proc.stderr[-2000:]
+def test_torchrun_two_processes_match_one(env, capsys):
+    """The same command under 2 gloo processes gives the same numbers as 1 process, and a 1-process run resumes
+    under 2 (world_size is not the run's identity): one process scores configurations 0 and 1; a copy of its
+    directory is resumed under torchrun with configuration 2 added, the original in one process; configuration
+    2's numbers agree (one torchrun: each extra process start costs seconds of imports on a 2-core CI host)."""
+    one, two = env / "run1", env / "run2"
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(one), "--num_archs", "2"]) == 0
+    shutil.copytree(one, two)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "qua2sedimo.cli", "eval-random", *ARGS, "--outdir", str(two), "--num_archs", "3"]
+    environ = dict(os.environ, OMP_NUM_THREADS="1", QUA2SEDIMO_MULTIQUANTIZERS=str(env / "mq"))
+    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming: 2 configuration(s) already scored, 1 to go" in proc.stdout, proc.stdout[-2000:]
+    capsys.readouterr()
+    assert cli_main(["eval-random", *ARGS, "--outdir", str(one), "--num_archs", "3"]) == 0
+    assert "resuming: 2 configuration(s) already scored, 1 to go" in capsys.readouterr().out
+    results = {n: load_quant_cache(out / "quant_cache.pkl") for n, out in ((1, one), (2, two))}
+    assert [r["index"] for r in results[1]] == [r["index"] for r in results[2]] == [0, 1, 2]
+    a, b = results[1][2], results[2][2]  # scored by 1 and by 2 processes
+    assert a["config"] == b["config"]
+    assert float(a["FID-GT-1k"]) == pytest.approx(float(b["FID-GT-1k"]), rel=1e-5)
+    assert a["psnr_fp"] == pytest.approx(b["psnr_fp"], rel=1e-6)
+    meta = json.loads((two / "run_meta.json").read_text())
+    assert meta == json.loads((one / "run_meta.json").read_text())
 
 
 def test_text_family_records_clip_score_when_a_scorer_is_given(env):

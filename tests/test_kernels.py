@@ -108,12 +108,21 @@ def group_decode(request):
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("option", OPTIONS)
 def test_decode_equals_the_eager_dequantization_bit_for_bit(device, option, group_decode):
+    """Every shape through the kernel it takes: switch off, the per-weight kernel on all of them; switch on, the
+    group kernel on the rows of whole groups (the others take the per-weight kernel, checked with the switch off).
+    The interpreter decodes each shape into one output dtype, alternating along the shapes and between options
+    (every option, kernel and dtype meet; the interpreter's cost is per launch); compiled: every dtype."""
     for i, shape in enumerate(SHAPES):
-        part = random_part(option, shape, seed=i, device=device)
         rows = shape[0]
-        geometry = kernels.PartGeometry(rows, part.numel // rows, 0)
+        geometry = kernels.PartGeometry(rows, kernels._numel(shape[1:]), 0)
         assert kernels.takes_group_decode(geometry) == (group_decode and shape in GROUP_SHAPES)
-        for dtype in DTYPES[device.type]:
+        if group_decode and shape not in GROUP_SHAPES:
+            continue
+        part = random_part(option, shape, seed=i, device=device)
+        dtypes = DTYPES[device.type]
+        if device.type == "cpu":
+            dtypes = dtypes[(i + OPTIONS.index(option)) % len(dtypes):][:1]
+        for dtype in dtypes:
             out = torch.full((rows, part.numel // rows), float("nan"), device=device, dtype=dtype)  # poison
             kernels.decode_into(part, out)
             expected = part.dequantize(dtype).reshape(rows, -1)
@@ -211,14 +220,15 @@ def test_group_decode_of_uaq_is_exact_for_any_int16_zero_and_scale(device):
 @pytest.mark.parametrize("option", ["mse-3", "kmeans-4", "kmeans_all-5"])
 def test_group_decode_of_a_column_slice_over_many_tiles(device, option):
     """Small tiles (many row and column blocks, partial ones at both ends) and a slice at a column offset of a
-    wider buffer: every weight of the slice written as the eager path's, no other column touched."""
-    rows, row_len, total, col_offset = 37, 560, 600, 16  # 70 groups a row: 3 blocks of 32, the last one partial
+    wider buffer: every weight of the slice written as the eager path's, no other column touched. Few rows: the
+    interpreter runs the programs one by one."""
+    rows, row_len, total, col_offset = 5, 560, 600, 16  # 70 groups a row: 3 blocks of 32, the last one partial
     part = random_part(option, (rows, row_len), seed=5, device=device)
     expected = part.dequantize(torch.float16)
     geometry = kernels.PartGeometry(rows, row_len, col_offset)
-    for tile in (1, 6, 64):
+    for tile, rows_per in ((1, 1), (64, 2)):  # one row a block; two (5 rows: the last block half outside)
         per, groups = kernels.group_blocks(rows, row_len // 8, tile)
-        assert kernels.triton_cdiv(rows, per) > 1 and kernels.triton_cdiv(row_len // 8, groups) > 1
+        assert per == rows_per and groups == 32 and kernels.triton_cdiv(row_len // 8, groups) == 3
         out = torch.full((rows, total), float("nan"), device=device, dtype=torch.float16)
         with kernels.use_group_decode(True):
             kernels._launch_decode(part, out, geometry, tile=tile)
@@ -394,17 +404,24 @@ def _linear_within_bound(y, x, part, bias, dtype):
 @pytest.mark.parametrize("option", SMALL_M_OPTIONS)
 def test_small_m_kernel_is_within_its_bound_of_the_float64_product(device, option):
     """Fresh random codes, tables, inputs and bias vs the float64 product of the eager dequantized weight, for
-    per-channel (UAQ, K-Means-C) and per-tensor (K-Means-A) tables, 3 and 4 bits, odd shapes, with/without bias."""
+    per-channel (UAQ, K-Means-C) and per-tensor (K-Means-A) tables, 3 and 4 bits, odd shapes, with/without bias.
+    The interpreter runs each shape in one (dtype, bias) combination, taking every combination in turn along the
+    shapes and shifted between options (each option meets all four, each shape all four over the options);
+    compiled: every combination."""
+    combinations = [(dtype, with_bias) for dtype in DTYPES[device.type] for with_bias in (False, True)]
     for i, (rows, out_features, in_features) in enumerate(SMALL_M_SHAPES):
         book_dtype = (torch.float32, torch.float16)[i % 2]  # fp16 codebooks too (upcast to a float32 compute)
         part = random_part(option, (out_features, in_features), seed=10 + i, device=device, codebook_dtype=book_dtype)
         params = part.params()
-        for dtype in DTYPES[device.type]:
+        chosen = combinations
+        if device.type == "cpu":
+            chosen = [combinations[(i + SMALL_M_OPTIONS.index(option)) % len(combinations)]]
+        for dtype, with_bias in chosen:
             x = torch.randn(rows, in_features, device=device).to(dtype)
-            for bias in (None, torch.randn(out_features, device=device).to(dtype)):
-                y = kernels._packed_linear(x, part.codes, params.get("scale"), params.get("zero"),
-                                           params.get("codebook"), bias, part.method, part.bits, out_features)
-                _linear_within_bound(y, x, part, bias, dtype)
+            bias = torch.randn(out_features, device=device).to(dtype) if with_bias else None
+            y = kernels._packed_linear(x, part.codes, params.get("scale"), params.get("zero"), params.get("codebook"),
+                                       bias, part.method, part.bits, out_features)
+            _linear_within_bound(y, x, part, bias, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -679,9 +696,14 @@ class _WeightCalls(torch.nn.Module):
         return weights
 
 
+# each method in both dtypes, 3 and 4 bits (int32 words) and 6 bits (int64 words), each width in both dtypes but 6
+BATCHED_CASES = [("mse-3", torch.float16), ("mse-4", torch.float32), ("kmeans-3", torch.float32),
+                 ("kmeans-4", torch.float16), ("kmeans_all-3", torch.float16), ("kmeans_all-6", torch.float32)]
+
+
 @pytest.mark.parametrize("device", ["cpu"], indirect=True)
-@pytest.mark.parametrize("option", ["mse-3", "mse-4", "kmeans-3", "kmeans-4", "kmeans_all-3", "kmeans_all-4"])
-def test_batched_decode_equals_the_eager_weights_and_groups_where_the_kernel_is_shared(device, option):
+@pytest.mark.parametrize("option,dtype", BATCHED_CASES, ids=[f"{o}-{str(d)[6:]}" for o, d in BATCHED_CASES])
+def test_batched_decode_equals_the_eager_weights_and_groups_where_the_kernel_is_shared(device, option, dtype):
     """One launch per group of consecutive calls: mixed shapes and a two-slice layer in one group; a row of 5 codes
     (not whole groups), another option, a dense slice break groups; every weight equals the eager one bit for bit
     (the scratch poisoned before each forward)."""
@@ -693,17 +715,16 @@ def test_batched_decode_equals_the_eager_weights_and_groups_where_the_kernel_is_
               _linear([option, "fp16"], 8, [16, 8], 8),  # a dense slice: per layer
               _linear([option], 72, [64], 9), _linear([option], 8, [8], 10)]  # 72 x 8 groups: two programs
     model = _WeightCalls(layers, device)
-    for dtype in (torch.float16, torch.float32):
-        expected = [layer.dequantize_weight(dtype) for layer in layers]
-        with kernels.batched_decode(model) as batched:
-            for forward in range(3):  # records, builds the groups and follows, follows
-                for buffer in kernels.SCRATCH.buffers.values():
-                    buffer.fill_(float("nan"))
-                weights = model(dtype)
-                assert all(torch.equal(w, e) for w, e in zip(weights, expected)), (forward, dtype)
-            assert batched.recorded_calls == 9 and batched.groups == [(0, 3), (4, 6), (7, 9)]
-            assert batched.batched_launches == 2 * 3 and batched.batched_calls == 2 * 7
-        assert kernels._AHEAD[0] is None
+    expected = [layer.dequantize_weight(dtype) for layer in layers]
+    with kernels.batched_decode(model) as batched:
+        for forward in range(3):  # records, builds the groups and follows, follows
+            for buffer in kernels.SCRATCH.buffers.values():
+                buffer.fill_(float("nan"))
+            weights = model(dtype)
+            assert all(torch.equal(w, e) for w, e in zip(weights, expected)), forward
+        assert batched.recorded_calls == 9 and batched.groups == [(0, 3), (4, 6), (7, 9)]
+        assert batched.batched_launches == 2 * 3 and batched.batched_calls == 2 * 7
+    assert kernels._AHEAD[0] is None
 
 
 @pytest.mark.parametrize("device", ["cpu"], indirect=True)

@@ -56,18 +56,20 @@ def test_pip_install_target_ships_data_and_writes_nothing_into_site_packages(tmp
               "print(len(load_quant_cache(shipped_cache('mnist_dit'))))\n"
               "print(Path(constants.MULTIQUANTIZER_DIR).resolve(), Path(constants.RESULTS_DIR).resolve())\n")
     env = _isolated_env(target)
+    # a command with default outputs writes into the working directory, nothing into the installed package; it
+    # runs beside the paths script (each process spends seconds importing; CI has 2 cores)
+    before = sorted(p for p in target.rglob("*") if "__pycache__" not in p.parts)
+    command = subprocess.Popen([sys.executable, "-m", "qua2sedimo", "multiquantizer", "--model", "mnist_dit", "--tiny",
+                                "--bits", "3", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=work, env=env)
     run = _python(script, cwd=work, env=env)
     assert run.returncode == 0, run.stderr
     home, mq, records, outputs = run.stdout.strip().splitlines()
     assert Path(home) == shipped and Path(mq) == shipped / "multiquantizers" / "mnist_dit_mq.safetensors"
     assert int(records) == 500
     assert outputs.split() == [str(work / "multiquantizers"), str(work / "results")]
-    # a command with default outputs writes into the working directory, nothing into the installed package
-    before = sorted(p for p in target.rglob("*") if "__pycache__" not in p.parts)
-    run = subprocess.run([sys.executable, "-m", "qua2sedimo", "multiquantizer", "--model", "mnist_dit", "--tiny",
-                          "--bits", "3", "--device", "cpu"], capture_output=True, text=True, cwd=work, env=env,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
+    stderr = command.communicate(timeout=300)[1]
+    assert command.returncode == 0, stderr
     assert (work / "multiquantizers" / "mnist_dit_tiny_mq.safetensors").is_file()
     assert sorted(p for p in target.rglob("*") if "__pycache__" not in p.parts) == before
 

@@ -444,7 +444,7 @@ def test_small_m_split_k_equals_its_bound_and_is_deterministic(device):
     """K split 1, 2 and 3 ways (the last of a tile's programs sums the partials in split order): every split is
     within the bound, a repeated launch is bit-identical (the counters were re-armed), and the splits really
     differ in tiling."""
-    rows, out_features, in_features = 3, 20, 400  # whole groups of 8 codes per row: the grouped decode
+    rows, out_features, in_features = 3, 20, 192  # whole groups of 8 codes per row (the grouped decode), 3 K blocks
     part = random_part("kmeans-3", (out_features, in_features), seed=7, device=device)
     params = part.params()
     x = torch.randn(rows, in_features, device=device, dtype=torch.float16)

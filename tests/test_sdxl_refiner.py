@@ -2,6 +2,8 @@
 (tiny random base and refiner pipelines, no downloads)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from multiquant.config import uniform_config
 from multiquant.evaluate import setup_scorer
 from multiquant.families import get_family
+from multiquant.metrics.metric import FeatureFID
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -33,8 +36,12 @@ def reference_dir(shared):
 
 
 def _scorer(tmp_path, reference_dir, **kw):
-    return setup_scorer(get_family("sdxl"), tiny=True, device="cpu", num_images=2, batch_size=2,
-                        reference_dir=reference_dir, random_features=True, bops=False,
+    """The SDXL family scored by FID in a small injected feature space (the sampler's protocol is under test, not
+    Inception: its 2048-wide random features cost seconds per Frechet distance on one thread)."""
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 6))
+    family = dataclasses.replace(get_family("sdxl"), metric=FeatureFID(features, reference_images=reference_dir))
+    return setup_scorer(family, tiny=True, device="cpu", num_images=2, batch_size=2, bops=False,
                         mq_path=reference_dir.parent / "sdxl_tiny_mq.safetensors", build_mq=True, log=lambda *a: None,
                         **kw)
 

@@ -69,28 +69,31 @@ def _free_port() -> int:
 
 
 def test_two_process_gloo_gather_equals_single_process(tmp_path):
-    out = str(tmp_path / "feats")
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER.format(repo=str(REPO), out=out))
+    scripts = {}
+    for name in ("single", "pair"):  # the single process runs beside the pair (process starts cost seconds)
+        scripts[name] = tmp_path / f"{name}.py"
+        scripts[name].write_text(_WORKER.format(repo=str(REPO), out=str(tmp_path / name)))
     base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base_env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # CPU processes: gloo
 
-    single = subprocess.run([sys.executable, str(script)], env=base_env, capture_output=True, text=True, timeout=120)
-    assert single.returncode == 0, single.stderr
-    expected = np.load(out + ".rank0.npy")
-    assert expected.shape == (11, 6) and expected.dtype == np.float64
-
+    single = subprocess.Popen([sys.executable, str(scripts["single"])], env=base_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     port = str(_free_port())
     procs = []
     for rank in range(2):  # what torchrun would set
         env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, str(scripts["pair"])], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+    stderr = single.communicate(timeout=120)[1]
+    assert single.returncode == 0, stderr
+    expected = np.load(tmp_path / "single.rank0.npy")
+    assert expected.shape == (11, 6) and expected.dtype == np.float64
+
     outputs = [p.communicate(timeout=120) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
     assert "rank 0 of 2 gloo main 6" in outputs[0][0]
     assert "rank 1 of 2 gloo  5" in outputs[1][0]
     for rank in range(2):
-        np.testing.assert_array_equal(np.load(out + f".rank{rank}.npy"), expected)
+        np.testing.assert_array_equal(np.load(tmp_path / f"pair.rank{rank}.npy"), expected)

@@ -364,7 +364,8 @@ def test_build_config_and_training_print_progress_with_eta_off_a_terminal(traine
     assert "(budgets: 1/3 (33%)" in out and ", ETA " in out and "(budgets: 3/3 (100%)" in out
     _, _, _, records = _tiny_cache(20, seed=4)
     train_predictor(records, trained["graph"], "-1*FID-GT-1k", folds=2, epochs=3, batch_size=10, seed=0,
-                    out_dir=tmp_path / "pred", log=print, options=TrainOptions(hidden=8, patience=5))
+                    out_dir=tmp_path / "pred", log=print,
+                    options=TrainOptions(hidden=8, patience=5, linear_prior=False))  # the epochs' lines: no prior fits
     out = capsys.readouterr().out
     assert "(epochs: 1/3 (33%)" in out and "epoch/s, ETA " in out and "early stopping may end the fold sooner" in out
     assert "folds: 2/2 (100%)" in out
@@ -467,7 +468,8 @@ def test_units_deeper_than_a_shallow_network_read_its_deepest_hop(tmp_path):
     block_units = units(graph, "block")
     assert max(u.hops for u in block_units) > 1
     train_predictor(records, graph, "-1*FID-GT-1k", folds=2, epochs=2, batch_size=12, seed=0, out_dir=tmp_path / "p",
-                    units=block_units, log=None, options=TrainOptions(hidden=8, layers=1, patience=2))
+                    units=block_units, log=None,
+                    options=TrainOptions(hidden=8, layers=1, patience=2, linear_prior=False))  # the hops, not the prior
     scores = unit_scores_for(tmp_path / "p", graph, table, "block", batch_variants=8192)
     assert all(np.isfinite(u.scores).all() and u.scores.std() > 0 for u in scores.units if len(u.scores) > 1)
 

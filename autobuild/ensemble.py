@@ -21,7 +21,7 @@ from .data import ConfigDataset, GraphTemplate, cache_to_dataset, encode_options
 from .gnn import SensitivityGNN
 from .target import LearningPlan
 
-__all__ = ["Ensemble", "load_ensemble", "save_ensemble", "prior_values", "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
+__all__ = ["Ensemble", "load_ensemble", "save_ensemble", "prior_values", "kernel_values", "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
 
 ENSEMBLE_WEIGHTS = "ensemble.safetensors"
 ENSEMBLE_CONFIG = "ensemble.json"
@@ -63,7 +63,24 @@ def prior_values(prior: Mapping | None, records: Sequence[Mapping], columns: Seq
         shift = prior["shift"]
         value = value + quadratic_shift_features(records, ShiftBasis.from_json(shift["basis"])) @ np.asarray(
             shift["coef"], dtype=np.float64)
+    if prior.get("kernel"):  # the kernel residual on the summed output change (autobuild.train.fit_shift_kernel)
+        value = value + kernel_values(prior["kernel"], records)
     return torch.as_tensor(value)
+
+
+def kernel_values(kernel: Mapping, records: Sequence[Mapping]) -> np.ndarray:
+    """A saved kernel residual on records: ``sum_j dual_j exp(-gamma ||z - support_j||^2)`` with ``z`` the
+    configuration's summed output-change coordinates on the kernel's own basis (its ``scale`` divided out)."""
+    from .output_shift import ShiftBasis, summed_shift_coords
+
+    z = summed_shift_coords(records, ShiftBasis.from_json(kernel["basis"])) / float(kernel["spread"])
+    squared = _squared_distances(z, np.asarray(kernel["support"], dtype=np.float64))
+    return np.exp(-float(kernel["gamma"]) * squared) @ np.asarray(kernel["dual"], dtype=np.float64)
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` squared Euclidean distances between rows (rounding below zero clipped)."""
+    return np.maximum((a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
 
 
 def save_ensemble(out_dir: str | Path, states: Sequence[Mapping[str, torch.Tensor]], infos: Sequence[Mapping],

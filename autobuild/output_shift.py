@@ -36,7 +36,7 @@ from torch import nn
 from .data import config_of, option_name
 
 __all__ = ["output_shifts", "family_shift_tables", "shift_features", "SIGNATURE", "ShiftBasis", "shift_basis",
-           "quadratic_shift_features"]
+           "quadratic_shift_features", "summed_shift_coords"]
 
 # The signature the predictor's shift prior is measured with (benchmarks/predictor.py, train-predictor and optimize
 # --output_shifts): 16 example inputs in 4 groups, each channel pooled to 14 x 14 (chosen on mnist_unet's quality
@@ -182,15 +182,22 @@ def shift_basis(table: Mapping[str, Mapping[str, Sequence[float]]], components: 
     return ShiftBasis({n: [float(v) for v in c / scale] for n, c in zip(names, coords)}, scale)
 
 
-def quadratic_shift_features(records: Sequence[Mapping], basis: ShiftBasis) -> np.ndarray:
-    """``[records, k + k(k+1)/2]``: the configuration's summed coordinates ``z`` (a layer at FP, or absent from
-    the basis, adds nothing), then the products ``z_i z_j`` for ``i <= j`` (row-major upper triangle)."""
-    k = basis.components
-    z = np.zeros((len(records), k))
+def summed_shift_coords(records: Sequence[Mapping], basis: ShiftBasis) -> np.ndarray:
+    """``[records, k]``: the configuration's summed coordinates (a layer at FP, or absent from the basis, adds
+    nothing)."""
+    z = np.zeros((len(records), basis.components))
     for i, r in enumerate(records):
         for key, entry in config_of(r).items():
             c = basis.coords.get(f"{key}={option_name(entry)}")
             if c is not None:
                 z[i] += c
+    return z
+
+
+def quadratic_shift_features(records: Sequence[Mapping], basis: ShiftBasis) -> np.ndarray:
+    """``[records, k + k(k+1)/2]``: the configuration's summed coordinates ``z`` (a layer at FP, or absent from
+    the basis, adds nothing), then the products ``z_i z_j`` for ``i <= j`` (row-major upper triangle)."""
+    k = basis.components
+    z = summed_shift_coords(records, basis)
     upper = np.triu_indices(k)
     return np.hstack([z, (z[:, :, None] * z[:, None, :])[:, upper[0], upper[1]]])

@@ -29,8 +29,8 @@ from multiquant.errors import InputError
 from multiquant.utils import progress_line
 
 from .data import ConfigDataset, GraphTemplate, cache_to_dataset, column_to_json, encode_options, option_columns, pair_columns
-from .ensemble import (ENSEMBLE_CONFIG, ENSEMBLE_WEIGHTS, METRICS_FILE, Ensemble, load_ensemble,  # noqa: F401
-                       prior_values, save_ensemble)
+from .ensemble import (ENSEMBLE_CONFIG, ENSEMBLE_WEIGHTS, METRICS_FILE, Ensemble, _squared_distances,  # noqa: F401
+                       kernel_values, load_ensemble, prior_values, save_ensemble)
 from .gnn import SensitivityGNN
 from .losses import ndcg_at_k, ranking_loss, srcc
 from .target import LearningPlan, Target, learning_plan, parse_target
@@ -87,6 +87,9 @@ class TrainOptions:
     # with a prior, a network epoch is kept only if its validation score beats the prior's by more than the
     # standard error of that score (autobuild.train._prior_margin); False: by anything
     prior_margin: bool = True
+    # with a shift_signature and a prior: kernel ridge of the prior's cross-fitted residual on the summed output
+    # change (autobuild.train.fit_shift_kernel), kept only where its inner CV beats no correction
+    shift_kernel: bool = True
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -365,6 +368,65 @@ def ridge_prior(records: Sequence[Mapping], learned: np.ndarray, train_idx: np.n
     return _prior_entry("ridge", model, singles, {})
 
 
+KERNEL_ALPHAS = (0.03, 0.1, 0.3, 1.0, 3.0)
+KERNEL_GAMMAS = (1.0, 3.0, 10.0, 30.0)  # x 1 / components: an RBF over coordinates of unit spread
+
+
+def fit_shift_kernel(records: Sequence[Mapping], residual: np.ndarray, train_idx: np.ndarray, basis, seed: int = 0,
+                     choice: Mapping | None = None):
+    """Kernel ridge (RBF, no intercept) of a prior's residual on the configuration's summed output-change
+    coordinates (``basis``, :func:`autobuild.output_shift.shift_basis`): the local structure of log FID in the
+    summed change that a quadratic form misses (mnist_unet: a narrow kernel explains a few % of the ridge_shift
+    prior's out-of-sample residual; an MLP of the same coordinates, early-stopped, finds nothing).
+
+    ``residual`` [records] must be out of sample for ``train_idx`` (cross-fitted). (alpha, gamma) from
+    :data:`KERNEL_ALPHAS` x :data:`KERNEL_GAMMAS` by seeded inner K-fold MSE; the kernel is kept only if that MSE
+    beats no correction by more than the standard error of the paired difference (the guard: else ``None``).
+    Returns (kernel entry for :func:`autobuild.ensemble.kernel_values` or None, the inner out-of-fold corrections
+    of the ``train_idx`` records (zeros without a kernel), info). ``choice`` ({alpha, gamma}): fit those without a
+    search (a refit on more records)."""
+    from .output_shift import summed_shift_coords
+
+    train_idx = np.asarray(train_idx)
+    z_all = summed_shift_coords([records[i] for i in train_idx], basis)
+    spread = float(z_all.std()) or 1.0
+    z_all = z_all / spread
+    r_all = np.asarray(residual, dtype=np.float64)[train_idx]
+
+    def entry(alpha: float, gamma: float) -> dict:
+        gram = np.exp(-gamma * _squared_distances(z_all, z_all))
+        dual = np.linalg.solve(gram + alpha * np.eye(len(r_all)), r_all)
+        return {"basis": basis.to_json(), "spread": spread, "gamma": gamma, "alpha": alpha,
+                "support": z_all.tolist(), "dual": dual.tolist()}
+
+    if choice is not None:
+        return entry(float(choice["alpha"]), float(choice["gamma"])), None, dict(choice)
+    if _inner_folds(len(train_idx)) < 3:
+        return None, np.zeros(len(train_idx)), {"kept": False, "reason": "too few records"}
+    distances = _squared_distances(z_all, z_all)
+    order = np.random.default_rng([seed, 78]).permutation(len(train_idx))
+    parts = np.array_split(order, _inner_folds(len(train_idx)))
+    best = None
+    for gamma in (g / basis.components for g in KERNEL_GAMMAS):
+        gram = np.exp(-gamma * distances)
+        for alpha in KERNEL_ALPHAS:
+            inner = np.zeros(len(train_idx))
+            for part in parts:
+                fit = np.setdiff1d(order, part)
+                dual = np.linalg.solve(gram[np.ix_(fit, fit)] + alpha * np.eye(len(fit)), r_all[fit])
+                inner[part] = gram[np.ix_(part, fit)] @ dual
+            gain = r_all ** 2 - (r_all - inner) ** 2  # per record: squared error saved over no correction
+            if best is None or gain.mean() > best[0].mean():
+                best = (gain, alpha, gamma, inner)
+    gain, alpha, gamma, inner = best
+    margin = float(gain.std(ddof=1) / math.sqrt(len(gain)))
+    info = {"alpha": alpha, "gamma": gamma, "cv_mse": float(np.mean((r_all - inner) ** 2)),
+            "cv_mse_none": float(np.mean(r_all ** 2)), "cv_gain": float(gain.mean()), "margin": margin}
+    if gain.mean() <= margin:
+        return None, np.zeros(len(train_idx)), {**info, "kept": False}
+    return entry(alpha, gamma), inner, {**info, "kept": True}
+
+
 def error_features(records: Sequence[Mapping], keys: Sequence[str]) -> np.ndarray:
     """``[records, layers]`` log1p(100 x weight error) of each layer's chosen option (the GNN's numeric node
     feature), for tabular models beside the one-hot options."""
@@ -530,16 +592,29 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
             if prior is not None and opts.cross_fit:  # the network sees the prior's out-of-sample errors
                 base[torch.as_tensor(train_idx)] = _out_of_fold_prior(records, learned, train_idx, keys, seed,
                                                                       prior["kind"], _basis_of_prior(prior, bases))
+            kernel_info, residual = None, learned - base.numpy()  # out of sample (with cross_fit) on every record
+            if prior is not None and opts.shift_kernel and bases:  # on the same out-of-sample residuals
+                kernel, inner, kernel_info = fit_shift_kernel(records, residual, train_idx,
+                                                              max(bases, key=lambda b: b.components), seed)
+                if kernel is not None:
+                    prior = {**prior, "kernel": kernel}
+                    others = np.setdiff1d(np.arange(len(records)), train_idx)
+                    base[torch.as_tensor(train_idx)] += torch.as_tensor(inner)
+                    base[torch.as_tensor(others)] += torch.as_tensor(kernel_values(kernel, [records[i] for i in others]))
             trained = _train_fold(dataset, labels, base, train_idx, val_idx, loss, epochs, batch_size, seed, device,
                                   replace(opts, linear_prior=use_prior), log)
             if best is None or trained[1]["val_selection"] > best[1]["val_selection"]:
-                best = (*trained, prior, base)
-        model, info, prior, base = best
+                best = (*trained, prior, base, kernel_info, residual)
+        model, info, prior, base, kernel_info, residual = best
         info["prior_used"] = prior is not None
         if prior is not None:  # the kept prior of the same kind, refitted on training + validation part
             rest = np.sort(np.concatenate([train_idx, val_idx]))
+            kernel = prior.get("kernel")
             prior = fit_prior(records, learned, rest, keys, seed, kinds=(prior["kind"],),
                               shift_basis=_basis_of_prior(prior, bases))
+            if kernel is not None:  # its (alpha, gamma) refitted on rest's out-of-sample residuals of the prior
+                prior["kernel"] = fit_shift_kernel(records, residual, rest, max(bases, key=lambda b: b.components),
+                                                   seed, choice=kernel_info)[0]
             base = prior_values(prior, records)
         test = _predict(model, dataset, test_idx, device, opts.eval_batch)
         y_test, hop_y = labels.y[test_idx], labels.hop_y[test_idx]
@@ -553,7 +628,8 @@ def _run_fold(dataset: ConfigDataset, labels: Labels, records: Sequence[Mapping]
                   "hop_srcc": [srcc(hops[:, h], hop_y) for h in range(hops.shape[1])],
                   "hop_ndcg10": [ndcg_at_k(hops[:, h], hop_y, opts.k) for h in range(hops.shape[1])],
                   "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"],
-                  "prior_used": info["prior_used"], "prior_kind": None if prior is None else prior["kind"]}
+                  "prior_used": info["prior_used"], "prior_kind": None if prior is None else prior["kind"],
+                  "shift_kernel": kernel_info}
         moments = _moments(model, dataset, train_idx, device, opts.eval_batch)
         result["seconds"] = time.perf_counter() - started
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -667,6 +743,8 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
     singles = option_columns(kept, layer_keys)
     onehot = encode_options(kept, singles)
     ridge_names = ["ridge_options"] + (["ridge_learned", "prior_learned"] if plan.key is not None else []) + (
+        ["prior_no_kernel_learned"] if plan.key is not None and opts.linear_prior and opts.shift_kernel and bases
+        else []) + (
         ["gbm_learned", "ridge_gbm_learned"] if plan.key is not None and opts.tabular_baselines else [])
     tabular = np.hstack([onehot, error_features(kept, layer_keys)]) if opts.tabular_baselines else None
     shifted = None
@@ -735,6 +813,12 @@ def train_predictor(records: Sequence[Mapping], graph: nx.DiGraph | GraphTemplat
                                      kept, learned_all, rest, layer_keys, seed + f, shift_basis=bases))):
                 composed = plan.compose(prior_values(linear, test_records), labels.known[test_idx]).numpy()
                 baseline_folds[name].append({**_fold_metrics(composed, y[test_idx], opts.k), "kind": linear["kind"]})
+            if "prior_no_kernel_learned" in baseline_folds:  # the same prior without its kernel residual
+                linear = {k: v for k, v in (fold_infos[f]["prior"] or {}).items() if k != "kernel"} or fit_prior(
+                    kept, learned_all, rest, layer_keys, seed + f, shift_basis=bases)
+                composed = plan.compose(prior_values(linear, test_records), labels.known[test_idx]).numpy()
+                baseline_folds["prior_no_kernel_learned"].append({**_fold_metrics(composed, y[test_idx], opts.k),
+                                                                  "kind": linear["kind"]})
             if tabular is not None:  # nonlinear tabular baselines: trees, and trees on the ridge residual
                 gbm = _fit_gbm(tabular, learned_all, rest, seed + f)
                 pred = torch.as_tensor(gbm.predict(tabular[test_idx]))

@@ -36,14 +36,18 @@ def summary(metrics: dict) -> dict:
             "prior_kinds": [f.get("prior_kind") for f in metrics["folds"]],
             "ridge_learned": ridge, "gain_over_ridge": None if ridge is None else metrics["srcc_mean"] - ridge,
             "prior_learned": base.get("prior_learned", {}).get("srcc_mean"),
+            # the prior without its kernel residual (autobuild.train.fit_shift_kernel), and the folds that kept one
+            "prior_no_kernel_learned": base.get("prior_no_kernel_learned", {}).get("srcc_mean"),
+            "kernel_folds": sum(1 for f in metrics["folds"] if (f.get("shift_kernel") or {}).get("kept")),
+            "shift_kernels": [f.get("shift_kernel") for f in metrics["folds"]],
             "gbm_learned": base.get("gbm_learned", {}).get("srcc_mean"),
             "seconds": metrics["timings"]["wall_seconds"],
             "training": {k: metrics["options"].get(k) for k in TRAINING_KEYS}}
 
 
 # the training options a result depends on beyond the flags (autobuild.train.TrainOptions)
-TRAINING_KEYS = ("cross_fit", "prior_margin", "shift_components", "node_shifts", "linear_prior", "epochs", "patience",
-                 "hidden")
+TRAINING_KEYS = ("cross_fit", "prior_margin", "shift_components", "node_shifts", "shift_kernel", "linear_prior", "epochs",
+                 "patience", "hidden")
 
 
 def main(argv=None) -> dict:

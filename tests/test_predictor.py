@@ -557,27 +557,89 @@ def test_shift_prior_holds_signed_cancellations_and_leaves_additive_data_to_the_
         assert rho > rho_plain - 0.02, (rho, rho_plain)
 
 
-def test_gnn_with_a_shift_signature_holds_its_shift_prior_and_beats_ridge(tmp_path):
+def _bump_records(n: int, seed: int, strength: float) -> tuple[list[dict], np.ndarray, list[str], dict]:
+    """8 layers x 6 options, each (layer, option) a random 2-vector output change (layers 0 and 1 large); log FID =
+    per-option main effects - ``strength`` x cos(3 |summed change|) + noise: rings in the summed change that
+    neither one-hot terms nor a quadratic form of it express."""
+    rng = np.random.default_rng(seed)
+    keys = [f"model.l{i}.weight_quantizer" for i in range(8)]
+    options = [f"{m}-{b}" for m in METHODS for b in (3, 4)]
+    table = {k: {o: (rng.normal(0, 1.0 if i < 2 else 0.2, 2)).tolist() for o in options} for i, k in enumerate(keys)}
+    effect = {(k, o): rng.normal(0, 0.1) for k in keys for o in options}
+    records, learned = [], []
+    for _ in range(n):
+        choice = {k: options[rng.integers(len(options))] for k in keys}
+        total = np.sum([table[k][o] for k, o in choice.items()], axis=0)
+        learned.append(sum(effect[k, o] for k, o in choice.items()) - strength * np.cos(3.0 * np.linalg.norm(total))
+                       + rng.normal(0, 0.05))
+        records.append({"config": {k: [o, 100, 30, 0.01] for k, o in choice.items()}})
+    return records, np.array(learned), keys, table
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_shift_kernel_learns_the_interaction_an_additive_prior_misses_and_is_refused_without_one(strength):
+    """fit_shift_kernel on an additive prior's cross-fitted residual: where log FID has rings in the summed output
+    change it is kept and prior + kernel ranks held-out records far better than the prior; on additive data its
+    inner CV does not beat no correction and it is refused (the prior alone). The saved entry predicts through
+    prior_values after a JSON round trip, as a direct sum over its support."""
+    from autobuild.ensemble import kernel_values, prior_values
+    from autobuild.output_shift import shift_basis, summed_shift_coords
+    from autobuild.train import _out_of_fold_prior, fit_prior, fit_shift_kernel
+
+    records, learned, keys, table = _bump_records(200, seed=3, strength=strength)
+    train, test = np.arange(150), np.arange(150, 200)
+    basis = shift_basis(table, components=2)
+    prior = fit_prior(records, learned, train, keys, seed=0, kinds=("ridge",))
+    residual = learned - prior_values(prior, records).numpy()
+    residual[train] = learned[train] - _out_of_fold_prior(records, learned, train, keys, 0, "ridge", []).numpy()
+    kernel, inner, info = fit_shift_kernel(records, residual, train, basis, seed=0)
+    held_out, y = [records[i] for i in test], torch.tensor(learned[test])
+    rho_prior = srcc(prior_values(prior, held_out), y)
+    if not strength:
+        assert kernel is None and not info["kept"] and not inner.any(), info  # seen: cv gain -3.5e-4
+        return
+    assert info["kept"] and info["cv_mse"] < 0.5 * info["cv_mse_none"], info  # seen: 0.13 vs 0.53
+    kernel = json.loads(json.dumps(kernel))  # what an ensemble saves and reloads
+    rho = srcc(prior_values({**prior, "kernel": kernel}, held_out), y)
+    assert rho > rho_prior + 0.3, (rho, rho_prior)  # seen: 0.91 vs 0.24
+    z = summed_shift_coords(held_out[:3], basis) / kernel["spread"]
+    direct = [sum(d * math.exp(-kernel["gamma"] * float(((zi - np.array(s)) ** 2).sum()))
+                  for d, s in zip(kernel["dual"], kernel["support"])) for zi in z]
+    np.testing.assert_allclose(kernel_values(kernel, held_out[:3]), direct, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rings", [0.0, 1.0])
+def test_gnn_with_a_shift_signature_holds_its_shift_prior_and_beats_ridge(tmp_path, rings):
     """train_predictor given TrainOptions.shift_signature: every fold's prior is ridge_shift, the predictor
     (prior + GNN residual) ranks held-out records at least as well as that prior alone and far better than
-    ridge, the recorded options name the table by hash, and the saved ensemble predicts new records."""
+    ridge, the recorded options name the table by hash, and the saved ensemble predicts new records. With
+    ``rings`` in log FID (-cos of the summed change's length: no quadratic form has them) every fold also keeps a
+    kernel residual (autobuild.train.fit_shift_kernel), saved in its prior, and ranks far better than without."""
     model, family, records = _synthetic_cache(160, seed=4)
     keys = [k for k in records[0]["config"]]
     options = sorted({r["config"][k][0] for r in records for k in keys})
     rng = np.random.default_rng(8)
-    table = {k: {o: rng.normal(0, 1.0 if i < 2 else 0.1, 4).tolist() for o in options} for i, k in enumerate(keys)}
+    width = 2 if rings else 4  # rings in a plane: what 51 training records of a fold can map
+    table = {k: {o: rng.normal(0, 1.0 if i < 2 else 0.1, width).tolist() for o in options} for i, k in enumerate(keys)}
     for r in records:
         total = np.sum([table[k][r["config"][k][0]] for k in keys], axis=0)
-        r["FID-GT-1k"] = float(np.exp(2.0 + 0.4 * float(total @ total) + rng.normal(0, 0.05)))
-    opts = TrainOptions(hidden=16, patience=3, shift_signature=table, shift_components=4)
+        ring = -rings * np.cos(3.0 * np.linalg.norm(total))
+        r["FID-GT-1k"] = float(np.exp(2.0 + 0.4 * float(total @ total) + ring + rng.normal(0, 0.05)))
+    opts = TrainOptions(hidden=16, patience=3, shift_signature=table, shift_components=width)
     metrics = train_predictor(records[:120], sequential_graph(model, family), "-1*FID-GT-1k", folds=2, epochs=4,
                               batch_size=64, seed=0, out_dir=tmp_path, options=opts, log=None)
     base = metrics["baselines"]
     assert [f["prior_kind"] for f in metrics["folds"]] == ["ridge_shift"] * 2
     assert metrics["srcc_mean"] >= base["prior_learned"]["srcc_mean"] - 0.02, (metrics["srcc_mean"], base)
     assert metrics["srcc_mean"] > base["ridge_learned"]["srcc_mean"] + 0.1, (metrics["srcc_mean"], base)
+    kernels = [f["shift_kernel"] for f in metrics["folds"]]
+    saved = json.loads((tmp_path / "ensemble.json").read_text())["folds"]
+    if rings:
+        assert all(k["kept"] for k in kernels) and all(f["prior"]["kernel"]["support"] for f in saved), kernels
+        gain = metrics["srcc_mean"] - base["prior_no_kernel_learned"]["srcc_mean"]
+        assert gain > 0.1, (metrics["srcc_mean"], base)  # seen: 0.937 vs 0.726
     recorded = json.loads((tmp_path / "metrics.json").read_text())["options"]["shift_signature"]
-    assert recorded["entries"] == len(keys) * len(options) and recorded["width"] == 4 and len(recorded["sha256"]) == 64
+    assert recorded["entries"] == len(keys) * len(options) and recorded["width"] == width and len(recorded["sha256"]) == 64
     new = records[120:]
     pred = load_ensemble(tmp_path).predict(new)["pred"]
     assert srcc(torch.tensor(pred), torch.tensor([-r["FID-GT-1k"] for r in new])) > 0.8

@@ -218,11 +218,9 @@ class PackedLinear(_PackedLayer, nn.Linear):
         self._init_packed(dense, parts, compute_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda and kernels.can_use_kernels(input):  # forward_weight's test, made once (host time)
-            if kernels.takes_small_m_path(self, input):
-                return kernels.packed_linear(self, input)  # few rows: the fused kernel reads the packed codes
-            return F.linear(input, kernels.fast_weight(self, input.dtype, input.device), self.bias)
-        return F.linear(input, self.dequantize_weight(input.dtype), self.bias)
+        if input.is_cuda and kernels.can_use_kernels(input) and kernels.takes_small_m_path(self, input):
+            return kernels.packed_linear(self, input)  # few rows: the fused kernel reads the packed codes
+        return F.linear(input, self.forward_weight(input), self.bias)
 
 
 class PackedConv1d(_PackedLayer, nn.Conv1d):

@@ -503,23 +503,27 @@ def test_output_shift_baselines_hold_a_cancellation_that_one_hot_models_cannot(t
     assert base["gbm_shift_learned"]["srcc_mean"] > base["gbm_learned"]["srcc_mean"] + 0.1, base
 
 
-def _signed_shift_records(n: int, seed: int, strength: float) -> tuple[list[dict], np.ndarray, list[str], dict]:
-    """8 layers x 6 options, each (layer, option) a random 3-vector output change (layers 0 and 1 large); log FID =
-    per-option main effects + ``strength`` x |summed change|^2 + noise: the summed signed changes add and cancel,
-    so the cross terms between layers are interactions no one-hot model has."""
+def _shift_records(n: int, seed: int, dims: int, interaction) -> tuple[list[dict], np.ndarray, list[str], dict]:
+    """8 layers x 6 options, each (layer, option) a random ``dims``-vector output change (layers 0 and 1 large); log
+    FID = per-option main effects + ``interaction(summed change)`` + noise: a term of the summed signed changes,
+    whose cross terms between layers are interactions no one-hot model has."""
     rng = np.random.default_rng(seed)
     keys = [f"model.l{i}.weight_quantizer" for i in range(8)]
     options = [f"{m}-{b}" for m in METHODS for b in (3, 4)]
-    table = {k: {o: (rng.normal(0, 1.0 if i < 2 else 0.2, 3)).tolist() for o in options} for i, k in enumerate(keys)}
+    table = {k: {o: (rng.normal(0, 1.0 if i < 2 else 0.2, dims)).tolist() for o in options} for i, k in enumerate(keys)}
     effect = {(k, o): rng.normal(0, 0.1) for k in keys for o in options}
     records, learned = [], []
     for _ in range(n):
         choice = {k: options[rng.integers(len(options))] for k in keys}
         total = np.sum([table[k][o] for k, o in choice.items()], axis=0)
-        learned.append(sum(effect[k, o] for k, o in choice.items()) + strength * float(total @ total)
-                       + rng.normal(0, 0.05))
+        learned.append(sum(effect[k, o] for k, o in choice.items()) + interaction(total) + rng.normal(0, 0.05))
         records.append({"config": {k: [o, 100, 30, 0.01] for k, o in choice.items()}})
     return records, np.array(learned), keys, table
+
+
+def _signed_shift_records(n: int, seed: int, strength: float) -> tuple[list[dict], np.ndarray, list[str], dict]:
+    """3-vector changes, ``strength`` x |summed change|^2: the summed signed changes add and cancel."""
+    return _shift_records(n, seed, 3, lambda total: strength * float(total @ total))
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.3])
@@ -558,22 +562,9 @@ def test_shift_prior_holds_signed_cancellations_and_leaves_additive_data_to_the_
 
 
 def _bump_records(n: int, seed: int, strength: float) -> tuple[list[dict], np.ndarray, list[str], dict]:
-    """8 layers x 6 options, each (layer, option) a random 2-vector output change (layers 0 and 1 large); log FID =
-    per-option main effects - ``strength`` x cos(3 |summed change|) + noise: rings in the summed change that
-    neither one-hot terms nor a quadratic form of it express."""
-    rng = np.random.default_rng(seed)
-    keys = [f"model.l{i}.weight_quantizer" for i in range(8)]
-    options = [f"{m}-{b}" for m in METHODS for b in (3, 4)]
-    table = {k: {o: (rng.normal(0, 1.0 if i < 2 else 0.2, 2)).tolist() for o in options} for i, k in enumerate(keys)}
-    effect = {(k, o): rng.normal(0, 0.1) for k in keys for o in options}
-    records, learned = [], []
-    for _ in range(n):
-        choice = {k: options[rng.integers(len(options))] for k in keys}
-        total = np.sum([table[k][o] for k, o in choice.items()], axis=0)
-        learned.append(sum(effect[k, o] for k, o in choice.items()) - strength * np.cos(3.0 * np.linalg.norm(total))
-                       + rng.normal(0, 0.05))
-        records.append({"config": {k: [o, 100, 30, 0.01] for k, o in choice.items()}})
-    return records, np.array(learned), keys, table
+    """2-vector changes, - ``strength`` x cos(3 |summed change|): rings in the summed change that neither one-hot
+    terms nor a quadratic form of it express."""
+    return _shift_records(n, seed, 2, lambda total: -strength * np.cos(3.0 * np.linalg.norm(total)))
 
 
 @pytest.mark.parametrize("strength", [0.0, 1.0])

@@ -27,15 +27,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
 import torch
-from .pyg import Data
 
 from multiquant.errors import UserError
 from multiquant.options import FP_BITS, FP_OPTION, Option
+
+if TYPE_CHECKING:  # torch_geometric is imported where a Data is built (it costs seconds at every CLI start)
+    from .pyg import Data
 
 __all__ = ["QUANT_CODES", "BIT_CODES", "NUM_QUANT_CODES", "NUM_BIT_CODES", "option_codes", "GraphTemplate",
            "ConfigDataset", "record_to_data", "cache_to_dataset", "option_name", "config_of", "Column", "as_column",
@@ -206,6 +208,8 @@ class GraphTemplate:
         return torch.from_numpy(codes), torch.from_numpy(numeric)
 
     def to_data(self, config: Mapping, y: float | None = None, missing: str = "error") -> Data:
+        from .pyg import Data
+
         codes, numeric = self.encode(config, missing)
         data = Data(x_cat=torch.cat([codes, self.static_codes()], dim=1), x_num=numeric,
                     edge_index=self.edge_index.clone(), hop_mask=self.hop_mask.clone(), num_nodes=self.num_nodes)
@@ -259,6 +263,8 @@ class ConfigDataset:
         return self.codes.shape[0]
 
     def __getitem__(self, i: int) -> Data:
+        from .pyg import Data
+
         data = Data(x_cat=torch.cat([self.codes[i], self._static], dim=1), x_num=self.numeric[i],
                     edge_index=self.template.edge_index, hop_mask=self.template.hop_mask,
                     num_nodes=self.template.num_nodes)
@@ -282,6 +288,8 @@ class ConfigDataset:
 
     def collate(self, index: Sequence[int] | torch.Tensor | None = None) -> Data:
         """One disjoint-union batch (PyG layout: ``batch``, ``ptr``, ``num_graphs``) of the given configs."""
+        from .pyg import Data
+
         index = torch.arange(len(self)) if index is None else torch.as_tensor(index, dtype=torch.long)
         b, n = len(index), self.template.num_nodes
         x_cat = torch.cat([self.codes[index], self._static.expand(b, n, 2)], dim=2).reshape(b * n, 4)

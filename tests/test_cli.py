@@ -57,6 +57,42 @@ def test_every_subcommand_has_help_under_its_full_name(capsys):
         assert f"usage: qua2sedimo {name} " in capsys.readouterr().out, name
 
 
+# each costs a second or more at import; only the commands that use them may import them (every CLI process
+# otherwise pays for them before it parses a flag)
+HEAVY_AT_START = ("torch_geometric", "diffusers", "matplotlib", "sklearn", "pandas", "scipy.linalg")
+
+HELP_OF_EVERY_COMMAND = """
+import contextlib, io, sys
+from qua2sedimo.cli import build_parser, main
+action = next(a for a in build_parser()._actions if a.dest == "command")
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    for argv in (["--help"], *([name, "--help"] for name in action.choices)):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            assert stop.code == 0, argv
+    assert main(["families"]) == 0
+assert out.getvalue().count("usage: qua2sedimo") == len(action.choices) + 1
+print(" ".join(sorted(m for m in sys.modules)))
+"""
+
+
+def test_help_and_listing_families_import_no_heavy_library():
+    """A fresh interpreter (this one has imported everything already): the entry point's parser, the help of
+    every command and ``families`` leave torch_geometric, diffusers, matplotlib, ... unimported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_COMMAND], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    imported = set(run.stdout.split())
+    assert "qua2sedimo.cli" in imported and "autobuild.commands" in imported
+    assert not [m for m in HEAVY_AT_START if m in imported], [m for m in imported if m.startswith(HEAVY_AT_START)]
+
+
 def test_every_flag_has_help_and_both_spellings():
     for name, parser in _subcommands().items():
         for action in parser._actions:

@@ -13,9 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import networkx as nx
-from matplotlib import rc_context
-from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-from matplotlib.patches import Patch
 
 from multiquant.utils import save_figure
 
@@ -286,6 +283,11 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
                collapse_blocks: bool | None = None, max_panels: int = 3, max_full_nodes: int = 60):
     """Draw ``graph`` to PNG and/or SVG. ``collapse_blocks``: None = collapse when the graph has more than
     ``max_full_nodes`` nodes. Returns the matplotlib figure."""
+    # matplotlib here, not at the top: importing autobuild.dag (every CLI start) must not pay for it
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.patches import Patch
+
     family = graph.graph.get("family", "")
     if graph.graph.get("size") == "tiny":  # never a tiny random architecture under the real model's name alone
         family = f"{family} (tiny random architecture)"

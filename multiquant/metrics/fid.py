@@ -13,7 +13,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import linalg
 
 if TYPE_CHECKING:  # torch is imported on use: the numpy path stays light
     import torch
@@ -121,6 +120,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
 
 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    from scipy import linalg  # here, not at the top: scipy.linalg costs ~0.3 s at every CLI start
+
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # Nearly singular product (e.g. fewer samples than dimensions): regularise the diagonal.

@@ -541,9 +541,15 @@ def _flops_for(args, sens: dict) -> tuple[dict, str]:
     default = _default_flops_path(sens)
     if default.is_file():
         return load_flops_file(default), str(default)
+    from .families import UnknownFamilyError, list_families
     from .flops import flops_table
 
     settings = sens["settings"]
+    if settings["model"] not in list_families():  # a user family: only its file or module can define it
+        raise UnknownFamilyError(
+            f"the sensitivity file was measured on family {settings['model']!r}, which is not registered here: "
+            f"pass its definition (--family path/to/file.py:ATTR or pkg.module:ATTR) or --flops_file FILE "
+            f"(written by `qua2sedimo flops`)")
     print(f"no --flops_file and no {default}: measuring MACs of {settings['model']} now (meta device)")
     return flops_table(settings["model"], tiny=bool(settings.get("tiny"))), "computed"
 

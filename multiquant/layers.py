@@ -14,6 +14,7 @@ from math import prod
 import torch
 from torch import nn
 
+from .errors import UserError
 from .families import FamilySpec
 
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -65,6 +66,12 @@ def quantizable_layers(model: nn.Module, family: FamilySpec) -> list[LayerRef]:
         else:
             tied = quantizer_key(canonical) if canonical else None
             layers.append(LayerRef(quantizer_key(path), path, None, shape, tied))
+    if not layers:  # every command needs at least one: say so here, not as a division by zero downstream
+        excluded = excluded_layers(model, family)
+        raise UserError(f"family {family.name!r}: its denoiser ({type(model).__name__}) has no quantizable layer "
+                        f"(no nn.Linear, nn.Conv1d or nn.Conv2d module"
+                        + (f"; all {len(excluded)} are excluded by the family's exclude patterns" if excluded else "")
+                        + "): there is nothing to quantize")
     return layers
 
 

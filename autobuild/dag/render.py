@@ -27,7 +27,7 @@ _COLORS = {
 _LEGEND = (("SA", "self-attention"), ("CA", "cross-attention"), ("FF", "feed-forward"), ("AdaLN", "AdaLN linear"),
            ("t-Embed", "time embedding"), ("c-Embed", "condition embedding"), ("Patchify", "patchify"),
            ("Res", "resblock"), ("Proj", "proj in/out"), ("Skip", "skip"), ("Down", "down/upsample"),
-           ("Out", "in/out conv, output"), ("combine", "combine op"), ("block", "collapsed block"))
+           ("Out", "conv, in/out, output"), ("combine", "combine op"), ("block", "collapsed block"))
 
 
 def _color(attrs: dict) -> str:
@@ -296,8 +296,8 @@ def render_dag(graph: nx.DiGraph, path_png: str | Path | None, path_svg: str | P
               f"{graph.number_of_nodes() - n_layers} combine)")
     collapse = graph.number_of_nodes() > max_full_nodes if collapse_blocks is None else collapse_blocks
     if not collapse:
-        labels = {n: _global_label(graph, n) if graph.nodes[n].get("block", -1) < 0 else _short(graph, n)
-                  for n in graph.nodes}
+        # every node drawn: each layer names its module (op labels alone repeat: "Conv", "Conv", ...)
+        labels = {n: _global_label(graph, n) for n in graph.nodes}
         panels = [(header, graph, labels, set())]
     else:
         view, labels = _overview(graph)

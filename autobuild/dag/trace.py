@@ -15,6 +15,10 @@ other torch call:
   per-sample vectors, or such a vector broadcast onto features, like a U-Net's time-embedding add),
   ``add`` (residual joins of two full-size tensors), ``mul`` (a product of two full-size tensors).
 
+A layer called again in the same forward on data that depends on its first call (one module used twice:
+shared weights) keeps one node, that of its first call; each later call is a ``reuse`` combine node fed by
+the layer node and by that call's inputs, so the graph stays acyclic and still says the option acts there.
+
 Afterwards chains of elementwise combine ops are fused into one node where a link feeds its single
 consumer directly (``x + gate*attn`` is one gated residual ``add``; ``norm(x)*(1+s)+b`` is one ``norm``).
 Tensors from the inputs, parameters and buffers have an empty provenance, so text/class conditions
@@ -48,7 +52,7 @@ from multiquant.layers import LayerRef, quantizable_layers
 from .ops import (block_lists, block_of, derived_block_of, derived_block_scopes, derived_layer_op, layer_op,
                   scope_of, unet_down_count)
 
-__all__ = ["build_dag", "family_dag", "ELEMENTWISE_COMBINES"]
+__all__ = ["build_dag", "family_dag", "ELEMENTWISE_COMBINES", "REUSE_OP"]
 
 _SDPA = {"scaled_dot_product_attention"}
 _MATMUL = {"matmul", "bmm", "baddbmm", "einsum", "mm", "__matmul__", "__rmatmul__", "linear", "addmm"}
@@ -59,6 +63,7 @@ _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__true
 _SETITEM = {"__setitem__"}
 
 ELEMENTWISE_COMBINES = ("add", "embed", "norm", "mul")  # fusable combine labels
+REUSE_OP = "reuse"  # a later call of a layer already called in this forward (shared weights)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class _Recorder:
         self.stack: list[str] = []
         self.inside_layer = 0
         self.pending: list[list[int]] = []
+        self.called: set[int] = set()  # layer nodes whose forward has returned once
 
     # ------------------------------------------------------------------ nodes and provenance
     def new_node(self, kind: str, op: str, path: str, preds=(), ref: LayerRef | None = None) -> int:
@@ -160,8 +166,14 @@ class _Recorder:
             dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else (x.ndim - 1 if x is not None else -1)
             ids = []
             for ref in refs:
-                node = self.layer_node(ref)
-                self.nodes[node].add_preds(_channel_sources(source, dim, ref.cols))
+                node, sources = self.layer_node(ref), _channel_sources(source, dim, ref.cols)
+                if node in self.called and sources and not sources <= set(self.nodes[node].preds):
+                    # the layer is called again on data that depends on its first call (weight sharing): its
+                    # node cannot take these inputs without a cycle, so the call is a `reuse` node fed by the
+                    # layer (its weights, i.e. its quantization option) and by this call's inputs
+                    node = self.new_node("combine", REUSE_OP, path, {node} | sources)
+                else:
+                    self.nodes[node].add_preds(sources)
                 ids.append(node)
             self.pending.append(ids)
             self.inside_layer += 1
@@ -170,6 +182,7 @@ class _Recorder:
     def _layer_out(self, module, args, output):
         self.inside_layer -= 1
         ids = self.pending.pop()
+        self.called.update(i for i in ids if self.nodes[i].kind == "layer")
         if len(ids) > 1:  # split layer: the halves' partial products meet here
             out = self.new_node("combine", "cat", self.here, ids)  # the layer's own path is popped already
         else:

@@ -67,6 +67,17 @@ def _as_family(obj, text: str):
     return obj
 
 
+def _family_attrs(module) -> list[str]:
+    """Names of the module's attributes that hold a FamilySpec (what a user may have meant)."""
+    from . import FamilySpec
+
+    return sorted(name for name, value in vars(module).items() if isinstance(value, FamilySpec))
+
+
+def _defines(names: list[str]) -> str:
+    return f" (it defines {', '.join(names)})" if names else ""
+
+
 def _register(spec):
     from . import _REGISTRY, register_family
 
@@ -83,6 +94,12 @@ def resolve_family(text: str):
     if ":" not in text:  # a plain name
         if text in _REGISTRY:
             return _REGISTRY[text]
+        if text.endswith(".py"):  # a file without the attribute that holds the family
+            path = Path(text).expanduser()
+            found = _family_attrs(_import_file(path, text))
+            example = found[0] if found else "FAMILY"
+            raise FamilyImportError(f"--family {text}: name the attribute that holds the family, as in "
+                                    f"{text}:{example}" + _defines(found))
         entry = _entry_point(text)
         if entry is None:
             raise FamilyImportError(
@@ -100,5 +117,5 @@ def resolve_family(text: str):
     is_file = where.endswith(".py") or "/" in where or "\\" in where
     module = _import_file(Path(where).expanduser(), text) if is_file else _import_module(where, text)
     if not hasattr(module, attr):
-        raise FamilyImportError(f"--family {text}: {where} has no attribute {attr!r}")
+        raise FamilyImportError(f"--family {text}: {where} has no attribute {attr!r}" + _defines(_family_attrs(module)))
     return _register(_as_family(getattr(module, attr), text))

@@ -1,0 +1,116 @@
+"""A denoiser nobody on the team wrote (tests/shared_weights_family.py: unconditional RGB, a depthwise conv called
+twice, Conv1d, matmul attention, Linear(1, C) / Linear(C, 1), its own sampler and callable metric) through every
+command, and the mistakes a new user makes with it: each one line, exit code 2, no traceback."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+import shared_weights_family as fam
+from cli_every_command import every_command
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+FILE = Path(fam.__file__).resolve()
+FAMILY = ["--family", f"{FILE}:FAMILY"]
+
+
+def _error_line(capsys, argv) -> str:
+    """Run the CLI; it must exit 2 with one ``error:`` line and no traceback. Returns the line."""
+    from qua2sedimo.cli import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_a_layer_called_twice_is_one_layer_node_and_its_later_call_a_reuse_node(tmp_path):
+    from autobuild.dag import build_dag
+    from autobuild.dag.render import render_dag
+    from autobuild.dag.trace import REUSE_OP
+
+    model = fam.FAMILY.build("tiny")
+    graph = build_dag(model, fam.FAMILY)
+    assert nx.is_directed_acyclic_graph(graph)
+    layers = [n for n, a in graph.nodes(data=True) if a["kind"] == "layer"]
+    assert sorted(layers) == sorted(f"model.{p}.weight_quantizer" for p in
+                                    ("stem", "t_in", "t_hidden", "dw", "pw", "qkv", "attn_out", "seq", "gate", "head"))
+    reuse = [n for n, a in graph.nodes(data=True) if a["op"] == REUSE_OP]
+    assert len(reuse) == 1 and graph.nodes[reuse[0]]["path"] == "dw"
+    dw = "model.dw.weight_quantizer"
+    # the first call reads the normalised stem + time sum; the second call reads the residual add after pw, and
+    # its output (not the first call's) feeds the attention
+    preds = set(graph.predecessors(reuse[0]))
+    assert dw in preds and len(preds) == 2
+    (second_input,) = preds - {dw}
+    assert graph.nodes[second_input]["op"] == "add" and "model.pw.weight_quantizer" in nx.ancestors(graph, second_input)
+    assert nx.has_path(graph, reuse[0], "model.qkv.weight_quantizer")
+    assert "model.qkv.weight_quantizer" not in set(graph.successors(dw))
+    render_dag(graph, tmp_path / "dag.png")
+    assert (tmp_path / "dag.png").stat().st_size > 0
+
+
+def test_every_command_runs_on_a_shared_weights_rgb_family(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUA2SEDIMO_STATS_CACHE", str(tmp_path / "stats"))
+    out = every_command(FAMILY, fam.FAMILY.name, tmp_path, budget=8.0)
+    records = out["records"]
+    assert len(records) == 6 and all(np.isfinite(float(r["FID-GT-1k"])) for r in records)
+    baselines = {r["name"]: r for r in out["baselines"]}
+    # the label is the family's own metric, recomputed here from the FP images
+    model = fam.FAMILY.build("tiny")
+    from multiquant.seeds import seed_for
+
+    images = fam.ddim(model, [None] * 8, [seed_for(42, i) for i in range(8)])
+    assert float(baselines["fp16"]["FID-GT-1k"]) == pytest.approx(fam.colour_distance(images), rel=1e-6)
+    dag = json.loads(out["dag"][0].read_text())
+    assert sum(n["op"] == "reuse" for n in dag["nodes"]) == 1
+    assert len(list(out["samples"].rglob("*.png"))) >= 4 and (out["report"] / "index.html").exists()
+
+
+def test_a_model_without_quantizable_layers_is_one_clear_error(capsys, tmp_path):
+    from multiquant.errors import UserError
+    from multiquant.layers import quantizable_layers
+
+    with pytest.raises(UserError, match="no quantizable layer"):
+        quantizable_layers(fam.NO_LAYERS.build("tiny"), fam.NO_LAYERS)
+    bare = ["--family", f"{FILE}:NO_LAYERS", "--tiny", "--device", "cpu"]
+    for argv in (["multiquantizer", *bare, "--out", tmp_path / "mq.safetensors"],
+                 ["eval-random", *bare, "--build_mq", "--mq", tmp_path / "mq2.safetensors", "--outdir", tmp_path / "r",
+                  "--num_archs", 1], ["dag", *bare[:2], "--out", tmp_path / "dag"]):
+        assert "no quantizable layer" in _error_line(capsys, argv)
+    assert not (tmp_path / "mq.safetensors").exists()
+
+
+def test_family_spec_mistakes_name_what_the_file_defines(capsys, tmp_path):
+    assert "name the attribute" in (line := _error_line(capsys, ["inspect", "--family", str(FILE)]))
+    assert f"{FILE}:FAMILY" in line and "it defines FAMILY, NO_LAYERS" in line
+    line = _error_line(capsys, ["inspect", "--family", f"{FILE}:FAMILYY"])
+    assert "no attribute 'FAMILYY'" in line and "it defines FAMILY, NO_LAYERS" in line
+    assert "no file" in _error_line(capsys, ["inspect", "--family", f"{tmp_path / 'nope.py'}:FAMILY"])
+
+
+def test_the_allocator_on_a_user_family_says_how_to_name_it(capsys, tmp_path):
+    """optimize-mixed-precision reads the family from the sensitivity file; a user family is only known in a
+    process that imported it: without --family (a fresh shell) one clear line, with it the allocation."""
+    from multiquant.families import _REGISTRY
+    from qua2sedimo.cli import main
+
+    tiny = [*FAMILY, "--tiny", "--device", "cpu"]
+    assert main([str(a) for a in ["sensitivity", *tiny, "--sensitivity_bits", 3, "--num_prompts", 4, "--max_layers",
+                                  3, "--outdir", tmp_path / "sens"]]) == 0
+    sens = tmp_path / "sens" / f"sensitivity_analysis_{fam.FAMILY.name}_tiny_3bit.json"
+    capsys.readouterr()
+    _REGISTRY.pop(fam.FAMILY.name)  # what a new process knows about the user's family: nothing
+    argv = ["optimize-mixed-precision", "--sensitivity_file", sens, "--budget_multiplier", 0.9, "--unmeasured",
+            "lowest", "--out", tmp_path / "alloc"]
+    line = _error_line(capsys, argv)
+    assert fam.FAMILY.name in line and "--family" in line and "--flops_file" in line
+    assert main([str(a) for a in [*argv, *FAMILY]]) == 0
+    assert list((tmp_path / "alloc").glob("quantization_config_*.json"))

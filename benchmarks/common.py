@@ -66,13 +66,14 @@ def read_result(name: str, out_dir: str | Path | None = None) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_result(name: str, result: dict, out_dir: str | Path | None = None) -> Path:
+def write_result(name: str, result: dict, out_dir: str | Path | None = None, quiet: bool = False) -> Path:
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     text = json.dumps(result, indent=1, default=json_default)
     write_text_atomic(path, text)
-    print(text)
+    if not quiet:
+        print(text)
     return path
 
 

@@ -394,7 +394,9 @@ def merge_previous(result: dict, previous: dict) -> dict:
     merged["merged"] = {"previous_date": previous.get("date"), "previous_device": previous.get("device"),
                         "rows_from_previous_run": [f"{m} b{b} {r}px" for m, b, r in kept],
                         "figures_from_previous_run": sorted(carried),
-                        "previous_notes": {k: previous[k] for k in RUN_NOTES if k in previous}}
+                        # one level: the previous file's own merge record and targets would nest run after run
+                        "previous_notes": {k: previous[k] for k in RUN_NOTES
+                                           if k in previous and k not in ("merged", "targets")}}
     return merged
 
 

@@ -138,7 +138,9 @@ def test_a_subset_run_merges_into_the_previous_rows():
     assert merged["models"] == {"pixart_alpha": {"n": 1}, "dit": {"n": 3}}
     assert [e["p"] for e in merged["pipeline_memory"]] == ["old", "new"]
     assert merged["device"] == "GPU B" and merged["micro_v2"] == {"x": 1} and "targets" not in merged
-    assert "produced_by" not in merged and merged["merged"]["previous_notes"]["produced_by"] == "a note on the old run"
+    assert "produced_by" not in merged and merged["merged"]["previous_notes"] == {"produced_by": "a note on the old run"}
+    again = bench.merge_previous(result, merged)  # the merge record stays one level deep, run after run
+    assert again["merged"]["previous_notes"] == {} and again["merged"]["previous_date"] == "new"
     assert merged["merged"]["rows_from_previous_run"] == ["pixart_alpha b2 512px", "pixart_alpha b16 512px"]
     assert merged["merged"]["figures_from_previous_run"] == ["micro_v2"]
     assert result["shapes"][0].get("measured_in") is None  # the run's own rows are not modified

@@ -713,6 +713,7 @@ def predictor_source(family, size: str, workdir: Path, log: Callable[[str], None
 def run_optimize(args, log: Callable[[str], None] = print) -> dict:
     from multiquant.config import save_config
     from multiquant.families import get_family
+    from multiquant.metrics.metric import metric_label
     from multiquant.sensitivity import setup_protocol
     from multiquant.utils import json_default, write_text_atomic
 
@@ -747,7 +748,7 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
         if best is not None:
             path = save_config(best["config"], out / "configs" / f"{config_name(family.name, float(budget))}_optimize.pkl")
             best["config_path"] = str(path)
-            log(f"budget {budget}: FID {best['fid']:.2f} (confirm {best['fid_confirm']:.2f}) at "
+            log(f"budget {budget}: {metric_label(scorer.metric, args.key)} {best['fid']:.2f} (confirm {best['fid_confirm']:.2f}) at "
                 f"{best['avg_bits']:.3f} bits, from {best['source']} -> {path}")
     result.update(model=family.name, protocol=settings, device=device, seconds=time.perf_counter() - started,
                   scored_this_run=measure.scored)

@@ -97,8 +97,9 @@ def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], path: str | os.PathLike,
-                  title: str) -> Path:
-    """FID vs avg_bits: random cloud (and its lower envelope), built configurations, uniform, greedy, FP16."""
+                  title: str, metric: str = "FID") -> Path:
+    """FID (``metric``: the label's name, multiquant.metrics.metric.metric_label) vs avg_bits: random cloud (and
+    its lower envelope), built configurations, uniform, greedy, FP16."""
     from .insights import option_label
 
     plt = _pyplot()
@@ -131,13 +132,13 @@ def plot_measured(random_records: Sequence[Mapping], scored: Sequence[Mapping], 
         ax.scatter([r["avg_bits"] for r in others], [r["fid"] for r in others], marker="x", color="k", s=30,
                    label="other given configurations", zorder=4)
     for r in (r for r in scored if r["kind"] == "fp16"):
-        ax.axhline(r["fid"], color="tab:green", ls=":", lw=1.5, label=f"FP16 (FID {r['fid']:.2f})", zorder=3)
+        ax.axhline(r["fid"], color="tab:green", ls=":", lw=1.5, label=f"FP16 ({metric} {r['fid']:.2f})", zorder=3)
     clipped = _clip_y(ax, random_records, scored)
     if clipped:
         ax.text(0.99, 0.99, f"{clipped} point(s) above the top of the plot, not shown", transform=ax.transAxes,
                 ha="right", va="top", fontsize=8, color="0.3")
     ax.set_xlabel("average bits (overhead included)")
-    ax.set_ylabel("FID (lower = better)")
+    ax.set_ylabel(f"{metric} (lower = better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
@@ -335,8 +336,12 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
                             title=f"{spec.name}: predicted Pareto front (block-level unit scores)")
     scored, learned_key = _with_predictions(_with_predicted_scores(load_scored(scored_dirs, spec.name), block),
                                             predictor_dir, records)
+    from multiquant.metrics.metric import metric_label
+
+    metric = metric_label(spec.metric)
     measured_png = (plot_measured(records, scored, out / "pareto_measured.png",
-                                  f"{spec.name}: measured FID vs average bits") if records or scored else None)
+                                  f"{spec.name}: measured {metric} vs average bits", metric)
+                    if records or scored else None)
 
     from multiquant.config import load_config
 
@@ -360,7 +365,8 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
 
     sections = [_predictor_section(metrics), _front_section(front, front_png, embed)]
     if measured_png is not None:
-        sections.append(_measured_section(scored, measured_png, embed, str(metrics.get("target") or ""), learned_key))
+        sections.append(_measured_section(scored, measured_png, embed, str(metrics.get("target") or ""), learned_key,
+                                          metric))
     sections.append(_claims_section(claims, claims_png, embed))
     sections.append(_insights_section(insights, SENSITIVITY_DEFINITION, embed))
     if grids:
@@ -522,12 +528,13 @@ def _front_section(front, png: Path, embed) -> str:
                              ("config_path", "file")], left=["config_path"]))
 
 
-def _measured_section(scored, png: Path, embed, target: str = "", learned_key: str | None = None) -> str:
+def _measured_section(scored, png: Path, embed, target: str = "", learned_key: str | None = None,
+                      metric: str = "FID") -> str:
     note = ("" if scored else "<p class='note'>No eval-configs results given (--scored): only the random "
                               "configurations are shown. Score the configurations in <code>configs/</code> with "
                               "<code>qua2sedimo eval-configs</code>.</p>")
     rows = sorted(scored, key=lambda r: (r["kind"], r["avg_bits"]))
-    columns = [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"), ("fid", "measured FID")]
+    columns = [("name", "configuration"), ("kind", "kind"), ("avg_bits", "avg bits"), ("fid", f"measured {metric}")]
     if learned_key:
         columns.append((f"predicted_{learned_key}", f"predicted {learned_key}"))
     columns += [("predicted_target", f"predicted target ({target})" if target else "predicted target"),
@@ -541,7 +548,7 @@ def _measured_section(scored, png: Path, embed, target: str = "", learned_key: s
         note += (f"<p class='note'><b>Warning:</b> {len(far)} configuration(s) lie outside the training data "
                  f"({html.escape(', '.join(far[:6]))}): their predictions are extrapolations.</p>")
     table = _table(rows, columns, left=["name", "kind", "outside_training"]) if scored else ""
-    return "<h2>Measured FID vs average bits</h2>" + note + _img(png, "measured front", embed) + table
+    return f"<h2>Measured {html.escape(metric)} vs average bits</h2>" + note + _img(png, "measured front", embed) + table
 
 
 def _samples_section(grids: Mapping[str, Path], bits_of: Mapping[str, float], embed) -> str:

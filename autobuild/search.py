@@ -389,6 +389,7 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
     from multiquant.config import save_config
     from multiquant.evaluate import setup_scorer
     from multiquant.families import get_family
+    from multiquant.metrics.metric import metric_label
     from multiquant.utils import write_text_atomic
 
     started = time.perf_counter()
@@ -412,7 +413,7 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
             path = save_config(best["config"], config_dir / f"{config_name(family.name, float(budget))}_search.pkl",
                                origin=origin)
             best["config_path"] = str(path)
-            log(f"budget {budget}: FID {best['fid']:.2f} at {best['avg_bits']:.3f} bits ({best['source']}) -> {path}")
+            log(f"budget {budget}: {metric_label(scorer.metric, args.key)} {best['fid']:.2f} at {best['avg_bits']:.3f} bits ({best['source']}) -> {path}")
         else:
             log(f"budget {budget}: no measured configuration within the budget")
     result.update(model=family.name, cache=args.cache, out=str(out), protocol=settings, device=device,

@@ -237,9 +237,12 @@ def cmd_eval_configs(args) -> int:
 
     score_into_store(scorer, store, [(i, c) for i, (_, c, _) in enumerate(items)], extra_of=extra_of)
     if dist.is_main():
+        from .metrics.metric import metric_label
+
+        label = metric_label(scorer.metric)
         for rec in store.records():
             act = f"  A{rec['act_bits']}" if rec.get("act_bits", 16) != 16 else ""
-            print(f"{rec.get('name', ''):>28}  avg_bits {rec['avg_bits']:.3f}{act}  FID {float(rec['FID-GT-1k']):.3f}")
+            print(f"{rec.get('name', ''):>28}  avg_bits {rec['avg_bits']:.3f}{act}  {label} {float(rec['FID-GT-1k']):.3f}")
         print(f"wrote {store.cache_path}")
     dist.cleanup()
     return 0

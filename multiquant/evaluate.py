@@ -36,7 +36,7 @@ from .errors import MissingFileError, UserError
 from .families import FamilySpec
 from .layers import LayerRef, fp_bytes
 from .metrics.fid import feature_stats
-from .metrics.metric import FID_METHOD, is_feature_metric  # noqa: F401
+from .metrics.metric import FID_METHOD, is_feature_metric, metric_label  # noqa: F401
 from .metrics.proxy import psnr, ssim
 from .activations import SCHEME as ACT_QUANT_SCHEME
 from .options import FP_OPTION
@@ -529,6 +529,7 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
     if done and dist.is_main():
         log(f"resuming: {len(done)} configuration(s) already scored, {len(todo)} to go")
     scored = elsewhere = 0
+    label = metric_label(getattr(scorer, "metric", None))
     # counts what is scored now (a resumed run's committed configurations would make the rate and ETA lie)
     counter = Progress(len(todo), desc="scoring configurations", unit="config", disable=not dist.is_main())
     for index, config in items:
@@ -548,7 +549,7 @@ def score_into_store(scorer: ConfigScorer, store, items, extra_of=lambda index: 
                 log(f"[{index}] was committed meanwhile by another process; kept that record")
                 getattr(store, "release", lambda i: None)(index)
             else:
-                log(f"[{index}] avg_bits {rec['avg_bits']:.3f}  FID {float(rec['FID-GT-1k']):.3f}  "
+                log(f"[{index}] avg_bits {rec['avg_bits']:.3f}  {label} {float(rec['FID-GT-1k']):.3f}  "
                     f"({rec['timings']['total_s']:.1f} s)")
         dist.barrier()
         scored += 1

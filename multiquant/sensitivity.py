@@ -226,6 +226,9 @@ def score_layers(protocol: ImageProtocol, store, groups: list[list[LayerRef]], m
     """Measure every group not yet in ``store`` (record index = position in ``groups``); returns how many."""
     from .utils import progress
 
+    from .metrics.metric import vs_fp_label
+
+    label = vs_fp_label(getattr(protocol, "metric", None))
     done = store.done_indices()
     todo = [(i, g) for i, g in enumerate(groups) if i not in done]
     if done:
@@ -237,7 +240,7 @@ def score_layers(protocol: ImageProtocol, store, groups: list[list[LayerRef]], m
                   "shape": list(head.shape), "numel": sum(r.numel for r in group), "method": method, "bits": bits}
         record.update(metrics)
         store.commit(index, record)
-        log(f"[{index + 1}/{len(groups)}] {head.key}: FID-FP {metrics['fid_fp']:.4g}  "
+        log(f"[{index + 1}/{len(groups)}] {head.key}: {label} {metrics['fid_fp']:.4g}  "
             f"SSIM {metrics['ssim_fp']:.4f}  ({metrics['seconds']:.1f} s)")
     return len(todo)
 
@@ -269,8 +272,13 @@ def build_report(records: list[dict], settings: dict, num_layers_total: int | No
                        "raw": raw, "fid_degradation": float(fid_deg[i]), "second_degradation": float(second_deg[i]),
                        "fid_normalised": float(fid_norm[i]), "second_normalised": float(second_norm[i]),
                        "sensitivity": float(scores[i]), "band": band_of(float(scores[i]))})
-    fid_name = ("FID-GT increase (quantized minus FP, vs the reference set)" if fid_key == "fid_gt_increase"
-                else "FID-FP (quantized vs FP images)")
+    metric = settings.get("metric")  # the family's own callable metric (metric_settings records its name)
+    if fid_key == "fid_gt_increase":
+        fid_name = (f"{metric} increase (quantized minus FP)" if metric
+                    else "FID-GT increase (quantized minus FP, vs the reference set)")
+    else:  # run_sensitivity names what the measurement is for a callable metric (vs_fp_label)
+        fid_name = (f"{settings['fid_fp_name']} (the quantized against the FP model)" if settings.get("fid_fp_name")
+                    else "FID-FP (quantized vs FP images)")
     return {
         "settings": settings,
         "metrics": {"fid": {"key": fid_key, "name": fid_name, "feature_net": settings.get("feature_net"),
@@ -341,7 +349,12 @@ def run_sensitivity(protocol: ImageProtocol, settings: dict, outdir, bits: int, 
     score_layers(protocol, store, groups, method, bits, log=log)
     wanted = {g[0].key for g in groups}
     records = [r for r in store.records() if r["key"] in wanted]
-    report = build_report(records, dict(settings, records_dir=str(run_dir)), len(search_groups(protocol.layers)))
+    from .metrics.metric import is_feature_metric, vs_fp_label
+
+    metric = getattr(protocol, "metric", None)
+    named = {} if metric is None or is_feature_metric(metric) else {"fid_fp_name": vs_fp_label(metric)}
+    report = build_report(records, dict(settings, records_dir=str(run_dir), **named),
+                          len(search_groups(protocol.layers)))
     path = report_path(outdir, settings["model"], bits, method, settings["tiny"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -57,9 +57,15 @@ def test_a_layer_called_twice_is_one_layer_node_and_its_later_call_a_reuse_node(
     assert (tmp_path / "dag.png").stat().st_size > 0
 
 
-def test_every_command_runs_on_a_shared_weights_rgb_family(tmp_path, monkeypatch):
+def test_every_command_runs_on_a_shared_weights_rgb_family(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QUA2SEDIMO_STATS_CACHE", str(tmp_path / "stats"))
     out = every_command(FAMILY, fam.FAMILY.name, tmp_path, budget=8.0)
+    printed = capsys.readouterr().out
+    # the label is the family's metric, and the commands call it by its name (it is no FID)
+    assert "avg_bits 32.000  colour-distance " in printed and " FID " not in printed
+    assert "colour-distance increase over FP" in printed  # the one-layer sweep's measurement
+    page = (out["report"] / "index.html").read_text()
+    assert "<h2>Measured colour-distance vs average bits</h2>" in page
     records = out["records"]
     assert len(records) == 6 and all(np.isfinite(float(r["FID-GT-1k"])) for r in records)
     baselines = {r["name"]: r for r in out["baselines"]}
@@ -106,6 +112,7 @@ def test_the_allocator_on_a_user_family_says_how_to_name_it(capsys, tmp_path):
     assert main([str(a) for a in ["sensitivity", *tiny, "--sensitivity_bits", 3, "--num_prompts", 4, "--max_layers",
                                   3, "--outdir", tmp_path / "sens"]]) == 0
     sens = tmp_path / "sens" / f"sensitivity_analysis_{fam.FAMILY.name}_tiny_3bit.json"
+    assert json.loads(sens.read_text())["metrics"]["fid"]["name"].startswith("colour-distance increase over FP")
     capsys.readouterr()
     _REGISTRY.pop(fam.FAMILY.name)  # what a new process knows about the user's family: nothing
     argv = ["optimize-mixed-precision", "--sensitivity_file", sens, "--budget_multiplier", 0.9, "--unmeasured",

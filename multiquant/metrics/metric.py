@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import UserError
 from .fid import feature_stats, float64_on, frechet_distance, frechet_distance_rooted, symmetric_sqrt
 
-__all__ = ["FeatureFID", "CallableMetric", "FID_METHOD", "is_feature_metric"]
+__all__ = ["FeatureFID", "CallableMetric", "FID_METHOD", "is_feature_metric", "metric_label", "vs_fp_label"]
 
 FID_METHOD = "eigh"  # same trace as scipy sqrtm (to ~1e-8), several times faster on 2048-d features
 # square roots of fixed covariances a metric keeps (the reference set's and the FP images' in one run)
@@ -292,6 +292,24 @@ class CallableMetric:
 
 def is_feature_metric(metric) -> bool:
     return bool(getattr(metric, "is_feature_metric", False))
+
+
+def metric_label(metric, key: str = "FID-GT-1k") -> str:
+    """How a record's quality ``key`` is shown in logs and plots. The label key (``FID-GT-1k``, the reference's
+    name) holds whatever the family's metric computes: its own name (a user's ``CallableMetric`` is no FID);
+    ``FID`` for families without one (the default Inception FID). Any other key is shown as itself."""
+    if key != "FID-GT-1k":
+        return key
+    return str(getattr(metric, "name", None) or "FID")
+
+
+def vs_fp_label(metric) -> str:
+    """What the one-layer measurements' ``fid_fp`` is for this metric: a feature metric's FID of the quantized
+    against the FP images; a callable metric scored against the FP images, itself; any other callable metric,
+    its increase over the FP images' value (it can be negative)."""
+    if metric is None or is_feature_metric(metric):
+        return "FID-FP"
+    return metric.name if getattr(metric, "needs_fp", False) else f"{metric.name} increase over FP"
 
 
 def check_metric(metric, family: str = "") -> None:

@@ -249,6 +249,19 @@ def cmd_eval_configs(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ infer
+def _check_module_infer_args(args, family) -> None:
+    """A plain-module family renders with its own sampler and conditions: flags it cannot take are errors,
+    never silently dropped."""
+    fixed = [f"--{name} {getattr(args, name)}" for name in ("res", "steps", "guidance") if getattr(args, name) is not None]
+    if fixed:
+        raise InputError(f"family {family.name!r} renders with its own sampler, which fixes its resolution, steps and "
+                         f"guidance: {', '.join(fixed)} does not apply (change the family's sampler)")
+    if args.cls_id is not None and not family.num_classes:
+        raise InputError(f"family {family.name!r} has no classes (FamilySpec.num_classes): leave out --cls_id")
+    if args.cls_id is not None and not 0 <= args.cls_id < family.num_classes:
+        raise InputError(f"--cls_id {args.cls_id}: family {family.name!r} has classes 0..{family.num_classes - 1}")
+
+
 def cmd_infer(args) -> int:
     """Generate images with a configuration (FP16 when --q_config is omitted)."""
     from .adapters import SamplerOptions
@@ -292,7 +305,11 @@ def cmd_infer(args) -> int:
 
         enable_activation_quant(denoiser, bits=args.act_bit)
         tag += f"_a{args.act_bit}"
-    if family.conditioning == "text":
+    if family.is_module:
+        _check_module_infer_args(args, family)
+    if family.is_module and args.cls_id is None and (family.conditions is not None or not family.num_classes):
+        conditions = loaded.adapter.conditions(family, args.n_imgs)  # its own conditions(n), or unconditional
+    elif family.conditioning == "text" and not family.is_module:
         conditions = [args.prompt] * args.n_imgs
     elif args.cls_id is not None or family.num_classes:
         conditions = [args.cls_id if args.cls_id is not None else 0] * args.n_imgs

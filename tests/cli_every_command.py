@@ -15,7 +15,7 @@ def run(argv: list[str]) -> None:
     assert rc == 0, f"qua2sedimo {' '.join(map(str, argv))} exited {rc}"
 
 
-def every_command(family: list[str], name: str, work: Path, cls_id: int = 1, budget: float = 3.5) -> dict:
+def every_command(family: list[str], name: str, work: Path, cls_id: int | None = 1, budget: float = 3.5) -> dict:
     """inspect ... load-check on ``family`` (tiny random weights); returns what the checks need."""
     mq = work / "mq" / f"{name}_tiny_mq.safetensors"
     tiny = [*family, "--tiny", "--device", "cpu"]
@@ -40,7 +40,8 @@ def every_command(family: list[str], name: str, work: Path, cls_id: int = 1, bud
     run(["report", *family, "--predictor", work / "predictor", "--cache", work / "random" / "quant_cache.pkl",
          "--mq", mq, "--size", "tiny", "--budgets", budget, "--samples", 2, "--tiny", "--device", "cpu",
          "--out", work / "report"])
-    run(["infer", *tiny, "--q_config", config, "--mq", mq, "--cls_id", cls_id, "--n_imgs", 2,
+    classes = [] if cls_id is None else ["--cls_id", cls_id]  # None: an unconditional family
+    run(["infer", *tiny, "--q_config", config, "--mq", mq, *classes, "--n_imgs", 2,
          "--outdir", work / "samples"])
     run(["export", *tiny, "--q_config", config, "--mq", mq, "--out", work / "export"])
     run(["load-check", work / "export", *family, "--tiny", "--device", "cpu", "--compare", "--mq", mq,

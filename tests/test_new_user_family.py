@@ -59,7 +59,7 @@ def test_a_layer_called_twice_is_one_layer_node_and_its_later_call_a_reuse_node(
 
 def test_every_command_runs_on_a_shared_weights_rgb_family(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QUA2SEDIMO_STATS_CACHE", str(tmp_path / "stats"))
-    out = every_command(FAMILY, fam.FAMILY.name, tmp_path, budget=8.0)
+    out = every_command(FAMILY, fam.FAMILY.name, tmp_path, cls_id=None, budget=8.0)
     printed = capsys.readouterr().out
     # the label is the family's metric, and the commands call it by its name (it is no FID)
     assert "avg_bits 32.000  colour-distance " in printed and " FID " not in printed
@@ -92,6 +92,18 @@ def test_a_model_without_quantizable_layers_is_one_clear_error(capsys, tmp_path)
                   "--num_archs", 1], ["dag", *bare[:2], "--out", tmp_path / "dag"]):
         assert "no quantizable layer" in _error_line(capsys, argv)
     assert not (tmp_path / "mq.safetensors").exists()
+
+
+def test_infer_refuses_what_a_module_family_cannot_take(capsys, tmp_path):
+    """Its sampler fixes steps / resolution / guidance, and it has no classes: those flags were silently dropped."""
+    tiny = ["infer", *FAMILY, "--tiny", "--device", "cpu", "--n_imgs", 1, "--outdir", tmp_path]
+    assert "--steps 9 does not apply" in _error_line(capsys, [*tiny, "--steps", 9])
+    assert "--res 16, --guidance 2.0 does not apply" in _error_line(capsys, [*tiny, "--res", 16, "--guidance", 2])
+    assert "has no classes" in _error_line(capsys, [*tiny, "--cls_id", 1])
+    import module_family
+
+    toy = ["infer", "--family", f"{Path(module_family.__file__).resolve()}:FAMILY", "--tiny", "--device", "cpu"]
+    assert "has classes 0..3" in _error_line(capsys, [*toy, "--cls_id", 4, "--outdir", tmp_path])
 
 
 def test_family_spec_mistakes_name_what_the_file_defines(capsys, tmp_path):

@@ -110,7 +110,7 @@ def measured_signature(model: str, wanted: bool | None, pretrained=None, mq=None
         return None, {"measured": False, "reason": "--no_output_shifts"}
     from autobuild.output_shift import family_shift_tables
     from multiquant.evaluate import default_multiquantizer_path
-    from multiquant.families import get_family
+    from multiquant.families import family_flag, get_family
 
     family = get_family(model)
     path = Path(mq) if mq else default_multiquantizer_path(family, tiny)
@@ -118,8 +118,8 @@ def measured_signature(model: str, wanted: bool | None, pretrained=None, mq=None
         if not path.is_file():  # checked before loading the weights, which can be large
             from multiquant.errors import MissingFileError
 
-            raise MissingFileError(f"no multiquantizer at {path} (build it with `qua2sedimo multiquantizer --model "
-                                   f"{model}{' --tiny' if tiny else ''}` or pass --mq)")
+            raise MissingFileError(f"no multiquantizer at {path} (build it with `qua2sedimo multiquantizer "
+                                   f"{family_flag(family)}{' --tiny' if tiny else ''}` or pass --mq)")
         if wanted is None:  # counted on the meta device, before any weights are read
             size = sum(p.numel() for p in family.build("tiny" if tiny else "full",
                                                        device="cpu" if tiny else "meta").parameters())

@@ -312,15 +312,17 @@ def load_flops_file(path) -> dict:
 
 def check_same_model(sens: dict, flops: dict, sens_path, flops_path, model: str | None = None) -> None:
     """Refuse a sensitivity file, FLOPs file and ``--model`` that describe different denoisers."""
+    from .families import family_flag
+
     s_model, s_tiny = sens["settings"].get("model"), bool(sens["settings"].get("tiny", False))
     f_model, f_tiny = flops.get("model"), bool(flops.get("tiny", False))
     if model is not None and model != s_model:
         raise InputError(f"the sensitivity file {sens_path} is for model {s_model!r}, not {model!r}. "
-                         f"Fix: pass that model's file (qua2sedimo sensitivity --model {model})")
+                         f"Fix: pass that model's file (qua2sedimo sensitivity {family_flag(model)})")
     if (s_model, s_tiny) != (f_model, f_tiny):
         raise InputError(f"the sensitivity file {sens_path} is for {s_model!r}{' (tiny)' if s_tiny else ''} but the "
                          f"FLOPs file {flops_path} is for {f_model!r}{' (tiny)' if f_tiny else ''}. Fix: "
-                         f"`qua2sedimo flops --model {s_model}{' --tiny' if s_tiny else ''}` and pass its file")
+                         f"`qua2sedimo flops {family_flag(s_model)}{' --tiny' if s_tiny else ''}` and pass its file")
     flops_keys = {entry["key"] for entry in flops["layers"]}
     unknown = [e["key"] for e in sens["layers"] if e["key"] not in flops_keys]
     if unknown:

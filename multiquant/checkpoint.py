@@ -337,7 +337,9 @@ class MultiQuantizer:
     # ------------------------------------------------------------------------------------ validation
     def check_compatible(self, model: nn.Module, family: FamilySpec, verify_weights: bool = True) -> None:
         """Raise :class:`MultiQuantizerMismatch` if this checkpoint was not built for ``model``."""
-        fix = f"rebuild it with `qua2sedimo multiquantizer --model {family.name}` for these weights"
+        from .families import family_flag
+
+        fix = f"rebuild it with `qua2sedimo multiquantizer {family_flag(family)}` for these weights"
         if family.name != self.family:
             raise MultiQuantizerMismatch(f"checkpoint built for family {self.family!r}, model is {family.name!r}: {fix}")
         layers = quantizable_layers(model, family)

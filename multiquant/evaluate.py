@@ -493,10 +493,12 @@ def load_or_build_multiquantizer(family, denoiser, mq_path=None, tiny: bool = Fa
         mq.check_compatible(denoiser, family)
         return mq
     if not build:
+        from .families import family_flag
+
         where = "--mq path" if mq_path else "default multiquantizer"
         raise MissingFileError(
             f"the {where} {path} does not exist: check the path, build it with `qua2sedimo multiquantizer "
-            f"--model {family.name}{' --tiny' if tiny else ''}`{f' --out {path}' if mq_path else ''}, "
+            f"{family_flag(family)}{' --tiny' if tiny else ''}`{f' --out {path}' if mq_path else ''}, "
             f"or pass --build_mq to build it now")
     from .utils import check_writable_dir
 

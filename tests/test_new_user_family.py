@@ -106,6 +106,12 @@ def test_infer_refuses_what_a_module_family_cannot_take(capsys, tmp_path):
     assert "has classes 0..3" in _error_line(capsys, [*toy, "--cls_id", 4, "--outdir", tmp_path])
 
 
+def test_a_missing_multiquantizer_names_the_family_as_the_user_did(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no multiquantizers/ here
+    line = _error_line(capsys, ["eval-random", *FAMILY, "--tiny", "--outdir", tmp_path / "r", "--num_archs", 1])
+    assert f"`qua2sedimo multiquantizer --family {FILE}:FAMILY --tiny`" in line  # not --model, which cannot find it
+
+
 def test_family_spec_mistakes_name_what_the_file_defines(capsys, tmp_path):
     assert "name the attribute" in (line := _error_line(capsys, ["inspect", "--family", str(FILE)]))
     assert f"{FILE}:FAMILY" in line and "it defines FAMILY, NO_LAYERS" in line

@@ -273,6 +273,17 @@ def get_family(name: str) -> FamilySpec:
                                  f"--family pkg.module:ATTR or path/to/file.py:ATTR") from None
 
 
+_SPEC_TEXT: dict[str, str] = {}  # family name -> the --family text it was loaded from (resolve_family)
+
+
+def family_flag(family) -> str:
+    """The command-line flag that names ``family`` (a FamilySpec or name) in a fresh process, for the commands that
+    messages suggest: ``--family <what the user typed>`` for a family loaded from a file or module, else
+    ``--model NAME``."""
+    name = family if isinstance(family, str) else family.name
+    return f"--family {_SPEC_TEXT[name]}" if name in _SPEC_TEXT else f"--model {name}"
+
+
 def list_families() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -78,11 +78,13 @@ def _defines(names: list[str]) -> str:
     return f" (it defines {', '.join(names)})" if names else ""
 
 
-def _register(spec):
-    from . import _REGISTRY, register_family
+def _register(spec, text: str | None = None):
+    from . import _REGISTRY, _SPEC_TEXT, register_family
 
     if _REGISTRY.get(spec.name) is not spec:
         register_family(spec, overwrite=True)  # the user's own definition wins over an earlier one of that name
+    if text is not None:  # how a later message tells the user to name it again (family_flag)
+        _SPEC_TEXT[spec.name] = text
     return spec
 
 
@@ -118,4 +120,4 @@ def resolve_family(text: str):
     module = _import_file(Path(where).expanduser(), text) if is_file else _import_module(where, text)
     if not hasattr(module, attr):
         raise FamilyImportError(f"--family {text}: {where} has no attribute {attr!r}" + _defines(_family_attrs(module)))
-    return _register(_as_family(getattr(module, attr), text))
+    return _register(_as_family(getattr(module, attr), text), text)

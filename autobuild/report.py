@@ -399,10 +399,14 @@ def _claims(graph, node, table, records, scored, metrics, sweep_paths, log) -> d
     from .evidence import (dataset_model, dataset_sources, layer_roles, load_sweeps, node_score_evidence,
                            testbed_insights)
 
+    from .train import learned_validation
+
     ops, blocks = layer_roles(graph)
-    srcc = metrics.get("srcc_mean")
-    validation = (f"{metrics.get('folds_k') or '?'}-fold SRCC {srcc:.3f} on {metrics.get('target')}"
-                  if srcc is not None else "not validated")
+    # the node scores rank what the network learned (e.g. log FID): compared with the dataset model on that, not
+    # on a target whose exactly-known bits term alone can rank at 1.0
+    srcc, what = learned_validation(metrics)
+    validation = (f"{metrics.get('folds_k') or '?'}-fold SRCC {srcc:.3f} on {what}" if srcc is not None
+                  else "not validated")
     layer, method = node_score_evidence(node, validation, True)
     models = [(layer, method, srcc)]
     notes = []

@@ -36,7 +36,39 @@ from .losses import ndcg_at_k, ranking_loss, srcc
 from .target import LearningPlan, Target, learning_plan, parse_target
 
 __all__ = ["TrainOptions", "train_predictor", "make_folds", "baseline_scores", "Ensemble", "load_ensemble",
-           "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE"]
+           "ENSEMBLE_WEIGHTS", "ENSEMBLE_CONFIG", "METRICS_FILE", "learned_validation", "known_term_warning"]
+
+
+def learned_validation(metrics: Mapping) -> tuple[float | None, str]:
+    """Held-out SRCC of what the network learned, and what that is. With exactly known terms in the target
+    (``avg_bits``, read from the configuration), the network learns only the measured key (e.g. log FID), and its
+    node and unit scores rank that: its validation is the folds' ``learned_srcc``, comparable with other models of
+    the measured key. Without known terms it is the target's own held-out SRCC."""
+    learned = metrics.get("learned") or {}
+    folds = [f["learned_srcc"] for f in metrics.get("folds", []) if f.get("learned_srcc") is not None
+             and math.isfinite(f["learned_srcc"])]
+    if learned.get("known") and folds:
+        return float(np.mean(folds)), f"{learned.get('learned')} (the target's learned part)"
+    return metrics.get("srcc_mean"), str(metrics.get("target"))
+
+
+def known_term_warning(metrics: Mapping, tie: float = 0.01) -> str | None:
+    """A warning when the target ranks the held-out configurations as its exactly-known terms alone do (e.g. the
+    avg_bits baseline matches the predictor): the measured key then hardly moves the target at its scale (a
+    user's metric of a few units against 150 x avg_bits), so a high SRCC says nothing about quality."""
+    learned = metrics.get("learned") or {}
+    srcc = metrics.get("srcc_mean")
+    for key in learned.get("known") or ():
+        baseline = (metrics.get("baselines") or {}).get(key, {}).get("srcc_mean")
+        if srcc is None or baseline is None or not math.isfinite(baseline) or baseline < srcc - tie:
+            continue
+        part, what = learned_validation(metrics)
+        return (f"warning: the target {metrics.get('target')!r} ranks these configurations as {key} alone does "
+                f"(held-out SRCC {srcc:.3f}, {key} baseline {baseline:.3f}): {learned.get('key')} moves it little at "
+                f"this scale, so that figure says nothing about quality; the learned part ranks at "
+                f"{part:.3f}. To weigh quality, put the bits term on the metric's scale or pass --target "
+                f"'-1*{learned.get('key')}'")
+    return None
 
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from multiquant.cli_flags import add_model_flags
@@ -149,7 +150,7 @@ def _units(graph, level: str | None):
 
 
 def run_train_predictor(args) -> int:
-    from autobuild.train import TrainOptions, train_predictor
+    from autobuild.train import TrainOptions, known_term_warning, learned_validation, train_predictor
 
     from multiquant.store import load_quant_cache
 
@@ -166,10 +167,16 @@ def run_train_predictor(args) -> int:
                               units=_units(graph, args.unit_level), options=options)
     print(f"held-out SRCC {metrics['srcc_mean']:.4f}, NDCG@10 {metrics['ndcg10_mean']:.4f} "
           f"({metrics['timings']['wall_seconds']:.0f}s)")
+    learned_srcc, learned_what = learned_validation(metrics)
+    if learned_what != str(metrics.get("target")):
+        print(f"  learned part {learned_what}: held-out SRCC {learned_srcc:.4f}")
     for name, b in metrics["baselines"].items():
         srcc = b["srcc_mean"]
         print(f"  baseline {name:>20}: SRCC {srcc:.4f}" if not math.isnan(srcc) else f"  baseline {name}: n/a",
               f"NDCG@10 {b['ndcg10_mean']:.4f}")
+    warning = known_term_warning(metrics)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"ensemble and metrics.json written to {args.out}")
     return 0
 

@@ -314,7 +314,7 @@ def test_report_html(trained, tmp_path):
     assert sweeps_view["verdict"] == "holds"
     assert sorted(r["rank"] for r in sweeps_view["figures"]["layers"].values()) == [1, 2]  # the two t-Embed layers
     assert claims["resblocks"]["verdict"] == "not applicable"  # a DiT has no ResNet blocks
-    for needle in ("Predictor", "Pareto front (predicted)", "Measured FID", "Sensitivity insights",
+    for needle in ("Predictor", "Pareto front (predicted)", "Measured MNIST-FID", "Sensitivity insights",
                    "data:image/png;base64", "uniform_mse-4", "Most sensitive layers"):
         assert needle in text
     summary = json.loads((tmp_path / "report" / "report.json").read_text())

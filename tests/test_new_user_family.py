@@ -60,7 +60,9 @@ def test_a_layer_called_twice_is_one_layer_node_and_its_later_call_a_reuse_node(
 def test_every_command_runs_on_a_shared_weights_rgb_family(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QUA2SEDIMO_STATS_CACHE", str(tmp_path / "stats"))
     out = every_command(FAMILY, fam.FAMILY.name, tmp_path, cls_id=None, budget=8.0)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "warning: the target '-1*FID-GT-1k - avg_bits*150' ranks these configurations as avg_bits" in captured.err
     # the label is the family's metric, and the commands call it by its name (it is no FID)
     assert "avg_bits 32.000  colour-distance " in printed and " FID " not in printed
     assert "colour-distance increase over FP" in printed  # the one-layer sweep's measurement
@@ -139,3 +141,21 @@ def test_the_allocator_on_a_user_family_says_how_to_name_it(capsys, tmp_path):
     assert fam.FAMILY.name in line and "--family" in line and "--flops_file" in line
     assert main([str(a) for a in [*argv, *FAMILY]]) == 0
     assert list((tmp_path / "alloc").glob("quantization_config_*.json"))
+
+
+def test_a_target_ranked_by_its_bits_term_alone_is_flagged_and_not_trusted_as_quality():
+    """A user's metric of a few units under the default '-1*FID-GT-1k - avg_bits*150': the target ranks as avg_bits
+    does, the predictor's 1.0 says nothing about quality; the report compares models on the learned part."""
+    from autobuild.train import known_term_warning, learned_validation
+
+    metrics = {"target": "-1*FID-GT-1k - avg_bits*150", "srcc_mean": 1.0,
+               "learned": {"key": "FID-GT-1k", "known": ["avg_bits"], "learned": "log(FID-GT-1k)"},
+               "folds": [{"learned_srcc": 0.3}, {"learned_srcc": 0.5}],
+               "baselines": {"avg_bits": {"srcc_mean": 0.995}}}
+    assert learned_validation(metrics) == (pytest.approx(0.4), "log(FID-GT-1k) (the target's learned part)")
+    warning = known_term_warning(metrics)
+    assert warning.startswith("warning: ") and "avg_bits baseline 0.995" in warning and "0.400" in warning
+    assert "--target '-1*FID-GT-1k'" in warning
+    assert known_term_warning(dict(metrics, baselines={"avg_bits": {"srcc_mean": 0.8}})) is None  # quality matters
+    quality_only = dict(metrics, target="-1*FID-GT-1k", learned={"key": "FID-GT-1k", "known": [], "learned": "x"})
+    assert learned_validation(quality_only) == (1.0, "-1*FID-GT-1k") and known_term_warning(quality_only) is None

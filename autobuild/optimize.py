@@ -590,8 +590,11 @@ class ContentMeasure:
             if sig not in known and all(self.signature(c) != sig for _, c in todo):
                 todo.append((nxt, dict(config)))
                 nxt += 1
-        if todo:
-            self.scored[seed_kind] += score_into_store(self.scorers[seed_kind][0], store, todo, log=self.log)
+        if todo:  # the window: earlier batches of this run are no "resume" of this one
+            from .search import _Window
+
+            window = _Window(store, [i for i, _ in todo])
+            self.scored[seed_kind] += score_into_store(self.scorers[seed_kind][0], window, todo, log=self.log)
             known = {self.signature(r["config"]): r for r in store.records()}
         return [known[self.signature(c)] for c in configs]
 

@@ -159,3 +159,20 @@ def test_a_target_ranked_by_its_bits_term_alone_is_flagged_and_not_trusted_as_qu
     assert known_term_warning(dict(metrics, baselines={"avg_bits": {"srcc_mean": 0.8}})) is None  # quality matters
     quality_only = dict(metrics, target="-1*FID-GT-1k", learned={"key": "FID-GT-1k", "known": [], "learned": "x"})
     assert learned_validation(quality_only) == (1.0, "-1*FID-GT-1k") and known_term_warning(quality_only) is None
+
+
+def test_optimize_runs_on_the_family_and_a_fresh_run_resumes_nothing(tmp_path, capsys):
+    from qua2sedimo.cli import main
+
+    argv = ["optimize", *FAMILY, "--tiny", "--device", "cpu", "--budgets", "7,9", "--max_evaluations", 40,
+            "--per_budget", 1, "--sweep_images", 4, "--num_images", 8, "--out", tmp_path / "opt"]
+    assert main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed  # its own earlier batches are no resume
+    result = json.loads((tmp_path / "opt" / "optimize.json").read_text())
+    assert result["evaluations"] <= 40 and set(result["best"]) == {"7", "9"}
+    for budget, best in result["best"].items():
+        assert best["avg_bits"] <= float(budget) and np.isfinite(best["fid_confirm"])
+        assert f"budget {budget}: colour-distance {best['fid']:.2f}" in printed
+    assert main([str(a) for a in argv]) == 0  # a second call finds every measurement in the stores
+    assert json.loads((tmp_path / "opt" / "optimize.json").read_text())["scored_this_run"] == {"main": 0, "confirm": 0}

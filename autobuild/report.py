@@ -332,6 +332,9 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
         raise InputError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
     for point in front:  # the page and report.json name the files relative to the report folder
         point["config_path"] = os.path.relpath(point["config_path"], out)
+    front_warning = front_outside_training(front, records)
+    if front_warning and log:
+        log(f"  warning: {front_warning}")
     front_png = plot_pareto(front, out / "pareto_predicted.png",
                             title=f"{spec.name}: predicted Pareto front (block-level unit scores)")
     scored, learned_key = _with_predictions(_with_predicted_scores(load_scored(scored_dirs, spec.name), block),
@@ -363,7 +366,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
             if log:
                 log(f"  sample grids skipped: {err}")
 
-    sections = [_predictor_section(metrics), _front_section(front, front_png, embed)]
+    sections = [_predictor_section(metrics), _front_section(front, front_png, embed, front_warning)]
     if measured_png is not None:
         sections.append(_measured_section(scored, measured_png, embed, str(metrics.get("target") or ""), learned_key,
                                           metric))
@@ -382,7 +385,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
         tmp.write_text(_page(f"Quantization sensitivity report: {spec.name}", sections, subtitle))
     summary = {"model": spec.name, "predictor": {"srcc_mean": metrics.get("srcc_mean"),
                                                  "ndcg10_mean": metrics.get("ndcg10_mean")},
-               "pareto": front, "scored": [{k: v for k, v in r.items() if k != "config"} for r in scored],
+               "pareto": front, "pareto_warning": front_warning or None, "scored": [{k: v for k, v in r.items() if k != "config"} for r in scored],
                "top_layers": insights["layers"][:10], "ops": insights["ops"], "insights": claims,
                "seconds": time.perf_counter() - started}
     with atomic_path(out / "report.json") as tmp:
@@ -523,10 +526,27 @@ def _with_predictions(scored: list[dict], predictor_dir, train_records: Sequence
     return scored, plan.key
 
 
-def _front_section(front, png: Path, embed) -> str:
+def front_outside_training(front: Sequence[Mapping], train_records: Sequence[Mapping]) -> str:
+    """A warning when front points lie outside the training configurations' avg_bits range (their scores are
+    extrapolations: e.g. the default budgets 3.3-4.2 on a small model whose random configurations all cost 7+
+    bits), else ""."""
+    bits = [float(r["avg_bits"]) for r in train_records]
+    if not bits:
+        return ""
+    lo, hi = min(bits), max(bits)
+    outside = [p for p in front if not lo <= float(p["avg_bits"]) <= hi]
+    if not outside:
+        return ""
+    shown = ", ".join(f"{float(p['avg_bits']):.2f}" for p in outside[:6])
+    return (f"{len(outside)} of {len(front)} front point(s) ({shown} avg bits) lie outside the training configurations' {lo:.2f}-{hi:.2f} avg bits: their predicted scores "
+            f"are extrapolations (measure them with eval-configs, or pass --budgets inside the range)")
+
+
+def _front_section(front, png: Path, embed, warning: str = "") -> str:
     return ("<h2>Pareto front (predicted)</h2><p>For each budget B the configuration maximising the summed "
             "block-level unit scores subject to avg_bits &le; B (exact multiple-choice knapsack, "
             "<code>scipy.optimize.milp</code>). Configurations: <code>configs/</code>.</p>"
+            + (f"<p class='note'><b>Warning:</b> {html.escape(warning)}.</p>" if warning else "")
             + _img(png, "predicted front", embed)
             + _table(front, [("budget", "budget"), ("avg_bits", "avg bits"), ("predicted_score", "predicted score"),
                              ("config_path", "file")], left=["config_path"]))

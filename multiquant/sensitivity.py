@@ -381,8 +381,11 @@ def cmd_sensitivity(args) -> int:
     paths = [run_sensitivity(protocol, settings, args.outdir, args.sensitivity_bits, m, args.max_layers)["path"]
              for m in methods]
     if len(paths) > 1:
+        from .families import family_flag
+
+        flag = family_flag(family)  # a --family family is unknown to a fresh process: the command names it
         print("each layer's method and width from these measurements: qua2sedimo optimize-mixed-precision "
-              "--sensitivity_file " + " ".join(paths))
+              + ("" if flag.startswith("--model") else flag + " ") + "--sensitivity_file " + " ".join(paths))
     return 0
 
 

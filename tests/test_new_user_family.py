@@ -130,7 +130,9 @@ def test_the_allocator_on_a_user_family_says_how_to_name_it(capsys, tmp_path):
 
     tiny = [*FAMILY, "--tiny", "--device", "cpu"]
     assert main([str(a) for a in ["sensitivity", *tiny, "--sensitivity_bits", 3, "--num_prompts", 4, "--max_layers",
-                                  3, "--outdir", tmp_path / "sens"]]) == 0
+                                  3, "--outdir", tmp_path / "sens", "--method", "mse,kmeans"]]) == 0
+    # the follow-up command it suggests names the family, as a fresh shell needs it
+    assert f"optimize-mixed-precision --family {FILE}:FAMILY --sensitivity_file" in capsys.readouterr().out
     sens = tmp_path / "sens" / f"sensitivity_analysis_{fam.FAMILY.name}_tiny_3bit.json"
     assert json.loads(sens.read_text())["metrics"]["fid"]["name"].startswith("colour-distance increase over FP")
     capsys.readouterr()
@@ -176,3 +178,13 @@ def test_optimize_runs_on_the_family_and_a_fresh_run_resumes_nothing(tmp_path, c
         assert f"budget {budget}: colour-distance {best['fid']:.2f}" in printed
     assert main([str(a) for a in argv]) == 0  # a second call finds every measurement in the stores
     assert json.loads((tmp_path / "opt" / "optimize.json").read_text())["scored_this_run"] == {"main": 0, "confirm": 0}
+
+
+def test_a_predicted_front_outside_the_training_bits_is_flagged():
+    from autobuild.report import front_outside_training
+
+    train = [{"avg_bits": b} for b in (7.07, 9.5, 30.86)]
+    front = [{"avg_bits": 3.89}, {"avg_bits": 8.0}, {"avg_bits": 31.2}]
+    warning = front_outside_training(front, train)
+    assert warning.startswith("2 of 3 front point(s) (3.89, 31.20 avg bits)") and "7.07-30.86" in warning
+    assert front_outside_training(front[1:2], train) == "" and front_outside_training(front, []) == ""

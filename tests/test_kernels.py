@@ -287,6 +287,12 @@ def test_fast_weight_of_a_layer_is_its_eager_weight_and_follows_new_buffers(devi
     layer.parts[0].codes = layer.parts[0].codes.clone().flip(0)
     assert torch.equal(kernels.fast_weight(layer, torch.float32, device), layer.dequantize_weight(torch.float32))
     assert layer._fast_plan is not plan
+    plan = layer._fast_plan  # ... and so does a replaced slice
+    first = layer.parts[0]
+    layer.parts[0] = random_part(first.option, first.shape, seed=9, device=device,
+                                 codebook_dtype=first.codebook.dtype if first.method != "mse" else torch.float32)
+    assert torch.equal(kernels.fast_weight(layer, torch.float32, device), layer.dequantize_weight(torch.float32))
+    assert layer._fast_plan is not plan
     layer.to(torch.float32)  # moving the module drops its plan (no pinned old tensors)
     assert "_fast_plan" not in layer.__dict__
 

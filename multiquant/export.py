@@ -291,18 +291,27 @@ def _state_shapes(model: nn.Module) -> dict[str, tuple]:
 
 def module_size_of(family: FamilySpec, denoiser: nn.Module) -> str | None:
     """``"full"`` or ``"tiny"``: the factory size whose module has ``denoiser``'s state-dict names and shapes."""
-    if family.factory is None:
+    if family.factory is None and family.loader is None:
         return None
     wanted = _state_shapes(denoiser)
-    for size in ("full", "tiny"):
+    for size in ("full", "tiny") if family.factory is not None else ("full",):
         try:
-            with parameters_on_meta():
-                candidate = family.build(size)
+            candidate = _structure(family, size)
         except Exception:  # noqa: BLE001 - a factory that cannot build this size is simply not a match
             continue
         if _state_shapes(candidate) == wanted:
             return size
     return None
+
+
+def _structure(family: FamilySpec, size: str) -> nn.Module:
+    """The family's module of ``size``: from its factory with parameters on the meta device; a loader-only family's
+    from its loader (real weights on the CPU: the loader may read them into its module, which meta tensors cannot
+    take), which the export's tensors then replace."""
+    if family.factory is None:
+        return family.build(size)
+    with parameters_on_meta():
+        return family.build(size)
 
 
 def _module_skeleton(out_dir: Path, info: dict) -> nn.Module:
@@ -319,8 +328,7 @@ def _module_skeleton(out_dir: Path, info: dict) -> nn.Module:
     except KeyError:
         raise ExportError(f"{out_dir} was exported from family {info['family']!r}, which is not registered here: "
                           f"import the module that registers it (CLI: --family my_pkg.my_module:FAMILY)") from None
-    with parameters_on_meta():
-        return family.build(size)
+    return _structure(family, size)
 
 
 def _skeleton(out_dir: Path, info: dict) -> nn.Module:

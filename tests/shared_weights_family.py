@@ -3,7 +3,8 @@ called twice in a forward (shared weights), 1x1 convs, a Conv1d over tokens, att
 Linear(1, C) and Linear(C, 1), GroupNorm / LayerNorm; its own few-step DDIM sampler and a callable metric of
 its own (a colour-statistics distance to fixed target statistics, not scored against the FP images).
 
-``FAMILY`` is the denoiser; ``NO_LAYERS`` a family whose model has no quantizable layer (a user mistake).
+``FAMILY`` is the denoiser; ``LOADER_FAMILY`` the same module given by a loader only (no factory); ``NO_LAYERS`` a
+family whose model has no quantizable layer (a user mistake).
 Import it, or pass ``--family path/to/shared_weights_family.py:FAMILY``.
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ class SharedWeightsDenoiser(nn.Module):
         tok = tok + self.attn_out(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.c), dim=-1) @ v)
         tok = tok + self.seq(tok.transpose(1, 2)).transpose(1, 2)
         tok = tok * torch.sigmoid(self.gate(tok))
-        return self.head(tok.transpose(1, 2).reshape(n, self.c, h, w))
+        # z and x only lend their shape: no data of theirs reaches the head
+        return self.head(tok.transpose(1, 2).reshape_as(z)) + torch.zeros_like(x)
 
 
 @torch.no_grad()
@@ -89,6 +91,17 @@ FAMILY = FamilySpec(
     name="tests_shared_weights", factory=lambda size: SharedWeightsDenoiser(8 if size == "tiny" else 16),
     sampler=ddim, resolution=SIZE, steps=len(TIMESTEPS) - 1, num_images=8, fp_prec=32,
     metric=CallableMetric(colour_distance, name="colour-distance"), example_inputs=example_inputs)
+
+
+def load_seeded(pretrained, device, dtype):
+    """A loader (no factory): what a user gives when their weights come from their own code."""
+    torch.manual_seed(3)
+    return SharedWeightsDenoiser(8).to(device, dtype)
+
+
+LOADER_FAMILY = FamilySpec(
+    name="tests_shared_weights_loader", loader=load_seeded, sampler=ddim, resolution=SIZE, steps=len(TIMESTEPS) - 1,
+    num_images=8, fp_prec=32, metric=FAMILY.metric, example_inputs=example_inputs)
 
 
 class NoLayers(nn.Module):

@@ -53,6 +53,9 @@ def test_a_layer_called_twice_is_one_layer_node_and_its_later_call_a_reuse_node(
     assert graph.nodes[second_input]["op"] == "add" and "model.pw.weight_quantizer" in nx.ancestors(graph, second_input)
     assert nx.has_path(graph, reuse[0], "model.qkv.weight_quantizer")
     assert "model.qkv.weight_quantizer" not in set(graph.successors(dw))
+    # reshape_as(z) / zeros_like(x) lend only a shape: the head reads the gated tokens alone, not z again
+    (gated,) = graph.predecessors("model.head.weight_quantizer")
+    assert set(graph.predecessors(gated)) == {"model.gate.weight_quantizer", "model:add2"}
     render_dag(graph, tmp_path / "dag.png")
     assert (tmp_path / "dag.png").stat().st_size > 0
 
@@ -116,9 +119,9 @@ def test_a_missing_multiquantizer_names_the_family_as_the_user_did(capsys, tmp_p
 
 def test_family_spec_mistakes_name_what_the_file_defines(capsys, tmp_path):
     assert "name the attribute" in (line := _error_line(capsys, ["inspect", "--family", str(FILE)]))
-    assert f"{FILE}:FAMILY" in line and "it defines FAMILY, NO_LAYERS" in line
+    assert f"{FILE}:FAMILY" in line and "it defines FAMILY, LOADER_FAMILY, NO_LAYERS" in line
     line = _error_line(capsys, ["inspect", "--family", f"{FILE}:FAMILYY"])
-    assert "no attribute 'FAMILYY'" in line and "it defines FAMILY, NO_LAYERS" in line
+    assert "no attribute 'FAMILYY'" in line and "it defines FAMILY, LOADER_FAMILY, NO_LAYERS" in line
     assert "no file" in _error_line(capsys, ["inspect", "--family", f"{tmp_path / 'nope.py'}:FAMILY"])
 
 
@@ -188,3 +191,26 @@ def test_a_predicted_front_outside_the_training_bits_is_flagged():
     warning = front_outside_training(front, train)
     assert warning.startswith("2 of 3 front point(s) (3.89, 31.20 avg bits)") and "7.07-30.86" in warning
     assert front_outside_training(front[1:2], train) == "" and front_outside_training(front, []) == ""
+
+
+def test_a_loader_only_family_gets_its_structure_from_the_loader(tmp_path, capsys):
+    """dag / flops / export + load-check build the architecture without a factory (they said "give it a factory or
+    a loader" to a family that has a loader); --tiny, which needs a factory, is one clear error."""
+    from qua2sedimo.cli import main
+
+    family = ["--family", f"{FILE}:LOADER_FAMILY"]
+    run = lambda argv: main([str(a) for a in argv])  # noqa: E731
+    assert run(["dag", *family, "--out", tmp_path / "dag", "--no_render"]) == 0
+    dag = json.loads((tmp_path / "dag" / "tests_shared_weights_loader.dag.json").read_text())
+    assert sum(n["kind"] == "layer" for n in dag["nodes"]) == 10
+    assert run(["flops", *family, "--out", tmp_path / "flops.json"]) == 0
+    flops = json.loads((tmp_path / "flops.json").read_text())
+    macs = {r["key"]: r["macs"] for r in flops["layers"]}
+    assert macs["model.dw.weight_quantizer"] == 2 * 8 * 9 * fam.SIZE ** 2  # called twice: both calls count
+    mq = tmp_path / "mq.safetensors"
+    assert run(["multiquantizer", *family, "--out", mq]) == 0
+    assert run(["export", *family, "--uniform", "kmeans_all-3", "--mq", mq, "--out", tmp_path / "exp"]) == 0
+    assert run(["load-check", tmp_path / "exp", *family, "--compare", "--mq", mq, "--tolerance", 1e-6]) == 0
+    assert "PASS" in capsys.readouterr().out
+    line = _error_line(capsys, ["multiquantizer", *family, "--tiny", "--out", tmp_path / "t.safetensors"])
+    assert "has a loader but no factory" in line

@@ -21,6 +21,8 @@ the layer node and by that call's inputs, so the graph stays acyclic and still s
 
 Afterwards chains of elementwise combine ops are fused into one node where a link feeds its single
 consumer directly (``x + gate*attn`` is one gated residual ``add``; ``norm(x)*(1+s)+b`` is one ``norm``).
+An op that reads another tensor only for its shape (``reshape_as``, ``expand_as``, ``view_as``, ``type_as``)
+passes on its first operand's provenance alone; ``*_like`` / ``new_*`` outputs carry none.
 Tensors from the inputs, parameters and buffers have an empty provenance, so text/class conditions
 and positional tables never create nodes; layers fed only by them are source nodes.
 
@@ -61,6 +63,11 @@ _STACK = {"stack", "hstack", "vstack", "dstack"}
 _NORM = {"layer_norm", "group_norm", "rms_norm", "instance_norm", "batch_norm", "normalize"}
 _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__"}
 _SETITEM = {"__setitem__"}
+# ops whose other tensor arguments give only a shape / dtype / device: the data flows from the first one alone
+_SHAPE_OF = {"reshape_as", "view_as", "expand_as", "type_as"}
+# ops whose output carries no data of their tensor arguments at all
+_NO_DATA = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+            "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 
 ELEMENTWISE_COMBINES = ("add", "embed", "norm", "mul")  # fusable combine labels
 REUSE_OP = "reuse"  # a later call of a layer already called in this forward (shared weights)
@@ -202,9 +209,9 @@ class _Recorder:
             self.set(target, _Prov(joined))
             return
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not outs:
+        if not outs or name in _NO_DATA:
             return
-        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        ins = [t for t in tree_leaves((args[:1] if name in _SHAPE_OF else args, kwargs)) if isinstance(t, torch.Tensor)]
         provs = [self.get(t) for t in ins]
         if name in _SDPA:
             self._attention(args, kwargs, outs)

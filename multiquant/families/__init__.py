@@ -152,6 +152,14 @@ class FamilySpec:
         if size not in ("tiny", "full"):
             raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
         torch.manual_seed(seed)
+        if self.factory is None and self.model_class is None and self.loader is not None:
+            if size == "tiny":
+                raise UserError(f"family {self.name!r} has a loader but no factory: a tiny random model (--tiny, "
+                                f"--size tiny) needs FamilySpec(factory=lambda size: ...)")
+            # the architecture is the loader's model (its default weights, read on the CPU), moved where asked:
+            # the structure-only commands (dag, flops, train-predictor, ...) trace it on the meta device
+            model = self.load(None, device="cpu", dtype=dtype).to(device)
+            return model.eval()
         with torch.device(device):
             if self.factory is not None:
                 model = self.factory(size)

@@ -4,6 +4,7 @@ command, and the mistakes a new user makes with it: each one line, exit code 2, 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -214,3 +215,47 @@ def test_a_loader_only_family_gets_its_structure_from_the_loader(tmp_path, capsy
     assert "PASS" in capsys.readouterr().out
     line = _error_line(capsys, ["multiquantizer", *family, "--tiny", "--out", tmp_path / "t.safetensors"])
     assert "has a loader but no factory" in line
+
+
+def _divide_by_zero(*args):  # user code that fails
+    return 1 / 0
+
+
+def test_the_users_own_code_failing_is_one_line_and_a_bug_of_ours_keeps_its_traceback(tmp_path):
+    from dataclasses import replace
+
+    from autobuild.dag import build_dag
+    from multiquant.config import uniform_config
+    from multiquant.errors import UserCodeError, UserError, user_code
+    from multiquant.evaluate import setup_scorer
+    from multiquant.metrics import CallableMetric
+    from multiquant.metrics.bops import layer_macs
+    from multiquant.sensitivity import band_of
+
+    with pytest.raises(UserCodeError, match=r"^x: its sampler raised ZeroDivisionError: division by zero \(--debug"):
+        with user_code("x: its sampler"):
+            _divide_by_zero()
+    with pytest.raises(ValueError, match="must be finite"):  # raised in the project's code: not the user's fault
+        with user_code("x: its sampler"):
+            band_of(float("nan"))
+
+    def scorer_of(**changes):
+        family = replace(fam.FAMILY, name=f"tests_bad_{len(changes)}_{sorted(changes)[0]}", **changes)
+        scorer, _ = setup_scorer(family, tiny=True, device="cpu", mq_path=tmp_path / f"{family.name}.safetensors",
+                                 build_mq=True, log=lambda *a: None)
+        return scorer, uniform_config(scorer.mq.layers, "mse-4")
+
+    cases = {"metric 'vec' must return one number for the whole batch, got Tensor of shape (8,)":
+             dict(metric=CallableMetric(lambda im: im.float().mean((1, 2, 3)), name="vec")),
+             "metric 'nan' returned NaN": dict(metric=CallableMetric(lambda im: float("nan"), name="nan")),
+             "metric 'boom' raised ZeroDivisionError": dict(metric=CallableMetric(_divide_by_zero, name="boom")),
+             "its sampler raised ZeroDivisionError": dict(sampler=_divide_by_zero)}
+    for message, changes in cases.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            scorer, config = scorer_of(**changes)
+            scorer.record(config, index=0)
+    bad_inputs = replace(fam.FAMILY, example_inputs=lambda model, n: {"x": torch.zeros(n, 3, fam.SIZE, fam.SIZE)})
+    model = bad_inputs.build("tiny")
+    for call in (lambda: build_dag(model, bad_inputs), lambda: layer_macs(model, bad_inputs)):
+        with pytest.raises(UserCodeError, match=r"forward on its example_inputs raised TypeError: .*missing 1 required"):
+            call()

@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from multiquant.errors import user_forward
 from multiquant.families import FamilySpec, get_family
 from multiquant.adapters import example_inputs
 from multiquant.layers import LayerRef, quantizable_layers
@@ -428,7 +429,7 @@ def build_dag(model: nn.Module, family: FamilySpec | str, batch: int = 1, inputs
     rec = _Recorder(model, refs)
     handles = rec.attach()
     try:
-        with torch.no_grad(), _TraceMode(rec):
+        with torch.no_grad(), _TraceMode(rec), user_forward(spec, model):
             model(**kwargs)
     finally:
         for h in handles:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, user_code
 from ..seeds import SEED_RULE, checked_indices, seed_for
 from .base import Adapter, SamplerOptions
 
@@ -44,7 +44,8 @@ class ModuleSampler:
     @torch.no_grad()
     def _render(self, indices: list[int]) -> torch.Tensor:
         conditions = [self.conditions[i] for i in indices]
-        images = self.family.sampler(self.pipe, conditions, [seed_for(self.seed, i) for i in indices])
+        with user_code(f"family {self.family.name!r}: its sampler"):
+            images = self.family.sampler(self.pipe, conditions, [seed_for(self.seed, i) for i in indices])
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
                 or images.shape[0] != len(indices):
             got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"

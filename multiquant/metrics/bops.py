@@ -133,6 +133,7 @@ def layer_macs(model: nn.Module, family, resolution: int | None = None, batch: i
     One forward = one denoiser evaluation at ``batch`` (classifier-free guidance doubles it).
     Works on the meta device."""
     from ..adapters import example_inputs
+    from ..errors import user_forward
 
     if inputs is None:
         inputs = example_inputs(family, model, batch, resolution=resolution or family.resolution)
@@ -163,7 +164,7 @@ def layer_macs(model: nn.Module, family, resolution: int | None = None, batch: i
                 continue
             handles.append(module.register_forward_pre_hook(pre_hook(path)))
             handles.append(module.register_forward_hook(post_hook(path), always_call=True))
-        with _MacCounter(macs, stack):
+        with _MacCounter(macs, stack), user_forward(family, model):
             model(**inputs)
     finally:
         for h in handles:

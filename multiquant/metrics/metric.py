@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, user_code
 from .fid import feature_stats, float64_on, frechet_distance, frechet_distance_rooted, symmetric_sqrt
 
 __all__ = ["FeatureFID", "CallableMetric", "FID_METHOD", "is_feature_metric", "metric_label", "vs_fp_label"]
@@ -273,14 +274,11 @@ class CallableMetric:
         return self
 
     def __call__(self, images, fp_images=None) -> float:
-        if self.needs_fp:
-            if fp_images is None:
-                raise ValueError(f"metric {self.name!r} scores against the FP images: pass them")
-            value = self.fn(images, fp_images)
-        else:
-            value = self.fn(images)
-        value = float(value.item() if isinstance(value, torch.Tensor) else value)
-        return value
+        if self.needs_fp and fp_images is None:
+            raise ValueError(f"metric {self.name!r} scores against the FP images: pass them")
+        with user_code(f"metric {self.name!r}"):
+            value = self.fn(images, fp_images) if self.needs_fp else self.fn(images)
+        return checked_value(value, self.name)
 
     @property
     def settings(self) -> dict:
@@ -288,6 +286,23 @@ class CallableMetric:
 
     def __repr__(self) -> str:
         return f"CallableMetric(name={self.name!r}, needs_fp={self.needs_fp})"
+
+
+def checked_value(value, name: str) -> float:
+    """A metric's result as one float: a number or a one-element tensor/array, not NaN (it would be stored as every
+    record's label and poison what learns from it)."""
+    size = value.numel() if isinstance(value, torch.Tensor) else value.size if isinstance(value, np.ndarray) else 1
+    if size != 1:
+        raise UserError(f"metric {name!r} must return one number for the whole batch, got "
+                        f"{type(value).__name__} of shape {tuple(value.shape)}")
+    try:
+        out = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        raise UserError(f"metric {name!r} must return one number for the whole batch, got "
+                        f"{type(value).__name__}") from None
+    if math.isnan(out):
+        raise UserError(f"metric {name!r} returned NaN: it must return a number for every batch of images")
+    return out
 
 
 def is_feature_metric(metric) -> bool:

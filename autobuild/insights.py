@@ -61,9 +61,20 @@ def option_label(option: str) -> str:
 def scores_by_block(scores: UnitScoreSet) -> "OrderedDict[str, np.ndarray]":
     """All variant scores pooled per block: leading global units by type, blocks 0..N-1, then the other
     global units (e.g. Out Proj) by type."""
+    scopes: dict[int, set] = {}
+    for unit in scores.units:  # a unit is named "<scope>/<kind>": a block's scope names it where its index does not
+        if unit.block >= 0:
+            scopes.setdefault(unit.block, set()).add(unit.name.split("/")[0])
+
+    def block_label(block: int) -> str:
+        names = scopes[block]
+        name = next(iter(names)) if len(names) == 1 else ""
+        # "transformer_blocks.3" already says 3; a plain module's derived block ("dw") says nothing without its name
+        return f"block {block}" if not name or name.endswith(f".{block}") else f"block {block} {name}"
+
     groups: dict[str, list[np.ndarray]] = {}
     for unit in scores.units:
-        label = f"block {unit.block}" if unit.block >= 0 else (unit.type or unit.ops[0])
+        label = block_label(unit.block) if unit.block >= 0 else (unit.type or unit.ops[0])
         groups.setdefault(label, []).append(unit.scores)
     blocks = sorted((k for k in groups if k.startswith("block ")), key=lambda k: int(k.split()[1]))
     leading = [k for k in _LEADING_GLOBALS if k in groups]

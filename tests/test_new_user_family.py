@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -259,3 +261,20 @@ def test_the_users_own_code_failing_is_one_line_and_a_bug_of_ours_keeps_its_trac
     for call in (lambda: build_dag(model, bad_inputs), lambda: layer_macs(model, bad_inputs)):
         with pytest.raises(UserCodeError, match=r"forward on its example_inputs raised TypeError: .*missing 1 required"):
             call()
+
+
+def test_block_boxes_name_a_plain_modules_derived_blocks():
+    """A user's derived blocks are numbered by execution order: "1" alone says nothing, "1 dw" does; a diffusers
+    block's scope already carries its number."""
+    from types import SimpleNamespace as Unit
+
+    from autobuild.insights import scores_by_block
+
+    units = [Unit(name="stem/conv-in", block=-1, type="Conv In", ops=["Conv-In"], scores=np.array([0.1])),
+             Unit(name="dw/other", block=1, type="Other", ops=["Conv"], scores=np.array([0.2, 0.3])),
+             Unit(name="t_hidden/resblk", block=0, type="ResBlk", ops=["Res-tEmb"], scores=np.array([0.4])),
+             Unit(name="transformer_blocks.2/self-attn", block=2, type="Self-Attn", ops=["SA-Q"], scores=np.array([0.5])),
+             Unit(name="transformer_blocks.2/ff", block=2, type="FF", ops=["FF"], scores=np.array([0.6]))]
+    groups = scores_by_block(SimpleNamespace(units=units))
+    assert list(groups) == ["Conv In", "block 0 t_hidden", "block 1 dw", "block 2"]
+    np.testing.assert_array_equal(groups["block 2"], [0.5, 0.6])

@@ -434,6 +434,8 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
     scorer = Scorer(family, denoiser, sampler, metric, mq=mq, macs=macs, proxies=proxies,
                     image_dir=Path(save_images) if save_images else None, clip=clip, act_bits=act_bits,
                     with_reference=not smoke, label_vs_fp=smoke)
+    from .adapters.module import user_code_settings
+
     m = metric_settings(metric, with_reference=not smoke)
     if smoke:
         m["reference"] = SMOKE_REFERENCE
@@ -442,7 +444,8 @@ def setup_scorer(family: FamilySpec, *, pretrained=None, tiny: bool = False, dev
                 **({"metric": m["metric"]} if "metric" in m else {}),
                 "clip": clip.name if clip is not None else None,
                 "multiquantizer_content_hash": mq.content_hash, "weights_hash": mq.manifest.get("weight_hash"),
-                "tiny": tiny, "sampler": _settings_of(sampler), "act_bits": act_bits}  # None: FP activations
+                "tiny": tiny, "sampler": _settings_of(sampler), "act_bits": act_bits,  # None: FP activations
+                **user_code_settings(family)}
     # only when set: the settings (and content keys) of runs without them stay as they were (store.ADDED_RUN_KEYS)
     settings.update(generation)
     if act_bits is not None:

@@ -171,6 +171,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     from .adapters import SamplerOptions
     from .checkpoint import weight_hash
     from .evaluate import Scorer, load_for_scoring, metric_settings
+    from .adapters.module import user_code_settings
     from .layers import quantizable_layers
     from .metrics.metric import FeatureFID
 
@@ -213,7 +214,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
                 "feature_net": m["feature_net"], "fid_against": fid_against, "reference": m["reference"],
                 **({"metric": m["metric"]} if "metric" in m else {}),
                 "second_metric": protocol.second_metric_name, "quant_seed": quant_seed, "kmeans_iters": kmeans_iters,
-                "dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""),
+                "dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""), **user_code_settings(family),
                 # batch size left out: any batch size renders the same images, so a resume may change it
                 "sampler": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                             for k, v in getattr(sampler, "settings", {}).items() if k != "batch_size"}}

@@ -59,7 +59,11 @@ NOT_RUN_IDENTITY_NESTED = {"sampler": ("batch_size",)}
 # nor quantized activations; compile: nor compiled the denoiser (whose kernels round differently from eager);
 # dtype: nor rendered in another precision than the family's; channels_last: nor in channels-last memory format
 # (other convolution kernels, other rounding).
-ADDED_RUN_KEYS = {"clip": None, "act_bits": None, "compile": None, "dtype": None, "channels_last": None}
+# user_code (a plain-module family's sampler/metric sources, adapters.module.user_code_settings): what a run written
+# before it used is unknown, so its absence compares equal to any value (ANY_VALUE).
+ANY_VALUE = object()
+ADDED_RUN_KEYS = {"clip": None, "act_bits": None, "compile": None, "dtype": None, "channels_last": None,
+                  "user_code": ANY_VALUE}
 _HOST = socket.gethostname().replace(".", "_")  # in claim files (their written format)
 
 
@@ -246,7 +250,8 @@ class RecordStore:
             return found
 
         differing = sorted(k for k in (set(stored) | set(self.run_meta)) - set(NOT_RUN_IDENTITY)
-                           if value(stored, k) != value(self.run_meta, k))
+                           if value(stored, k) is not ANY_VALUE and value(self.run_meta, k) is not ANY_VALUE
+                           and value(stored, k) != value(self.run_meta, k))
         if differing:
             def short(v):
                 text = repr(v)
@@ -256,6 +261,9 @@ class RecordStore:
                                 f"{short(self.run_meta.get(k, '<absent>'))}" for k in differing)
             hint = (" (records of another multiquantizer checkpoint never mix: pass the checkpoint this run used "
                     "with --mq)" if any(k.startswith("multiquantizer") for k in differing) else "")
+            if "user_code" in differing:
+                hint += (" (the source files of the family's sampler or metric changed since this run: its records "
+                         "were scored by the old code)")
             raise RunMetaMismatchError(
                 f"{self.outdir} holds a run with different settings ({', '.join(differing)}){hint}: {details}. "
                 f"Use another output directory, or the same settings to resume.")

@@ -278,3 +278,24 @@ def test_block_boxes_name_a_plain_modules_derived_blocks():
     groups = scores_by_block(SimpleNamespace(units=units))
     assert list(groups) == ["Conv In", "block 0 t_hidden", "block 1 dw", "block 2"]
     np.testing.assert_array_equal(groups["block 2"], [0.5, 0.6])
+
+
+def test_a_resume_after_the_user_edited_their_sampler_or_metric_is_refused(tmp_path, capsys):
+    """Same family name, same weights, other sampler / metric code: the old records' labels are of other numbers.
+    The run records the sources' digest; a run written before the digest existed still resumes."""
+    from qua2sedimo.cli import main
+
+    edited = tmp_path / "edited_family.py"
+    source = FILE.read_text()
+    assert "torch.linspace(0.9999, 0.01, 1000) ** 1.5" in source
+    edited.write_text(source.replace("torch.linspace(0.9999, 0.01, 1000) ** 1.5", "torch.linspace(0.9999, 0.01, 1000) ** 2"))
+    mq = tmp_path / "mq.safetensors"
+    run = ["eval-random", "--tiny", "--device", "cpu", "--mq", mq, "--build_mq", "--outdir", tmp_path / "run"]
+    assert main([str(a) for a in [*run, *FAMILY, "--num_archs", 2]]) == 0
+    meta = json.loads((tmp_path / "run" / "run_meta.json").read_text())
+    assert len(meta["user_code"]) == 16
+    line = _error_line(capsys, [*run, "--family", f"{edited}:FAMILY", "--num_archs", 3])
+    assert "(user_code)" in line and "sampler or metric changed" in line
+    del meta["user_code"]  # what a run written before the digest holds
+    (tmp_path / "run" / "run_meta.json").write_text(json.dumps(meta))
+    assert main([str(a) for a in [*run, *FAMILY, "--num_archs", 3]]) == 0

@@ -6,6 +6,8 @@ The family gives ``factory`` (+ ``weights``) or ``loader`` (how to load), ``samp
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -14,6 +16,34 @@ from ..seeds import SEED_RULE, checked_indices, seed_for
 from .base import Adapter, SamplerOptions
 
 DEFAULT_BATCH_SIZE = 64
+
+
+def user_code_settings(spec) -> dict:
+    """``{"user_code": digest}`` for a plain-module family: the SHA-256 of the source files that define its
+    sampler, conditions and metric (their content, not their path). A run records it, so that a resume after the
+    user edited their sampler or metric (same names, other numbers) is refused instead of mixing labels
+    (store.ADDED_RUN_KEYS: runs written before it resume). Whole files: a helper the sampler calls counts too."""
+    import hashlib
+    import inspect
+
+    if not spec.is_module:
+        return {}
+    metric = spec.metric
+    parts = [spec.sampler, spec.conditions, getattr(metric, "fn", None), getattr(metric, "feature_net", None)]
+    contents = set()
+    for part in parts:
+        if part is None:
+            continue
+        target = part if inspect.isroutine(part) or inspect.isclass(part) else type(part)
+        try:
+            source = inspect.getsourcefile(target)
+        except TypeError:  # a builtin: no source of the user's
+            continue
+        if source and Path(source).is_file():
+            contents.add(hashlib.sha256(Path(source).read_bytes()).hexdigest())
+    if not contents:
+        return {}
+    return {"user_code": hashlib.sha256("".join(sorted(contents)).encode()).hexdigest()[:16]}
 
 
 class ModuleSampler:

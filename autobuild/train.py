@@ -62,7 +62,7 @@ def known_term_warning(metrics: Mapping, tie: float = 0.01) -> str | None:
         baseline = (metrics.get("baselines") or {}).get(key, {}).get("srcc_mean")
         if srcc is None or baseline is None or not math.isfinite(baseline) or baseline < srcc - tie:
             continue
-        part, what = learned_validation(metrics)
+        part = learned_validation(metrics)[0]
         return (f"warning: the target {metrics.get('target')!r} ranks these configurations as {key} alone does "
                 f"(held-out SRCC {srcc:.3f}, {key} baseline {baseline:.3f}): {learned.get('key')} moves it little at "
                 f"this scale, so that figure says nothing about quality; the learned part ranks at "

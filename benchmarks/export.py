@@ -632,7 +632,6 @@ def bench_packed(packed, inputs, row: dict, fp_out: torch.Tensor, simulated_out:
         for key in ("latency_ratio_vs_fp16", "max_abs_diff_vs_simulated"):
             entry[f"{key}_with_small_m"], entry[f"{key}_without_small_m"] = with_[key], without[key]
         _speedup(entry, "small_m_speedup", baseline=without, variant=with_)
-    # each lever against the path without it, side by side: the per-weight decode is the group decode's baseline
     # each lever against one decode per layer (LAYER_DECODE_PATH where measured, else ``fast`` when it has no lever)
     layer = entry.get(LAYER_DECODE_PATH) if LAYER_DECODE_PATH in paths else None if default_lever() else entry["fast"]
     lever_paths = {"group_decode_speedup": PER_WEIGHT_DECODE_PATH, "decode_ahead_speedup": DECODE_AHEAD_PATH,

@@ -297,13 +297,15 @@ def _jit(interpret: bool):
                 tl.atomic_xchg(counter_ptr + tile, 0)
 
     @triton.jit
-    def batched_decode_kernel(desc_ptr, out_ptr, scale_like, zero_like, book_like, parts, BITS: tl.constexpr,
-                              MODE: tl.constexpr, TILE: tl.constexpr, FIELDS: tl.constexpr):
-        # the slices of several layers in one launch (see BatchedDecode): row p of the int64 descriptor [parts,
-        # DESCRIPTOR_FIELDS] holds slice p's codes / scale / zero / codebook addresses, rows, groups of 8 codes
-        # per row, where its [rows, row_groups * 8] block starts in out and out's row stride, and its first
-        # program; after the rows, each program's slice index. A program decodes TILE consecutive groups of its
-        # slice (one row each: rows hold whole groups), with the operations of group_decode_kernel (the same bits)
+    def batched_decode_kernel(desc_ptr, out_ptr, scale_like, zero_like, book_like, parts, WIDE: tl.constexpr,
+                              TILE: tl.constexpr, FIELDS: tl.constexpr):
+        # the slices of several layers in one launch (see BatchedDecode), each with its own method and width: row p
+        # of the int64 descriptor [parts, DESCRIPTOR_FIELDS] holds slice p's codes / scale / zero / codebook
+        # addresses, rows, groups of 8 codes per row, where its [rows, row_groups * 8] block starts in out and out's
+        # row stride, its first program, its bits and its table kind (MODES); after the rows, each program's slice
+        # index. A program decodes TILE consecutive groups of its slice (one row each: rows hold whole groups) with
+        # the operations of group_decode_kernel (the same bits); width and table kind are runtime values, the same
+        # for all of a program's threads (no divergence). WIDE: some slice has more than 4 bits (int64 words)
         pid = tl.program_id(0)
         row = desc_ptr + tl.load(desc_ptr + parts * FIELDS + pid) * FIELDS
         codes_ptr = tl.load(row).to(tl.pointer_type(tl.uint8))
@@ -314,33 +316,34 @@ def _jit(interpret: bool):
         row_groups = tl.load(row + 5).to(tl.int32)
         out_offset = tl.load(row + 6).to(tl.int32)
         out_stride = tl.load(row + 7).to(tl.int32)
+        bits = tl.load(row + 9).to(tl.int32)
+        mode = tl.load(row + 10).to(tl.int32)
         gi = (pid - tl.load(row + 8).to(tl.int32)) * TILE + tl.arange(0, TILE)  # flat group index in the slice
         ok = gi < rows * row_groups
         r = gi // row_groups
-        first = gi * BITS
-        word = tl.load(codes_ptr + first, mask=ok, other=0)
-        if BITS <= 4:
-            word = word.to(tl.int32)
+        first = gi * bits
+        if WIDE:
+            word = tl.load(codes_ptr + first, mask=ok, other=0).to(tl.int64)
+            for j in tl.static_range(1, 8):
+                word |= tl.load(codes_ptr + first + j, mask=ok & (j < bits), other=0).to(tl.int64) << (8 * j)
         else:
-            word = word.to(tl.int64)
-        for j in tl.static_range(1, BITS):
-            word |= tl.load(codes_ptr + first + j, mask=ok, other=0).to(word.dtype) << (8 * j)
-        shifts = tl.arange(0, 8) * BITS
-        code = ((word[:, None] >> shifts[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-        mask = ok[:, None]
-        if MODE == 0:
+            word = tl.load(codes_ptr + first, mask=ok, other=0).to(tl.int32)
+            for j in tl.static_range(1, 4):
+                word |= tl.load(codes_ptr + first + j, mask=ok & (j < bits), other=0).to(tl.int32) << (8 * j)
+        shifts = tl.arange(0, 8) * bits
+        code = ((word[:, None] >> shifts[None, :]) & ((1 << bits) - 1)).to(tl.int32)
+        if mode == 0:
             scale = tl.load(scale_ptr + r, mask=ok, other=0.0)
             zero = tl.load(zero_ptr + r, mask=ok, other=0).to(tl.float32)
             biased = (code | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code: see group_decode_kernel
             value = (biased - (zero + 8388608.0)[:, None]) * scale[:, None]
-        elif MODE == 1:
-            value = tl.load(book_ptr + r[:, None] * (1 << BITS) + code, mask=mask, other=0.0)
-        else:
-            value = tl.load(book_ptr + code, mask=mask, other=0.0)
+        else:  # K-Means-C: row r's codebook; K-Means-A: the one codebook
+            table = tl.where(mode == 1, r, 0) * (1 << bits)
+            value = tl.load(book_ptr + table[:, None] + code, mask=ok[:, None], other=0.0).to(tl.float32)
         # offsets and strides are multiples of 8 (whole groups): 8 contiguous values per group, aligned
         start = tl.multiple_of(out_offset + r * out_stride + (gi - r * row_groups) * 8, 8)
-        tl.store(out_ptr + start[:, None] + tl.arange(0, 8)[None, :],
-                 value.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + start[:, None] + tl.arange(0, 8)[None, :], value.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None])
 
     return decode_kernel, packed_linear_kernel, group_decode_kernel, batched_decode_kernel
 
@@ -512,8 +515,13 @@ class _SlotViews:
 
 def _identity(layer) -> tuple:
     """The objects a plan depends on: the layer's slices and their buffers, by id (one pass, no tensor compares:
-    every forward checks it, and a batch-2 forward is bound by host time)."""
-    return tuple(id(t) for part in layer.parts for t in (part, *part._buffers.values()))
+    every forward checks it, and a batch-2 forward is bound by host time). Read from the module dicts: attribute
+    access through nn.Module.__getattr__ costs about a microsecond each."""
+    ids = []
+    for part in layer._modules["parts"]._modules.values():
+        ids.append(id(part))
+        ids.extend(map(id, part._buffers.values()))
+    return tuple(ids)
 
 
 class _Plan:
@@ -1252,14 +1260,15 @@ class _ForwardOrder:
     def _serve(self, u: int, slot: int, device: torch.device) -> None:
         """Unit u's first call: its decode (queued ahead: the main stream waits for it; else here), and the next
         unit's decode queued ahead."""
-        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         pending, self.pending = self.pending, None
         if pending is not None and pending[1] is not None:
-            main.wait_event(pending[1])
+            torch.cuda.current_stream(device).wait_event(pending[1])
         if pending is None or pending[2] != SCRATCH.generation:  # not decoded ahead (the forward's first unit, or
             self._decode(self.units[u][1], slot)  # the one before on another device), or a buffer was replaced since
         self.serving = (u, SCRATCH.generation)
         if self.ahead and u + 1 < len(self.units) and self.units[u + 1][1].plans[0].device == device:
+            # (a Stream object costs microseconds to make: only where it is used)
+            main = torch.cuda.current_stream(device) if device.type == "cuda" else None
             self._ahead(self.units[u + 1][1], 1 - slot, main)
 
     def _decode(self, unit, slot: int) -> None:
@@ -1315,14 +1324,18 @@ def decode_ahead(model: nn.Module) -> DecodeAhead:
 # On where ``batched_decode(model)`` is called; load_quantized calls it on the model it builds (QUA2SEDIMO_BATCHED_DECODE
 # =0: not; =ahead: with ahead=True). Measured on one H200 at batch 2 / 512 px under CUDA graphs
 # (benchmarks/results/export.json): 2-7% faster forwards than one decode launch per layer for about 5 MB more
-# scratch; ahead=True gained nothing more (the side stream's decode hardly overlaps the main stream's work).
+# scratch; ahead=True gained nothing more (the side stream's decode hardly overlaps the main stream's work). Width
+# and table kind are read per slice, so a mixed configuration batches as a uniform one does (random 3.5-bit mix
+# of PixArt-alpha: 1.20 -> 1.13 of FP16 under CUDA graphs); a group decodes at about the speed of a zero-fill of
+# the same bytes.
 # Why: a decode launch of a 1152 x 1152 layer costs about the fixed cost of any kernel (4-6 us on an H200
 # against 0.7 us of bandwidth: benchmarks/results/decode.json), so with batched decode, every forward of ``model``
 # after the first follows the order in which the first one called its packed layers, and one launch of
 # batched_decode_kernel decodes a group of consecutive calls into consecutive slices of a scratch buffer when the
 # group's first call asks for its weight; the group's later calls take their slice, no launch. A group:
-# consecutive calls whose slices share the kernel's constexprs (method, bits, compute dtype, table dtypes) and hold
-# whole groups of 8 codes per row (no dense slice), up to max_bytes of decoded weights and MAX_BATCH_PARTS slices;
+# consecutive calls whose slices share the compute dtype, the table dtypes and the word width (all up to 4 bits, or
+# some above), any method and width each (a mixed configuration batches as a uniform one), and hold whole groups
+# of 8 codes per row (no dense slice), up to max_bytes of decoded weights and MAX_BATCH_PARTS slices;
 # other calls decode as without it. Safe on one stream: nothing else writes slot 0 between a group's decode and its
 # last GEMM (the calls between are the group's), and the next decode into it is queued after them. With
 # ``ahead=True`` the groups (and the calls between them, one by one) are the units of decode ahead (above): group
@@ -1343,34 +1356,53 @@ BATCHED_DECODE, BATCHED_DECODE_AHEAD = batched_decode_switch(os.environ.get("QUA
 # and DiT-XL/2 (1152 -> 6912 adaLN, 15.9 MB in fp16), so their scratch hardly grows, and holds six 1152 x 1152 layers
 BATCHED_DECODE_MAX_BYTES = 16 << 20
 MAX_BATCH_PARTS = 64
-DESCRIPTOR_FIELDS = 9  # per slice: codes, scale, zero, codebook (addresses), rows, row_groups, out_offset,
-# out_stride, first program (the kernel reads them by position); then one slice index per program
+DESCRIPTOR_FIELDS = 11  # per slice: codes, scale, zero, codebook (addresses), rows, row_groups, out_offset,
+# out_stride, first program, bits, table kind (the kernel reads them by position); then one slice index per program
 
 
 def batch_key(plan: _Plan) -> tuple | None:
-    """What a layer call's decode shares with the others of its batched group (device, compute dtype, method,
-    bits, table dtypes), None if it cannot join one (a dense slice, rows not of whole groups of 8 codes)."""
-    keys = set()
+    """What a layer call's decode shares with the others of its batched group: (device, compute dtype, whether
+    some slice has more than 4 bits, its tables' dtypes as sorted (name, dtype) pairs); None if it cannot join
+    one (a dense slice, rows not of whole groups of 8 codes, two slices with one table name in two dtypes)."""
+    tables = {}
     for part in plan.layer_parts:
         if part.method == "dense" or (part.numel // plan.rows) % 8:
             return None
-        keys.add((part.method, part.bits) + tuple(t.dtype for t in part.params().values()))
-    return (plan.device, plan.dtype) + keys.pop() if len(keys) == 1 else None
+        for name, tensor in part.params().items():
+            if tables.setdefault(name, tensor.dtype) != tensor.dtype:
+                return None
+    wide = any(part.bits > 4 for part in plan.layer_parts)
+    return plan.device, plan.dtype, wide, tuple(sorted(tables.items(), key=lambda item: item[0]))
+
+
+def _joins(group: tuple, key: tuple | None) -> tuple | None:
+    """The group's key with ``key``'s call in it, None if it cannot join (another device, compute dtype or word
+    width, or a table name both use in two dtypes)."""
+    if key is None or key[:3] != group[:3]:
+        return None
+    tables = dict(group[3])
+    for name, dtype in key[3]:
+        if tables.setdefault(name, dtype) != dtype:
+            return None
+    return group[:3] + (tuple(sorted(tables.items(), key=lambda item: item[0])),)
 
 
 def batch_groups(order: list, max_bytes: int) -> list[tuple[int, int]]:
-    """The batched groups of a recorded order: [start, end) runs of consecutive calls with one batch key, at most
+    """The batched groups of a recorded order: [start, end) runs of consecutive calls that join (:func:`_joins`), at most
     ``max_bytes`` of decoded weights and MAX_BATCH_PARTS slices each; runs of one call are left out."""
     groups, start = [], 0
     while start < len(order):
         key = batch_key(order[start])
         end, size, parts = start, 0, 0
-        while end < len(order) and key is not None and batch_key(order[end]) == key:
+        while end < len(order) and key is not None:
+            joined = _joins(key, batch_key(order[end]))
+            if joined is None:
+                break
             plan = order[end]
             grown = size + plan.numel * plan.dtype.itemsize
             if end > start and (grown > max_bytes or parts + len(plan.layer_parts) > MAX_BATCH_PARTS):
                 break
-            size, parts, end = grown, parts + len(plan.layer_parts), end + 1
+            key, size, parts, end = joined, grown, parts + len(plan.layer_parts), end + 1
         if end - start > 1:
             groups.append((start, end))
         start = max(end, start + 1)
@@ -1397,27 +1429,26 @@ class _BatchedGroup:
         for plan in plans:
             self.offsets.append(self.offsets[-1] + plan.numel)
         self.numel = self.offsets[-1]
-        first = plans[0].layer_parts[0]
-        mode = MODES[first.method]
+        parts = [part for plan in plans for part in plan.layer_parts]
+        templates = {}  # a tensor of each table's dtype (the kernel's pointer types); unused: the codes
         rows, slices = [], []  # DESCRIPTOR_FIELDS per slice; each program's slice
         for plan, offset in zip(plans, self.offsets):
             column = 0
             for part in plan.layer_parts:
                 row_groups = part.numel // plan.rows // 8
-                tables = [part.codes.data_ptr()] * 3  # unused pointers: any address
-                if mode == 0:
-                    tables[:2] = part.scale.data_ptr(), part.zero.data_ptr()
-                else:
-                    tables[2] = part.codebook.data_ptr()
+                params = part.params()
+                templates.update((name, t) for name, t in params.items() if name not in templates)
+                tables = [params[name].data_ptr() if name in params else part.codes.data_ptr()
+                          for name in ("scale", "zero", "codebook")]  # unused pointers: any address
                 rows += [part.codes.data_ptr(), *tables, plan.rows, row_groups, offset + column, plan.total,
-                         len(slices)]
+                         len(slices), part.bits, MODES[part.method]]
                 slices += [len(rows) // DESCRIPTOR_FIELDS - 1] * triton_cdiv(plan.rows * row_groups, GROUP_TILE)
                 column += row_groups * 8
         self.descriptor = torch.tensor(rows + slices, dtype=torch.int64).to(plans[0].device)
         self.parts = len(rows) // DESCRIPTOR_FIELDS
-        self.templates = (first.scale, first.zero, first.codes) if mode == 0 else (first.codes,) * 2 + (first.codebook,)
+        self.templates = tuple(templates.get(name, parts[0].codes) for name in ("scale", "zero", "codebook"))
         self.grid = (len(slices),)
-        self.meta = dict(BITS=first.bits, MODE=mode, TILE=GROUP_TILE, FIELDS=DESCRIPTOR_FIELDS)
+        self.meta = dict(WIDE=any(part.bits > 4 for part in parts), TILE=GROUP_TILE, FIELDS=DESCRIPTOR_FIELDS)
         self.slots: dict[int, _GroupSlot] = {}
 
     def _slot(self, slot: int) -> _GroupSlot:

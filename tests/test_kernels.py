@@ -155,24 +155,20 @@ def test_group_decode_compiles_for_hopper_with_16_byte_stores(option, monkeypatc
     assert compiled.metadata.shared == 0
 
 
-@pytest.mark.parametrize("option", ["mse-3", "kmeans-4"])
-def test_batched_decode_compiles_for_hopper_with_16_byte_stores(option, monkeypatch):
-    """The batched kernel for sm_90 (no GPU needed): table pointers cast from the descriptor's integers, 8 fp16
-    values (16 bytes) per store, no shared memory."""
+@pytest.mark.parametrize("wide", [False, True])
+def test_batched_decode_compiles_for_hopper_with_16_byte_stores(wide, monkeypatch):
+    """The batched kernel for sm_90 (no GPU needed), width and table kind read per slice: table pointers cast from
+    the descriptor's integers, 8 fp16 values (16 bytes) per store, no shared memory."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    method, bits = option.split("-")
-    mode = kernels.MODES[method]
-    tables = ("*fp32", "*i16", "*u8") if mode == 0 else ("*u8", "*u8", "*fp32")
     names = ("desc_ptr", "out_ptr", "scale_like", "zero_like", "book_like", "parts")
-    signature = dict(zip(names, ("*i64", "*fp16") + tables + ("i32",))) | dict.fromkeys(
-        ("BITS", "MODE", "TILE", "FIELDS"), "constexpr")
+    signature = dict(zip(names, ("*i64", "*fp16", "*fp32", "*i16", "*fp32", "i32"))) | dict.fromkeys(
+        ("WIDE", "TILE", "FIELDS"), "constexpr")
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(5)}
     source = ASTSource(fn=kernels._jit(False)[3], signature=signature, attrs=aligned,
-                       constexprs={"BITS": int(bits), "MODE": mode, "TILE": kernels.GROUP_TILE,
-                                   "FIELDS": kernels.DESCRIPTOR_FIELDS})
+                       constexprs={"WIDE": wide, "TILE": kernels.GROUP_TILE, "FIELDS": kernels.DESCRIPTOR_FIELDS})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.DECODE_WARPS})
     stores = re.findall(r"st\.global[.\w]*", compiled.asm["ptx"])
     assert stores and set(stores) == {"st.global.v4.b32"}, set(stores)
@@ -733,6 +729,29 @@ def test_batched_decode_equals_the_eager_weights_and_groups_where_the_kernel_is_
     assert kernels._AHEAD[0] is None
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_batched_decode_batches_a_mixed_configuration_and_splits_where_words_or_table_dtypes_differ(device):
+    """Every method at 3 and 4 bits in a row (and a two-slice layer of two methods) is one group; widths above 4
+    bits (int64 words) form their own; a codebook of another dtype starts a new group; the weights equal the eager
+    ones bit for bit in both compute dtypes."""
+    def layer(options, rows, widths, seed, codebook_dtype=torch.float32):
+        parts = [random_part(o, (rows, w), seed=seed + i, codebook_dtype=codebook_dtype)
+                 for i, (o, w) in enumerate(zip(options, widths))]
+        return packed_layer(torch.nn.Linear(sum(widths), rows), parts, torch.float16).to(device)
+
+    layers = [layer(["mse-3"], 8, [16], 1), layer(["kmeans-4"], 16, [8], 2), layer(["kmeans_all-3"], 24, [16], 3),
+              layer(["mse-4", "kmeans-3"], 8, [8, 16], 4), layer(["kmeans_all-4"], 72, [64], 6),  # group 0
+              layer(["kmeans-3"], 8, [16], 7, torch.float16), layer(["mse-4"], 8, [16], 8),  # group 1: fp16 books
+              layer(["kmeans_all-6"], 8, [16], 9), layer(["mse-8"], 8, [8], 10)]  # group 2: int64 words
+    model = _WeightCalls(layers, device)
+    for dtype in (torch.float16, torch.float32):
+        expected = [layer.dequantize_weight(dtype) for layer in layers]
+        with kernels.batched_decode(model) as batched:
+            for forward in range(3):  # records, builds the groups and follows, follows
+                assert all(torch.equal(w, e) for w, e in zip(_poisoned_forward(model, dtype), expected)), forward
+            assert batched.groups == [(0, 5), (5, 7), (7, 9)] and batched.batched_calls == 2 * 9
+
+
 @pytest.mark.parametrize("device", ["cpu"], indirect=True)
 def test_batched_decode_leaves_a_diverging_forward_to_the_layer_path_and_caps_its_groups(device):
     layers = [_linear(["kmeans-3"], 8, [16], i) for i in range(5)]
@@ -901,7 +920,7 @@ def test_cuda_decode_ahead_is_bit_identical_follows_the_recorded_order_and_is_ca
 @gpu
 @kernels.small_m_threshold(0)  # decode + cuBLAS everywhere (bit-exact)
 def test_cuda_batched_decode_is_bit_identical_eager_and_under_graph_capture():
-    model = _Chain().cuda().half()  # a, b (kmeans-3 + dense: per layer), b, c, a: no two neighbours batch
+    model = _Chain().cuda().half()  # a, b (kmeans-3 + dense: per layer), b, c, a: c and a batch (two methods)
     wide = torch.nn.Sequential(*[packed_layer(torch.nn.Linear(24, 24), [random_part("mse-4", (24, 24), seed=20 + i)],
                                               torch.float16) for i in range(4)]).cuda().half()
     inputs = [torch.randn(64, 16, device="cuda", dtype=torch.float16) for _ in range(2)]
@@ -911,7 +930,7 @@ def test_cuda_batched_decode_is_bit_identical_eager_and_under_graph_capture():
             for _ in range(3):  # records, builds and follows, follows
                 assert all(torch.equal(wide(model(x)), expected) for x, expected in zip(inputs, reference))
             # 6 forwards: the first records, the other 5 follow the groups (4 calls each)
-            assert batched.groups == [(0, 4)] and chain.groups == [] and batched.batched_calls == 5 * 4
+            assert batched.groups == [(0, 4)] and chain.groups == [(3, 5)] and batched.batched_calls == 5 * 4
             x = inputs[0].clone()
             graph = torch.cuda.CUDAGraph()
             launches = batched.batched_launches
@@ -928,8 +947,8 @@ def test_cuda_batched_decode_is_bit_identical_eager_and_under_graph_capture():
 
 
 class _Groups(torch.nn.Module):
-    """Runs of packed layers that batch (UAQ-4, K-Means-C-3, UAQ-4 again: the first two layers called a second
-    time), a layer with a dense slice between, tanh after each; before each layer the GPU sleeps ``sleep`` cycles,
+    """Runs of packed layers that batch (UAQ-4, K-Means-C-6: int64 words, so a group of its own, UAQ-4 again: the
+    first two layers called a second time), a layer with a dense slice between, tanh after each; before each layer the GPU sleeps ``sleep`` cycles,
     so that the host queues far ahead of the GPU (a decode into a slot whose readers have not run yet would show);
     ``skip`` drops the call of that index."""
 
@@ -944,7 +963,7 @@ class _Groups(torch.nn.Module):
 
         uaq = [layer(["mse-4"], 30 + i) for i in range(3)]
         self.calls = torch.nn.ModuleList(uaq + [layer(["kmeans-3", "fp16"], 40)]
-                                         + [layer(["kmeans-3"], 50 + i) for i in range(3)] + uaq[:2])
+                                         + [layer(["kmeans-6"], 50 + i) for i in range(3)] + uaq[:2])
         self.skip, self.sleep = None, 0
 
     def forward(self, x):

@@ -513,6 +513,17 @@ class _SlotViews:
     group_decode: bool  # the decode switch the launches were planned with
 
 
+# Moved by multiquant.packed whenever a packed layer's slices, or a slice's tensors, are replaced (never by in-place
+# writes: plans hold the tensors, not their values). A plan compares the objects it depends on (_identity) only when
+# this moved since its last comparison: every forward asks every layer's plan, and a batch-2 forward is bound by
+# host time (the comparison took about as long as the rest of the call's bookkeeping).
+STRUCTURE = [0]
+
+
+def structure_changed() -> None:
+    STRUCTURE[0] += 1
+
+
 def _identity(layer) -> tuple:
     """The objects a plan depends on: the layer's slices and their buffers, by id (one pass, no tensor compares:
     every forward checks it, and a batch-2 forward is bound by host time). Read from the module dicts: attribute
@@ -532,6 +543,7 @@ class _Plan:
         self.device, self.dtype = device, dtype
         self.tensors = tuple((p, name, t) for p in layer.parts for name, t in p._buffers.items())
         self.identity = _identity(layer)  # held alive by self.tensors / layer_parts: no id is reused meanwhile
+        self.checked = STRUCTURE[0]
         shape = tuple(layer.weight_shape)
         rows = shape[0]
         total = sum(p.numel // rows for p in layer.parts)
@@ -559,8 +571,15 @@ class _Plan:
         return self.slots[0].launches if 0 in self.slots else []
 
     def valid_for(self, layer, device, dtype) -> bool:
-        """Same device, dtype, slices and buffer objects (a reloaded or moved layer gets a new plan)."""
-        return device == self.device and dtype == self.dtype and _identity(layer) == self.identity
+        """Same device, dtype, slices and buffer objects (a reloaded or moved layer gets a new plan); the objects
+        compared only after some packed module's structure changed (STRUCTURE)."""
+        if device != self.device or dtype != self.dtype:
+            return False
+        if self.checked != STRUCTURE[0]:
+            if _identity(layer) != self.identity:
+                return False
+            self.checked = STRUCTURE[0]
+        return True
 
     def views(self, slot: int = 0) -> _SlotViews:
         """This layer's views of scratch slot ``slot`` and its launches, planned anew when the buffer or the

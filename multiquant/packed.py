@@ -5,7 +5,7 @@ the quantizer's parameters, and dequantizes it on the fly in ``forward`` into th
 at a time: only the layer being run ever exists as a dense weight.
 
     PackedLinear / PackedConv1d / PackedConv2d   drop-in subclasses of nn.Linear / nn.Conv1d / nn.Conv2d
-      .parts   ModuleList of PackedWeight, one per input-channel slice (two for a split layer), joined
+      .parts   PackedSlices (a ModuleList) of PackedWeight, one per input-channel slice (two for a split layer), joined
                along the input dimension at dequantization
       .bias    the ordinary FP bias
 
@@ -151,7 +151,47 @@ class PackedWeight(nn.Module):
             after = self._buffers[name]
             if after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
+        kernels.structure_changed()
         return self
+
+    # every way a buffer is replaced tells the fast path's plans to look again (kernels.STRUCTURE)
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, torch.Tensor) or name in self.__dict__.get("_buffers", ()):
+            kernels.structure_changed()
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        kernels.structure_changed()
+
+    def register_buffer(self, name, tensor, persistent=True):
+        super().register_buffer(name, tensor, persistent)
+        kernels.structure_changed()
+
+
+class PackedSlices(nn.ModuleList):
+    """A packed layer's slices: a ModuleList that tells the fast path's plans when a slice is replaced, added or
+    removed (kernels.STRUCTURE)."""
+
+    def add_module(self, name, module):  # append / extend
+        super().add_module(name, module)
+        kernels.structure_changed()
+
+    def insert(self, index, module):
+        super().insert(index, module)
+        kernels.structure_changed()
+
+    def __setattr__(self, name, value):  # slices[i] = part
+        super().__setattr__(name, value)
+        kernels.structure_changed()
+
+    def __delitem__(self, index):  # del / pop
+        super().__delitem__(index)
+        kernels.structure_changed()
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        kernels.structure_changed()
 
     def extra_repr(self) -> str:
         return f"{self.option}, shape={self.shape}"
@@ -163,13 +203,20 @@ class _PackedLayer:
     parts: nn.ModuleList
     compute_dtype: torch.dtype
 
+    def __setattr__(self, name, value):
+        if name == "parts" and isinstance(value, nn.ModuleList) and not isinstance(value, PackedSlices):
+            value = PackedSlices(list(value))  # the fast path follows replacements inside it too
+        nn.Module.__setattr__(self, name, value)
+        if name == "parts":
+            kernels.structure_changed()
+
     def _init_packed(self, dense: nn.Module, parts: list[PackedWeight], compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)  # not the stock __init__: it would allocate a dense weight
         # the stock layer's hyper-parameters (features / channels, stride, padding, ...), not its tensors
         for name in list(type(dense).__constants__) + ["transposed", "_reversed_padding_repeated_twice"]:
             if hasattr(dense, name):
                 setattr(self, name, getattr(dense, name))
-        self.parts = nn.ModuleList(parts)
+        self.parts = PackedSlices(parts)
         self.register_parameter("bias", dense.bias)
         self.compute_dtype = compute_dtype
         width = sum(p.shape[1] for p in parts)
@@ -194,7 +241,7 @@ class _PackedLayer:
     def forward_weight(self, input: torch.Tensor) -> torch.Tensor:
         """The weight a forward on ``input`` multiplies by: on CUDA, the Triton decode into the shared scratch
         buffer (multiquant/kernels.py, bit-exact with the eager path); elsewhere the eager dequantization."""
-        if input.is_cuda and kernels.can_use_kernels(input):
+        if kernels.can_use_kernels(input):  # a CUDA input, the fast path on
             return kernels.fast_weight(self, input.dtype, input.device)
         return self.dequantize_weight(input.dtype)
 
@@ -218,9 +265,11 @@ class PackedLinear(_PackedLayer, nn.Linear):
         self._init_packed(dense, parts, compute_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda and kernels.can_use_kernels(input) and kernels.takes_small_m_path(self, input):
+        if not kernels.can_use_kernels(input):  # (one gate per call: a batch-2 forward is bound by host time)
+            return F.linear(input, self.dequantize_weight(input.dtype), self.bias)
+        if kernels.takes_small_m_path(self, input):
             return kernels.packed_linear(self, input)  # few rows: the fused kernel reads the packed codes
-        return F.linear(input, self.forward_weight(input), self.bias)
+        return F.linear(input, kernels.fast_weight(self, input.dtype, input.device), self.bias)
 
 
 class PackedConv1d(_PackedLayer, nn.Conv1d):

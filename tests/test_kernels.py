@@ -268,6 +268,35 @@ def _layer(kind: str, device, options=("kmeans-4", "fp16")) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_a_plan_compares_its_objects_only_after_a_structure_change_and_follows_every_kind_of_replacement(
+        device, monkeypatch):
+    """While no packed module changed, a plan is reused without comparing the objects it depends on; after each way
+    of replacing a slice or a slice's tensor (attribute, register_buffer, a new ModuleList, load_state_dict with
+    assign, moving a slice alone) the next fast weight is the new eager weight."""
+    layer = _layer("linear", device, options=("kmeans-4", "fp16"))
+    kernels.fast_weight(layer, torch.float32, device)
+    identity = kernels._identity
+    monkeypatch.setattr(kernels, "_identity", lambda layer: pytest.fail("compared without a structure change"))
+    assert torch.equal(kernels.fast_weight(layer, torch.float32, device), layer.dequantize_weight(torch.float32))
+    monkeypatch.setattr(kernels, "_identity", identity)
+
+    def replaced(step):
+        step()
+        plan = layer._fast_plan
+        assert torch.equal(kernels.fast_weight(layer, torch.float32, device), layer.dequantize_weight(torch.float32))
+        assert layer._fast_plan is not plan
+
+    first, dense = layer.parts[0], layer.parts[1]
+    replaced(lambda: first.register_buffer("codebook", torch.randn_like(first.codebook)))
+    replaced(lambda: setattr(layer, "parts", torch.nn.ModuleList([first, random_part("fp16", dense.shape, seed=5)])))
+    assert isinstance(layer.parts, type(layer.parts)) and type(layer.parts) is not torch.nn.ModuleList
+    replaced(lambda: layer.parts.__setitem__(1, random_part("fp16", dense.shape, seed=6).to(device)))
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in layer.state_dict().items()}
+    replaced(lambda: layer.load_state_dict(state, assign=True))
+    replaced(lambda: layer.parts[1].to(torch.float64))  # the dense slice alone: new tensors, cast
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
 def test_fast_weight_of_a_layer_is_its_eager_weight_and_follows_new_buffers(device, kind):
     layer = _layer(kind, device)

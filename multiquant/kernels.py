@@ -525,9 +525,8 @@ def structure_changed() -> None:
 
 
 def _identity(layer) -> tuple:
-    """The objects a plan depends on: the layer's slices and their buffers, by id (one pass, no tensor compares:
-    every forward checks it, and a batch-2 forward is bound by host time). Read from the module dicts: attribute
-    access through nn.Module.__getattr__ costs about a microsecond each."""
+    """The objects a plan depends on: the layer's slices and their buffers, by id (one pass, no tensor compares),
+    read from the module dicts (attribute access through nn.Module.__getattr__ costs about a microsecond each)."""
     ids = []
     for part in layer._modules["parts"]._modules.values():
         ids.append(id(part))

@@ -168,6 +168,9 @@ class PackedWeight(nn.Module):
         super().register_buffer(name, tensor, persistent)
         kernels.structure_changed()
 
+    def extra_repr(self) -> str:
+        return f"{self.option}, shape={self.shape}"
+
 
 class PackedSlices(nn.ModuleList):
     """A packed layer's slices: a ModuleList that tells the fast path's plans when a slice is replaced, added or
@@ -192,9 +195,6 @@ class PackedSlices(nn.ModuleList):
     def __delattr__(self, name):
         super().__delattr__(name)
         kernels.structure_changed()
-
-    def extra_repr(self) -> str:
-        return f"{self.option}, shape={self.shape}"
 
 
 class _PackedLayer:

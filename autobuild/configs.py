@@ -42,9 +42,68 @@ __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsa
            "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config",
            "pareto_front", "plot_pareto", "config_name",
            "add_build_config_arguments", "predictor_family", "run_build_config",
-           "default_table_source", "DEFAULT_PARETO_BUDGETS"]
+           "default_table_source", "DEFAULT_PARETO_BUDGETS", "DEFAULT_SEARCH_BUDGETS", "BUDGETS_HELP",
+           "default_budgets", "parse_budgets", "budgets_or_default"]
 
-DEFAULT_PARETO_BUDGETS = tuple(round(3.3 + 0.1 * i, 1) for i in range(10))  # 3.3 .. 4.2
+DEFAULT_PARETO_BUDGETS = tuple(round(3.3 + 0.1 * i, 1) for i in range(10))  # 3.3 .. 4.2: report, build-config
+DEFAULT_SEARCH_BUDGETS = (3.3, 3.5, 3.7, 3.9)  # optimize, search
+BUDGETS_HELP = ("comma list of average-bit budgets. Default: the paper's {paper} when this model reaches all of "
+                "them (between its cheapest and its dearest configuration); else those bits per weight priced with "
+                "this model's tables: b bits lies between its cheapest all-floor(b)-bit and all-ceil(b)-bit "
+                "configurations as b lies between the two widths (a small model's per-channel tables cost far more "
+                "than 3-4 bits). The line 'budgets ...' says which were chosen and why")
+
+
+def default_budgets(table, paper: Sequence[float]) -> tuple[list[float], str]:
+    """The budgets of a command given none (the rule of ``BUDGETS_HELP``) and why, in a few words.
+
+    The paper's budgets are bits per weight on models whose quantization tables cost a fraction of a bit; a small
+    model's per-channel codebooks can cost more than its weights, so there every configuration lies far above them.
+    Each paper budget b is then priced on this model: linear between its cheapest configurations with every layer at
+    floor(b) and at ceil(b) bits (past the widths along the nearest pair), within its cheapest..dearest one."""
+    table = OptionTable.from_source(table)
+    lo, hi = table.min_avg_bits(), table.max_avg_bits()
+    if lo <= min(paper) + 1e-9 and max(paper) <= hi + 1e-9:  # the testbeds: today's budgets, unchanged
+        return [float(b) for b in paper], f"the paper's, all within this model's {lo:.2f}-{hi:.2f} avg bits"
+    widths = table.widths
+    anchors = [table.min_avg_bits(w) for w in widths]
+
+    def priced(bits: float) -> float:
+        if len(widths) == 1:
+            return bits * anchors[0] / widths[0]
+        i = int(np.clip(np.searchsorted(widths, bits) - 1, 0, len(widths) - 2))
+        return anchors[i] + (bits - widths[i]) * (anchors[i + 1] - anchors[i]) / (widths[i + 1] - widths[i])
+
+    at_least = math.ceil(lo * 100 - 1e-6) / 100  # two decimals, never below the cheapest configuration
+    budgets = sorted({max(round(min(max(priced(b), lo), hi), 2), at_least) for b in paper})
+    cheapest = ", ".join(f"all-{w}-bit {a:.2f}" for w, a in zip(widths, anchors))
+    return budgets, (f"this model's configurations cost {lo:.2f}-{hi:.2f} avg bits, which the paper's "
+                     f"{min(paper):g}-{max(paper):g} do not fit: those bits per weight priced with its tables "
+                     f"(cheapest {cheapest})")
+
+
+def parse_budgets(text: str | None) -> list[float] | None:
+    """``--budgets`` as a list of floats; None when the flag was not given (:func:`budgets_or_default`)."""
+    if text is None:
+        return None
+    try:
+        budgets = [float(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets:
+        raise InputError(f"--budgets {text!r}: expected a comma list of average bits, e.g. --budgets 3.5,3.9")
+    return budgets
+
+
+def budgets_or_default(budgets: Sequence[float] | None, table, paper: Sequence[float],
+                       log: Callable[[str], None] | None = print) -> list[float]:
+    """``budgets`` exactly as given, or (None) :func:`default_budgets` of ``table``, said in one line."""
+    if budgets is not None:
+        return [float(b) for b in budgets]
+    chosen, why = default_budgets(table, paper)
+    if log:
+        log(f"budgets {', '.join(f'{b:g}' for b in chosen)} avg bits (no --budgets given: {why})")
+    return chosen
 
 
 
@@ -288,14 +347,16 @@ def _default_config_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ Pareto front
-def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] = DEFAULT_PARETO_BUDGETS,
+def pareto_front(scores: UnitScoreSet, table, budgets: Iterable[float] | None = None,
                  model: str | None = None, out_dir: str | os.PathLike | None = None,
                  log: Callable[[str], None] | None = None) -> list[dict]:
-    """Solve every budget; with ``out_dir`` and ``model`` also write each configuration. Budgets below the
-    all-minimum are skipped (logged). Returns ``[{budget, avg_bits, predicted_score, config_path}]``."""
+    """Solve every budget (None: :func:`default_budgets` of the table); with ``out_dir`` and ``model`` also write
+    each configuration. Budgets below the all-minimum are skipped (logged). Returns ``[{budget, avg_bits,
+    predicted_score, config_path}]``."""
     from multiquant.config import save_config
 
     table = OptionTable.from_source(table)
+    budgets = budgets_or_default(None if budgets is None else list(budgets), table, DEFAULT_PARETO_BUDGETS, log)
     problem = knapsack_from_scores(scores, table)
     front, previous, started = [], None, time.perf_counter()
     budgets = sorted(float(b) for b in budgets)
@@ -377,8 +438,8 @@ def add_build_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentP
                     "predictor's)", tiny_help="= --size tiny")
     p.add_argument("--avg_bits", type=float, default=None, help="budget: average bits incl. overhead, e.g. 3.5")
     p.add_argument("--pareto", action="store_true", help="sweep --budgets into a front (JSON + PNG + configs)")
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS),
-                   help="comma list of budgets for --pareto")
+    p.add_argument("--budgets", default=None, help="with --pareto: " + BUDGETS_HELP.format(
+        paper=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS)))
     p.add_argument("--level", choices=("block", "node"), default="block",
                    help="unit level of the scores: block (default) or node (one unit per layer)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size the predictor's DAG "
@@ -408,6 +469,7 @@ def default_table_source(model: str, mq: str | None, cache: str | None):
 def run_build_config(args) -> int:
     if args.avg_bits is None and not args.pareto:
         raise InputError("give a budget (--avg_bits 3.5) or --pareto")
+    requested = parse_budgets(args.budgets)  # a typo fails before the scores are computed
     model = args.model or predictor_family(Path(args.predictor))
     source = default_table_source(model, args.mq, args.cache)
     target = json.loads((Path(args.predictor) / "ensemble.json").read_text()).get("target")
@@ -420,7 +482,7 @@ def run_build_config(args) -> int:
         build_config(args.predictor, table, spec, args.avg_bits, args.level, out_dir, args.name, scores=scores,
                      log=print)
     if args.pareto:
-        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+        budgets = budgets_or_default(requested, table, DEFAULT_PARETO_BUDGETS)
         front = pareto_front(scores, table, budgets, model=spec.name, out_dir=out_dir, log=print)
         stem = out_dir / f"{spec.name}_pareto_{args.level}"
         from multiquant.utils import atomic_path

@@ -652,8 +652,11 @@ def sweep_measure(protocol, settings: dict, outdir: Path, space: Space, num_imag
 
 def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``optimize`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
+    from .configs import BUDGETS_HELP, DEFAULT_SEARCH_BUDGETS
+
     add_model_flags(p, model_help="model family, e.g. mnist_dit", tiny_help="tiny random denoiser (smoke runs)")
-    p.add_argument("--budgets", default="3.3,3.5,3.7,3.9", help="comma list of average-bit budgets")
+    p.add_argument("--budgets", default=None, help=BUDGETS_HELP.format(paper=",".join(
+        f"{b:g}" for b in DEFAULT_SEARCH_BUDGETS)))
     p.add_argument("--max_evaluations", type=float, default=150, help="full-protocol evaluations in all "
                                                                      "(sweeps count at their image fraction)")
     p.add_argument("--per_budget", type=int, default=2, help="surrogate proposals per budget per round")
@@ -720,17 +723,19 @@ def run_optimize(args, log: Callable[[str], None] = print) -> dict:
     from multiquant.sensitivity import setup_protocol
     from multiquant.utils import json_default, write_text_atomic
 
-    from .configs import config_name
+    from .configs import DEFAULT_SEARCH_BUDGETS, budgets_or_default, config_name, parse_budgets
 
     started = time.perf_counter()
     out = Path(args.out)
-    budgets = [float(b) for b in str(args.budgets).split(",") if b.strip()]
+    requested = parse_budgets(args.budgets)
     family = get_family(args.model)
     setup = measured_setup(family, out, pretrained=args.pretrained, tiny=args.tiny, device=args.device, mq=args.mq,
                            num_images=args.num_images, image_seed=args.image_seed, confirm_seed=args.confirm_seed,
                            act_bits=act_bits_arg(args), log=log)
     scorer, settings, ties, space, measure, device = (setup.scorer, setup.settings, setup.ties, setup.space,
                                                       setup.measure, setup.device)
+    # the measurement stores are keyed by configuration, not by budget: a run at other budgets reuses them
+    budgets = budgets_or_default(requested, scorer.mq, DEFAULT_SEARCH_BUDGETS, log)
     measure_layers = None
     if args.sweep_images:
         protocol, psettings = setup_protocol(family, pretrained=args.pretrained, tiny=args.tiny, device=device,

@@ -18,8 +18,7 @@ __all__ = ["StageSettings", "QUICK", "FULL", "DEMO_BUDGETS", "DEMO_TARGET", "pre
            "demo_predictor_stage"]
 
 DEMO_TARGET = "-1*FID-GT-1k"  # quality only: the bit budget is a constraint of the knapsack, not a penalty
-DEMO_BUDGETS = (3.5, 3.7)
-REPORT_BUDGETS = (3.3, 3.4, 3.5, 3.6, 3.7, 3.8, 3.9, 4.0, 4.1, 4.2)
+DEMO_BUDGETS = (3.5, 3.7)  # where the model reaches them (configs.default_budgets); the report's: its own default
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,14 @@ def _table_for(records, outdir: Path, model: str, fp_prec: int):
 
 def predictor_stage(cache_path: str | Path, outdir: str | Path, model: str = "mnist_dit",
                     settings: StageSettings = QUICK, target: str = DEMO_TARGET,
-                    budgets: Sequence[float] = DEMO_BUDGETS, size: str = "full", loss: str = "srcc",
+                    budgets: Sequence[float] | None = None, size: str = "full", loss: str = "srcc",
                     seed: int = 12345, log: Callable[[str], None] | None = print) -> dict:
-    """Train -> unit scores -> configurations at ``budgets`` -> report. Returns the summary dict."""
+    """Train -> unit scores -> configurations at ``budgets`` (None: DEMO_BUDGETS where the model reaches them,
+    configs.default_budgets) -> report. Returns the summary dict."""
     from multiquant.families import get_family
     from multiquant.store import load_quant_cache
 
-    from .configs import BudgetError, build_config
+    from .configs import BudgetError, budgets_or_default, build_config
     from .dag import family_dag, units
     from .report import build_report
     from .scores import unit_scores_for
@@ -92,7 +92,7 @@ def predictor_stage(cache_path: str | Path, outdir: str | Path, model: str = "mn
     say(f"    unit scores: {block.num_variants:,} block-level variants in {time.perf_counter() - t0:.1f} s")
 
     pareto = []
-    for budget in budgets:
+    for budget in budgets_or_default(budgets, table, DEMO_BUDGETS, say):
         try:
             built = build_config(predictor_dir, table, spec, budget, "block", out_dir=outdir / "quant_configs",
                                  size=size, scores=block)
@@ -109,7 +109,7 @@ def predictor_stage(cache_path: str | Path, outdir: str | Path, model: str = "mn
 
         mq_path = multiquantizer_path(f"{spec.name}_mq.safetensors")
     report = build_report(predictor_dir, cache_path, outdir / "report", table=table, model=spec.name, size=size,
-                          budgets=REPORT_BUDGETS, samples=settings.samples if mq_path.exists() else 0,
+                          budgets=None, samples=settings.samples if mq_path.exists() else 0,
                           mq=mq_path if mq_path.exists() else None, log=None)
     say(f"    report: {report}")
     return {"predictor": {"srcc_mean": metrics["srcc_mean"], "ndcg10_mean": metrics["ndcg10_mean"],

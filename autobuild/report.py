@@ -33,7 +33,7 @@ import numpy as np
 from multiquant.cli_flags import add_model_flags
 from multiquant.errors import InputError, MissingFileError
 
-from .configs import DEFAULT_PARETO_BUDGETS, plot_pareto, score_config
+from .configs import BUDGETS_HELP, DEFAULT_PARETO_BUDGETS, budgets_or_default, plot_pareto, score_config
 
 __all__ = ["classify_scored", "load_scored", "plot_measured", "render_samples", "images_from_scored",
            "build_report", "add_report_arguments", "run_report"]
@@ -296,13 +296,14 @@ def _page(title: str, sections: Sequence[str], subtitle: str) -> str:
 # ------------------------------------------------------------------------------------------ the report
 def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike | None, out_dir: str | os.PathLike,
                  scored_dirs: Sequence[str | os.PathLike] = (), table=None, model: str | None = None,
-                 size: str = "full", budgets: Sequence[float] = DEFAULT_PARETO_BUDGETS, samples: int = 0,
+                 size: str = "full", budgets: Sequence[float] | None = None, samples: int = 0,
                  pretrained=None, tiny: bool = False, device: str | None = None, embed: bool = True,
                  mq=None, sweeps: Sequence[str | os.PathLike] = (), log: Callable[[str], None] | None = print) -> Path:
     """Write ``<out_dir>/index.html`` (and its PNGs, configurations and ``report.json``); returns the page.
 
     ``table``: the option table source (see ``OptionTable.from_source``; default: the family's
-    multiquantizer, else the table seen in ``cache_path``). ``samples``: render that many FP16 vs quantized
+    multiquantizer, else the table seen in ``cache_path``). ``budgets``: those of the predicted front (None: the
+    model's defaults, configs.default_budgets). ``samples``: render that many FP16 vs quantized
     images per grid with ``mq`` (default: ``table`` when it is a multiquantizer or its path)."""
     from multiquant.store import load_quant_cache
 
@@ -327,6 +328,7 @@ def build_report(predictor_dir: str | os.PathLike, cache_path: str | os.PathLike
 
     if log:
         log("predicted Pareto front")
+    budgets = budgets_or_default(budgets, table, DEFAULT_PARETO_BUDGETS, log)
     front = pareto_front(block, table, budgets, model=spec.name, out_dir=out / "configs", log=log)
     if not front:
         raise InputError(f"no budget in {list(budgets)} is achievable for {spec.name}: pass larger --budgets")
@@ -528,8 +530,8 @@ def _with_predictions(scored: list[dict], predictor_dir, train_records: Sequence
 
 def front_outside_training(front: Sequence[Mapping], train_records: Sequence[Mapping]) -> str:
     """A warning when front points lie outside the training configurations' avg_bits range (their scores are
-    extrapolations: e.g. the default budgets 3.3-4.2 on a small model whose random configurations all cost 7+
-    bits), else ""."""
+    extrapolations: e.g. budgets 3.3-4.2 given on a small model whose random configurations all cost 7+ bits),
+    else ""."""
     bits = [float(r["avg_bits"]) for r in train_records]
     if not bits:
         return ""
@@ -635,8 +637,8 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_model_flags(p, required=False, model_help="model family (default: the predictor's)",
                     tiny_help="tiny random denoiser for the samples (smoke tests)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size of the predictor's DAG")
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS),
-                   help="comma list of average-bit budgets of the predicted Pareto front")
+    p.add_argument("--budgets", default=None, help="the predicted Pareto front's " + BUDGETS_HELP.format(
+        paper=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS)))
     p.add_argument("--samples", type=int, default=0, help="render this many FP16 vs quantized samples (0: only use "
                                                           "images saved by eval-configs --save_images)")
     p.add_argument("--no_embed", action="store_true", help="link the PNGs instead of embedding them")
@@ -647,8 +649,9 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_report(args) -> int:
-    from .configs import default_table_source
+    from .configs import default_table_source, parse_budgets
 
+    budgets = parse_budgets(args.budgets)
     model = args.model
     if model is None:
         from .configs import predictor_family
@@ -656,7 +659,7 @@ def run_report(args) -> int:
         model = predictor_family(Path(args.predictor))
     source = default_table_source(model, args.mq, args.cache)
     build_report(args.predictor, args.cache, args.out, args.scored, table=source, model=model, size=args.size,
-                 budgets=[float(b) for b in args.budgets.split(",") if b.strip()], samples=args.samples,
+                 budgets=budgets, samples=args.samples,
                  pretrained=args.pretrained, tiny=args.tiny, device=args.device, embed=not args.no_embed,
                  sweeps=args.sweeps)
     return 0

@@ -22,7 +22,8 @@ from multiquant.cli_flags import act_bits_arg, add_activation_args, add_model_fl
 from multiquant.errors import InputError
 from multiquant.options import OptionTable
 
-from .configs import Knapsack, config_name, config_origin, solve_knapsack
+from .configs import (BUDGETS_HELP, DEFAULT_SEARCH_BUDGETS, Knapsack, budgets_or_default, config_name, config_origin,
+                      parse_budgets, solve_knapsack)
 from .data import config_of as _plain, encode_options, option_name as _option
 from multiquant.utils import default_device
 
@@ -338,7 +339,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num_random", type=int, default=0, help="also score this many random configurations (seed 0) "
                                                              "as starting data, e.g. without --cache (--tiny)")
     add_model_flags(p, model_help="model family, e.g. mnist_dit", tiny_help="tiny random denoiser (smoke runs)")
-    p.add_argument("--budgets", default="3.3,3.5,3.7,3.9", help="comma list of average-bit budgets")
+    p.add_argument("--budgets", default=None, help=BUDGETS_HELP.format(paper=",".join(
+        f"{b:g}" for b in DEFAULT_SEARCH_BUDGETS)))
     p.add_argument("--rounds", type=int, default=4, help="rounds of fit, propose, measure")
     p.add_argument("--per_budget", type=int, default=3, help="new configurations per budget per round")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the search")
@@ -394,14 +396,17 @@ def run_search(args, log: Callable[[str], None] = print) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    requested = parse_budgets(args.budgets)
     family = get_family(args.model)
     device = args.device or str(default_device())
     mq_path = Path(args.mq) if args.mq else (out / f"{family.name}_tiny_mq.safetensors" if args.tiny else None)
     scorer, settings = setup_scorer(family, pretrained=args.pretrained, tiny=args.tiny, device=device,
                                     mq_path=mq_path, num_images=args.num_images, image_seed=args.image_seed,
                                     build_mq=bool(args.tiny and not args.mq), act_bits=act_bits_arg(args), log=log)
-    records = _input_records(args, scorer, settings, out, OptionTable.from_source(scorer.mq), log)
+    table = OptionTable.from_source(scorer.mq)
+    records = _input_records(args, scorer, settings, out, table, log)
+    # the run's store records its budgets (measured_search): a resume at other budgets is refused, never mixed
+    budgets = budgets_or_default(requested, table, DEFAULT_SEARCH_BUDGETS, log)
     result = measured_search(scorer, settings, records, budgets, out, args.rounds, args.per_budget, args.seed,
                              args.key, log)
 

@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="family, e.g. mnist_dit or mnist_unet")
     p.add_argument("--cache", default=None, help="the scored random dataset (default quant_caches/<model>/"
                                                  "quant_cache.pkl; --tiny: scored here)")
-    p.add_argument("--budgets", default="3.3,3.5,3.7,3.9")
+    p.add_argument("--budgets", default=None, help="default: the paper's 3.3,3.5,3.7,3.9 where the model reaches "
+                                                   "them, else priced with its tables (autobuild.configs.BUDGETS_HELP)")
     p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's)")
     p.add_argument("--image_seed", type=int, default=42)
     p.add_argument("--confirm_seed", type=int, default=43)
@@ -106,6 +107,7 @@ def knapsack_rows(space, sweeps, budget: float, sweep_cost: dict) -> dict:
 def main(argv=None) -> dict:
     import numpy as np
 
+    from autobuild.configs import DEFAULT_SEARCH_BUDGETS, budgets_or_default, parse_budgets
     from autobuild.optimize import Sweeps, measured_setup, optimize, sweep_measure
     from multiquant.evaluate import random_configs, score_into_store
     from multiquant.families import get_family
@@ -124,10 +126,8 @@ def main(argv=None) -> dict:
                            log=log)
     scorer, settings, ties, space, measure, device = (setup.scorer, setup.settings, setup.ties, setup.space,
                                                       setup.measure, setup.device)
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    if args.tiny:  # the tiny model's per-layer overhead puts it far above 3-4 bits
-        low = space.avg_bits(space.cost.argmin(axis=1))
-        budgets = [round(float(b), 2) for b in np.ceil(low * 10) / 10 + np.array([0.1, 0.3, 0.5, 0.7])]
+    # the tiny model's per-layer overhead puts it far above 3-4 bits: its default budgets are priced with its tables
+    budgets = budgets_or_default(parse_budgets(args.budgets), scorer.mq, DEFAULT_SEARCH_BUDGETS, log)
     timings = {"setup_s": time.perf_counter() - started}
 
     # the dataset (for build-config, search, random_best)

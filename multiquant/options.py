@@ -234,10 +234,20 @@ class OptionTable:
         """``fp_prec * sum(quant_bytes) / fp_bytes`` of a full ``{key: option}`` configuration."""
         return avg_bits_of(sum(self.quant_bytes(k, o) for k, o in config.items()), self.fp_bytes, self.fp_prec)
 
-    def min_avg_bits(self) -> float:
-        """Every layer at its cheapest option."""
-        return avg_bits_of(sum(min(e[2] for e in v.values()) for v in self.table.values()), self.fp_bytes,
+    def min_avg_bits(self, bits: int | None = None) -> float:
+        """Every layer at its cheapest option (of width ``bits`` when given)."""
+        return avg_bits_of(sum(min(e[2] for o, e in v.items() if bits is None or Option.parse(o).bits == bits)
+                               for v in self.table.values()), self.fp_bytes, self.fp_prec)
+
+    def max_avg_bits(self) -> float:
+        """Every layer at its dearest option."""
+        return avg_bits_of(sum(max(e[2] for e in v.values()) for v in self.table.values()), self.fp_bytes,
                            self.fp_prec)
+
+    @property
+    def widths(self) -> list[int]:
+        """Bit widths of the quantized options every layer has, ascending."""
+        return sorted({Option.parse(o).bits for o in self.options} - {FP_BITS})
 
     def digest(self) -> str:
         text = json.dumps([[k, [[str(e[0]), int(e[1]), int(e[2]), float(e[3])] for e in v.values()]]

@@ -64,6 +64,11 @@ NOT_RUN_IDENTITY_NESTED = {"sampler": ("batch_size",)}
 ANY_VALUE = object()
 ADDED_RUN_KEYS = {"clip": None, "act_bits": None, "compile": None, "dtype": None, "channels_last": None,
                   "user_code": ANY_VALUE}
+# A plain-module family's sampler settings said conditioning "text" (the spec's old default) also where nothing
+# conditioned its images; such a family now says "none" (FamilySpec: only without conditions(n) and classes), and
+# its images are the same ones (its sampler was and is given None per image): a stored module run's "text" compares
+# as the "none" given (as_written_now).
+_MODULE_CONDITIONING_RENAMED = ("text", "none")
 _HOST = socket.gethostname().replace(".", "_")  # in claim files (their written format)
 
 
@@ -249,9 +254,15 @@ class RecordStore:
                 found = {k: v for k, v in found.items() if k not in NOT_RUN_IDENTITY_NESTED[key]}
             return found
 
+        def as_written_now(key, old, new):
+            if key == "sampler" and isinstance(old, dict) and isinstance(new, dict) and old.get("pipeline") is None \
+                    and (old.get("conditioning"), new.get("conditioning")) == _MODULE_CONDITIONING_RENAMED:
+                return dict(old, conditioning=new["conditioning"])
+            return old
+
         differing = sorted(k for k in (set(stored) | set(self.run_meta)) - set(NOT_RUN_IDENTITY)
                            if value(stored, k) is not ANY_VALUE and value(self.run_meta, k) is not ANY_VALUE
-                           and value(stored, k) != value(self.run_meta, k))
+                           and as_written_now(k, value(stored, k), value(self.run_meta, k)) != value(self.run_meta, k))
         if differing:
             def short(v):
                 text = repr(v)

@@ -342,6 +342,41 @@ def test_cli_build_config(trained, tmp_path, capsys):
     assert "error: " in (err := capsys.readouterr().err) and "below the smallest achievable" in err
 
 
+def test_default_budgets_are_the_papers_where_the_model_reaches_them_else_priced_with_its_tables(capsys):
+    """Two layers of 100 FP bytes at fp16 (avg bits = 0.08 x bytes): cheapest 3-bit 30 + 40 bytes = 5.6 bits,
+    cheapest 4-bit 40 + 50 = 7.2, dearest 120 + 200 = 25.6. The paper's 3.3-3.9 lie below every configuration: b
+    bits is priced 5.6 + (b - 3) x (7.2 - 5.6). A testbed reaches all of them: they come back unchanged; budgets
+    given stay as given."""
+    from autobuild.configs import (DEFAULT_PARETO_BUDGETS, DEFAULT_SEARCH_BUDGETS, budgets_or_default,
+                                   default_budgets, parse_budgets)
+    from multiquant.errors import InputError
+    from multiquant.paths import multiquantizer_path
+
+    costs = {"a": {"mse-4": 40, "kmeans-4": 120, "mse-3": 30, "kmeans-3": 80},
+             "b": {"mse-4": 50, "kmeans-4": 200, "mse-3": 40, "kmeans-3": 60}}
+    table = OptionTable({k: {o: [o, 100, c, 0.1] for o, c in per.items()} for k, per in costs.items()}, 16)
+    budgets, why = default_budgets(table, (3.3, 3.5, 3.9, 4.2))
+    assert budgets == [6.08, 6.4, 7.04, 7.52]
+    assert why.startswith("this model's configurations cost 5.60-25.60 avg bits") and "all-4-bit 7.20" in why
+    # one width only: b bits costs b / 4 of the cheapest all-4-bit configuration, and nothing costs less than it
+    four = OptionTable({k: {o: v for o, v in per.items() if o.endswith("-4")} for k, per in table.table.items()}, 16)
+    assert default_budgets(four, (3.3, 4.0, 4.4))[0] == [7.2, 7.92]
+    # budgets never fall below the cheapest configuration (extrapolated past the widths)
+    assert default_budgets(table, (2.0, 3.5))[0] == [5.6, 6.4]
+    for name in ("mnist_dit", "mnist_unet"):  # the testbeds reach every paper budget: today's defaults
+        mq = multiquantizer_path(f"{name}_mq.safetensors")
+        for paper in (DEFAULT_PARETO_BUDGETS, DEFAULT_SEARCH_BUDGETS):
+            assert default_budgets(mq, paper) == (list(paper), default_budgets(mq, paper)[1])
+            assert default_budgets(mq, paper)[1].startswith("the paper's, all within this model's 3.0")
+    assert budgets_or_default(parse_budgets("3.3, 99"), table, DEFAULT_SEARCH_BUDGETS) == [3.3, 99.0]
+    assert capsys.readouterr().out == ""  # budgets given: nothing chosen, nothing said
+    assert budgets_or_default(parse_budgets(None), table, (3.3, 3.9)) == [6.08, 7.04]
+    assert capsys.readouterr().out.startswith("budgets 6.08, 7.04 avg bits (no --budgets given: this model's")
+    for bad in ("", "3.5,x"):
+        with pytest.raises(InputError, match="expected a comma list of average bits"):
+            parse_budgets(bad)
+
+
 def test_build_config_and_training_print_progress_with_eta_off_a_terminal(trained, tmp_path, capsys, monkeypatch):
     """Piped output (capsys: not a terminal) gets plain progress lines with rate and ETA: unit scoring counted in
     variants (a large unit is most of the work), each Pareto budget, the epochs of a fold."""

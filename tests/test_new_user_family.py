@@ -86,6 +86,17 @@ def test_every_command_runs_on_a_shared_weights_rgb_family(tmp_path, monkeypatch
     dag = json.loads(out["dag"][0].read_text())
     assert sum(n["op"] == "reuse" for n in dag["nodes"]) == 1
     assert len(list(out["samples"].rglob("*.png"))) >= 4 and (out["report"] / "index.html").exists()
+    # a front without --budgets: the paper's 3.3-4.2 priced with this model's tables (all of it costs 6+ bits)
+    from autobuild.configs import DEFAULT_PARETO_BUDGETS, default_budgets
+    from qua2sedimo.cli import main
+
+    mq = tmp_path / "mq" / f"{fam.FAMILY.name}_tiny_mq.safetensors"
+    assert main([str(a) for a in ["build-config", *FAMILY, "--predictor", tmp_path / "predictor", "--mq", mq,
+                                  "--size", "tiny", "--pareto", "--out", tmp_path / "front"]]) == 0
+    front = json.loads((tmp_path / "front" / f"{fam.FAMILY.name}_pareto_block.json").read_text())["front"]
+    expected = default_budgets(mq, DEFAULT_PARETO_BUDGETS)[0]
+    assert [p["budget"] for p in front] == expected and expected[0] > 6 and len(expected) == 10
+    assert "budgets 7.4, 7.79, " in capsys.readouterr().out
 
 
 def test_a_model_without_quantizable_layers_is_one_clear_error(capsys, tmp_path):
@@ -299,3 +310,77 @@ def test_a_resume_after_the_user_edited_their_sampler_or_metric_is_refused(tmp_p
     del meta["user_code"]  # what a run written before the digest holds
     (tmp_path / "run" / "run_meta.json").write_text(json.dumps(meta))
     assert main([str(a) for a in [*run, *FAMILY, "--num_archs", 3]]) == 0
+
+
+def test_default_budgets_are_priced_for_the_users_model_and_enter_the_run_identity(tmp_path, capsys):
+    """Every configuration of the tiny model costs 6+ avg bits (per-channel tables on 8 channels): without
+    --budgets the search's budgets are the paper's 3.3-3.9 priced with its tables, said in one line and recorded
+    in the run, so the same budgets given explicitly resume it and others are refused."""
+    from autobuild.configs import DEFAULT_SEARCH_BUDGETS, default_budgets
+    from multiquant.options import OptionTable
+    from qua2sedimo.cli import main
+
+    out = tmp_path / "search"
+    argv = ["search", *FAMILY, "--tiny", "--device", "cpu", "--num_random", 4, "--num_images", 4, "--rounds", 1,
+            "--per_budget", 1, "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    table = OptionTable.from_source(out / f"{fam.FAMILY.name}_tiny_mq.safetensors")
+    lo, three, four = table.min_avg_bits(), table.min_avg_bits(3), table.min_avg_bits(4)
+    assert lo == three > 6 and four > three + 1
+    expected = [round(three + (b - 3) * (four - three), 2) for b in DEFAULT_SEARCH_BUDGETS]
+    assert default_budgets(table, DEFAULT_SEARCH_BUDGETS)[0] == expected
+    result = json.loads((out / "search.json").read_text())
+    assert result["settings"]["budgets"] == expected and set(result["best"]) == {f"{b:g}" for b in expected}
+    assert all(best is not None and best["avg_bits"] <= float(b) for b, best in result["best"].items())
+    line = next(line for line in printed.splitlines() if line.startswith("budgets "))
+    assert line.startswith(f"budgets {', '.join(f'{b:g}' for b in expected)} avg bits (no --budgets given: this "
+                           f"model's configurations cost {lo:.2f}-") and "all-4-bit" in line
+    assert main([str(a) for a in [*argv, "--budgets", ",".join(map(str, expected))]]) == 0  # the same run
+    assert json.loads((out / "search.json").read_text())["scored_this_run"] == 0
+    assert "different settings (budgets)" in _error_line(capsys, [*argv, "--budgets", "3.3,3.5,3.7,3.9"])
+
+
+def test_an_unconditional_family_says_none_and_its_runs_before_that_still_resume(tmp_path, capsys):
+    """No conditions(n) and no classes: the sampler is given None per image, so the spec says conditioning 'none'
+    (it said 'text', the default, in the run identity); a run recorded as 'text' then resumes, other labels do not.
+    A spec whose conditioning cannot be told or contradicts it is one line naming the fix."""
+    from multiquant.errors import UserError
+    from multiquant.families import FamilySpec
+    from multiquant.store import load_quant_cache
+    from qua2sedimo.cli import main
+
+    assert fam.FAMILY.conditioning == fam.LOADER_FAMILY.conditioning == "none"
+    run = ["eval-random", *FAMILY, "--tiny", "--device", "cpu", "--mq", tmp_path / "mq.safetensors", "--build_mq",
+           "--outdir", tmp_path / "run"]
+    assert main([str(a) for a in [*run, "--num_archs", 2]]) == 0
+    meta_path = tmp_path / "run" / "run_meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["sampler"]["conditioning"] == "none" and meta["sampler"]["pipeline"] is None
+    meta["sampler"]["conditioning"] = "text"  # what the run of an earlier version recorded
+    meta_path.write_text(json.dumps(meta))
+    assert main([str(a) for a in [*run, "--num_archs", 3]]) == 0
+    assert len(load_quant_cache(tmp_path / "run" / "quant_cache.pkl")) == 3
+    meta["sampler"]["conditioning"] = "class"  # another label is another run
+    meta_path.write_text(json.dumps(meta))
+    assert "different settings (sampler)" in _error_line(capsys, [*run, "--num_archs", 4])
+
+    base = dict(name="tests_conditioning", factory=fam.FAMILY.factory, sampler=fam.ddim)
+    assert FamilySpec(**base, num_classes=3).conditioning == "class"
+    assert FamilySpec(**base, pipeline_class="SomePipeline").conditioning == "text"  # a diffusers pipeline's default
+    assert FamilySpec(**base, conditions=lambda n: ["a cat"] * n, conditioning="text").conditioning == "text"
+    for spec, message in ((dict(conditions=lambda n: ["a cat"] * n), "gives conditions(n) but no conditioning: set "
+                                                                     "FamilySpec(conditioning=...) to one of 'text'"),
+                          (dict(conditioning="text"), "given None per image: set conditioning='none'"),
+                          (dict(conditioning="none", num_classes=3), "num_classes=3, so its sampler is given class "
+                                                                     "ids: set conditioning='class'"),
+                          (dict(conditioning="none", conditions=lambda n: [0] * n), "set conditioning='text' or "),
+                          (dict(conditioning="unconditional"), "conditioning 'unconditional' is unknown")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            FamilySpec(**base, **spec)
+    mine = tmp_path / "prompted_family.py"
+    mine.write_text(f"import sys; sys.path.insert(0, {str(FILE.parent)!r})\nimport shared_weights_family as f\n"
+                    "from multiquant.families import FamilySpec\nFAMILY = FamilySpec(name='tests_prompted', "
+                    "factory=f.FAMILY.factory, sampler=f.ddim, conditions=lambda n: ['a cat'] * n)\n")
+    line = _error_line(capsys, ["inspect", "--family", f"{mine}:FAMILY"])
+    assert "gives conditions(n) but no conditioning" in line and "conditioning=..." in line

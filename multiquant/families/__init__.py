@@ -15,7 +15,8 @@ Register your own denoiser (a plain ``nn.Module``; see the README's "Bring your 
 
 A plain-module family (no diffusers ``pipeline_class``) is served by the "module" adapter: ``sampler(model,
 conditions, seeds) -> uint8 [N, C, H, W]`` renders images, ``conditions(n)`` fixes what each image is
-conditioned on, and ``metric`` scores them (never replaced by a built-in one).
+conditioned on (with it, declare ``conditioning="text"`` or ``"class"``; without it the spec says ``"class"`` given
+``num_classes``, else ``"none"``), and ``metric`` scores them (never replaced by a built-in one).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from ..utils import cast_module, from_pretrained_kwargs
 _REGISTRY: dict[str, "FamilySpec"] = {}
 
 DTYPES = {16: torch.float16, 32: torch.float32}
+CONDITIONINGS = ("text", "class", "none")  # what each image is conditioned on: prompts, class labels, nothing
 # compute precisions a run may be scored in instead of the family's (eval-random / eval-configs --dtype)
 SCORING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,7 +71,9 @@ class FamilySpec:
     reference_fp_bytes: int | None = None  # FP_SIZE of the reference scripts, for checks
     architecture: str | None = None  # the reference's `architecture` label in quant_cache.pkl
     # --- generation protocol ----------------------------------------------------------------------
-    conditioning: str = "text"  # "text" (prompts) or "class" (class labels)
+    # "text" (prompts), "class" (class labels) or "none" (unconditional). None: a diffusers pipeline's is "text";
+    # a plain module's follows from what its sampler is given (CONDITIONINGS, __post_init__)
+    conditioning: str | None = None
     prompt_source: str = "coco"  # "coco" | "imagenet_classes" | "mnist_classes"
     num_images: int = 1000
     resolution: int = 512
@@ -90,6 +94,37 @@ class FamilySpec:
     notes: str = ""
 
     # ----------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        # conditioning is in every run's identity and shown to the user: it must say what the sampler is given
+        object.__setattr__(self, "conditioning", self._checked_conditioning())
+
+    def _checked_conditioning(self) -> str:
+        """The declared conditioning, or the one that follows from the spec; a UserError where they disagree."""
+        fix = "set FamilySpec(conditioning=...) to one of " + ", ".join(map(repr, CONDITIONINGS))
+        given = self.conditioning
+        if given is not None and given not in CONDITIONINGS:
+            raise UserError(f"family {self.name!r}: conditioning {given!r} is unknown: {fix}")
+        if not self.is_module:  # a diffusers pipeline: prompts unless it says class labels
+            return given or "text"
+        # what default_conditions hands the sampler: the user's conditions(n), class ids, or None per image
+        if self.conditions is not None:
+            if given is None:
+                raise UserError(f"family {self.name!r} gives conditions(n) but no conditioning: {fix} (what its "
+                                f"sampler is given per image: prompts, class labels)")
+            if given == "none":
+                raise UserError(f"family {self.name!r}: conditioning 'none' but it gives conditions(n), which its "
+                                f"sampler is given: set conditioning='text' or 'class', or drop conditions")
+            return given
+        inferred = "class" if self.num_classes else "none"
+        if given not in (None, inferred):
+            what = f"num_classes={self.num_classes}" if self.num_classes else "no conditions(n) and no num_classes"
+            given_to = "class ids" if self.num_classes else "None per image"
+            raise UserError(f"family {self.name!r}: conditioning {given!r} but {what}, so its sampler is given "
+                            f"{given_to}: set conditioning={inferred!r}"
+                            + ("" if self.num_classes else ", or give what it conditions on (conditions=lambda n: "
+                                                           "[...] or num_classes=K)"))
+        return inferred
+
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES.get(self.fp_prec, torch.float32)

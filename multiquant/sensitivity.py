@@ -159,6 +159,21 @@ def _clip_scorer(family, clip_dir, device, log):
     return ClipScorer(clip_dir, device=device)  # weights named explicitly: a failure is an error
 
 
+def _random_embedding_rows(family, tiny: bool) -> bool:
+    """A tiny diffusers text pipeline: no text encoder, its conditions are rows of random embeddings."""
+    return tiny and family.conditioning == "text" and not family.is_module
+
+
+def protocol_conditions(adapter, family, num_prompts: int, prompt_seed: int, tiny: bool = False, coco_path=None) -> list:
+    """What the sweep's images are conditioned on: a seeded subset of the family's pool (prompts, class ids, the
+    user's conditions(n)); rows of random embeddings are taken in order (nothing to shuffle). A plain module's
+    conditions never depend on ``tiny``: the same subset as its full runs."""
+    if _random_embedding_rows(family, tiny):
+        return adapter.conditions(family, num_prompts, tiny=True)
+    pool = adapter.conditions(family, max(num_prompts, family.num_images), tiny=tiny, coco_path=coco_path)
+    return shuffled_subset(pool, num_prompts, prompt_seed)
+
+
 def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, num_prompts: int = 100,
                    prompt_seed: int = 42, image_seed: int = 42, batch_size: int | None = None, coco_path=None,
                    embed_cache_dir=None, fid_against: str = "fp", reference_dir=None, inception=None,
@@ -179,12 +194,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
         raise InputError(f"fid_against must be 'fp' (quantized vs FP images) or 'gt' (reference set), not {fid_against!r}")
     loaded = load_for_scoring(family, pretrained, tiny, device)
     adapter, denoiser = loaded.adapter, loaded.denoiser
-    text_tiny = tiny and family.conditioning == "text"  # rows of random embeddings: nothing to shuffle
-    if text_tiny:
-        conditions = adapter.conditions(family, num_prompts, tiny=True)
-    else:
-        pool = adapter.conditions(family, max(num_prompts, family.num_images), tiny=tiny, coco_path=coco_path)
-        conditions = shuffled_subset(pool, num_prompts, prompt_seed)
+    conditions = protocol_conditions(adapter, family, num_prompts, prompt_seed, tiny, coco_path)
     options = SamplerOptions(seed=image_seed, batch_size=batch_size, coco_path=coco_path,
                              embed_cache_dir=embed_cache_dir, embed_seed=prompt_seed,
                              refiner=adapter.refiner(family, refiner, loaded.device, tiny))
@@ -209,7 +219,7 @@ def setup_protocol(family, *, pretrained=None, tiny: bool = False, device=None, 
     settings = {"model": family.name, "tiny": tiny, "pretrained": str(pretrained) if pretrained else None,
                 "weight_hash": weight_hash(denoiser, layers),  # a resume never mixes records of other weights
                 "num_prompts": num_prompts, "prompt_seed": prompt_seed, "image_seed": image_seed,
-                "prompt_pool": "random embeddings" if text_tiny else (
+                "prompt_pool": "random embeddings" if _random_embedding_rows(family, tiny) else (
                     f"first {max(num_prompts, family.num_images)} of the family's protocol set, shuffled"),
                 "feature_net": m["feature_net"], "fid_against": fid_against, "reference": m["reference"],
                 **({"metric": m["metric"]} if "metric" in m else {}),

@@ -384,3 +384,27 @@ def test_an_unconditional_family_says_none_and_its_runs_before_that_still_resume
                     "factory=f.FAMILY.factory, sampler=f.ddim, conditions=lambda n: ['a cat'] * n)\n")
     line = _error_line(capsys, ["inspect", "--family", f"{mine}:FAMILY"])
     assert "gives conditions(n) but no conditioning" in line and "conditioning=..." in line
+
+
+def test_a_text_module_family_sweeps_the_same_conditions_tiny_or_not():
+    """The tiny flag takes the first rows only for a tiny diffusers text pipeline (random embeddings); a plain
+    module's user conditions are the same seeded subset either way, and a diffusers pipeline's tiny rows stay in
+    order."""
+    from multiquant.adapters import adapter_for
+    from multiquant.families import FamilySpec
+    from multiquant.sensitivity import protocol_conditions, shuffled_subset
+
+    spec = FamilySpec(name="tests_text_module", factory=fam.FAMILY.factory, sampler=fam.ddim, num_images=12,
+                      conditions=lambda n: [f"prompt {i}" for i in range(n)], conditioning="text")
+    adapter = adapter_for(spec)
+    full = protocol_conditions(adapter, spec, 5, prompt_seed=3)
+    assert protocol_conditions(adapter, spec, 5, prompt_seed=3, tiny=True) == full
+    assert full == shuffled_subset([f"prompt {i}" for i in range(12)], 5, 3) and full != [f"prompt {i}" for i in range(5)]
+
+    class Rows:  # a diffusers text adapter's tiny rows: taken in order, never shuffled
+        def conditions(self, family, n, tiny=False, coco_path=None):
+            return list(range(n)) if tiny else list(range(100, 100 + n))
+
+    pipeline = FamilySpec(name="tests_text_pipeline", pipeline_class="SomePipeline", num_images=12)
+    assert protocol_conditions(Rows(), pipeline, 5, prompt_seed=3, tiny=True) == [0, 1, 2, 3, 4]
+    assert protocol_conditions(Rows(), pipeline, 5, prompt_seed=3) == shuffled_subset(list(range(100, 112)), 5, 3)

@@ -42,20 +42,24 @@ __all__ = ["BudgetError", "Knapsack", "KnapsackSolution", "BuiltConfig", "knapsa
            "pareto_prune", "config_for_budget", "score_config", "solution_config", "predictor_scores", "build_config",
            "pareto_front", "plot_pareto", "config_name",
            "add_build_config_arguments", "predictor_family", "run_build_config",
-           "default_table_source", "DEFAULT_PARETO_BUDGETS", "DEFAULT_SEARCH_BUDGETS", "BUDGETS_HELP",
+           "default_table_source", "DEFAULT_PARETO_BUDGETS", "DEFAULT_SEARCH_BUDGETS", "budgets_help",
            "default_budgets", "parse_budgets", "budgets_or_default"]
 
 DEFAULT_PARETO_BUDGETS = tuple(round(3.3 + 0.1 * i, 1) for i in range(10))  # 3.3 .. 4.2: report, build-config
 DEFAULT_SEARCH_BUDGETS = (3.3, 3.5, 3.7, 3.9)  # optimize, search
-BUDGETS_HELP = ("comma list of average-bit budgets. Default: the paper's {paper} when this model reaches all of "
-                "them (between its cheapest and its dearest configuration); else those bits per weight priced with "
-                "this model's tables: b bits lies between its cheapest all-floor(b)-bit and all-ceil(b)-bit "
-                "configurations as b lies between the two widths (a small model's per-channel tables cost far more "
-                "than 3-4 bits). The line 'budgets ...' says which were chosen and why")
+
+
+def budgets_help(paper: Sequence[float]) -> str:
+    """The ``--budgets`` help of a command whose default budgets are ``paper`` (the rule of :func:`default_budgets`)."""
+    return (f"comma list of average-bit budgets. Default: the paper's {','.join(f'{b:g}' for b in paper)} when this "
+            "model reaches all of them (between its cheapest and its dearest configuration); else those bits per "
+            "weight priced with this model's tables: b bits lies between its cheapest all-floor(b)-bit and "
+            "all-ceil(b)-bit configurations as b lies between the two widths (a small model's per-channel tables "
+            "cost far more than 3-4 bits). The line 'budgets ...' says which were chosen and why")
 
 
 def default_budgets(table, paper: Sequence[float]) -> tuple[list[float], str]:
-    """The budgets of a command given none (the rule of ``BUDGETS_HELP``) and why, in a few words.
+    """The budgets of a command given none (the rule :func:`budgets_help` states) and why, in a few words.
 
     The paper's budgets are bits per weight on models whose quantization tables cost a fraction of a bit; a small
     model's per-channel codebooks can cost more than its weights, so there every configuration lies far above them.
@@ -438,8 +442,7 @@ def add_build_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentP
                     "predictor's)", tiny_help="= --size tiny")
     p.add_argument("--avg_bits", type=float, default=None, help="budget: average bits incl. overhead, e.g. 3.5")
     p.add_argument("--pareto", action="store_true", help="sweep --budgets into a front (JSON + PNG + configs)")
-    p.add_argument("--budgets", default=None, help="with --pareto: " + BUDGETS_HELP.format(
-        paper=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS)))
+    p.add_argument("--budgets", default=None, help="with --pareto: " + budgets_help(DEFAULT_PARETO_BUDGETS))
     p.add_argument("--level", choices=("block", "node"), default="block",
                    help="unit level of the scores: block (default) or node (one unit per layer)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size the predictor's DAG "

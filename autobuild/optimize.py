@@ -652,11 +652,10 @@ def sweep_measure(protocol, settings: dict, outdir: Path, space: Space, num_imag
 
 def add_optimize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``optimize`` flags (for a sub-parser of the ``qua2sedimo`` command)."""
-    from .configs import BUDGETS_HELP, DEFAULT_SEARCH_BUDGETS
+    from .configs import DEFAULT_SEARCH_BUDGETS, budgets_help
 
     add_model_flags(p, model_help="model family, e.g. mnist_dit", tiny_help="tiny random denoiser (smoke runs)")
-    p.add_argument("--budgets", default=None, help=BUDGETS_HELP.format(paper=",".join(
-        f"{b:g}" for b in DEFAULT_SEARCH_BUDGETS)))
+    p.add_argument("--budgets", default=None, help=budgets_help(DEFAULT_SEARCH_BUDGETS))
     p.add_argument("--max_evaluations", type=float, default=150, help="full-protocol evaluations in all "
                                                                      "(sweeps count at their image fraction)")
     p.add_argument("--per_budget", type=int, default=2, help="surrogate proposals per budget per round")

@@ -33,7 +33,7 @@ import numpy as np
 from multiquant.cli_flags import add_model_flags
 from multiquant.errors import InputError, MissingFileError
 
-from .configs import BUDGETS_HELP, DEFAULT_PARETO_BUDGETS, budgets_or_default, plot_pareto, score_config
+from .configs import DEFAULT_PARETO_BUDGETS, budgets_help, budgets_or_default, plot_pareto, score_config
 
 __all__ = ["classify_scored", "load_scored", "plot_measured", "render_samples", "images_from_scored",
            "build_report", "add_report_arguments", "run_report"]
@@ -637,8 +637,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_model_flags(p, required=False, model_help="model family (default: the predictor's)",
                     tiny_help="tiny random denoiser for the samples (smoke tests)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="denoiser size of the predictor's DAG")
-    p.add_argument("--budgets", default=None, help="the predicted Pareto front's " + BUDGETS_HELP.format(
-        paper=",".join(f"{b:g}" for b in DEFAULT_PARETO_BUDGETS)))
+    p.add_argument("--budgets", default=None, help="the predicted Pareto front's " + budgets_help(DEFAULT_PARETO_BUDGETS))
     p.add_argument("--samples", type=int, default=0, help="render this many FP16 vs quantized samples (0: only use "
                                                           "images saved by eval-configs --save_images)")
     p.add_argument("--no_embed", action="store_true", help="link the PNGs instead of embedding them")

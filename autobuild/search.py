@@ -22,7 +22,7 @@ from multiquant.cli_flags import act_bits_arg, add_activation_args, add_model_fl
 from multiquant.errors import InputError
 from multiquant.options import OptionTable
 
-from .configs import (BUDGETS_HELP, DEFAULT_SEARCH_BUDGETS, Knapsack, budgets_or_default, config_name, config_origin,
+from .configs import (DEFAULT_SEARCH_BUDGETS, Knapsack, budgets_help, budgets_or_default, config_name, config_origin,
                       parse_budgets, solve_knapsack)
 from .data import config_of as _plain, encode_options, option_name as _option
 from multiquant.utils import default_device
@@ -339,8 +339,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num_random", type=int, default=0, help="also score this many random configurations (seed 0) "
                                                              "as starting data, e.g. without --cache (--tiny)")
     add_model_flags(p, model_help="model family, e.g. mnist_dit", tiny_help="tiny random denoiser (smoke runs)")
-    p.add_argument("--budgets", default=None, help=BUDGETS_HELP.format(paper=",".join(
-        f"{b:g}" for b in DEFAULT_SEARCH_BUDGETS)))
+    p.add_argument("--budgets", default=None, help=budgets_help(DEFAULT_SEARCH_BUDGETS))
     p.add_argument("--rounds", type=int, default=4, help="rounds of fit, propose, measure")
     p.add_argument("--per_budget", type=int, default=3, help="new configurations per budget per round")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the search")

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="the scored random dataset (default quant_caches/<model>/"
                                                  "quant_cache.pkl; --tiny: scored here)")
     p.add_argument("--budgets", default=None, help="default: the paper's 3.3,3.5,3.7,3.9 where the model reaches "
-                                                   "them, else priced with its tables (autobuild.configs.BUDGETS_HELP)")
+                                                   "them, else priced with its tables (autobuild.configs.budgets_help)")
     p.add_argument("--num_images", type=int, default=None, help="images per configuration (default: the family's)")
     p.add_argument("--image_seed", type=int, default=42)
     p.add_argument("--confirm_seed", type=int, default=43)

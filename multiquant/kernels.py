@@ -1378,19 +1378,29 @@ DESCRIPTOR_FIELDS = 11  # per slice: codes, scale, zero, codebook (addresses), r
 # out_stride, first program, bits, table kind (the kernel reads them by position); then one slice index per program
 
 
+def _merged_tables(tables: tuple, pairs) -> tuple | None:
+    """Sorted (table name, dtype) pairs of ``tables`` and ``pairs`` together; None where one name has two dtypes
+    (the kernel has one pointer type per table)."""
+    merged = dict(tables)
+    for name, dtype in pairs:
+        if merged.setdefault(name, dtype) != dtype:
+            return None
+    return tuple(sorted(merged.items(), key=lambda item: item[0]))
+
+
 def batch_key(plan: _Plan) -> tuple | None:
     """What a layer call's decode shares with the others of its batched group: (device, compute dtype, whether
     some slice has more than 4 bits, its tables' dtypes as sorted (name, dtype) pairs); None if it cannot join
     one (a dense slice, rows not of whole groups of 8 codes, two slices with one table name in two dtypes)."""
-    tables = {}
+    tables = ()
     for part in plan.layer_parts:
         if part.method == "dense" or (part.numel // plan.rows) % 8:
             return None
-        for name, tensor in part.params().items():
-            if tables.setdefault(name, tensor.dtype) != tensor.dtype:
-                return None
+        tables = _merged_tables(tables, ((name, t.dtype) for name, t in part.params().items()))
+        if tables is None:
+            return None
     wide = any(part.bits > 4 for part in plan.layer_parts)
-    return plan.device, plan.dtype, wide, tuple(sorted(tables.items(), key=lambda item: item[0]))
+    return plan.device, plan.dtype, wide, tables
 
 
 def _joins(group: tuple, key: tuple | None) -> tuple | None:
@@ -1398,11 +1408,8 @@ def _joins(group: tuple, key: tuple | None) -> tuple | None:
     width, or a table name both use in two dtypes)."""
     if key is None or key[:3] != group[:3]:
         return None
-    tables = dict(group[3])
-    for name, dtype in key[3]:
-        if tables.setdefault(name, dtype) != dtype:
-            return None
-    return group[:3] + (tuple(sorted(tables.items(), key=lambda item: item[0])),)
+    tables = _merged_tables(group[3], key[3])
+    return None if tables is None else group[:3] + (tables,)
 
 
 def batch_groups(order: list, max_bytes: int) -> list[tuple[int, int]]:

@@ -184,9 +184,10 @@ class PackedSlices(nn.ModuleList):
         super().insert(index, module)
         kernels.structure_changed()
 
-    def __setattr__(self, name, value):  # slices[i] = part
+    def __setattr__(self, name, value):  # slices[i] = part (not .training, which every .eval() sets)
         super().__setattr__(name, value)
-        kernels.structure_changed()
+        if isinstance(value, nn.Module):
+            kernels.structure_changed()
 
     def __delitem__(self, index):  # del / pop
         super().__delitem__(index)
